@@ -1,0 +1,3 @@
+from minicloud.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""``create_app(config)``: the aiohttp application of one node, with one cleanup context per long-lived resource."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as _dt
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from minicloud import ids
+from minicloud.api import admin, apikeys, events, keypairs, openapi, operations, system
+from minicloud.api.keys import CONFIG, HOST, OPERATIONS, PKI, STORE
+from minicloud.api.middleware import auth_middleware, problem_middleware
+from minicloud.api.resources import IDEMPOTENCY_KIND
+from minicloud.api.routing import set_max_body
+from minicloud.config import Config
+from minicloud.operations import Operations
+from minicloud.pki import ensure_node_pki
+from minicloud.state import Delete, Store, Txn, TxnFailed
+from minicloud.state.sqlite import SQLiteStore
+
+log = logging.getLogger("minicloud.agent")
+ROUTE_TABLES = [
+    system.routes,
+    keypairs.routes,
+    operations.routes,
+    events.routes,
+    apikeys.routes,
+    admin.routes,
+]
+HOUSEKEEPING_INTERVAL = 60.0
+
+
+def create_app(config: Config, *, host: object | None = None) -> web.Application:
+    """Build the node's API application. Opening the store and starting loops happen in the app's cleanup contexts,
+    so the same app works under ``web.run_app``, an ``AppRunner`` or aiohttp's test client."""
+    app = web.Application(
+        middlewares=[problem_middleware, auth_middleware],
+        client_max_size=config.api.max_body_bytes,
+    )
+    app[CONFIG] = config
+    set_max_body(app, config.api.max_body_bytes)
+    config.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    app[PKI] = ensure_node_pki(config.data_path, config.node_name)
+    if host is None:
+        from agent.host import HostFacts
+
+        host = HostFacts(config.node_name)
+    app[HOST] = host
+    openapi.install(app)
+    for table in ROUTE_TABLES:
+        table.register(app)
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_operations_ctx)
+    app.cleanup_ctx.append(_housekeeping_ctx)
+    return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    store: Store = SQLiteStore(config.data_path / "state.db", retain_changes=config.api.retain_changes)
+    await store.open()
+    app[STORE] = store
+    log.info("store open", extra={"path": str(config.data_path / "state.db"), "revision": store.revision})
+    yield
+    await store.close()
+
+
+async def _operations_ctx(app: web.Application) -> AsyncIterator[None]:
+    ops = Operations(app[STORE], app[CONFIG].node_name)
+    app[OPERATIONS] = ops
+    recovered = await ops.recover()
+    if recovered:
+        log.warning("operations interrupted by the last stop were marked failed", extra={"count": recovered})
+    yield
+    await ops.close()
+
+
+async def expire_idempotency_keys(store: Store, now: _dt.datetime | None = None) -> int:
+    """Delete idempotency records older than their TTL; returns how many."""
+    now = now or _dt.datetime.now(_dt.UTC)
+    expired = []
+    after = None
+    while True:
+        page = await store.list(IDEMPOTENCY_KIND, after=after, limit=1000)
+        for r in page:
+            if ids.parse_time(r.created_at) + _dt.timedelta(seconds=r.spec.get("expires", 86400)) <= now:
+                expired.append(Delete(kind=r.kind, id=r.id, expect_revision=r.revision))
+        if len(page) < 1000:
+            break
+        after = (page[-1].name, page[-1].id)
+    for start in range(0, len(expired), 500):
+        with contextlib.suppress(TxnFailed):
+            await store.commit(Txn(expired[start : start + 500]))
+    return len(expired)
+
+
+async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = app[STORE]
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            try:
+                await expire_idempotency_keys(store)
+                await store.compact()
+            except Exception:
+                log.exception("housekeeping failed; will retry")
+
+    task = asyncio.create_task(loop(), name="housekeeping")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,100 @@
+"""``GET /v1/events``: a WebSocket stream of resource changes, resumable from a revision.
+
+Each text message is one :class:`~minicloud.model.Event` as JSON. ``?since=REV`` replays every change after ``REV``
+from the change log, then continues live without gaps or duplicates (the live feed is subscribed *before* the replay
+is read, and entries already replayed are skipped by revision). Without ``since`` the stream starts at the current
+revision. If ``since`` is older than the retained history the server sends one ``{"type": "error", ...}`` problem
+message and closes with code 4410: re-list the resources, then resume from the revision the list reflects.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from aiohttp import WSCloseCode, web
+
+from minicloud import errors
+from minicloud.api.keys import STORE
+from minicloud.api.resources import KINDS, project_of
+from minicloud.api.routing import Action, Routes
+from minicloud.model import Event
+from minicloud.state import Change, Compacted
+
+routes = Routes("events")
+_enc = msgspec.json.Encoder()
+_REPLAY_WINDOW = 1000
+
+
+class EventsQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    since: Annotated[int, msgspec.Meta(ge=0, description="resume after this revision")] | None = None
+    kind: (
+        Annotated[str, msgspec.Meta(max_length=512, description="comma-separated kinds, e.g. keypair,operation")] | None
+    ) = None
+
+
+def _event(change: Change) -> bytes | None:
+    kind = KINDS.get(change.kind)
+    if kind is None:  # internal kinds (idempotency keys, API key hashes) never leave the node
+        return None
+    return _enc.encode(
+        Event(
+            revision=change.revision,
+            type=change.type,  # type: ignore[arg-type]
+            kind=change.kind,
+            id=change.id,
+            project=change.project,
+            object=msgspec.to_builtins(kind.view(change.record)),
+        )
+    )
+
+
+@routes.get("/v1/events", query=EventsQuery, response=Event, auth=Action("events:watch"), websocket=True)
+async def watch_events(request: web.Request, query: EventsQuery) -> web.WebSocketResponse:
+    """Stream resource changes over a WebSocket (resumable with ?since=REVISION)."""
+    kinds = set(query.kind.split(",")) if query.kind else None
+    if kinds and (unknown := kinds - KINDS.keys()):
+        raise errors.ValidationFailed(
+            f"unknown kind(s) {', '.join(sorted(unknown))}; choose from {', '.join(sorted(KINDS))}",
+            invalid_params=[{"name": "kind", "reason": "unknown kind"}],
+        )
+    store = request.app[STORE]
+    project = project_of(request)
+    ws = web.WebSocketResponse(heartbeat=30)
+    if not ws.can_prepare(request).ok:
+        raise errors.BadRequest("GET /v1/events is a WebSocket endpoint; connect with a WebSocket client")
+    await ws.prepare(request)
+    sub = store.subscribe()
+    last = store.revision if query.since is None else query.since
+
+    async def send(change: Change) -> None:
+        if (kinds is None or change.kind in kinds) and change.project == project:
+            message = _event(change)
+            if message is not None:
+                await ws.send_str(message.decode())
+
+    try:
+        head = store.revision
+        while last < head:
+            upper = min(last + _REPLAY_WINDOW, head)
+            for change in await store.changes(last, limit=1_000_000, until=upper):
+                await send(change)
+            last = upper
+        async for change in sub:
+            if change.revision <= last:
+                continue
+            await send(change)
+        if sub.overflowed:
+            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=f"too slow; resume from {last}".encode())
+    except Compacted as exc:
+        problem = errors.Gone(
+            f"changes up to revision {exc.compacted} are no longer kept; list the resources again "
+            "and resume from a newer revision"
+        ).to_problem(instance=request.path)
+        await ws.send_str(_enc.encode({"type": "error", "problem": problem}).decode())
+        await ws.close(code=4410, message=b"history compacted")
+    except ConnectionResetError:
+        pass
+    finally:
+        sub.close()
+    return ws

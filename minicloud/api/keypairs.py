@@ -1,0 +1,109 @@
+"""``/v1/keypairs``: import, list, show, update and delete SSH public keys."""
+
+from __future__ import annotations
+
+import msgspec
+from aiohttp import web
+
+from minicloud import ids
+from minicloud.api import resources as res
+from minicloud.api.routing import Action, Reply, Routes
+from minicloud.compute.keypairs import parse_public_key
+from minicloud.model import KeyPair, KeyPairCreate, KeyPairUpdate, Page
+from minicloud.state import Record, Update
+
+routes = Routes("keypairs")
+
+
+def view(r: Record) -> KeyPair:
+    s = r.spec
+    return KeyPair(
+        id=r.id,
+        name=r.name,
+        project=r.project,
+        labels=r.labels,
+        revision=r.revision,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+        type=s["type"],
+        fingerprint=s["fingerprint"],
+        public_key=s["public_key"],
+        comment=s.get("comment", ""),
+        description=s.get("description", ""),
+    )
+
+
+KIND = res.register_kind(res.Kind("keypair", "keypairs", "kp", view, "keypair"))
+
+
+@routes.get("/v1/keypairs", query=res.ListQuery, response=Page[KeyPair], auth=Action("compute:keypairs:list"))
+async def list_keypairs(request: web.Request, query: res.ListQuery) -> Page[KeyPair]:
+    """List key pairs."""
+    return await res.list_page(request, KIND, query)
+
+
+@routes.post("/v1/keypairs", body=KeyPairCreate, response=KeyPair, status=201, auth=Action("compute:keypairs:create"))
+async def import_keypair(request: web.Request, body: KeyPairCreate) -> Reply:
+    """Import an OpenSSH public key."""
+    key = parse_public_key(body.public_key)
+    record = res.new_record(
+        KIND,
+        request,
+        body.name,
+        body.labels,
+        {
+            "type": key.type,
+            "fingerprint": key.fingerprint,
+            "public_key": key.public_key,
+            "comment": key.comment,
+            "description": body.description,
+        },
+    )
+    return await res.write(
+        request,
+        [res.Create(record)],
+        status=201,
+        kind_name=KIND.name,
+        respond=lambda rev: view(msgspec.structs.replace(record, revision=rev)),
+        headers=lambda rev: {"Location": f"/v1/keypairs/{record.id}", **res.etag(rev)},
+    )
+
+
+@routes.get("/v1/keypairs/{ref}", response=KeyPair, auth=Action("compute:keypairs:get"))
+async def show_keypair(request: web.Request) -> Reply:
+    """Show a key pair by id or name."""
+    record = await res.resolve(request, KIND)
+    return Reply(view(record), headers=res.etag(record.revision))
+
+
+@routes.patch("/v1/keypairs/{ref}", body=KeyPairUpdate, response=KeyPair, auth=Action("compute:keypairs:update"))
+async def update_keypair(request: web.Request, body: KeyPairUpdate) -> Reply:
+    """Change a key pair's description or labels (JSON merge patch; honours If-Match)."""
+    record = await res.resolve(request, KIND)
+    expect = res.if_match(request)
+    spec = dict(record.spec)
+    if body.description is not msgspec.UNSET:
+        spec["description"] = body.description
+    labels = record.labels if body.labels is msgspec.UNSET else body.labels
+    updated = msgspec.structs.replace(record, spec=spec, labels=labels, updated_at=ids.now())
+    return await res.write(
+        request,
+        [Update(updated, expect_revision=expect if expect is not None else record.revision)],
+        status=200,
+        kind_name=KIND.name,
+        respond=lambda rev: view(msgspec.structs.replace(updated, revision=rev)),
+        headers=res.etag,
+    )
+
+
+@routes.delete("/v1/keypairs/{ref}", status=204, auth=Action("compute:keypairs:delete"))
+async def delete_keypair(request: web.Request) -> Reply:
+    """Delete a key pair (honours If-Match)."""
+    record = await res.resolve(request, KIND)
+    return await res.write(
+        request,
+        [res.delete_op(record, res.if_match(request))],
+        status=204,
+        kind_name=KIND.name,
+        respond=lambda rev: None,
+    )

@@ -1,0 +1,265 @@
+"""The conventions every resource collection follows, implemented once.
+
+- ``list_page``: ``limit`` + opaque ``cursor`` pagination, ``name`` and ``label`` (``k=v,k2=v2``) filters.
+- ``resolve``: ``/v1/<plural>/{ref}`` accepts an id or a name.
+- ``write``: every mutating request goes through it. It maps store conflicts onto problems (409/412/404) and makes
+  ``Idempotency-Key`` atomic: the key's record is written in the same transaction as the change it protects, so a
+  crash can never leave one without the other, and a repeated key replays the first response.
+- ``if_match``: parses ``If-Match: <revision>`` for optimistic concurrency.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+from aiohttp import web
+
+from minicloud import errors, ids
+from minicloud.api.auth import principal_of
+from minicloud.api.keys import CONFIG, STORE
+from minicloud.api.routing import Reply
+from minicloud.model import LABEL_KEY_PATTERN, Page
+from minicloud.state import Create, Delete, Op, Record, Txn, TxnFailed
+
+DEFAULT_PROJECT = "default"
+IDEMPOTENCY_KIND = "idempotency"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A resource kind as the API sees it. ``view`` turns a record into its public representation."""
+
+    name: str
+    plural: str
+    prefix: str
+    view: Callable[[Record], msgspec.Struct]
+    cli_noun: str
+
+
+#: Public kinds by name: the events stream and error messages use it. Internal kinds are simply not listed.
+KINDS: dict[str, Kind] = {}
+
+
+def register_kind(kind: Kind) -> Kind:
+    KINDS[kind.name] = kind
+    return kind
+
+
+class ListQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+    cursor: Annotated[str, msgspec.Meta(max_length=512)] | None = None
+    name: Annotated[str, msgspec.Meta(max_length=255)] | None = None
+    label: Annotated[str, msgspec.Meta(max_length=2048, description="label selector: k=v[,k2=v2]")] | None = None
+
+
+def _encode_cursor(record: Record) -> str:
+    return base64.urlsafe_b64encode(msgspec.json.encode([record.name, record.id])).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        name, id_ = msgspec.json.decode(
+            base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)), type=tuple[str, str]
+        )
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        raise errors.ValidationFailed(
+            "the cursor is not valid; pass back the next_cursor of the previous page unchanged",
+            invalid_params=[{"name": "cursor", "reason": "malformed"}],
+        ) from None
+    return name, id_
+
+
+def parse_selector(selector: str | None) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    if not selector:
+        return labels
+    for term in selector.split(","):
+        key, sep, value = term.partition("=")
+        if not sep or not re.fullmatch(LABEL_KEY_PATTERN, key):
+            raise errors.ValidationFailed(
+                f"label selector term '{term}' is not key=value with a lowercase key; e.g. ?label=env=prod,tier=web",
+                invalid_params=[{"name": "label", "reason": "malformed selector"}],
+            )
+        labels[key] = value
+    return labels
+
+
+def project_of(request: web.Request) -> str:
+    """The project a request acts in. Until IAM brings projects, everything lives in ``default``."""
+    return DEFAULT_PROJECT
+
+
+async def list_page(request: web.Request, kind: Kind, query: ListQuery) -> Page[Any]:
+    after = _decode_cursor(query.cursor) if query.cursor else None
+    records = await request.app[STORE].list(
+        kind.name,
+        project=project_of(request),
+        name=query.name,
+        labels=parse_selector(query.label),
+        after=after,
+        limit=query.limit + 1,
+    )
+    more = len(records) > query.limit
+    records = records[: query.limit]
+    return Page(
+        items=[kind.view(r) for r in records],
+        next_cursor=_encode_cursor(records[-1]) if more and records else None,
+    )
+
+
+async def resolve(request: web.Request, kind: Kind, ref: str | None = None) -> Record:
+    """The record ``ref`` (default: the ``{ref}`` path parameter) names, by id or by name, in the caller's project."""
+    ref = ref if ref is not None else request.match_info["ref"]
+    store = request.app[STORE]
+    project = project_of(request)
+    record = None
+    if len(ref) <= 255:
+        record = await store.get(kind.name, ref) if ref.startswith(kind.prefix + "-") else None
+        if record is not None and record.project != project:
+            record = None
+        if record is None:
+            record = await store.get_by_name(kind.name, project, ref)
+    if record is None:
+        shown = ref if len(ref) <= 80 and ref.isprintable() else ref[:80].encode("unicode_escape").decode() + "…"
+        raise errors.NotFound(
+            f"no {kind.name} with the name or id '{shown}' in project '{project}'; see `minicloud {kind.cli_noun} list`"
+        )
+    return record
+
+
+def if_match(request: web.Request) -> int | None:
+    """The revision in ``If-Match`` (``"12"``, ``12`` or ``W/"12"``), None when absent, ``*`` means any."""
+    value = request.headers.get("If-Match")
+    if value is None or value.strip() == "*":
+        return None
+    text = value.strip().removeprefix("W/").strip('"')
+    if not text.isdigit() or len(text) > 18:
+        raise errors.BadRequest(f'If-Match must be a resource revision such as "12" (got {value!r})')
+    return int(text)
+
+
+def new_record(kind: Kind, request: web.Request, name: str, labels: dict[str, str], spec: dict[str, Any]) -> Record:
+    stamp = ids.now()
+    return Record(
+        kind=kind.name,
+        id=ids.new_id(kind.prefix),
+        project=project_of(request),
+        name=name,
+        labels=labels,
+        spec=spec,
+        created_at=stamp,
+        updated_at=stamp,
+    )
+
+
+def _conflict(exc: TxnFailed, kind_name: str) -> errors.MinicloudError:
+    record: Record | None = getattr(exc.op, "record", None)
+    if exc.reason == "name-taken" and record is not None:
+        return errors.AlreadyExists(
+            f"a {record.kind} named '{record.name}' already exists in project '{record.project}'; "
+            "choose another name or delete the existing one"
+        )
+    if exc.reason == "revision-mismatch":
+        return errors.PreconditionFailed(
+            "the resource was changed by someone else since the revision you sent in If-Match; "
+            "read it again and retry with its current revision"
+        )
+    if exc.reason == "not-found":
+        return errors.NotFound(f"the {kind_name} was deleted while this request ran")
+    return errors.Conflict(f"the change conflicts with the current state ({exc.reason}); retry")
+
+
+_enc = msgspec.json.Encoder()
+
+
+async def write(
+    request: web.Request,
+    ops: list[Op],
+    *,
+    status: int,
+    respond: Callable[[int], Any],
+    kind_name: str,
+    headers: Callable[[int], dict[str, str]] | None = None,
+) -> Reply:
+    """Commit ``ops`` atomically and build the reply from the new revision with ``respond(revision)``.
+
+    With an ``Idempotency-Key`` header (POST), the reply is stored in the same transaction and replayed for a repeat
+    of the same request by the same caller; a different request under the same key is refused (422).
+    """
+    store = request.app[STORE]
+    key = request.headers.get("Idempotency-Key") if request.method == "POST" else None
+    idem_id = fingerprint = None
+    if key is not None:
+        if not (1 <= len(key) <= 255 and key.isprintable()):
+            raise errors.BadRequest("Idempotency-Key must be 1-255 printable characters, e.g. a UUID")
+        idem_id = "idem-" + hashlib.sha256(f"{principal_of(request).ref}\0{key}".encode()).hexdigest()[:40]
+        fingerprint = hashlib.sha256(f"{request.method} {request.path}\0".encode() + await request.read()).hexdigest()
+        replay = await _replay(request, idem_id, fingerprint)
+        if replay is not None:
+            return replay
+    idem_record = None
+    if idem_id is not None:
+        stamp = ids.now()
+        # The reply is rendered with revision 0 and patched with the transaction's revision on replay: the record
+        # written here and the resource share that revision because they commit together.
+        idem_record = Record(
+            kind=IDEMPOTENCY_KIND,
+            id=idem_id,
+            project="",
+            name=idem_id,
+            spec={
+                "fingerprint": fingerprint,
+                "status": status,
+                "body": msgspec.to_builtins(respond(0)),
+                "expires": request.app[CONFIG].api.idempotency_ttl,
+            },
+            created_at=stamp,
+            updated_at=stamp,
+        )
+        ops = [*ops, Create(idem_record)]
+    try:
+        revision, _ = await store.commit(Txn(ops))
+    except TxnFailed as exc:
+        if idem_record is not None and exc.index == len(ops) - 1:
+            # A concurrent request with the same key won the race; answer as it did.
+            replay = await _replay(request, idem_id, fingerprint)  # type: ignore[arg-type]
+            if replay is not None:
+                return replay
+        raise _conflict(exc, kind_name) from None
+    return Reply(respond(revision), status, headers(revision) if headers else {})
+
+
+def _patch_revision(body: Any, revision: int) -> Any:
+    if isinstance(body, dict) and body.get("revision") == 0:
+        return {**body, "revision": revision}
+    return body
+
+
+async def _replay(request: web.Request, idem_id: str, fingerprint: str) -> Reply | None:
+    record = await request.app[STORE].get(IDEMPOTENCY_KIND, idem_id)
+    if record is None:
+        return None
+    if record.spec["fingerprint"] != fingerprint:
+        raise errors.IdempotencyKeyReused(
+            "this Idempotency-Key was already used for a different request; use a new key for a new request"
+        )
+    return Reply(
+        _patch_revision(record.spec["body"], record.revision),
+        record.spec["status"],
+        {"Idempotent-Replayed": "true", "ETag": f'"{record.revision}"'},
+    )
+
+
+def delete_op(record: Record, expect: int | None) -> Delete:
+    return Delete(kind=record.kind, id=record.id, expect_revision=expect if expect is not None else record.revision)
+
+
+def etag(revision: int) -> dict[str, str]:
+    return {"ETag": f'"{revision}"'}

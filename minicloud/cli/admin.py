@@ -1,0 +1,94 @@
+"""``minicloud admin backup|restore``: copies of the whole state."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+from minicloud.cli.common import CommandError, client, wait_operation
+from minicloud.cli.output import emit
+from minicloud.model import Operation
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("admin", help="administration: backups")
+    verbs = p.add_subparsers(dest="verb", metavar="<verb>", required=True)
+    v = verbs.add_parser("backup", help="back up the whole state to FILE (runs as an operation on the node)")
+    v.add_argument("file")
+    v.set_defaults(func=backup)
+    v = verbs.add_parser("restore", help="restore a backup into a stopped node's data directory")
+    v.add_argument("file")
+    v.add_argument("--data-dir", default=os.environ.get("MINICLOUD_DATA_DIR", "/var/lib/minicloud"))
+    v.set_defaults(func=restore)
+
+
+def backup(args: argparse.Namespace) -> int:
+    c = client(args)
+    op = c.call("POST", "/v1/admin/backups", Operation)
+    final = wait_operation(c, op, args.output)
+    result = final.result or {}
+    resp = c.raw("GET", f"/v1/admin/backups/{result['name']}")
+    if resp.status != 200:
+        raise CommandError(f"could not download the backup (HTTP {resp.status})")
+    target = Path(args.file)
+    tmp = target.with_name(target.name + ".part")
+    tmp.write_bytes(resp.body)
+    os.replace(tmp, target)
+    if args.output == "table":
+        print(
+            f"Backed up revision {result['revision']} to {target} ({len(resp.body)} bytes, sha256 {result['sha256']})"
+        )
+    else:
+        emit({**result, "file": str(target)}, args.output)
+    return 0
+
+
+def _check_backup(path: Path) -> int:
+    from minicloud.state.migrations import SCHEMA_VERSION
+
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            (ok,) = db.execute("PRAGMA integrity_check").fetchone()
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            (revision,) = db.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise CommandError(f"{path} is not a minicloud backup: {exc}") from None
+    if ok != "ok":
+        raise CommandError(f"{path} is damaged: {ok}")
+    if version > SCHEMA_VERSION:
+        raise CommandError(f"{path} comes from a newer minicloud (schema {version}); upgrade first")
+    return int(revision)
+
+
+def restore(args: argparse.Namespace) -> int:
+    src = Path(args.file)
+    data = Path(args.data_dir)
+    state_file = data / "agent.json"
+    if state_file.exists():
+        try:
+            pid = json.loads(state_file.read_text())["pid"]
+            os.kill(pid, 0)
+            raise CommandError(f"the agent (pid {pid}) is running on {data}; stop it first (systemctl stop minicloud)")
+        except (ProcessLookupError, KeyError, ValueError):
+            pass
+    revision = _check_backup(src)
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    current = data / "state.db"
+    if current.exists():
+        keep = data / f"state.db.before-restore-{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S}"
+        shutil.move(current, keep)
+        for suffix in ("-wal", "-shm"):
+            Path(str(current) + suffix).unlink(missing_ok=True)
+        print(f"Kept the previous state as {keep}")
+    shutil.copyfile(src, current)
+    os.chmod(current, 0o600)
+    print(f"Restored revision {revision} into {current}; start the agent again.")
+    return 0

@@ -1,0 +1,60 @@
+"""``minicloud apikey create|list|show|delete``: bearer credentials for HTTPS clients."""
+
+from __future__ import annotations
+
+import argparse
+
+from minicloud.cli.common import client
+from minicloud.cli.output import col, emit
+
+COLUMNS = [
+    col("name", "name"),
+    col("prefix", "prefix"),
+    col("expires", "expires_at"),
+    col("created", "created_at"),
+    col("id", "id"),
+]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("apikey", help="API keys for remote (HTTPS) access")
+    verbs = p.add_subparsers(dest="verb", metavar="<verb>", required=True)
+    v = verbs.add_parser("create", help="create an API key; its secret is printed once")
+    v.add_argument("name")
+    v.add_argument("--description", default="")
+    v.add_argument("--expires-in", type=int, metavar="SECONDS", help="lifetime (default: no expiry)")
+    v.set_defaults(func=create)
+    verbs.add_parser("list", help="list API keys").set_defaults(func=list_)
+    v = verbs.add_parser("show", help="show an API key (never its secret)")
+    v.add_argument("name")
+    v.set_defaults(func=show)
+    v = verbs.add_parser("delete", help="revoke an API key")
+    v.add_argument("name")
+    v.set_defaults(func=delete)
+
+
+def create(args: argparse.Namespace) -> int:
+    key = client(args).apikeys.create(name=args.name, description=args.description, expires_in=args.expires_in)
+    if args.output == "table":
+        print(f"Created API key {key.name} ({key.id}). Its secret, shown only now:")
+        print(f"  {key.secret}")
+    else:
+        emit(key, args.output)
+    return 0
+
+
+def list_(args: argparse.Namespace) -> int:
+    emit(client(args).apikeys.list(), args.output, COLUMNS)
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    emit(client(args).apikeys.get(args.name), args.output)
+    return 0
+
+
+def delete(args: argparse.Namespace) -> int:
+    client(args).apikeys.delete(args.name)
+    if args.output == "table":
+        print(f"Revoked API key {args.name}")
+    return 0

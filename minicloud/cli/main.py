@@ -1,0 +1,73 @@
+"""``minicloud``: the daemon (``minicloud agent``) and the shell client (``minicloud <noun> <verb> ...``).
+
+Each noun lives in its own module under :mod:`minicloud.cli` with a ``register(subparsers)`` function; the client
+commands use only the SDK (:mod:`minicloud.client`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from minicloud import __version__
+from minicloud.cli import admin, agent, apikey, completion, config_cmd, keypair, node, operation, remote
+from minicloud.cli.common import CommandError, fail
+from minicloud.client import ApiError, ConnectError
+
+NOUNS = [agent, config_cmd, node, keypair, operation, apikey, remote, admin, completion]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minicloud",
+        description="minicloud: a small cloud for your own machines. Run `minicloud agent` on every node; "
+        "use the other commands to manage it.",
+    )
+    parser.add_argument("--version", action="version", version=f"minicloud {__version__}")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="the agent's Unix socket (default: $MINICLOUD_SOCKET or /run/minicloud/minicloud.sock)",
+    )
+    target.add_argument("--remote", metavar="NAME", help="talk to a remote added with `minicloud remote add`")
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json", "yaml"],
+        default="table",
+        help="output format (default: table)",
+    )
+    sub = parser.add_subparsers(dest="noun", metavar="<noun>", required=True)
+    for module in NOUNS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ApiError as exc:
+        p = exc.problem
+        lines = [f"Error: {p.detail}"]
+        for param in p.invalid_params:
+            lines.append(f"  {param.get('name', '?')}: {param.get('reason', '')}")
+        if p.request_id and p.status >= 500:
+            lines.append(f"  (request id {p.request_id})")
+        print("\n".join(lines), file=sys.stderr)
+        return 1
+    except ConnectError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    except CommandError as exc:
+        return fail(str(exc), exc.code)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `minicloud ... | head`: stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

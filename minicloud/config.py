@@ -1,0 +1,154 @@
+"""The agent's configuration: one schema with defaults, layered built-in defaults < file < environment < flags.
+
+The file is TOML (``/etc/minicloud/minicloud.toml`` unless ``--config``/``MINICLOUD_CONFIG`` says otherwise); a missing
+default file is fine, a missing file that was asked for is an error. Unknown keys are errors, so a typo never silently
+falls back to a default. ``minicloud config validate`` runs exactly this loader.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from minicloud.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("/etc/minicloud/minicloud.toml")
+DEFAULT_SOCKET = "/run/minicloud/minicloud.sock"
+DEFAULT_DATA_DIR = "/var/lib/minicloud"
+DEFAULT_LISTEN = "0.0.0.0:8443"
+
+_LISTEN_RE = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]*):(?P<port>\d{1,5})$")
+
+
+class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[agent]``: where the daemon keeps its state and where it listens."""
+
+    #: State, CA and certificates. Related: ``socket``.
+    data_dir: str = DEFAULT_DATA_DIR
+    #: Unix socket for local root (trusted, no token needed). Related: ``listen``.
+    socket: str = DEFAULT_SOCKET
+    #: HTTPS address for remote clients and other nodes, ``HOST:PORT``; port 0 picks a free port. Empty disables it.
+    listen: str = DEFAULT_LISTEN
+    #: This node's name in the cluster; defaults to the host name.
+    node_name: str = ""
+    #: ``debug``, ``info``, ``warning`` or ``error``. Related: ``access_log``.
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Log one line per HTTP request at ``info``.
+    access_log: bool = True
+
+
+class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[api]``: limits applied to every request."""
+
+    #: Largest accepted request body in bytes (images are uploaded by path or URL, not in bodies).
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    #: How long an ``Idempotency-Key`` is remembered, in seconds.
+    idempotency_ttl: Annotated[int, msgspec.Meta(ge=60)] = 24 * 3600
+    #: The most revisions of change history kept for resuming ``GET /v1/events``.
+    retain_changes: Annotated[int, msgspec.Meta(ge=1000)] = 100_000
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
+    api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+
+    # -- derived -----------------------------------------------------------------------------------------------
+    @property
+    def data_path(self) -> Path:
+        return Path(self.agent.data_dir)
+
+    @property
+    def node_name(self) -> str:
+        return self.agent.node_name or socket.gethostname()
+
+    def listen_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the HTTPS listener, or None when disabled."""
+        if not self.agent.listen:
+            return None
+        m = _LISTEN_RE.match(self.agent.listen)
+        assert m is not None  # checked in load()
+        return m["host"].strip("[]") or "0.0.0.0", int(m["port"])
+
+
+#: Environment variables and the option each one sets.
+ENV_VARS: dict[str, tuple[str, str]] = {
+    "MINICLOUD_DATA_DIR": ("agent", "data_dir"),
+    "MINICLOUD_SOCKET": ("agent", "socket"),
+    "MINICLOUD_LISTEN": ("agent", "listen"),
+    "MINICLOUD_NODE_NAME": ("agent", "node_name"),
+    "MINICLOUD_LOG_LEVEL": ("agent", "log_level"),
+}
+
+
+def _check(cfg: Config) -> None:
+    if cfg.agent.listen:
+        m = _LISTEN_RE.match(cfg.agent.listen)
+        if m is None or int(m["port"]) > 65535:
+            raise ConfigError(
+                f"agent.listen = {cfg.agent.listen!r} is not HOST:PORT; use e.g. '0.0.0.0:8443', '[::]:8443', "
+                "'127.0.0.1:0' for a free port, or '' to disable HTTPS"
+            )
+    for key in ("data_dir", "socket"):
+        value = getattr(cfg.agent, key)
+        if not value or not os.path.isabs(value):
+            raise ConfigError(f"agent.{key} = {value!r} must be an absolute path")
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the effective configuration. ``overrides`` are ``{"agent.listen": value}`` from command-line flags.
+
+    Raises :class:`ConfigError` that names the offending key and what would be valid.
+    """
+    env = os.environ if env is None else env
+    explicit = path or env.get("MINICLOUD_CONFIG")
+    file = Path(explicit) if explicit else DEFAULT_CONFIG_FILE
+    data: dict[str, Any] = {}
+    if file.exists():
+        try:
+            data = tomllib.loads(file.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+    elif explicit:
+        raise ConfigError(f"config file {file} does not exist; create it or leave out --config/MINICLOUD_CONFIG")
+
+    layered: list[tuple[str, str, Any]] = []
+    for var, (section, key) in ENV_VARS.items():
+        if var in env:
+            layered.append((section, key, env[var]))
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            section, key = dotted.split(".", 1)
+            layered.append((section, key, value))
+    for section, key, value in layered:
+        data.setdefault(section, {})[key] = value
+
+    try:
+        cfg = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{file if file.exists() else 'configuration'}: {_explain(exc)}") from None
+    _check(cfg)
+    return cfg
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    message = str(exc)
+    # msgspec says "... - at `$.agent.listen`"; make the path read like the TOML key.
+    return re.sub(r" - at `\$\.?([^`]*)`", lambda m: f" (at {m[1] or 'top level'})", message)
+
+
+def dump(cfg: Config) -> dict[str, Any]:
+    return msgspec.to_builtins(cfg)

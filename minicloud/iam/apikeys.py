@@ -1,0 +1,99 @@
+"""API keys: bearer tokens shown once at creation and stored only as a SHA-256 hash.
+
+A token reads ``mc_<key-id-suffix>.<secret>``: the key id locates the record in one indexed read; the secret (32
+random bytes) is compared in constant time against the stored hash. A fast hash is right here because the secret is
+random and long, unlike a password. Deleting the key revokes it at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import hmac
+import os
+
+from minicloud import ids
+from minicloud.model import ApiKey, ApiKeySecret
+from minicloud.state import Record
+
+KIND = "apikey"
+PREFIX = "ak"
+TOKEN_PREFIX = "mc_"
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_key(
+    project: str, name: str, description: str, expires_in: int | None, labels: dict[str, str]
+) -> tuple[Record, str]:
+    """A stamped record for a new key and the one-time token for it."""
+    key_id = ids.new_id(PREFIX)
+    secret = base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
+    token = f"{TOKEN_PREFIX}{key_id.removeprefix(PREFIX + '-')}.{secret}"
+    stamp = ids.now()
+    expires_at = None
+    if expires_in is not None:
+        expires_at = (
+            (_dt.datetime.now(_dt.UTC) + _dt.timedelta(seconds=expires_in))
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z")
+        )
+    record = Record(
+        kind=KIND,
+        id=key_id,
+        project=project,
+        name=name,
+        labels=labels,
+        spec={
+            "hash": _hash(secret),
+            "prefix": token[:12],
+            "description": description,
+            "expires_at": expires_at,
+        },
+        created_at=stamp,
+        updated_at=stamp,
+    )
+    return record, token
+
+
+def key_id_of(token: str) -> str | None:
+    """The key id a token claims, or None if it is not shaped like one of ours."""
+    if not token.startswith(TOKEN_PREFIX) or "." not in token or len(token) > 200:
+        return None
+    suffix = token[len(TOKEN_PREFIX) :].split(".", 1)[0]
+    return f"{PREFIX}-{suffix}" if suffix.isalnum() else None
+
+
+def verify(record: Record, token: str, now: _dt.datetime | None = None) -> str | None:
+    """None when ``token`` is valid for ``record``, else the reason it is not (never the secret)."""
+    secret = token.split(".", 1)[1]
+    if not hmac.compare_digest(_hash(secret), record.spec.get("hash", "")):
+        return "the API key is not valid"
+    expires_at = record.spec.get("expires_at")
+    if expires_at and ids.parse_time(expires_at) <= (now or _dt.datetime.now(_dt.UTC)):
+        return f"the API key expired at {expires_at}; create a new one"
+    return None
+
+
+def view(record: Record) -> ApiKey:
+    s = record.spec
+    return ApiKey(
+        id=record.id,
+        name=record.name,
+        project=record.project,
+        labels=record.labels,
+        revision=record.revision,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+        description=s.get("description", ""),
+        prefix=s["prefix"],
+        expires_at=s.get("expires_at"),
+    )
+
+
+def view_with_secret(record: Record, token: str) -> ApiKeySecret:
+    v = view(record)
+    return ApiKeySecret(**{f: getattr(v, f) for f in v.__struct_fields__}, secret=token)

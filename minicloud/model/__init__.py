@@ -1,0 +1,197 @@
+"""Request and response types shared by the server, the SDK and the OpenAPI document.
+
+Every type here is a msgspec ``Struct``: the server decodes request bodies into them (strictly: unknown fields and
+wrong types are errors), encodes responses from them, and ``GET /v1/openapi.json`` is generated from them. The SDK
+decodes responses with the very same types.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+LABEL_KEY_PATTERN = r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$"
+#: A resource name: 1-63 characters, letters, digits, '-', '_' and '.', starting with a letter or digit.
+Name = Annotated[
+    str,
+    Meta(
+        pattern=NAME_PATTERN,
+        description="1-63 letters, digits, '-', '_' or '.', starting with a letter or digit",
+        examples=["web-1"],
+    ),
+]
+LabelKey = Annotated[str, Meta(pattern=LABEL_KEY_PATTERN, description="lowercase, 1-63 of a-z 0-9 . _ / -")]
+LabelValue = Annotated[str, Meta(max_length=255, pattern=r"^[^\x00-\x1f\x7f]*$")]
+Labels = Annotated[dict[LabelKey, LabelValue], Meta(max_length=64)]
+Description = Annotated[str, Meta(max_length=255, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")]
+
+T = TypeVar("T")
+
+
+class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """RFC 9457 problem details: every error response has this body (``application/problem+json``)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    invalid_params: list[dict[str, str]] = []
+    request_id: str | None = None
+
+
+class Page(msgspec.Struct, Generic[T], kw_only=True):
+    """One page of a collection. Pass ``next_cursor`` back as ``?cursor=`` for the next page; null at the end."""
+
+    items: list[T]
+    next_cursor: str | None = None
+
+
+class Resource(msgspec.Struct, kw_only=True):
+    """Fields every resource has."""
+
+    id: str
+    name: str
+    project: str
+    labels: dict[str, str] = {}
+    revision: int
+    created_at: str
+    updated_at: str
+
+
+# -- key pairs -----------------------------------------------------------------------------------------------------
+class KeyPair(Resource, kw_only=True):
+    """An SSH public key that compute injects into guests."""
+
+    type: str
+    fingerprint: str
+    public_key: str
+    comment: str = ""
+    description: str = ""
+
+
+class KeyPairCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Name
+    public_key: Annotated[str, Meta(min_length=1, max_length=16384, description="one OpenSSH public key line")]
+    description: Description = ""
+    labels: Labels = {}
+
+
+class KeyPairUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """JSON merge patch of a key pair: only the given fields change."""
+
+    description: Description | UnsetType = UNSET
+    labels: Labels | UnsetType = UNSET
+
+
+# -- operations ----------------------------------------------------------------------------------------------------
+class Progress(msgspec.Struct, kw_only=True):
+    done: int = 0
+    total: int = 0
+    message: str = ""
+
+
+class Operation(Resource, kw_only=True):
+    """Long-running work. Poll ``GET /v1/operations/{id}?wait=SECONDS`` until ``state`` is no longer ``running``."""
+
+    action: str
+    target: dict[str, str] = {}
+    node: str
+    state: Literal["running", "succeeded", "failed"]
+    progress: Progress = msgspec.field(default_factory=Progress)
+    result: dict[str, Any] | None = None
+    error: Problem | None = None
+
+
+# -- API keys (bootstrap credentials until IAM) ------------------------------------------------------------------
+class ApiKey(Resource, kw_only=True):
+    description: str = ""
+    prefix: str
+    expires_at: str | None = None
+    last_used_at: str | None = None
+
+
+class ApiKeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Name
+    description: Description = ""
+    expires_in: Annotated[int, Meta(ge=60, le=10 * 365 * 86400, description="lifetime in seconds")] | None = None
+    labels: Labels = {}
+
+
+class ApiKeySecret(ApiKey, kw_only=True):
+    """Returned once, at creation: ``secret`` is the bearer token; it is stored only as a hash."""
+
+    secret: str
+
+
+# -- system --------------------------------------------------------------------------------------------------------
+class Version(msgspec.Struct, kw_only=True):
+    version: str
+    api: str
+    node: str
+    ca_fingerprint: str
+
+
+class CACertificate(msgspec.Struct, kw_only=True):
+    fingerprint: str
+    pem: str
+
+
+class Health(msgspec.Struct, kw_only=True):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = {}
+
+
+class Disk(msgspec.Struct, kw_only=True):
+    mountpoint: str
+    device: str
+    fstype: str
+    total_bytes: int
+    free_bytes: int
+
+
+class Virtualization(msgspec.Struct, kw_only=True):
+    kvm_device: bool
+    hardware_virt: bool
+    virt_type: Literal["kvm", "qemu"]
+    reason: str
+
+
+class Node(msgspec.Struct, kw_only=True):
+    """Facts about the node that answered, read from the host with psutil."""
+
+    name: str
+    hostname: str
+    kernel: str
+    os: str
+    arch: str
+    cpu_count: int
+    cpu_model: str
+    memory_total_bytes: int
+    memory_available_bytes: int
+    load_average: list[float]
+    boot_time: str
+    disks: list[Disk]
+    virtualization: Virtualization
+    version: str
+
+
+class Backup(msgspec.Struct, kw_only=True):
+    name: str
+    size_bytes: int
+    sha256: str
+    revision: int
+
+
+class Event(msgspec.Struct, kw_only=True):
+    """One message of ``GET /v1/events``: a resource was created, updated or deleted at ``revision``."""
+
+    revision: int
+    type: Literal["created", "updated", "deleted"]
+    kind: str
+    id: str
+    project: str
+    object: dict[str, Any]

@@ -1,0 +1,153 @@
+"""Long-running work as ``operation`` records.
+
+An API handler that cannot finish quickly calls :meth:`Operations.start` and answers ``202 Accepted`` with the new
+operation; the work runs as a task on this node and writes its progress and outcome into the record through the
+store's normal write path, so ``GET /v1/operations/{id}``, ``?wait=`` and the events stream all see it. An agent that
+restarts marks the operations it was running as failed (their tasks died with it) instead of leaving them running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from minicloud import errors, ids
+from minicloud.state import Create, Record, Store, Txn, TxnFailed, Update
+
+KIND = "operation"
+PREFIX = "op"
+log = logging.getLogger(__name__)
+
+
+class Reporter:
+    """Handed to the work function: ``await report(done, total, message)`` records progress."""
+
+    def __init__(self, ops: Operations, op_id: str) -> None:
+        self._ops = ops
+        self._id = op_id
+
+    async def __call__(self, done: int, total: int, message: str = "") -> None:
+        await self._ops._update(self._id, progress={"done": done, "total": total, "message": message})
+
+
+Work = Callable[[Reporter], Awaitable[dict[str, Any]]]
+
+
+class Operations:
+    def __init__(self, store: Store, node: str) -> None:
+        self.store = store
+        self.node = node
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def new_record(self, action: str, target: dict[str, str], project: str) -> Record:
+        op_id = ids.new_id(PREFIX)
+        stamp = ids.now()
+        return Record(
+            kind=KIND,
+            id=op_id,
+            project=project,
+            name=op_id,
+            spec={"action": action, "target": target, "node": self.node},
+            status={"state": "running", "progress": {"done": 0, "total": 0, "message": "queued"}},
+            created_at=stamp,
+            updated_at=stamp,
+        )
+
+    def run(self, record: Record, work: Work) -> None:
+        """Run ``work`` for an operation record that has been committed."""
+        task = asyncio.create_task(self._run(record.id, work), name=f"operation {record.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self, action: str, target: dict[str, str], project: str, work: Work) -> Record:
+        """Create the operation record and start ``work``; returns the committed record."""
+        record = self.new_record(action, target, project)
+        revision, _ = await self.store.commit(Txn([Create(record)]))
+        self.run(record, work)
+        return msgspec.structs.replace(record, revision=revision)
+
+    async def _run(self, op_id: str, work: Work) -> None:
+        try:
+            result = await work(Reporter(self, op_id))
+        except asyncio.CancelledError:
+            await asyncio.shield(
+                self._finish(op_id, error=errors.Unavailable("the agent stopped during the operation"))
+            )
+            raise
+        except errors.MinicloudError as exc:
+            await self._finish(op_id, error=exc)
+        except Exception as exc:
+            log.exception("operation failed", extra={"operation": op_id})
+            await self._finish(
+                op_id, error=errors.MinicloudError(f"internal error: {type(exc).__name__}; see the agent log")
+            )
+        else:
+            await self._finish(op_id, result=result)
+
+    async def _finish(
+        self, op_id: str, *, result: dict[str, Any] | None = None, error: errors.MinicloudError | None = None
+    ) -> None:
+        status: dict[str, Any] = {"state": "failed" if error else "succeeded"}
+        if error is not None:
+            status["error"] = error.to_problem()
+        else:
+            status["result"] = result or {}
+        await self._update(op_id, **status)
+
+    async def _update(self, op_id: str, **changes: Any) -> None:
+        for _ in range(10):
+            record = await self.store.get(KIND, op_id)
+            if record is None:
+                return
+            updated = msgspec.structs.replace(record, status={**record.status, **changes}, updated_at=ids.now())
+            try:
+                await self.store.commit(Txn([Update(updated, expect_revision=record.revision)]))
+                return
+            except TxnFailed:
+                continue
+
+    async def recover(self) -> int:
+        """Mark operations this node was running when it last stopped as failed. Returns how many."""
+        count = 0
+        after = None
+        while True:
+            page = await self.store.list(KIND, after=after, limit=500)
+            for record in page:
+                if record.spec.get("node") == self.node and record.status.get("state") == "running":
+                    await self._finish(
+                        record.id,
+                        error=errors.Unavailable("the agent restarted before the operation finished; retry it"),
+                    )
+                    count += 1
+            if len(page) < 500:
+                return count
+            after = (page[-1].name, page[-1].id)
+
+    async def wait(self, op_id: str, seconds: float) -> Record | None:
+        """The operation once it is no longer running, or as it is when ``seconds`` pass."""
+        sub = self.store.subscribe()
+        try:
+            record = await self.store.get(KIND, op_id)
+            if record is None or record.status.get("state") != "running" or seconds <= 0:
+                return record
+            async with asyncio.timeout(seconds):
+                async for change in sub:
+                    if change.id == op_id:
+                        if change.type == "deleted":
+                            return None
+                        if change.record.status.get("state") != "running":
+                            return change.record
+        except TimeoutError:
+            pass
+        finally:
+            sub.close()
+        return await self.store.get(KIND, op_id)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

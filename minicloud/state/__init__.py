@@ -1,0 +1,74 @@
+"""The resource store: records, their revisions and the one narrow write path.
+
+``Store`` is the interface every caller uses. Today it has one backend, :class:`SQLiteStore`, which is the source of
+truth on a single node; the cluster backend (etcd as the write path, SQLite as every node's replica) implements the same
+interface, so callers never change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from minicloud.state.records import Change, Create, Delete, Op, Record, Txn, TxnFailed, Update
+from minicloud.state.sqlite import Compacted, SQLiteStore, Subscription
+
+__all__ = [
+    "Change",
+    "Compacted",
+    "Create",
+    "Delete",
+    "Op",
+    "Record",
+    "SQLiteStore",
+    "Store",
+    "Subscription",
+    "Txn",
+    "TxnFailed",
+    "Update",
+    "open_store",
+]
+
+
+class Store(Protocol):
+    """What the control plane needs from the state store. Writes are atomic and durable when ``commit`` returns;
+    reads are local and see every write whose ``commit`` has returned."""
+
+    @property
+    def revision(self) -> int: ...
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def commit(self, txn: Txn) -> tuple[int, list[Change]]: ...
+
+    async def get(self, kind: str, id_: str) -> Record | None: ...
+
+    async def get_by_name(self, kind: str, project: str, name: str) -> Record | None: ...
+
+    async def list(
+        self,
+        kind: str,
+        *,
+        project: str | None = None,
+        name: str | None = None,
+        labels: dict[str, str] | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 1000,
+    ) -> list[Record]: ...
+
+    async def count(self, kind: str) -> int: ...
+
+    async def changes(self, since: int, *, until: int | None = None, limit: int = 1000) -> list[Change]: ...
+
+    def subscribe(self, *, max_pending: int = 10_000) -> Subscription: ...
+
+    async def compact(self) -> int: ...
+
+    async def backup(self, dest: Path) -> None: ...
+
+
+def open_store(data_dir: Path) -> Store:
+    """The store for a node's data directory (not yet opened)."""
+    return SQLiteStore(Path(data_dir) / "state.db")

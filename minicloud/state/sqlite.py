@@ -1,0 +1,434 @@
+"""The SQLite backend of the resource store: the source of truth on a single node, the local replica in a cluster.
+
+Writes: callers hand a stamped :class:`Txn` to :meth:`SQLiteStore.commit`. One writer task drains the queue of pending
+transactions and applies them in a single SQLite transaction (group commit: one fsync for the whole batch), each
+transaction at its own revision, so that many concurrent writers share the cost of durability. ``commit`` returns only
+after the batch is durable (``synchronous=FULL`` in WAL mode). A transaction whose condition fails is skipped without
+affecting the others in its batch.
+
+Reads go through a separate aiosqlite connection; WAL gives them a consistent snapshot per statement and they see a
+write as soon as its ``commit`` has returned (read-your-writes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from minicloud.state.migrations import migrate
+from minicloud.state.records import Change, Create, Delete, Record, Txn, TxnFailed, Update
+
+log = logging.getLogger(__name__)
+
+_enc = msgspec.json.Encoder()
+
+
+def _json(value: Any) -> str:
+    return _enc.encode(value).decode()
+
+
+_dec_json = msgspec.json.Decoder()
+_dec_record = msgspec.json.Decoder(Record)
+
+_COLUMNS = "id, kind, project, name, labels, spec, status, revision, created_at, updated_at"
+_MAX_BATCH = 512
+
+
+class Compacted(Exception):
+    """The change log no longer holds the requested revisions; the reader must re-list and resume from ``revision``."""
+
+    def __init__(self, compacted: int) -> None:
+        super().__init__(f"changes up to revision {compacted} were compacted")
+        self.compacted = compacted
+
+
+def _row_to_record(row: sqlite3.Row | tuple[Any, ...]) -> Record:
+    return Record(
+        id=row[0],
+        kind=row[1],
+        project=row[2],
+        name=row[3],
+        labels=_dec_json.decode(row[4]),
+        spec=_dec_json.decode(row[5]),
+        status=_dec_json.decode(row[6]),
+        revision=row[7],
+        created_at=row[8],
+        updated_at=row[9],
+    )
+
+
+def _record_params(r: Record, revision: int) -> tuple[Any, ...]:
+    return (
+        r.id,
+        r.kind,
+        r.project,
+        r.name,
+        _json(r.labels),
+        _json(r.spec),
+        _json(r.status),
+        revision,
+        r.created_at,
+        r.updated_at,
+    )
+
+
+def _integrity_reason(exc: sqlite3.IntegrityError) -> str:
+    message = str(exc)
+    if "UNIQUE" not in message:
+        raise exc
+    return "exists" if "records.id" in message else "name-taken"
+
+
+async def _failure_reason(db: aiosqlite.Connection, kind: str, id_: str) -> str:
+    async with db.execute("SELECT 1 FROM records WHERE id = ? AND kind = ?", (id_, kind)) as cur:
+        return "revision-mismatch" if await cur.fetchone() else "not-found"
+
+
+async def apply_txn(db: aiosqlite.Connection, txn: Txn, revision: int) -> list[Change]:
+    """Apply ``txn`` at ``revision`` inside the caller's open SQLite transaction; return its changes.
+
+    Deterministic: the outcome depends only on the current rows, ``txn`` and ``revision``. Atomic: on
+    :class:`TxnFailed` nothing of ``txn`` remains (multi-op transactions run under a savepoint). The caller writes the
+    returned changes to the change log and bumps the stored revision.
+    """
+    multi = len(txn.ops) > 1
+    if multi:
+        await db.execute("SAVEPOINT txn")
+    changes: list[Change] = []
+    try:
+        for index, op in enumerate(txn.ops):
+            changes.append(await _apply_op(db, index, op, revision))
+    except BaseException:
+        if multi:
+            await db.execute("ROLLBACK TO txn")
+            await db.execute("RELEASE txn")
+        raise
+    if multi:
+        await db.execute("RELEASE txn")
+    return changes
+
+
+async def _apply_op(db: aiosqlite.Connection, index: int, op: Create | Update | Delete, revision: int) -> Change:
+    if isinstance(op, Create):
+        r = op.record
+        try:
+            await db.execute(
+                f"INSERT INTO records ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", _record_params(r, revision)
+            )
+        except sqlite3.IntegrityError as exc:
+            raise TxnFailed(index, _integrity_reason(exc), op) from None
+        written = msgspec.structs.replace(r, revision=revision)
+        return Change(revision=revision, type="created", kind=r.kind, id=r.id, project=r.project, record=written)
+    if isinstance(op, Update):
+        r = op.record
+        sql = (
+            "UPDATE records SET project = ?, name = ?, labels = ?, spec = ?, status = ?, revision = ?, "
+            "created_at = ?, updated_at = ? WHERE id = ? AND kind = ?"
+        )
+        params: tuple[Any, ...] = (
+            r.project,
+            r.name,
+            _json(r.labels),
+            _json(r.spec),
+            _json(r.status),
+            revision,
+            r.created_at,
+            r.updated_at,
+            r.id,
+            r.kind,
+        )
+        if op.expect_revision is not None:
+            sql += " AND revision = ?"
+            params += (op.expect_revision,)
+        try:
+            cur = await db.execute(sql, params)
+        except sqlite3.IntegrityError as exc:
+            raise TxnFailed(index, _integrity_reason(exc), op) from None
+        if cur.rowcount != 1:
+            raise TxnFailed(index, await _failure_reason(db, r.kind, r.id), op)
+        written = msgspec.structs.replace(r, revision=revision)
+        return Change(revision=revision, type="updated", kind=r.kind, id=r.id, project=r.project, record=written)
+    sql = (
+        f"DELETE FROM records WHERE id = ? AND kind = ?{' AND revision = ?' if op.expect_revision is not None else ''}"
+    )
+    sql += f" RETURNING {_COLUMNS}"
+    params = (op.id, op.kind) if op.expect_revision is None else (op.id, op.kind, op.expect_revision)
+    async with db.execute(sql, params) as cur:
+        row = await cur.fetchone()
+    if row is None:
+        raise TxnFailed(index, await _failure_reason(db, op.kind, op.id), op)
+    old = _row_to_record(row)
+    return Change(revision=revision, type="deleted", kind=old.kind, id=old.id, project=old.project, record=old)
+
+
+class Subscription:
+    """A live feed of committed changes in revision order. Iterate it; it ends if the consumer falls too far behind
+    (``overflowed`` is then true and the consumer should resume from the last revision it saw)."""
+
+    def __init__(self, store: SQLiteStore, max_pending: int) -> None:
+        self._store = store
+        self._queue: asyncio.Queue[Change | None] = asyncio.Queue()
+        self._max_pending = max_pending
+        self.overflowed = False
+
+    def _push(self, changes: Iterable[Change]) -> None:
+        if self.overflowed:
+            return
+        for c in changes:
+            self._queue.put_nowait(c)
+        if self._queue.qsize() > self._max_pending:
+            self.overflowed = True
+            self._queue.put_nowait(None)
+
+    def close(self) -> None:
+        self._store._subscribers.discard(self)
+        self._queue.put_nowait(None)
+
+    def __aiter__(self) -> AsyncIterator[Change]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[Change]:
+        while (c := await self._queue.get()) is not None:
+            yield c
+
+
+class SQLiteStore:
+    """The resource store on one SQLite file. See the module docstring for the write and read paths."""
+
+    def __init__(self, path: Path, *, retain_changes: int = 100_000) -> None:
+        self.path = Path(path)
+        self.retain_changes = retain_changes
+        self._wdb: aiosqlite.Connection | None = None
+        self._rdb: aiosqlite.Connection | None = None
+        self._revision = 0
+        self._compacted = 0
+        self._pending: list[tuple[Txn, asyncio.Future[tuple[int, list[Change]]]]] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._subscribers: set[Subscription] = set()
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Create or migrate the database and start the writer. Idempotent per instance."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self._migrate)
+        self._wdb = await self._connect()
+        self._rdb = await self._connect()
+        async with self._rdb.execute("SELECT key, value FROM meta") as cur:
+            meta = dict(await cur.fetchall())
+        self._revision, self._compacted = meta["revision"], meta["compacted"]
+        self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
+
+    def _migrate(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            applied = migrate(db)
+            if applied:
+                log.info("state migrated", extra={"path": str(self.path), "migrations": applied})
+        finally:
+            db.close()
+
+    async def _connect(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA busy_timeout=10000")
+        return db
+
+    async def close(self) -> None:
+        """Finish the writes already queued, then close. Later commits raise ``RuntimeError``."""
+        self._closed = True
+        self._wake.set()
+        if self._writer:
+            await self._writer
+        for sub in list(self._subscribers):
+            sub.close()
+        for db in (self._wdb, self._rdb):
+            if db is not None:
+                await db.close()
+
+    # -- writes ----------------------------------------------------------------------------------------------------
+    @property
+    def revision(self) -> int:
+        """The revision of the last durable transaction."""
+        return self._revision
+
+    async def commit(self, txn: Txn) -> tuple[int, list[Change]]:
+        """Apply ``txn`` durably; return its revision and changes. Raises :class:`TxnFailed` when a condition fails
+        (nothing written). Safe to call from many tasks at once; callers' transactions are group-committed."""
+        if self._closed:
+            raise RuntimeError("the store is closed")
+        fut: asyncio.Future[tuple[int, list[Change]]] = asyncio.get_running_loop().create_future()
+        self._pending.append((txn, fut))
+        self._wake.set()
+        return await fut
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch, self._pending = self._pending[:_MAX_BATCH], self._pending[_MAX_BATCH:]
+                await self._write_batch(batch)
+            if self._closed:
+                return
+
+    async def _write_batch(self, batch: list[tuple[Txn, asyncio.Future[tuple[int, list[Change]]]]]) -> None:
+        db = self._wdb
+        assert db is not None
+        revision = self._revision
+        outcomes: list[tuple[asyncio.Future[Any], Any]] = []
+        published: list[Change] = []
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            for txn, fut in batch:
+                try:
+                    changes = await apply_txn(db, txn, revision + 1)
+                except TxnFailed as exc:
+                    outcomes.append((fut, exc))
+                    continue
+                revision += 1
+                outcomes.append((fut, (revision, changes)))
+                published.extend(changes)
+            if published:
+                await db.executemany(
+                    "INSERT INTO changes (revision, seq, type, kind, id, project, record) VALUES (?,?,?,?,?,?,?)",
+                    [
+                        (c.revision, seq, c.type, c.kind, c.id, c.project, _json(c.record))
+                        for seq, c in enumerate(published)
+                    ],
+                )
+                await db.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (revision,))
+            await db.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await db.execute("ROLLBACK")
+            log.error("store write failed", exc_info=exc)
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(RuntimeError(f"the state database could not be written: {exc}"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._revision = revision
+        for fut, outcome in outcomes:
+            if fut.done():
+                continue
+            if isinstance(outcome, BaseException):
+                fut.set_exception(outcome)
+            else:
+                fut.set_result(outcome)
+        if published:
+            for sub in list(self._subscribers):
+                sub._push(published)
+
+    # -- reads -----------------------------------------------------------------------------------------------------
+    @property
+    def _db(self) -> aiosqlite.Connection:
+        assert self._rdb is not None, "store not open"
+        return self._rdb
+
+    async def get(self, kind: str, id_: str) -> Record | None:
+        async with self._db.execute(f"SELECT {_COLUMNS} FROM records WHERE id = ? AND kind = ?", (id_, kind)) as cur:
+            row = await cur.fetchone()
+        return _row_to_record(row) if row else None
+
+    async def get_by_name(self, kind: str, project: str, name: str) -> Record | None:
+        async with self._db.execute(
+            f"SELECT {_COLUMNS} FROM records WHERE kind = ? AND project = ? AND name = ?",
+            (kind, project, name),
+        ) as cur:
+            row = await cur.fetchone()
+        return _row_to_record(row) if row else None
+
+    async def list(
+        self,
+        kind: str,
+        *,
+        project: str | None = None,
+        name: str | None = None,
+        labels: dict[str, str] | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 1000,
+    ) -> list[Record]:
+        """Records of ``kind`` ordered by (name, id), filtered; ``after`` is the (name, id) to continue after."""
+        where, params = ["kind = ?"], [kind]
+        if project is not None:
+            where.append("project = ?")
+            params.append(project)
+        if name is not None:
+            where.append("name = ?")
+            params.append(name)
+        for key, value in (labels or {}).items():
+            where.append("json_extract(labels, ?) = ?")
+            params += [f'$."{key}"', value]
+        if after is not None:
+            where.append("(name, id) > (?, ?)")
+            params += list(after)
+        sql = f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(where)} ORDER BY name, id LIMIT ?"
+        async with self._db.execute(sql, (*params, limit)) as cur:
+            return [_row_to_record(row) for row in await cur.fetchall()]
+
+    async def count(self, kind: str) -> int:
+        async with self._db.execute("SELECT count(*) FROM records WHERE kind = ?", (kind,)) as cur:
+            (n,) = await cur.fetchone()  # type: ignore[misc]
+        return int(n)
+
+    async def changes(self, since: int, *, until: int | None = None, limit: int = 1000) -> list[Change]:
+        """Changes with ``since`` < revision <= ``until`` in order (at most ``limit``). Raises :class:`Compacted` if
+        some of them were already dropped."""
+        if since < self._compacted:
+            raise Compacted(self._compacted)
+        async with self._db.execute(
+            "SELECT revision, type, kind, id, project, record FROM changes WHERE revision > ? AND revision <= ? "
+            "ORDER BY revision, seq LIMIT ?",
+            (since, until if until is not None else self._revision, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [
+            Change(revision=r[0], type=r[1], kind=r[2], id=r[3], project=r[4], record=_dec_record.decode(r[5]))
+            for r in rows
+        ]
+
+    def subscribe(self, *, max_pending: int = 10_000) -> Subscription:
+        """Start receiving every change committed from now on. Call ``close()`` when done."""
+        sub = Subscription(self, max_pending)
+        self._subscribers.add(sub)
+        return sub
+
+    async def compact(self) -> int:
+        """Drop change-log entries older than the last ``retain_changes`` revisions; returns the new floor."""
+        floor = self._revision - self.retain_changes
+        if floor <= self._compacted:
+            return self._compacted
+        # The read connection takes SQLite's write lock for this short transaction; the writer simply waits for it
+        # (busy_timeout), so compaction never interleaves with a batch.
+        db = self._db
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await db.execute("DELETE FROM changes WHERE revision <= ?", (floor,))
+            await db.execute("UPDATE meta SET value = ? WHERE key = 'compacted'", (floor,))
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        self._compacted = floor
+        return floor
+
+    async def backup(self, dest: Path) -> None:
+        """Write a consistent copy of the whole database to ``dest`` (SQLite online backup)."""
+        target = await aiosqlite.connect(dest)
+        try:
+            await self._db.backup(target)
+        finally:
+            await target.close()
