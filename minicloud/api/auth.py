@@ -28,7 +28,7 @@ class Principal:
         return f"{self.kind}:{self.key_id or self.name}"
 
 
-PRINCIPAL = "principal"
+PRINCIPAL = web.RequestKey("principal", Principal)
 LOCAL_ROOT = Principal(kind="local", name="root", admin=True)
 
 

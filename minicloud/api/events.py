@@ -9,6 +9,7 @@ message and closes with code 4410: re-list the resources, then resume from the r
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 import msgspec
@@ -67,6 +68,14 @@ async def watch_events(request: web.Request, query: EventsQuery) -> web.WebSocke
     sub = store.subscribe()
     last = store.revision if query.since is None else query.since
 
+    async def read_until_closed() -> None:
+        # The client sends nothing but control frames; reading them is how we notice it went away.
+        async for _ in ws:
+            pass
+        sub.close()
+
+    reader = asyncio.create_task(read_until_closed())
+
     async def send(change: Change) -> None:
         if (kinds is None or change.kind in kinds) and change.project == project:
             message = _event(change)
@@ -97,4 +106,5 @@ async def watch_events(request: web.Request, query: EventsQuery) -> web.WebSocke
         pass
     finally:
         sub.close()
+        reader.cancel()
     return ws

@@ -20,7 +20,7 @@ from minicloud.api.routing import PROBLEM_JSON, SPECS_BY_HANDLER, Action
 
 log = logging.getLogger("minicloud.api")
 _enc = msgspec.json.Encoder()
-REQUEST_ID = "request_id"
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 def problem_response(exc: errors.MinicloudError, request: web.Request) -> web.Response:

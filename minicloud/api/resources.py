@@ -227,8 +227,9 @@ async def write(
     try:
         revision, _ = await store.commit(Txn(ops))
     except TxnFailed as exc:
-        if idem_record is not None and exc.index == len(ops) - 1:
-            # A concurrent request with the same key won the race; answer as it did.
+        if idem_record is not None:
+            # A concurrent request with the same key may have won the race (its change conflicts with ours, or its
+            # key record does): answer as it did.
             replay = await _replay(request, idem_id, fingerprint)  # type: ignore[arg-type]
             if replay is not None:
                 return replay

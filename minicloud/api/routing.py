@@ -126,6 +126,15 @@ class Routes:
 SPECS_BY_HANDLER: dict[Any, RouteSpec] = {}
 
 
+def undeclared_routes(app: web.Application) -> list[str]:
+    """Routes of ``app`` that were not declared through :class:`Routes` (and so have no authorisation)."""
+    return [
+        f"{r.method} {r.resource.canonical if r.resource else '?'}"
+        for r in app.router.routes()
+        if r.method != "HEAD" and r.handler not in SPECS_BY_HANDLER
+    ]
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=_enc.encode(body), status=status, content_type=JSON, headers=headers)
 
@@ -133,9 +142,11 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 def _explain_validation(exc: msgspec.ValidationError, where: str) -> errors.MinicloudError:
     """Turn msgspec's message ("Expected `int`, got `str` - at `$.limit`") into a problem naming the field."""
     message = str(exc)
-    m = re.search(r" - at `\$(.*)`$", message)
+    m = re.search(r" - at `(key` in `)?\$(.*)`$", message)
     reason = message[: m.start()] if m else message
-    field_path = (m[1].lstrip(".") if m else "") or where
+    if m and m[1]:
+        reason = "a key: " + reason
+    field_path = (m[2].lstrip(".") if m else "") or where
     if reason.startswith("Object contains unknown field"):
         unknown = re.search(r"`([^`]*)`", reason)
         name = (field_path + "." if field_path != where else "") + (unknown[1] if unknown else "")
@@ -182,6 +193,8 @@ async def decode_body(request: web.Request, body_type: type) -> Any:
         raise _explain_validation(exc, "body") from None
     except msgspec.DecodeError as exc:
         raise errors.BadRequest(f"the body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise errors.BadRequest(f"the body is not valid UTF-8 (byte {exc.start}); send JSON encoded as UTF-8") from None
 
 
 def decode_query(request: web.Request, query_type: type) -> Any:

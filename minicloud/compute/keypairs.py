@@ -12,6 +12,7 @@ import binascii
 import hashlib
 from dataclasses import dataclass
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -62,7 +63,7 @@ def parse_public_key(text: str) -> ParsedKey:
         raise _invalid(f"the key data does not hold a {key_type} key")
     try:
         key = serialization.load_ssh_public_key(f"{key_type} {b64}".encode())
-    except (ValueError, TypeError, serialization.UnsupportedAlgorithm) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise _invalid(f"the key data is corrupt ({exc})") from None
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
         raise _invalid(f"RSA keys must have at least {MIN_RSA_BITS} bits (this one has {key.key_size})")

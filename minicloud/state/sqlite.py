@@ -370,8 +370,8 @@ class SQLiteStore:
             where.append("name = ?")
             params.append(name)
         for key, value in (labels or {}).items():
-            where.append("json_extract(labels, ?) = ?")
-            params += [f'$."{key}"', value]
+            where.append("EXISTS (SELECT 1 FROM json_each(labels) WHERE json_each.key = ? AND json_each.value = ?)")
+            params += [key, value]
         if after is not None:
             where.append("(name, id) > (?, ?)")
             params += list(after)

@@ -1,0 +1,115 @@
+"""Real agents as subprocesses, each with its own data directory, socket and HTTPS port, driven through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from minicloud.client import Client
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Agent:
+    """One `minicloud agent` process. ``cli(...)`` runs the shell client against it, as a user would."""
+
+    def __init__(self, root: Path, *, listen: str = "127.0.0.1:0", extra_env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.data_dir = root / "data"
+        self.socket = root / "run" / "minicloud.sock"
+        self.listen = listen
+        self.log = root / "agent.log"
+        self.config = root / "minicloud.toml"
+        root.mkdir(parents=True, exist_ok=True)
+        if not self.config.exists():
+            self.config.write_text("# empty: defaults, overridden by flags\n")
+        self.env = {
+            **os.environ,
+            "MINICLOUD_CONFIG": str(self.config),
+            "XDG_CONFIG_HOME": str(root / "client-config"),
+            "PYTHONUNBUFFERED": "1",
+            **(extra_env or {}),
+        }
+        self.env.pop("MINICLOUD_SOCKET", None)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.info: dict[str, object] = {}
+
+    def start(self, timeout: float = 30) -> Agent:
+        state = self.data_dir / "agent.json"
+        state.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "minicloud", "agent", "--data-dir", str(self.data_dir), "--listen", self.listen]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [*cmd[:3], "--socket", str(self.socket), *cmd[3:]],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=REPO,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                info = json.loads(state.read_text())
+                if info["pid"] == self.proc.pid:
+                    self.info = info
+                    return self
+            except (FileNotFoundError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"agent did not become ready:\n{self.log.read_text()[-3000:]}")
+
+    @property
+    def https(self) -> str:
+        return f"https://{self.info['https']}"
+
+    def client(self) -> Client:
+        return Client.local(str(self.socket))
+
+    def https_client(self, token: str | None) -> Client:
+        return Client(url=self.https, token=token, ca_pem=(self.data_dir / "pki" / "ca.crt").read_text())
+
+    def cli(
+        self, *args: str, input: str | None = None, check: bool = False, socket: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "minicloud"] + (["--socket", str(self.socket)] if socket else []) + list(args)
+        result = subprocess.run(cmd, capture_output=True, text=True, input=input, env=self.env, timeout=120, cwd=REPO)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def json(self, *args: str) -> object:
+        return json.loads(self.cli("-o", "json", *args, check=True).stdout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def agent(tmp_path_factory) -> Agent:
+    """One agent shared by the tests of a worker that only add uniquely named resources."""
+    a = Agent(tmp_path_factory.mktemp("agent")).start()
+    yield a
+    a.stop()
+
+
+@pytest.fixture
+def fresh_agent(tmp_path) -> Agent:
+    a = Agent(tmp_path / "node").start()
+    yield a
+    if a.proc and a.proc.poll() is None:
+        a.kill()

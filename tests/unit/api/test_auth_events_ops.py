@@ -1,0 +1,213 @@
+"""Authentication, the events stream, operations, the OpenAPI document and route declarations."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import msgspec
+import pytest
+from aiohttp import WSMsgType, web
+
+from minicloud.api.keys import STORE
+from minicloud.api.openapi import app_specs
+from minicloud.api.app import create_app
+from minicloud.api.routing import PUBLIC, Action, Routes, undeclared_routes
+from minicloud.iam import apikeys
+from minicloud.state import Create, Txn, Update
+from tests.conftest import make_ssh_key
+from tests.unit.api.conftest import FakeHost, make_config, start_api
+from tests.unit.api.test_conventions import problem
+
+# -- authentication ------------------------------------------------------------------------------------------------
+
+
+async def test_anonymous_requests_to_protected_routes_get_401_with_a_challenge(api):
+    resp = await api.get("/v1/keypairs", anon=True)
+    p = await problem(resp, 401)
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert "Bearer" in p["detail"]
+
+
+@pytest.mark.parametrize("header", ["Basic dXNlcjpwYXNz", "Bearer", "Bearer nonsense", "Bearer mc_abc.def"])
+async def test_malformed_or_unknown_credentials_get_401(api, header):
+    await problem(await api.get("/v1/keypairs", headers={"Authorization": header}), 401)
+
+
+async def test_public_routes_need_no_credentials(api):
+    for path in ("/healthz", "/readyz", "/v1/version", "/v1/ca", "/v1/openapi.json"):
+        assert (await api.get(path, anon=True)).status == 200, path
+
+
+async def test_a_tampered_key_is_refused(api):
+    tampered = api.token[:-2] + ("AA" if not api.token.endswith("AA") else "BB")
+    await problem(await api.get("/v1/keypairs", headers={"Authorization": f"Bearer {tampered}"}), 401)
+
+
+async def test_expired_and_revoked_keys_are_refused(api):
+    store = api.app[STORE]
+    record, token = apikeys.new_key("default", "short", "", 60, {})
+    await store.commit(Txn([Create(record)]))
+    auth = {"Authorization": f"Bearer {token}"}
+    assert (await api.get("/v1/keypairs", headers=auth)).status == 200
+    past = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)).isoformat().replace("+00:00", "Z")
+    current = await store.get("apikey", record.id)
+    await store.commit(Txn([Update(msgspec.structs.replace(current, spec={**current.spec, "expires_at": past}))]))
+    p = await problem(await api.get("/v1/keypairs", headers=auth), 401)
+    assert "expired" in p["detail"]
+    assert (await api.delete(f"/v1/apikeys/{record.id}")).status == 204
+    p = await problem(await api.get("/v1/keypairs", headers=auth), 401)
+    assert "revoked" in p["detail"]
+
+
+async def test_api_key_secrets_are_shown_once_and_never_listed(api):
+    created = await (await api.post("/v1/apikeys", json={"name": "ci"})).json()
+    assert created["secret"].startswith("mc_")
+    shown = await (await api.get("/v1/apikeys/ci")).text()
+    listed = await (await api.get("/v1/apikeys")).text()
+    secret_part = created["secret"].split(".", 1)[1]
+    assert secret_part not in shown and secret_part not in listed and "hash" not in listed
+    assert (await api.get("/v1/keypairs", headers={"Authorization": f"Bearer {created['secret']}"})).status == 200
+
+
+# -- route declarations and OpenAPI -------------------------------------------------------------------------------
+
+
+async def test_every_route_declares_its_authorisation(api):
+    assert undeclared_routes(api.app) == []
+    for spec in app_specs(api.app):
+        assert spec.auth == PUBLIC or (isinstance(spec.auth, Action) and spec.auth.name.count(":") >= 1)
+
+
+async def test_a_route_added_without_a_declaration_is_detected(tmp_path):
+    app = create_app(make_config(tmp_path), host=FakeHost())
+
+    async def sneaky(request):
+        return web.Response()
+
+    app.router.add_get("/v1/sneaky", sneaky)
+    assert undeclared_routes(app) == ["GET /v1/sneaky"]
+
+
+async def test_openapi_document_lists_every_route_with_its_schemas(api):
+    doc = await (await api.get("/v1/openapi.json", anon=True)).json()
+    assert doc["openapi"].startswith("3.1")
+    for spec in app_specs(api.app):
+        op = doc["paths"][spec.path][spec.method.lower()]
+        assert op["summary"]
+        if isinstance(spec.auth, Action):
+            assert op["x-minicloud-action"] == spec.auth.name
+    create = doc["paths"]["/v1/keypairs"]["post"]
+    ref = create["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    schema = doc["components"]["schemas"][ref]
+    assert set(schema["required"]) == {"name", "public_key"}
+    assert schema["properties"]["name"]["pattern"]
+    params = {p["name"] for p in doc["paths"]["/v1/keypairs"]["get"]["parameters"]}
+    assert {"limit", "cursor", "name", "label"} <= params
+
+
+async def test_unexpected_errors_are_500_problems_without_internals(tmp_path, caplog):
+    boom = Routes("test")
+
+    @boom.get("/v1/boom", auth=PUBLIC)
+    async def explode(request):
+        """Fail."""
+        raise ZeroDivisionError("secret internals")
+
+    a = await start_api(make_config(tmp_path), extra_routes=[boom])
+    try:
+        resp = await a.get("/v1/boom")
+        p = await problem(resp, 500)
+        assert "secret internals" not in await resp.text()
+        assert p["request_id"] in p["detail"]
+        assert any(getattr(r, "request_id", None) == p["request_id"] for r in caplog.records)
+    finally:
+        await a.client.close()
+
+
+# -- events --------------------------------------------------------------------------------------------------------
+
+
+async def _next_event(ws, timeout=5):
+    msg = await asyncio.wait_for(ws.receive(), timeout)
+    assert msg.type == WSMsgType.TEXT, msg
+    return msg.json()
+
+
+async def test_events_stream_live_changes(api):
+    ws = await api.ws("/v1/events?kind=keypair")
+    await api.post("/v1/keypairs", json={"name": "live", "public_key": make_ssh_key()})
+    await api.delete("/v1/keypairs/live")
+    created, deleted = await _next_event(ws), await _next_event(ws)
+    assert (created["type"], created["kind"], created["object"]["name"]) == ("created", "keypair", "live")
+    assert deleted["type"] == "deleted" and deleted["revision"] > created["revision"]
+    await ws.close()
+
+
+async def test_events_resume_from_a_revision_without_gaps_or_duplicates(api):
+    for i in range(5):
+        await api.post("/v1/keypairs", json={"name": f"e{i}", "public_key": make_ssh_key()})
+    ws = await api.ws("/v1/events?since=0&kind=keypair")
+    replayed = [await _next_event(ws) for _ in range(5)]
+    await api.post("/v1/keypairs", json={"name": "after", "public_key": make_ssh_key()})
+    live = await _next_event(ws)
+    revisions = [e["revision"] for e in replayed] + [live["revision"]]
+    assert revisions == sorted(set(revisions))
+    assert [e["object"]["name"] for e in replayed] == [f"e{i}" for i in range(5)]
+    assert live["object"]["name"] == "after"
+    await ws.close()
+
+
+async def test_events_never_carry_internal_records(api):
+    ws = await api.ws("/v1/events?since=0")
+    await api.post("/v1/apikeys", json={"name": "hidden"}, headers={"Idempotency-Key": "x"})
+    event = await _next_event(ws)
+    assert event["kind"] == "apikey"
+    assert "hash" not in str(event) and "secret" not in event["object"]
+    await ws.close()
+
+
+async def test_events_from_compacted_history_say_so(tmp_path):
+    a = await start_api(make_config(tmp_path, retain_changes=1000))
+    try:
+        store = a.app[STORE]
+        store.retain_changes = 2
+        for i in range(6):
+            await a.post("/v1/keypairs", json={"name": f"c{i}", "public_key": make_ssh_key()})
+        await store.compact()
+        ws = await a.ws("/v1/events?since=1")
+        msg = await _next_event(ws)
+        assert msg["type"] == "error" and msg["problem"]["status"] == 410
+        closing = await ws.receive()
+        assert closing.type in (WSMsgType.CLOSE, WSMsgType.CLOSED) and ws.close_code == 4410
+    finally:
+        await a.client.close()
+
+
+async def test_events_reject_unknown_kinds(api):
+    p = await problem(await api.get("/v1/events?kind=nope"), 422)
+    assert "keypair" in p["detail"]
+
+
+# -- operations ----------------------------------------------------------------------------------------------------
+
+
+async def test_backup_runs_as_an_operation_that_can_be_waited_on(api):
+    resp = await api.post("/v1/admin/backups")
+    assert resp.status == 202
+    op = await resp.json()
+    assert op["state"] in ("running", "succeeded") and resp.headers["Location"] == f"/v1/operations/{op['id']}"
+    done = await (await api.get(f"/v1/operations/{op['id']}?wait=10")).json()
+    assert done["state"] == "succeeded", done
+    assert done["result"]["sha256"] and done["result"]["revision"] >= 1
+    file = await api.get(f"/v1/admin/backups/{done['result']['name']}")
+    assert file.status == 200 and (await file.read()).startswith(b"SQLite format 3")
+    await problem(await api.get("/v1/admin/backups/..%2Fstate.db"), 404)
+    listed = await (await api.get("/v1/operations?state=succeeded")).json()
+    assert [o["id"] for o in listed["items"]] == [op["id"]]
+    assert (await api.delete(f"/v1/operations/{op['id']}")).status == 204
+
+
+async def test_operation_wait_is_bounded(api):
+    p = await problem(await api.get("/v1/operations/op-x?wait=100000"), 422)
+    assert p["invalid_params"][0]["name"] == "wait"
