@@ -9,9 +9,9 @@ import msgspec
 import pytest
 from aiohttp import WSMsgType, web
 
+from minicloud.api.app import create_app
 from minicloud.api.keys import STORE
 from minicloud.api.openapi import app_specs
-from minicloud.api.app import create_app
 from minicloud.api.routing import PUBLIC, Action, Routes, undeclared_routes
 from minicloud.iam import apikeys
 from minicloud.state import Create, Txn, Update
@@ -128,8 +128,8 @@ async def test_unexpected_errors_are_500_problems_without_internals(tmp_path, ca
 # -- events --------------------------------------------------------------------------------------------------------
 
 
-async def _next_event(ws, timeout=5):
-    msg = await asyncio.wait_for(ws.receive(), timeout)
+async def _next_event(ws, seconds=5):
+    msg = await asyncio.wait_for(ws.receive(), seconds)
     assert msg.type == WSMsgType.TEXT, msg
     return msg.json()
 

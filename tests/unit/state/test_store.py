@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 
 import msgspec
@@ -214,10 +215,8 @@ async def test_apply_is_deterministic_given_the_same_transactions(tmp_path):
         s = SQLiteStore(tmp_path / f"replica{n}.db")
         await s.open()
         for t in txns:
-            try:
+            with contextlib.suppress(TxnFailed):
                 await s.commit(t)
-            except TxnFailed:
-                pass
         dumps.append(await _dump(s))
         await s.close()
     assert dumps[0] == dumps[1]
