@@ -12,6 +12,7 @@ from aiohttp import web
 
 from minicloud import ids
 from minicloud.api import admin, apikeys, events, keypairs, openapi, operations, system
+from minicloud.api.auth import KEY_CACHE, KeyCache
 from minicloud.api.keys import CONFIG, HOST, OPERATIONS, PKI, STORE
 from minicloud.api.middleware import auth_middleware, problem_middleware
 from minicloud.api.resources import IDEMPOTENCY_KIND
@@ -64,6 +65,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     store: Store = SQLiteStore(config.data_path / "state.db", retain_changes=config.api.retain_changes)
     await store.open()
     app[STORE] = store
+    app[KEY_CACHE] = KeyCache(store)
     log.info("store open", extra={"path": str(config.data_path / "state.db"), "revision": store.revision})
     yield
     await store.close()

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from minicloud import errors
-from minicloud.api.keys import STORE
 from minicloud.iam import apikeys
+from minicloud.state import Change, Record, Store
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,37 @@ class Principal:
 
 
 PRINCIPAL = web.RequestKey("principal", Principal)
+
+
+class KeyCache:
+    """API key records by id, so that authenticating a request costs no store read. Entries are dropped by a store
+    commit hook in the same step that commits a change to the key, so a revoked key is refused from the moment its
+    deletion is acknowledged. The secret is still verified against the hash on every request."""
+
+    def __init__(self, store: Store, max_entries: int = 10_000) -> None:
+        self._store = store
+        self._records: dict[str, Record | None] = {}
+        self._max = max_entries
+        store.add_commit_hook(self._invalidate)
+
+    def _invalidate(self, changes: list[Change]) -> None:
+        for change in changes:
+            if change.kind == apikeys.KIND:
+                self._records.pop(change.id, None)
+
+    async def get(self, key_id: str) -> Record | None:
+        if key_id in self._records:
+            return self._records[key_id]
+        record = await self._store.get(apikeys.KIND, key_id)
+        # Cache only records that exist: unknown ids are attacker-chosen and must not fill memory.
+        if record is not None:
+            if len(self._records) >= self._max:
+                self._records.clear()
+            self._records[key_id] = record
+        return record
+
+
+KEY_CACHE = web.AppKey("key_cache", KeyCache)
 LOCAL_ROOT = Principal(kind="local", name="root", admin=True)
 
 
@@ -50,7 +81,7 @@ async def authenticate(request: web.Request, *, unix: bool) -> Principal | None:
         raise _unauthenticated("the Authorization header must be 'Bearer <api key>'")
     token = token.strip()
     key_id = apikeys.key_id_of(token)
-    record = await request.app[STORE].get(apikeys.KIND, key_id) if key_id else None
+    record = await request.app[KEY_CACHE].get(key_id) if key_id else None
     if record is None:
         raise _unauthenticated("the API key is not valid (unknown or revoked)")
     reason = apikeys.verify(record, token)

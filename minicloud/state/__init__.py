@@ -7,6 +7,7 @@ interface, so callers never change.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -63,6 +64,8 @@ class Store(Protocol):
     async def changes(self, since: int, *, until: int | None = None, limit: int = 1000) -> list[Change]: ...
 
     def subscribe(self, *, max_pending: int = 10_000) -> Subscription: ...
+
+    def add_commit_hook(self, hook: Callable[[list[Change]], None]) -> None: ...
 
     async def compact(self) -> int: ...
 

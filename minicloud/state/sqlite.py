@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +214,7 @@ class SQLiteStore:
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._subscribers: set[Subscription] = set()
+        self._commit_hooks: list[Callable[[list[Change]], None]] = []
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
@@ -321,6 +322,9 @@ class SQLiteStore:
                 raise
             return
         self._revision = revision
+        if published:
+            for hook in self._commit_hooks:
+                hook(published)
         for fut, outcome in outcomes:
             if fut.done():
                 continue
@@ -399,6 +403,11 @@ class SQLiteStore:
             Change(revision=r[0], type=r[1], kind=r[2], id=r[3], project=r[4], record=_dec_record.decode(r[5]))
             for r in rows
         ]
+
+    def add_commit_hook(self, hook: Callable[[list[Change]], None]) -> None:
+        """Call ``hook(changes)`` synchronously after every commit, before any writer's ``commit()`` returns. For
+        in-memory caches that must never serve a value older than an acknowledged write. Hooks must not block."""
+        self._commit_hooks.append(hook)
 
     def subscribe(self, *, max_pending: int = 10_000) -> Subscription:
         """Start receiving every change committed from now on. Call ``close()`` when done."""
