@@ -23,6 +23,7 @@ from typing import Any
 import aiosqlite
 import msgspec
 
+from minicloud.state.cache import RecordCache
 from minicloud.state.migrations import migrate
 from minicloud.state.records import Change, Create, Delete, Record, Txn, TxnFailed, Update
 
@@ -215,6 +216,7 @@ class SQLiteStore:
         self._writer: asyncio.Task[None] | None = None
         self._subscribers: set[Subscription] = set()
         self._commit_hooks: list[Callable[[list[Change]], None]] = []
+        self._cache = RecordCache()
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
@@ -323,6 +325,7 @@ class SQLiteStore:
             return
         self._revision = revision
         if published:
+            self._cache.apply(published)
             for hook in self._commit_hooks:
                 hook(published)
         for fut, outcome in outcomes:
@@ -343,17 +346,33 @@ class SQLiteStore:
         return self._rdb
 
     async def get(self, kind: str, id_: str) -> Record | None:
+        cached = self._cache.by_id(id_)
+        if cached is not None:
+            return cached if cached.kind == kind else None
+        revision = self._revision
         async with self._db.execute(f"SELECT {_COLUMNS} FROM records WHERE id = ? AND kind = ?", (id_, kind)) as cur:
             row = await cur.fetchone()
-        return _row_to_record(row) if row else None
+        return self._remember(row, revision)
+
+    def _remember(self, row: Any, revision: int) -> Record | None:
+        if row is None:
+            return None
+        record = _row_to_record(row)
+        if revision == self._revision:  # nothing committed while we read: the row is current
+            self._cache.put(record)
+        return record
 
     async def get_by_name(self, kind: str, project: str, name: str) -> Record | None:
+        cached = self._cache.by_name(kind, project, name)
+        if cached is not None:
+            return cached
+        revision = self._revision
         async with self._db.execute(
             f"SELECT {_COLUMNS} FROM records WHERE kind = ? AND project = ? AND name = ?",
             (kind, project, name),
         ) as cur:
             row = await cur.fetchone()
-        return _row_to_record(row) if row else None
+        return self._remember(row, revision)
 
     async def list(
         self,

@@ -232,3 +232,32 @@ async def test_closed_store_refuses_writes_but_finishes_queued_ones(tmp_path):
     assert all(p.done() and not p.exception() for p in pending)
     with pytest.raises(RuntimeError):
         await s.commit(Txn([Create(rec("late"))]))
+
+
+async def test_point_reads_never_return_a_record_older_than_an_acknowledged_write(store):
+    r = rec("cached", size=1)
+    await store.commit(Txn([Create(r)]))
+    assert (await store.get("thing", r.id)).spec == {"size": 1}  # now cached
+    current = await store.get_by_name("thing", "p", "cached")
+    renamed = msgspec.structs.replace(current, name="renamed", spec={"size": 2})
+    await store.commit(Txn([Update(renamed)]))
+    assert (await store.get("thing", r.id)).spec == {"size": 2}
+    assert await store.get_by_name("thing", "p", "cached") is None
+    assert (await store.get_by_name("thing", "p", "renamed")).spec == {"size": 2}
+    assert await store.get("other-kind", r.id) is None
+    await store.commit(Txn([Delete(kind="thing", id=r.id)]))
+    assert await store.get("thing", r.id) is None
+    assert await store.get_by_name("thing", "p", "renamed") is None
+
+
+def test_record_cache_evicts_least_recently_used():
+    from minicloud.state.cache import RecordCache
+
+    cache = RecordCache(max_entries=2)
+    a, b, c = rec("a"), rec("b"), rec("c")
+    cache.put(a)
+    cache.put(b)
+    assert cache.by_id(a.id) is a  # a is now the most recent
+    cache.put(c)
+    assert cache.by_id(b.id) is None and cache.by_name("thing", "p", "b") is None
+    assert cache.by_id(a.id) is a and cache.by_id(c.id) is c and len(cache) == 2
