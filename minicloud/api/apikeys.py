@@ -44,11 +44,4 @@ async def show_apikey(request: web.Request) -> Reply:
 @routes.delete("/v1/apikeys/{ref}", status=204, auth=Action("iam:apikeys:delete"))
 async def delete_apikey(request: web.Request) -> Reply:
     """Revoke (delete) an API key; requests using it fail from now on."""
-    record = await res.resolve(request, KIND)
-    return await res.write(
-        request,
-        [res.delete_op(record, res.if_match(request))],
-        status=204,
-        kind_name=KIND.name,
-        respond=lambda rev: None,
-    )
+    return await res.delete(request, KIND)

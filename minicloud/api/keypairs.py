@@ -5,12 +5,11 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from minicloud import ids
 from minicloud.api import resources as res
 from minicloud.api.routing import Action, Reply, Routes
 from minicloud.compute.keypairs import parse_public_key
 from minicloud.model import KeyPair, KeyPairCreate, KeyPairUpdate, Page
-from minicloud.state import Record, Update
+from minicloud.state import Record
 
 routes = Routes("keypairs")
 
@@ -18,13 +17,7 @@ routes = Routes("keypairs")
 def view(r: Record) -> KeyPair:
     s = r.spec
     return KeyPair(
-        id=r.id,
-        name=r.name,
-        project=r.project,
-        labels=r.labels,
-        revision=r.revision,
-        created_at=r.created_at,
-        updated_at=r.updated_at,
+        **r.common_fields(),
         type=s["type"],
         fingerprint=s["fingerprint"],
         public_key=s["public_key"],
@@ -79,31 +72,18 @@ async def show_keypair(request: web.Request) -> Reply:
 @routes.patch("/v1/keypairs/{ref}", body=KeyPairUpdate, response=KeyPair, auth=Action("compute:keypairs:update"))
 async def update_keypair(request: web.Request, body: KeyPairUpdate) -> Reply:
     """Change a key pair's description or labels (JSON merge patch; honours If-Match)."""
-    record = await res.resolve(request, KIND)
-    expect = res.if_match(request)
-    spec = dict(record.spec)
-    if body.description is not msgspec.UNSET:
-        spec["description"] = body.description
-    labels = record.labels if body.labels is msgspec.UNSET else body.labels
-    updated = msgspec.structs.replace(record, spec=spec, labels=labels, updated_at=ids.now())
-    return await res.write(
-        request,
-        [Update(updated, expect_revision=expect if expect is not None else record.revision)],
-        status=200,
-        kind_name=KIND.name,
-        respond=lambda rev: view(msgspec.structs.replace(updated, revision=rev)),
-        headers=res.etag,
-    )
+
+    def mutate(record: Record) -> Record:
+        spec = dict(record.spec)
+        if body.description is not msgspec.UNSET:
+            spec["description"] = body.description
+        labels = record.labels if body.labels is msgspec.UNSET else body.labels
+        return msgspec.structs.replace(record, spec=spec, labels=labels)
+
+    return await res.update(request, KIND, mutate)
 
 
 @routes.delete("/v1/keypairs/{ref}", status=204, auth=Action("compute:keypairs:delete"))
 async def delete_keypair(request: web.Request) -> Reply:
     """Delete a key pair (honours If-Match)."""
-    record = await res.resolve(request, KIND)
-    return await res.write(
-        request,
-        [res.delete_op(record, res.if_match(request))],
-        status=204,
-        kind_name=KIND.name,
-        respond=lambda rev: None,
-    )
+    return await res.delete(request, KIND)

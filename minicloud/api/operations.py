@@ -22,13 +22,7 @@ def view(r: Record) -> Operation:
     st = r.status
     error = st.get("error")
     return Operation(
-        id=r.id,
-        name=r.name,
-        project=r.project,
-        labels=r.labels,
-        revision=r.revision,
-        created_at=r.created_at,
-        updated_at=r.updated_at,
+        **r.common_fields(),
         action=r.spec["action"],
         target=r.spec.get("target", {}),
         node=r.spec.get("node", ""),
@@ -77,10 +71,4 @@ async def delete_operation(request: web.Request) -> Reply:
     record = await res.resolve(request, KIND)
     if record.status.get("state") == "running":
         raise errors.Conflict(f"operation {record.id} is still running; wait for it to finish before deleting it")
-    return await res.write(
-        request,
-        [res.delete_op(record, res.if_match(request))],
-        status=204,
-        kind_name=KIND.name,
-        respond=lambda rev: None,
-    )
+    return await res.delete(request, KIND, record)

@@ -26,7 +26,7 @@ from minicloud.api.auth import principal_of
 from minicloud.api.keys import CONFIG, STORE
 from minicloud.api.routing import Reply
 from minicloud.model import LABEL_KEY_PATTERN, Page
-from minicloud.state import Create, Delete, Op, Record, Txn, TxnFailed
+from minicloud.state import Create, Delete, Op, Record, Txn, TxnFailed, Update
 
 DEFAULT_PROJECT = "default"
 IDEMPOTENCY_KIND = "idempotency"
@@ -260,6 +260,44 @@ async def _replay(request: web.Request, idem_id: str, fingerprint: str) -> Reply
 
 def delete_op(record: Record, expect: int | None) -> Delete:
     return Delete(kind=record.kind, id=record.id, expect_revision=expect if expect is not None else record.revision)
+
+
+async def delete(request: web.Request, kind: Kind, record: Record | None = None) -> Reply:
+    """``DELETE /v1/<plural>/{ref}``: remove the record (``If-Match`` honoured); 204."""
+    record = record if record is not None else await resolve(request, kind)
+    return await write(
+        request, [delete_op(record, if_match(request))], status=204, kind_name=kind.name, respond=lambda rev: None
+    )
+
+
+_UPDATE_ATTEMPTS = 5
+
+
+async def update(request: web.Request, kind: Kind, mutate: Callable[[Record], Record]) -> Reply:
+    """``PATCH``-style read-modify-write of the ``{ref}`` record with ``mutate(record) -> record``.
+
+    With ``If-Match`` the write is conditional on that revision (412 if stale). Without it, a concurrent change is
+    not lost either: the write is a compare-and-swap on the revision just read, retried on a fresh read.
+    """
+    expect = if_match(request)
+    for attempt in range(_UPDATE_ATTEMPTS):
+        record = await resolve(request, kind)
+        updated = msgspec.structs.replace(mutate(record), updated_at=ids.now())
+        try:
+            return await write(
+                request,
+                [Update(updated, expect_revision=expect if expect is not None else record.revision)],
+                status=200,
+                kind_name=kind.name,
+                respond=lambda rev, u=updated: kind.view(msgspec.structs.replace(u, revision=rev)),
+                headers=etag,
+            )
+        except errors.PreconditionFailed:
+            if expect is not None:
+                raise
+            if attempt == _UPDATE_ATTEMPTS - 1:
+                raise errors.Conflict(f"the {kind.name} kept changing while this request ran; retry it") from None
+    raise AssertionError("unreachable")
 
 
 def etag(revision: int) -> dict[str, str]:

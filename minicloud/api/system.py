@@ -10,7 +10,6 @@ from minicloud.api.routing import PUBLIC, Action, Reply, Routes, json_response
 from minicloud.model import CACertificate, Health, Node, Version
 
 routes = Routes("system")
-WRITER_ALIVE = web.AppKey("writer_alive", object)
 
 
 @routes.get("/healthz", response=Health, auth=PUBLIC)
@@ -29,9 +28,7 @@ async def readyz(request: web.Request) -> Reply:
         checks["store"] = "ok"
     except Exception as exc:  # readiness reports, it does not raise
         checks["store"] = f"failing: {exc}"
-    writer = getattr(store, "_writer", None)
-    if writer is not None and writer.done():
-        checks["store_writer"] = "stopped"
+    checks["store_writer"] = "ok" if store.writable else "stopped"
     ok = all(v == "ok" for v in checks.values())
     return Reply(Health(status="ok" if ok else "unavailable", checks=checks), status=200 if ok else 503)
 

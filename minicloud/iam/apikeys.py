@@ -81,13 +81,7 @@ def verify(record: Record, token: str, now: _dt.datetime | None = None) -> str |
 def view(record: Record) -> ApiKey:
     s = record.spec
     return ApiKey(
-        id=record.id,
-        name=record.name,
-        project=record.project,
-        labels=record.labels,
-        revision=record.revision,
-        created_at=record.created_at,
-        updated_at=record.updated_at,
+        **record.common_fields(),
         description=s.get("description", ""),
         prefix=s["prefix"],
         expires_at=s.get("expires_at"),

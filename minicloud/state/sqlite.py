@@ -266,6 +266,11 @@ class SQLiteStore:
         """The revision of the last durable transaction."""
         return self._revision
 
+    @property
+    def writable(self) -> bool:
+        """True while the writer task runs (it stops only on close or an unrecoverable error)."""
+        return self._writer is not None and not self._writer.done() and not self._closed
+
     async def commit(self, txn: Txn) -> tuple[int, list[Change]]:
         """Apply ``txn`` durably; return its revision and changes. Raises :class:`TxnFailed` when a condition fails
         (nothing written). Safe to call from many tasks at once; callers' transactions are group-committed."""
