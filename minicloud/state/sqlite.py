@@ -211,7 +211,8 @@ class SQLiteStore:
         self._rdb: aiosqlite.Connection | None = None
         self._revision = 0
         self._compacted = 0
-        self._pending: list[tuple[Txn, asyncio.Future[tuple[int, list[Change]]]]] = []
+        self._pending: list[tuple[Txn, int | None, asyncio.Future[tuple[int, list[Change]]]]] = []
+        self._write_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._subscribers: set[Subscription] = set()
@@ -274,10 +275,18 @@ class SQLiteStore:
     async def commit(self, txn: Txn) -> tuple[int, list[Change]]:
         """Apply ``txn`` durably; return its revision and changes. Raises :class:`TxnFailed` when a condition fails
         (nothing written). Safe to call from many tasks at once; callers' transactions are group-committed."""
+        return await self._enqueue(txn, None)
+
+    async def commit_at(self, txn: Txn, revision: int) -> tuple[int, list[Change]]:
+        """Apply ``txn`` at the given ``revision`` (a replica applying the cluster's log): it must be newer than
+        every revision applied so far. Same atomicity, durability, hooks and events as :meth:`commit`."""
+        return await self._enqueue(txn, revision)
+
+    async def _enqueue(self, txn: Txn, revision: int | None) -> tuple[int, list[Change]]:
         if self._closed:
             raise RuntimeError("the store is closed")
         fut: asyncio.Future[tuple[int, list[Change]]] = asyncio.get_running_loop().create_future()
-        self._pending.append((txn, fut))
+        self._pending.append((txn, revision, fut))
         self._wake.set()
         return await fut
 
@@ -291,7 +300,13 @@ class SQLiteStore:
             if self._closed:
                 return
 
-    async def _write_batch(self, batch: list[tuple[Txn, asyncio.Future[tuple[int, list[Change]]]]]) -> None:
+    async def _write_batch(self, batch: list[tuple[Txn, int | None, asyncio.Future[tuple[int, list[Change]]]]]) -> None:
+        async with self._write_lock:
+            await self._write_batch_locked(batch)
+
+    async def _write_batch_locked(
+        self, batch: list[tuple[Txn, int | None, asyncio.Future[tuple[int, list[Change]]]]]
+    ) -> None:
         db = self._wdb
         assert db is not None
         revision = self._revision
@@ -299,13 +314,17 @@ class SQLiteStore:
         published: list[Change] = []
         try:
             await db.execute("BEGIN IMMEDIATE")
-            for txn, fut in batch:
+            for txn, at, fut in batch:
+                target = revision + 1 if at is None else at
+                if target <= revision:
+                    outcomes.append((fut, ValueError(f"revision {target} is not after {revision}")))
+                    continue
                 try:
-                    changes = await apply_txn(db, txn, revision + 1)
+                    changes = await apply_txn(db, txn, target)
                 except TxnFailed as exc:
                     outcomes.append((fut, exc))
                     continue
-                revision += 1
+                revision = target
                 outcomes.append((fut, (revision, changes)))
                 published.extend(changes)
             if published:
@@ -322,7 +341,7 @@ class SQLiteStore:
             with contextlib.suppress(Exception):
                 await db.execute("ROLLBACK")
             log.error("store write failed", exc_info=exc)
-            for _, fut in batch:
+            for _, _, fut in batch:
                 if not fut.done():
                     fut.set_exception(RuntimeError(f"the state database could not be written: {exc}"))
             if not isinstance(exc, Exception):
@@ -444,19 +463,55 @@ class SQLiteStore:
         floor = self._revision - self.retain_changes
         if floor <= self._compacted:
             return self._compacted
-        # The read connection takes SQLite's write lock for this short transaction; the writer simply waits for it
-        # (busy_timeout), so compaction never interleaves with a batch.
-        db = self._db
+        async with self._write_lock:
+            await self._in_transaction(
+                ("DELETE FROM changes WHERE revision <= ?", (floor,)),
+                ("UPDATE meta SET value = ? WHERE key = 'compacted'", (floor,)),
+            )
+        self._compacted = floor
+        return floor
+
+    async def _in_transaction(self, *statements: tuple[str, tuple[Any, ...]]) -> None:
+        db = self._wdb
+        assert db is not None
         await db.execute("BEGIN IMMEDIATE")
         try:
-            await db.execute("DELETE FROM changes WHERE revision <= ?", (floor,))
-            await db.execute("UPDATE meta SET value = ? WHERE key = 'compacted'", (floor,))
+            for sql, params in statements:
+                await db.execute(sql, params)
             await db.execute("COMMIT")
         except BaseException:
             await db.execute("ROLLBACK")
             raise
-        self._compacted = floor
-        return floor
+
+    async def reset(self, records: list[Record], revision: int) -> None:
+        """Replace every record with ``records`` as of ``revision`` (a replica resynchronising from a snapshot of
+        the cluster state). The change log restarts there: older history is reported as compacted."""
+        async with self._write_lock:
+            await self._in_transaction(
+                ("DELETE FROM records", ()),
+                ("DELETE FROM changes", ()),
+                *[
+                    (f"INSERT INTO records ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", _record_params(r, r.revision))
+                    for r in records
+                ],
+                ("UPDATE meta SET value = ? WHERE key = 'revision'", (revision,)),
+                ("UPDATE meta SET value = ? WHERE key = 'compacted'", (revision,)),
+            )
+            self._revision = self._compacted = revision
+            self._cache = RecordCache()
+
+    async def get_meta(self, key: str) -> int | None:
+        """A node-local integer setting kept beside the state (e.g. the cluster backend's revision offset)."""
+        async with self._db.execute("SELECT value FROM meta WHERE key = ?", (f"x.{key}",)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else None
+
+    async def set_meta(self, key: str, value: int) -> None:
+        async with self._write_lock:
+            await self._in_transaction(
+                ("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                 (f"x.{key}", value)),
+            )  # fmt: skip
 
     async def backup(self, dest: Path) -> None:
         """Write a consistent copy of the whole database to ``dest`` (SQLite online backup)."""

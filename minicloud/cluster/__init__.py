@@ -1,0 +1,1 @@
+"""Growing from one node to a cluster: join tokens, node certificates and (later) etcd membership."""
