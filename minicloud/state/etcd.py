@@ -93,7 +93,8 @@ class EtcdStore:
     # -- lifecycle -------------------------------------------------------------------------------------------------
     async def open(self) -> None:
         """Open the replica, read the cluster's revision mapping, catch up, and start following etcd."""
-        await self.replica.open()
+        if not self.replica.is_open:
+            await self.replica.open()
         while True:
             try:
                 kv = await self.client.get(META)

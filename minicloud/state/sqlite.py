@@ -221,8 +221,12 @@ class SQLiteStore:
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
+    @property
+    def is_open(self) -> bool:
+        return self._writer is not None and not self._closed
+
     async def open(self) -> None:
-        """Create or migrate the database and start the writer. Idempotent per instance."""
+        """Create or migrate the database and start the writer."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self._migrate)
         self._wdb = await self._connect()
@@ -327,6 +331,8 @@ class SQLiteStore:
                 revision = target
                 outcomes.append((fut, (revision, changes)))
                 published.extend(changes)
+            if revision != self._revision:
+                await db.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (revision,))
             if published:
                 await db.executemany(
                     "INSERT INTO changes (revision, seq, type, kind, id, project, record) VALUES (?,?,?,?,?,?,?)",
@@ -335,7 +341,6 @@ class SQLiteStore:
                         for seq, c in enumerate(published)
                     ],
                 )
-                await db.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (revision,))
             await db.execute("COMMIT")
         except BaseException as exc:
             with contextlib.suppress(Exception):
