@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import ssl
 from pathlib import Path
 
 from aiohttp import web
@@ -21,7 +20,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from agent import systemd
 from minicloud.api.app import create_app
-from minicloud.api.keys import PKI
+from minicloud.api.keys import PKI, TLS
 from minicloud.config import Config
 
 log = logging.getLogger("minicloud.agent")
@@ -39,13 +38,6 @@ class AccessLogger(AbstractAccessLogger):
                 "request_id": response.headers.get("X-Request-Id", ""),
             },
         )
-
-
-def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    return ctx
 
 
 def _write_state_file(path: Path, data: dict[str, object]) -> None:
@@ -85,10 +77,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         os.chmod(sock_path, 0o600)
         https_address = None
         if (addr := config.listen_address()) is not None:
-            pki = app[PKI]
-            site = web.TCPSite(
-                runner, addr[0], addr[1], ssl_context=server_ssl_context(pki.server_cert, pki.server_key)
-            )
+            site = web.TCPSite(runner, addr[0], addr[1], ssl_context=app[TLS])
             await site.start()
             sockets = site._server.sockets if site._server else []  # the real port when 0 was asked for
             host, port = sockets[0].getsockname()[:2]

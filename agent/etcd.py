@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -81,6 +82,32 @@ class EtcdMember:
         return self.proc is not None and self.proc.returncode is None
 
     async def start(self, timeout: float = 60) -> None:
+        """Start etcd and wait until it answers health checks (needs a quorum)."""
+        await self.spawn()
+        await self.wait_healthy(timeout)
+
+    @property
+    def pid_file(self) -> Path:
+        return self.config.data_dir.parent / "etcd.pid"
+
+    def _kill_orphan(self) -> None:
+        """An agent killed with SIGKILL leaves its etcd running; the next agent takes over by replacing it."""
+        try:
+            pid = int(self.pid_file.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if str(self.config.data_dir).encode() in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                if not Path(f"/proc/{pid}").exists():
+                    break
+                time.sleep(0.05)
+
+    async def spawn(self) -> None:
+        """Start the etcd process without waiting for it (a member of an existing cluster that may lack quorum)."""
+        self._kill_orphan()
         self.config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log = _open_log(self.config.log_file)
         try:
@@ -89,7 +116,7 @@ class EtcdMember:
             )
         finally:
             log.close()
-        await self.wait_healthy(timeout)
+        self.pid_file.write_text(str(self.proc.pid))
 
     async def wait_healthy(self, timeout: float = 60) -> None:
         ctx = client_ssl_context(self.config.ca_file, self.config.cert_file, self.config.key_file)

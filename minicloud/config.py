@@ -55,9 +55,22 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retain_changes: Annotated[int, msgspec.Meta(ge=1000)] = 100_000
 
 
+class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[cluster]``: how this node takes part in a cluster (see `minicloud cluster enable` and `minicloud join`)."""
+
+    #: The address other nodes reach this one on. Default: the ``agent.listen`` host when it is a specific
+    #: address, else the host's first non-loopback IPv4 address.
+    address: str = ""
+    #: etcd's client port (mutual TLS, cluster CA only). Related: ``etcd_peer_port``.
+    etcd_client_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 2379
+    #: etcd's peer port (mutual TLS, cluster CA only).
+    etcd_peer_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 2380
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
     # -- derived -----------------------------------------------------------------------------------------------
     @property
@@ -84,6 +97,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MINICLOUD_LISTEN": ("agent", "listen"),
     "MINICLOUD_NODE_NAME": ("agent", "node_name"),
     "MINICLOUD_LOG_LEVEL": ("agent", "log_level"),
+    "MINICLOUD_CLUSTER_ADDRESS": ("cluster", "address"),
 }
 
 

@@ -6,21 +6,24 @@ import asyncio
 import contextlib
 import datetime as _dt
 import logging
+import ssl
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from minicloud import ids
-from minicloud.api import admin, apikeys, events, keypairs, openapi, operations, system
+from minicloud.api import admin, apikeys, cluster, events, keypairs, openapi, operations, system
 from minicloud.api.auth import KEY_CACHE, KeyCache
-from minicloud.api.keys import CONFIG, HOST, OPERATIONS, PKI, STORE
+from minicloud.api.keys import CLUSTER, CONFIG, HOST, OPERATIONS, PKI, STORE, TLS
 from minicloud.api.middleware import auth_middleware, problem_middleware
 from minicloud.api.resources import IDEMPOTENCY_KIND
 from minicloud.api.routing import set_max_body
+from minicloud.cluster.node import ClusterNode
 from minicloud.config import Config
 from minicloud.operations import Operations
-from minicloud.pki import ensure_node_pki
+from minicloud.pki import NodePKI, ensure_node_pki
 from minicloud.state import Delete, Store, Txn, TxnFailed
+from minicloud.state.handle import StoreHandle
 from minicloud.state.sqlite import SQLiteStore
 
 log = logging.getLogger("minicloud.agent")
@@ -31,6 +34,7 @@ ROUTE_TABLES = [
     events.routes,
     apikeys.routes,
     admin.routes,
+    cluster.routes,
 ]
 HOUSEKEEPING_INTERVAL = 60.0
 
@@ -46,6 +50,7 @@ def create_app(config: Config, *, host: object | None = None) -> web.Application
     set_max_body(app, config.api.max_body_bytes)
     config.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     app[PKI] = ensure_node_pki(config.data_path, config.node_name)
+    app[TLS] = server_ssl_context(app[PKI])
     if host is None:
         from agent.host import HostFacts
 
@@ -55,6 +60,7 @@ def create_app(config: Config, *, host: object | None = None) -> web.Application
     for table in ROUTE_TABLES:
         table.register(app)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_cluster_ctx)
     app.cleanup_ctx.append(_operations_ctx)
     app.cleanup_ctx.append(_housekeeping_ctx)
     return app
@@ -62,13 +68,29 @@ def create_app(config: Config, *, host: object | None = None) -> web.Application
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    store: Store = SQLiteStore(config.data_path / "state.db", retain_changes=config.api.retain_changes)
+    store = StoreHandle(SQLiteStore(config.data_path / "state.db", retain_changes=config.api.retain_changes))
     await store.open()
     app[STORE] = store
     app[KEY_CACHE] = KeyCache(store)
     log.info("store open", extra={"path": str(config.data_path / "state.db"), "revision": store.revision})
     yield
     await store.close()
+
+
+async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
+    node = ClusterNode(app[CONFIG], app[PKI], app[STORE], app[TLS])  # type: ignore[arg-type]
+    app[CLUSTER] = node
+    await node.start()
+    yield
+    await node.close()
+
+
+def server_ssl_context(pki: NodePKI) -> ssl.SSLContext:
+    """TLS for the HTTPS listener. Kept in the app so that joining a cluster can load the new certificate into it."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(pki.server_cert, pki.server_key)
+    return ctx
 
 
 async def _operations_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -18,3 +19,5 @@ STORE = web.AppKey("store", Store)
 PKI = web.AppKey("pki", NodePKI)
 HOST = web.AppKey("host", "HostFacts")
 OPERATIONS = web.AppKey("operations", "Operations")
+CLUSTER = web.AppKey("cluster", "ClusterNode")
+TLS = web.AppKey("tls", ssl.SSLContext)

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from minicloud import errors
 from minicloud.api import auth
+from minicloud.api.keys import STORE
 from minicloud.api.routing import PROBLEM_JSON, SPECS_BY_HANDLER, Action
 
 log = logging.getLogger("minicloud.api")
@@ -77,6 +78,10 @@ async def problem_middleware(request: web.Request, handler: web.RequestHandler) 
         )
     if not response.prepared:
         response.headers["X-Request-Id"] = rid
+        store = request.app.get(STORE)
+        if store is not None and getattr(store, "stale", False):
+            # This node has lost contact with the cluster's quorum: what it serves may be out of date.
+            response.headers["X-Minicloud-Stale"] = "true"
     return response
 
 

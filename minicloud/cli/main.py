@@ -12,11 +12,11 @@ import sys
 from collections.abc import Sequence
 
 from minicloud import __version__
-from minicloud.cli import admin, agent, apikey, completion, config_cmd, keypair, node, operation, remote
+from minicloud.cli import admin, agent, apikey, cluster, completion, config_cmd, keypair, node, operation, remote
 from minicloud.cli.common import CommandError, fail
 from minicloud.client import ApiError, ConnectError
 
-NOUNS = [agent, config_cmd, node, keypair, operation, apikey, remote, admin, completion]
+NOUNS = [agent, config_cmd, node, cluster, keypair, operation, apikey, remote, admin, completion]
 
 
 def build_parser() -> argparse.ArgumentParser:

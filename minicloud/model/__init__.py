@@ -195,3 +195,68 @@ class Event(msgspec.Struct, kw_only=True):
     id: str
     project: str
     object: dict[str, Any]
+
+
+# -- cluster -------------------------------------------------------------------------------------------------------
+NodeName = Annotated[str, Meta(pattern=NAME_PATTERN, description="a node name")]
+
+
+class ClusterMember(msgspec.Struct, kw_only=True):
+    name: str
+    address: str
+    role: str
+    status: Literal["online", "offline"]
+    online_since: str | None = None
+    etcd_member_id: str = ""
+    leader: bool = False
+
+
+class ClusterInfo(msgspec.Struct, kw_only=True):
+    """The cluster as the answering node sees it. ``leader`` holds the cluster-services leadership."""
+
+    enabled: bool
+    node: str
+    leader: str | None = None
+    etcd_leader: str | None = None
+    quorum: bool = True
+    revision: int = 0
+    members: list[ClusterMember] = []
+
+
+class JoinTokenCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    node: NodeName
+    role: Literal["auto", "voter", "learner"] = "auto"
+    ttl: Annotated[int, Meta(ge=60, le=7 * 86400, description="seconds the token stays valid")] = 3600
+
+
+class JoinTokenIssued(msgspec.Struct, kw_only=True):
+    """A one-time join token: give it to `minicloud join` on the new node. Shown only once."""
+
+    token: str
+    node: str
+    expires_at: str
+
+
+class ClusterJoin(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    token: Annotated[str, Meta(min_length=1, max_length=4096)]
+
+
+class JoinRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Sent by a joining node's agent to a cluster member (authenticated by the one-time token)."""
+
+    token: Annotated[str, Meta(max_length=4096)]
+    csr: Annotated[str, Meta(max_length=16384)]
+    node: NodeName
+    client_time: Annotated[str, Meta(max_length=64)]
+    peer_url: Annotated[str, Meta(max_length=256)]
+    client_url: Annotated[str, Meta(max_length=256)]
+    address: Annotated[str, Meta(max_length=256)]
+
+
+class JoinReply(msgspec.Struct, kw_only=True):
+    certificate: str
+    ca_certificate: str
+    ca_key: str
+    initial_cluster: dict[str, str]
+    endpoints: list[str]
+    role: str

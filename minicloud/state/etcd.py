@@ -95,6 +95,19 @@ class EtcdStore:
         """Open the replica, read the cluster's revision mapping, catch up, and start following etcd."""
         if not self.replica.is_open:
             await self.replica.open()
+        offset, base = await self.replica.get_meta("etcd_offset"), await self.replica.get_meta("etcd_base")
+        if offset is not None and base is not None and self.replica.revision >= offset + base:
+            # A restart: the replica knows the mapping and is consistent up to its revision. Serve it at once and
+            # catch up in the background, so a node that cannot reach a quorum still starts and serves stale reads.
+            self.meta = ClusterMeta(offset=offset, base=base)
+        else:
+            kv = await self._read_meta()
+            self.meta = msgspec.json.decode(kv.value, type=ClusterMeta)
+            self._touch()
+            await self._resync()
+        self._watcher = asyncio.create_task(self._follow(), name="etcd-watch")
+
+    async def _read_meta(self) -> KV:
         while True:
             try:
                 kv = await self.client.get(META)
@@ -104,12 +117,7 @@ class EtcdStore:
                 await asyncio.sleep(1)
         if kv is None:
             raise errors.Unavailable("etcd holds no minicloud state; run `minicloud cluster enable` first")
-        self.meta = msgspec.json.decode(kv.value, type=ClusterMeta)
-        self._touch()
-        local = await self.replica.get_meta("etcd_offset")
-        if local != self.meta.offset or self.replica.revision < self.meta.offset + self.meta.base:
-            await self._resync()
-        self._watcher = asyncio.create_task(self._follow(), name="etcd-watch")
+        return kv
 
     async def close(self) -> None:
         self._closed = True
@@ -159,9 +167,9 @@ class EtcdStore:
         return self.replica.writable and self._watcher is not None and not self._watcher.done() and not self.stale
 
     async def check_quorum(self) -> bool:
-        """One linearizable read; marks the replica fresh when it succeeds."""
+        """One linearizable read (it commits nothing); marks the replica fresh when it succeeds."""
         try:
-            await self.client.range(META, keys_only=True)
+            await self.client.range(META, keys_only=True, seconds=2.0)
         except EtcdError:
             return False
         self._touch()
@@ -173,14 +181,21 @@ class EtcdStore:
 
         Raises :class:`TxnFailed` on a failed condition and ``errors.Unavailable`` (503) without a quorum.
         """
+        if self.stale and not await self.check_quorum():
+            # Refused before anything is proposed: the write has certainly not happened.
+            raise errors.Unavailable(
+                "this node cannot reach a quorum of the cluster, so it refuses writes until it can; nothing was "
+                "written. Retry, or send the request to another node"
+            )
         for _ in range(_ATTEMPTS):
             compares, requests = await self._build(txn)
             try:
                 ok, header, _ = await self.client.txn(compares, requests)
             except EtcdUnavailable as exc:
                 raise errors.Unavailable(
-                    "this node cannot reach a quorum of the cluster, so it cannot accept writes now; "
-                    f"retry, or send the request to another node ({exc})"
+                    "this node lost contact with the cluster's quorum during the write, so it may or may not have "
+                    "been applied; retry with the same Idempotency-Key to be sure it happens once "
+                    f"({exc})"
                 ) from None
             self._touch()
             if ok:
@@ -342,6 +357,7 @@ class EtcdStore:
         public = max(self._public(revision), self.replica.revision)
         await self.replica.reset(records, public)
         await self.replica.set_meta("etcd_offset", self.meta.offset)
+        await self.replica.set_meta("etcd_base", self.meta.base)
         self._touch()
         self._release(public, [])
         log.info("replica loaded from etcd", extra={"records": len(records), "revision": public})

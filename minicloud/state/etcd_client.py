@@ -166,7 +166,8 @@ class EtcdClient:
             if resp.status != 200:
                 code = int(reply.get("code", 0)) if isinstance(reply, dict) else 0
                 message = reply.get("message") or reply.get("error") if isinstance(reply, dict) else str(data[:200])
-                if code in (4, 14) or resp.status in (503, 504):  # DEADLINE_EXCEEDED, UNAVAILABLE: no quorum
+                if code in (4, 14) or resp.status in (503, 504) or "learner" in str(message):
+                    # DEADLINE_EXCEEDED / UNAVAILABLE (no quorum), or a learner that serves no such request.
                     errors.append(f"{self.endpoints[index]}: {message}")
                     continue
                 raise EtcdError(f"etcd {path}: {message}", code)
@@ -175,7 +176,14 @@ class EtcdClient:
 
     # -- KV ------------------------------------------------------------------------------------------------------
     async def range(
-        self, key: bytes, range_end: bytes | None = None, *, revision: int = 0, limit: int = 0, keys_only: bool = False
+        self,
+        key: bytes,
+        range_end: bytes | None = None,
+        *,
+        revision: int = 0,
+        limit: int = 0,
+        keys_only: bool = False,
+        seconds: float | None = None,
     ) -> tuple[list[KV], int, bool]:
         """``(kvs, header_revision, more)``; linearizable read."""
         body: dict[str, Any] = {"key": b64(key)}
@@ -187,7 +195,7 @@ class EtcdClient:
             body["limit"] = str(limit)
         if keys_only:
             body["keys_only"] = True
-        reply = await self.call("kv/range", body)
+        reply = await self.call("kv/range", body, seconds=seconds)
         kvs = [KV.from_json(d) for d in reply.get("kvs", [])]
         return kvs, int(reply["header"]["revision"]), bool(reply.get("more", False))
 

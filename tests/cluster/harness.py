@@ -462,6 +462,13 @@ class AgentNode(Node):
         """SIGKILL the agent (a crash: no clean shutdown) and wait for it."""
         return self.stop(signal.SIGKILL)
 
+    def crash(self) -> None:
+        """The whole node dies at once: SIGKILL every process in its namespace (the agent and the etcd it runs)."""
+        _kill_all_in(self.netns)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+
     def restart(self, timeout: float = 30) -> AgentNode:
         self.stop()
         return self.start(timeout)

@@ -171,7 +171,7 @@ async def test_events_from_compacted_history_say_so(tmp_path):
     a = await start_api(make_config(tmp_path, retain_changes=1000))
     try:
         store = a.app[STORE]
-        store.retain_changes = 2
+        store.local.retain_changes = 2
         for i in range(6):
             await a.post("/v1/keypairs", json={"name": f"c{i}", "public_key": make_ssh_key()})
         await store.compact()

@@ -1,0 +1,107 @@
+"""``minicloud cluster enable|show|list|add|remove|promote`` and ``minicloud join TOKEN``."""
+
+from __future__ import annotations
+
+import argparse
+
+from minicloud.cli.common import client
+from minicloud.cli.output import col, emit
+from minicloud.model import ClusterInfo, JoinTokenIssued
+
+COLUMNS = [
+    col("name", "name"),
+    col("address", "address"),
+    col("role", "role"),
+    col("status", "status"),
+    col("online since", "online_since"),
+    col("leader", "leader"),
+]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster", help="grow from one node to a cluster; members, leader")
+    verbs = p.add_subparsers(dest="verb", metavar="<verb>", required=True)
+    verbs.add_parser("enable", help="turn this single node into a cluster (etcd); keeps every record").set_defaults(
+        func=enable
+    )
+    verbs.add_parser("show", help="the cluster: leader, quorum and members").set_defaults(func=show)
+    verbs.add_parser("list", help="the members with role and liveness").set_defaults(func=list_)
+    v = verbs.add_parser("add", help="print a one-time token for NODE to join with `minicloud join`")
+    v.add_argument("node")
+    v.add_argument("--role", choices=["auto", "voter", "learner"], default="auto", help="default: voter up to 3")
+    v.add_argument("--ttl", type=int, default=3600, metavar="SECONDS", help="token lifetime (default 3600)")
+    v.set_defaults(func=add)
+    v = verbs.add_parser("remove", help="remove a node (a dead one, typically) from the cluster")
+    v.add_argument("node")
+    v.set_defaults(func=remove)
+    v = verbs.add_parser("promote", help="make a learner a voting member")
+    v.add_argument("node")
+    v.set_defaults(func=promote)
+
+    p = sub.add_parser("join", help="join this node to a cluster with a token from `minicloud cluster add`")
+    p.add_argument("token")
+    p.set_defaults(func=join)
+
+
+def _show(info: ClusterInfo, output: str) -> None:
+    if output != "table":
+        emit(info, output)
+        return
+    if not info.enabled:
+        print(f"Node {info.node} runs alone (single-node store). Start a cluster with `minicloud cluster enable`.")
+        return
+    print(f"node:    {info.node}")
+    print(f"leader:  {info.leader or '(none)'}")
+    print(f"quorum:  {'yes' if info.quorum else 'NO: writes are refused on this node'}")
+    print()
+    emit(info.members, "table", COLUMNS)
+
+
+def enable(args: argparse.Namespace) -> int:
+    _show(client(args).call("POST", "/v1/cluster/enable", ClusterInfo), args.output)
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    _show(client(args).call("GET", "/v1/cluster", ClusterInfo), args.output)
+    return 0
+
+
+def list_(args: argparse.Namespace) -> int:
+    emit(client(args).call("GET", "/v1/cluster", ClusterInfo).members, args.output, COLUMNS)
+    return 0
+
+
+def add(args: argparse.Namespace) -> int:
+    issued = client(args).call(
+        "POST", "/v1/cluster/tokens", JoinTokenIssued, json={"node": args.node, "role": args.role, "ttl": args.ttl}
+    )
+    if args.output != "table":
+        emit(issued, args.output)
+        return 0
+    print(f"Join token for {issued.node} (one use, valid until {issued.expires_at}). On {issued.node}, as root, run:")
+    print(f"  minicloud join {issued.token}")
+    return 0
+
+
+def remove(args: argparse.Namespace) -> int:
+    client(args).call("DELETE", f"/v1/cluster/members/{args.node}")
+    if args.output == "table":
+        print(f"Removed {args.node} from the cluster")
+    return 0
+
+
+def promote(args: argparse.Namespace) -> int:
+    client(args).call("POST", f"/v1/cluster/members/{args.node}/promote")
+    if args.output == "table":
+        print(f"Promoted {args.node} to voter")
+    return 0
+
+
+def join(args: argparse.Namespace) -> int:
+    info = client(args).call("POST", "/v1/cluster/join", ClusterInfo, json={"token": args.token})
+    if args.output == "table":
+        print(f"Joined the cluster as {info.node}; leader: {info.leader or '(electing)'}")
+    else:
+        emit(info, args.output)
+    return 0
