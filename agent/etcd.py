@@ -35,6 +35,8 @@ class EtcdMemberConfig:
     initial_cluster: dict[str, str] = field(default_factory=dict)  # name -> peer URL, this member included
     initial_state: str = "new"  # "new" | "existing"
     log_file: Path | None = None
+    #: Start as a one-member cluster from this member's data, dropping every other member (quorum-loss recovery).
+    force_new_cluster: bool = False
 
     def command(self) -> list[str]:
         cluster = self.initial_cluster or {self.name: self.peer_url}
@@ -59,7 +61,7 @@ class EtcdMemberConfig:
             "--max-txn-ops", "100000", "--max-request-bytes", str(64 * 1024 * 1024),
             "--auto-compaction-mode", "revision", "--auto-compaction-retention", "100000",
             "--logger", "zap", "--log-outputs", "stderr",
-        ]  # fmt: skip
+        ] + (["--force-new-cluster"] if self.force_new_cluster else [])  # fmt: skip
 
 
 def client_ssl_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:

@@ -129,8 +129,10 @@ async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             try:
-                await expire_idempotency_keys(store)
-                await store.compact()
+                cluster = app[CLUSTER]
+                if not cluster.enabled or cluster.is_leader:  # cluster-wide work: the services leader's job
+                    await expire_idempotency_keys(store)
+                await store.compact()  # this node's own change log
             except Exception:
                 log.exception("housekeeping failed; will retry")
 

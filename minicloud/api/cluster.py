@@ -7,6 +7,7 @@ from aiohttp import web
 from minicloud.api.keys import CLUSTER
 from minicloud.api.routing import PUBLIC, Action, Reply, Routes
 from minicloud.model import (
+    ClusterEnable,
     ClusterInfo,
     ClusterJoin,
     ClusterMember,
@@ -41,10 +42,17 @@ async def show_cluster(request: web.Request) -> ClusterInfo:
     return await _info(request)
 
 
-@routes.post("/v1/cluster/enable", response=ClusterInfo, auth=Action("cluster:enable"))
-async def enable_cluster(request: web.Request) -> ClusterInfo:
+@routes.post("/v1/cluster/enable", body=ClusterEnable, response=ClusterInfo, auth=Action("cluster:enable"))
+async def enable_cluster(request: web.Request, body: ClusterEnable) -> ClusterInfo:
     """Turn this single node into a one-member cluster (etcd), keeping every record."""
-    await request.app[CLUSTER].enable()
+    await request.app[CLUSTER].enable(body.zone)
+    return await _info(request)
+
+
+@routes.post("/v1/cluster/recover", response=ClusterInfo, auth=Action("cluster:recover"))
+async def recover_cluster(request: web.Request) -> ClusterInfo:
+    """After permanent quorum loss: continue as a one-member cluster from this node's data."""
+    await request.app[CLUSTER].recover()
     return await _info(request)
 
 
@@ -57,7 +65,7 @@ async def enable_cluster(request: web.Request) -> ClusterInfo:
 )
 async def create_join_token(request: web.Request, body: JoinTokenCreate) -> JoinTokenIssued:
     """Create a one-time token with which node `node` can join."""
-    token, record = await request.app[CLUSTER].issue_token(body.node, body.role, body.ttl)
+    token, record = await request.app[CLUSTER].issue_token(body.node, body.role, body.ttl, body.zone)
     return JoinTokenIssued(token=token, node=body.node, expires_at=record.expires_at)
 
 

@@ -90,5 +90,21 @@ def restore(args: argparse.Namespace) -> int:
         print(f"Kept the previous state as {keep}")
     shutil.copyfile(src, current)
     os.chmod(current, 0o600)
+    # A restored node starts alone: its copy may come from a cluster, whose etcd membership it must not rejoin
+    # with older state. `minicloud cluster enable` makes it a cluster again; the other nodes then re-join.
+    db = sqlite3.connect(current)
+    with db:
+        db.execute("DELETE FROM meta WHERE key LIKE 'x.etcd_%'")
+    db.close()
+    stamp = f"{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S}"
+    clustered = False
+    for name in ("cluster.json", "etcd", "etcd.pid"):
+        old = data / name
+        if old.exists():
+            clustered = True
+            shutil.move(old, data / f"{name}.before-restore-{stamp}")
     print(f"Restored revision {revision} into {current}; start the agent again.")
+    if clustered:
+        print("This node was in a cluster: it now starts alone. Run `minicloud cluster enable` on it, then")
+        print("`minicloud cluster add NODE` + `minicloud join TOKEN` for each other node (with fresh data directories).")
     return 0

@@ -11,6 +11,7 @@ from minicloud.model import ClusterInfo, JoinTokenIssued
 COLUMNS = [
     col("name", "name"),
     col("address", "address"),
+    col("zone", "zone"),
     col("role", "role"),
     col("status", "status"),
     col("online since", "online_since"),
@@ -21,15 +22,19 @@ COLUMNS = [
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="grow from one node to a cluster; members, leader")
     verbs = p.add_subparsers(dest="verb", metavar="<verb>", required=True)
-    verbs.add_parser("enable", help="turn this single node into a cluster (etcd); keeps every record").set_defaults(
-        func=enable
-    )
+    v = verbs.add_parser("enable", help="turn this single node into a cluster (etcd); keeps every record")
+    v.add_argument("--zone", default="", help="this node's failure domain (label zone=)")
+    v.set_defaults(func=enable)
+    verbs.add_parser(
+        "recover", help="after permanent quorum loss, continue as a one-member cluster from this node's data"
+    ).set_defaults(func=recover)
     verbs.add_parser("show", help="the cluster: leader, quorum and members").set_defaults(func=show)
     verbs.add_parser("list", help="the members with role and liveness").set_defaults(func=list_)
     v = verbs.add_parser("add", help="print a one-time token for NODE to join with `minicloud join`")
     v.add_argument("node")
     v.add_argument("--role", choices=["auto", "voter", "learner"], default="auto", help="default: voter up to 3")
     v.add_argument("--ttl", type=int, default=3600, metavar="SECONDS", help="token lifetime (default 3600)")
+    v.add_argument("--zone", default="", help="the node's failure domain (label zone=)")
     v.set_defaults(func=add)
     v = verbs.add_parser("remove", help="remove a node (a dead one, typically) from the cluster")
     v.add_argument("node")
@@ -58,7 +63,12 @@ def _show(info: ClusterInfo, output: str) -> None:
 
 
 def enable(args: argparse.Namespace) -> int:
-    _show(client(args).call("POST", "/v1/cluster/enable", ClusterInfo), args.output)
+    _show(client(args).call("POST", "/v1/cluster/enable", ClusterInfo, json={"zone": args.zone}), args.output)
+    return 0
+
+
+def recover(args: argparse.Namespace) -> int:
+    _show(client(args).call("POST", "/v1/cluster/recover", ClusterInfo), args.output)
     return 0
 
 
@@ -74,7 +84,10 @@ def list_(args: argparse.Namespace) -> int:
 
 def add(args: argparse.Namespace) -> int:
     issued = client(args).call(
-        "POST", "/v1/cluster/tokens", JoinTokenIssued, json={"node": args.node, "role": args.role, "ttl": args.ttl}
+        "POST",
+        "/v1/cluster/tokens",
+        JoinTokenIssued,
+        json={"node": args.node, "role": args.role, "ttl": args.ttl, "zone": args.zone},
     )
     if args.output != "table":
         emit(issued, args.output)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -183,7 +184,7 @@ class ClusterNode:
             await self.member.stop()
 
     # -- enable ----------------------------------------------------------------------------------------------------
-    async def enable(self) -> ClusterState:
+    async def enable(self, zone: str = "") -> ClusterState:
         """Make this single node a one-member cluster, copying every record into etcd. Idempotent."""
         async with self._lock:
             if self.state is not None:
@@ -219,7 +220,7 @@ class ClusterNode:
             self.member, self.client = member, client
             state.initial_state = "existing"  # a restart rejoins the cluster it created
             self._save_state(state)
-            await self._register_node(state)
+            await self._register_node(state, zone)
             self._start_loops()
             log.info("cluster enabled", extra={"node": self.name, "address": address})
             return state
@@ -252,13 +253,14 @@ class ClusterNode:
                 )
             await asyncio.sleep(0.5)
 
-    async def _register_node(self, state: ClusterState) -> None:
+    async def _register_node(self, state: ClusterState, zone: str) -> None:
         stamp = ids.now()
         record = Record(
             kind=NODE_KIND,
             id=ids.new_id("node"),
             project="",
             name=self.name,
+            labels={"zone": zone} if zone else {},
             spec={"address": state.address, "role": "voter", "https": _url(state.address, self._https_port())},
             created_at=stamp,
             updated_at=stamp,
@@ -279,7 +281,7 @@ class ClusterNode:
             raise errors.Conflict("this node is not in a cluster; run `minicloud cluster enable` first")
         return self.state
 
-    async def issue_token(self, node: str, role: str, ttl: int) -> tuple[str, joinlib.JoinTokenRecord]:
+    async def issue_token(self, node: str, role: str, ttl: int, zone: str = "") -> tuple[str, joinlib.JoinTokenRecord]:
         state = self._require_cluster()
         if await self.store.get_by_name(NODE_KIND, "", node) is not None:
             raise errors.AlreadyExists(f"a node named {node} is already in the cluster; remove it first")
@@ -295,7 +297,7 @@ class ClusterNode:
                             id=record.token_id,
                             project="",
                             name=record.token_id,
-                            spec={**msgspec.to_builtins(record), "role": role},
+                            spec={**msgspec.to_builtins(record), "role": role, "zone": zone},
                             created_at=stamp,
                             updated_at=stamp,
                         )
@@ -315,7 +317,7 @@ class ClusterNode:
         stored = await self.store.get(TOKEN_KIND, token.token_id)
         record = None
         if stored is not None:
-            spec = {k: v for k, v in stored.spec.items() if k != "role"}
+            spec = {k: v for k, v in stored.spec.items() if k not in ("role", "zone")}
             record = msgspec.convert(spec, joinlib.JoinTokenRecord)
         try:
             client_now = _dt.datetime.fromisoformat(client_time.replace("Z", "+00:00"))
@@ -332,11 +334,13 @@ class ClusterNode:
         if role == "auto":
             role = "voter" if len(voters) < 3 else "learner"
         stamp = ids.now()
+        zone = stored.spec.get("zone", "")
         node_record = Record(
             kind=NODE_KIND,
             id=ids.new_id("node"),
             project="",
             name=node,
+            labels={"zone": zone} if zone else {},
             spec={"address": address, "role": role, "https": ""},
             created_at=stamp,
             updated_at=stamp,
@@ -516,6 +520,46 @@ class ClusterNode:
             with contextlib.suppress(TxnFailed):
                 await self.store.commit(Txn([Delete(kind=NODE_KIND, id=record.id)]))
 
+    async def recover(self) -> None:
+        """After losing quorum for good: make this node's etcd member a one-member cluster from its own data
+        (``--force-new-cluster``) and forget the other members. Run it on the most up-to-date survivor; the others
+        rejoin afterwards with fresh data directories (`cluster add` + `join`)."""
+        state = self._require_cluster()
+        assert self.client is not None and self.member is not None
+        if await self.quorum_ok():
+            raise errors.Conflict(
+                "the cluster has a quorum; `cluster recover` is only for when it is lost for good. "
+                "Remove dead nodes with `minicloud cluster remove NODE` instead"
+            )
+        async with self._lock:
+            await self.member.stop()
+            forced = EtcdMember(dataclasses.replace(self._member_config(state), force_new_cluster=True))
+            try:
+                await forced.start()
+            except BaseException:
+                await forced.stop()
+                await self.member.spawn()  # leave the node as it was
+                raise
+            await forced.stop()
+            state.initial_cluster = {self.name: state.peer_url}
+            state.endpoints = [state.client_url]
+            self._save_state(state)
+            self.client.set_endpoints(state.endpoints)
+            self.member = EtcdMember(self._member_config(state))
+            await self.member.start()
+        backend = self.store.backend
+        if isinstance(backend, EtcdStore):
+            await backend.check_quorum()
+        gone = [r for r in await self.store.list(NODE_KIND, limit=1000) if r.name != self.name]
+        if gone:
+            await self.store.commit(Txn([Delete(kind=NODE_KIND, id=r.id) for r in gone]))
+        for record in gone:
+            with contextlib.suppress(EtcdError):
+                await self.client.delete(LIVE + record.name.encode())
+        log.warning(
+            "cluster recovered as a one-member cluster", extra={"node": self.name, "removed": [r.name for r in gone]}
+        )
+
     # -- loops -----------------------------------------------------------------------------------------------------
     def _start_loops(self) -> None:
         self._tasks += [
@@ -605,6 +649,7 @@ class ClusterNode:
                 {
                     "name": record.name,
                     "address": record.spec.get("address", ""),
+                    "zone": record.labels.get("zone", ""),
                     "role": "learner" if m.get("isLearner") else record.spec.get("role", "voter"),
                     "status": "online" if record.name in live else "offline",
                     "online_since": live.get(record.name, {}).get("since"),

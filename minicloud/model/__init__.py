@@ -204,6 +204,7 @@ NodeName = Annotated[str, Meta(pattern=NAME_PATTERN, description="a node name")]
 class ClusterMember(msgspec.Struct, kw_only=True):
     name: str
     address: str
+    zone: str = ""
     role: str
     status: Literal["online", "offline"]
     online_since: str | None = None
@@ -223,9 +224,17 @@ class ClusterInfo(msgspec.Struct, kw_only=True):
     members: list[ClusterMember] = []
 
 
+Zone = Annotated[str, Meta(pattern=r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)?$", description="failure domain")]
+
+
+class ClusterEnable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    zone: Zone = ""
+
+
 class JoinTokenCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     node: NodeName
     role: Literal["auto", "voter", "learner"] = "auto"
+    zone: Zone = ""
     ttl: Annotated[int, Meta(ge=60, le=7 * 86400, description="seconds the token stays valid")] = 3600
 
 

@@ -4,6 +4,7 @@ partitions. These prove the replicated store end to end."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 import uuid
@@ -231,3 +232,30 @@ def test_whole_cluster_crash_and_restart_keeps_the_state(make_cluster):
     for node in cluster.nodes:
         assert [(k.id, k.name, k.revision) for k in node.client().keypairs.list()] == before
     cluster.nodes[1].client(timeout=60).keypairs.create(name="after-restart", public_key=KEY)
+
+
+def test_remove_a_dead_node_then_recover_from_quorum_loss_and_rejoin(make_cluster):
+    cluster = form(make_cluster(3, start=True))
+    n1, n2, n3 = cluster.nodes
+    n1.client().keypairs.create(name="before", public_key=KEY)
+    n3.crash()
+    n1.cli("cluster", "remove", "n3", check=True)
+    assert [m["name"] for m in info(n1)["members"]] == ["n1", "n2"]
+    n1.client(timeout=60).keypairs.create(name="after-remove", public_key=KEY)
+
+    n2.crash()  # one voter of two left: no quorum
+    refused = n1.cli("keypair", "import", "no-quorum", "-", input=KEY)
+    assert refused.returncode == 1 and "quorum" in refused.stderr
+    n1.cli("cluster", "recover", check=True)
+    n1.client(timeout=60).keypairs.create(name="after-recover", public_key=KEY)
+    assert [m["name"] for m in info(n1)["members"]] == ["n1"]
+
+    shutil.rmtree(n2.data_dir)  # the dead node comes back as a new machine
+    n2.start()
+    token = n1.json("cluster", "add", "n2", "--zone", "rack-b")["token"]
+    n2.cli("join", token, check=True)
+    wait_for(lambda: converged([n1, n2]), timeout=60, what="the rejoined node caught up")
+    names = sorted(k.name for k in n2.client().keypairs.list())
+    assert names == ["after-recover", "after-remove", "before"]
+    zones = {m["name"]: m["zone"] for m in info(n2)["members"]}
+    assert zones == {"n1": "", "n2": "rack-b"}
