@@ -249,6 +249,13 @@ else
 #idempotency_ttl = 86400
 # The most revisions of change history kept for resuming GET /v1/events (at least 1000).
 #retain_changes = 100000
+
+[cluster]
+# The address other nodes reach this one on (default: the listen host if specific, else the first IPv4 address).
+#address = ""
+# etcd's client and peer ports (mutual TLS, cluster CA only); used once `minicloud cluster enable` or `join` ran.
+#etcd_client_port = 2379
+#etcd_peer_port = 2380
 EOF
     chmod 0644 "$CONFIG"
     info "written with commented defaults"
