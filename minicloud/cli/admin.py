@@ -106,5 +106,7 @@ def restore(args: argparse.Namespace) -> int:
     print(f"Restored revision {revision} into {current}; start the agent again.")
     if clustered:
         print("This node was in a cluster: it now starts alone. Run `minicloud cluster enable` on it, then")
-        print("`minicloud cluster add NODE` + `minicloud join TOKEN` for each other node (with fresh data directories).")
+        print(
+            "`minicloud cluster add NODE` + `minicloud join TOKEN` for each other node (with fresh data directories)."
+        )
     return 0

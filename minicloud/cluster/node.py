@@ -608,13 +608,22 @@ class ClusterNode:
                     await callback(self.is_leader)
 
     async def _leader_loop(self) -> None:
+        """Hold the cluster-services leadership while this node's etcd member leads Raft.
+
+        Following the Raft leader keeps the leader-only loops next to the member that commits their writes, and
+        means one failure moves both leaderships together. The leadership itself is a key on a lease: a holder that
+        dies loses it within ``LEADER_TTL`` seconds, one that stops leading Raft gives it up at once.
+        """
         assert self.client is not None
         while True:
             try:
+                raft_leader = await self.etcd_leader()
                 if self.is_leader:
-                    if await self.client.lease_keepalive(self._leader_lease) <= 0:
+                    alive = await self.client.lease_keepalive(self._leader_lease) > 0
+                    if not alive or (raft_leader is not None and raft_leader != self.name):
+                        await self.client.lease_revoke(self._leader_lease)
                         await self._set_leader(None)
-                else:
+                elif raft_leader == self.name:
                     lease = await self.client.lease_grant(LEADER_TTL)
                     ok, _, _ = await self.client.txn(
                         [cmp_create(LEADER, 0)], [op_put(LEADER, self.name.encode(), lease=lease)]
@@ -624,12 +633,13 @@ class ClusterNode:
                         await self._set_leader(self.name)
                     else:
                         await self.client.lease_revoke(lease)
-                        kv = await self.client.get(LEADER)
-                        await self._set_leader(kv.value.decode() if kv else None)
+                if not self.is_leader:
+                    kv = await self.client.get(LEADER)
+                    await self._set_leader(kv.value.decode() if kv else None)
             except EtcdError:
                 if self.is_leader:
                     await self._set_leader(None)
-            await asyncio.sleep(TICK / 2 if self.is_leader else TICK)
+            await asyncio.sleep(TICK / 2)
 
     # -- views -----------------------------------------------------------------------------------------------------
     async def members(self) -> list[dict[str, Any]]:
