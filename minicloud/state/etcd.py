@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -310,14 +311,7 @@ class EtcdStore:
     async def _follow(self) -> None:
         while not self._closed:
             try:
-                start = self._etcd(self.replica.revision) + 1
-                async for batch in self.client.watch(RECORDS, start):
-                    self._touch()
-                    public = self._public(batch.revision)
-                    if not batch.events or public <= self.replica.revision:
-                        continue
-                    _, changes = await self.replica.commit_at(self._batch_to_txn(batch), public)
-                    self._release(public, changes)
+                await self._follow_once()
             except EtcdCompacted:
                 log.warning("etcd compacted the history this replica needs; reloading a snapshot")
                 await self._resync_retrying()
@@ -332,6 +326,36 @@ class EtcdStore:
             except Exception:
                 log.exception("replication loop failed; resuming")
                 await asyncio.sleep(1)
+
+    async def _follow_once(self) -> None:
+        """Apply the watch stream until it breaks. Each revision is submitted to the replica as it arrives (the
+        replica batches them into few SQLite transactions); a failed apply stops the stream for a resync."""
+        inflight: list[asyncio.Future[tuple[int, list[Change]]]] = []
+        submitted = self.replica.revision
+        try:
+            async for batch in self.client.watch(RECORDS, self._etcd(submitted) + 1):
+                self._touch()
+                public = self._public(batch.revision)
+                if not batch.events or public <= submitted:
+                    continue
+                fut = self.replica.submit_at(self._batch_to_txn(batch), public)
+                fut.add_done_callback(functools.partial(self._applied, public))
+                inflight.append(fut)
+                submitted = public
+                for f in inflight:
+                    if f.done() and (exc := f.exception()) is not None:
+                        raise exc
+                inflight = [f for f in inflight if not f.done()]
+        finally:
+            # Let what was submitted land before anyone resumes or resyncs from the replica's revision.
+            if inflight:
+                await asyncio.gather(*inflight, return_exceptions=True)
+
+    def _applied(self, public: int, fut: asyncio.Future[tuple[int, list[Change]]]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        _, changes = fut.result()
+        self._release(public, changes)
 
     async def _resync_retrying(self) -> None:
         while not self._closed:

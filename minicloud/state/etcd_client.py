@@ -133,9 +133,16 @@ class EtcdClient:
 
     def set_endpoints(self, endpoints: list[str]) -> None:
         if endpoints and endpoints != self.endpoints:
-            current = self.endpoints[self._current]
+            current = self.endpoints[self._current % len(self.endpoints)]
             self.endpoints = list(endpoints)
-            self._current = self.endpoints.index(current) if current in self.endpoints else 0
+            self._stick(current)
+
+    def _stick(self, endpoint: str) -> None:
+        """Use ``endpoint`` first from now on (it answered); the first one when it is no longer listed."""
+        self._current = self.endpoints.index(endpoint) if endpoint in self.endpoints else 0
+
+    def _rotate(self) -> None:
+        self._current = (self._current + 1) % len(self.endpoints)
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -149,26 +156,27 @@ class EtcdClient:
     async def call(self, path: str, body: dict[str, Any], *, seconds: float | None = None) -> dict[str, Any]:
         """POST ``body`` to ``/v3/<path>`` on the first endpoint that answers; return the decoded reply."""
         errors = []
-        n = len(self.endpoints)
+        endpoints = list(self.endpoints)  # set_endpoints() may replace the list while we are awaiting
+        n = len(endpoints)
         for attempt in range(n):
-            index = (self._current + attempt) % n
-            url = f"{self.endpoints[index]}/v3/{path}"
+            endpoint = endpoints[(self._current + attempt) % n]
+            url = f"{endpoint}/v3/{path}"
             try:
                 async with self._http().post(
                     url, data=msgspec.json.encode(body), timeout=aiohttp.ClientTimeout(total=seconds or self._timeout)
                 ) as resp:
                     data = await resp.read()
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                errors.append(f"{self.endpoints[index]}: {exc.__class__.__name__} {exc}")
+                errors.append(f"{endpoint}: {exc.__class__.__name__} {exc}")
                 continue
-            self._current = index
+            self._stick(endpoint)
             reply = _dec.decode(data) if data else {}
             if resp.status != 200:
                 code = int(reply.get("code", 0)) if isinstance(reply, dict) else 0
                 message = reply.get("message") or reply.get("error") if isinstance(reply, dict) else str(data[:200])
                 if code in (4, 14) or resp.status in (503, 504) or "learner" in str(message):
                     # DEADLINE_EXCEEDED / UNAVAILABLE (no quorum), or a learner that serves no such request.
-                    errors.append(f"{self.endpoints[index]}: {message}")
+                    errors.append(f"{endpoint}: {message}")
                     continue
                 raise EtcdError(f"etcd {path}: {message}", code)
             return reply
@@ -271,7 +279,7 @@ class EtcdClient:
                 "progress_notify": True,
             }
         }
-        endpoint = self.endpoints[self._current]
+        endpoint = self.endpoints[self._current % len(self.endpoints)]
         try:
             async with self._http().post(
                 f"{endpoint}/v3/watch",
@@ -290,9 +298,9 @@ class EtcdClient:
                         for batch in _watch_batches(_dec.decode(line)):
                             yield batch
         except (aiohttp.ClientError, TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
-            self._current = (self._current + 1) % len(self.endpoints)
+            self._rotate()
             raise EtcdUnavailable(f"watch on {endpoint} broke: {exc.__class__.__name__} {exc}") from None
-        self._current = (self._current + 1) % len(self.endpoints)
+        self._rotate()
         raise EtcdUnavailable(f"watch on {endpoint} ended")
 
 

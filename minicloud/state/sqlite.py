@@ -287,12 +287,18 @@ class SQLiteStore:
         return await self._enqueue(txn, revision)
 
     async def _enqueue(self, txn: Txn, revision: int | None) -> tuple[int, list[Change]]:
+        return await self.submit_at(txn, revision)
+
+    def submit_at(self, txn: Txn, revision: int | None) -> asyncio.Future[tuple[int, list[Change]]]:
+        """Queue ``txn`` (at ``revision``, or the next one when None) without waiting for it. Queued transactions
+        apply in the order they were submitted, many per SQLite transaction: a replica following a fast stream
+        submits each revision as it arrives and pays one fsync per batch, not per revision."""
         if self._closed:
             raise RuntimeError("the store is closed")
         fut: asyncio.Future[tuple[int, list[Change]]] = asyncio.get_running_loop().create_future()
         self._pending.append((txn, revision, fut))
         self._wake.set()
-        return await fut
+        return fut
 
     async def _write_loop(self) -> None:
         while True:
