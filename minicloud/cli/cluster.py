@@ -15,6 +15,7 @@ COLUMNS = [
     col("role", "role"),
     col("status", "status"),
     col("online since", "online_since"),
+    col("last contact", "last_contact"),
     col("leader", "leader"),
 ]
 

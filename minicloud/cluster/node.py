@@ -36,7 +36,7 @@ from minicloud import errors, ids
 from minicloud.cluster import join as joinlib
 from minicloud.config import Config
 from minicloud.pki import NodePKI
-from minicloud.state import Create, Delete, Record, Txn, TxnFailed
+from minicloud.state import Create, Delete, Record, Txn, TxnFailed, Update
 from minicloud.state.etcd import EtcdStore, migrate_to_etcd
 from minicloud.state.etcd_client import EtcdClient, EtcdError, cmp_create, op_put, prefix_end
 from minicloud.state.handle import StoreHandle
@@ -636,12 +636,44 @@ class ClusterNode:
                 if not self.is_leader:
                     kv = await self.client.get(LEADER)
                     await self._set_leader(kv.value.decode() if kv else None)
+                else:
+                    await self.track_liveness()
             except EtcdError:
                 if self.is_leader:
                     await self._set_leader(None)
             await asyncio.sleep(TICK / 2)
 
     # -- views -----------------------------------------------------------------------------------------------------
+    async def _live(self) -> dict[str, dict[str, Any]]:
+        assert self.client is not None
+        kvs, _, _ = await self.client.range(LIVE, prefix_end(LIVE))
+        return {kv.key[len(LIVE) :].decode(): json.loads(kv.value) for kv in kvs}
+
+    async def track_liveness(self) -> None:
+        """Leader duty: record each node's online/offline transitions with the time of last contact in its node
+        record (one write per transition, not per heartbeat), so `cluster list` can say since when a node is gone."""
+        live = await self._live()
+        stamp = ids.now()
+        ops = []
+        for record in await self.store.list(NODE_KIND, limit=1000):
+            state = record.status.get("state")
+            if record.name in live and state != "online":
+                status = {"state": "online", "since": live[record.name].get("since"), "last_contact": None}
+            elif record.name not in live and state != "offline":
+                # Its heartbeat lease just expired: the last renewal was about one lease TTL ago.
+                last = (_now() - _dt.timedelta(seconds=HEARTBEAT_TTL)).isoformat(timespec="milliseconds")
+                status = {"state": "offline", "since": None, "last_contact": last.replace("+00:00", "Z")}
+            else:
+                continue
+            ops.append(
+                Update(
+                    msgspec.structs.replace(record, status=status, updated_at=stamp), expect_revision=record.revision
+                )
+            )
+        if ops:
+            with contextlib.suppress(TxnFailed):
+                await self.store.commit(Txn(ops))
+
     async def members(self) -> list[dict[str, Any]]:
         """Every node with its role, liveness and last contact, as etcd sees it now."""
         self._require_cluster()
@@ -649,8 +681,7 @@ class ClusterNode:
         live: dict[str, dict[str, Any]] = {}
         etcd_members: dict[str, dict[str, Any]] = {}
         with contextlib.suppress(EtcdError):
-            kvs, _, _ = await self.client.range(LIVE, prefix_end(LIVE))
-            live = {kv.key[len(LIVE) :].decode(): json.loads(kv.value) for kv in kvs}
+            live = await self._live()
             etcd_members = {m.get("name", ""): m for m in await self.client.member_list()}
         out = []
         for record in await self.store.list(NODE_KIND, limit=1000):
@@ -663,6 +694,7 @@ class ClusterNode:
                     "role": "learner" if m.get("isLearner") else record.spec.get("role", "voter"),
                     "status": "online" if record.name in live else "offline",
                     "online_since": live.get(record.name, {}).get("since"),
+                    "last_contact": ids.now() if record.name in live else record.status.get("last_contact"),
                     "etcd_member_id": str(m.get("ID", "")),
                     "leader": record.name == self.leader,
                 }

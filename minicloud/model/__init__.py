@@ -208,6 +208,7 @@ class ClusterMember(msgspec.Struct, kw_only=True):
     role: str
     status: Literal["online", "offline"]
     online_since: str | None = None
+    last_contact: str | None = None
     etcd_member_id: str = ""
     leader: bool = False
 

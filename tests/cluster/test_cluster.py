@@ -239,6 +239,11 @@ def test_remove_a_dead_node_then_recover_from_quorum_loss_and_rejoin(make_cluste
     n1, n2, n3 = cluster.nodes
     n1.client().keypairs.create(name="before", public_key=KEY)
     n3.crash()
+    wait_for(
+        lambda: any(m["name"] == "n3" and m["status"] == "offline" and m["last_contact"] for m in info(n1)["members"]),
+        timeout=30,
+        what="n3 reported offline with its last contact",
+    )
     n1.cli("cluster", "remove", "n3", check=True)
     assert [m["name"] for m in info(n1)["members"]] == ["n1", "n2"]
     n1.client(timeout=60).keypairs.create(name="after-remove", public_key=KEY)
