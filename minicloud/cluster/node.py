@@ -49,6 +49,8 @@ LIVE = b"/mc/live/"
 LEADER = b"/mc/leader"
 HEARTBEAT_TTL = 5
 LEADER_TTL = 3
+#: A voter offline this long gets an online learner promoted in its place (it still counts until removed).
+PROMOTE_AFTER = 30.0
 TICK = 1.0
 
 
@@ -114,6 +116,7 @@ class ClusterNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._leader_callbacks: list[Callable[[bool], Awaitable[None]]] = []
         self._lock = asyncio.Lock()
+        self._voter_down_since: dict[str, float] = {}
 
     @property
     def name(self) -> str:
@@ -673,6 +676,32 @@ class ClusterNode:
         if ops:
             with contextlib.suppress(TxnFailed):
                 await self.store.commit(Txn(ops))
+        await self._replace_lost_voters(live)
+
+    async def _replace_lost_voters(self, live: dict[str, Any]) -> None:
+        """Leader duty: when a voter has been offline for PROMOTE_AFTER seconds and a learner is online, promote
+        the learner, so that one more failure does not cost the quorum. The dead voter stays a member (and counts
+        towards the quorum) until an operator removes it with `cluster remove`."""
+        assert self.client is not None
+        members = await self.client.member_list()
+        now = asyncio.get_running_loop().time()
+        down = [m.get("name", "") for m in members if not m.get("isLearner") and m.get("name", "") not in live]
+        self._voter_down_since = {n: self._voter_down_since.get(n, now) for n in down}
+        if not any(now - since >= PROMOTE_AFTER for since in self._voter_down_since.values()):
+            return
+        learner = next((m for m in members if m.get("isLearner") and m.get("name", "") in live), None)
+        if learner is None:
+            return
+        try:
+            await self.client.member_promote(int(learner["ID"]))
+        except EtcdError as exc:
+            log.info("could not promote a learner yet", extra={"learner": learner.get("name"), "error": str(exc)})
+            return
+        self._voter_down_since.clear()
+        log.warning(
+            "promoted a learner to replace an unreachable voter",
+            extra={"learner": learner.get("name"), "down": down},
+        )
 
     async def members(self) -> list[dict[str, Any]]:
         """Every node with its role, liveness and last contact, as etcd sees it now."""
@@ -691,7 +720,8 @@ class ClusterNode:
                     "name": record.name,
                     "address": record.spec.get("address", ""),
                     "zone": record.labels.get("zone", ""),
-                    "role": "learner" if m.get("isLearner") else record.spec.get("role", "voter"),
+                    # etcd's membership is the truth once the node is a member; the record says what was asked for.
+                    "role": ("learner" if m.get("isLearner") else "voter") if m else record.spec.get("role", "voter"),
                     "status": "online" if record.name in live else "offline",
                     "online_since": live.get(record.name, {}).get("since"),
                     "last_contact": ids.now() if record.name in live else record.status.get("last_contact"),

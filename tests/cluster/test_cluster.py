@@ -264,3 +264,21 @@ def test_remove_a_dead_node_then_recover_from_quorum_loss_and_rejoin(make_cluste
     assert names == ["after-recover", "after-remove", "before"]
     zones = {m["name"]: m["zone"] for m in info(n2)["members"]}
     assert zones == {"n1": "", "n2": "rack-b"}
+
+
+def test_a_fourth_node_is_a_learner_and_replaces_a_lost_voter(make_cluster):
+    cluster = make_cluster(4, start=True)
+    n1, n2, n3, n4 = cluster.nodes
+    n1.cli("cluster", "enable", check=True)
+    for node in (n2, n3, n4):
+        node.cli("join", n1.json("cluster", "add", node.node_name)["token"], check=True)
+    roles = lambda: {m["name"]: (m["role"], m["status"]) for m in info(n1)["members"]}  # noqa: E731
+    wait_for(lambda: roles().get("n4") == ("learner", "online"), timeout=60, what="n4 online as a learner")
+    assert [roles()[n][0] for n in ("n1", "n2", "n3")] == ["voter"] * 3
+    n4.client().keypairs.create(name="via-learner", public_key=KEY)  # a learner's node still takes writes
+    victim = n3 if info(n1)["etcd_leader"] != "n3" else n2
+    victim.crash()
+    wait_for(lambda: roles().get("n4", ("",))[0] == "voter", timeout=90, what="the learner promoted")
+    n4.client(timeout=60).keypairs.create(name="after-promotion", public_key=KEY)
+    survivors = [n for n in cluster.nodes if n is not victim]
+    wait_for(lambda: converged(survivors), timeout=60, what="survivors converged")
