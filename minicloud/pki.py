@@ -14,11 +14,12 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_DAYS = 3650
@@ -115,17 +116,19 @@ def create_ca(common_name: str = "minicloud cluster CA") -> tuple[bytes, bytes]:
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 
-def issue_server_cert(ca_cert_pem: bytes, ca_key_pem: bytes, node_name: str) -> tuple[bytes, bytes]:
-    """A server (and client, for node-to-node mTLS) certificate for this host: ``(cert_pem, key_pem)``."""
-    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
-    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    names, ips = _local_names()
-    if node_name not in names:
-        names.append(node_name)
+def node_certificate(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    public_key: Any,
+    node_name: str,
+    sans: list[x509.GeneralName],
+    *,
+    days: int = SERVER_DAYS,
+) -> x509.Certificate:
+    """The one shape of node certificate: CN = node name, the given SANs, serverAuth + clientAuth (HTTPS, node-to-node
+    mutual TLS, etcd client and peer TLS), never a CA, and never valid beyond the CA itself."""
     now = _dt.datetime.now(_dt.UTC)
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(
             x509.Name(
@@ -136,22 +139,46 @@ def issue_server_cert(ca_cert_pem: bytes, ca_key_pem: bytes, node_name: str) -> 
             )
         )
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _dt.timedelta(minutes=5))
-        .not_valid_after(now + _dt.timedelta(days=SERVER_DAYS))
+        .not_valid_after(min(now + _dt.timedelta(days=days), ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(n) for n in names] + [x509.IPAddress(ip) for ip in ips]),
-            critical=False,
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
         )
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
+
+
+def issue_server_cert(ca_cert_pem: bytes, ca_key_pem: bytes, node_name: str) -> tuple[bytes, bytes]:
+    """A server (and client, for node-to-node mTLS) certificate for this host: ``(cert_pem, key_pem)``."""
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    names, ips = _local_names()
+    if node_name not in names:
+        names.append(node_name)
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names] + [x509.IPAddress(ip) for ip in ips]
+    cert = node_certificate(ca_cert, ca_key, key.public_key(), node_name, sans, days=SERVER_DAYS)
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 

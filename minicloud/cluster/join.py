@@ -53,7 +53,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from minicloud import ids
 from minicloud.errors import Conflict, Forbidden, Gone, MinicloudError, Unauthenticated, ValidationFailed
 from minicloud.model import NAME_PATTERN
-from minicloud.pki import SERVER_DAYS, fingerprint
+from minicloud.pki import SERVER_DAYS, fingerprint, node_certificate
 
 __all__ = [
     "DEFAULT_MAX_SKEW_SECONDS",
@@ -666,47 +666,7 @@ def sign_node_csr(
                 f"the certificate request names {', '.join(extra)}, which are not addresses of node {node_name!r}; "
                 "remove them from the node's configured addresses or ask the cluster admin to allow them"
             )
-    now = _dt.datetime.now(_dt.UTC)
-    not_after = min(now + _dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "minicloud"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, node_name),
-                ]
-            )
-        )
-        .issuer_name(ca_cert.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _dt.timedelta(minutes=5))
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
-                content_commitment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectAlternativeName(_san_entries(names)), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    cert = node_certificate(ca_cert, ca_key, public_key, node_name, _san_entries(names), days=days)
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
