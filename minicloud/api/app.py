@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from minicloud import ids
-from minicloud.api import admin, apikeys, cluster, events, keypairs, openapi, operations, system
+from minicloud.api import admin, apikeys, audit, cluster, events, keypairs, openapi, operations, projects, system
 from minicloud.api.auth import KEY_CACHE, KeyCache
 from minicloud.api.keys import CLUSTER, CONFIG, HOST, OPERATIONS, PKI, STORE, TLS
-from minicloud.api.middleware import auth_middleware, problem_middleware
+from minicloud.api.middleware import audit_middleware, auth_middleware, problem_middleware
 from minicloud.api.resources import IDEMPOTENCY_KIND
 from minicloud.api.routing import set_max_body
 from minicloud.cluster.node import ClusterNode
@@ -35,6 +35,8 @@ ROUTE_TABLES = [
     apikeys.routes,
     admin.routes,
     cluster.routes,
+    projects.routes,
+    audit.routes,
 ]
 HOUSEKEEPING_INTERVAL = 60.0
 
@@ -43,7 +45,7 @@ def create_app(config: Config, *, host: object | None = None) -> web.Application
     """Build the node's API application. Opening the store and starting loops happen in the app's cleanup contexts,
     so the same app works under ``web.run_app``, an ``AppRunner`` or aiohttp's test client."""
     app = web.Application(
-        middlewares=[problem_middleware, auth_middleware],
+        middlewares=[audit_middleware, problem_middleware, auth_middleware],
         client_max_size=config.api.max_body_bytes,
     )
     app[CONFIG] = config

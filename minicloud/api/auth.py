@@ -29,6 +29,10 @@ class Principal:
 
 
 PRINCIPAL = web.RequestKey("principal", Principal)
+#: The action the route declares (``public`` for public routes): what the audit log records.
+ACTION = web.RequestKey("action", str)
+#: Set once the request's audit entry has been written (in the same transaction as its change).
+AUDITED = web.RequestKey("audited", bool)
 
 
 class KeyCache:

@@ -18,10 +18,14 @@ from minicloud import errors
 from minicloud.api import auth
 from minicloud.api.keys import STORE
 from minicloud.api.routing import PROBLEM_JSON, SPECS_BY_HANDLER, Action
+from minicloud.iam import audit
+from minicloud.state import Create, Record, Txn
 
 log = logging.getLogger("minicloud.api")
 _enc = msgspec.json.Encoder()
 REQUEST_ID = web.RequestKey("request_id", str)
+#: The project a request acts in (set by ``resources.project_of``).
+PROJECT = web.RequestKey("project", str)
 
 
 def problem_response(exc: errors.MinicloudError, request: web.Request) -> web.Response:
@@ -90,11 +94,51 @@ def via_unix_socket(request: web.Request) -> bool:
     return sock is not None and sock.family == socket.AF_UNIX
 
 
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@web.middleware
+async def audit_middleware(request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
+    """Outermost: record every mutating request and every denied one whose entry was not already written together
+    with its change (see ``resources.write``). Writing the entry never changes the response."""
+    response = await handler(request)
+    status = response.status
+    denied = status in (401, 403)
+    if auth.ACTION not in request or request.get(auth.AUDITED) or not (denied or request.method in MUTATING):
+        return response
+    result = "denied" if denied else "failed" if status >= 400 else "allowed"
+    try:
+        await request.app[STORE].commit(Txn([Create(audit_entry(request, result, status))]))
+    except Exception:  # the store is unwritable (no quorum): the request's own outcome stands; the log says so
+        log.warning("audit entry not written", extra={"request_id": request.get(REQUEST_ID), "status": status})
+    return response
+
+
+def audit_entry(request: web.Request, result: str, status: int, target: dict[str, str] | None = None) -> Record:
+    principal = request.get(auth.PRINCIPAL)
+    return audit.entry(
+        principal=principal.ref if principal is not None else "anonymous",
+        project=request.get(PROJECT, ""),
+        action=request.get(auth.ACTION, ""),
+        method=request.method,
+        path=request.path,
+        target=target or {},
+        result=result,
+        status=status,
+        request_id=request.get(REQUEST_ID, ""),
+        source=request.remote or "unix",
+    )
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
     spec = SPECS_BY_HANDLER.get(request.match_info.handler)
     if spec is None:  # aiohttp's own 404/405 handlers
         return await handler(request)
+    request[auth.ACTION] = spec.auth.name if isinstance(spec.auth, Action) else "public"
+    from minicloud.api.resources import resolve_project  # resources imports this module
+
+    await resolve_project(request)
     principal = await auth.authenticate(request, unix=via_unix_socket(request))
     if isinstance(spec.auth, Action):
         if principal is None:

@@ -22,13 +22,15 @@ import msgspec
 from aiohttp import web
 
 from minicloud import errors, ids
-from minicloud.api.auth import principal_of
+from minicloud.api.auth import AUDITED, principal_of
 from minicloud.api.keys import CONFIG, STORE
+from minicloud.api.middleware import PROJECT, audit_entry
 from minicloud.api.routing import Reply
-from minicloud.model import LABEL_KEY_PATTERN, Page
+from minicloud.model import LABEL_KEY_PATTERN, NAME_PATTERN, Page
 from minicloud.state import Create, Delete, Op, Record, Txn, TxnFailed, Update
 
 DEFAULT_PROJECT = "default"
+PROJECT_KIND = "project"
 IDEMPOTENCY_KIND = "idempotency"
 
 
@@ -59,11 +61,11 @@ class ListQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     label: Annotated[str, msgspec.Meta(max_length=2048, description="label selector: k=v[,k2=v2]")] | None = None
 
 
-def _encode_cursor(record: Record) -> str:
+def encode_cursor(record: Record) -> str:
     return base64.urlsafe_b64encode(msgspec.json.encode([record.name, record.id])).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[str, str]:
+def decode_cursor(cursor: str) -> tuple[str, str]:
     try:
         name, id_ = msgspec.json.decode(
             base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)), type=tuple[str, str]
@@ -92,12 +94,24 @@ def parse_selector(selector: str | None) -> dict[str, str]:
 
 
 def project_of(request: web.Request) -> str:
-    """The project a request acts in. Until IAM brings projects, everything lives in ``default``."""
-    return DEFAULT_PROJECT
+    """The project a request acts in: ``?project=P``, else ``default`` (validated by :func:`resolve_project`)."""
+    return request.get(PROJECT, DEFAULT_PROJECT)
+
+
+async def resolve_project(request: web.Request) -> str:
+    """Validate ``?project=`` and remember it on the request. An unknown project is 404, whoever asks."""
+    name = request.query.get("project", DEFAULT_PROJECT)
+    if name != DEFAULT_PROJECT and (
+        not re.fullmatch(NAME_PATTERN, name) or await request.app[STORE].get_by_name(PROJECT_KIND, "", name) is None
+    ):
+        shown = name[:64].encode("unicode_escape").decode()
+        raise errors.NotFound(f"no project named '{shown}'; see `minicloud project list`")
+    request[PROJECT] = name
+    return name
 
 
 async def list_page(request: web.Request, kind: Kind, query: ListQuery) -> Page[Any]:
-    after = _decode_cursor(query.cursor) if query.cursor else None
+    after = decode_cursor(query.cursor) if query.cursor else None
     records = await request.app[STORE].list(
         kind.name,
         project=project_of(request),
@@ -110,7 +124,7 @@ async def list_page(request: web.Request, kind: Kind, query: ListQuery) -> Page[
     records = records[: query.limit]
     return Page(
         items=[kind.view(r) for r in records],
-        next_cursor=_encode_cursor(records[-1]) if more and records else None,
+        next_cursor=encode_cursor(records[-1]) if more and records else None,
     )
 
 
@@ -204,6 +218,17 @@ async def write(
         replay = await _replay(request, idem_id, fingerprint)
         if replay is not None:
             return replay
+    # The audit entry of an allowed change commits with the change: neither exists without the other.
+    first = ops[0] if ops else None
+    target_record = getattr(first, "record", None)
+    target = (
+        {"kind": target_record.kind, "id": target_record.id, "name": target_record.name}
+        if target_record is not None
+        else {"kind": first.kind, "id": first.id}
+        if isinstance(first, Delete)
+        else {}
+    )
+    ops = [*ops, Create(audit_entry(request, "allowed", status, target))]
     idem_record = None
     if idem_id is not None:
         stamp = ids.now()
@@ -234,6 +259,7 @@ async def write(
             if replay is not None:
                 return replay
         raise _conflict(exc, kind_name) from None
+    request[AUDITED] = True
     return Reply(respond(revision), status, headers(revision) if headers else {})
 
 

@@ -200,6 +200,8 @@ async def decode_body(request: web.Request, body_type: type) -> Any:
 def decode_query(request: web.Request, query_type: type) -> Any:
     params: dict[str, Any] = {}
     for key in request.query:
+        if key == "project":  # every route takes it; resources.resolve_project validates it
+            continue
         values = request.query.getall(key)
         if len(values) > 1:
             raise errors.ValidationFailed(
@@ -223,10 +225,10 @@ def _wrap(spec: RouteSpec) -> Handler:
             kwargs["body"] = await decode_body(request, spec.body)
         if spec.query is not None:
             kwargs["query"] = decode_query(request, spec.query)
-        elif request.query and not spec.websocket:
+        elif (extra := [k for k in request.query if k != "project"]) and not spec.websocket:
             raise errors.ValidationFailed(
-                f"{spec.method} {spec.path} takes no query parameters; remove '?{request.query_string}'",
-                invalid_params=[{"name": k, "reason": "unknown parameter"} for k in request.query],
+                f"{spec.method} {spec.path} takes no query parameters but 'project'; remove '?{request.query_string}'",
+                invalid_params=[{"name": k, "reason": "unknown parameter"} for k in extra],
             )
         result = await spec.handler(request, **kwargs)
         if isinstance(result, web.StreamResponse):

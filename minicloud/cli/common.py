@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from minicloud.client import Client
@@ -23,23 +24,23 @@ def fail(message: str, code: int = 1) -> int:
 
 def client(args: argparse.Namespace) -> Client:
     """The client for ``--socket``/``--remote``; without either, the local socket (or the default remote, if set
-    and no local socket exists)."""
+    and no local socket exists). ``--project`` (or ``$MINICLOUD_PROJECT``) applies to every request."""
+    c = _connect(args)
+    c.project = getattr(args, "project", None) or os.environ.get("MINICLOUD_PROJECT") or None
+    return c
+
+
+def _connect(args: argparse.Namespace) -> Client:
     if getattr(args, "remote", None):
         return Client.remote(args.remote)
     if getattr(args, "socket", None):
         return Client.local(args.socket)
     local = Client.local()
-    if local.socket_path and not _exists(local.socket_path):
+    if local.socket_path and not os.path.exists(local.socket_path):
         cfg = load_config()
         if cfg.default and cfg.default in cfg.remotes:
             return Client.for_remote(cfg.remotes[cfg.default])
     return local
-
-
-def _exists(path: str) -> bool:
-    import os
-
-    return os.path.exists(path)
 
 
 def wait_operation(c: Client, op: Operation, output: str) -> Operation:

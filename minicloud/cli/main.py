@@ -12,11 +12,24 @@ import sys
 from collections.abc import Sequence
 
 from minicloud import __version__
-from minicloud.cli import admin, agent, apikey, cluster, completion, config_cmd, keypair, node, operation, remote
+from minicloud.cli import (
+    admin,
+    agent,
+    apikey,
+    audit,
+    cluster,
+    completion,
+    config_cmd,
+    keypair,
+    node,
+    operation,
+    project,
+    remote,
+)
 from minicloud.cli.common import CommandError, fail
 from minicloud.client import ApiError, ConnectError
 
-NOUNS = [agent, config_cmd, node, cluster, keypair, operation, apikey, remote, admin, completion]
+NOUNS = [agent, config_cmd, node, cluster, project, keypair, operation, apikey, audit, remote, admin, completion]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the agent's Unix socket (default: $MINICLOUD_SOCKET or /run/minicloud/minicloud.sock)",
     )
     target.add_argument("--remote", metavar="NAME", help="talk to a remote added with `minicloud remote add`")
+    parser.add_argument(
+        "--project", metavar="NAME", help="act in this project (default: $MINICLOUD_PROJECT or 'default')"
+    )
     parser.add_argument(
         "-o",
         "--output",

@@ -106,6 +106,7 @@ class Client:
         token: str | None = None,
         ca_pem: str | None = None,
         timeout: float = 60.0,
+        project: str | None = None,
     ) -> None:
         if (socket_path is None) == (url is None):
             raise ValueError("give exactly one of socket_path or url")
@@ -114,6 +115,8 @@ class Client:
         self.token = token
         self.ca_pem = ca_pem
         self.timeout = timeout
+        #: Every request acts in this project (``?project=``); None: the server's default (``default``).
+        self.project = project
         self._conn: http.client.HTTPConnection | None = None
         self.keypairs = KeyPairs(self)
         self.operations = Operations(self)
@@ -172,10 +175,11 @@ class Client:
         headers: dict[str, str] | None = None,
     ) -> Response:
         """Send one request and return the response as it came, whatever its status."""
+        query = {**(query or {}), "project": self.project} if self.project else query
         if query:
             clean = {k: v for k, v in query.items() if v is not None}
             if clean:
-                path += "?" + urllib.parse.urlencode(clean)
+                path += ("&" if "?" in path else "?") + urllib.parse.urlencode(clean)
         hdrs = {"Accept": "application/json", **(headers or {})}
         if json is not None:
             body = msgspec.json.encode(json)

@@ -270,3 +270,36 @@ class JoinReply(msgspec.Struct, kw_only=True):
     initial_cluster: dict[str, str]
     endpoints: list[str]
     role: str
+
+
+# -- projects and audit --------------------------------------------------------------------------------------------
+class Project(Resource, kw_only=True):
+    description: str = ""
+
+
+class ProjectCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Name
+    description: Description = ""
+    labels: Labels = {}
+
+
+class ProjectUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    description: Description | UnsetType = UNSET
+    labels: Labels | UnsetType = UNSET
+
+
+class AuditEntry(msgspec.Struct, kw_only=True):
+    """One audit log entry: who did what, in which project, to what, with which outcome."""
+
+    id: str
+    time: str
+    principal: str
+    project: str
+    action: str
+    method: str
+    path: str
+    target: dict[str, str] = {}
+    result: Literal["allowed", "denied", "failed"]
+    status: int
+    request_id: str
+    source: str

@@ -46,7 +46,7 @@ from minicloud.state.etcd_client import (
     op_put,
     prefix_end,
 )
-from minicloud.state.records import Change, Create, Delete, Op, Record, Txn, TxnFailed, Update
+from minicloud.state.records import Change, Create, Delete, Op, Record, Txn, TxnFailed, Update, check_append_only
 from minicloud.state.sqlite import SQLiteStore, Subscription
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,7 @@ class EtcdStore:
 
         Raises :class:`TxnFailed` on a failed condition and ``errors.Unavailable`` (503) without a quorum.
         """
+        check_append_only(txn)
         if self.stale and not await self.check_quorum():
             # Refused before anything is proposed: the write has certainly not happened.
             raise errors.Unavailable(

@@ -80,6 +80,18 @@ class Change(msgspec.Struct, kw_only=True):
     record: Record
 
 
+#: Kinds whose records can be created but never changed or removed (the audit log).
+APPEND_ONLY_KINDS = frozenset({"audit"})
+
+
+def check_append_only(txn: Txn) -> None:
+    """Refuse a transaction that would change or remove a record of an append-only kind."""
+    for index, op in enumerate(txn.ops):
+        kind = op.record.kind if isinstance(op, Update) else op.kind if isinstance(op, Delete) else None
+        if kind in APPEND_ONLY_KINDS:
+            raise TxnFailed(index, "append-only", op)
+
+
 class TxnFailed(Exception):
     """A transaction's condition failed; nothing was written. ``index`` is the failing op, ``reason`` says which check."""
 

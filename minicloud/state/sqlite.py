@@ -25,7 +25,7 @@ import msgspec
 
 from minicloud.state.cache import RecordCache
 from minicloud.state.migrations import migrate
-from minicloud.state.records import Change, Create, Delete, Record, Txn, TxnFailed, Update
+from minicloud.state.records import Change, Create, Delete, Record, Txn, TxnFailed, Update, check_append_only
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +279,7 @@ class SQLiteStore:
     async def commit(self, txn: Txn) -> tuple[int, list[Change]]:
         """Apply ``txn`` durably; return its revision and changes. Raises :class:`TxnFailed` when a condition fails
         (nothing written). Safe to call from many tasks at once; callers' transactions are group-committed."""
+        check_append_only(txn)
         return await self._enqueue(txn, None)
 
     async def commit_at(self, txn: Txn, revision: int) -> tuple[int, list[Change]]:

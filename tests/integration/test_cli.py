@@ -147,3 +147,21 @@ def test_sigterm_shuts_down_gracefully_and_notifies_systemd(tmp_path):
         assert any(line["msg"] == "stopped" for line in lines)
     finally:
         listener.close()
+
+
+def test_projects_and_the_audit_log_through_the_cli(agent):
+    project = unique("team")
+    agent.cli("project", "create", project, "--description", "a team", check=True)
+    assert project in [p["name"] for p in agent.json("project", "list")]
+    name = unique("kp")
+    agent.cli("--project", project, "keypair", "import", name, "-", input=make_ssh_key(), check=True)
+    assert name in [k["name"] for k in agent.json("--project", project, "keypair", "list")]
+    assert name not in [k["name"] for k in agent.json("keypair", "list")]
+    busy = agent.cli("project", "delete", project)
+    assert busy.returncode == 1 and "still holds keypairs" in busy.stderr
+    entries = agent.json("audit", "list", "--in-project", project, "--since", "1h")
+    assert [(e["action"], e["result"], e["principal"]) for e in entries] == [
+        ("compute:keypairs:create", "allowed", "local:root")
+    ]
+    table = agent.cli("audit", "list", "--since", "1h", check=True).stdout
+    assert table.splitlines()[0].split()[:3] == ["TIME", "PRINCIPAL", "PROJECT"]
