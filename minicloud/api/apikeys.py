@@ -5,9 +5,13 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
+from minicloud import errors
 from minicloud.api import resources as res
+from minicloud.api.auth import authorize, principal_of
+from minicloud.api.keys import STORE
 from minicloud.api.routing import Action, Reply, Routes
 from minicloud.iam import apikeys
+from minicloud.iam.directory import USER_KIND
 from minicloud.model import ApiKey, ApiKeyCreate, ApiKeySecret, Page
 
 routes = Routes("apikeys")
@@ -23,7 +27,19 @@ async def list_apikeys(request: web.Request, query: res.ListQuery) -> Page[ApiKe
 @routes.post("/v1/apikeys", body=ApiKeyCreate, response=ApiKeySecret, status=201, auth=Action("iam:apikeys:create"))
 async def create_apikey(request: web.Request, body: ApiKeyCreate) -> Reply:
     """Create an API key; the response holds its secret, shown only this once."""
-    record, token = apikeys.new_key(res.project_of(request), body.name, body.description, body.expires_in, body.labels)
+    caller = principal_of(request)
+    if body.user is not None:
+        user = await request.app[STORE].get_by_name(USER_KIND, "", body.user)
+        if user is None:
+            raise errors.NotFound(f"no user named '{body.user}'; create it with `minicloud user create {body.user}`")
+        owner = f"{user.spec.get('type', 'user')}:{user.name}"
+        if owner != caller.ref:  # keys for someone else: user administration
+            await authorize(request, caller, "iam:users:update", "", cluster=True)
+    else:
+        owner = caller.ref if caller.kind in ("user", "serviceaccount") else "user:admin"
+    record, token = apikeys.new_key(
+        res.project_of(request), body.name, body.description, body.expires_in, body.labels, principal=owner
+    )
     return await res.write(
         request,
         [res.Create(record)],

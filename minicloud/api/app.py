@@ -11,18 +11,20 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from minicloud import ids
-from minicloud.api import admin, apikeys, audit, cluster, events, keypairs, openapi, operations, projects, system
-from minicloud.api.auth import KEY_CACHE, KeyCache
+from minicloud import errors, ids
+from minicloud.api import admin, apikeys, audit, cluster, events, keypairs, openapi, operations, projects, system, users
+from minicloud.api.auth import DIRECTORY, KEY_CACHE, KeyCache
 from minicloud.api.keys import CLUSTER, CONFIG, HOST, OPERATIONS, PKI, STORE, TLS
 from minicloud.api.middleware import audit_middleware, auth_middleware, problem_middleware
 from minicloud.api.resources import IDEMPOTENCY_KIND
 from minicloud.api.routing import set_max_body
+from minicloud.api.users import binding_id
 from minicloud.cluster.node import ClusterNode
 from minicloud.config import Config
+from minicloud.iam.directory import BINDING_KIND, USER_KIND, Directory
 from minicloud.operations import Operations
 from minicloud.pki import NodePKI, ensure_node_pki
-from minicloud.state import Delete, Store, Txn, TxnFailed
+from minicloud.state import Create, Delete, Record, Store, Txn, TxnFailed
 from minicloud.state.handle import StoreHandle
 from minicloud.state.sqlite import SQLiteStore
 
@@ -37,6 +39,7 @@ ROUTE_TABLES = [
     cluster.routes,
     projects.routes,
     audit.routes,
+    users.routes,
 ]
 HOUSEKEEPING_INTERVAL = 60.0
 
@@ -63,6 +66,7 @@ def create_app(config: Config, *, host: object | None = None) -> web.Application
         table.register(app)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_cluster_ctx)
+    app.cleanup_ctx.append(_bootstrap_ctx)
     app.cleanup_ctx.append(_operations_ctx)
     app.cleanup_ctx.append(_housekeeping_ctx)
     return app
@@ -74,6 +78,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     await store.open()
     app[STORE] = store
     app[KEY_CACHE] = KeyCache(store)
+    app[DIRECTORY] = Directory(store)
     log.info("store open", extra={"path": str(config.data_path / "state.db"), "revision": store.revision})
     yield
     await store.close()
@@ -93,6 +98,30 @@ def server_ssl_context(pki: NodePKI) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(pki.server_cert, pki.server_key)
     return ctx
+
+
+async def bootstrap_admin(store: Store) -> bool:
+    """Make sure the ``admin`` user exists and holds the ``admin`` role cluster-wide (what `minicloud init`'s API key
+    acts as). Idempotent; fixed ids make concurrent bootstraps on several nodes converge. True if it wrote."""
+    if await store.get_by_name(USER_KIND, "", "admin") is not None:
+        return False
+    stamp = ids.now()
+    user = Record(kind=USER_KIND, id="usr-admin", project="", name="admin", spec={"type": "user"}, created_at=stamp, updated_at=stamp)  # fmt: skip
+    grant_id = binding_id("user:admin", "admin", None)
+    grant = Record(
+        kind=BINDING_KIND, id=grant_id, project="", name=grant_id,
+        spec={"principal": "user:admin", "role": "admin", "project": None}, created_at=stamp, updated_at=stamp,
+    )  # fmt: skip
+    try:
+        await store.commit(Txn([Create(user), Create(grant)]))
+    except (TxnFailed, errors.MinicloudError):
+        return False  # another node did it, or no quorum now: the next start tries again
+    return True
+
+
+async def _bootstrap_ctx(app: web.Application) -> AsyncIterator[None]:
+    await bootstrap_admin(app[STORE])
+    yield
 
 
 async def _operations_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -23,9 +23,12 @@ class AuditQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         Annotated[str, msgspec.Meta(max_length=64, description="RFC 3339 time, or a duration back: 90s 15m 2h 7d")]
         | None
     ) = None
-    user: Annotated[str, msgspec.Meta(max_length=300, description="principal, e.g. local:root, apikey:ak-…")] | None = (
-        None
-    )
+    user: (
+        Annotated[
+            str, msgspec.Meta(max_length=300, description="principal, e.g. local:root, user:alice, serviceaccount:ci")
+        ]
+        | None
+    ) = None
     result: Literal["allowed", "denied", "failed"] | None = None
     in_project: Annotated[str, msgspec.Meta(max_length=63, description="only entries of this project")] | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100

@@ -11,21 +11,23 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from minicloud import errors
-from minicloud.iam import apikeys
+from minicloud.iam import apikeys, policy
+from minicloud.iam.directory import Directory, is_project_action
 from minicloud.state import Change, Record, Store
 
 
 @dataclass(frozen=True)
 class Principal:
-    kind: str  # "local" | "apikey"
+    kind: str  # "local" | "user" | "serviceaccount" | "anonymous"
     name: str
     admin: bool
     key_id: str | None = None
 
     @property
     def ref(self) -> str:
-        """Stable identity used to scope idempotency keys and, later, audit records."""
-        return f"{self.kind}:{self.key_id or self.name}"
+        """``local:root``, ``user:alice``, ``serviceaccount:ci``: what bindings name, what the audit log records and
+        what scopes idempotency keys."""
+        return f"{self.kind}:{self.name}"
 
 
 PRINCIPAL = web.RequestKey("principal", Principal)
@@ -64,6 +66,7 @@ class KeyCache:
 
 
 KEY_CACHE = web.AppKey("key_cache", KeyCache)
+DIRECTORY = web.AppKey("directory", Directory)
 LOCAL_ROOT = Principal(kind="local", name="root", admin=True)
 
 
@@ -91,13 +94,27 @@ async def authenticate(request: web.Request, *, unix: bool) -> Principal | None:
     reason = apikeys.verify(record, token)
     if reason:
         raise _unauthenticated(reason)
-    return Principal(kind="apikey", name=record.name, admin=True, key_id=record.id)
+    owner = record.spec.get("principal", "user:admin")  # keys made before IAM belong to the admin user
+    kind, _, name = owner.partition(":")
+    return Principal(kind=kind, name=name, admin=False, key_id=record.id)
 
 
-def authorize(principal: Principal, action: str) -> None:
-    """Raise 403 naming ``action`` unless ``principal`` may perform it. Admins may do everything."""
-    if not principal.admin:
-        raise errors.Forbidden(f"you are not allowed to perform '{action}'")
+async def authorize(
+    request: web.Request, principal: Principal, action: str, project: str, *, cluster: bool = False
+) -> None:
+    """Raise unless ``principal`` may perform ``action``: 404 when the action is inside a project the principal
+    cannot see at all (names must not leak), else 403 naming the missing action. Local root may do everything.
+    ``cluster=True`` evaluates the action cluster-wide (only cluster-scope grants count)."""
+    if principal.admin:
+        return
+    scope = project if is_project_action(action) and not cluster else None
+    bindings, roles = await request.app[DIRECTORY].load()
+    decision = policy.evaluate(principal.ref, action, scope, bindings, roles)
+    if decision.allowed:
+        return
+    if scope is not None and not policy.visible(principal.ref, scope, bindings, roles):
+        raise errors.NotFound(f"no project named '{scope}'; see `minicloud project list`")
+    raise errors.Forbidden(decision.reason, action=action)
 
 
 def principal_of(request: web.Request) -> Principal:

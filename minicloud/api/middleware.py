@@ -136,17 +136,18 @@ async def auth_middleware(request: web.Request, handler: web.RequestHandler) -> 
     if spec is None:  # aiohttp's own 404/405 handlers
         return await handler(request)
     request[auth.ACTION] = spec.auth.name if isinstance(spec.auth, Action) else "public"
+    principal = await auth.authenticate(request, unix=via_unix_socket(request))
+    request[auth.PRINCIPAL] = principal
+    if isinstance(spec.auth, Action) and principal is None:
+        raise errors.Unauthenticated(
+            "this endpoint needs credentials: send 'Authorization: Bearer <api key>' "
+            "(create one with `minicloud apikey create` on the node), or use the local Unix socket as root",
+            headers={"WWW-Authenticate": 'Bearer realm="minicloud"'},
+        )
     from minicloud.api.resources import resolve_project  # resources imports this module
 
     await resolve_project(request)
-    principal = await auth.authenticate(request, unix=via_unix_socket(request))
     if isinstance(spec.auth, Action):
-        if principal is None:
-            raise errors.Unauthenticated(
-                "this endpoint needs credentials: send 'Authorization: Bearer <api key>' "
-                "(create one with `minicloud apikey create` on the node), or use the local Unix socket as root",
-                headers={"WWW-Authenticate": 'Bearer realm="minicloud"'},
-            )
-        auth.authorize(principal, spec.auth.name)
-    request[auth.PRINCIPAL] = principal
+        assert principal is not None
+        await auth.authorize(request, principal, spec.auth.name, request[PROJECT])
     return await handler(request)

@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = verbs.add_parser("create", help="create an API key; its secret is printed once")
     v.add_argument("name")
     v.add_argument("--description", default="")
+    v.add_argument("--user", help="the user or service account the key acts as (default: you; root: admin)")
     v.add_argument("--expires-in", type=int, metavar="SECONDS", help="lifetime (default: no expiry)")
     v.set_defaults(func=create)
     verbs.add_parser("list", help="list API keys").set_defaults(func=list_)
@@ -34,7 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def create(args: argparse.Namespace) -> int:
-    key = client(args).apikeys.create(name=args.name, description=args.description, expires_in=args.expires_in)
+    key = client(args).apikeys.create(
+        name=args.name, description=args.description, expires_in=args.expires_in, user=args.user
+    )
     if args.output == "table":
         print(f"Created API key {key.name} ({key.id}). Its secret, shown only now:")
         print(f"  {key.secret}")

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     verbs = p.add_subparsers(dest="verb", metavar="<verb>", required=True)
     v = verbs.add_parser("list", help="list audit entries, oldest first")
     v.add_argument("--since", help="an RFC 3339 time, or a duration back from now: 90s, 15m, 2h, 7d")
-    v.add_argument("--user", help="only this principal (e.g. local:root, apikey:ak-…)")
+    v.add_argument("--user", help="only this principal (e.g. local:root, user:alice, serviceaccount:ci)")
     v.add_argument("--result", choices=["allowed", "denied", "failed"])
     v.add_argument("--in-project", help="only entries of this project")
     v.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")

@@ -25,11 +25,12 @@ from minicloud.cli import (
     operation,
     project,
     remote,
+    user,
 )
 from minicloud.cli.common import CommandError, fail
 from minicloud.client import ApiError, ConnectError
 
-NOUNS = [agent, config_cmd, node, cluster, project, keypair, operation, apikey, audit, remote, admin, completion]
+NOUNS = [agent, config_cmd, node, cluster, project, user, keypair, operation, apikey, audit, remote, admin, completion]
 
 
 def build_parser() -> argparse.ArgumentParser:

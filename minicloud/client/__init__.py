@@ -289,8 +289,12 @@ class ApiKeys:
     def get(self, ref: str) -> ApiKey:
         return self._c.call("GET", f"/v1/apikeys/{_q(ref)}", ApiKey)
 
-    def create(self, *, name: str, description: str = "", expires_in: int | None = None) -> ApiKeySecret:
+    def create(
+        self, *, name: str, description: str = "", expires_in: int | None = None, user: str | None = None
+    ) -> ApiKeySecret:
         body: dict[str, Any] = {"name": name, "description": description}
+        if user is not None:
+            body["user"] = user
         if expires_in is not None:
             body["expires_in"] = expires_in
         return self._c.call("POST", "/v1/apikeys", ApiKeySecret, json=body)

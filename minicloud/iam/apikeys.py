@@ -27,7 +27,12 @@ def _hash(secret: str) -> str:
 
 
 def new_key(
-    project: str, name: str, description: str, expires_in: int | None, labels: dict[str, str]
+    project: str,
+    name: str,
+    description: str,
+    expires_in: int | None,
+    labels: dict[str, str],
+    principal: str = "user:admin",
 ) -> tuple[Record, str]:
     """A stamped record for a new key and the one-time token for it."""
     key_id = ids.new_id(PREFIX)
@@ -52,6 +57,7 @@ def new_key(
             "prefix": token[:12],
             "description": description,
             "expires_at": expires_at,
+            "principal": principal,
         },
         created_at=stamp,
         updated_at=stamp,
@@ -85,6 +91,7 @@ def view(record: Record) -> ApiKey:
         description=s.get("description", ""),
         prefix=s["prefix"],
         expires_at=s.get("expires_at"),
+        principal=s.get("principal", "user:admin"),
     )
 
 

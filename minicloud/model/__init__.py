@@ -110,12 +110,15 @@ class Operation(Resource, kw_only=True):
 class ApiKey(Resource, kw_only=True):
     description: str = ""
     prefix: str
+    principal: str = "user:admin"
     expires_at: str | None = None
     last_used_at: str | None = None
 
 
 class ApiKeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Name
+    #: The user the key acts as (default: the caller, or ``admin`` for local root).
+    user: Name | None = None
     description: Description = ""
     expires_in: Annotated[int, Meta(ge=60, le=10 * 365 * 86400, description="lifetime in seconds")] | None = None
     labels: Labels = {}
@@ -303,3 +306,39 @@ class AuditEntry(msgspec.Struct, kw_only=True):
     status: int
     request_id: str
     source: str
+
+
+# -- users and role bindings ---------------------------------------------------------------------------------------
+class User(Resource, kw_only=True):
+    email: str = ""
+    type: Literal["user", "serviceaccount"] = "user"
+    has_password: bool = False
+
+
+class UserCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Name
+    email: Annotated[str, Meta(max_length=254, pattern=r"^([^@\s]+@[^@\s]+)?$")] = ""
+    type: Literal["user", "serviceaccount"] = "user"
+    password: Annotated[str, Meta(max_length=1024)] | None = None
+    labels: Labels = {}
+
+
+class RoleBinding(Resource, kw_only=True):
+    principal: str
+    role: str
+    scope_project: str | None = None
+
+
+class RoleBindingCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    role: Name
+    principal: Annotated[str, Meta(pattern=r"^(user|serviceaccount):[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+    #: The project the role applies in; null binds it cluster-wide (required for ``admin``).
+    scope_project: Name | None = None
+
+
+class RoleInfo(msgspec.Struct, kw_only=True):
+    name: str
+    scope: str
+    description: str = ""
+    builtin: bool = True
+    statements: list[dict[str, Any]] = []

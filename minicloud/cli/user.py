@@ -1,0 +1,134 @@
+"""``minicloud user create|list|show|delete`` and ``minicloud role list|grant|revoke|create``."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+
+from minicloud.cli.common import CommandError, client
+from minicloud.cli.output import col, emit
+from minicloud.model import RoleBinding, RoleInfo, User
+
+USER_COLUMNS = [col("name", "name"), col("type", "type"), col("email", "email"), col("id", "id")]
+BINDING_COLUMNS = [col("principal", "principal"), col("role", "role"), col("project", "scope_project"), col("id", "id")]
+ROLE_COLUMNS = [
+    col("name", "name"),
+    col("scope", "scope"),
+    col("builtin", "builtin"),
+    col("description", "description"),
+]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("user", help="users and service accounts")
+    verbs = p.add_subparsers(dest="verb", metavar="<verb>", required=True)
+    v = verbs.add_parser("create", help="create a user (or, with --service, a service account)")
+    v.add_argument("name")
+    v.add_argument("--email", default="")
+    v.add_argument("--service", action="store_true", help="a service account: API keys only, no password")
+    v.add_argument("--password-stdin", action="store_true", help="read a password from stdin (else: ask, or none)")
+    v.set_defaults(func=create_user)
+    verbs.add_parser("list", help="list users").set_defaults(func=list_users)
+    v = verbs.add_parser("show", help="show a user")
+    v.add_argument("name")
+    v.set_defaults(func=show_user)
+    v = verbs.add_parser("delete", help="delete a user and their role bindings")
+    v.add_argument("name")
+    v.set_defaults(func=delete_user)
+
+    p = sub.add_parser("role", help="roles and who holds them (RBAC)")
+    verbs = p.add_subparsers(dest="verb", metavar="<verb>", required=True)
+    verbs.add_parser("list", help="built-in and custom roles").set_defaults(func=list_roles)
+    v = verbs.add_parser("grant", help="grant ROLE to a user or service account, in --project or cluster-wide")
+    v.add_argument("role")
+    who = v.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user")
+    who.add_argument("--serviceaccount")
+    v.set_defaults(func=grant)
+    v = verbs.add_parser("revoke", help="revoke a role binding (by id, see `role bindings`)")
+    v.add_argument("id")
+    v.set_defaults(func=revoke)
+    v = verbs.add_parser("bindings", help="list role bindings")
+    v.add_argument("--user")
+    v.set_defaults(func=bindings)
+    v = verbs.add_parser("create", help="define a custom role from action patterns")
+    v.add_argument("name")
+    v.add_argument("--allow", action="append", default=[], metavar="ACTION", help="e.g. compute:keypairs:*")
+    v.add_argument("--deny", action="append", default=[], metavar="ACTION")
+    v.add_argument("--scope", choices=["project", "cluster"], default="project")
+    v.add_argument("--description", default="")
+    v.set_defaults(func=create_role)
+
+
+def create_user(args: argparse.Namespace) -> int:
+    body: dict[str, object] = {
+        "name": args.name,
+        "email": args.email,
+        "type": "serviceaccount" if args.service else "user",
+    }
+    if args.password_stdin:
+        body["password"] = sys.stdin.readline().rstrip("\n")
+    elif not args.service and sys.stdin.isatty():
+        password = getpass.getpass("Password (empty: none, API keys only): ")
+        if password:
+            if getpass.getpass("Again: ") != password:
+                raise CommandError("the passwords differ")
+            body["password"] = password
+    emit(client(args).call("POST", "/v1/users", User, json=body), args.output)
+    return 0
+
+
+def list_users(args: argparse.Namespace) -> int:
+    emit(list(client(args).paginate("/v1/users", User)), args.output, USER_COLUMNS)
+    return 0
+
+
+def show_user(args: argparse.Namespace) -> int:
+    emit(client(args).call("GET", f"/v1/users/{args.name}", User), args.output)
+    return 0
+
+
+def delete_user(args: argparse.Namespace) -> int:
+    client(args).call("DELETE", f"/v1/users/{args.name}")
+    if args.output == "table":
+        print(f"Deleted user {args.name}")
+    return 0
+
+
+def list_roles(args: argparse.Namespace) -> int:
+    emit(client(args).call("GET", "/v1/roles", list[RoleInfo]), args.output, ROLE_COLUMNS)
+    return 0
+
+
+def grant(args: argparse.Namespace) -> int:
+    principal = f"user:{args.user}" if args.user else f"serviceaccount:{args.serviceaccount}"
+    c = client(args)
+    body = {"role": args.role, "principal": principal, "scope_project": c.project}
+    emit(c.call("POST", "/v1/rolebindings", RoleBinding, json=body), args.output)
+    return 0
+
+
+def revoke(args: argparse.Namespace) -> int:
+    client(args).call("DELETE", f"/v1/rolebindings/{args.id}")
+    if args.output == "table":
+        print(f"Revoked {args.id}")
+    return 0
+
+
+def bindings(args: argparse.Namespace) -> int:
+    query = {"principal": f"user:{args.user}" if args.user else None}
+    emit(list(client(args).paginate("/v1/rolebindings", RoleBinding, **query)), args.output, BINDING_COLUMNS)
+    return 0
+
+
+def create_role(args: argparse.Namespace) -> int:
+    body = {
+        "name": args.name,
+        "scope": args.scope,
+        "allow": args.allow,
+        "deny": args.deny,
+        "description": args.description,
+    }
+    emit(client(args).call("POST", "/v1/roles", RoleInfo, json=body), args.output)
+    return 0

@@ -1,0 +1,60 @@
+"""Who may do what, as this node knows it: users, role bindings and custom roles from the store, kept in memory.
+
+Authorising a request must not cost store reads, so the bindings and custom roles live in memory, reloaded lazily
+after a commit hook (which runs before any writer's ``commit()`` returns) marks them stale: a revoked grant stops
+working the moment its revocation is acknowledged. The decision itself is :func:`minicloud.iam.policy.evaluate`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from minicloud.iam.policy import PROJECT_SERVICES, Binding, Role, Statement
+from minicloud.state import Change, Store
+
+USER_KIND = "user"
+BINDING_KIND = "rolebinding"
+ROLE_KIND = "role"
+#: IAM actions that act inside one project (the rest of ``iam:`` is cluster administration).
+_PROJECT_IAM = ("iam:apikeys:", "iam:bindings:", "iam:accesskeys:", "iam:serviceaccounts:")
+
+
+def is_project_action(action: str) -> bool:
+    """True when ``action`` acts inside a project (it is evaluated for the request's project); otherwise it is a
+    cluster-level action (evaluated with project None: only cluster-scope grants such as ``admin`` allow it)."""
+    return action.split(":", 1)[0] in PROJECT_SERVICES or action.startswith(_PROJECT_IAM)
+
+
+class Directory:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._bindings: list[Binding] | None = None
+        self._roles: dict[str, Role] | None = None
+        self._generation = 0
+        store.add_commit_hook(self._invalidate)
+
+    def _invalidate(self, changes: list[Change]) -> None:
+        for change in changes:
+            if change.kind in (BINDING_KIND, ROLE_KIND):
+                self._bindings = None
+                self._roles = None
+                self._generation += 1
+                return
+
+    async def load(self) -> tuple[list[Binding], dict[str, Role]]:
+        """Every binding and custom role (from memory unless a change made them stale)."""
+        bindings, roles = self._bindings, self._roles
+        if bindings is None or roles is None:
+            generation = self._generation
+            records = await self.store.list(BINDING_KIND, limit=100_000)
+            bindings = [
+                Binding(principal=r.spec["principal"], role=r.spec["role"], project=r.spec.get("project"))
+                for r in records
+            ]
+            roles = {}
+            for r in await self.store.list(ROLE_KIND, limit=10_000):
+                statements = tuple(msgspec.convert(s, Statement) for s in r.spec.get("statements", []))
+                roles[r.name] = Role(r.name, statements, r.spec.get("scope", "project"), r.spec.get("description", ""))
+            if generation == self._generation:  # no grant changed while we read: the copy is current
+                self._bindings, self._roles = bindings, roles
+        return bindings, roles
