@@ -53,6 +53,11 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     idempotency_ttl: Annotated[int, msgspec.Meta(ge=60)] = 24 * 3600
     #: The most revisions of change history kept for resuming ``GET /v1/events``.
     retain_changes: Annotated[int, msgspec.Meta(ge=1000)] = 100_000
+    #: Requests per second each principal may make over HTTPS (token bucket; 429 with Retry-After beyond it).
+    #: Related: ``rate_limit_burst``. The root Unix socket is not limited.
+    rate_limit_rps: Annotated[float, msgspec.Meta(gt=0)] = 200.0
+    #: How many requests a principal may make at once before ``rate_limit_rps`` applies.
+    rate_limit_burst: Annotated[int, msgspec.Meta(ge=1)] = 400
 
 
 class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -34,4 +34,11 @@ def setup(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Libraries whose debug output would carry secrets: aiosqlite logs every SQL parameter (password and key
+    hashes, encrypted secrets). They log at WARNING or above whatever the agent's level."""
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.INFO)

@@ -45,7 +45,7 @@ def fingerprint(pem: bytes) -> str:
     return "sha256:" + hashlib.sha256(der).hexdigest()
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -193,14 +193,14 @@ def ensure_node_pki(data_dir: Path, node_name: str) -> NodePKI:
     paths = NodePKI(pki_dir / "ca.crt", pki_dir / "ca.key", pki_dir / "server.crt", pki_dir / "server.key")
     if not (paths.ca_cert.exists() and paths.ca_key.exists()):
         cert, key = create_ca()
-        _write_private(paths.ca_key, key)
-        _write_private(paths.ca_cert, cert)
+        write_private(paths.ca_key, key)
+        write_private(paths.ca_cert, cert)
     renew = not (paths.server_cert.exists() and paths.server_key.exists())
     if not renew:
         current = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
         renew = current.not_valid_after_utc - _dt.datetime.now(_dt.UTC) < RENEW_BEFORE
     if renew:
         cert, key = issue_server_cert(paths.ca_cert.read_bytes(), paths.ca_key.read_bytes(), node_name)
-        _write_private(paths.server_key, key)
-        _write_private(paths.server_cert, cert + paths.ca_cert.read_bytes())
+        write_private(paths.server_key, key)
+        write_private(paths.server_cert, cert + paths.ca_cert.read_bytes())
     return paths

@@ -249,6 +249,9 @@ else
 #idempotency_ttl = 86400
 # The most revisions of change history kept for resuming GET /v1/events (at least 1000).
 #retain_changes = 100000
+# Requests per second each principal may make over HTTPS (429 beyond it), and the burst allowed.
+#rate_limit_rps = 200.0
+#rate_limit_burst = 400
 
 [cluster]
 # The address other nodes reach this one on (default: the listen host if specific, else the first IPv4 address).

@@ -8,12 +8,26 @@ import datetime as _dt
 import logging
 import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import web
 
 from minicloud import errors, ids
-from minicloud.api import admin, apikeys, audit, cluster, events, keypairs, openapi, operations, projects, system, users
-from minicloud.api.auth import DIRECTORY, KEY_CACHE, KeyCache
+from minicloud.api import (
+    admin,
+    apikeys,
+    audit,
+    cluster,
+    events,
+    keypairs,
+    login,
+    openapi,
+    operations,
+    projects,
+    system,
+    users,
+)
+from minicloud.api.auth import DIRECTORY, RATE_LIMITER
 from minicloud.api.keys import CLUSTER, CONFIG, HOST, OPERATIONS, PKI, STORE, TLS
 from minicloud.api.middleware import audit_middleware, auth_middleware, problem_middleware
 from minicloud.api.resources import IDEMPOTENCY_KIND
@@ -22,8 +36,10 @@ from minicloud.api.users import binding_id
 from minicloud.cluster.node import ClusterNode
 from minicloud.config import Config
 from minicloud.iam.directory import BINDING_KIND, USER_KIND, Directory
+from minicloud.iam.ratelimit import LoginThrottle, RateLimiter
+from minicloud.iam.sessions import SessionKey
 from minicloud.operations import Operations
-from minicloud.pki import NodePKI, ensure_node_pki
+from minicloud.pki import NodePKI, ensure_node_pki, write_private
 from minicloud.state import Create, Delete, Record, Store, Txn, TxnFailed
 from minicloud.state.handle import StoreHandle
 from minicloud.state.sqlite import SQLiteStore
@@ -40,6 +56,7 @@ ROUTE_TABLES = [
     projects.routes,
     audit.routes,
     users.routes,
+    login.routes,
 ]
 HOUSEKEEPING_INTERVAL = 60.0
 
@@ -61,6 +78,9 @@ def create_app(config: Config, *, host: object | None = None) -> web.Application
 
         host = HostFacts(config.node_name)
     app[HOST] = host
+    app[login.SESSION_KEY] = login.SessionSigner(load_session_key(config.data_path / "pki" / "session.key"))
+    app[login.THROTTLE] = LoginThrottle()
+    app[RATE_LIMITER] = RateLimiter(config.api.rate_limit_rps, config.api.rate_limit_burst)
     openapi.install(app)
     for table in ROUTE_TABLES:
         table.register(app)
@@ -77,7 +97,6 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = StoreHandle(SQLiteStore(config.data_path / "state.db", retain_changes=config.api.retain_changes))
     await store.open()
     app[STORE] = store
-    app[KEY_CACHE] = KeyCache(store)
     app[DIRECTORY] = Directory(store)
     log.info("store open", extra={"path": str(config.data_path / "state.db"), "revision": store.revision})
     yield
@@ -86,10 +105,24 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     node = ClusterNode(app[CONFIG], app[PKI], app[STORE], app[TLS])  # type: ignore[arg-type]
+
+    def adopt_session_key(pem: bytes) -> None:
+        app[login.SESSION_KEY].key = SessionKey.load(pem)
+
+    node.on_session_key = adopt_session_key
     app[CLUSTER] = node
     await node.start()
     yield
     await node.close()
+
+
+def load_session_key(path: Path) -> SessionKey:
+    """The node's Ed25519 key for session tokens, created on first start (0600). In a cluster every node holds the
+    same one: `join` copies it like the CA key, so any node accepts any node's sessions."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private(path, SessionKey.generate().private_pem())
+    return SessionKey.load(path.read_bytes())
 
 
 def server_ssl_context(pki: NodePKI) -> ssl.SSLContext:

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from minicloud import errors
-from minicloud.iam import apikeys, policy
+from minicloud.api.keys import STORE
+from minicloud.iam import apikeys, policy, sessions
 from minicloud.iam.directory import Directory, is_project_action
-from minicloud.state import Change, Record, Store
+from minicloud.iam.ratelimit import RateLimiter, too_many_requests
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Principal:
     name: str
     admin: bool
     key_id: str | None = None
+    session_id: str | None = None
 
     @property
     def ref(self) -> str:
@@ -37,36 +39,20 @@ ACTION = web.RequestKey("action", str)
 AUDITED = web.RequestKey("audited", bool)
 
 
-class KeyCache:
-    """API key records by id, so that authenticating a request costs no store read. Entries are dropped by a store
-    commit hook in the same step that commits a change to the key, so a revoked key is refused from the moment its
-    deletion is acknowledged. The secret is still verified against the hash on every request."""
-
-    def __init__(self, store: Store, max_entries: int = 10_000) -> None:
-        self._store = store
-        self._records: dict[str, Record | None] = {}
-        self._max = max_entries
-        store.add_commit_hook(self._invalidate)
-
-    def _invalidate(self, changes: list[Change]) -> None:
-        for change in changes:
-            if change.kind == apikeys.KIND:
-                self._records.pop(change.id, None)
-
-    async def get(self, key_id: str) -> Record | None:
-        if key_id in self._records:
-            return self._records[key_id]
-        record = await self._store.get(apikeys.KIND, key_id)
-        # Cache only records that exist: unknown ids are attacker-chosen and must not fill memory.
-        if record is not None:
-            if len(self._records) >= self._max:
-                self._records.clear()
-            self._records[key_id] = record
-        return record
-
-
-KEY_CACHE = web.AppKey("key_cache", KeyCache)
 DIRECTORY = web.AppKey("directory", Directory)
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+
+
+def rate_limit(request: web.Request, principal: Principal | None) -> None:
+    """Per-principal token bucket (anonymous callers share one bucket per source address); local root is exempt."""
+    if principal is not None and principal.admin:
+        return
+    key = principal.ref if principal is not None else f"anonymous:{request.remote}"
+    allowed, retry_after = request.app[RATE_LIMITER].take(key)
+    if not allowed:
+        raise too_many_requests(retry_after, f"too many requests from {key}; slow down")
+
+
 LOCAL_ROOT = Principal(kind="local", name="root", admin=True)
 
 
@@ -87,8 +73,10 @@ async def authenticate(request: web.Request, *, unix: bool) -> Principal | None:
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthenticated("the Authorization header must be 'Bearer <api key>'")
     token = token.strip()
+    if token.startswith(SESSION_PREFIX):
+        return await _session_principal(request, token)
     key_id = apikeys.key_id_of(token)
-    record = await request.app[KEY_CACHE].get(key_id) if key_id else None
+    record = await request.app[STORE].get(apikeys.KIND, key_id) if key_id else None
     if record is None:
         raise _unauthenticated("the API key is not valid (unknown or revoked)")
     reason = apikeys.verify(record, token)
@@ -97,6 +85,20 @@ async def authenticate(request: web.Request, *, unix: bool) -> Principal | None:
     owner = record.spec.get("principal", "user:admin")  # keys made before IAM belong to the admin user
     kind, _, name = owner.partition(":")
     return Principal(kind=kind, name=name, admin=False, key_id=record.id)
+
+
+SESSION_PREFIX = "mcs1."
+
+
+async def _session_principal(request: web.Request, token: str) -> Principal:
+    from minicloud.api.login import SESSION_KEY, SESSION_KIND  # login imports this module
+
+    key = request.app[SESSION_KEY].key
+    claims = sessions.verify([key.public_key], token, is_revoked=lambda sid: False)
+    if await request.app[STORE].get(SESSION_KIND, claims.sid) is None:  # logged out: revoked on every node
+        raise sessions.SessionRevoked("the session was revoked (logged out); log in again")
+    kind, _, name = claims.sub.partition(":")
+    return Principal(kind=kind, name=name, admin=False, session_id=claims.sid)
 
 
 async def authorize(

@@ -17,7 +17,7 @@ from aiohttp import web
 from minicloud import errors
 from minicloud.api import auth
 from minicloud.api.keys import STORE
-from minicloud.api.routing import PROBLEM_JSON, SPECS_BY_HANDLER, Action
+from minicloud.api.routing import PROBLEM_JSON, SPECS_BY_HANDLER, Action, Authenticated
 from minicloud.iam import audit
 from minicloud.state import Create, Record, Txn
 
@@ -135,10 +135,17 @@ async def auth_middleware(request: web.Request, handler: web.RequestHandler) -> 
     spec = SPECS_BY_HANDLER.get(request.match_info.handler)
     if spec is None:  # aiohttp's own 404/405 handlers
         return await handler(request)
-    request[auth.ACTION] = spec.auth.name if isinstance(spec.auth, Action) else "public"
+    request[auth.ACTION] = (
+        spec.auth.name
+        if isinstance(spec.auth, Action)
+        else "authenticated"
+        if isinstance(spec.auth, Authenticated)
+        else "public"
+    )
     principal = await auth.authenticate(request, unix=via_unix_socket(request))
     request[auth.PRINCIPAL] = principal
-    if isinstance(spec.auth, Action) and principal is None:
+    auth.rate_limit(request, principal)
+    if isinstance(spec.auth, Action | Authenticated) and principal is None:
         raise errors.Unauthenticated(
             "this endpoint needs credentials: send 'Authorization: Bearer <api key>' "
             "(create one with `minicloud apikey create` on the node), or use the local Unix socket as root",

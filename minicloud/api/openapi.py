@@ -8,7 +8,7 @@ import msgspec
 from aiohttp import web
 
 from minicloud import __version__
-from minicloud.api.routing import SPECS_BY_HANDLER, Action, RouteSpec
+from minicloud.api.routing import SPECS_BY_HANDLER, Action, Authenticated, RouteSpec
 from minicloud.model import Problem
 
 _CACHE = web.AppKey("openapi_cache", dict)
@@ -46,6 +46,8 @@ def build(specs: list[RouteSpec]) -> dict[str, Any]:
         }
         if isinstance(s.auth, Action):
             op["x-minicloud-action"] = s.auth.name
+            op["security"] = [{"bearer": []}]
+        elif isinstance(s.auth, Authenticated):
             op["security"] = [{"bearer": []}]
         else:
             op["security"] = []

@@ -41,8 +41,14 @@ class Action:
     name: str
 
 
-Auth = Public | Action
+@dataclass(frozen=True)
+class Authenticated:
+    """Any authenticated caller, whatever their roles (e.g. logging out of one's own session)."""
+
+
+Auth = Public | Action | Authenticated
 PUBLIC = Public()
+AUTHENTICATED = Authenticated()
 
 
 @dataclass

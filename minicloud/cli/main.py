@@ -21,6 +21,7 @@ from minicloud.cli import (
     completion,
     config_cmd,
     keypair,
+    login,
     node,
     operation,
     project,
@@ -30,7 +31,22 @@ from minicloud.cli import (
 from minicloud.cli.common import CommandError, fail
 from minicloud.client import ApiError, ConnectError
 
-NOUNS = [agent, config_cmd, node, cluster, project, user, keypair, operation, apikey, audit, remote, admin, completion]
+NOUNS = [
+    agent,
+    config_cmd,
+    node,
+    cluster,
+    project,
+    user,
+    keypair,
+    operation,
+    apikey,
+    audit,
+    remote,
+    login,
+    admin,
+    completion,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -117,6 +117,8 @@ class ClusterNode:
         self._leader_callbacks: list[Callable[[bool], Awaitable[None]]] = []
         self._lock = asyncio.Lock()
         self._voter_down_since: dict[str, float] = {}
+        #: Called with the cluster's session signing key (PEM) when this node joins.
+        self.on_session_key: Callable[[bytes], None] | None = None
 
     @property
     def name(self) -> str:
@@ -377,6 +379,8 @@ class ClusterNode:
             "certificate": cert.decode(),
             "ca_certificate": self.pki.ca_cert.read_text(),
             "ca_key": self.pki.ca_key.read_text(),
+            # Every node signs and checks session tokens with the same key, so a session works on any node.
+            "session_key": (self.config.data_path / "pki" / "session.key").read_text(),
             "initial_cluster": initial,
             "endpoints": endpoints,
             "role": role,
@@ -400,6 +404,9 @@ class ClusterNode:
             reply = await self._send_join(token, csr_pem.decode(), peer_url, client_url, address)
             # Install the cluster's CA and this node's certificate, then make HTTPS serve it.
             _atomic_write(self.pki.ca_key, reply["ca_key"].encode())
+            _atomic_write(self.config.data_path / "pki" / "session.key", reply["session_key"].encode())
+            if self.on_session_key is not None:
+                self.on_session_key(reply["session_key"].encode())
             _atomic_write(self.pki.ca_cert, reply["ca_certificate"].encode())
             _atomic_write(self.pki.server_key, key_pem)
             _atomic_write(self.pki.server_cert, reply["certificate"].encode() + reply["ca_certificate"].encode())

@@ -270,6 +270,7 @@ class JoinReply(msgspec.Struct, kw_only=True):
     certificate: str
     ca_certificate: str
     ca_key: str
+    session_key: str
     initial_cluster: dict[str, str]
     endpoints: list[str]
     role: str
@@ -342,3 +343,18 @@ class RoleInfo(msgspec.Struct, kw_only=True):
     description: str = ""
     builtin: bool = True
     statements: list[dict[str, Any]] = []
+
+
+class LoginRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    user: Annotated[str, Meta(max_length=63)]
+    password: Annotated[str, Meta(max_length=1024)]
+    ttl: Annotated[int, Meta(ge=60, le=12 * 3600, description="session lifetime in seconds")] = 3600
+
+
+class Session(msgspec.Struct, kw_only=True):
+    """A session token for ``Authorization: Bearer``; shown once. ``POST /v1/auth/logout`` revokes it."""
+
+    token: str
+    session_id: str
+    principal: str
+    expires_at: str

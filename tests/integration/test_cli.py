@@ -165,3 +165,39 @@ def test_projects_and_the_audit_log_through_the_cli(agent):
     ]
     table = agent.cli("audit", "list", "--since", "1h", check=True).stdout
     assert table.splitlines()[0].split()[:3] == ["TIME", "PRINCIPAL", "PROJECT"]
+
+
+def test_users_roles_and_login_over_tls(fresh_agent):
+    a = fresh_agent
+    init = a.json("init")
+    a.cli("user", "create", "alice", "--password-stdin", input="correct horse battery staple\n", check=True)
+    a.cli("--project", "default", "role", "grant", "member", "--user", "alice", check=True)
+    assert [b["role"] for b in a.json("role", "bindings", "--user", "alice")] == ["member"]
+    a.cli(
+        "remote", "add", "lab", a.https, "--token", init["secret"], "--fingerprint", init["ca_fingerprint"], check=True
+    )
+    r = a.cli("--remote", "lab", "login", "alice", "--password-stdin", input="wrong password entirely\n", socket=False)
+    assert r.returncode == 1 and "wrong" in r.stderr
+    a.cli(
+        "--remote",
+        "lab",
+        "login",
+        "alice",
+        "--password-stdin",
+        input="correct horse battery staple\n",
+        socket=False,
+        check=True,
+    )
+    a.cli("--remote", "lab", "keypair", "import", "alices", "-", input=make_ssh_key(), socket=False, check=True)
+    denied = a.cli("--remote", "lab", "user", "list", socket=False)
+    assert denied.returncode == 1 and "iam:users:list" in denied.stderr
+    audit = a.json("audit", "list", "--user", "user:alice")
+    assert {(e["action"], e["result"]) for e in audit} == {
+        ("compute:keypairs:create", "allowed"),
+        ("iam:users:list", "denied"),
+    }
+    a.cli("--remote", "lab", "logout", socket=False, check=True)
+    gone = a.cli("--remote", "lab", "keypair", "list", socket=False)
+    assert gone.returncode == 1
+    key = a.json("apikey", "create", "ci-key", "--user", "alice")
+    assert key["principal"] == "user:alice" and key["secret"].startswith("mc_")

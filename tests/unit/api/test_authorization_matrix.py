@@ -11,7 +11,7 @@ import re
 
 from minicloud.api.keys import STORE
 from minicloud.api.openapi import app_specs
-from minicloud.api.routing import Action
+from minicloud.api.routing import Action, Authenticated
 from minicloud.iam import apikeys
 from minicloud.state import Create, Txn
 
@@ -69,6 +69,10 @@ async def test_every_route_answers_every_persona_as_its_role_allows(api):
     mismatches = []
     checked = 0
     for spec in app_specs(api.app):
+        if isinstance(spec.auth, Authenticated):
+            resp = await api.request(spec.method, re.sub(r"{\w+}", "x", spec.path), anon=True)
+            assert resp.status == 401, f"{spec.method} {spec.path} needs credentials but answered {resp.status}"
+            continue
         if not isinstance(spec.auth, Action):
             resp = await api.request(spec.method, re.sub(r"{\w+}", "x", spec.path), anon=True)
             assert resp.status not in (401, 403), f"public {spec.method} {spec.path} answered {resp.status}"

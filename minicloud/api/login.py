@@ -1,0 +1,80 @@
+"""``/v1/auth/login`` and ``/v1/auth/logout``: short-lived session tokens for users with passwords.
+
+A session is a record (kind ``session``, replicated, so any node accepts the token) plus an Ed25519-signed token that
+names it; logging out deletes the record, which revokes the token at once on every node. Logins are throttled per
+user and source address (5 failures per 15 minutes, then 429 with ``Retry-After``). Unknown users cost the same time
+as known ones, and every refusal says the same thing, so logins do not reveal which users exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as _dt
+
+from aiohttp import web
+
+from minicloud import errors, ids
+from minicloud.api.auth import principal_of
+from minicloud.api.keys import STORE
+from minicloud.api.routing import AUTHENTICATED, PUBLIC, Reply, Routes
+from minicloud.iam import passwords, ratelimit, sessions
+from minicloud.iam.directory import USER_KIND
+from minicloud.model import LoginRequest, Session
+from minicloud.state import Create, Delete, Record, Txn, TxnFailed
+
+routes = Routes("auth")
+SESSION_KIND = "session"
+
+
+class SessionSigner:
+    """The node's current session key; replaced in place when the node joins a cluster (which has its own)."""
+
+    def __init__(self, key: sessions.SessionKey) -> None:
+        self.key = key
+
+
+SESSION_KEY = web.AppKey("session_key", SessionSigner)
+THROTTLE = web.AppKey("login_throttle", ratelimit.LoginThrottle)
+_REFUSED = "the user name or password is wrong"
+
+
+@routes.post("/v1/auth/login", body=LoginRequest, response=Session, status=201, auth=PUBLIC)
+async def login(request: web.Request, body: LoginRequest) -> Reply:
+    """Exchange a user name and password for a session token."""
+    source = request.remote or "unix"
+    allowed, retry_after = request.app[THROTTLE].attempt(body.user, source)
+    if not allowed:
+        raise ratelimit.too_many_requests(retry_after, "too many failed logins; wait and try again")
+    user = await request.app[STORE].get_by_name(USER_KIND, "", body.user)
+    stored = user.spec.get("password_hash") if user is not None else None
+    if stored is None:
+        await asyncio.to_thread(passwords.verify_unknown_user, body.password)
+        raise errors.Unauthenticated(_REFUSED, headers={"WWW-Authenticate": 'Bearer realm="minicloud"'})
+    if not await asyncio.to_thread(passwords.verify_password, body.password, stored):
+        raise errors.Unauthenticated(_REFUSED, headers={"WWW-Authenticate": 'Bearer realm="minicloud"'})
+    request.app[THROTTLE].succeeded(body.user, source)
+    assert user is not None
+    principal = f"{user.spec.get('type', 'user')}:{user.name}"
+    sid = ids.new_id("ses")
+    expires = _dt.datetime.now(_dt.UTC) + _dt.timedelta(seconds=body.ttl)
+    expires_at = expires.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    stamp = ids.now()
+    record = Record(
+        kind=SESSION_KIND, id=sid, project="", name=sid,
+        spec={"principal": principal, "expires_at": expires_at, "source": source}, created_at=stamp, updated_at=stamp,
+    )  # fmt: skip
+    await request.app[STORE].commit(Txn([Create(record)]))
+    token = sessions.issue(request.app[SESSION_KEY].key, principal, sid, body.ttl)
+    return Reply(Session(token=token, session_id=sid, principal=principal, expires_at=expires_at), 201)
+
+
+@routes.post("/v1/auth/logout", status=204, auth=AUTHENTICATED)
+async def logout(request: web.Request) -> Reply:
+    """Revoke the session whose token this request carries."""
+    principal = principal_of(request)
+    if principal.session_id is None:
+        raise errors.BadRequest("this request does not use a session token; nothing to log out of")
+    with contextlib.suppress(TxnFailed):  # already revoked
+        await request.app[STORE].commit(Txn([Delete(kind=SESSION_KIND, id=principal.session_id)]))
+    return Reply(None, 204)
