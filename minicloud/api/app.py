@@ -14,6 +14,7 @@ from aiohttp import web
 
 from minicloud import errors, ids
 from minicloud.api import (
+    accesskeys,
     admin,
     apikeys,
     audit,
@@ -36,6 +37,7 @@ from minicloud.api.users import binding_id
 from minicloud.cluster.node import ClusterNode
 from minicloud.config import Config
 from minicloud.iam.directory import BINDING_KIND, USER_KIND, Directory
+from minicloud.iam.keystore import KeyStore
 from minicloud.iam.ratelimit import LoginThrottle, RateLimiter
 from minicloud.iam.sessions import SessionKey
 from minicloud.operations import Operations
@@ -57,6 +59,7 @@ ROUTE_TABLES = [
     audit.routes,
     users.routes,
     login.routes,
+    accesskeys.routes,
 ]
 HOUSEKEEPING_INTERVAL = 60.0
 
@@ -80,6 +83,8 @@ def create_app(config: Config, *, host: object | None = None) -> web.Application
     app[HOST] = host
     app[login.SESSION_KEY] = login.SessionSigner(load_session_key(config.data_path / "pki" / "session.key"))
     app[login.THROTTLE] = LoginThrottle()
+    app[accesskeys.KEYSTORE] = KeyStore(config.data_path / "keys")
+    app[accesskeys.KEYSTORE].current_key_id()  # create the master key now, not while serving
     app[RATE_LIMITER] = RateLimiter(config.api.rate_limit_rps, config.api.rate_limit_burst)
     openapi.install(app)
     for table in ROUTE_TABLES:

@@ -135,7 +135,7 @@ async def resolve(request: web.Request, kind: Kind, ref: str | None = None) -> R
     project = project_of(request)
     record = None
     if len(ref) <= 255:
-        record = await store.get(kind.name, ref) if ref.startswith(kind.prefix + "-") else None
+        record = await store.get(kind.name, ref) if ref.startswith(kind.prefix) else None
         if record is not None and record.project != project:
             record = None
         if record is None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from minicloud import __version__
 from minicloud.cli import (
+    accesskey,
     admin,
     agent,
     apikey,
@@ -41,6 +42,7 @@ NOUNS = [
     keypair,
     operation,
     apikey,
+    accesskey,
     audit,
     remote,
     login,

@@ -358,3 +358,22 @@ class Session(msgspec.Struct, kw_only=True):
     session_id: str
     principal: str
     expires_at: str
+
+
+class AccessKey(Resource, kw_only=True):
+    """An S3-style key pair for the object store: ``id`` is the access key id."""
+
+    principal: str
+    description: str = ""
+
+
+class AccessKeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Name
+    user: Name | None = None
+    description: Description = ""
+
+
+class AccessKeySecret(AccessKey, kw_only=True):
+    """Returned once: the secret access key is kept only encrypted (node key store) and never shown again."""
+
+    secret_access_key: str
