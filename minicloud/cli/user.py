@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     who = v.add_mutually_exclusive_group(required=True)
     who.add_argument("--user")
     who.add_argument("--serviceaccount")
+    v.add_argument("--project", dest="grant_project", metavar="P", help="the project (default: cluster-wide)")
     v.set_defaults(func=grant)
     v = verbs.add_parser("revoke", help="revoke a role binding (by id, see `role bindings`)")
     v.add_argument("id")
@@ -104,7 +105,10 @@ def list_roles(args: argparse.Namespace) -> int:
 def grant(args: argparse.Namespace) -> int:
     principal = f"user:{args.user}" if args.user else f"serviceaccount:{args.serviceaccount}"
     c = client(args)
-    body = {"role": args.role, "principal": principal, "scope_project": c.project}
+    scope = args.grant_project or c.project
+    if scope and not c.project:
+        c.project = scope  # act in that project, so its owner may grant there
+    body = {"role": args.role, "principal": principal, "scope_project": scope}
     emit(c.call("POST", "/v1/rolebindings", RoleBinding, json=body), args.output)
     return 0
 

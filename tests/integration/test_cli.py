@@ -171,7 +171,7 @@ def test_users_roles_and_login_over_tls(fresh_agent):
     a = fresh_agent
     init = a.json("init")
     a.cli("user", "create", "alice", "--password-stdin", input="correct horse battery staple\n", check=True)
-    a.cli("--project", "default", "role", "grant", "member", "--user", "alice", check=True)
+    a.cli("role", "grant", "member", "--user", "alice", "--project", "default", check=True)
     assert [b["role"] for b in a.json("role", "bindings", "--user", "alice")] == ["member"]
     a.cli(
         "remote", "add", "lab", a.https, "--token", init["secret"], "--fingerprint", init["ca_fingerprint"], check=True
