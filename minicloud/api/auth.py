@@ -93,8 +93,7 @@ SESSION_PREFIX = "mcs1."
 async def _session_principal(request: web.Request, token: str) -> Principal:
     from minicloud.api.login import SESSION_KEY, SESSION_KIND  # login imports this module
 
-    key = request.app[SESSION_KEY].key
-    claims = sessions.verify([key.public_key], token, is_revoked=lambda sid: False)
+    claims = request.app[SESSION_KEY].verify(token)
     if await request.app[STORE].get(SESSION_KIND, claims.sid) is None:  # logged out: revoked on every node
         raise sessions.SessionRevoked("the session was revoked (logged out); log in again")
     kind, _, name = claims.sub.partition(":")
