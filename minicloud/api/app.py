@@ -115,6 +115,7 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
         app[login.SESSION_KEY].key = SessionKey.load(pem)
 
     node.on_session_key = adopt_session_key
+    node.on_keystore = app[accesskeys.KEYSTORE].adopt
     app[CLUSTER] = node
     await node.start()
     yield

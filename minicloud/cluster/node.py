@@ -35,6 +35,7 @@ from agent.etcd import EtcdMember, EtcdMemberConfig, client_ssl_context
 from minicloud import errors, ids
 from minicloud.cluster import join as joinlib
 from minicloud.config import Config
+from minicloud.iam.keystore import KeyStore
 from minicloud.pki import NodePKI
 from minicloud.state import Create, Delete, Record, Txn, TxnFailed, Update
 from minicloud.state.etcd import EtcdStore, migrate_to_etcd
@@ -119,6 +120,8 @@ class ClusterNode:
         self._voter_down_since: dict[str, float] = {}
         #: Called with the cluster's session signing key (PEM) when this node joins.
         self.on_session_key: Callable[[bytes], None] | None = None
+        #: Called with the cluster's key store (``KeyStore.export()``) when this node joins.
+        self.on_keystore: Callable[[dict[str, str]], None] | None = None
 
     @property
     def name(self) -> str:
@@ -381,6 +384,8 @@ class ClusterNode:
             "ca_key": self.pki.ca_key.read_text(),
             # Every node signs and checks session tokens with the same key, so a session works on any node.
             "session_key": (self.config.data_path / "pki" / "session.key").read_text(),
+            # ... and decrypts secrets at rest (S3 access keys) with the same key store.
+            "keystore": KeyStore(self.config.data_path / "keys").export(),
             "initial_cluster": initial,
             "endpoints": endpoints,
             "role": role,
@@ -407,6 +412,8 @@ class ClusterNode:
             _atomic_write(self.config.data_path / "pki" / "session.key", reply["session_key"].encode())
             if self.on_session_key is not None:
                 self.on_session_key(reply["session_key"].encode())
+            if self.on_keystore is not None:
+                self.on_keystore(reply["keystore"])
             _atomic_write(self.pki.ca_cert, reply["ca_certificate"].encode())
             _atomic_write(self.pki.server_key, key_pem)
             _atomic_write(self.pki.server_cert, reply["certificate"].encode() + reply["ca_certificate"].encode())

@@ -180,6 +180,26 @@ class KeyStore:
             assert self._current is not None
             return self._current
 
+    def export(self) -> dict[str, str]:
+        """Every key file (master and old keys), base64, by path relative to the store: what a joining node needs
+        so that it can decrypt what any node encrypted. Key material: send only over an authenticated TLS channel."""
+        self._ensure()
+        files = {MASTER_FILE: self.directory / MASTER_FILE}
+        files.update({f"{KEYS_DIR}/{p.name}": p for p in (self.directory / KEYS_DIR).iterdir() if p.suffix == ".key"})
+        return {name: base64.b64encode(path.read_bytes()).decode() for name, path in sorted(files.items())}
+
+    def adopt(self, exported: dict[str, str]) -> None:
+        """Replace this store's keys with another node's :meth:`export` (a node joining a cluster), then reload."""
+        keys_dir = self.directory / KEYS_DIR
+        keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for old in keys_dir.iterdir():
+            old.unlink()
+        for name, data in exported.items():
+            if name != MASTER_FILE and not re.fullmatch(rf"{KEYS_DIR}/[0-9a-f]{{16}}\.key", name):
+                raise KeyStoreError(f"unexpected key store file {name!r}")
+            _write_private(self.directory / name, base64.b64decode(data), exclusive=False)
+        self.reload()
+
     def reload(self) -> None:
         """Re-read the keys from disk (to pick up a rotation made by another process or copied from another node)."""
         with self._lock:

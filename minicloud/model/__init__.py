@@ -271,6 +271,7 @@ class JoinReply(msgspec.Struct, kw_only=True):
     ca_certificate: str
     ca_key: str
     session_key: str
+    keystore: dict[str, str]
     initial_cluster: dict[str, str]
     endpoints: list[str]
     role: str

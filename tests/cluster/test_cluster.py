@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from minicloud.client import ApiError, ConnectError
+from minicloud.iam.keystore import KeyStore
 from tests.cluster.harness import AgentNode, Cluster, wait_for
 from tests.conftest import make_ssh_key
 
@@ -62,6 +63,11 @@ def test_three_nodes_replicate_every_write_to_every_replica(make_cluster):
     assert cluster.nodes[2].client().keypairs.get("ryw").revision == kp.revision
     show = cluster.nodes[1].cli("cluster", "show", check=True).stdout
     assert "leader:" in show and all(f"n{i}" in show for i in (1, 2, 3))
+    # Joined nodes hold the cluster's session key and key store: tokens and secrets at rest work on any node.
+    keys = [n.data_dir / "pki" / "session.key" for n in cluster.nodes]
+    assert len({k.read_bytes() for k in keys}) == 1
+    stores = [KeyStore(n.data_dir / "keys") for n in cluster.nodes]
+    assert len({s.current_key_id() for s in stores}) == 1
 
 
 def test_join_is_refused_for_bad_reused_or_foreign_tokens(make_cluster):

@@ -183,3 +183,23 @@ def test_encrypt_wants_bytes(store):
         store.encrypt("text", CONTEXT)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         store.encrypt(SECRET, "context")  # type: ignore[arg-type]
+
+
+def test_a_joining_node_adopts_the_cluster_key_store(tmp_path):
+    first = KeyStore(tmp_path / "n1")
+    old = first.encrypt(b"before rotation", b"ctx")
+    first.rotate()
+    new = first.encrypt(b"after rotation", b"ctx")
+    joiner = KeyStore(tmp_path / "n2")
+    joiner.encrypt(b"its own, soon gone", b"ctx")
+    joiner.adopt(first.export())
+    assert joiner.decrypt(old, b"ctx") == b"before rotation"
+    assert joiner.decrypt(new, b"ctx") == b"after rotation"
+    assert joiner.current_key_id() == first.current_key_id()
+    assert sorted(joiner.key_ids()) == sorted(first.key_ids())
+
+
+def test_adopt_refuses_unexpected_file_names(tmp_path):
+    store = KeyStore(tmp_path / "s")
+    with pytest.raises(KeyStoreError):
+        store.adopt({"../../etc/passwd": "AAAA"})
