@@ -12,6 +12,13 @@ from minicloud.api.routing import SPECS_BY_HANDLER, Action, Authenticated, Route
 from minicloud.model import Problem
 
 _CACHE = web.AppKey("openapi_cache", dict)
+_PROJECT_PARAMETER = {
+    "name": "project",
+    "in": "query",
+    "required": False,
+    "description": "the project the request acts in (default: 'default')",
+    "schema": {"type": "string"},
+}
 
 
 def _query_parameters(spec: RouteSpec, components: dict[str, Any], schemas: dict[type, Any]) -> list[dict[str, Any]]:
@@ -41,7 +48,8 @@ def build(specs: list[RouteSpec]) -> dict[str, Any]:
             "parameters": [
                 {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in s.path_params
             ]
-            + _query_parameters(s, components, by_type),
+            + _query_parameters(s, components, by_type)
+            + [_PROJECT_PARAMETER],
             "responses": {"default": {"description": "an error", "content": problem}},
         }
         if isinstance(s.auth, Action):

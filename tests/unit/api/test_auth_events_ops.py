@@ -105,7 +105,7 @@ async def test_openapi_document_lists_every_route_with_its_schemas(api):
     assert set(schema["required"]) == {"name", "public_key"}
     assert schema["properties"]["name"]["pattern"]
     params = {p["name"] for p in doc["paths"]["/v1/keypairs"]["get"]["parameters"]}
-    assert {"limit", "cursor", "name", "label"} <= params
+    assert {"limit", "cursor", "name", "label", "project"} <= params
 
 
 async def test_unexpected_errors_are_500_problems_without_internals(tmp_path, caplog):
