@@ -1,7 +1,10 @@
-"""Who is calling, and may they? The seam that the IAM issue fills with users, roles and policies.
+"""Who is calling, and may they?
 
-- The Unix socket is root-only (mode 0600) and trusted: its callers are the local administrator.
-- HTTPS callers present ``Authorization: Bearer <api key>``; API keys are admin credentials for now.
+- The Unix socket is root-only (mode 0600) and trusted: its callers are the local administrator (``local:root``).
+- HTTPS callers present ``Authorization: Bearer <api key | session token>``; either acts as a user or service account.
+- :func:`authorize` asks :func:`minicloud.iam.policy.evaluate` with the bindings the node holds in memory: 404 when
+  the caller has no role in the request's project, 403 naming the action when their roles do not allow it.
+- Every principal has a token bucket (:func:`rate_limit`); the root socket is exempt.
 """
 
 from __future__ import annotations

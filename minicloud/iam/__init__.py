@@ -1,2 +1,2 @@
-"""Identity and access. Today: API keys (bearer tokens) whose holders act as the cluster admin; the IAM issue adds
-users, projects, roles and policies on top of the same principal/authorize seam."""
+"""Identity and access: users and service accounts, API keys and access keys, passwords and sessions, roles,
+bindings and the policy that decides (``policy.evaluate``), rate limits, the audit log and the key store."""
