@@ -16,6 +16,7 @@ import msgspec
 from aiohttp import WSCloseCode, web
 
 from minicloud import errors
+from minicloud.api.auth import authorize, principal_of
 from minicloud.api.keys import STORE
 from minicloud.api.resources import KINDS, project_of
 from minicloud.api.routing import Action, Routes
@@ -61,6 +62,12 @@ async def watch_events(request: web.Request, query: EventsQuery) -> web.WebSocke
         )
     store = request.app[STORE]
     project = project_of(request)
+    # Cluster-level records (projects, users, role bindings) are streamed to those who administer the cluster.
+    try:
+        await authorize(request, principal_of(request), "iam:users:list", "", cluster=True)
+        scopes = {project, ""}
+    except errors.MinicloudError:
+        scopes = {project}
     ws = web.WebSocketResponse(heartbeat=30)
     if not ws.can_prepare(request).ok:
         raise errors.BadRequest("GET /v1/events is a WebSocket endpoint; connect with a WebSocket client")
@@ -77,7 +84,7 @@ async def watch_events(request: web.Request, query: EventsQuery) -> web.WebSocke
     reader = asyncio.create_task(read_until_closed())
 
     async def send(change: Change) -> None:
-        if (kinds is None or change.kind in kinds) and change.project == project:
+        if (kinds is None or change.kind in kinds) and change.project in scopes:
             message = _event(change)
             if message is not None:
                 await ws.send_str(message.decode())
