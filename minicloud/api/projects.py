@@ -20,25 +20,18 @@ def view(r: Record) -> Project:
     return Project(**r.common_fields(), description=r.spec.get("description", ""))
 
 
-KIND = res.register_kind(res.Kind(res.PROJECT_KIND, "projects", "prj", view, "project"))
-
-
-def _cluster_level(request: web.Request) -> None:
-    """Projects themselves live at cluster level (project ``""``), whatever ``?project=`` says."""
-    request[res.PROJECT] = ""
+KIND = res.register_kind(res.Kind(res.PROJECT_KIND, "projects", "prj", view, "project", cluster_level=True))
 
 
 @routes.get("/v1/projects", query=res.ListQuery, response=Page[Project], auth=Action("iam:projects:list"))
 async def list_projects(request: web.Request, query: res.ListQuery) -> Page[Project]:
     """List projects."""
-    _cluster_level(request)
     return await res.list_page(request, KIND, query)
 
 
 @routes.post("/v1/projects", body=ProjectCreate, response=Project, status=201, auth=Action("iam:projects:create"))
 async def create_project(request: web.Request, body: ProjectCreate) -> Reply:
     """Create a project."""
-    _cluster_level(request)
     if body.name == res.DEFAULT_PROJECT:
         raise errors.AlreadyExists("the project 'default' always exists")
     record = res.new_record(KIND, request, body.name, body.labels, {"description": body.description})
@@ -55,7 +48,6 @@ async def create_project(request: web.Request, body: ProjectCreate) -> Reply:
 @routes.get("/v1/projects/{ref}", response=Project, auth=Action("iam:projects:get"))
 async def show_project(request: web.Request) -> Reply:
     """Show a project."""
-    _cluster_level(request)
     record = await res.resolve(request, KIND)
     return Reply(view(record), headers=res.etag(record.revision))
 
@@ -63,7 +55,6 @@ async def show_project(request: web.Request) -> Reply:
 @routes.patch("/v1/projects/{ref}", body=ProjectUpdate, response=Project, auth=Action("iam:projects:update"))
 async def update_project(request: web.Request, body: ProjectUpdate) -> Reply:
     """Change a project's description or labels."""
-    _cluster_level(request)
 
     def mutate(record: Record) -> Record:
         spec = dict(record.spec)
@@ -78,7 +69,6 @@ async def update_project(request: web.Request, body: ProjectUpdate) -> Reply:
 @routes.delete("/v1/projects/{ref}", status=204, auth=Action("iam:projects:delete"))
 async def delete_project(request: web.Request) -> Reply:
     """Delete an empty project."""
-    _cluster_level(request)
     record = await res.resolve(request, KIND)
     store = request.app[STORE]
     for kind in res.KINDS.values():

@@ -43,6 +43,8 @@ class Kind:
     prefix: str
     view: Callable[[Record], msgspec.Struct]
     cli_noun: str
+    #: Records of the cluster itself (users, projects, role bindings), not of a project: stored with project "".
+    cluster_level: bool = False
 
 
 #: Public kinds by name: the events stream and error messages use it. Internal kinds are simply not listed.
@@ -93,6 +95,11 @@ def parse_selector(selector: str | None) -> dict[str, str]:
     return labels
 
 
+def scope_of(request: web.Request, kind: Kind) -> str:
+    """The project a record of ``kind`` lives in for this request ("" for cluster-level kinds)."""
+    return "" if kind.cluster_level else project_of(request)
+
+
 def project_of(request: web.Request) -> str:
     """The project a request acts in: ``?project=P``, else ``default`` (validated by :func:`resolve_project`)."""
     return request.get(PROJECT, DEFAULT_PROJECT)
@@ -114,7 +121,7 @@ async def list_page(request: web.Request, kind: Kind, query: ListQuery) -> Page[
     after = decode_cursor(query.cursor) if query.cursor else None
     records = await request.app[STORE].list(
         kind.name,
-        project=project_of(request),
+        project=scope_of(request, kind),
         name=query.name,
         labels=parse_selector(query.label),
         after=after,
@@ -132,7 +139,7 @@ async def resolve(request: web.Request, kind: Kind, ref: str | None = None) -> R
     """The record ``ref`` (default: the ``{ref}`` path parameter) names, by id or by name, in the caller's project."""
     ref = ref if ref is not None else request.match_info["ref"]
     store = request.app[STORE]
-    project = project_of(request)
+    project = scope_of(request, kind)
     record = None
     if len(ref) <= 255:
         record = await store.get(kind.name, ref) if ref.startswith(kind.prefix) else None
@@ -164,7 +171,7 @@ def new_record(kind: Kind, request: web.Request, name: str, labels: dict[str, st
     return Record(
         kind=kind.name,
         id=ids.new_id(kind.prefix),
-        project=project_of(request),
+        project=scope_of(request, kind),
         name=name,
         labels=labels,
         spec=spec,

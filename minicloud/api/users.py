@@ -37,26 +37,20 @@ def binding_view(r: Record) -> RoleBinding:
     )
 
 
-USERS = res.register_kind(res.Kind(USER_KIND, "users", "usr", user_view, "user"))
-BINDINGS = res.register_kind(res.Kind(BINDING_KIND, "rolebindings", "rb", binding_view, "role"))
-
-
-def _cluster_level(request: web.Request) -> None:
-    request[res.PROJECT] = ""
+USERS = res.register_kind(res.Kind(USER_KIND, "users", "usr", user_view, "user", cluster_level=True))
+BINDINGS = res.register_kind(res.Kind(BINDING_KIND, "rolebindings", "rb", binding_view, "role", cluster_level=True))
 
 
 # -- users ---------------------------------------------------------------------------------------------------------
 @routes.get("/v1/users", query=res.ListQuery, response=Page[User], auth=Action("iam:users:list"))
 async def list_users(request: web.Request, query: res.ListQuery) -> Page[User]:
     """List users and service accounts."""
-    _cluster_level(request)
     return await res.list_page(request, USERS, query)
 
 
 @routes.post("/v1/users", body=UserCreate, response=User, status=201, auth=Action("iam:users:create"))
 async def create_user(request: web.Request, body: UserCreate) -> Reply:
     """Create a user (with an optional password) or a service account (never a password)."""
-    _cluster_level(request)
     spec: dict[str, object] = {"email": body.email, "type": body.type}
     if body.password is not None:
         if body.type == "serviceaccount":
@@ -80,7 +74,6 @@ async def create_user(request: web.Request, body: UserCreate) -> Reply:
 @routes.get("/v1/users/{ref}", response=User, auth=Action("iam:users:get"))
 async def show_user(request: web.Request) -> Reply:
     """Show a user."""
-    _cluster_level(request)
     record = await res.resolve(request, USERS)
     return Reply(user_view(record), headers=res.etag(record.revision))
 
@@ -88,7 +81,6 @@ async def show_user(request: web.Request) -> Reply:
 @routes.delete("/v1/users/{ref}", status=204, auth=Action("iam:users:delete"))
 async def delete_user(request: web.Request) -> Reply:
     """Delete a user; their role bindings go with them (API keys stop working: they act as the user)."""
-    _cluster_level(request)
     record = await res.resolve(request, USERS)
     ref = f"{record.spec.get('type', 'user')}:{record.name}"
     store = request.app[STORE]
@@ -106,7 +98,6 @@ class BindingQuery(res.ListQuery, forbid_unknown_fields=True, kw_only=True):
 async def list_bindings(request: web.Request, query: BindingQuery) -> Page[RoleBinding]:
     """List role bindings (of one principal with ?principal=)."""
     project = res.project_of(request)
-    _cluster_level(request)
     page = await res.list_page(request, BINDINGS, query)
     caller = principal_of(request)
     try:
@@ -151,7 +142,6 @@ async def grant_role(request: web.Request, body: RoleBindingCreate) -> Reply:
         policy.validate_binding(binding, roles)
     except ValueError as exc:
         raise errors.ValidationFailed(str(exc), invalid_params=[{"name": "role", "reason": str(exc)}]) from None
-    _cluster_level(request)
     record = res.new_record(
         BINDINGS, request, binding_id(body.principal, body.role, body.scope_project), {},
         {"principal": body.principal, "role": body.role, "project": body.scope_project},
@@ -171,7 +161,6 @@ async def revoke_role(request: web.Request) -> Reply:
     """Revoke a role binding."""
     caller = principal_of(request)
     project = res.project_of(request)
-    _cluster_level(request)
     record = await res.resolve(request, BINDINGS)
     if record.spec.get("project") != project:
         await authorize(request, caller, "iam:bindings:delete", "", cluster=True)
@@ -218,8 +207,7 @@ async def create_role(request: web.Request, body: RoleCreate) -> Reply:
         role = policy.make_role(body.name, statements, body.scope, body.description)
     except ValueError as exc:
         raise errors.ValidationFailed(str(exc), invalid_params=[{"name": "allow/deny", "reason": str(exc)}]) from None
-    _cluster_level(request)
-    kind = res.Kind(ROLE_KIND, "roles", "role", lambda r: r, "role")  # type: ignore[arg-type,return-value]
+    kind = res.Kind(ROLE_KIND, "roles", "role", lambda r: r, "role", cluster_level=True)  # type: ignore[arg-type,return-value]
     record = res.new_record(
         kind, request, role.name, {},
         {"scope": role.scope, "description": role.description, "statements": [msgspec.to_builtins(s) for s in statements]},
