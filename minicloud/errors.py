@@ -148,9 +148,3 @@ class ConfigError(MinicloudError):
     status = 400
     slug = "config"
     title = "Invalid configuration"
-
-
-class StoreConflict(Conflict):
-    """A write's condition failed (revision mismatch, name taken, record missing). Mapped by the API layer."""
-
-    slug = "store-conflict"

@@ -1,6 +1,7 @@
 """Long-running work as ``operation`` records.
 
-An API handler that cannot finish quickly calls :meth:`Operations.start` and answers ``202 Accepted`` with the new
+An API handler that cannot finish quickly commits :meth:`Operations.new_record` through ``resources.write`` (so
+the idempotency key and audit entry go in the same transaction), calls :meth:`Operations.run` and answers ``202`` with the new
 operation; the work runs as a task on this node and writes its progress and outcome into the record through the
 store's normal write path, so ``GET /v1/operations/{id}``, ``?wait=`` and the events stream all see it. An agent that
 restarts marks the operations it was running as failed (their tasks died with it) instead of leaving them running.
@@ -16,7 +17,7 @@ from typing import Any
 import msgspec
 
 from minicloud import errors, ids
-from minicloud.state import Create, Record, Store, Txn, TxnFailed, Update
+from minicloud.state import Record, Store, Txn, TxnFailed, Update
 
 KIND = "operation"
 PREFIX = "op"
@@ -62,13 +63,6 @@ class Operations:
         task = asyncio.create_task(self._run(record.id, work), name=f"operation {record.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def start(self, action: str, target: dict[str, str], project: str, work: Work) -> Record:
-        """Create the operation record and start ``work``; returns the committed record."""
-        record = self.new_record(action, target, project)
-        revision, _ = await self.store.commit(Txn([Create(record)]))
-        self.run(record, work)
-        return msgspec.structs.replace(record, revision=revision)
 
     async def _run(self, op_id: str, work: Work) -> None:
         try:

@@ -9,6 +9,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -46,6 +47,9 @@ from minicloud.state import Create, Delete, Record, Store, Txn, TxnFailed
 from minicloud.state.handle import StoreHandle
 from minicloud.state.sqlite import SQLiteStore
 
+if TYPE_CHECKING:
+    from agent.host import HostFactsSource
+
 log = logging.getLogger("minicloud.agent")
 ROUTE_TABLES = [
     system.routes,
@@ -64,7 +68,7 @@ ROUTE_TABLES = [
 HOUSEKEEPING_INTERVAL = 60.0
 
 
-def create_app(config: Config, *, host: object | None = None) -> web.Application:
+def create_app(config: Config, *, host: HostFactsSource | None = None) -> web.Application:
     """Build the node's API application. Opening the store and starting loops happen in the app's cleanup contexts,
     so the same app works under ``web.run_app``, an ``AppRunner`` or aiohttp's test client."""
     app = web.Application(

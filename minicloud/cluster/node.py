@@ -23,7 +23,7 @@ import os
 import shutil
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +115,6 @@ class ClusterNode:
         self.is_leader = False
         self._leader_lease = 0
         self._tasks: list[asyncio.Task[None]] = []
-        self._leader_callbacks: list[Callable[[bool], Awaitable[None]]] = []
         self._lock = asyncio.Lock()
         self._voter_down_since: dict[str, float] = {}
         #: Called with the cluster's session signing key (PEM) when this node joins.
@@ -130,10 +129,6 @@ class ClusterNode:
     @property
     def enabled(self) -> bool:
         return self.state is not None
-
-    def on_leadership(self, callback: Callable[[bool], Awaitable[None]]) -> None:
-        """``callback(True)`` when this node becomes the services leader, ``callback(False)`` when it stops."""
-        self._leader_callbacks.append(callback)
 
     # -- start and stop --------------------------------------------------------------------------------------------
     def load_state(self) -> ClusterState | None:
@@ -620,9 +615,6 @@ class ClusterNode:
         self.is_leader = leader == self.name
         if was != self.is_leader:
             log.info("services leadership", extra={"leader": leader, "this_node": self.is_leader})
-            for callback in self._leader_callbacks:
-                with contextlib.suppress(Exception):
-                    await callback(self.is_leader)
 
     async def _leader_loop(self) -> None:
         """Hold the cluster-services leadership while this node's etcd member leads Raft.

@@ -112,7 +112,6 @@ class ApiKey(Resource, kw_only=True):
     prefix: str
     principal: str = "user:admin"
     expires_at: str | None = None
-    last_used_at: str | None = None
 
 
 class ApiKeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -180,13 +179,6 @@ class Node(msgspec.Struct, kw_only=True):
     disks: list[Disk]
     virtualization: Virtualization
     version: str
-
-
-class Backup(msgspec.Struct, kw_only=True):
-    name: str
-    size_bytes: int
-    sha256: str
-    revision: int
 
 
 class Event(msgspec.Struct, kw_only=True):

@@ -11,7 +11,7 @@ mod_revision and on the name keys — so etcd decides every conflict. A successf
 replica has applied the revision etcd gave it (read-your-writes).
 
 Replication: one watch on ``/mc/r/`` from the replica's revision onwards; every etcd revision is applied to SQLite as
-one transaction with :meth:`SQLiteStore.commit_at` (the same apply path as a single node, so events, caches and
+one transaction with :meth:`SQLiteStore.submit_at` (the same apply path as a single node, so events, caches and
 hooks behave identically). If etcd has compacted the history the replica needs, it reloads a snapshot.
 
 Revisions: a resource revision is ``etcd revision + O``. ``minicloud cluster enable`` copies a single node's records

@@ -115,10 +115,6 @@ def op_delete(key: bytes) -> dict[str, Any]:
     return {"request_delete_range": {"key": b64(key)}}
 
 
-def op_range(key: bytes) -> dict[str, Any]:
-    return {"request_range": {"key": b64(key)}}
-
-
 class EtcdClient:
     """One client per process; safe to share between tasks."""
 

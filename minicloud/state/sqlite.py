@@ -282,11 +282,6 @@ class SQLiteStore:
         check_append_only(txn)
         return await self._enqueue(txn, None)
 
-    async def commit_at(self, txn: Txn, revision: int) -> tuple[int, list[Change]]:
-        """Apply ``txn`` at the given ``revision`` (a replica applying the cluster's log): it must be newer than
-        every revision applied so far. Same atomicity, durability, hooks and events as :meth:`commit`."""
-        return await self._enqueue(txn, revision)
-
     async def _enqueue(self, txn: Txn, revision: int | None) -> tuple[int, list[Change]]:
         return await self.submit_at(txn, revision)
 
