@@ -69,14 +69,11 @@ async def create_access_key(request: web.Request, body: AccessKeyCreate) -> Repl
         kind=KIND.name, id=key_id, project=res.project_of(request), name=body.name,
         spec={"principal": owner, "description": body.description, "secret": sealed}, created_at=stamp, updated_at=stamp,
     )  # fmt: skip
-    return await res.write(
+    return await res.create(
         request,
-        [res.Create(record)],
-        status=201,
-        kind_name=KIND.name,
-        respond=lambda rev: AccessKeySecret(
-            **msgspec.structs.asdict(view(msgspec.structs.replace(record, revision=rev))), secret_access_key=secret
-        ),
+        KIND,
+        record,
+        respond=lambda r: AccessKeySecret(**msgspec.structs.asdict(view(r)), secret_access_key=secret),
     )
 
 

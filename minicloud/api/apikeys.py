@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import msgspec
 from aiohttp import web
 
 from minicloud import errors
@@ -40,14 +39,7 @@ async def create_apikey(request: web.Request, body: ApiKeyCreate) -> Reply:
     record, token = apikeys.new_key(
         res.project_of(request), body.name, body.description, body.expires_in, body.labels, principal=owner
     )
-    return await res.write(
-        request,
-        [res.Create(record)],
-        status=201,
-        kind_name=KIND.name,
-        respond=lambda rev: apikeys.view_with_secret(msgspec.structs.replace(record, revision=rev), token),
-        headers=lambda rev: {"Location": f"/v1/apikeys/{record.id}", **res.etag(rev)},
-    )
+    return await res.create(request, KIND, record, respond=lambda r: apikeys.view_with_secret(r, token))
 
 
 @routes.get("/v1/apikeys/{ref}", response=ApiKey, auth=Action("iam:apikeys:get"))

@@ -52,14 +52,7 @@ async def import_keypair(request: web.Request, body: KeyPairCreate) -> Reply:
             "description": body.description,
         },
     )
-    return await res.write(
-        request,
-        [res.Create(record)],
-        status=201,
-        kind_name=KIND.name,
-        respond=lambda rev: view(msgspec.structs.replace(record, revision=rev)),
-        headers=lambda rev: {"Location": f"/v1/keypairs/{record.id}", **res.etag(rev)},
-    )
+    return await res.create(request, KIND, record)
 
 
 @routes.get("/v1/keypairs/{ref}", response=KeyPair, auth=Action("compute:keypairs:get"))

@@ -35,14 +35,7 @@ async def create_project(request: web.Request, body: ProjectCreate) -> Reply:
     if body.name == res.DEFAULT_PROJECT:
         raise errors.AlreadyExists("the project 'default' always exists")
     record = res.new_record(KIND, request, body.name, body.labels, {"description": body.description})
-    return await res.write(
-        request,
-        [res.Create(record)],
-        status=201,
-        kind_name=KIND.name,
-        respond=lambda rev: view(msgspec.structs.replace(record, revision=rev)),
-        headers=lambda rev: {"Location": f"/v1/projects/{record.id}", **res.etag(rev)},
-    )
+    return await res.create(request, KIND, record)
 
 
 @routes.get("/v1/projects/{ref}", response=Project, auth=Action("iam:projects:get"))

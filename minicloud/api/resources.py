@@ -270,6 +270,22 @@ async def write(
     return Reply(respond(revision), status, headers(revision) if headers else {})
 
 
+async def create(
+    request: web.Request, kind: Kind, record: Record, *, respond: Callable[[Record], Any] | None = None
+) -> Reply:
+    """``POST /v1/<plural>``: commit the new ``record`` (through :func:`write`, so idempotency and audit apply) and
+    answer 201 with its view — or ``respond(record)``, e.g. to add a one-time secret — and Location and ETag."""
+    render = respond or kind.view
+    return await write(
+        request,
+        [Create(record)],
+        status=201,
+        kind_name=kind.name,
+        respond=lambda rev: render(msgspec.structs.replace(record, revision=rev)),
+        headers=lambda rev: {"Location": f"/v1/{kind.plural}/{record.id}", **etag(rev)},
+    )
+
+
 def _patch_revision(body: Any, revision: int) -> Any:
     if isinstance(body, dict) and body.get("revision") == 0:
         return {**body, "revision": revision}

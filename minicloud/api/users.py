@@ -61,14 +61,7 @@ async def create_user(request: web.Request, body: UserCreate) -> Reply:
         passwords.check_password_policy(body.password)
         spec["password_hash"] = await asyncio.to_thread(passwords.hash_password, body.password)
     record = res.new_record(USERS, request, body.name, body.labels, spec)
-    return await res.write(
-        request,
-        [res.Create(record)],
-        status=201,
-        kind_name=USERS.name,
-        respond=lambda rev: user_view(msgspec.structs.replace(record, revision=rev)),
-        headers=lambda rev: {"Location": f"/v1/users/{record.id}", **res.etag(rev)},
-    )
+    return await res.create(request, USERS, record)
 
 
 @routes.get("/v1/users/{ref}", response=User, auth=Action("iam:users:get"))
@@ -147,13 +140,7 @@ async def grant_role(request: web.Request, body: RoleBindingCreate) -> Reply:
         {"principal": body.principal, "role": body.role, "project": body.scope_project},
     )  # fmt: skip
     record = msgspec.structs.replace(record, id=record.name)
-    return await res.write(
-        request,
-        [res.Create(record)],
-        status=201,
-        kind_name=BINDINGS.name,
-        respond=lambda rev: binding_view(msgspec.structs.replace(record, revision=rev)),
-    )
+    return await res.create(request, BINDINGS, record)
 
 
 @routes.delete("/v1/rolebindings/{ref}", status=204, auth=Action("iam:bindings:delete"))
