@@ -8,6 +8,7 @@ CA's SHA-256 fingerprint on first use, like ssh's known_hosts. Keys are written 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import ipaddress
 import os
@@ -36,7 +37,13 @@ class NodePKI:
 
     @property
     def ca_fingerprint(self) -> str:
-        return fingerprint(self.ca_cert.read_bytes())
+        """The CA's fingerprint, recomputed only when the file changes (a node that joins a cluster gets its CA)."""
+        return _file_fingerprint(str(self.ca_cert), self.ca_cert.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_fingerprint(path: str, mtime_ns: int) -> str:
+    return fingerprint(Path(path).read_bytes())
 
 
 def fingerprint(pem: bytes) -> str:
