@@ -39,12 +39,14 @@ CASES = [
     ("bad limit", "GET", "/v1/keypairs?limit=-1", None, {}, 422),
     ("bad cursor", "GET", "/v1/keypairs?cursor=bm90IGpzb24", None, {}, 422),
     ("huge wait", "GET", "/v1/operations/op-x?wait=1e9", None, {}, 422),
-    ("bad If-Match", "DELETE", "/v1/keypairs/x", None, {"If-Match": "'; DROP"}, 404),
+    ("bad If-Match", "DELETE", "/v1/keypairs/problems-target", None, {"If-Match": "'; DROP"}, 400),
 ]
 
 
 @pytest.fixture(scope="module")
 def https_token(agent):
+    # The target of the If-Match case: it must exist (and survive), or the case would only prove a 404.
+    agent.client().keypairs.create(name="problems-target", public_key=KEY)
     return agent.client().apikeys.create(name="problems-test").secret
 
 
