@@ -550,7 +550,7 @@ def main(argv: list[str]) -> int:
         data = workdir / "agent"
         data.mkdir()
         config = workdir / "minicloud.toml"
-        config.write_text("")  # an empty config file: keep /etc/minicloud out of it
+        config.write_text('[compute]\ndriver = "none"\n')  # keep /etc/minicloud out of it; no guests in this bench
         env = {k: v for k, v in os.environ.items() if not k.startswith("MINICLOUD_")}
         env["MINICLOUD_LOG_LEVEL"] = "warning"
         print(f"starting the agent and the floor server in {workdir} ...", file=sys.stderr)

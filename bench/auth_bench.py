@@ -52,7 +52,9 @@ TARGET_RATIO = 1.0 - TARGET_OVERHEAD
 # The default HTTPS limit is 200 req/s per principal (burst 400); raise it so that the bench measures the server.
 RATE_LIMIT_RPS = 1_000_000.0
 RATE_LIMIT_BURST = 1_000_000
-CONFIG_TOML = f"[api]\nrate_limit_rps = {RATE_LIMIT_RPS:.1f}\nrate_limit_burst = {RATE_LIMIT_BURST}\n"
+CONFIG_TOML = (
+    f'[api]\nrate_limit_rps = {RATE_LIMIT_RPS:.1f}\nrate_limit_burst = {RATE_LIMIT_BURST}\n[compute]\ndriver = "none"\n'
+)
 
 KEYPAIR = "bench-read"
 MEMBER = "mia"

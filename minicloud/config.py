@@ -7,6 +7,7 @@ falls back to a default. ``minicloud config validate`` runs exactly this loader.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -72,10 +73,53 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     etcd_peer_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 2380
 
 
+class ComputeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[compute]``: virtual machines on this node (see docs/compute.md)."""
+
+    #: ``libvirt`` runs real guests; ``fake`` keeps domains in memory (unit tests and API demos, nothing boots);
+    #: ``none`` runs no compute reconciler on this node (it still serves the API). Related: ``libvirt_uri``.
+    driver: Literal["libvirt", "fake", "none"] = "libvirt"
+    #: The libvirt connection the driver opens.
+    libvirt_uri: str = "qemu:///system"
+    #: ``auto`` uses KVM only when /dev/kvm opens and the CPU shows vmx/svm, TCG emulation (``qemu``) otherwise.
+    #: `minicloud node show` says which and why.
+    virt_type: Literal["auto", "kvm", "qemu"] = "auto"
+    #: Virtual CPUs per host CPU the scheduler hands out. Related: ``ram_allocation_ratio``.
+    cpu_allocation_ratio: Annotated[float, msgspec.Meta(gt=0, le=64)] = 4.0
+    #: Guest memory per byte of host memory (1.0: no over-commit). Related: ``reserved_memory_mib``.
+    ram_allocation_ratio: Annotated[float, msgspec.Meta(gt=0, le=16)] = 1.0
+    #: Host memory kept back for the host itself and the agent.
+    reserved_memory_mib: Annotated[int, msgspec.Meta(ge=0)] = 512
+    #: Disk space (of the data directory's filesystem) kept back, in GiB. Root disks are counted at full size.
+    reserved_disk_gib: Annotated[int, msgspec.Meta(ge=0)] = 1
+    #: Directories on the node that ``image import --path/--kernel/--initrd`` may read from (resolved, no symlinks
+    #: out). Related: ``agent.data_dir`` (``<data_dir>/import`` is always allowed).
+    image_dirs: list[str] = msgspec.field(default_factory=lambda: ["/var/lib/minicloud/import"])
+    #: Seconds a graceful stop (ACPI power button) may take before the guest is powered off.
+    stop_timeout: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 60.0
+    #: How often the reconciler re-checks every instance even when nothing changed, in seconds.
+    resync_interval: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+
+
+class NetworkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[network]``: the node's default network (a bridge with DHCP/DNS and NAT) that instances are attached to."""
+
+    #: Build the default network at all (``driver = none`` in ``[compute]`` also skips it).
+    enabled: bool = True
+    #: The Linux bridge (at most 15 characters). Related: ``cidr``.
+    bridge: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,15}$")] = "mcbr0"
+    #: The subnet; the bridge gets its first address, DHCP hands out the rest.
+    cidr: str = "10.213.0.0/24"
+    #: NAT (masquerade) traffic from the subnet to the node's other interfaces.
+    masquerade: bool = True
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
+    compute: ComputeConfig = msgspec.field(default_factory=ComputeConfig)
+    network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
 
     # -- derived -----------------------------------------------------------------------------------------------
     @property
@@ -114,6 +158,17 @@ def _check(cfg: Config) -> None:
                 f"agent.listen = {cfg.agent.listen!r} is not HOST:PORT; use e.g. '0.0.0.0:8443', '[::]:8443', "
                 "'127.0.0.1:0' for a free port, or '' to disable HTTPS"
             )
+    try:
+        net = ipaddress.IPv4Network(cfg.network.cidr)
+    except ValueError as exc:
+        raise ConfigError(
+            f"network.cidr = {cfg.network.cidr!r} is not an IPv4 subnet ({exc}); use e.g. '10.213.0.0/24'"
+        ) from None
+    if net.prefixlen > 28:
+        raise ConfigError(f"network.cidr = {cfg.network.cidr!r} is too small for DHCP; use a /28 or larger")
+    for d in cfg.compute.image_dirs:
+        if not os.path.isabs(d):
+            raise ConfigError(f"compute.image_dirs entry {d!r} must be an absolute path")
     for key in ("data_dir", "socket"):
         value = getattr(cfg.agent, key)
         if not value or not os.path.isabs(value):

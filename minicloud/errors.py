@@ -100,6 +100,16 @@ class AlreadyExists(Conflict):
     title = "A resource with that name already exists"
 
 
+class InUse(Conflict):
+    slug = "in-use"
+    title = "The resource is still in use"
+
+
+class InsufficientCapacity(Conflict):
+    slug = "insufficient-capacity"
+    title = "No node has room for the request"
+
+
 class Gone(MinicloudError):
     status = 410
     slug = "gone"

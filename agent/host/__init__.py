@@ -76,6 +76,15 @@ def detect_virt(dev: str = "/dev/kvm", cpuinfo: str = "/proc/cpuinfo") -> VirtSu
     return VirtSupport(kvm_device=kvm, hardware_virt=hw)
 
 
+def choose_virt(setting: str, support: VirtSupport) -> tuple[str, str]:
+    """The virt type guests get and why, from ``compute.virt_type`` (``auto``, ``kvm`` or ``qemu``)."""
+    if setting == "auto":
+        return support.virt_type, support.reason
+    if setting == "kvm" and support.virt_type != "kvm":
+        return "kvm", "compute.virt_type = kvm in the configuration (overriding detection: " + support.reason + ")"
+    return setting, f"compute.virt_type = {setting} in the configuration"
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -101,7 +110,7 @@ class HostFactsSource(Protocol):
 class HostFacts:
     """Reads the real host with psutil."""
 
-    def __init__(self, node_name: str, cache_seconds: float = 1.0) -> None:
+    def __init__(self, node_name: str, cache_seconds: float = 1.0, virt_setting: str = "auto") -> None:
         self.node_name = node_name
         self.cache_seconds = cache_seconds
         self._static = {
@@ -114,6 +123,7 @@ class HostFacts:
             "boot_time": _dt.datetime.fromtimestamp(psutil.boot_time(), _dt.UTC).isoformat().replace("+00:00", "Z"),
         }
         self.virt = detect_virt()
+        self.virt_type, self.virt_reason = choose_virt(virt_setting, self.virt)
         self._cached: Node | None = None
         self._cached_at = 0.0
 
@@ -153,8 +163,8 @@ class HostFacts:
             virtualization=Virtualization(
                 kvm_device=self.virt.kvm_device,
                 hardware_virt=self.virt.hardware_virt,
-                virt_type=self.virt.virt_type,  # type: ignore[arg-type]
-                reason=self.virt.reason,
+                virt_type=self.virt_type,  # type: ignore[arg-type]
+                reason=self.virt_reason,
             ),
             version=__version__,
             **self._static,

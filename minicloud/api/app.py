@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as _dt
+import ipaddress
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -21,6 +22,9 @@ from minicloud.api import (
     audit,
     cluster,
     events,
+    images,
+    instance_types,
+    instances,
     keypairs,
     login,
     openapi,
@@ -30,7 +34,7 @@ from minicloud.api import (
     users,
 )
 from minicloud.api.auth import DIRECTORY, RATE_LIMITER
-from minicloud.api.keys import CLUSTER, CONFIG, HOST, OPERATIONS, PKI, STORE, TLS
+from minicloud.api.keys import CLUSTER, COMPUTE, CONFIG, HOST, OPERATIONS, PKI, STORE, TLS
 from minicloud.api.middleware import audit_middleware, auth_middleware, problem_middleware
 from minicloud.api.resources import IDEMPOTENCY_KIND
 from minicloud.api.routing import set_max_body
@@ -64,6 +68,9 @@ ROUTE_TABLES = [
     users.routes,
     login.routes,
     accesskeys.routes,
+    images.routes,
+    instance_types.routes,
+    instances.routes,
 ]
 HOUSEKEEPING_INTERVAL = 60.0
 
@@ -83,7 +90,7 @@ def create_app(config: Config, *, host: HostFactsSource | None = None) -> web.Ap
     if host is None:
         from agent.host import HostFacts
 
-        host = HostFacts(config.node_name)
+        host = HostFacts(config.node_name, virt_setting=config.compute.virt_type)
     app[HOST] = host
     app[login.SESSION_KEY] = login.SessionSigner(load_session_key(config.data_path / "pki" / "session.key"))
     app[login.THROTTLE] = LoginThrottle()
@@ -98,7 +105,44 @@ def create_app(config: Config, *, host: HostFactsSource | None = None) -> web.Ap
     app.cleanup_ctx.append(_bootstrap_ctx)
     app.cleanup_ctx.append(_operations_ctx)
     app.cleanup_ctx.append(_housekeeping_ctx)
+    app.cleanup_ctx.append(_compute_ctx)
     return app
+
+
+async def _compute_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The compute reconciler of this node (and its default network), unless ``compute.driver = none``."""
+    config = app[CONFIG]
+    if config.compute.driver == "none":
+        yield
+        return
+    from agent.compute.driver import make_driver
+    from agent.compute.reconciler import ComputeReconciler
+    from agent.host import choose_virt, detect_virt
+    from agent.net.default import BridgeNetwork, FakeNetwork, NetworkDriver, NetworkSpec
+
+    virt_type, reason = choose_virt(config.compute.virt_type, detect_virt())
+    network: NetworkDriver | None = None
+    if config.network.enabled:
+        spec = NetworkSpec(
+            name="default",
+            bridge=config.network.bridge,
+            cidr=ipaddress.IPv4Network(config.network.cidr),
+            masquerade=config.network.masquerade,
+        )
+        fake = config.compute.driver == "fake"
+        network = FakeNetwork(spec) if fake else BridgeNetwork(spec, config.data_path / "networks" / "default")
+    reconciler = ComputeReconciler(
+        store=app[STORE],
+        config=config,
+        driver=make_driver(config.compute.driver, config.compute.libvirt_uri),
+        network=network,
+        virt_type=virt_type,
+        virt_reason=reason,
+    )
+    await reconciler.start()
+    app[COMPUTE] = reconciler
+    yield
+    await reconciler.close()
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

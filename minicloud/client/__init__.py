@@ -121,6 +121,11 @@ class Client:
         self.keypairs = KeyPairs(self)
         self.operations = Operations(self)
         self.apikeys = ApiKeys(self)
+        from minicloud.client.compute import Images, Instances, InstanceTypes
+
+        self.images = Images(self)
+        self.types = InstanceTypes(self)
+        self.instances = Instances(self)
 
     # -- construction ----------------------------------------------------------------------------------------------
     @classmethod

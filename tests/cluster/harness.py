@@ -370,7 +370,7 @@ class AgentNode(Node):
         self.info: dict[str, Any] = {}
         root.mkdir(parents=True, exist_ok=True)
         if not self.config.exists():
-            self.config.write_text("# empty: defaults, overridden by flags\n")
+            self.config.write_text('# no compute in the cluster tests\n[compute]\ndriver = "none"\n')
         super().__init__(switch, netns, address, **kw)
 
     # -- environment -----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -17,10 +18,29 @@ from minicloud.client import Client
 REPO = Path(__file__).resolve().parents[2]
 
 
+def compute_config(root: Path) -> str:
+    """A config with real compute: libvirt (TCG), and a default network whose bridge and subnet are this agent's
+    own (tests run agents in parallel on one host), images importable from ``root``."""
+    tag = secrets.token_hex(3)
+    subnet = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}.0/24"
+    return (
+        f'[agent]\nnode_name = "node-{tag}"\n'
+        f'[compute]\ndriver = "libvirt"\nvirt_type = "qemu"\nimage_dirs = ["{root}"]\nstop_timeout = 5.0\n'
+        f'[network]\nbridge = "mct{tag}"\ncidr = "{subnet}"\n'
+    )
+
+
 class Agent:
     """One `minicloud agent` process. ``cli(...)`` runs the shell client against it, as a user would."""
 
-    def __init__(self, root: Path, *, listen: str = "127.0.0.1:0", extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        listen: str = "127.0.0.1:0",
+        extra_env: dict[str, str] | None = None,
+        compute: bool = False,
+    ) -> None:
         self.root = root
         self.data_dir = root / "data"
         self.socket = root / "run" / "minicloud.sock"
@@ -29,7 +49,8 @@ class Agent:
         self.config = root / "minicloud.toml"
         root.mkdir(parents=True, exist_ok=True)
         if not self.config.exists():
-            self.config.write_text("# empty: defaults, overridden by flags\n")
+            # No compute unless a test asks for it (`compute=True`): no bridge, no libvirt for the API-only tests.
+            self.config.write_text(compute_config(root) if compute else '[compute]\ndriver = "none"\n')
         self.env = {
             **os.environ,
             "MINICLOUD_CONFIG": str(self.config),

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import shutil
 import socket
-import struct
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from agent.compute.seed import meta_data, network_config_dhcp, write_nocloud_seed
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "build-guest-image"
@@ -41,79 +42,6 @@ def guest_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert (out / "vmlinuz").stat().st_size > 1_000_000
     assert (out / "initrd.img").stat().st_size > 100_000
     return out
-
-
-def iso9660(volume_id: str, files: dict[str, bytes]) -> bytes:
-    """A minimal ISO 9660 image (one root directory, level-1 names, no extensions), enough for Linux's isofs."""
-    sector = 2048
-
-    def both16(n: int) -> bytes:
-        return struct.pack("<H", n) + struct.pack(">H", n)
-
-    def both32(n: int) -> bytes:
-        return struct.pack("<I", n) + struct.pack(">I", n)
-
-    date7 = bytes([124, 1, 1, 0, 0, 0, 0])  # 2024-01-01 00:00:00 UTC
-
-    def record(name: bytes, lba: int, size: int, is_dir: bool) -> bytes:
-        body = (
-            bytes([0])
-            + both32(lba)
-            + both32(size)
-            + date7
-            + bytes([2 if is_dir else 0, 0, 0])
-            + both16(1)
-            + bytes([len(name)])
-            + name
-        )
-        rec = bytes([len(body) + 1]) + body
-        return rec + (b"\0" if len(rec) % 2 else b"")
-
-    root_lba, first_file_lba = 20, 21
-    entries, data, lba = [], b"", first_file_lba
-    for name, content in sorted(files.items()):
-        entries.append(record(f"{name.upper()};1".encode(), lba, len(content), False))
-        padded = content + b"\0" * (-len(content) % sector)
-        data += padded
-        lba += max(1, len(padded) // sector)
-        if not content:
-            data += b"\0" * sector
-    root = record(b"\0", root_lba, sector, True) + record(b"\1", root_lba, sector, True) + b"".join(entries)
-    assert len(root) <= sector
-    total = lba
-
-    def text(s: str, n: int) -> bytes:
-        return s.encode().ljust(n, b" ")
-
-    date17 = b"0" * 16 + b"\0"
-    pvd = (
-        b"\x01CD001\x01\x00"
-        + text("", 32)
-        + text(volume_id, 32)
-        + b"\0" * 8
-        + both32(total)
-        + b"\0" * 32
-        + both16(1)
-        + both16(1)
-        + both16(sector)
-        + both32(10)
-        + struct.pack("<I", 18)
-        + b"\0" * 4
-        + struct.pack(">I", 19)
-        + b"\0" * 4
-        + record(b"\0", root_lba, sector, True)
-        + text("", 128) * 4
-        + text("", 37) * 3
-        + date17 * 4
-        + b"\x01\x00"
-    )
-    pvd = pvd.ljust(sector, b"\0")
-    terminator = b"\xffCD001\x01".ljust(sector, b"\0")
-    path_l = (bytes([1, 0]) + struct.pack("<I", root_lba) + struct.pack("<H", 1) + b"\0\0").ljust(sector, b"\0")
-    path_m = (bytes([1, 0]) + struct.pack(">I", root_lba) + struct.pack(">H", 1) + b"\0\0").ljust(sector, b"\0")
-    image = b"\0" * (16 * sector) + pvd + terminator + path_l + path_m + root.ljust(sector, b"\0") + data
-    assert len(image) == total * sector
-    return image
 
 
 def free_port() -> int:
@@ -193,14 +121,11 @@ def test_guest_boots_and_takes_a_dhcp_lease(guest_image: Path, tmp_path: Path) -
 @pytest.mark.parametrize("attach", ["virtio-disk", "cdrom"])
 def test_guest_reads_nocloud_seed_and_serves_http(guest_image: Path, tmp_path: Path, attach: str) -> None:
     seed = tmp_path / "seed.iso"
-    seed.write_bytes(
-        iso9660(
-            "cidata",
-            {
-                "meta-data": b"instance-id: i-test\nlocal-hostname: seeded-guest\n",
-                "user-data": b"#!/bin/sh\necho 'minicloud-guest: user-data ran'\necho from-user-data > /www/ud.txt\n",
-            },
-        )
+    write_nocloud_seed(
+        seed,
+        meta_data=meta_data("i-test", "seeded-guest"),
+        user_data=b"#!/bin/sh\necho 'minicloud-guest: user-data ran'\necho from-user-data > /www/ud.txt\n",
+        network_config=network_config_dhcp(),
     )
     drive = (
         ["-drive", f"file={seed},if=virtio,format=raw,readonly=on"]

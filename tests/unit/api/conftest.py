@@ -38,6 +38,8 @@ def make_config(tmp_path, **api):
             "agent.socket": str(tmp_path / "s.sock"),
             "agent.listen": "127.0.0.1:0",
             "agent.node_name": "n1",
+            # The fake hypervisor and network: the API's compute paths run, nothing touches the host.
+            "compute.driver": "fake",
         },
     )
     if api:

@@ -1,0 +1,123 @@
+"""The hypervisor interface the compute reconciler drives, its registry, and the in-memory fake.
+
+Every method is idempotent in the direction it names: starting a running domain, destroying a stopped one or
+undefining a missing one is success. Methods raise :class:`DriverError` (with a message for humans) and nothing
+else; the reconciler turns it into the instance's ``error`` reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+
+class DriverError(Exception):
+    """The hypervisor refused or failed; ``str(exc)`` says what happened."""
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    uuid: str
+    name: str
+    #: ``running``, ``shutoff``, ``paused``, ``crashed`` or ``other``.
+    state: str
+    #: The persistent definition (our metadata is in it; None for foreign transient domains).
+    xml: str
+
+
+class ComputeDriver(Protocol):
+    async def open(self, on_event: Callable[[str], None]) -> None:
+        """Connect; ``on_event(uuid)`` is called on the event loop whenever a domain changes state."""
+
+    async def close(self) -> None: ...
+
+    async def domains(self) -> list[DomainInfo]:
+        """Every domain the hypervisor knows (the caller tells ours from others by their metadata)."""
+
+    async def define(self, xml: str) -> None:
+        """Create or replace the persistent definition (by its uuid)."""
+
+    async def start(self, uuid: str) -> None: ...
+
+    async def shutdown(self, uuid: str) -> None:
+        """Ask the guest to power off (ACPI); returns at once."""
+
+    async def destroy(self, uuid: str) -> None:
+        """Power off now."""
+
+    async def reboot(self, uuid: str, *, force: bool) -> None:
+        """ACPI reboot, or a hard reset with ``force``."""
+
+    async def undefine(self, uuid: str) -> None:
+        """Remove the definition (and UEFI variables); the domain must not be running."""
+
+
+class FakeDriver:
+    """Domains in memory. Semantics: ``start`` makes a defined domain ``running``; ``shutdown`` and ``destroy`` make it
+    ``shutoff`` at once (a fake guest always obeys ACPI); ``reboot`` counts in ``reboots``; every change notifies.
+    ``fail_next`` makes the next call of that method name raise :class:`DriverError` (tests of rollback)."""
+
+    def __init__(self) -> None:
+        self.doms: dict[str, DomainInfo] = {}
+        self.reboots: dict[str, int] = {}
+        self.fail_next: set[str] = set()
+        self._notify: Callable[[str], None] = lambda uuid: None
+
+    def _maybe_fail(self, method: str) -> None:
+        if method in self.fail_next:
+            self.fail_next.discard(method)
+            raise DriverError(f"fake {method} failure")
+
+    def _set(self, uuid: str, state: str) -> None:
+        if uuid not in self.doms:
+            raise DriverError(f"domain {uuid} is not defined")
+        self.doms[uuid] = replace(self.doms[uuid], state=state)
+        asyncio.get_running_loop().call_soon(self._notify, uuid)
+
+    async def open(self, on_event: Callable[[str], None]) -> None:
+        self._notify = on_event
+
+    async def close(self) -> None:
+        pass
+
+    async def domains(self) -> list[DomainInfo]:
+        return list(self.doms.values())
+
+    async def define(self, xml: str) -> None:
+        import xml.etree.ElementTree as ET
+
+        self._maybe_fail("define")
+        root = ET.fromstring(xml)
+        uuid, name = root.findtext("uuid") or "", root.findtext("name") or ""
+        state = self.doms[uuid].state if uuid in self.doms else "shutoff"
+        self.doms[uuid] = DomainInfo(uuid=uuid, name=name, state=state, xml=xml)
+
+    async def start(self, uuid: str) -> None:
+        self._maybe_fail("start")
+        self._set(uuid, "running")
+
+    async def shutdown(self, uuid: str) -> None:
+        self._set(uuid, "shutoff")
+
+    async def destroy(self, uuid: str) -> None:
+        if uuid in self.doms:
+            self._set(uuid, "shutoff")
+
+    async def reboot(self, uuid: str, *, force: bool) -> None:
+        self.reboots[uuid] = self.reboots.get(uuid, 0) + 1
+
+    async def undefine(self, uuid: str) -> None:
+        self.doms.pop(uuid, None)
+
+
+def make_driver(name: str, uri: str) -> ComputeDriver:
+    """The driver ``compute.driver`` names (an explicit registry, no plugin discovery)."""
+    if name == "fake":
+        return FakeDriver()
+    if name == "libvirt":
+        from agent.compute.libvirt_driver import LibvirtDriver
+
+        return LibvirtDriver(uri)
+    raise ValueError(f"no compute driver {name!r}")

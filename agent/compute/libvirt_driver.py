@@ -1,0 +1,198 @@
+"""The real compute driver: libvirt-python, with every call off the event loop.
+
+libvirt calls run in one bounded thread pool (libvirt connections are thread-safe); libvirt's own event loop runs in
+a native thread started once per process, and lifecycle events reach asyncio with ``loop.call_soon_threadsafe``
+(Nova's ``host.py`` does the same). A dropped connection (libvirtd restarted) is reopened on the next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import libvirt
+
+from agent.compute.driver import DomainInfo, DriverError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "running",  # shutting down: still running until it is off
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
+}
+
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+def _ensure_event_loop() -> None:
+    """Register libvirt's default event implementation and run it in a daemon thread (once per process; it must
+    happen before the first connection is opened for events to be delivered)."""
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+def _ignore_libvirt_errors(_ctx: Any, _err: Any) -> None:
+    """libvirt prints every error to stderr by default; we report them through exceptions instead."""
+
+
+class LibvirtDriver:
+    def __init__(self, uri: str = "qemu:///system", max_workers: int = 4) -> None:
+        self.uri = uri
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="libvirt")
+        self._conn: libvirt.virConnect | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_event: Callable[[str], None] = lambda uuid: None
+        self._callback_id: int | None = None
+
+    # -- plumbing ----------------------------------------------------------------------------------------------------
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, fn, *args)
+        except libvirt.libvirtError as exc:
+            raise DriverError(exc.get_error_message() or str(exc)) from None
+
+    def _connection(self) -> libvirt.virConnect:
+        conn = self._conn
+        if conn is not None:
+            try:
+                if conn.isAlive():
+                    return conn
+            except libvirt.libvirtError:
+                pass
+            log.warning("libvirt connection lost; reconnecting", extra={"uri": self.uri})
+        conn = libvirt.open(self.uri)
+        self._callback_id = conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None
+        )
+        self._conn = conn
+        return conn
+
+    def _lifecycle(self, _conn: Any, dom: libvirt.virDomain, _event: int, _detail: int, _opaque: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._on_event, dom.UUIDString())
+
+    def _lookup(self, uuid: str) -> libvirt.virDomain | None:
+        try:
+            return self._connection().lookupByUUIDString(uuid)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    # -- ComputeDriver -----------------------------------------------------------------------------------------------
+    async def open(self, on_event: Callable[[str], None]) -> None:
+        _ensure_event_loop()
+        libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
+        self._loop = asyncio.get_running_loop()
+        self._on_event = on_event
+        await self._call(self._connection)
+
+    async def close(self) -> None:
+        def _close() -> None:
+            if self._conn is not None:
+                try:
+                    if self._callback_id is not None:
+                        self._conn.domainEventDeregisterAny(self._callback_id)
+                    self._conn.close()
+                except libvirt.libvirtError:
+                    pass
+                self._conn = None
+
+        await asyncio.get_running_loop().run_in_executor(self._pool, _close)
+        self._pool.shutdown(wait=False)
+
+    async def domains(self) -> list[DomainInfo]:
+        def _list() -> list[DomainInfo]:
+            out = []
+            for dom in self._connection().listAllDomains(0):
+                try:
+                    state = _STATES.get(dom.state()[0], "other")
+                    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                except libvirt.libvirtError:
+                    continue  # vanished while we listed
+                out.append(DomainInfo(uuid=dom.UUIDString(), name=dom.name(), state=state, xml=xml))
+            return out
+
+        return await self._call(_list)
+
+    async def define(self, xml: str) -> None:
+        await self._call(lambda: self._connection().defineXML(xml))
+
+    async def start(self, uuid: str) -> None:
+        def _start() -> None:
+            dom = self._lookup(uuid)
+            if dom is None:
+                raise DriverError(f"domain {uuid} is not defined")
+            if not dom.isActive():
+                dom.create()
+
+        await self._call(_start)
+
+    async def shutdown(self, uuid: str) -> None:
+        def _shutdown() -> None:
+            dom = self._lookup(uuid)
+            if dom is not None and dom.isActive():
+                dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+
+        await self._call(_shutdown)
+
+    async def destroy(self, uuid: str) -> None:
+        def _destroy() -> None:
+            dom = self._lookup(uuid)
+            if dom is None:
+                return
+            try:
+                dom.destroy()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # not running: already off
+                    raise
+
+        await self._call(_destroy)
+
+    async def reboot(self, uuid: str, *, force: bool) -> None:
+        def _reboot() -> None:
+            dom = self._lookup(uuid)
+            if dom is None or not dom.isActive():
+                raise DriverError("the domain is not running")
+            if force:
+                dom.reset()
+            else:
+                dom.reboot(libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
+
+        await self._call(_reboot)
+
+    async def undefine(self, uuid: str) -> None:
+        def _undefine() -> None:
+            dom = self._lookup(uuid)
+            if dom is None:
+                return
+            try:
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+
+        await self._call(_undefine)

@@ -1,0 +1,192 @@
+"""``minicloud instance create|list|show|start|stop|reboot|resize|console|delete``: virtual machines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from minicloud.cli.common import CommandError, client
+from minicloud.cli.keypair import parse_labels
+from minicloud.cli.output import col, emit
+from minicloud.client import Client
+from minicloud.model.compute import Instance
+
+COLUMNS = [
+    col("name", "name"),
+    col("state", "status.state"),
+    col("type", "type"),
+    col("image", "image"),
+    col("node", "status.node"),
+    col("addresses", "status.addresses"),
+    col("id", "id"),
+]
+
+
+def _wait_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--wait", action="store_true", help=f"wait until the instance {what}")
+    p.add_argument("--timeout", type=float, default=600, help="give up waiting after this many seconds (default 600)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("instance", help="virtual machines")
+    verbs = p.add_subparsers(dest="verb", metavar="<verb>", required=True)
+    v = verbs.add_parser("create", help="create an instance from an image")
+    v.add_argument("name")
+    v.add_argument("--image", required=True, help="image name or id (`minicloud image list`)")
+    v.add_argument("--type", required=True, help="instance type (`minicloud type list`), e.g. m1.tiny")
+    v.add_argument("--keypair", help="SSH key pair to put into the guest (`minicloud keypair list`)")
+    v.add_argument("--user-data", metavar="FILE", help="cloud-init user-data: a #! script or #cloud-config")
+    v.add_argument("--disk-size", type=int, metavar="GIB", help="root disk size (default: the type's)")
+    v.add_argument("--stopped", action="store_true", help="build it but do not start it")
+    v.add_argument("--description", default="")
+    v.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    _wait_flag(v, "is running (or stopped with --stopped), failing if it ends in error")
+    v.set_defaults(func=create)
+    v = verbs.add_parser("list", help="list instances")
+    v.add_argument("--label", metavar="KEY=VALUE[,...]", help="only those with these labels")
+    v.set_defaults(func=list_)
+    v = verbs.add_parser("show", help="show an instance")
+    v.add_argument("name")
+    v.set_defaults(func=show)
+    v = verbs.add_parser("start", help="power an instance on")
+    v.add_argument("name")
+    _wait_flag(v, "is running")
+    v.set_defaults(func=start)
+    v = verbs.add_parser("stop", help="shut an instance down (ACPI; powered off after compute.stop_timeout)")
+    v.add_argument("name")
+    v.add_argument("--force", action="store_true", help="power off at once")
+    _wait_flag(v, "is stopped")
+    v.set_defaults(func=stop)
+    v = verbs.add_parser("reboot", help="reboot an instance (ACPI; --force resets it)")
+    v.add_argument("name")
+    v.add_argument("--force", action="store_true", help="hard reset")
+    v.set_defaults(func=reboot)
+    v = verbs.add_parser("resize", help="change the type of a stopped instance")
+    v.add_argument("name")
+    v.add_argument("--type", required=True)
+    v.set_defaults(func=resize)
+    v = verbs.add_parser("console", help="print the serial console log")
+    v.add_argument("name")
+    v.add_argument("--follow", "-f", action="store_true", help="keep printing what the guest writes (Ctrl-C stops)")
+    v.add_argument("--tail", type=int, default=0, metavar="BYTES", help="only the last BYTES of the log")
+    v.set_defaults(func=console)
+    v = verbs.add_parser("delete", help="delete an instance and its disk")
+    v.add_argument("name")
+    _wait_flag(v, "is gone")
+    v.set_defaults(func=delete)
+
+
+def _wait(c: Client, name: str, args: argparse.Namespace, want: str | None) -> Instance | None:
+    """Wait for the instance to settle (``want``: running/stopped; None: gone), showing state changes on stderr."""
+    tty = sys.stderr.isatty() and args.output == "table"
+
+    def show(i: Instance) -> None:
+        line = f"instance {i.name}: {i.status.state}" + (f" ({i.status.reason})" if i.status.reason else "")
+        print(line, file=sys.stderr) if not tty else sys.stderr.write("\r\033[K" + line)
+
+    def until(i: Instance) -> bool:
+        return want is not None and (i.status.state == "error" or i.status.state == want)
+
+    try:
+        inst = c.instances.wait(name, until=until, timeout=args.timeout, on_change=show)
+    except TimeoutError as exc:
+        raise CommandError(str(exc)) from None
+    if tty:
+        sys.stderr.write("\n")
+    if inst is not None and inst.status.state == "error":
+        raise CommandError(f"instance {inst.name} failed: {inst.status.reason}")
+    return inst
+
+
+def create(args: argparse.Namespace) -> int:
+    user_data = None
+    if args.user_data:
+        try:
+            user_data = Path(args.user_data).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(f"cannot read {args.user_data}: {getattr(exc, 'strerror', None) or exc}") from None
+    c = client(args)
+    inst = c.instances.create(
+        name=args.name,
+        image=args.image,
+        type=args.type,
+        keypair=args.keypair,
+        user_data=user_data,
+        disk_gib=args.disk_size,
+        start=not args.stopped,
+        description=args.description,
+        labels=parse_labels(args.label),
+    )
+    if args.wait:
+        inst = _wait(c, inst.id, args, "stopped" if args.stopped else "running") or inst
+    emit(inst, args.output)
+    return 0
+
+
+def list_(args: argparse.Namespace) -> int:
+    items = client(args).instances.list(label=args.label)
+    if args.output == "table":
+        for i in items:  # one line per address in the table: "10.0.0.5" rather than a JSON list
+            i.status.addresses = ", ".join(a.ip or "-" for a in i.status.addresses)  # type: ignore[assignment]
+    emit(items, args.output, COLUMNS)
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    emit(client(args).instances.get(args.name), args.output)
+    return 0
+
+
+def start(args: argparse.Namespace) -> int:
+    c = client(args)
+    inst = c.instances.start(args.name)
+    if args.wait:
+        inst = _wait(c, inst.id, args, "running") or inst
+    emit(inst, args.output)
+    return 0
+
+
+def stop(args: argparse.Namespace) -> int:
+    c = client(args)
+    inst = c.instances.stop(args.name, force=args.force)
+    if args.wait:
+        inst = _wait(c, inst.id, args, "stopped") or inst
+    emit(inst, args.output)
+    return 0
+
+
+def reboot(args: argparse.Namespace) -> int:
+    emit(client(args).instances.reboot(args.name, force=args.force), args.output)
+    return 0
+
+
+def resize(args: argparse.Namespace) -> int:
+    emit(client(args).instances.resize(args.name, type=args.type), args.output)
+    return 0
+
+
+def console(args: argparse.Namespace) -> int:
+    c = client(args)
+    out = sys.stdout.buffer
+    if not args.follow:
+        out.write(c.instances.console(args.name, tail=args.tail))
+        out.flush()
+        return 0
+    try:
+        for chunk in c.instances.follow_console(args.name, tail=args.tail):
+            out.write(chunk)
+            out.flush()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def delete(args: argparse.Namespace) -> int:
+    c = client(args)
+    inst = c.instances.delete(args.name)
+    if args.wait and inst is not None:
+        _wait(c, inst.id, args, None)
+    if args.output == "table":
+        print(f"Deleted instance {args.name}" if args.wait else f"Deleting instance {args.name}")
+    return 0

@@ -1,0 +1,171 @@
+"""SDK for compute: images, instance types and instances (``client.images``, ``client.types``, ``client.instances``)."""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from minicloud.model import Problem
+from minicloud.model.compute import Image, Instance, InstanceType
+
+if TYPE_CHECKING:
+    from minicloud.client import Client
+
+#: States an instance rests in; ``wait`` returns at one of these (or when the instance is gone).
+SETTLED = frozenset({"running", "stopped", "error"})
+
+
+def _q(ref: str) -> str:
+    return urllib.parse.quote(ref, safe="")
+
+
+class Images:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self, **query: Any) -> list[Image]:
+        return list(self._c.paginate("/v1/images", Image, **query))
+
+    def get(self, ref: str) -> Image:
+        return self._c.call("GET", f"/v1/images/{_q(ref)}", Image)
+
+    def create(self, *, name: str, **fields: Any) -> Image:
+        """Import an image: ``path=`` or ``url=`` (a disk), or ``kernel=`` (+ ``initrd=``, ``cmdline=``); paths are
+        on the node and must be under its ``compute.image_dirs``."""
+        body = {"name": name, **{k: v for k, v in fields.items() if v is not None}}
+        return self._c.call("POST", "/v1/images", Image, json=body)
+
+    def update(self, ref: str, **fields: Any) -> Image:
+        return self._c.call("PATCH", f"/v1/images/{_q(ref)}", Image, json=fields)
+
+    def delete(self, ref: str) -> None:
+        self._c.call("DELETE", f"/v1/images/{_q(ref)}")
+
+
+class InstanceTypes:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self) -> list[InstanceType]:
+        return list(self._c.paginate("/v1/instance-types", InstanceType))
+
+    def get(self, name: str) -> InstanceType:
+        return self._c.call("GET", f"/v1/instance-types/{_q(name)}", InstanceType)
+
+    def create(self, *, name: str, vcpus: int, memory_mib: int, disk_gib: int, description: str = "") -> InstanceType:
+        body = {
+            "name": name,
+            "vcpus": vcpus,
+            "memory_mib": memory_mib,
+            "disk_gib": disk_gib,
+            "description": description,
+        }
+        return self._c.call("POST", "/v1/instance-types", InstanceType, json=body)
+
+    def delete(self, name: str) -> None:
+        self._c.call("DELETE", f"/v1/instance-types/{_q(name)}")
+
+
+class Instances:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self, **query: Any) -> list[Instance]:
+        return list(self._c.paginate("/v1/instances", Instance, **query))
+
+    def get(self, ref: str) -> Instance:
+        return self._c.call("GET", f"/v1/instances/{_q(ref)}", Instance)
+
+    def create(
+        self, *, name: str, image: str, type: str, idempotency_key: str | None = None, **fields: Any
+    ) -> Instance:
+        """Create an instance (``keypair``, ``user_data``, ``disk_gib``, ``start``, ``description``, ``labels``)."""
+        body = {"name": name, "image": image, "type": type, **{k: v for k, v in fields.items() if v is not None}}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._c.call("POST", "/v1/instances", Instance, json=body, headers=headers)
+
+    def update(self, ref: str, **fields: Any) -> Instance:
+        return self._c.call("PATCH", f"/v1/instances/{_q(ref)}", Instance, json=fields)
+
+    def start(self, ref: str) -> Instance:
+        return self._c.call("POST", f"/v1/instances/{_q(ref)}/start", Instance)
+
+    def stop(self, ref: str, *, force: bool = False) -> Instance:
+        return self._c.call("POST", f"/v1/instances/{_q(ref)}/stop", Instance, json={"force": force})
+
+    def reboot(self, ref: str, *, force: bool = False) -> Instance:
+        return self._c.call("POST", f"/v1/instances/{_q(ref)}/reboot", Instance, json={"force": force})
+
+    def resize(self, ref: str, *, type: str) -> Instance:
+        return self._c.call("POST", f"/v1/instances/{_q(ref)}/resize", Instance, json={"type": type})
+
+    def delete(self, ref: str) -> Instance | None:
+        return self._c.call("DELETE", f"/v1/instances/{_q(ref)}", Instance)
+
+    def wait(
+        self,
+        ref: str,
+        *,
+        until: Callable[[Instance], bool] | None = None,
+        timeout: float = 600,
+        interval: float = 0.25,
+        on_change: Callable[[Instance], None] | None = None,
+    ) -> Instance | None:
+        """Poll until ``until(instance)`` (default: it settled in running, stopped or error and has no pending
+        change); None when the instance is gone (deleted). ``TimeoutError`` after ``timeout`` seconds."""
+        from minicloud.client import ApiError
+
+        until = until or (
+            lambda i: i.status.state == "error" or (i.status.state in SETTLED and i.status.state == i.power)
+        )
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            try:
+                inst = self.get(ref)
+            except ApiError as exc:
+                if exc.problem.status == 404:
+                    return None
+                raise
+            if on_change and (last is None or inst.status.state != last):
+                on_change(inst)
+            last = inst.status.state
+            if until(inst):
+                return inst
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"instance {ref} is still {inst.status.state} after {timeout:.0f} s")
+            time.sleep(interval)
+
+    def console(self, ref: str, *, tail: int = 0) -> bytes:
+        """The serial console log so far."""
+        resp = self._c.raw("GET", f"/v1/instances/{_q(ref)}/console", query={"tail": tail or None})
+        if resp.status >= 400:
+            from minicloud.client import ApiError, _problem
+
+            raise ApiError(_problem(resp))
+        return resp.body
+
+    def follow_console(self, ref: str, *, tail: int = 0) -> Iterator[bytes]:
+        """Stream the console log as the guest writes it, until the instance is deleted."""
+        import msgspec
+
+        from minicloud.client import ApiError
+
+        query = {"follow": "true", "tail": tail or None}
+        if self._c.project:
+            query["project"] = self._c.project
+        path = f"/v1/instances/{_q(ref)}/console?" + urllib.parse.urlencode({k: v for k, v in query.items() if v})
+        conn = self._c._connection()
+        headers = {"Authorization": f"Bearer {self._c.token}"} if self._c.token else {}
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        if resp.status >= 400:
+            body = resp.read()
+            raise ApiError(msgspec.json.decode(body, type=Problem))
+        try:
+            while chunk := resp.read1(65536):
+                yield chunk
+        finally:
+            self._c.close()

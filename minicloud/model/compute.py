@@ -1,0 +1,166 @@
+"""Compute request and response types: images, instance types and instances (shared by server, SDK and OpenAPI)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from minicloud.model import Description, Labels, Name, Resource
+
+#: An absolute path on the node (image import); checked against ``compute.image_dirs``.
+NodePath = Annotated[str, Meta(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")]
+ImageFormat = Literal["qcow2", "raw"]
+Firmware = Literal["bios", "uefi"]
+InstanceState = Literal["pending", "scheduling", "building", "running", "stopping", "stopped", "error", "deleting"]
+
+
+# -- images --------------------------------------------------------------------------------------------------------
+class ImageFile(msgspec.Struct, kw_only=True):
+    size_bytes: int
+    sha256: str
+
+
+class Image(Resource, kw_only=True):
+    """A bootable image in a node's image store: a disk (qcow2/raw) or a kernel + initrd for direct-kernel boot."""
+
+    boot: Literal["disk", "kernel"]
+    #: The disk's format as ``qemu-img info`` found it (null for kernel images).
+    format: ImageFormat | None = None
+    #: The disk's size as the guest sees it (null for kernel images).
+    virtual_size_bytes: int | None = None
+    #: Bytes stored, all files together.
+    size_bytes: int
+    #: sha256 of the disk, or of the kernel for kernel images.
+    sha256: str
+    files: dict[str, ImageFile] = {}
+    cmdline: str = ""
+    firmware: Firmware = "bios"
+    os: dict[str, str] = {}
+    #: The node whose image store holds the files; instances of this image are placed there.
+    node: str
+    source: str = ""
+    description: str = ""
+
+
+class ImageImport(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Import an image from files on the node (under ``compute.image_dirs``) or from an http(s) URL.
+
+    Give ``path`` (a disk) or ``url`` (a disk), or ``kernel`` (+ optional ``initrd``, ``cmdline``)."""
+
+    name: Name
+    path: NodePath | None = None
+    url: Annotated[str, Meta(max_length=4096, pattern=r"^https?://")] | None = None
+    #: The format you expect; the import fails if ``qemu-img info`` finds another. Default: whatever it finds.
+    format: ImageFormat | None = None
+    kernel: NodePath | None = None
+    initrd: NodePath | None = None
+    cmdline: Annotated[str, Meta(max_length=1024, pattern=r"^[\x20-\x7e]*$")] = ""
+    firmware: Firmware = "bios"
+    os_distro: Annotated[str, Meta(max_length=64, pattern=r"^[A-Za-z0-9._-]*$")] = ""
+    os_version: Annotated[str, Meta(max_length=64, pattern=r"^[A-Za-z0-9._-]*$")] = ""
+    description: Description = ""
+    labels: Labels = {}
+
+
+class ImageUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    description: Description | UnsetType = UNSET
+    labels: Labels | UnsetType = UNSET
+
+
+# -- instance types ------------------------------------------------------------------------------------------------
+class InstanceType(msgspec.Struct, kw_only=True):
+    """A machine shape. Built-in types have no id; admin-defined ones are resources of the cluster."""
+
+    name: str
+    vcpus: int
+    memory_mib: int
+    disk_gib: int
+    builtin: bool
+    description: str = ""
+    id: str | None = None
+    revision: int | None = None
+
+
+class InstanceTypeCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Name
+    vcpus: Annotated[int, Meta(ge=1, le=256)]
+    memory_mib: Annotated[int, Meta(ge=64, le=4 * 1024 * 1024)]
+    disk_gib: Annotated[int, Meta(ge=1, le=65536)]
+    description: Description = ""
+
+
+# -- instances -----------------------------------------------------------------------------------------------------
+class Address(msgspec.Struct, kw_only=True):
+    network: str
+    mac: str
+    ip: str | None = None
+
+
+class InstanceStatus(msgspec.Struct, kw_only=True):
+    state: InstanceState
+    #: Why the instance is in ``error`` (or what it is waiting for).
+    reason: str = ""
+    node: str | None = None
+    addresses: list[Address] = []
+    virt_type: str | None = None
+    launched_at: str | None = None
+    stopped_at: str | None = None
+
+
+class Instance(Resource, kw_only=True):
+    """A virtual machine. ``power`` is what you asked for; ``status.state`` is what the node observes."""
+
+    image: str
+    image_id: str
+    type: str
+    vcpus: int
+    memory_mib: int
+    disk_gib: int
+    keypair: str | None = None
+    power: Literal["running", "stopped"]
+    user_data_bytes: int = 0
+    description: str = ""
+    status: InstanceStatus
+
+
+class InstanceCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Name
+    image: Annotated[str, Meta(min_length=1, max_length=255)]
+    type: Annotated[str, Meta(min_length=1, max_length=255)]
+    keypair: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    #: cloud-init user-data (a ``#!`` script or ``#cloud-config``), at most 64 KiB.
+    user_data: Annotated[str, Meta(max_length=65536)] = ""
+    #: Root disk size; default: the type's. Never smaller than the image.
+    disk_gib: Annotated[int, Meta(ge=1, le=65536)] | None = None
+    #: Start the instance once built (default) or leave it stopped.
+    start: bool = True
+    description: Description = ""
+    labels: Labels = {}
+
+
+class InstanceUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    description: Description | UnsetType = UNSET
+    labels: Labels | UnsetType = UNSET
+
+
+class InstanceStop(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: Power off at once instead of asking the guest to shut down (ACPI) first.
+    force: bool = False
+
+
+class InstanceReboot(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: Reset at once instead of asking the guest to reboot (ACPI) first.
+    force: bool = False
+
+
+class InstanceResize(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    type: Annotated[str, Meta(min_length=1, max_length=255)]
+
+
+class ConsoleQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: Only the last this many bytes of the log (0: all of it).
+    tail: Annotated[int, Meta(ge=0, le=64 * 1024 * 1024)] = 0
+    #: Keep the response open and stream what the guest prints next.
+    follow: bool = False
