@@ -34,6 +34,7 @@ from typing import Any
 import msgspec
 import psutil
 
+from agent import faults
 from agent.compute import design, seed
 from agent.compute.driver import ComputeDriver, DomainInfo, DriverError
 from agent.compute.xml import InstanceMetadata, read_metadata
@@ -358,6 +359,7 @@ class ComputeReconciler:
         d = self.instances_dir / record.id
         await asyncio.to_thread(self._write_files, record, image, d)
         await self.driver.define(design.domain_for(self._guest_spec(record, image)).to_xml())
+        faults.point("compute.build.after_define")
 
     def _write_files(self, record: Record, image: Record, d: Path) -> None:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -386,6 +388,7 @@ class ComputeReconciler:
     async def _teardown(self, instance_id: str, uuid: str) -> None:
         """Destroy and undefine the domain, remove its files. Idempotent."""
         await self.driver.destroy(uuid)
+        faults.point("compute.teardown.after_destroy")
         await self.driver.undefine(uuid)
         await asyncio.to_thread(shutil.rmtree, self.instances_dir / instance_id, True)
 
@@ -397,7 +400,7 @@ class ComputeReconciler:
         for uuid, dom in ours.items():
             if uuid not in wanted_uuids:
                 meta = read_metadata(dom.xml)
-                log.warning("removing a domain no instance record names", extra={"uuid": uuid, "name": dom.name})
+                log.warning("removing a domain no instance record names", extra={"uuid": uuid, "domain": dom.name})
                 await self._teardown(meta.id if meta else "", uuid)
         live_ids = {m.id for d in ours.values() if (m := read_metadata(d.xml)) is not None}
         if self.instances_dir.is_dir():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,29 @@ class Agent:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def teardown_compute(self) -> None:
+        """Remove what a compute agent leaves on the host on purpose (guests and their network outlive an agent
+        restart): its domains, and its bridge, dnsmasq and nftables table."""
+        import asyncio
+        import tomllib
+
+        import libvirt
+
+        from agent.net.default import BridgeNetwork, NetworkSpec
+
+        conn = libvirt.open("qemu:///system")
+        try:
+            for dom in conn.listAllDomains(0):
+                if str(self.data_dir) in dom.XMLDesc(0):
+                    if dom.isActive():
+                        dom.destroy()
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        finally:
+            conn.close()
+        net = tomllib.loads(self.config.read_text())["network"]
+        spec = NetworkSpec(name="default", bridge=net["bridge"], cidr=net["cidr"])
+        asyncio.run(BridgeNetwork(spec, self.data_dir / "networks" / "default").teardown())
+
 
 @pytest.fixture(scope="session")
 def agent(tmp_path_factory) -> Agent:
@@ -134,3 +158,24 @@ def fresh_agent(tmp_path) -> Agent:
     yield a
     if a.proc and a.proc.poll() is None:
         a.kill()
+
+
+GUEST_SCRIPT = REPO / "scripts" / "build-guest-image"
+
+
+@pytest.fixture(scope="session")
+def guest_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")
+    if not Path("/bin/busybox").exists():
+        pytest.skip("/bin/busybox is missing (Debian package busybox-static)")
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        pytest.skip("apt-get/dpkg-deb are missing: the guest kernel comes from a Debian package")
+    out = tmp_path_factory.mktemp("guest-image")
+    proc = subprocess.run([str(GUEST_SCRIPT), str(out)], capture_output=True, text=True, timeout=300)
+    if proc.returncode == 3:
+        pytest.skip(f"no guest kernel package could be downloaded or found in the cache: {proc.stderr.strip()}")
+    assert proc.returncode == 0, f"build-guest-image failed:\n{proc.stdout}\n{proc.stderr}"
+    assert (out / "vmlinuz").stat().st_size > 1_000_000
+    assert (out / "initrd.img").stat().st_size > 100_000
+    return out

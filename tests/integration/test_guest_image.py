@@ -17,31 +17,13 @@ from pathlib import Path
 import pytest
 
 from agent.compute.seed import meta_data, network_config_dhcp, write_nocloud_seed
+from tests.integration.conftest import GUEST_SCRIPT
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "scripts" / "build-guest-image"
 QEMU = shutil.which("qemu-system-x86_64")
 BOOT_TIMEOUT = 120
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def guest_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if QEMU is None:
-        pytest.skip("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")
-    if not Path("/bin/busybox").exists():
-        pytest.skip("/bin/busybox is missing (Debian package busybox-static)")
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        pytest.skip("apt-get/dpkg-deb are missing: the guest kernel comes from a Debian package")
-    out = tmp_path_factory.mktemp("guest-image")
-    proc = subprocess.run([str(SCRIPT), str(out)], capture_output=True, text=True, timeout=300)
-    if proc.returncode == 3:
-        pytest.skip(f"no guest kernel package could be downloaded or found in the cache: {proc.stderr.strip()}")
-    assert proc.returncode == 0, f"build-guest-image failed:\n{proc.stdout}\n{proc.stderr}"
-    assert (out / "vmlinuz").stat().st_size > 1_000_000
-    assert (out / "initrd.img").stat().st_size > 100_000
-    return out
 
 
 def free_port() -> int:
@@ -156,7 +138,7 @@ def test_guest_reads_nocloud_seed_and_serves_http(guest_image: Path, tmp_path: P
 
 def test_build_is_idempotent(guest_image: Path) -> None:
     """A rerun into the same directory succeeds from the cache and leaves the same two files."""
-    proc = subprocess.run([str(SCRIPT), str(guest_image)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(GUEST_SCRIPT), str(guest_image)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "downloading" not in proc.stdout
     assert sorted(p.name for p in guest_image.iterdir()) == ["initrd.img", "vmlinuz"]

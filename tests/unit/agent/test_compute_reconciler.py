@@ -1,0 +1,211 @@
+"""The compute reconciler against the fake hypervisor and fake network, with a real SQLite store.
+
+Each test drives single passes (``reconcile_once``) so the steps are deterministic; the real libvirt driver is
+exercised by tests/integration/test_compute.py."""
+
+from __future__ import annotations
+
+import ipaddress
+import uuid
+
+import msgspec
+import pytest
+
+from agent.compute import design
+from agent.compute.driver import DomainInfo, FakeDriver
+from agent.compute.reconciler import ComputeReconciler
+from agent.compute.xml import read_metadata
+from agent.net.default import FakeNetwork, NetworkSpec
+from minicloud import config as cfgmod
+from minicloud import ids
+from minicloud.state import Create, Record, Txn, Update
+from minicloud.state.sqlite import SQLiteStore
+
+NODE = "n1"
+
+
+def _config(tmp_path):
+    f = tmp_path / "minicloud.toml"
+    f.write_text('[compute]\ndriver = "fake"\nstop_timeout = 60\n[network]\nbridge = "mcunit0"\n')
+    return cfgmod.load(f, env={}, overrides={"agent.data_dir": str(tmp_path / "data"), "agent.node_name": NODE})
+
+
+def _record(kind: str, id_: str, name: str, spec: dict, project: str = "default", status: dict | None = None) -> Record:
+    stamp = ids.now()
+    return Record(kind=kind, id=id_, project=project, name=name, spec=spec, status=status or {}, created_at=stamp, updated_at=stamp)  # fmt: skip
+
+
+class World:
+    def __init__(self, store, config, driver, network, reconciler):
+        self.store, self.config, self.driver, self.network, self.r = store, config, driver, network, reconciler
+
+    async def add_instance(self, name: str, **spec_changes) -> Record:
+        spec = {
+            "uuid": str(uuid.uuid4()), "image_id": "img-1", "image_name": "guest", "type": "m1.tiny", "vcpus": 1,
+            "memory_mib": 128, "disk_gib": 1, "keypair": None, "public_keys": [], "user_data": "#!/bin/sh\necho hi\n",
+            "power": "running", "reboot": {"seq": 0, "force": False}, "stop_force": False, "deleted": False,
+            "node": NODE, **spec_changes,
+        }  # fmt: skip
+        rec = _record("instance", ids.new_id("i"), name, spec, status={"state": "pending"})
+        await self.store.commit(Txn([Create(rec)]))
+        return rec
+
+    async def get(self, rec: Record) -> Record | None:
+        return await self.store.get("instance", rec.id)
+
+    async def change_spec(self, rec: Record, **changes) -> None:
+        cur = await self.get(rec)
+        await self.store.commit(Txn([Update(msgspec.structs.replace(cur, spec={**cur.spec, **changes}), expect_revision=cur.revision)]))  # fmt: skip
+
+    def domain(self, rec: Record) -> DomainInfo | None:
+        return self.driver.doms.get(rec.spec["uuid"])
+
+    def files(self, rec: Record):
+        return self.config.data_path / "instances" / rec.id
+
+
+@pytest.fixture
+async def world(tmp_path):
+    config = _config(tmp_path)
+    store = SQLiteStore(config.data_path / "state.db")
+    config.data_path.mkdir(parents=True)
+    await store.open()
+    images = config.data_path / "images" / "img-1"
+    images.mkdir(parents=True)
+    (images / "kernel").write_bytes(b"\0" * 0x202 + b"HdrS" + b"\0" * 100)
+    (images / "initrd").write_bytes(b"initrd")
+    image = _record("image", "img-1", "guest", {"boot": "kernel", "node": NODE, "cmdline": "panic=-1", "size_bytes": 1, "sha256": "x"})  # fmt: skip
+    await store.commit(Txn([Create(image)]))
+    driver = FakeDriver()
+    network = FakeNetwork(NetworkSpec(name="default", bridge="mcunit0", cidr=ipaddress.IPv4Network("10.99.0.0/24")))
+    r = ComputeReconciler(store=store, config=config, driver=driver, network=network, virt_type="qemu", virt_reason="test")  # fmt: skip
+    await driver.open(lambda u: None)
+    await network.ensure()
+    yield World(store, config, driver, network, r)
+    await store.close()
+
+
+async def test_a_new_instance_is_built_started_and_gets_its_address(world):
+    inst = await world.add_instance("web")
+    await world.r.reconcile_once()
+    dom = world.domain(inst)
+    assert dom is not None and dom.state == "running"
+    meta = read_metadata(dom.xml)
+    assert (meta.id, meta.name, meta.node, meta.image) == (inst.id, "web", NODE, "img-1")
+    assert "panic=-1" in dom.xml and "mcunit0" in dom.xml
+    assert (world.files(inst) / "root.qcow2").exists() and (world.files(inst) / "seed.iso").exists()
+    rec = await world.get(inst)
+    assert rec.status["state"] == "running" and rec.status["virt_type"] == "qemu"
+    assert rec.status["addresses"][0]["ip"] is None  # no lease yet
+    ip = world.network.add_lease(design.mac_for(inst.id, 0))
+    await world.r.reconcile_once()
+    assert (await world.get(inst)).status["addresses"] == [
+        {"network": "default", "mac": design.mac_for(inst.id, 0), "ip": ip}
+    ]
+
+
+async def test_a_pass_with_nothing_to_do_writes_nothing(world):
+    inst = await world.add_instance("quiet")
+    await world.r.reconcile_once()
+    revision = (await world.get(inst)).revision
+    await world.r.reconcile_once()
+    await world.r.reconcile_once()
+    assert (await world.get(inst)).revision == revision
+
+
+async def test_stop_asks_the_guest_then_reports_stopped_and_start_brings_it_back(world):
+    inst = await world.add_instance("svc")
+    await world.r.reconcile_once()
+    await world.change_spec(inst, power="stopped")
+    await world.r.reconcile_once()  # ACPI shutdown asked; the fake guest obeys at once
+    assert (await world.get(inst)).status["state"] == "stopping"
+    await world.r.reconcile_once()
+    rec = await world.get(inst)
+    assert rec.status["state"] == "stopped" and rec.status["addresses"] == [] and world.domain(inst).state == "shutoff"
+    await world.change_spec(inst, power="running")
+    await world.r.reconcile_once()
+    assert (await world.get(inst)).status["state"] == "running" and world.domain(inst).state == "running"
+
+
+async def test_a_resize_while_stopped_redefines_the_domain(world):
+    inst = await world.add_instance("grow", power="stopped")
+    await world.r.reconcile_once()
+    assert "<vcpu>1</vcpu>" in world.domain(inst).xml.replace(" ", "")
+    await world.change_spec(inst, vcpus=2, memory_mib=256)
+    await world.r.reconcile_once()
+    xml = world.domain(inst).xml
+    assert ">2</vcpu>" in xml and "262144" in xml
+
+
+async def test_reboot_is_done_once_per_request(world):
+    inst = await world.add_instance("rb")
+    await world.r.reconcile_once()
+    await world.change_spec(inst, reboot={"seq": 1, "force": True})
+    await world.r.reconcile_once()
+    await world.r.reconcile_once()
+    assert world.driver.reboots[inst.spec["uuid"]] == 1
+
+
+async def test_delete_removes_domain_files_and_record(world):
+    inst = await world.add_instance("gone")
+    await world.r.reconcile_once()
+    await world.change_spec(inst, deleted=True)
+    await world.r.reconcile_once()
+    assert await world.get(inst) is None
+    assert world.domain(inst) is None
+    assert not world.files(inst).exists()
+
+
+async def test_a_failed_build_leaves_nothing_and_is_not_retried_until_the_spec_changes(world):
+    inst = await world.add_instance("broken")
+    world.driver.fail_next.add("define")
+    await world.r.reconcile_once()
+    rec = await world.get(inst)
+    assert rec.status["state"] == "error" and "fake define failure" in rec.status["reason"]
+    assert world.domain(inst) is None and not world.files(inst).exists()
+    await world.r.reconcile_once()
+    assert (await world.get(inst)).revision == rec.revision  # not retried for the same spec
+    await world.change_spec(inst, description="try again")
+    await world.r.reconcile_once()
+    assert (await world.get(inst)).status["state"] == "running"
+
+
+async def test_a_guest_that_powers_itself_off_becomes_stopped(world):
+    inst = await world.add_instance("selfstop")
+    await world.r.reconcile_once()
+    await world.driver.destroy(inst.spec["uuid"])  # as if the guest ran `poweroff`
+    await world.r.reconcile_once()
+    rec = await world.get(inst)
+    assert rec.spec["power"] == "stopped" and rec.status["state"] == "stopped"
+    assert "shut itself down" in rec.status["reason"]
+
+
+async def test_only_our_domains_are_touched(world):
+    foreign = "<domain type='qemu'><name>someone-else</name><uuid>11111111-2222-3333-4444-555555555555</uuid></domain>"
+    await world.driver.define(foreign)
+    await world.driver.start("11111111-2222-3333-4444-555555555555")
+    inst = await world.add_instance("orphan")
+    await world.r.reconcile_once()
+    # The record disappears behind the agent's back (e.g. deleted while it was down): the domain is an orphan.
+    cur = await world.get(inst)
+    from minicloud.state import Delete
+
+    await world.store.commit(Txn([Delete(kind="instance", id=inst.id, expect_revision=cur.revision)]))
+    await world.r.reconcile_once()
+    assert world.domain(inst) is None and not world.files(inst).exists()
+    assert world.driver.doms["11111111-2222-3333-4444-555555555555"].state == "running"
+
+
+async def test_instances_of_other_nodes_are_left_alone(world):
+    inst = await world.add_instance("elsewhere", node="n2")
+    await world.r.reconcile_once()
+    assert world.domain(inst) is None
+    assert (await world.get(inst)).status == {"state": "pending"}
+
+
+async def test_capacity_is_published_once(world):
+    await world.r.publish_capacity()
+    hv = await world.store.get_by_name("hypervisor", "", NODE)
+    assert hv.spec["cpus"] >= 1 and hv.spec["virt_type"] == "qemu" and hv.spec["cpu_allocation_ratio"] == 4.0
+    await world.r.publish_capacity()
+    assert (await world.store.get_by_name("hypervisor", "", NODE)).revision == hv.revision

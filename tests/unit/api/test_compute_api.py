@@ -1,0 +1,166 @@
+"""The compute API on one node with the fake hypervisor: validation, placement, project isolation, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+
+from minicloud.api.keys import CONFIG, STORE
+from minicloud.iam import apikeys
+from minicloud.state import Create, Txn, Update
+
+
+def _kernel(api, name: str = "vmlinuz") -> str:
+    d = api.app[CONFIG].data_path / "import"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / name
+    path.write_bytes(b"\0" * 0x202 + b"HdrS" + b"\0" * 64)
+    return str(path)
+
+
+async def _image(api, name: str = "guest", project: str = "default") -> dict:
+    resp = await api.post(f"/v1/images?project={project}", json={"name": name, "kernel": _kernel(api)})
+    assert resp.status == 201, await resp.text()
+    return await resp.json()
+
+
+async def _wait_state(api, ref: str, state: str, project: str = "default") -> dict:
+    for _ in range(200):
+        resp = await api.get(f"/v1/instances/{ref}?project={project}")
+        body = await resp.json()
+        if body["status"]["state"] == state:
+            return body
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"instance {ref} never became {state}: {body['status']}")
+
+
+async def test_an_instance_goes_from_pending_to_running_and_is_deleted(api):
+    image = await _image(api)
+    assert image["boot"] == "kernel" and image["node"] == "n1" and len(image["sha256"]) == 64
+    resp = await api.post("/v1/instances", json={"name": "vm1", "image": "guest", "type": "m1.tiny"})
+    assert resp.status == 201
+    inst = await resp.json()
+    assert (inst["vcpus"], inst["memory_mib"], inst["disk_gib"], inst["status"]["node"]) == (1, 128, 1, "n1")
+    await _wait_state(api, "vm1", "running")
+    assert (await api.post("/v1/instances/vm1/resize", json={"type": "m1.small"})).status == 409  # running
+    assert (await api.post("/v1/instances/vm1/stop", json={"force": True})).status == 202
+    await _wait_state(api, "vm1", "stopped")
+    resp = await api.post("/v1/instances/vm1/resize", json={"type": "m1.small"})
+    assert resp.status == 202 and (await resp.json())["memory_mib"] == 2048
+    assert (await api.delete("/v1/images/guest")).status == 409  # in use
+    resp = await api.delete("/v1/instances/vm1")
+    assert resp.status == 202 and (await resp.json())["status"]["state"] == "deleting"
+    for _ in range(200):
+        if (await api.get("/v1/instances/vm1")).status == 404:
+            break
+        await asyncio.sleep(0.02)
+    assert (await api.get("/v1/instances/vm1")).status == 404
+    assert (await api.delete("/v1/images/guest")).status == 204
+    assert not (api.app[CONFIG].data_path / "images" / image["id"]).exists()
+
+
+async def test_bad_instance_requests_are_422_and_create_nothing(api):
+    await _image(api)
+    bad = [
+        ({"name": "a", "image": "nope", "type": "m1.tiny"}, "image"),
+        ({"name": "a", "image": "guest", "type": "m9.huge"}, "type"),
+        ({"name": "a", "image": "guest", "type": "m1.tiny", "keypair": "nokey"}, "keypair"),
+        ({"name": "a", "image": "guest", "type": "m1.tiny", "disk_gib": 0}, "disk_gib"),
+        ({"name": "a", "image": "guest", "type": "m1.tiny", "disk_gib": 10**9}, "disk_gib"),
+        ({"name": "a b", "image": "guest", "type": "m1.tiny"}, "name"),
+        ({"name": "a", "image": "guest", "type": "m1.tiny", "user_data": "x" * 70000}, "user_data"),
+    ]
+    for body, param in bad:
+        resp = await api.post("/v1/instances", json=body)
+        assert resp.status == 422, (body, resp.status)
+        problem = await resp.json()
+        assert resp.content_type == "application/problem+json"
+        assert any(p["name"] == param for p in problem["invalid_params"]), (param, problem)
+    assert (await (await api.get("/v1/instances")).json())["items"] == []
+
+
+async def test_image_import_checks_sources(api, tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"x")
+    cases = [
+        ({"name": "i1", "path": str(outside)}, 403),
+        ({"name": "i1", "kernel": "/etc/passwd"}, 403),
+        ({"name": "i1"}, 422),
+        ({"name": "i1", "path": _kernel(api), "kernel": _kernel(api)}, 422),
+        ({"name": "i1", "initrd": _kernel(api)}, 422),
+        ({"name": "i1", "path": str(api.app[CONFIG].data_path / "import" / "missing")}, 422),
+        ({"name": "i1", "url": "ftp://example.invalid/x"}, 422),
+    ]
+    notkernel = api.app[CONFIG].data_path / "import" / "text"
+    notkernel.write_text("hello")
+    cases.append(({"name": "i1", "kernel": str(notkernel)}, 422))
+    for body, status in cases:
+        resp = await api.post("/v1/images", json=body)
+        assert resp.status == status, (body, resp.status, await resp.text())
+    assert (await (await api.get("/v1/images")).json())["items"] == []
+    store_dir = api.app[CONFIG].data_path / "images"
+    assert not store_dir.exists() or list(store_dir.iterdir()) == []
+
+
+async def test_placement_refuses_what_does_not_fit_and_concurrent_creates_cannot_oversubscribe(api):
+    await _image(api)
+    store = api.app[STORE]
+    for _ in range(100):  # the compute context publishes the node's capacity at start
+        hv = await store.get_by_name("hypervisor", "", "n1")
+        if hv is not None:
+            break
+        await asyncio.sleep(0.01)
+    # Room for exactly one m1.tiny on this node.
+    spec = {**hv.spec, "cpus": 1, "cpu_allocation_ratio": 1.0, "memory_mib": 200, "reserved_memory_mib": 0}
+    await store.commit(Txn([Update(msgspec.structs.replace(hv, spec=spec), expect_revision=hv.revision)]))
+    results = await asyncio.gather(
+        *(api.post("/v1/instances", json={"name": f"race{i}", "image": "guest", "type": "m1.tiny"}) for i in range(4))
+    )
+    statuses = sorted(r.status for r in results)
+    assert statuses == [201, 409, 409, 409], statuses
+    refused = next(r for r in results if r.status == 409)
+    problem = await refused.json()
+    assert problem["type"].endswith("/insufficient-capacity") and "vCPUs" in problem["detail"]
+
+
+async def test_names_repeat_across_projects_and_other_projects_are_invisible(api):
+    for p in ("p1", "p2"):
+        assert (await api.post("/v1/projects", json={"name": p})).status == 201
+    img = {p: await _image(api, "guest", p) for p in ("p1", "p2")}
+    inst = {}
+    for p in ("p1", "p2"):
+        resp = await api.post(f"/v1/instances?project={p}", json={"name": "vm", "image": "guest", "type": "m1.tiny"})
+        assert resp.status == 201
+        inst[p] = await resp.json()
+        assert inst[p]["image_id"] == img[p]["id"]  # each project's own "guest"
+    # A member of p1 sees p1's image and instance, and nothing of p2's, not even by id.
+    assert (await api.post("/v1/users", json={"name": "mia"})).status == 201
+    grant = {"role": "member", "principal": "user:mia", "scope_project": "p1"}
+    assert (await api.post("/v1/rolebindings?project=p1", json=grant)).status == 201
+    record, token = apikeys.new_key("p1", "mia-key", "", None, {}, principal="user:mia")
+    await api.app[STORE].commit(Txn([Create(record)]))
+    auth = {"Authorization": f"Bearer {token}"}
+    c = api.client
+    listed = await (await c.get("/v1/instances?project=p1", headers=auth)).json()
+    assert [i["id"] for i in listed["items"]] == [inst["p1"]["id"]]
+    assert (await c.get(f"/v1/instances/{inst['p2']['id']}?project=p1", headers=auth)).status == 404
+    assert (await c.get(f"/v1/images/{img['p2']['id']}?project=p1", headers=auth)).status == 404
+    assert (await c.get("/v1/instances?project=p2", headers=auth)).status == 404
+    assert (await c.delete("/v1/instances/vm?project=p2", headers=auth)).status == 404
+    # Using another project's image by id is "no such image" too.
+    body = {"name": "x", "image": img["p2"]["id"], "type": "m1.tiny"}
+    assert (await c.post("/v1/instances?project=p1", json=body, headers=auth)).status == 422
+
+
+async def test_instance_types_builtin_and_custom(api):
+    listed = await (await api.get("/v1/instance-types")).json()
+    tiny = next(t for t in listed["items"] if t["name"] == "m1.tiny")
+    assert (tiny["vcpus"], tiny["memory_mib"], tiny["builtin"]) == (1, 128, True)
+    resp = await api.post("/v1/instance-types", json={"name": "c1.big", "vcpus": 4, "memory_mib": 4096, "disk_gib": 10})
+    assert resp.status == 201
+    assert (await api.post("/v1/instance-types", json={"name": "m1.tiny", "vcpus": 1, "memory_mib": 64, "disk_gib": 1})).status == 409  # fmt: skip
+    assert (await (await api.get("/v1/instance-types/c1.big")).json())["vcpus"] == 4
+    assert (await api.delete("/v1/instance-types/m1.tiny")).status == 403
+    assert (await api.delete("/v1/instance-types/c1.big")).status == 204
+    assert (await api.get("/v1/instance-types/c1.big")).status == 404
