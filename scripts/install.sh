@@ -345,6 +345,23 @@ echo "$after" >"$STAMP"
 step "minicloud init"
 "$MINICLOUD" --socket "$SOCKET" init
 
+# ---- 7. the default image: the small test guest, so a first `instance create` works offline ----------------------
+step "Default image 'guest'"
+if "$MINICLOUD" --socket "$SOCKET" image show guest >/dev/null 2>&1; then
+    info "already imported (minicloud image show guest)"
+else
+    # <data_dir>/import is always an allowed image directory; the kernel package is cached for offline rebuilds.
+    GUEST_DIR=$DATA_DIR/import/guest
+    mkdir -p "$LOG_DIR"
+    if "$REPO/scripts/build-guest-image" "$GUEST_DIR" >"$LOG_DIR/build-guest-image.log" 2>&1; then
+        "$MINICLOUD" --socket "$SOCKET" -o json image import guest --kernel "$GUEST_DIR/vmlinuz" \
+            --initrd "$GUEST_DIR/initrd.img" --os-distro busybox --description "minicloud test guest" >/dev/null
+        info "imported from $GUEST_DIR (built by scripts/build-guest-image)"
+    else
+        warn "could not build the test guest (see $LOG_DIR/build-guest-image.log); import an image yourself"
+    fi
+fi
+
 # For the "from another machine" hint: the HTTPS port and the CA fingerprint the agent published.
 LISTEN=$(setting listen)
 FINGERPRINT=$("$VENV/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["ca_fingerprint"])' \
@@ -361,6 +378,9 @@ What to try next (as root on this node: the local socket needs no API key):
   minicloud node show                                   # this node: CPUs, memory, virtualisation
   minicloud keypair import NAME ~/.ssh/id_ed25519.pub   # an SSH public key to inject into instances
   minicloud keypair list
+  minicloud instance create vm1 --image guest --type m1.tiny --wait   # a first VM (the small test guest)
+  minicloud instance list                               # its address on the default network
+  minicloud instance console vm1                        # its serial console
 EOF
 if [ -n "$LISTEN" ]; then
     cat <<EOF

@@ -38,7 +38,7 @@ from agent import faults
 from agent.compute import design, seed
 from agent.compute.driver import ComputeDriver, DomainInfo, DriverError
 from agent.compute.xml import InstanceMetadata, read_metadata
-from agent.net.default import NetworkDriver
+from agent.net.default import NetworkDriver, NetworkError
 from minicloud import ids
 from minicloud.compute.scheduler import HYPERVISOR_KIND
 from minicloud.config import Config
@@ -89,16 +89,19 @@ class ComputeReconciler:
         self._stop_requested: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._awaiting_lease: set[str] = set()
+        self._connected = False
+        self._network_checked = 0.0
+        #: Why compute does not work on this node right now ("" when it does).
+        self.problem = ""
         self._lease_wait_since: dict[str, float] = {}
         self.passes = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Start the passes. Connecting to the hypervisor and building the network happen in the first pass and are
+        retried until they work, so a node whose libvirtd is down (or whose subnet is taken) still serves the API
+        and says what is wrong in its log; its capacity is published only once compute works."""
         self.instances_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        await self.driver.open(lambda uuid: self._wake.set())
-        if self.network is not None:
-            await self.network.ensure()
-        await self.publish_capacity()
         sub = self.store.subscribe()
         self._tasks = [
             asyncio.create_task(self._watch(sub), name="compute-watch"),
@@ -118,17 +121,42 @@ class ComputeReconciler:
             if change.kind in (INSTANCE_KIND, IMAGE_KIND):
                 self._wake.set()
 
+    async def prepare(self) -> bool:
+        """Connect to the hypervisor and converge the network (again every resync interval); False if not possible."""
+        now = time.monotonic()
+        if self._connected and now - self._network_checked < self.config.compute.resync_interval:
+            return True
+        try:
+            if not self._connected:
+                await self.driver.open(lambda uuid: self._wake.set())
+                self._connected = True
+            if self.network is not None:
+                await self.network.ensure()
+            self._network_checked = now
+            await self.publish_capacity()
+        except (DriverError, NetworkError, OSError) as exc:
+            if str(exc) != self.problem:
+                log.error("compute is not available on this node; retrying", extra={"error": str(exc)})
+            self.problem = str(exc)
+            return False
+        if self.problem:
+            log.info("compute is available again")
+        self.problem = ""
+        return True
+
     async def _loop(self) -> None:
         while True:
             self._wake.clear()
             try:
-                await self.reconcile_once()
+                if await self.prepare():
+                    await self.reconcile_once()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("compute pass failed; will retry")
             # Poll faster while something is expected soon: a guest to power off, or a DHCP lease to appear.
-            timeout = 1.0 if self._stop_requested or self._awaiting_lease else self.config.compute.resync_interval
+            fast = self._stop_requested or self._awaiting_lease
+            timeout = 1.0 if fast else 5.0 if self.problem else self.config.compute.resync_interval
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()

@@ -209,3 +209,15 @@ async def test_capacity_is_published_once(world):
     assert hv.spec["cpus"] >= 1 and hv.spec["virt_type"] == "qemu" and hv.spec["cpu_allocation_ratio"] == 4.0
     await world.r.publish_capacity()
     assert (await world.store.get_by_name("hypervisor", "", NODE)).revision == hv.revision
+
+
+async def test_compute_that_cannot_start_is_retried_and_reported(world):
+    from agent.net.default import NetworkConflict
+
+    world.network.fail_with = NetworkConflict("10.99.0.0/24 is already used by eth9")
+    assert await world.r.prepare() is False
+    assert "already used" in world.r.problem
+    assert await world.store.get_by_name("hypervisor", "", NODE) is None  # nothing is placed on a broken node
+    world.network.fail_with = None
+    assert await world.r.prepare() is True
+    assert world.r.problem == "" and await world.store.get_by_name("hypervisor", "", NODE) is not None
