@@ -33,7 +33,7 @@ from minicloud.api import (
     system,
     users,
 )
-from minicloud.api.auth import DIRECTORY, RATE_LIMITER
+from minicloud.api.auth import DIRECTORY, LAST_USED, RATE_LIMITER
 from minicloud.api.keys import CLUSTER, COMPUTE, CONFIG, HOST, OPERATIONS, PKI, STORE, TLS
 from minicloud.api.middleware import audit_middleware, auth_middleware, problem_middleware
 from minicloud.api.resources import IDEMPOTENCY_KIND
@@ -41,6 +41,7 @@ from minicloud.api.routing import set_max_body
 from minicloud.api.users import binding_id
 from minicloud.cluster.node import ClusterNode
 from minicloud.config import Config
+from minicloud.iam.apikeys import LastUsed
 from minicloud.iam.directory import BINDING_KIND, USER_KIND, Directory
 from minicloud.iam.keystore import KeyStore
 from minicloud.iam.ratelimit import LoginThrottle, RateLimiter
@@ -97,6 +98,7 @@ def create_app(config: Config, *, host: HostFactsSource | None = None) -> web.Ap
     app[accesskeys.KEYSTORE] = KeyStore(config.data_path / "keys")
     app[accesskeys.KEYSTORE].current_key_id()  # create the master key now, not while serving
     app[RATE_LIMITER] = RateLimiter(config.api.rate_limit_rps, config.api.rate_limit_burst)
+    app[LAST_USED] = LastUsed()
     openapi.install(app)
     for table in ROUTE_TABLES:
         table.register(app)
@@ -254,8 +256,21 @@ async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
             except Exception:
                 log.exception("housekeeping failed; will retry")
 
-    task = asyncio.create_task(loop(), name="housekeeping")
+    async def last_used() -> None:
+        while True:
+            await asyncio.sleep(app[LAST_USED].interval)
+            try:
+                await app[LAST_USED].flush(store)
+            except Exception:
+                log.exception("recording API key use failed; will retry")
+
+    tasks = [
+        asyncio.create_task(loop(), name="housekeeping"),
+        asyncio.create_task(last_used(), name="apikey-last-used"),
+    ]
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    with contextlib.suppress(Exception):
+        await app[LAST_USED].flush(store)  # what this node saw since the last flush

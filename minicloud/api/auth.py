@@ -44,6 +44,7 @@ AUDITED = web.RequestKey("audited", bool)
 
 DIRECTORY = web.AppKey("directory", Directory)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+LAST_USED = web.AppKey("apikey_last_used", apikeys.LastUsed)
 
 
 def rate_limit(request: web.Request, principal: Principal | None) -> None:
@@ -85,6 +86,7 @@ async def authenticate(request: web.Request, *, unix: bool) -> Principal | None:
     reason = apikeys.verify(record, token)
     if reason:
         raise _unauthenticated(reason)
+    request.app[LAST_USED].touch(record.id)
     owner = record.spec.get("principal", "user:admin")  # keys made before IAM belong to the admin user
     kind, _, name = owner.partition(":")
     return Principal(kind=kind, name=name, admin=False, key_id=record.id)

@@ -12,6 +12,7 @@ COLUMNS = [
     col("prefix", "prefix"),
     col("expires", "expires_at"),
     col("created", "created_at"),
+    col("last used", "last_used_at"),
     col("id", "id"),
 ]
 

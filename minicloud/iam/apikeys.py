@@ -13,9 +13,11 @@ import hashlib
 import hmac
 import os
 
-from minicloud import ids
+import msgspec
+
+from minicloud import errors, ids
 from minicloud.model import ApiKey, ApiKeySecret
-from minicloud.state import Record
+from minicloud.state import Record, Store, Txn, TxnFailed, Update
 
 KIND = "apikey"
 PREFIX = "ak"
@@ -92,9 +94,47 @@ def view(record: Record) -> ApiKey:
         prefix=s["prefix"],
         expires_at=s.get("expires_at"),
         principal=s.get("principal", "user:admin"),
+        last_used_at=record.status.get("last_used_at"),
     )
 
 
 def view_with_secret(record: Record, token: str) -> ApiKeySecret:
     v = view(record)
     return ApiKeySecret(**{f: getattr(v, f) for f in v.__struct_fields__}, secret=token)
+
+
+class LastUsed:
+    """Remembers when each API key was last used, and writes it to the key's record at most once per ``interval``.
+
+    Authentication only notes the time in memory (no store write on the request path); :meth:`flush` — run every
+    ``interval`` seconds by the agent and at shutdown — writes ``status.last_used_at`` for keys whose stored value is
+    older than ``interval``. So a key's last use is known to within a minute on every node, at the cost of at most
+    one replicated write per key per minute, however busy the key is.
+    """
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self._seen: dict[str, str] = {}
+
+    def touch(self, key_id: str, when: str | None = None) -> None:
+        self._seen[key_id] = when or ids.now()
+
+    async def flush(self, store: Store) -> int:
+        """Write the noted times that are due; returns how many records were written. Never raises for a key that
+        was deleted or changed meanwhile (it is simply skipped or retried at the next flush)."""
+        seen, self._seen = self._seen, {}
+        written = 0
+        for key_id, when in seen.items():
+            record = await store.get(KIND, key_id)
+            if record is None:
+                continue
+            last = record.status.get("last_used_at")
+            if last is not None and (ids.parse_time(when) - ids.parse_time(last)).total_seconds() < self.interval:
+                continue
+            updated = msgspec.structs.replace(record, status={**record.status, "last_used_at": when})
+            try:
+                await store.commit(Txn([Update(updated, expect_revision=record.revision)]))
+                written += 1
+            except (TxnFailed, errors.MinicloudError):
+                self._seen.setdefault(key_id, when)  # changed meanwhile, or no quorum: try again next time
+        return written

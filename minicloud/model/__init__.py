@@ -112,6 +112,8 @@ class ApiKey(Resource, kw_only=True):
     prefix: str
     principal: str = "user:admin"
     expires_at: str | None = None
+    #: When the key last authenticated a request (written at most once a minute per key; null: never).
+    last_used_at: str | None = None
 
 
 class ApiKeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
