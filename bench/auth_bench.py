@@ -16,13 +16,15 @@ The load generator is api_bench.py's (same closed-loop clients, warm-up and reco
 * ``https`` ``GET /v1/version`` and ``GET /healthz``: public, no credentials: the TLS + HTTP cost without
   authentication (the floors; ``/v1/version`` also reads and parses the CA certificate file on every request, for
   its fingerprint, so ``/healthz`` is the lower one);
-* ``https`` ``GET /v1/keypairs/{name}`` with the admin API key, with the member's API key (API key lookup + SHA-256,
-  then policy evaluation), and with the member's session token (Ed25519 verify + session record lookup + policy).
+* ``unix`` and ``https`` ``GET /v1/keypairs/{name}`` with the admin API key, with the member's API key (API key
+  lookup + SHA-256, then policy evaluation), and with the member's session token (Ed25519 verify + session record
+  lookup + policy). On the socket, a request that carries credentials acts as their principal (not as root).
 
-The issue's target: the authenticated read keeps >= 0.85x the socket read's requests/s (auth + policy overhead
-< 15 %), printed as PASS/MISS. That comparison also charges TLS to "auth", so each authenticated read is also
-compared with the HTTPS public floors, which leave (roughly) authentication + policy alone. The exit status is 0
-unless the bench itself fails (it is a benchmark, not a test).
+The issue's target: auth + policy overhead < 15 %, i.e. the authenticated read keeps >= 0.85x the requests/s of
+the same read on the trusted socket. It is judged (PASS/MISS) on one transport — the socket read with credentials
+against the socket read without — so that it measures authentication and policy, not TLS. The HTTPS rows are
+printed too, against the socket read (TLS charged to auth) and against the HTTPS public floors (TLS removed, roughly).
+The exit status is 0 unless the bench itself fails (it is a benchmark, not a test).
 """
 
 from __future__ import annotations
@@ -135,6 +137,9 @@ def make_cases(creds: Credentials) -> list[Case]:
         Case(BASELINE, "unix", "none (trusted socket, root)", read, {}),
         Case(FLOORS[0], "https", "none (public endpoint)", version, {}),
         Case(FLOORS[1], "https", "none (public endpoint)", healthz, {}),
+        Case("unix-admin-key", "unix", "API key, admin (cluster role)", read, bearer(creds.admin_key)),
+        Case("unix-member-key", "unix", "API key, member of project", read, bearer(creds.member_key)),
+        Case("unix-member-session", "unix", "session token, member", read, bearer(creds.member_session)),
         Case("admin-key", "https", "API key, admin (cluster role)", read, bearer(creds.admin_key)),
         Case("member-key", "https", "API key, member of project", read, bearer(creds.member_key)),
         Case("member-session", "https", "session token, member", read, bearer(creds.member_session)),
@@ -220,10 +225,13 @@ def evaluate(cases: list[Case], results: list[Result]) -> dict[str, dict[str, fl
             "vs_unix": vs_unix,
             "added_agent_cpu_us_vs_unix": added_us(r, base),
         }
+        if case.transport == "unix":
+            # The issue's check on one transport: the same read, same socket, with vs without credentials.
+            r.checks[f"vs unix>={TARGET_RATIO:.2f}"] = vs_unix >= TARGET_RATIO
+            continue
         for f in FLOORS:
             out[case.key][f"vs_https_{f}"] = ratio_of(r, by_key[f])
             out[case.key][f"added_agent_cpu_us_vs_https_{f}"] = added_us(r, by_key[f])
-        r.checks[f"vs unix>={TARGET_RATIO:.2f}"] = vs_unix >= TARGET_RATIO
         if r.errors:
             r.checks["no errors"] = False
     return out
@@ -258,6 +266,8 @@ def print_report(
             checks = "(baseline)"
         elif case.key in FLOORS:
             checks = "(https floor)"
+        elif not r.checks:
+            checks = "(TLS included: see below)"
         else:
             checks = ", ".join(f"{k} {mark(v)}" for k, v in r.checks.items())
         print(
@@ -267,18 +277,32 @@ def print_report(
         )
     print()
     print(
-        f"authenticated HTTPS read vs the same read on the trusted Unix socket (the issue's check: overhead < "
-        f"{TARGET_OVERHEAD:.0%}, i.e. ratio >= {TARGET_RATIO:.2f}):"
+        f"authentication + policy: the read with credentials vs the same read without, both on the Unix socket "
+        f"(the issue's check: overhead < {TARGET_OVERHEAD:.0%}, i.e. ratio >= {TARGET_RATIO:.2f}):"
     )
     for key, rr in ratios.items():
+        if not key.startswith("unix-"):
+            continue
+        overhead = 1.0 - rr["vs_unix"]
+        print(
+            f"  {key:20} {rr['vs_unix']:5.2f}x  overhead {overhead:6.1%}  "
+            f"({rr['added_agent_cpu_us_vs_unix']:+5.0f} agent CPU µs/req)  {mark(rr['vs_unix'] >= TARGET_RATIO)}"
+        )
+    print()
+    print("the same with TLS: the authenticated HTTPS read vs the trusted socket read (TLS charged too; information):")
+    for key, rr in ratios.items():
+        if key.startswith("unix-"):
+            continue
         overhead = 1.0 - rr["vs_unix"]
         print(
             f"  {key:15} {rr['vs_unix']:5.2f}x  overhead {overhead:6.1%}  "
-            f"({rr['added_agent_cpu_us_vs_unix']:+5.0f} agent CPU µs/req)  {mark(rr['vs_unix'] >= TARGET_RATIO)}"
+            f"({rr['added_agent_cpu_us_vs_unix']:+5.0f} agent CPU µs/req)"
         )
     print()
     print("authenticated HTTPS read vs the HTTPS public requests (no credentials): auth + policy without TLS:")
     for key, rr in ratios.items():
+        if key.startswith("unix-"):
+            continue
         for f in FLOORS:
             ratio = rr[f"vs_https_{f}"]
             print(

@@ -77,11 +77,19 @@ from minicloud.client import ApiError, Client  # noqa: E402
 
 TARGET_RATIO = 1.15
 MARKER = b"minicloud-guest: ready"
+# Lines the test guest prints on its console (scripts/build-guest-image), in order; "marker" ends the launch.
+GUEST_MARKS: list[tuple[str, bytes]] = [
+    ("guest_init", b"minicloud-guest: init started"),
+    ("guest_ip", b"minicloud-guest: ip="),
+    ("marker", MARKER),
+]
 INSTANCE_TYPE = "m1.tiny"
 IMAGE_NAME = "bench-guest"
 TAIL_INTERVAL_S = 0.02
 RSS_INTERVAL_S = 0.05
 DELETE_TIMEOUT_S = 120.0
+COMPUTE_READY_TIMEOUT_S = 60.0  # for the agent's compute loop to publish the node's capacity after it started
+MAX_CREATE_ATTEMPTS = 5  # per burst instance, when the API answers 409 conflict (placement race) and asks to retry
 LIBVIRT_URI = "qemu:///system"
 
 # Timeline events of one launch, in the order they normally happen; seconds since the request (agent) or the
@@ -94,17 +102,21 @@ AGENT_EVENTS: list[tuple[str, str]] = [
     ("seed_start", "seed ISO file created"),
     ("seed_done", "seed ISO written"),
     ("defined", "domain defined (libvirt event)"),
-    ("console_open", "console log created (QEMU up)"),
+    ("console_open", "console log created (by libvirt)"),
     ("started", "domain started (libvirt event)"),
     ("first_output", "first console output"),
-    ("marker", "boot marker"),
+    ("guest_init", "guest: init started"),
+    ("guest_ip", "guest: DHCP lease (ip=)"),
+    ("marker", "boot marker (ready)"),
 ]
 FLOOR_EVENTS: list[tuple[str, str]] = [
-    ("console_open", "console log created (QEMU up)"),
+    ("console_open", "console log created (by libvirt)"),
     ("response", "createXML returned"),
     ("started", "domain started (libvirt event)"),
     ("first_output", "first console output"),
-    ("marker", "boot marker"),
+    ("guest_init", "guest: init started"),
+    ("guest_ip", "guest: DHCP lease (ip=)"),
+    ("marker", "boot marker (ready)"),
 ]
 
 
@@ -158,18 +170,23 @@ def version_str(v: int) -> str:
 
 
 class ConsoleTail:
-    """Follows one console log file from its start; notes when it appeared, its first byte and the marker."""
+    """Follows one console log file from its start; notes when it appeared, its first byte, and each line of
+    ``GUEST_MARKS`` (the last of which is the boot marker)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fh: Any = None
-        self._carry = b""
+        self._buf = b""
         self.t_open: float | None = None
         self.t_first: float | None = None
-        self.t_marker: float | None = None
+        self.marks: dict[str, float] = {}
+
+    @property
+    def t_marker(self) -> float | None:
+        return self.marks.get("marker")
 
     def poll(self, now: float) -> bool:
-        if self.t_marker is not None:
+        if "marker" in self.marks:
             return True
         if self._fh is None:
             try:
@@ -181,12 +198,14 @@ class ConsoleTail:
         if chunk:
             if self.t_first is None:
                 self.t_first = now
-            buf = self._carry + chunk
-            if MARKER in buf:
-                self.t_marker = now
+            start = max(0, len(self._buf) - 64)  # a mark may straddle two reads
+            self._buf += chunk
+            for key, text in GUEST_MARKS:
+                if key not in self.marks and text in self._buf[start:]:
+                    self.marks[key] = now
+            if "marker" in self.marks:
                 self.close()
                 return True
-            self._carry = buf[-len(MARKER) :]
         return False
 
     def close(self) -> None:
@@ -310,10 +329,21 @@ def delete_instances(b: Bench, ids_: list[str]) -> float:
 def agent_run(b: Bench, index: int, warmup: bool) -> tuple[Run, str]:
     """One launch through the API; returns the run and the instance id (the instance is left running)."""
     name = f"launch-{'w' if warmup else ''}{index}"
-    cpu0 = cpu_s(b.agent_proc)
-    t0_wall = time.time()
-    t0 = time.perf_counter()
-    inst = b.client.instances.create(name=name, image=IMAGE_NAME, type=INSTANCE_TYPE)
+    # The agent connects to libvirt, builds its network and publishes the node's capacity in its compute loop, after
+    # it started serving: until then a create is refused (409 insufficient-capacity). Only the very first create
+    # (a warm-up) may meet that; it is sent again, and the clock starts at the attempt that is accepted.
+    deadline = time.monotonic() + (COMPUTE_READY_TIMEOUT_S if warmup else 0)
+    while True:
+        cpu0 = cpu_s(b.agent_proc)
+        t0_wall = time.time()
+        t0 = time.perf_counter()
+        try:
+            inst = b.client.instances.create(name=name, image=IMAGE_NAME, type=INSTANCE_TYPE)
+            break
+        except ApiError as exc:
+            if not exc.problem.type.endswith("/insufficient-capacity") or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
     t_resp = time.perf_counter()
     d = b.data / "instances" / inst.id
     tail = ConsoleTail(d / "console.log")
@@ -345,7 +375,7 @@ def agent_run(b: Bench, index: int, warmup: bool) -> tuple[Run, str]:
         events["console_open"] = tail.t_open - t0  # no birth times on this filesystem: when the poll saw it
     if tail.t_first is not None:
         events["first_output"] = tail.t_first - t0
-    events["marker"] = tail.t_marker - t0
+    events.update({key: t - t0 for key, t in tail.marks.items()})
     run = Run("agent", index, warmup, tail.t_marker - t0, events, cpu1 - cpu0)
     return run, inst.id
 
@@ -440,7 +470,7 @@ def floor_run(b: Bench, index: int, warmup: bool) -> Run:
         events["console_open"] = tail.t_open - t0
     if tail.t_first is not None:
         events["first_output"] = tail.t_first - t0
-    events["marker"] = tail.t_marker - t0
+    events.update({key: t - t0 for key, t in tail.marks.items()})
     shutil.rmtree(floor_dir, ignore_errors=True)
     return Run("floor", index, warmup, tail.t_marker - t0, events, cpu1 - cpu0)
 
@@ -454,6 +484,8 @@ def floor_run(b: Bench, index: int, warmup: bool) -> Run:
 class Burst:
     instances: int
     answered_s: float  # until every POST had its 201
+    first_started_s: float  # libvirt's "started" event of the first domain
+    last_started_s: float  # ... and of the last one
     first_marker_s: float
     median_marker_s: float
     total_s: float  # until the last marker
@@ -465,6 +497,8 @@ class Burst:
     qemu_processes: int
     delete_s: float
     markers_s: list[float] = field(default_factory=list)
+    #: Creates the API refused with 409 conflict (placement kept racing) and the bench sent again.
+    create_retries: list[str] = field(default_factory=list)
 
 
 class RssSampler(threading.Thread):
@@ -509,13 +543,29 @@ def burst(b: Bench, count: int) -> Burst:
     barrier = threading.Barrier(count + 1)
     created: dict[int, tuple[str, float]] = {}
     failures: list[str] = []
+    retries: list[str] = []
+    retries_lock = threading.Lock()
 
     def create(i: int) -> None:
         c = Client.local(sock)
         try:
             c.node()  # connect before the start line
             barrier.wait()
-            inst = c.instances.create(name=f"burst-{i}", image=IMAGE_NAME, type=INSTANCE_TYPE)
+            for attempt in range(1, MAX_CREATE_ATTEMPTS + 1):
+                try:
+                    inst = c.instances.create(name=f"burst-{i}", image=IMAGE_NAME, type=INSTANCE_TYPE)
+                    break
+                except ApiError as exc:
+                    # 409 "conflict" (not "already-exists"): the placement lost its compare-and-swap too many times
+                    # against the other creates; the API says to retry, as a client would.
+                    if (
+                        exc.status != 409
+                        or not exc.problem.type.endswith("/conflict")
+                        or attempt == MAX_CREATE_ATTEMPTS
+                    ):
+                        raise
+                    with retries_lock:
+                        retries.append(f"burst-{i}: {exc.problem.detail}")
             created[i] = (inst.id, time.perf_counter())
         except Exception as exc:
             failures.append(f"burst-{i}: {type(exc).__name__}: {exc}")
@@ -553,12 +603,17 @@ def burst(b: Bench, count: int) -> Burst:
         sampler.stop.set()
         sampler.join()
     markers = sorted(t.t_marker - t0 for t in tails if t.t_marker is not None)
+    started = sorted(
+        t - t0 for iid in ids_ if (t := b.events.when(f"mc-{iid}", libvirt.VIR_DOMAIN_EVENT_STARTED)) is not None
+    )
     print(f"  all {count} booted in {markers[-1]:.2f} s; deleting them ...", file=sys.stderr)
     delete_s = delete_instances(b, ids_)
     mib = 1 << 20
     return Burst(
         instances=count,
         answered_s=answered,
+        first_started_s=started[0] if started else math.nan,
+        last_started_s=started[-1] if len(started) == count else math.nan,
         first_marker_s=markers[0],
         median_marker_s=statistics.median(markers),
         total_s=markers[-1],
@@ -570,6 +625,7 @@ def burst(b: Bench, count: int) -> Burst:
         qemu_processes=len(sampler.qemu_seen),
         delete_s=delete_s,
         markers_s=markers,
+        create_retries=retries,
     )
 
 
@@ -668,21 +724,34 @@ def print_report(
     )
     if burst_result is not None:
         br = burst_result
+        n = br.instances
+
+        def row(label: str, value: str) -> None:
+            print(f"  {label:34} {value}")
+
         print()
-        print(f"burst: {br.instances} instances created at once ({br.instances} threads, one SDK client each)")
-        print(f"  every POST answered            {br.answered_s:8.2f} s")
-        print(f"  first boot marker              {br.first_marker_s:8.2f} s")
-        print(f"  median boot marker             {br.median_marker_s:8.2f} s")
-        print(f"  all {br.instances} boot markers (total)  {br.total_s:8.2f} s")
         print(
-            f"  agent RSS                      {br.agent_rss_peak_mib:8.1f} MiB peak (before {br.agent_rss_before_mib:.1f}, "
-            f"after {br.agent_rss_after_mib:.1f}); agent CPU {br.agent_cpu_s:.2f} s"
+            f"burst: {n} instances created at once ({n} threads, one SDK client each), from the release of the threads"
         )
-        print(
-            f"  QEMU processes' RSS (total)    {br.qemu_rss_peak_mib:8.1f} MiB peak over {br.qemu_processes} processes "
-            f"(libvirtd's children, not the agent's)"
+        row("every POST answered", f"{br.answered_s:8.2f} s")
+        retried = f"   (e.g. {br.create_retries[0]})" if br.create_retries else ""
+        row("creates answered 409, sent again", f"{len(br.create_retries):8d}{retried}")
+        row("first domain started", f"{br.first_started_s:8.2f} s")
+        row(f"all {n} domains started", f"{br.last_started_s:8.2f} s")
+        row("first boot marker", f"{br.first_marker_s:8.2f} s")
+        row("median boot marker", f"{br.median_marker_s:8.2f} s")
+        row(f"all {n} boot markers (total)", f"{br.total_s:8.2f} s")
+        row(
+            "agent RSS, peak",
+            f"{br.agent_rss_peak_mib:8.1f} MiB (before {br.agent_rss_before_mib:.1f}, after {br.agent_rss_after_mib:.1f};"
+            " sampled every 50 ms)",
         )
-        print(f"  deleting all {br.instances} (API, until gone) {br.delete_s:6.2f} s")
+        row("agent CPU time during the burst", f"{br.agent_cpu_s:8.2f} s")
+        row(
+            "QEMU processes' RSS, peak total",
+            f"{br.qemu_rss_peak_mib:8.1f} MiB over {br.qemu_processes} processes (libvirtd's children, not the agent's)",
+        )
+        row(f"deleting all {n} (API, until gone)", f"{br.delete_s:8.2f} s")
 
 
 def write_json(

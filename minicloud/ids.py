@@ -17,5 +17,11 @@ def now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def format_time(epoch: float) -> str:
+    """``epoch`` (seconds, as ``time.time()``) in the format of :func:`now`."""
+    stamp = _dt.datetime.fromtimestamp(epoch, _dt.UTC)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def parse_time(value: str) -> _dt.datetime:
     return _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))

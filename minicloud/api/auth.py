@@ -67,12 +67,14 @@ def _unauthenticated(detail: str) -> errors.Unauthenticated:
 
 
 async def authenticate(request: web.Request, *, unix: bool) -> Principal | None:
-    """The caller, None when anonymous. Raises 401 for credentials that are present but wrong."""
-    if unix:
-        return LOCAL_ROOT
+    """The caller, None when anonymous. Raises 401 for credentials that are present but wrong.
+
+    On the Unix socket the caller is local root, unless the request carries credentials: then it acts as their
+    principal, with only that principal's rights (root trying out what a user may do; and how ``bench/auth_bench.py``
+    measures authentication + policy on one transport)."""
     header = request.headers.get("Authorization")
     if header is None:
-        return None
+        return LOCAL_ROOT if unix else None
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthenticated("the Authorization header must be 'Bearer <api key>'")
@@ -114,10 +116,11 @@ async def authorize(
     if principal.admin:
         return
     scope = project if is_project_action(action) and not cluster else None
-    bindings, roles = await request.app[DIRECTORY].load()
-    decision = policy.evaluate(principal.ref, action, scope, bindings, roles)
+    directory = request.app[DIRECTORY]
+    decision = await directory.decide(principal.ref, action, scope)
     if decision.allowed:
         return
+    bindings, roles = await directory.load()
     if scope is not None and not policy.visible(principal.ref, scope, bindings, roles):
         raise errors.NotFound(f"no project named '{scope}'; see `minicloud project list`")
     raise errors.Forbidden(decision.reason, action=action)

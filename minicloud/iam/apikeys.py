@@ -12,6 +12,7 @@ import datetime as _dt
 import hashlib
 import hmac
 import os
+import time
 
 import msgspec
 
@@ -114,17 +115,19 @@ class LastUsed:
 
     def __init__(self, interval: float = 60.0) -> None:
         self.interval = interval
-        self._seen: dict[str, str] = {}
+        self._seen: dict[str, str | float] = {}
 
     def touch(self, key_id: str, when: str | None = None) -> None:
-        self._seen[key_id] = when or ids.now()
+        """Note a use now (or at ``when``, an ISO time). Cheap: the time is formatted only when written."""
+        self._seen[key_id] = when if when is not None else time.time()
 
     async def flush(self, store: Store) -> int:
         """Write the noted times that are due; returns how many records were written. Never raises for a key that
         was deleted or changed meanwhile (it is simply skipped or retried at the next flush)."""
         seen, self._seen = self._seen, {}
         written = 0
-        for key_id, when in seen.items():
+        for key_id, at in seen.items():
+            when = at if isinstance(at, str) else ids.format_time(at)
             record = await store.get(KIND, key_id)
             if record is None:
                 continue

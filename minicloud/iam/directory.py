@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import msgspec
 
+from minicloud.iam import policy
 from minicloud.iam.policy import PROJECT_SERVICES, Binding, Role, Statement
 from minicloud.state import Change, Store
 
 USER_KIND = "user"
 BINDING_KIND = "rolebinding"
 ROLE_KIND = "role"
+_MAX_DECISIONS = 50_000
 #: IAM actions that act inside one project (the rest of ``iam:`` is cluster administration).
 _PROJECT_IAM = ("iam:apikeys:", "iam:bindings:", "iam:accesskeys:", "iam:serviceaccounts:")
 
@@ -31,6 +33,9 @@ class Directory:
         self._bindings: list[Binding] | None = None
         self._roles: dict[str, Role] | None = None
         self._generation = 0
+        #: Decisions already made for the current bindings and roles: ``policy.evaluate`` is pure, so the same
+        #: question has the same answer until a grant changes (then the whole memo goes, in the commit hook).
+        self._decisions: dict[tuple[str, str, str | None], policy.Decision] = {}
         store.add_commit_hook(self._invalidate)
 
     def _invalidate(self, changes: list[Change]) -> None:
@@ -38,8 +43,24 @@ class Directory:
             if change.kind in (BINDING_KIND, ROLE_KIND):
                 self._bindings = None
                 self._roles = None
+                self._decisions = {}
                 self._generation += 1
                 return
+
+    async def decide(self, principal: str, action: str, project: str | None) -> policy.Decision:
+        """``policy.evaluate`` over the current bindings and roles, memoised until a binding or role changes."""
+        key = (principal, action, project)
+        decision = self._decisions.get(key)
+        if decision is not None:
+            return decision
+        generation = self._generation
+        bindings, roles = await self.load()
+        decision = policy.evaluate(principal, action, project, bindings, roles)
+        if generation == self._generation:  # nothing changed while we decided
+            if len(self._decisions) >= _MAX_DECISIONS:
+                self._decisions = {}
+            self._decisions[key] = decision
+        return decision
 
     async def load(self) -> tuple[list[Binding], dict[str, Role]]:
         """Every binding and custom role (from memory unless a change made them stale)."""
