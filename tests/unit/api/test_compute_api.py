@@ -164,3 +164,22 @@ async def test_instance_types_builtin_and_custom(api):
     assert (await api.delete("/v1/instance-types/m1.tiny")).status == 403
     assert (await api.delete("/v1/instance-types/c1.big")).status == 204
     assert (await api.get("/v1/instance-types/c1.big")).status == 404
+
+
+async def test_console_returns_the_log_and_follow_streams_until_the_instance_goes(api):
+    await _image(api)
+    inst = await (await api.post("/v1/instances", json={"name": "con", "image": "guest", "type": "m1.tiny"})).json()
+    await _wait_state(api, "con", "running")
+    log = api.app[CONFIG].data_path / "instances" / inst["id"] / "console.log"
+    log.write_bytes(b"minicloud-guest: init started\nminicloud-guest: ready\n")
+    resp = await api.get("/v1/instances/con/console")
+    assert resp.status == 200 and (await resp.text()).endswith("minicloud-guest: ready\n")
+    assert await (await api.get("/v1/instances/con/console?tail=6")).text() == "ready\n"
+    follow = await api.get("/v1/instances/con/console?follow=true&tail=6")
+    assert await follow.content.readexactly(6) == b"ready\n"
+    with log.open("ab") as f:
+        f.write(b"more\n")
+    assert await follow.content.readexactly(5) == b"more\n"
+    assert (await api.delete("/v1/instances/con")).status == 202
+    rest = await asyncio.wait_for(follow.content.read(), 10)  # the stream ends once the instance is deleted
+    assert rest == b""
