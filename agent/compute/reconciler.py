@@ -94,7 +94,6 @@ class ComputeReconciler:
         #: Why compute does not work on this node right now ("" when it does).
         self.problem = ""
         self._lease_wait_since: dict[str, float] = {}
-        self.passes = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -161,9 +160,6 @@ class ComputeReconciler:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
 
-    def wake(self) -> None:
-        self._wake.set()
-
     # -- capacity --------------------------------------------------------------------------------------------------
     async def publish_capacity(self) -> None:
         """Write this node's ``hypervisor`` record (what the scheduler may hand out), if it changed."""
@@ -200,7 +196,6 @@ class ComputeReconciler:
 
     # -- one pass --------------------------------------------------------------------------------------------------
     async def reconcile_once(self) -> None:
-        self.passes += 1
         self._awaiting_lease.clear()
         records = [
             r

@@ -120,7 +120,8 @@ async def _compute_ctx(app: web.Application) -> AsyncIterator[None]:
     from agent.compute.driver import make_driver
     from agent.compute.reconciler import ComputeReconciler
     from agent.host import choose_virt, detect_virt
-    from agent.net.default import BridgeNetwork, FakeNetwork, NetworkDriver, NetworkSpec
+    from agent.net.default import DRIVERS as NETWORK_DRIVERS
+    from agent.net.default import NetworkDriver, NetworkSpec
 
     virt_type, reason = choose_virt(config.compute.virt_type, detect_virt())
     network: NetworkDriver | None = None
@@ -131,8 +132,8 @@ async def _compute_ctx(app: web.Application) -> AsyncIterator[None]:
             cidr=ipaddress.IPv4Network(config.network.cidr),
             masquerade=config.network.masquerade,
         )
-        fake = config.compute.driver == "fake"
-        network = FakeNetwork(spec) if fake else BridgeNetwork(spec, config.data_path / "networks" / "default")
+        kind = "fake" if config.compute.driver == "fake" else "bridge"
+        network = NETWORK_DRIVERS[kind](spec, config.data_path / "networks" / "default")
     reconciler = ComputeReconciler(
         store=app[STORE],
         config=config,
