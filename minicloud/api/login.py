@@ -14,6 +14,7 @@ import datetime as _dt
 import time
 from collections import OrderedDict
 
+import msgspec
 from aiohttp import web
 
 from minicloud import errors, ids
@@ -23,7 +24,7 @@ from minicloud.api.routing import AUTHENTICATED, PUBLIC, Reply, Routes
 from minicloud.iam import passwords, ratelimit, sessions
 from minicloud.iam.directory import USER_KIND
 from minicloud.model import LoginRequest, Session
-from minicloud.state import Create, Delete, Record, Txn, TxnFailed
+from minicloud.state import Create, Delete, Record, Txn, TxnFailed, Update
 
 routes = Routes("auth")
 SESSION_KIND = "session"
@@ -83,6 +84,8 @@ async def login(request: web.Request, body: LoginRequest) -> Reply:
         raise errors.Unauthenticated(_REFUSED, headers={"WWW-Authenticate": 'Bearer realm="minicloud"'})
     request.app[THROTTLE].succeeded(body.user, source)
     assert user is not None
+    if passwords.needs_rehash(stored):
+        await _rehash(request, user, body.password)
     principal = f"{user.spec.get('type', 'user')}:{user.name}"
     sid = ids.new_id("ses")
     expires = _dt.datetime.now(_dt.UTC) + _dt.timedelta(seconds=body.ttl)
@@ -95,6 +98,15 @@ async def login(request: web.Request, body: LoginRequest) -> Reply:
     await request.app[STORE].commit(Txn([Create(record)]))
     token = sessions.issue(request.app[SESSION_KEY].key, principal, sid, body.ttl)
     return Reply(Session(token=token, session_id=sid, principal=principal, expires_at=expires_at), 201)
+
+
+async def _rehash(request: web.Request, user: Record, password: str) -> None:
+    """Store the password again with today's scrypt parameters (the login just proved it). Best effort: if the
+    user changed meanwhile, the next login does it."""
+    new_hash = await asyncio.to_thread(passwords.hash_password, password)
+    updated = msgspec.structs.replace(user, spec={**user.spec, "password_hash": new_hash}, updated_at=ids.now())
+    with contextlib.suppress(TxnFailed, errors.MinicloudError):
+        await request.app[STORE].commit(Txn([Update(updated, expect_revision=user.revision)]))
 
 
 @routes.post("/v1/auth/logout", status=204, auth=AUTHENTICATED)

@@ -106,10 +106,6 @@ class RateLimiter:
             self._buckets.move_to_end(key)
         return bucket.take(t, cost)
 
-    def forget(self, key: str) -> None:
-        """Drop ``key``'s bucket (it starts full next time). Idempotent."""
-        self._buckets.pop(key, None)
-
 
 class LoginThrottle:
     """Limits password guessing: at most ``max_failures`` failed logins per (user, source address) in any

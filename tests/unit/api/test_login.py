@@ -102,3 +102,24 @@ async def test_requests_beyond_the_rate_limit_get_429(tmp_path):
         assert limited.status == 429 and int(limited.headers["Retry-After"]) >= 1
     finally:
         await a.client.close()
+
+
+async def test_a_password_stored_with_old_parameters_is_rehashed_at_login(api):
+    import msgspec
+
+    from minicloud.api.keys import STORE
+    from minicloud.iam import passwords
+    from minicloud.state import Txn, Update
+    from tests.unit.iam.test_passwords import scrypt_string
+
+    await make_user(api, "olga")
+    store = api.app[STORE]
+    user = await store.get_by_name("user", "", "olga")
+    weak = scrypt_string(PASSWORD, n=2**10)  # as if stored by an older release with a cheaper cost
+    spec = {**user.spec, "password_hash": weak}
+    await store.commit(Txn([Update(msgspec.structs.replace(user, spec=spec), expect_revision=user.revision)]))
+    assert passwords.needs_rehash(weak)
+    assert (await login(api, "olga")).status == 201
+    stored = (await store.get_by_name("user", "", "olga")).spec["password_hash"]
+    assert stored != weak and not passwords.needs_rehash(stored)
+    assert (await login(api, "olga")).status == 201  # the new hash verifies

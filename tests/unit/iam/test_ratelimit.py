@@ -108,15 +108,6 @@ def test_limiter_memory_is_bounded_by_evicting_the_least_recently_used():
     assert len(limiter) == 3
 
 
-def test_limiter_forget_resets_a_key():
-    limiter = RateLimiter(rate=0.01, burst=1)
-    limiter.take("k", 0.0)
-    assert limiter.take("k", 0.0)[0] is False
-    limiter.forget("k")
-    limiter.forget("never-seen")
-    assert limiter.take("k", 0.0)[0] is True
-
-
 def test_limiter_uses_the_monotonic_clock_by_default():
     limiter = RateLimiter(rate=1000.0, burst=1)
     assert limiter.take("k")[0] is True
