@@ -24,16 +24,19 @@ Single launches, ``--runs`` of each, alternating so that drift on the machine af
 
 Both console logs are tailed directly (every 20 ms), so no API polling runs during the measurement. The instance is
 deleted through the API (and its record is gone) and the floor domain destroyed before the next run. The ratio of the
-medians, agent/floor, is checked against the issue's target (<= 1.15).
+medians, agent/floor, is checked against the issue's target (<= 1.15). The agent publishes the node's capacity from
+its compute loop, after it started serving; the first (warm-up) create is sent again while it is refused for that.
 
 Where the time goes is read from outside the agent, with no instrumentation: libvirt lifecycle events on the bench's
-connection (domain defined, started), the birth and modification times of the files the agent writes (instance
-directory, root disk from ``qemu-img``, seed ISO, console log opened by QEMU) and the first console output.
+connection (domain defined, started), the birth and modification times of the files the agent and libvirt write
+(instance directory, root disk from ``qemu-img``, seed ISO, console log), the first console output and the guest's
+own console lines (init started, DHCP lease, ready).
 
 Then the burst: ``--burst`` instances created at once (one thread and SDK client each, released together), timed
 until every marker has appeared; the agent's RSS is sampled every 50 ms throughout (peak reported), as is the total
 RSS of the instances' QEMU processes (children of libvirtd, reported separately). The agent's config raises
-``cpu_allocation_ratio`` so that the burst fits on this node.
+``cpu_allocation_ratio`` so that the burst fits on this node. A create answered 409 ``conflict`` (the placement lost
+its compare-and-swap to the other creates too often; the API asks to retry) is sent again, and counted.
 
 The exit status is 0 unless the bench itself fails. Ctrl-C or SIGTERM (and any error) destroy the domains, stop the
 agent, remove its bridge, dnsmasq and nftables table, and the temporary directory (``--keep`` keeps the directory:

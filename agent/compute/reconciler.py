@@ -101,6 +101,7 @@ class ComputeReconciler:
         retried until they work, so a node whose libvirtd is down (or whose subnet is taken) still serves the API
         and says what is wrong in its log; its capacity is published only once compute works."""
         self.instances_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await self.prepare()  # so a healthy node has published its capacity before the API serves
         sub = self.store.subscribe()
         self._tasks = [
             asyncio.create_task(self._watch(sub), name="compute-watch"),

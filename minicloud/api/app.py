@@ -99,6 +99,7 @@ def create_app(config: Config, *, host: HostFactsSource | None = None) -> web.Ap
     app[accesskeys.KEYSTORE].current_key_id()  # create the master key now, not while serving
     app[RATE_LIMITER] = RateLimiter(config.api.rate_limit_rps, config.api.rate_limit_burst)
     app[LAST_USED] = LastUsed()
+    app[instances.PLACEMENT_LOCKS] = instances.NodeLocks()
     openapi.install(app)
     for table in ROUTE_TABLES:
         table.register(app)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import uuid
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from minicloud.state import Create, Record, Update
 
 routes = Routes("instances")
 _PLACEMENT_ATTEMPTS = 8
+PLACEMENT_LOCKS = web.AppKey("placement_locks", "NodeLocks")
 
 
 def view(r: Record) -> Instance:
@@ -158,7 +160,31 @@ async def create_instance(request: web.Request, body: InstanceCreate) -> Reply:
         created_at=stamp,
         updated_at=stamp,
     )
-    for _ in range(_PLACEMENT_ATTEMPTS):
+    # One placement per node at a time in this process (no wasted rounds when many creates arrive together); the
+    # compare-and-swap on the placement record still settles races with creates on other nodes.
+    async with _placement_lock(request.app, node):
+        return await _place_and_commit(request, record, node, demand, stamp)
+
+
+class NodeLocks:
+    """One ``asyncio.Lock`` per node name, made on first use."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def get(self, node: str) -> asyncio.Lock:
+        return self._locks.setdefault(node, asyncio.Lock())
+
+
+def _placement_lock(app: web.Application, node: str) -> asyncio.Lock:
+    return app[PLACEMENT_LOCKS].get(node)
+
+
+async def _place_and_commit(request: web.Request, record: Record, node: str, demand: Demand, stamp: str) -> Reply:
+    store = request.app[STORE]
+    for attempt in range(_PLACEMENT_ATTEMPTS):
+        if attempt:
+            await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))  # another node won: back off, then retry
         hypervisor = await store.get_by_name(HYPERVISOR_KIND, "", node)
         candidates = [NodeCapacity.from_spec(node, hypervisor.spec)] if hypervisor is not None else []
         token = await store.get(PLACEMENT_KIND, f"plc-{node}")

@@ -100,6 +100,7 @@ def test_dnsmasq_argv_binds_to_the_bridge_and_keeps_its_files_in_the_state_dir()
         "--listen-address=10.213.0.1",
         "--dhcp-range=10.213.0.10,10.213.0.254,255.255.255.0,43200",
         "--dhcp-authoritative",
+        "--no-ping",
         "--dhcp-option=option:router,10.213.0.1",
         "--no-hosts",
     ]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import pytest
 
+from minicloud.api import instances
 from minicloud.api.keys import CONFIG, STORE
 from minicloud.iam import apikeys
 from minicloud.state import Create, Txn, Update
@@ -103,7 +105,10 @@ async def test_image_import_checks_sources(api, tmp_path):
     assert not store_dir.exists() or list(store_dir.iterdir()) == []
 
 
-async def test_placement_refuses_what_does_not_fit_and_concurrent_creates_cannot_oversubscribe(api):
+@pytest.mark.parametrize("across_nodes", [False, True], ids=["one-node", "as-if-from-several-nodes"])
+async def test_placement_refuses_what_does_not_fit_and_concurrent_creates_cannot_oversubscribe(api, across_nodes):
+    if across_nodes:  # only the compare-and-swap on the placement record stands between the racers
+        api.app[instances.PLACEMENT_LOCKS].get = lambda node: asyncio.Lock()  # as if each ran on another node
     await _image(api)
     store = api.app[STORE]
     for _ in range(100):  # the compute context publishes the node's capacity at start
