@@ -406,7 +406,7 @@ class ComputeReconciler:
                 seed_path,
                 meta_data=seed.meta_data(record.id, record.name, public_keys=spec.get("public_keys", [])),
                 user_data=spec.get("user_data", "").encode(),
-                network_config=seed.network_config_dhcp(),
+                network_config=seed.network_config_dhcp([design.mac_for(record.id, 0)] if self.network else []),
             )
 
     async def _teardown(self, instance_id: str, uuid: str) -> None:

@@ -58,23 +58,17 @@ def meta_data(instance_id: str, hostname: str, public_keys: Sequence[str] = ()) 
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True, width=1 << 30)
 
 
-_NETWORK_CONFIG_DHCP = """\
-version: 2
-ethernets:
-  all-ethernet:
-    match:
-      name: "e*"
-    dhcp4: true
-"""
+def network_config_dhcp(macs: Sequence[str] = ()) -> str:
+    """cloud-init ``network-config`` (version 2): DHCPv4 on each NIC, matched by its MAC address.
 
-
-def network_config_dhcp() -> str:
-    """cloud-init ``network-config`` (version 2): DHCPv4 on every NIC whose name starts with ``e`` (eth*, ens*, enp*).
-
-    Name globs are honoured where cloud-init renders through netplan or systemd-networkd (Ubuntu, Debian 12 cloud
-    images); its ENI and sysconfig renderers take the ``all-ethernet`` key as an interface name instead.
+    Matching by MAC works with every cloud-init renderer (netplan, networkd, ENI, sysconfig); a name glob such as
+    ``e*`` does not (cloud-init 22.4's networkd renderer writes it out as an interface name, and the guest never gets
+    an address). Without MACs: an empty ``ethernets`` map, which leaves the image's own defaults alone.
     """
-    return _NETWORK_CONFIG_DHCP
+    lines = ["version: 2", "ethernets:" + ("" if macs else " {}")]
+    for i, mac in enumerate(macs):
+        lines += [f"  nic{i}:", "    match:", f'      macaddress: "{mac.lower()}"', "    dhcp4: true"]
+    return "\n".join(lines) + "\n"
 
 
 def write_nocloud_seed(path: Path, *, meta_data: str, user_data: bytes, network_config: str | None = None) -> None:

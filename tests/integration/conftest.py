@@ -103,7 +103,9 @@ class Agent:
         self, *args: str, input: str | None = None, check: bool = False, socket: bool = True
     ) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "minicloud"] + (["--socket", str(self.socket)] if socket else []) + list(args)
-        result = subprocess.run(cmd, capture_output=True, text=True, input=input, env=self.env, timeout=120, cwd=REPO)
+        result = subprocess.run(
+            cmd, capture_output=True, text=True, errors="replace", input=input, env=self.env, timeout=120, cwd=REPO
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         return result

@@ -201,8 +201,12 @@ def test_meta_data_is_nocloud_yaml_with_public_keys() -> None:
     assert "local-hostname: web-1" in meta_data("i-0123", "web-1").splitlines()
 
 
-def test_network_config_dhcps_on_every_ethernet_nic() -> None:
-    assert yaml.safe_load(network_config_dhcp()) == {
+def test_network_config_dhcps_on_each_nic_matched_by_mac() -> None:
+    assert yaml.safe_load(network_config_dhcp(["52:AA:bb:cc:dd:ee", "52:00:00:00:00:01"])) == {
         "version": 2,
-        "ethernets": {"all-ethernet": {"match": {"name": "e*"}, "dhcp4": True}},
+        "ethernets": {
+            "nic0": {"match": {"macaddress": "52:aa:bb:cc:dd:ee"}, "dhcp4": True},
+            "nic1": {"match": {"macaddress": "52:00:00:00:00:01"}, "dhcp4": True},
+        },
     }
+    assert yaml.safe_load(network_config_dhcp()) == {"version": 2, "ethernets": {}}
