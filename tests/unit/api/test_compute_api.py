@@ -188,3 +188,35 @@ async def test_console_returns_the_log_and_follow_streams_until_the_instance_goe
     assert (await api.delete("/v1/instances/con")).status == 202
     rest = await asyncio.wait_for(follow.content.read(), 10)  # the stream ends once the instance is deleted
     assert rest == b""
+
+
+async def test_a_disk_image_is_imported_from_a_url_and_its_format_comes_from_qemu_img(api, tmp_path):
+    import functools
+    import http.server
+    import subprocess
+    import threading
+
+    served = tmp_path / "www"
+    served.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(served / "disk.qcow2"), "64M"], check=True)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/disk.qcow2"
+        resp = await api.post("/v1/images", json={"name": "web", "url": url, "os_distro": "debian", "os_version": "12"})
+        assert resp.status == 201, await resp.text()
+        image = await resp.json()
+        assert (image["boot"], image["format"], image["virtual_size_bytes"]) == ("disk", "qcow2", 64 << 20)
+        assert image["os"] == {"distro": "debian", "version": "12"} and image["source"] == url
+        wrong = await api.post("/v1/images", json={"name": "w2", "url": url, "format": "raw"})
+        assert wrong.status == 422 and "qemu-img finds qcow2" in (await wrong.json())["detail"]
+        missing = await api.post("/v1/images", json={"name": "w3", "url": url + ".nope"})
+        assert missing.status == 422 and "cannot download" in (await missing.json())["detail"]
+        # The 64 MiB image fits the smallest root disk (1 GiB): instances of it are accepted.
+        resp = await api.post("/v1/instances", json={"name": "vm", "image": "web", "type": "m1.tiny"})
+        assert resp.status == 201
+    finally:
+        server.shutdown()
+    names = [i["name"] for i in (await (await api.get("/v1/images")).json())["items"]]
+    assert names == ["web"]
