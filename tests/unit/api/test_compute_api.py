@@ -193,12 +193,14 @@ async def test_console_returns_the_log_and_follow_streams_until_the_instance_goe
 async def test_a_disk_image_is_imported_from_a_url_and_its_format_comes_from_qemu_img(api, tmp_path):
     import functools
     import http.server
-    import subprocess
     import threading
 
     served = tmp_path / "www"
     served.mkdir()
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(served / "disk.qcow2"), "64M"], check=True)
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", "create", "-q", "-f", "qcow2", str(served / "disk.qcow2"), "64M"
+    )
+    assert await proc.wait() == 0
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
