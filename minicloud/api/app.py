@@ -33,7 +33,7 @@ from minicloud.api import (
     system,
     users,
 )
-from minicloud.api.auth import DIRECTORY, LAST_USED, RATE_LIMITER
+from minicloud.api.auth import DIRECTORY, LAST_USED, RATE_LIMITER, VERIFIED_KEYS
 from minicloud.api.keys import CLUSTER, COMPUTE, CONFIG, HOST, OPERATIONS, PKI, STORE, TLS
 from minicloud.api.middleware import audit_middleware, auth_middleware, problem_middleware
 from minicloud.api.resources import IDEMPOTENCY_KIND
@@ -99,6 +99,7 @@ def create_app(config: Config, *, host: HostFactsSource | None = None) -> web.Ap
     app[accesskeys.KEYSTORE].current_key_id()  # create the master key now, not while serving
     app[RATE_LIMITER] = RateLimiter(config.api.rate_limit_rps, config.api.rate_limit_burst)
     app[LAST_USED] = LastUsed()
+    app[VERIFIED_KEYS] = {}
     app[instances.PLACEMENT_LOCKS] = instances.NodeLocks()
     openapi.install(app)
     for table in ROUTE_TABLES:

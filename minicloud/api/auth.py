@@ -9,11 +9,12 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from minicloud import errors
+from minicloud import errors, ids
 from minicloud.api.keys import STORE
 from minicloud.iam import apikeys, policy, sessions
 from minicloud.iam.directory import Directory, is_project_action
@@ -81,8 +82,22 @@ async def authenticate(request: web.Request, *, unix: bool) -> Principal | None:
     token = token.strip()
     if token.startswith(SESSION_PREFIX):
         return await _session_principal(request, token)
+    store = request.app[STORE]
+    verified = request.app[VERIFIED_KEYS]
+    hit = verified.get(token)
+    if hit is not None:
+        # Verified before: still valid while its record is unchanged (a revoked key's record is gone) and unexpired.
+        record = await store.get(apikeys.KIND, hit.key_id)
+        if (
+            record is not None
+            and record.revision == hit.revision
+            and (hit.expires is None or hit.expires > time.time())
+        ):
+            request.app[LAST_USED].touch(record.id)
+            return hit.principal
+        del verified[token]
     key_id = apikeys.key_id_of(token)
-    record = await request.app[STORE].get(apikeys.KIND, key_id) if key_id else None
+    record = await store.get(apikeys.KIND, key_id) if key_id else None
     if record is None:
         raise _unauthenticated("the API key is not valid (unknown or revoked)")
     reason = apikeys.verify(record, token)
@@ -91,7 +106,29 @@ async def authenticate(request: web.Request, *, unix: bool) -> Principal | None:
     request.app[LAST_USED].touch(record.id)
     owner = record.spec.get("principal", "user:admin")  # keys made before IAM belong to the admin user
     kind, _, name = owner.partition(":")
-    return Principal(kind=kind, name=name, admin=False, key_id=record.id)
+    principal = Principal(kind=kind, name=name, admin=False, key_id=record.id)
+    expires_at = record.spec.get("expires_at")
+    if len(verified) >= _MAX_VERIFIED:
+        verified.clear()
+    verified[token] = _Verified(
+        record.id, record.revision, ids.parse_time(expires_at).timestamp() if expires_at else None, principal
+    )
+    return principal
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """An API key token that passed :func:`apikeys.verify`, and what it authenticates as."""
+
+    key_id: str
+    revision: int
+    expires: float | None
+    principal: Principal
+
+
+_MAX_VERIFIED = 10_000
+#: Tokens already verified (the SHA-256 and constant-time comparison are done once per token and key revision).
+VERIFIED_KEYS = web.AppKey("verified_api_keys", dict)
 
 
 SESSION_PREFIX = "mcs1."
