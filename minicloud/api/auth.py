@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from minicloud import errors, ids
-from minicloud.api.keys import STORE
+from minicloud.api.keys import SESSION_KEY, STORE
 from minicloud.iam import apikeys, policy, sessions
 from minicloud.iam.directory import Directory, is_project_action
 from minicloud.iam.ratelimit import RateLimiter, too_many_requests
@@ -28,12 +28,12 @@ class Principal:
     admin: bool
     key_id: str | None = None
     session_id: str | None = None
+    #: ``local:root``, ``user:alice``, ``serviceaccount:ci``: what bindings name, what the audit log records and
+    #: what scopes idempotency keys (computed once: every request asks for it several times).
+    ref: str = field(init=False, compare=False)
 
-    @property
-    def ref(self) -> str:
-        """``local:root``, ``user:alice``, ``serviceaccount:ci``: what bindings name, what the audit log records and
-        what scopes idempotency keys."""
-        return f"{self.kind}:{self.name}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ref", f"{self.kind}:{self.name}")
 
 
 PRINCIPAL = web.RequestKey("principal", Principal)
@@ -135,10 +135,8 @@ SESSION_PREFIX = "mcs1."
 
 
 async def _session_principal(request: web.Request, token: str) -> Principal:
-    from minicloud.api.login import SESSION_KEY, SESSION_KIND  # login imports this module
-
     claims = request.app[SESSION_KEY].verify(token)
-    if await request.app[STORE].get(SESSION_KIND, claims.sid) is None:  # logged out: revoked on every node
+    if await request.app[STORE].get(sessions.KIND, claims.sid) is None:  # logged out: revoked on every node
         raise sessions.SessionRevoked("the session was revoked (logged out); log in again")
     kind, _, name = claims.sub.partition(":")
     return Principal(kind=kind, name=name, admin=False, session_id=claims.sid)

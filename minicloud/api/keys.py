@@ -19,3 +19,5 @@ OPERATIONS = web.AppKey("operations", "Operations")
 CLUSTER = web.AppKey("cluster", "ClusterNode")
 TLS = web.AppKey("tls", ssl.SSLContext)
 COMPUTE = web.AppKey("compute", "ComputeReconciler")
+#: The node's session-token signer (``minicloud.api.login.SessionSigner``).
+SESSION_KEY = web.AppKey("session_key", "SessionSigner")

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from minicloud import errors, ids
 from minicloud.api.auth import principal_of
-from minicloud.api.keys import STORE
+from minicloud.api.keys import SESSION_KEY, STORE
 from minicloud.api.routing import AUTHENTICATED, PUBLIC, Reply, Routes
 from minicloud.iam import passwords, ratelimit, sessions
 from minicloud.iam.directory import USER_KIND
@@ -27,7 +27,7 @@ from minicloud.model import LoginRequest, Session
 from minicloud.state import Create, Delete, Record, Txn, TxnFailed, Update
 
 routes = Routes("auth")
-SESSION_KIND = "session"
+SESSION_KIND = sessions.KIND
 
 
 class SessionSigner:
@@ -63,7 +63,6 @@ class SessionSigner:
         return claims
 
 
-SESSION_KEY = web.AppKey("session_key", SessionSigner)
 THROTTLE = web.AppKey("login_throttle", ratelimit.LoginThrottle)
 _REFUSED = "the user name or password is wrong"
 

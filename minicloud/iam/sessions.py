@@ -38,6 +38,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from minicloud.errors import Unauthenticated
 
+#: The record kind of a login session (its id is the token's ``sid``; deleting it revokes the token everywhere).
+KIND = "session"
 VERSION = "mcs1"
 MAX_TOKEN_LENGTH = 2048
 MAX_TTL = 7 * 24 * 3600
