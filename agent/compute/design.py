@@ -74,6 +74,8 @@ class GuestSpec:
     domain_name: str
     virt_type: Literal["kvm", "qemu"]
     vcpus: int
+    #: vCPUs the guest may be given while it runs (CPU hot-plug); None or <= ``vcpus``: no hot-plug.
+    max_vcpus: int | None = None
     memory_mib: int
     root_disk: Path
     root_format: Literal["qcow2", "raw"] = "qcow2"
@@ -149,7 +151,9 @@ def domain_for(spec: GuestSpec) -> Domain:
         uuid=spec.uuid,
         memory_kib=spec.memory_mib * 1024,
         current_memory_kib=spec.memory_mib * 1024,
-        vcpu=Vcpu(spec.vcpus),
+        vcpu=Vcpu(spec.max_vcpus, current=spec.vcpus)
+        if spec.max_vcpus is not None and spec.max_vcpus > spec.vcpus
+        else Vcpu(spec.vcpus),
         metadata=spec.metadata,
         os=_os_for(spec),
         features=Features(acpi=True, apic=True),

@@ -53,6 +53,9 @@ class ComputeDriver(Protocol):
     async def undefine(self, uuid: str) -> None:
         """Remove the definition (and UEFI variables); the domain must not be running."""
 
+    async def set_vcpus(self, uuid: str, count: int) -> None:
+        """Give a running domain ``count`` vCPUs now and from its next start (CPU hot-plug, up to its maximum)."""
+
 
 class FakeDriver:
     """Domains in memory. Semantics: ``start`` makes a defined domain ``running``; ``shutdown`` and ``destroy`` make it
@@ -110,6 +113,19 @@ class FakeDriver:
 
     async def undefine(self, uuid: str) -> None:
         self.doms.pop(uuid, None)
+
+    async def set_vcpus(self, uuid: str, count: int) -> None:
+        import xml.etree.ElementTree as ET
+
+        dom = self.doms.get(uuid)
+        if dom is None or dom.state != "running":
+            raise DriverError("the domain is not running")
+        root = ET.fromstring(dom.xml)
+        vcpu = root.find("vcpu")
+        if vcpu is None or count > int(vcpu.text or 0):
+            raise DriverError(f"the domain has at most {vcpu.text if vcpu is not None else '?'} vCPUs")
+        vcpu.set("current", str(count))
+        self.doms[uuid] = replace(dom, xml=ET.tostring(root, encoding="unicode"))
 
 
 def make_driver(name: str, uri: str) -> ComputeDriver:

@@ -196,3 +196,12 @@ class LibvirtDriver:
                     raise
 
         await self._call(_undefine)
+
+    async def set_vcpus(self, uuid: str, count: int) -> None:
+        def _set() -> None:
+            dom = self._lookup(uuid)
+            if dom is None or not dom.isActive():
+                raise DriverError("the domain is not running")
+            dom.setVcpusFlags(count, libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+
+        await self._call(_set)

@@ -285,6 +285,8 @@ class ComputeReconciler:
                 return
             await self.driver.start(uuid)
             self._lease_wait_since.pop(record.id, None)
+        if dom.xml and _current_vcpus(dom.xml) not in (0, spec["vcpus"]):
+            await self.driver.set_vcpus(uuid, spec["vcpus"])  # resized while running: CPU hot-plug
         reboot = spec.get("reboot", {})
         changes: dict[str, Any] = {}
         if reboot.get("seq", 0) > status.get("reboot_seq", 0):
@@ -349,6 +351,7 @@ class ComputeReconciler:
             domain_name=self.domain_name(record),
             virt_type=self.virt_type,  # type: ignore[arg-type]
             vcpus=spec["vcpus"],
+            max_vcpus=spec.get("max_vcpus"),
             memory_mib=spec["memory_mib"],
             root_disk=d / "root.qcow2",
             seed_iso=d / "seed.iso",
@@ -462,13 +465,22 @@ class ComputeReconciler:
 _UNITS = {"b": 1, "bytes": 1, "kib": 1024, "k": 1024, "mib": 1 << 20, "m": 1 << 20, "gib": 1 << 30, "g": 1 << 30}
 
 
-def _shape(xml: str) -> tuple[int, int]:
-    """What a redefinition after resize changes: (vCPUs, memory bytes), read the same way from libvirt's XML and ours."""
+def _shape(xml: str) -> tuple[int, int, int]:
+    """What a redefinition after resize changes: (maximum vCPUs, vCPUs at boot, memory bytes), read the same way
+    from libvirt's XML and ours."""
     if not xml:
-        return (0, 0)
+        return (0, 0, 0)
     root = ET.fromstring(xml)
     vcpu = root.find("vcpu")
     mem = root.find("memory")
     vcpus = int(vcpu.text or 0) if vcpu is not None else 0
     memory = int(mem.text or 0) * _UNITS.get((mem.get("unit") or "KiB").lower(), 1024) if mem is not None else 0
-    return (vcpus, memory)
+    return (vcpus, _current_vcpus(xml), memory)
+
+
+def _current_vcpus(xml: str) -> int:
+    """The vCPUs a domain definition gives the guest (``current``, else the count); 0 if it says nothing."""
+    vcpu = ET.fromstring(xml).find("vcpu")
+    if vcpu is None:
+        return 0
+    return int(vcpu.get("current") or vcpu.text or 0)

@@ -53,6 +53,7 @@ def view(r: Record) -> Instance:
         image_id=s["image_id"],
         type=s["type"],
         vcpus=s["vcpus"],
+        max_vcpus=s.get("max_vcpus") or s["vcpus"],
         memory_mib=s["memory_mib"],
         disk_gib=s["disk_gib"],
         keypair=s.get("keypair"),
@@ -187,6 +188,9 @@ async def _place_and_commit(request: web.Request, record: Record, node: str, dem
             await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))  # another node won: back off, then retry
         hypervisor = await store.get_by_name(HYPERVISOR_KIND, "", node)
         candidates = [NodeCapacity.from_spec(node, hypervisor.spec)] if hypervisor is not None else []
+        if hypervisor is not None:  # CPU hot-plug up to the node's CPUs (`instance resize` while running)
+            max_vcpus = max(record.spec["vcpus"], int(hypervisor.spec["cpus"]))
+            record = msgspec.structs.replace(record, spec={**record.spec, "max_vcpus": max_vcpus})
         token = await store.get(PLACEMENT_KIND, f"plc-{node}")
         place(demand, candidates, await _node_usage(store, node))
         token_op = (
@@ -213,8 +217,8 @@ async def _place_and_commit(request: web.Request, record: Record, node: str, dem
                 [Create(record), token_op],
                 status=201,
                 kind_name=KIND.name,
-                respond=lambda rev: view(msgspec.structs.replace(record, revision=rev)),
-                headers=lambda rev: {"Location": f"/v1/instances/{record.id}", **res.etag(rev)},
+                respond=lambda rev, r=record: view(msgspec.structs.replace(r, revision=rev)),
+                headers=lambda rev, r=record: {"Location": f"/v1/instances/{r.id}", **res.etag(rev)},
             )
         except errors.PreconditionFailed:
             continue  # another placement on this node committed first: decide again on fresh figures
@@ -303,15 +307,32 @@ async def reboot_instance(request: web.Request, body: InstanceReboot) -> Reply:
     auth=Action("compute:instances:resize"),
 )
 async def resize_instance(request: web.Request, body: InstanceResize) -> Reply:
-    """Give a stopped instance another type (vCPUs and memory; the root disk never shrinks)."""
+    """Give an instance another type. Stopped: any type (vCPUs, memory; the root disk never shrinks). Running: only
+    the vCPU count may change, up to the maximum the instance was created with (CPU hot-plug); memory and disk
+    changes need it stopped."""
     itype = await instance_types.lookup(request, body.type)
     record = await res.resolve(request, KIND)
     _not_deleting(record)
-    if record.spec["power"] != "stopped" or (record.status or {}).get("state") != "stopped":
-        raise errors.Conflict(
-            f"instance '{record.name}' must be stopped to be resized (it is {(record.status or {}).get('state')}); "
-            f"run `minicloud instance stop {record.name} --wait` first"
+    state = (record.status or {}).get("state")
+    stopped = record.spec["power"] == "stopped" and state == "stopped"
+    if not stopped:
+        max_vcpus = record.spec.get("max_vcpus") or record.spec["vcpus"]
+        why = (
+            "its memory would change"
+            if itype.memory_mib != record.spec["memory_mib"]
+            else "its root disk would grow"
+            if itype.disk_gib > record.spec["disk_gib"]
+            else f"it can have at most {max_vcpus} vCPUs while running"
+            if itype.vcpus > max_vcpus
+            else f"it is {state}"
+            if state != "running"
+            else ""
         )
+        if why:
+            raise errors.Conflict(
+                f"instance '{record.name}' cannot be resized to {itype.name} while running: {why}. Stop it first "
+                f"(`minicloud instance stop {record.name} --wait`); running instances can only change their vCPUs"
+            )
     node = record.spec["node"]
     hypervisor = await request.app[STORE].get_by_name(HYPERVISOR_KIND, "", node)
     if hypervisor is not None:
@@ -328,6 +349,7 @@ async def resize_instance(request: web.Request, body: InstanceResize) -> Reply:
         lambda r: {
             "type": itype.name,
             "vcpus": itype.vcpus,
+            "max_vcpus": max(itype.vcpus, r.spec.get("max_vcpus") or r.spec["vcpus"]),
             "memory_mib": itype.memory_mib,
             "disk_gib": max(itype.disk_gib, r.spec["disk_gib"]),
         },

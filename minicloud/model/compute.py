@@ -116,6 +116,8 @@ class Instance(Resource, kw_only=True):
     image_id: str
     type: str
     vcpus: int
+    #: vCPUs it may get while running (`resize` to a type with the same memory and more vCPUs, up to this).
+    max_vcpus: int
     memory_mib: int
     disk_gib: int
     keypair: str | None = None

@@ -33,6 +33,14 @@ def _domain_xml(agent: Agent, instance_id: str) -> str:
         conn.close()
 
 
+def _live_vcpus(agent: Agent, instance_id: str) -> int:
+    conn = libvirt.open("qemu:///system")
+    try:
+        return conn.lookupByName(f"mc-{instance_id}").vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    finally:
+        conn.close()
+
+
 def _until(what: str, check, timeout: float = BOOT_TIMEOUT, interval: float = 0.5):
     deadline = time.monotonic() + timeout
     while True:
@@ -85,11 +93,19 @@ def test_a_guest_boots_is_reachable_and_goes_through_its_lifecycle(compute_agent
     page = _until("the guest's httpd", lambda: _http(f"http://{ip}/"), timeout=60)
     assert "<h1>web</h1>" in page
 
+    # Running: only the vCPUs may change (CPU hot-plug up to the node's CPUs); memory needs a stop.
+    a.cli("type", "create", "tiny-2cpu", "--vcpus", "2", "--memory", "128", "--disk", "1", check=True)
+    a.cli("type", "create", "tiny-plus", "--vcpus", "2", "--memory", "192", "--disk", "1", check=True)
+    refused = a.cli("instance", "resize", "web", "--type", "tiny-plus")
+    assert refused.returncode != 0 and "its memory would change" in refused.stderr
+    if inst["max_vcpus"] >= 2:
+        assert a.json("instance", "resize", "web", "--type", "tiny-2cpu")["vcpus"] == 2
+        _until("the second vCPU plugged in", lambda: _live_vcpus(a, inst["id"]) == 2, timeout=60)
+
     stopped = a.json("instance", "stop", "web", "--wait")
     assert stopped["status"]["state"] == "stopped" and stopped["power"] == "stopped"
     assert _domains_of(a) == [f"mc-{inst['id']}"]  # stopped keeps the domain (and its disk)
 
-    a.cli("type", "create", "tiny-plus", "--vcpus", "2", "--memory", "192", "--disk", "1", check=True)
     resized = a.json("instance", "resize", "web", "--type", "tiny-plus")
     assert (resized["type"], resized["vcpus"], resized["memory_mib"]) == ("tiny-plus", 2, 192)
     started = a.json("instance", "start", "web", "--wait")

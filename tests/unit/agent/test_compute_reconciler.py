@@ -221,3 +221,13 @@ async def test_compute_that_cannot_start_is_retried_and_reported(world):
     world.network.fail_with = None
     assert await world.r.prepare() is True
     assert world.r.problem == "" and await world.store.get_by_name("hypervisor", "", NODE) is not None
+
+
+async def test_a_running_instance_gets_more_vcpus_by_hot_plug(world):
+    inst = await world.add_instance("hot", max_vcpus=4)
+    await world.r.reconcile_once()
+    assert "current='1'>4</vcpu>" in world.domain(inst).xml.replace('"', "'")
+    await world.change_spec(inst, vcpus=3)
+    await world.r.reconcile_once()
+    assert "current='3'" in world.domain(inst).xml.replace('"', "'")
+    assert world.domain(inst).state == "running"  # no restart

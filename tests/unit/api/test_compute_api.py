@@ -45,7 +45,13 @@ async def test_an_instance_goes_from_pending_to_running_and_is_deleted(api):
     inst = await resp.json()
     assert (inst["vcpus"], inst["memory_mib"], inst["disk_gib"], inst["status"]["node"]) == (1, 128, 1, "n1")
     await _wait_state(api, "vm1", "running")
-    assert (await api.post("/v1/instances/vm1/resize", json={"type": "m1.small"})).status == 409  # running
+    refused = await api.post("/v1/instances/vm1/resize", json={"type": "m1.small"})  # running: memory can't change
+    assert refused.status == 409 and "its memory would change" in (await refused.json())["detail"]
+    body = {"name": "tiny2", "vcpus": 2, "memory_mib": 128, "disk_gib": 1}
+    assert (await api.post("/v1/instance-types", json=body)).status == 201
+    if inst["max_vcpus"] >= 2:  # the node has at least two CPUs: hot-plug one
+        resp = await api.post("/v1/instances/vm1/resize", json={"type": "tiny2"})
+        assert resp.status == 202 and (await resp.json())["vcpus"] == 2
     assert (await api.post("/v1/instances/vm1/stop", json={"force": True})).status == 202
     await _wait_state(api, "vm1", "stopped")
     resp = await api.post("/v1/instances/vm1/resize", json={"type": "m1.small"})
