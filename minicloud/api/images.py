@@ -109,22 +109,13 @@ async def import_image(request: web.Request, body: ImageImport) -> Reply:
 @routes.get("/v1/images/{ref}", response=Image, auth=Action("compute:images:get"))
 async def show_image(request: web.Request) -> Reply:
     """Show an image by id or name."""
-    record = await res.resolve(request, KIND)
-    return Reply(view(record), headers=res.etag(record.revision))
+    return await res.show(request, KIND)
 
 
 @routes.patch("/v1/images/{ref}", body=ImageUpdate, response=Image, auth=Action("compute:images:update"))
 async def update_image(request: web.Request, body: ImageUpdate) -> Reply:
     """Change an image's description or labels (JSON merge patch; honours If-Match)."""
-
-    def mutate(record: Record) -> Record:
-        spec = dict(record.spec)
-        if body.description is not msgspec.UNSET:
-            spec["description"] = body.description
-        labels = record.labels if body.labels is msgspec.UNSET else body.labels
-        return msgspec.structs.replace(record, spec=spec, labels=labels)
-
-    return await res.update(request, KIND, mutate)
+    return await res.update_description_labels(request, KIND, body)
 
 
 @routes.delete("/v1/images/{ref}", status=204, auth=Action("compute:images:delete"))

@@ -232,22 +232,13 @@ async def _place_and_commit(request: web.Request, record: Record, node: str, dem
 @routes.get("/v1/instances/{ref}", response=Instance, auth=Action("compute:instances:get"))
 async def show_instance(request: web.Request) -> Reply:
     """Show an instance by id or name."""
-    record = await res.resolve(request, KIND)
-    return Reply(view(record), headers=res.etag(record.revision))
+    return await res.show(request, KIND)
 
 
 @routes.patch("/v1/instances/{ref}", body=InstanceUpdate, response=Instance, auth=Action("compute:instances:update"))
 async def update_instance(request: web.Request, body: InstanceUpdate) -> Reply:
     """Change an instance's description or labels (JSON merge patch; honours If-Match)."""
-
-    def mutate(record: Record) -> Record:
-        spec = dict(record.spec)
-        if body.description is not msgspec.UNSET:
-            spec["description"] = body.description
-        labels = record.labels if body.labels is msgspec.UNSET else body.labels
-        return msgspec.structs.replace(record, spec=spec, labels=labels)
-
-    return await res.update(request, KIND, mutate)
+    return await res.update_description_labels(request, KIND, body)
 
 
 def _not_deleting(record: Record) -> None:

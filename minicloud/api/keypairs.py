@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import msgspec
 from aiohttp import web
 
 from minicloud.api import resources as res
@@ -58,22 +57,13 @@ async def import_keypair(request: web.Request, body: KeyPairCreate) -> Reply:
 @routes.get("/v1/keypairs/{ref}", response=KeyPair, auth=Action("compute:keypairs:get"))
 async def show_keypair(request: web.Request) -> Reply:
     """Show a key pair by id or name."""
-    record = await res.resolve(request, KIND)
-    return Reply(view(record), headers=res.etag(record.revision))
+    return await res.show(request, KIND)
 
 
 @routes.patch("/v1/keypairs/{ref}", body=KeyPairUpdate, response=KeyPair, auth=Action("compute:keypairs:update"))
 async def update_keypair(request: web.Request, body: KeyPairUpdate) -> Reply:
     """Change a key pair's description or labels (JSON merge patch; honours If-Match)."""
-
-    def mutate(record: Record) -> Record:
-        spec = dict(record.spec)
-        if body.description is not msgspec.UNSET:
-            spec["description"] = body.description
-        labels = record.labels if body.labels is msgspec.UNSET else body.labels
-        return msgspec.structs.replace(record, spec=spec, labels=labels)
-
-    return await res.update(request, KIND, mutate)
+    return await res.update_description_labels(request, KIND, body)
 
 
 @routes.delete("/v1/keypairs/{ref}", status=204, auth=Action("compute:keypairs:delete"))

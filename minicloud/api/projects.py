@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import msgspec
 from aiohttp import web
 
 from minicloud import errors
@@ -41,22 +40,13 @@ async def create_project(request: web.Request, body: ProjectCreate) -> Reply:
 @routes.get("/v1/projects/{ref}", response=Project, auth=Action("iam:projects:get"))
 async def show_project(request: web.Request) -> Reply:
     """Show a project."""
-    record = await res.resolve(request, KIND)
-    return Reply(view(record), headers=res.etag(record.revision))
+    return await res.show(request, KIND)
 
 
 @routes.patch("/v1/projects/{ref}", body=ProjectUpdate, response=Project, auth=Action("iam:projects:update"))
 async def update_project(request: web.Request, body: ProjectUpdate) -> Reply:
     """Change a project's description or labels."""
-
-    def mutate(record: Record) -> Record:
-        spec = dict(record.spec)
-        if body.description is not msgspec.UNSET:
-            spec["description"] = body.description
-        labels = record.labels if body.labels is msgspec.UNSET else body.labels
-        return msgspec.structs.replace(record, spec=spec, labels=labels)
-
-    return await res.update(request, KIND, mutate)
+    return await res.update_description_labels(request, KIND, body)
 
 
 @routes.delete("/v1/projects/{ref}", status=204, auth=Action("iam:projects:delete"))

@@ -349,5 +349,25 @@ async def update(request: web.Request, kind: Kind, mutate: Callable[[Record], Re
     raise AssertionError("unreachable")
 
 
+async def show(request: web.Request, kind: Kind) -> Reply:
+    """``GET /v1/<plural>/{ref}``: the record's view, with its revision as ETag."""
+    record = await resolve(request, kind)
+    return Reply(kind.view(record), headers=etag(record.revision))
+
+
+async def update_description_labels(request: web.Request, kind: Kind, body: Any) -> Reply:
+    """``PATCH /v1/<plural>/{ref}`` for resources whose only mutable fields are ``description`` and ``labels``
+    (JSON merge patch: absent fields stay; honours If-Match)."""
+
+    def mutate(record: Record) -> Record:
+        spec = dict(record.spec)
+        if body.description is not msgspec.UNSET:
+            spec["description"] = body.description
+        labels = record.labels if body.labels is msgspec.UNSET else body.labels
+        return msgspec.structs.replace(record, spec=spec, labels=labels)
+
+    return await update(request, kind, mutate)
+
+
 def etag(revision: int) -> dict[str, str]:
     return {"ETag": f'"{revision}"'}
