@@ -260,8 +260,13 @@ async def _change(request: web.Request, change: Any) -> Reply:
 
 @routes.post("/v1/instances/{ref}/start", response=Instance, status=202, auth=Action("compute:instances:start"))
 async def start_instance(request: web.Request) -> Reply:
-    """Power the instance on (no-op when it is running)."""
-    return await _change(request, lambda r: {"power": "running"})
+    """Power the instance on (no-op when it is running). An instance in ``error`` is tried again."""
+
+    def change(r: Record) -> dict[str, Any]:
+        retry = r.spec.get("retry", 0) + 1 if (r.status or {}).get("state") == "error" else r.spec.get("retry", 0)
+        return {"power": "running", "retry": retry}  # a new spec: the node's reconciler builds or starts it again
+
+    return await _change(request, change)
 
 
 @routes.post(

@@ -31,6 +31,18 @@ def compute_config(root: Path) -> str:
     )
 
 
+def wait_until(what: str, check, timeout: float, interval: float = 0.5):
+    """Poll ``check()`` until it returns something truthy (returned), or fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
 class Agent:
     """One `minicloud agent` process. ``cli(...)`` runs the shell client against it, as a user would."""
 

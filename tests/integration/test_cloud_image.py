@@ -23,12 +23,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO, Agent
+from tests.integration.conftest import REPO, Agent, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -51,17 +50,6 @@ def cloud_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     image = out / "debian-cloud.qcow2"
     assert image.stat().st_size > 50 << 20
     return image
-
-
-def _until(what: str, check, timeout: float, interval: float = 2.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 class Ssh:
@@ -154,12 +142,12 @@ def test_debian_cloud_image_boots_with_bios_and_uefi_and_gets_hostname_and_ssh_k
 
         ips = {}
         for fw, name in names.items():
-            ips[fw] = _until(f"a DHCP address for {name}", lambda n=name: _address(a, n), BOOT_TIMEOUT)
+            ips[fw] = wait_until(f"a DHCP address for {name}", lambda n=name: _address(a, n), BOOT_TIMEOUT)
         for fw, name in names.items():
             ip = ips[fw]
             # (a) + (b): logging in with the key proves the key arrived; `hostname` proves the hostname did.
             try:
-                hostname = _until(
+                hostname = wait_until(
                     f"an SSH login to {name} ({ip}) as {USER} with the key",
                     lambda ip=ip: ssh.try_run(ip, "hostname"),
                     BOOT_TIMEOUT,

@@ -4,14 +4,13 @@ test guest from scripts/build-guest-image, driven through the CLI as a user woul
 from __future__ import annotations
 
 import shutil
-import time
 import urllib.request
 from pathlib import Path
 
 import libvirt
 import pytest
 
-from tests.integration.conftest import Agent
+from tests.integration.conftest import Agent, wait_until
 
 pytestmark = pytest.mark.slow
 BOOT_TIMEOUT = 180
@@ -39,17 +38,6 @@ def _live_vcpus(agent: Agent, instance_id: str) -> int:
         return conn.lookupByName(f"mc-{instance_id}").vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE)
     finally:
         conn.close()
-
-
-def _until(what: str, check, timeout: float = BOOT_TIMEOUT, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +68,7 @@ def test_a_guest_boots_is_reachable_and_goes_through_its_lifecycle(compute_agent
     inst = a.json("instance", "create", "web", "--image", "guest", "--type", "m1.tiny", "--wait")
     assert inst["status"]["state"] == "running"
     assert inst["status"]["virt_type"] == "qemu"
-    _until("the guest's ready marker", lambda: "minicloud-guest: ready" in _console(a, "web"))
+    wait_until("the guest's ready marker", lambda: "minicloud-guest: ready" in _console(a, "web"), timeout=BOOT_TIMEOUT)
     console = _console(a, "web")
     assert "minicloud-guest: hostname=web" in console  # the NoCloud seed arrived
 
@@ -88,9 +76,9 @@ def test_a_guest_boots_is_reachable_and_goes_through_its_lifecycle(compute_agent
         addrs = a.json("instance", "show", "web")["status"]["addresses"]
         return addrs[0]["ip"] if addrs and addrs[0]["ip"] else None
 
-    ip = _until("a DHCP address in status.addresses", address)
+    ip = wait_until("a DHCP address in status.addresses", address, timeout=BOOT_TIMEOUT)
     assert f"minicloud-guest: ip={ip}" in console or f"minicloud-guest: ip={ip}" in _console(a, "web")
-    page = _until("the guest's httpd", lambda: _http(f"http://{ip}/"), timeout=60)
+    page = wait_until("the guest's httpd", lambda: _http(f"http://{ip}/"), timeout=60)
     assert "<h1>web</h1>" in page
 
     # Running: only the vCPUs may change (CPU hot-plug up to the node's CPUs); memory needs a stop.
@@ -100,7 +88,7 @@ def test_a_guest_boots_is_reachable_and_goes_through_its_lifecycle(compute_agent
     assert refused.returncode != 0 and "its memory would change" in refused.stderr
     if inst["max_vcpus"] >= 2:
         assert a.json("instance", "resize", "web", "--type", "tiny-2cpu")["vcpus"] == 2
-        _until("the second vCPU plugged in", lambda: _live_vcpus(a, inst["id"]) == 2, timeout=60)
+        wait_until("the second vCPU plugged in", lambda: _live_vcpus(a, inst["id"]) == 2, timeout=60)
 
     stopped = a.json("instance", "stop", "web", "--wait")
     assert stopped["status"]["state"] == "stopped" and stopped["power"] == "stopped"
@@ -115,7 +103,9 @@ def test_a_guest_boots_is_reachable_and_goes_through_its_lifecycle(compute_agent
 
     boots = _console(a, "web").count("minicloud-guest: init started")
     a.cli("instance", "reboot", "web", "--force", check=True)
-    _until("a second boot", lambda: _console(a, "web").count("minicloud-guest: init started") > boots)
+    wait_until(
+        "a second boot", lambda: _console(a, "web").count("minicloud-guest: init started") > boots, timeout=BOOT_TIMEOUT
+    )
 
     a.cli("instance", "delete", "web", "--wait", check=True)
     assert a.cli("instance", "show", "web").returncode != 0
@@ -183,9 +173,10 @@ def test_an_agent_killed_mid_create_and_mid_delete_converges_with_nothing_leaked
     assert _domains_of(a) == [f"mc-{inst['id']}"]  # half done: defined, not running
     del a.env["MINICLOUD_FAULT"]
     a.start()
-    running = _until(
+    running = wait_until(
         "the instance to converge to running",
         lambda: (i := a.json("instance", "show", "crashy"))["status"]["state"] == "running" and i,
+        timeout=BOOT_TIMEOUT,
     )
     assert running["status"]["node"]
     assert _domains_of(a) == [f"mc-{inst['id']}"]
@@ -199,6 +190,8 @@ def test_an_agent_killed_mid_create_and_mid_delete_converges_with_nothing_leaked
     assert (a.data_dir / "instances" / inst["id"]).exists()
     del a.env["MINICLOUD_FAULT"]
     a.start()
-    _until("the instance to be gone", lambda: a.cli("instance", "show", "crashy").returncode != 0)
+    wait_until(
+        "the instance to be gone", lambda: a.cli("instance", "show", "crashy").returncode != 0, timeout=BOOT_TIMEOUT
+    )
     assert _domains_of(a) == []
     assert not (a.data_dir / "instances" / inst["id"]).exists()

@@ -165,7 +165,7 @@ async def test_a_failed_build_leaves_nothing_and_is_not_retried_until_the_spec_c
     assert world.domain(inst) is None and not world.files(inst).exists()
     await world.r.reconcile_once()
     assert (await world.get(inst)).revision == rec.revision  # not retried for the same spec
-    await world.change_spec(inst, description="try again")
+    await world.change_spec(inst, retry=1)  # what `instance start` does for an instance in error
     await world.r.reconcile_once()
     assert (await world.get(inst)).status["state"] == "running"
 

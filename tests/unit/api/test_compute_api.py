@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from minicloud.api import instances
-from minicloud.api.keys import CONFIG, STORE
+from minicloud.api.keys import COMPUTE, CONFIG, STORE
 from minicloud.iam import apikeys
 from minicloud.state import Create, Txn, Update
 
@@ -228,3 +228,14 @@ async def test_a_disk_image_is_imported_from_a_url_and_its_format_comes_from_qem
         server.shutdown()
     names = [i["name"] for i in (await (await api.get("/v1/images")).json())["items"]]
     assert names == ["web"]
+
+
+async def test_start_tries_an_instance_in_error_again(api):
+    await _image(api)
+    driver = api.app[COMPUTE].driver  # the fake hypervisor
+    driver.fail_next.add("define")
+    assert (await api.post("/v1/instances", json={"name": "flaky", "image": "guest", "type": "m1.tiny"})).status == 201
+    failed = await _wait_state(api, "flaky", "error")
+    assert "fake define failure" in failed["status"]["reason"]
+    assert (await api.post("/v1/instances/flaky/start")).status == 202
+    await _wait_state(api, "flaky", "running")
