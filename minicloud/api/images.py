@@ -64,6 +64,8 @@ async def import_image(request: web.Request, body: ImageImport) -> Reply:
     app = request.app
     store = app[STORE]
     project = res.scope_of(request, KIND)
+    if (replay := await res.replayed(request)) is not None:
+        return replay
     if await store.get_by_name(KIND.name, project, body.name) is not None:
         raise errors.AlreadyExists(f"an image named '{body.name}' already exists in project '{project}'")
     image_id = ids.new_id(KIND.prefix)

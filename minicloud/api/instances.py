@@ -102,6 +102,8 @@ async def create_instance(request: web.Request, body: InstanceCreate) -> Reply:
     builds and starts it; follow ``status.state`` (pending → building → running)."""
     store = request.app[STORE]
     project = res.scope_of(request, KIND)
+    if (replay := await res.replayed(request)) is not None:
+        return replay
     if await store.get_by_name(KIND.name, project, body.name) is not None:
         raise errors.AlreadyExists(f"an instance named '{body.name}' already exists in project '{project}'")
     try:

@@ -215,13 +215,9 @@ async def write(
     of the same request by the same caller; a different request under the same key is refused (422).
     """
     store = request.app[STORE]
-    key = request.headers.get("Idempotency-Key") if request.method == "POST" else None
     idem_id = fingerprint = None
-    if key is not None:
-        if not (1 <= len(key) <= 255 and key.isprintable()):
-            raise errors.BadRequest("Idempotency-Key must be 1-255 printable characters, e.g. a UUID")
-        idem_id = "idem-" + hashlib.sha256(f"{principal_of(request).ref}\0{key}".encode()).hexdigest()[:40]
-        fingerprint = hashlib.sha256(f"{request.method} {request.path}\0".encode() + await request.read()).hexdigest()
+    if (idem := await _idempotency(request)) is not None:
+        idem_id, fingerprint = idem
         replay = await _replay(request, idem_id, fingerprint)
         if replay is not None:
             return replay
@@ -284,6 +280,26 @@ async def create(
         respond=lambda rev: render(msgspec.structs.replace(record, revision=rev)),
         headers=lambda rev: {"Location": f"/v1/{kind.plural}/{record.id}", **etag(rev)},
     )
+
+
+async def _idempotency(request: web.Request) -> tuple[str, str] | None:
+    """(record id, request fingerprint) of the request's ``Idempotency-Key`` (POST only), None without one."""
+    key = request.headers.get("Idempotency-Key") if request.method == "POST" else None
+    if key is None:
+        return None
+    if not (1 <= len(key) <= 255 and key.isprintable()):
+        raise errors.BadRequest("Idempotency-Key must be 1-255 printable characters, e.g. a UUID")
+    idem_id = "idem-" + hashlib.sha256(f"{principal_of(request).ref}\0{key}".encode()).hexdigest()[:40]
+    fingerprint = hashlib.sha256(f"{request.method} {request.path}\0".encode() + await request.read()).hexdigest()
+    return idem_id, fingerprint
+
+
+async def replayed(request: web.Request) -> Reply | None:
+    """The stored reply when this request repeats an ``Idempotency-Key`` already answered, else None. Handlers that
+    check something before :func:`write` (a name already taken, say) ask this first, so that a retry gets the
+    first answer rather than a conflict with its own result."""
+    idem = await _idempotency(request)
+    return await _replay(request, *idem) if idem is not None else None
 
 
 def _patch_revision(body: Any, revision: int) -> Any:

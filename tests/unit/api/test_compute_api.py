@@ -239,3 +239,19 @@ async def test_start_tries_an_instance_in_error_again(api):
     assert "fake define failure" in failed["status"]["reason"]
     assert (await api.post("/v1/instances/flaky/start")).status == 202
     await _wait_state(api, "flaky", "running")
+
+
+async def test_a_create_retried_with_its_idempotency_key_gets_the_first_answer(api):
+    await _image(api)
+    body = {"name": "once", "image": "guest", "type": "m1.tiny"}
+    first = await api.post("/v1/instances", json=body, headers={"Idempotency-Key": "k-1"})
+    again = await api.post("/v1/instances", json=body, headers={"Idempotency-Key": "k-1"})
+    assert first.status == again.status == 201
+    assert (await again.json())["id"] == (await first.json())["id"]
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    other = await api.post("/v1/instances", json=body, headers={"Idempotency-Key": "k-2"})
+    assert other.status == 409  # a new request for the same name is a conflict
+    img = {"name": "guest2", "kernel": _kernel(api, "k2")}
+    first = await api.post("/v1/images", json=img, headers={"Idempotency-Key": "i-1"})
+    again = await api.post("/v1/images", json=img, headers={"Idempotency-Key": "i-1"})
+    assert first.status == again.status == 201 and (await again.json())["id"] == (await first.json())["id"]
