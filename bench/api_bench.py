@@ -486,15 +486,19 @@ def print_report(results: list[Result], ratios: dict[str, dict[str, float]], arg
                 print(f"    {s}")
 
 
+def json_clean(v: Any, digits: int = 3) -> Any:
+    """``v`` ready for JSON: floats rounded to ``digits``, NaN as null, through dicts and lists."""
+    if isinstance(v, float):
+        return None if math.isnan(v) else round(v, digits)
+    if isinstance(v, dict):
+        return {k: json_clean(x, digits) for k, x in v.items()}
+    if isinstance(v, list):
+        return [json_clean(x, digits) for x in v]
+    return v
+
+
 def write_json(path: str, results: list[Result], ratios: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
-    def clean(v: Any) -> Any:
-        if isinstance(v, float):
-            return None if math.isnan(v) else round(v, 3)
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
+    clean = json_clean
 
     doc = {
         "config": {

@@ -46,7 +46,18 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from api_bench import Child, Result, Scenario, Target, mark, run_scenario, spawn, stop_children, wait_ready
+from api_bench import (
+    Child,
+    Result,
+    Scenario,
+    Target,
+    json_clean,
+    mark,
+    run_scenario,
+    spawn,
+    stop_children,
+    wait_ready,
+)
 
 TARGET_OVERHEAD = 0.15  # the issue: auth + policy overhead < 15 %
 TARGET_RATIO = 1.0 - TARGET_OVERHEAD
@@ -343,14 +354,7 @@ def write_json(
     problems: list[str],
     args: argparse.Namespace,
 ) -> None:
-    def clean(v: Any) -> Any:
-        if isinstance(v, float):
-            return None if math.isnan(v) else round(v, 3)
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
+    clean = json_clean
 
     doc = {
         "config": {

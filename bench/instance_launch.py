@@ -74,7 +74,7 @@ for _p in (str(REPO), os.path.dirname(os.path.abspath(__file__))):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from api_bench import Child, mark, spawn, stop_children, wait_ready  # noqa: E402
+from api_bench import Child, json_clean, mark, spawn, stop_children, wait_ready  # noqa: E402
 
 from minicloud.client import ApiError, Client  # noqa: E402
 
@@ -766,13 +766,7 @@ def write_json(
     args: argparse.Namespace,
 ) -> None:
     def clean(v: Any) -> Any:
-        if isinstance(v, float):
-            return None if math.isnan(v) else round(v, 4)
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
+        return json_clean(v, 4)
 
     doc = {
         "config": {
