@@ -40,6 +40,7 @@ from agent.compute.driver import ComputeDriver, DomainInfo, DriverError
 from agent.compute.xml import InstanceMetadata, read_metadata
 from agent.net.default import NetworkDriver, NetworkError
 from minicloud import ids
+from minicloud.compute import images as image_files
 from minicloud.compute.scheduler import HYPERVISOR_KIND
 from minicloud.config import Config
 from minicloud.state import Create, Delete, Record, Store, Txn, TxnFailed, Update
@@ -48,6 +49,8 @@ log = logging.getLogger("minicloud.compute")
 INSTANCE_KIND = "instance"
 IMAGE_KIND = "image"
 NETWORK_NAME = "default"
+#: Unrecorded image files are removed once nothing has written to them for this long (an import in progress writes).
+_STRAY_IMAGE_IDLE = 600.0
 
 
 class BuildError(Exception):
@@ -436,6 +439,15 @@ class ComputeReconciler:
                 known = entry.name in wanted_ids or entry.name in live_ids
                 if not known and await self.store.get(INSTANCE_KIND, entry.name) is None:
                     await asyncio.to_thread(shutil.rmtree, entry, True)
+        # Image files no image record names (the record was deleted through another node, or an import crashed
+        # between moving its files into place and recording them).
+        images = {r.id for r in await self.store.list(IMAGE_KIND, project=None, limit=1_000_000)}
+        strays = await asyncio.to_thread(
+            image_files.stray_entries, self.images_dir, images, idle_seconds=_STRAY_IMAGE_IDLE, now=time.time()
+        )
+        for entry in strays:
+            log.warning("removing image files no image record names", extra={"path": str(entry)})
+            await asyncio.to_thread(shutil.rmtree, entry, True)
 
     # -- status writes ---------------------------------------------------------------------------------------------
     async def _set_status(self, instance_id: str, **changes: Any) -> None:

@@ -138,4 +138,5 @@ async def delete_image(request: web.Request) -> Reply:
     reply = await res.delete(request, KIND, record)
     if record.spec.get("node") == request.app[CONFIG].node_name:
         await asyncio.to_thread(store_files.remove, image_store(request.app), record.id)
+    # Otherwise the image's node removes the files: its compute reconciler collects files no record names.
     return reply

@@ -70,7 +70,3 @@ def wait_operation(c: Client, op: Operation, output: str) -> Operation:
         detail = final.error.detail if final.error else "unknown error"
         raise CommandError(f"operation {final.id} failed: {detail}")
     return final
-
-
-def add_wait(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--wait", action="store_true", help="wait for the operation to finish, showing progress")

@@ -206,8 +206,20 @@ def remove(store_root: Path, image_id: str) -> None:
         shutil.rmtree(store_root / image_id)
 
 
-def stray_entries(store_root: Path, known_ids: set[str]) -> list[Path]:
-    """Directories in the store that no image record names (a crash between import and commit, or staging)."""
+def stray_entries(store_root: Path, known_ids: set[str], *, idle_seconds: float, now: float) -> list[Path]:
+    """Directories in the store that no image record names and nothing has written to for ``idle_seconds``: an
+    image deleted through another node's API, a crash between import and commit, an abandoned staging directory.
+    (An import in progress keeps writing its staging files, and commits right after its rename.)"""
     if not store_root.is_dir():
         return []
-    return [p for p in store_root.iterdir() if p.is_dir() and p.name not in known_ids]
+    strays = []
+    for entry in store_root.iterdir():
+        if not entry.is_dir() or entry.name in known_ids:
+            continue
+        try:
+            newest = max([entry.stat().st_mtime, *(f.stat().st_mtime for f in entry.iterdir())])
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        if now - newest >= idle_seconds:
+            strays.append(entry)
+    return strays

@@ -231,3 +231,20 @@ async def test_a_running_instance_gets_more_vcpus_by_hot_plug(world):
     await world.r.reconcile_once()
     assert "current='3'" in world.domain(inst).xml.replace('"', "'")
     assert world.domain(inst).state == "running"  # no restart
+
+
+async def test_image_files_no_record_names_are_removed_once_idle(world):
+    import os
+
+    images = world.config.data_path / "images"
+    stale, fresh = images / "img-deleted-elsewhere", images / ".staging-img-importing"
+    for d in (stale, fresh):
+        d.mkdir()
+        (d / "disk").write_bytes(b"x")
+    old = 1_000_000.0  # long ago
+    for path in (stale / "disk", stale):
+        os.utime(path, (old, old))
+    await world.r.reconcile_once()
+    assert not stale.exists()  # unrecorded and idle: removed
+    assert fresh.exists()  # unrecorded but still being written: an import in progress
+    assert (images / "img-1" / "kernel").exists()  # recorded: kept
