@@ -29,6 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="HOST:PORT",
         help="HTTPS address; '' disables it (default: $MINICLOUD_LISTEN or 0.0.0.0:8443)",
     )
+    # `minicloud agent --socket PATH` and `minicloud --socket PATH agent` both work; a separate dest keeps the
+    # subcommand's default from overwriting the top-level value.
+    p.add_argument(
+        "--socket",
+        dest="agent_socket",
+        metavar="PATH",
+        help="the Unix socket to serve (default: $MINICLOUD_SOCKET or /run/minicloud/minicloud.sock)",
+    )
     p.add_argument("--node-name", metavar="NAME", help="this node's name (default: the host name)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run_agent)
@@ -37,20 +45,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=init)
 
 
+def agent_overrides(args: argparse.Namespace) -> dict[str, str | None]:
+    """The configuration overrides the ``agent`` command line gives (None: not given, the layers below decide)."""
+    socket = args.agent_socket or args.socket
+    return {
+        "agent.data_dir": args.data_dir and os.path.abspath(args.data_dir),
+        "agent.socket": socket and os.path.abspath(socket),
+        "agent.listen": args.listen,
+        "agent.node_name": args.node_name,
+        "agent.log_level": args.log_level,
+    }
+
+
 def run_agent(args: argparse.Namespace) -> int:
     from agent.daemon import run
     from minicloud import config, logs
 
-    cfg = config.load(
-        args.config,
-        overrides={
-            "agent.data_dir": args.data_dir and os.path.abspath(args.data_dir),
-            "agent.socket": args.socket and os.path.abspath(args.socket),
-            "agent.listen": args.listen,
-            "agent.node_name": args.node_name,
-            "agent.log_level": args.log_level,
-        },
-    )
+    cfg = config.load(args.config, overrides=agent_overrides(args))
     logs.setup(cfg.agent.log_level)
     run(cfg)
     return 0
