@@ -11,11 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from minicloud.state.records import Change, Create, Delete, Op, Record, Txn, TxnFailed, Update
+from minicloud.state.records import Change, Check, Create, Delete, Op, Record, Txn, TxnFailed, Update
 from minicloud.state.sqlite import Compacted, SQLiteStore, Subscription
 
 __all__ = [
     "Change",
+    "Check",
     "Compacted",
     "Create",
     "Delete",

@@ -46,7 +46,18 @@ from minicloud.state.etcd_client import (
     op_put,
     prefix_end,
 )
-from minicloud.state.records import Change, Create, Delete, Op, Record, Txn, TxnFailed, Update, check_append_only
+from minicloud.state.records import (
+    Change,
+    Check,
+    Create,
+    Delete,
+    Op,
+    Record,
+    Txn,
+    TxnFailed,
+    Update,
+    check_append_only,
+)
 from minicloud.state.sqlite import SQLiteStore, Subscription
 
 log = logging.getLogger(__name__)
@@ -225,6 +236,9 @@ class EtcdStore:
                     op_put(nkey(r.kind, r.project, r.name), r.id.encode()),
                 ]
                 continue
+            if isinstance(op, Check):  # a compare only: the record is at that revision (absent: mod_revision 0)
+                compares.append(cmp_mod(rkey(op.kind, op.id), self._etcd(op.expect_revision)))
+                continue
             kind, id_ = (op.record.kind, op.record.id) if isinstance(op, Update) else (op.kind, op.id)
             current = await self._current(kind, id_)
             if current is None:
@@ -264,6 +278,8 @@ class EtcdStore:
                 return TxnFailed(index, "not-found", op)
             if op.expect_revision is not None and kv.mod_revision != self._etcd(op.expect_revision):
                 return TxnFailed(index, "revision-mismatch", op)
+            if isinstance(op, Check):
+                continue
             if isinstance(op, Update):
                 current = self._record_from_kv(kv)
                 r = op.record

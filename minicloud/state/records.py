@@ -60,7 +60,17 @@ class Delete(msgspec.Struct, tag="delete"):
     expect_revision: int | None = None
 
 
-Op = Create | Update | Delete
+class Check(msgspec.Struct, tag="check"):
+    """Assert that the record exists at revision ``expect_revision``; writes nothing. The transaction fails with
+    ``not-found`` or ``revision-mismatch`` otherwise. A write that must not survive a concurrent change of another
+    record (a create in a project being deleted) carries a Check on that record."""
+
+    kind: str
+    id: str
+    expect_revision: int
+
+
+Op = Create | Update | Delete | Check
 
 
 class Txn(msgspec.Struct):

@@ -25,7 +25,7 @@ import msgspec
 
 from minicloud.state.cache import RecordCache
 from minicloud.state.migrations import migrate
-from minicloud.state.records import Change, Create, Delete, Record, Txn, TxnFailed, Update, check_append_only
+from minicloud.state.records import Change, Check, Create, Delete, Record, Txn, TxnFailed, Update, check_append_only
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,9 @@ async def apply_txn(db: aiosqlite.Connection, txn: Txn, revision: int) -> list[C
     changes: list[Change] = []
     try:
         for index, op in enumerate(txn.ops):
+            if isinstance(op, Check):
+                await _check(db, index, op)
+                continue
             changes.append(await _apply_op(db, index, op, revision))
     except BaseException:
         if multi:
@@ -115,6 +118,15 @@ async def apply_txn(db: aiosqlite.Connection, txn: Txn, revision: int) -> list[C
     if multi:
         await db.execute("RELEASE txn")
     return changes
+
+
+async def _check(db: aiosqlite.Connection, index: int, op: Check) -> None:
+    async with db.execute("SELECT revision FROM records WHERE id = ? AND kind = ?", (op.id, op.kind)) as cur:
+        row = await cur.fetchone()
+    if row is None:
+        raise TxnFailed(index, "not-found", op)
+    if row[0] != op.expect_revision:
+        raise TxnFailed(index, "revision-mismatch", op)
 
 
 async def _apply_op(db: aiosqlite.Connection, index: int, op: Create | Update | Delete, revision: int) -> Change:

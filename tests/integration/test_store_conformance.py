@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from minicloud import ids
-from minicloud.state import Create, Delete, Record, SQLiteStore, Txn, TxnFailed, Update
+from minicloud.state import Check, Create, Delete, Record, SQLiteStore, Txn, TxnFailed, Update
 from minicloud.state.etcd import EtcdStore, migrate_to_etcd
 from minicloud.state.etcd_client import EtcdClient
 from tests.integration.etcd_server import start_etcd
@@ -111,6 +111,26 @@ async def test_missing_records_are_not_found(store):
         with pytest.raises(TxnFailed) as exc:
             await store.commit(Txn([op]))
         assert exc.value.reason == "not-found"
+
+
+async def test_check_guards_a_write_on_another_records_revision(store):
+    guard = rec("guard")
+    rev, _ = await store.commit(Txn([Create(guard)]))
+    ok = rec("ok")
+    _, changes = await store.commit(Txn([Create(ok), Check(kind="thing", id=guard.id, expect_revision=rev)]))
+    assert [c.id for c in changes] == [ok.id]  # a Check writes nothing and is not a change
+    assert (await store.get("thing", guard.id)).revision == rev
+    moved, _ = await store.commit(Txn([Update(msgspec.structs.replace(guard, spec={"v": 2}), expect_revision=rev)]))
+    late = rec("late")
+    with pytest.raises(TxnFailed) as exc:
+        await store.commit(Txn([Create(late), Check(kind="thing", id=guard.id, expect_revision=rev)]))
+    assert exc.value.reason == "revision-mismatch" and exc.value.index == 1
+    assert await store.get("thing", late.id) is None
+    await store.commit(Txn([Delete(kind="thing", id=guard.id)]))
+    with pytest.raises(TxnFailed) as exc:
+        await store.commit(Txn([Create(late), Check(kind="thing", id=guard.id, expect_revision=moved)]))
+    assert exc.value.reason == "not-found"
+    assert await store.get("thing", late.id) is None
 
 
 async def test_multi_record_transactions_are_atomic(store):
