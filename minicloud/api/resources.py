@@ -245,7 +245,7 @@ async def write(
             spec={
                 "fingerprint": fingerprint,
                 "status": status,
-                "body": msgspec.to_builtins(respond(0)),
+                "sealed_body": _seal_reply(request, idem_id, respond(0)),
                 "expires": request.app[CONFIG].api.idempotency_ttl,
             },
             created_at=stamp,
@@ -308,6 +308,24 @@ def _patch_revision(body: Any, revision: int) -> Any:
     return body
 
 
+def _seal_reply(request: web.Request, idem_id: str, body: Any) -> str:
+    """The reply an idempotency record keeps, encrypted with the node key store (AES-GCM, the record id as associated
+    data): replies may carry one-time secrets (API keys, access keys), which must never be at rest in clear — not in
+    the store, the change log, etcd or a backup. Every reply is sealed, so no reply kind can be forgotten; it costs
+    one AES-GCM over a small body. Every node holds the same key store (``join`` copies it), so any node replays."""
+    from minicloud.api.accesskeys import KEYSTORE  # the app's key store (a module-level import would be a cycle)
+
+    return request.app[KEYSTORE].encrypt(_enc.encode(body), idem_id.encode())
+
+
+def _unseal_reply(request: web.Request, record: Record) -> Any:
+    from minicloud.api.accesskeys import KEYSTORE
+
+    if "sealed_body" not in record.spec:  # written before replies were sealed
+        return record.spec["body"]
+    return msgspec.json.decode(request.app[KEYSTORE].decrypt(record.spec["sealed_body"], record.id.encode()))
+
+
 async def _replay(request: web.Request, idem_id: str, fingerprint: str) -> Reply | None:
     record = await request.app[STORE].get(IDEMPOTENCY_KIND, idem_id)
     if record is None:
@@ -317,7 +335,7 @@ async def _replay(request: web.Request, idem_id: str, fingerprint: str) -> Reply
             "this Idempotency-Key was already used for a different request; use a new key for a new request"
         )
     return Reply(
-        _patch_revision(record.spec["body"], record.revision),
+        _patch_revision(_unseal_reply(request, record), record.revision),
         record.spec["status"],
         {"Idempotent-Replayed": "true", "ETag": f'"{record.revision}"'},
     )
