@@ -32,6 +32,7 @@ from minicloud.api import (
     projects,
     system,
     users,
+    whoami,
 )
 from minicloud.api.auth import DIRECTORY, LAST_USED, RATE_LIMITER, VERIFIED_KEYS
 from minicloud.api.keys import CLUSTER, COMPUTE, CONFIG, HOST, OPERATIONS, PKI, STORE, TLS
@@ -72,6 +73,7 @@ ROUTE_TABLES = [
     images.routes,
     instance_types.routes,
     instances.routes,
+    whoami.routes,
 ]
 HOUSEKEEPING_INTERVAL = 60.0
 

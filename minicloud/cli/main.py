@@ -31,6 +31,7 @@ from minicloud.cli import (
     project,
     remote,
     user,
+    whoami,
 )
 from minicloud.cli.common import CommandError, fail
 from minicloud.client import ApiError, ConnectError
@@ -51,6 +52,7 @@ NOUNS = [
     accesskey,
     audit,
     remote,
+    whoami,
     login,
     admin,
     completion,

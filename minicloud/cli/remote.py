@@ -11,6 +11,7 @@ from minicloud.cli.common import CommandError
 from minicloud.cli.output import col, emit
 from minicloud.client import ApiError, Client
 from minicloud.client.remotes import REMOTE_NAME, Remote, load_config, save_ca, save_config
+from minicloud.model import WhoAmI
 
 COLUMNS = [
     col("name", "name"),
@@ -26,7 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = verbs.add_parser("add", help="add a remote; pins its CA certificate on first use, like ssh")
     v.add_argument("name")
     v.add_argument("url", help="https://HOST:PORT")
-    v.add_argument("--token", help="an API key (from `minicloud init` or `minicloud apikey create` on the node)")
+    v.add_argument(
+        "--token",
+        help="an API key of any user or service account (from `minicloud init`, or `minicloud apikey create`); "
+        "checked with GET /v1/whoami",
+    )
     v.add_argument("--fingerprint", help="expected CA fingerprint (sha256:...), as `minicloud node show` prints it")
     v.add_argument("--accept-certificate", action="store_true", help="trust the CA shown without asking")
     v.add_argument("--default", action="store_true", help="use this remote when no local socket exists")
@@ -77,14 +82,17 @@ def add(args: argparse.Namespace) -> int:
         answer = input(f"CA fingerprint: {fp}\nDoes it match `minicloud node show` on the node? (yes/no) ")
         if answer.strip().lower() not in ("y", "yes"):
             raise CommandError("not trusted; nothing was saved")
-    # 2. Talk to it for real, with the CA pinned, and check the token.
+    # 2. Talk to it for real, with the CA pinned, and check the token with what every principal may call.
     verified = Client(url=args.url, token=args.token, ca_pem=ca["pem"], timeout=15)
+    me = None
     try:
         version = verified.version()
         if args.token:
-            verified.node()
+            me = verified.whoami()
     except ApiError as exc:
         raise CommandError(f"the remote refused the token: {exc.problem.detail}") from None
+    finally:
+        verified.close()
     save_ca(args.name, ca["pem"])
     cfg.remotes[args.name] = Remote(name=args.name, url=args.url.rstrip("/"), token=args.token, ca_fingerprint=fp)
     if args.default or cfg.default is None:
@@ -92,9 +100,35 @@ def add(args: argparse.Namespace) -> int:
     save_config(cfg)
     if args.output == "table":
         print(f"Added remote {args.name} (node {version.node}, minicloud {version.version}, CA {fp})")
+        if me is not None:
+            print(f"The token is {describe_principal(me)}")
+        else:
+            print("No token given: only public endpoints will answer (add one with --token)")
     else:
-        emit({"name": args.name, "url": args.url, "ca_fingerprint": fp, "node": version.node}, args.output)
+        emit(
+            {
+                "name": args.name,
+                "url": args.url,
+                "ca_fingerprint": fp,
+                "node": version.node,
+                "principal": me.principal if me is not None else None,
+                "whoami": me,
+            },
+            args.output,
+        )
     return 0
+
+
+def describe_principal(me: WhoAmI) -> str:
+    """``user:alice (alice), member in default, API key ak-… expires …``: who a token is, in one line."""
+    roles = ", ".join(f"{b.role} in {b.project}" if b.project else f"{b.role} cluster-wide" for b in me.bindings)
+    cred = me.credential
+    expiry = f"expires {cred.expires_at}" if cred.expires_at else "never expires"
+    return (
+        f"{me.principal}"
+        + (f" ({me.name})" if me.name not in me.principal else "")
+        + f", {roles or 'no roles yet'}; {'API key ' + cred.id if cred.id else cred.type}, {expiry}"
+    )
 
 
 def list_(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ from minicloud.model import (
     Page,
     Problem,
     Version,
+    WhoAmI,
 )
 
 DEFAULT_SOCKET = "/run/minicloud/minicloud.sock"
@@ -233,6 +234,10 @@ class Client:
 
     def node(self) -> Node:
         return self.call("GET", "/v1/node", Node)
+
+    def whoami(self) -> WhoAmI:
+        """Who this client's credential is on the server: principal, role bindings, credential and its expiry."""
+        return self.call("GET", "/v1/whoami", WhoAmI)
 
     def paginate(self, path: str, item_type: type[T], **query: Any) -> Iterator[T]:
         """Every item of a collection, following ``next_cursor``."""

@@ -372,3 +372,44 @@ class AccessKeySecret(AccessKey, kw_only=True):
     """Returned once: the secret access key is kept only encrypted (node key store) and never shown again."""
 
     secret_access_key: str
+
+
+# -- who am I --------------------------------------------------------------------------------------------------------
+class WhoAmIBinding(msgspec.Struct, kw_only=True):
+    """One role the caller holds: in ``project`` (its name), or cluster-wide (``project`` null: every project)."""
+
+    role: str
+    project: str | None = None
+
+
+class WhoAmICredential(msgspec.Struct, kw_only=True):
+    """The credential this request used: an API key, a login session, or the node's root Unix socket."""
+
+    type: Literal["apikey", "session", "socket"]
+    #: The API key's or session's id (null on the socket).
+    id: str | None = None
+    #: The API key's name (API keys only).
+    name: str | None = None
+    #: When it stops working (null: never, or the socket).
+    expires_at: str | None = None
+
+
+class WhoAmI(msgspec.Struct, kw_only=True):
+    """``GET /v1/whoami``: who the caller is here, what it may do, and with which credential (like
+    ``aws sts get-caller-identity``). Any authenticated caller may ask."""
+
+    #: The reference that role bindings and the audit log use (``user:…``, ``serviceaccount:…``, ``local:root``).
+    principal: str
+    kind: Literal["user", "serviceaccount", "local"]
+    #: The user's or service account's id (null for local root).
+    id: str | None = None
+    name: str
+    #: True when the caller may do everything (local root, or the ``admin`` role cluster-wide).
+    admin: bool = False
+    bindings: list[WhoAmIBinding] = []
+    #: Names of the projects the caller holds a role in (cluster-wide roles reach every project; see ``bindings``).
+    projects: list[str] = []
+    credential: WhoAmICredential
+    #: The node that answered, and the fingerprint of its cluster CA.
+    node: str
+    ca_fingerprint: str

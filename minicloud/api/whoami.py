@@ -1,0 +1,87 @@
+"""``GET /v1/whoami``: who the caller is on this node, which roles it holds, and which credential it used.
+
+Any authenticated principal may call it (it is what ``minicloud remote add`` checks a token with, so a project
+member can add a remote); anonymous callers get 401. Principal fields come from the request's
+:class:`~minicloud.api.auth.Principal`, never from parsing its ref.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from minicloud.api.auth import DIRECTORY, Principal, principal_of
+from minicloud.api.keys import CONFIG, PKI, STORE
+from minicloud.api.resources import PROJECT_KIND
+from minicloud.api.routing import AUTHENTICATED, Routes
+from minicloud.iam import apikeys, sessions
+from minicloud.iam.directory import USER_KIND
+from minicloud.model import WhoAmI, WhoAmIBinding, WhoAmICredential
+from minicloud.state import Record, Store
+
+routes = Routes("auth")
+
+
+@routes.get("/v1/whoami", response=WhoAmI, auth=AUTHENTICATED)
+async def whoami(request: web.Request) -> WhoAmI:
+    """Who am I: the calling principal, its role bindings and the credential in use."""
+    principal = principal_of(request)
+    store = request.app[STORE]
+    common = {"node": request.app[CONFIG].node_name, "ca_fingerprint": request.app[PKI].ca_fingerprint}
+    if principal.kind == "local":
+        return WhoAmI(
+            principal=principal.ref,
+            kind="local",
+            name=principal.name,
+            admin=True,
+            credential=WhoAmICredential(type="socket"),
+            **common,
+        )
+    user = await _user_record(store, principal)
+    bindings, _roles = await request.app[DIRECTORY].load()
+    mine = sorted(
+        {(b.role, await _project_name(store, b.project)) for b in bindings if b.principal == principal.ref},
+        key=lambda rb: (rb[1] is not None, rb[1] or "", rb[0]),
+    )
+    return WhoAmI(
+        principal=principal.ref,
+        kind="serviceaccount" if principal.kind == "serviceaccount" else "user",
+        id=user.id if user is not None else getattr(principal, "id", None),
+        name=user.name if user is not None else principal.name,
+        admin=any(role == "admin" and project is None for role, project in mine),
+        bindings=[WhoAmIBinding(role=role, project=project) for role, project in mine],
+        projects=sorted({project for _role, project in mine if project is not None}),
+        credential=await _credential(store, principal),
+        **common,
+    )
+
+
+async def _user_record(store: Store, principal: Principal) -> Record | None:
+    """The principal's user record, whether the principal carries its id or (older credentials) its name."""
+    for candidate in (getattr(principal, "id", None), principal.name):
+        if candidate:
+            record = await store.get(USER_KIND, candidate)
+            if record is not None:
+                return record
+    return await store.get_by_name(USER_KIND, "", principal.name)
+
+
+async def _project_name(store: Store, ref: str | None) -> str | None:
+    """A binding's project by name, whether the binding names it by id or by name (null: cluster-wide)."""
+    if ref is None:
+        return None
+    record = await store.get(PROJECT_KIND, ref)
+    return record.name if record is not None else ref
+
+
+async def _credential(store: Store, principal: Principal) -> WhoAmICredential:
+    if principal.session_id is not None:
+        session = await store.get(sessions.KIND, principal.session_id)
+        expires = session.spec.get("expires_at") if session is not None else None
+        return WhoAmICredential(type="session", id=principal.session_id, expires_at=expires)
+    key = await store.get(apikeys.KIND, principal.key_id) if principal.key_id else None
+    return WhoAmICredential(
+        type="apikey",
+        id=principal.key_id,
+        name=key.name if key is not None else None,
+        expires_at=key.spec.get("expires_at") if key is not None else None,
+    )
