@@ -12,9 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from minicloud import errors
-
-HYPERVISOR_KIND = "hypervisor"
-PLACEMENT_KIND = "placement"
+from minicloud.compute.kinds import HYPERVISOR_KIND as HYPERVISOR_KIND  # declared there; re-exported
+from minicloud.compute.kinds import PLACEMENT_KIND as PLACEMENT_KIND
 
 
 @dataclass(frozen=True)
