@@ -22,16 +22,21 @@ import msgspec
 from aiohttp import web
 
 from minicloud import errors, ids
-from minicloud.api.auth import AUDITED, principal_of
+from minicloud.api.auth import ACTION, AUDITED, principal_of
 from minicloud.api.keys import CONFIG, STORE
-from minicloud.api.middleware import PROJECT, audit_entry
+from minicloud.api.middleware import PROJECT, REQUEST_ID
 from minicloud.api.routing import Reply
+from minicloud.core import write as core_write
+from minicloud.core.context import Context, Idempotency
+from minicloud.core.write import IDEMPOTENCY_KIND, Written
 from minicloud.model import LABEL_KEY_PATTERN, NAME_PATTERN, Page
-from minicloud.state import Create, Delete, Op, Record, Txn, TxnFailed, Update
+from minicloud.state import Create, Delete, Op, Record, Update
 
 DEFAULT_PROJECT = "default"
 PROJECT_KIND = "project"
-IDEMPOTENCY_KIND = "idempotency"
+#: The request's service context, built once (:func:`context_of`).
+CONTEXT = web.RequestKey("context", Context)
+__all__ = ["IDEMPOTENCY_KIND"]
 
 
 @dataclass(frozen=True)
@@ -180,24 +185,44 @@ def new_record(kind: Kind, request: web.Request, name: str, labels: dict[str, st
     )
 
 
-def _conflict(exc: TxnFailed, kind_name: str) -> errors.MinicloudError:
-    record: Record | None = getattr(exc.op, "record", None)
-    if exc.reason == "name-taken" and record is not None:
-        return errors.AlreadyExists(
-            f"a {record.kind} named '{record.name}' already exists in project '{record.project}'; "
-            "choose another name or delete the existing one"
-        )
-    if exc.reason == "revision-mismatch":
-        return errors.PreconditionFailed(
-            "the resource was changed by someone else since the revision you sent in If-Match; "
-            "read it again and retry with its current revision"
-        )
-    if exc.reason == "not-found":
-        return errors.NotFound(f"the {kind_name} was deleted while this request ran")
-    return errors.Conflict(f"the change conflicts with the current state ({exc.reason}); retry")
-
-
 _enc = msgspec.json.Encoder()
+
+
+async def context_of(request: web.Request) -> Context:
+    """The service :class:`Context` of a request: its principal, project, authorised action, request id and
+    ``Idempotency-Key`` (sealed with the node's key store). Built once per request."""
+    ctx = request.get(CONTEXT)
+    if ctx is None:
+        idem = await _idempotency(request)
+        ctx = Context(
+            principal=principal_of(request),
+            project=project_of(request),
+            action=request.get(ACTION, ""),
+            request_id=request.get(REQUEST_ID, ""),
+            idempotency=Idempotency(idem[0], idem[1], _keystore(request), request.app[CONFIG].api.idempotency_ttl)
+            if idem is not None
+            else None,
+            source=request.remote or "unix",
+            method=request.method,
+            path=request.path,
+        )
+        request[CONTEXT] = ctx
+    return ctx
+
+
+def _keystore(request: web.Request) -> Any:
+    from minicloud.api.accesskeys import KEYSTORE  # the app's key store (a module-level import would be a cycle)
+
+    return request.app[KEYSTORE]
+
+
+def reply(request: web.Request, written: Written, headers: dict[str, str] | None = None) -> Reply:
+    """The HTTP answer of a service's write: a replay says so; a fresh write was audited in its transaction."""
+    if written.replayed:
+        return Reply(written.body, written.status, {"Idempotent-Replayed": "true", **etag(written.revision)})
+    request[AUDITED] = True
+    extra = etag(written.revision) if written.status in (200, 201) else {}
+    return Reply(written.body, written.status, {**written.headers, **extra, **(headers or {})})
 
 
 async def write(
@@ -209,61 +234,15 @@ async def write(
     kind_name: str,
     headers: Callable[[int], dict[str, str]] | None = None,
 ) -> Reply:
-    """Commit ``ops`` atomically and build the reply from the new revision with ``respond(revision)``.
-
-    With an ``Idempotency-Key`` header (POST), the reply is stored in the same transaction and replayed for a repeat
-    of the same request by the same caller; a different request under the same key is refused (422).
-    """
-    store = request.app[STORE]
-    idem_id = fingerprint = None
-    if (idem := await _idempotency(request)) is not None:
-        idem_id, fingerprint = idem
-        replay = await _replay(request, idem_id, fingerprint)
-        if replay is not None:
-            return replay
-    # The audit entry of an allowed change commits with the change: neither exists without the other.
-    first = ops[0] if ops else None
-    target_record = getattr(first, "record", None)
-    target = (
-        {"kind": target_record.kind, "id": target_record.id, "name": target_record.name}
-        if target_record is not None
-        else {"kind": first.kind, "id": first.id}
-        if isinstance(first, Delete)
-        else {}
+    """Commit ``ops`` through the service write layer (:func:`minicloud.core.write.commit`: audit entry and
+    ``Idempotency-Key`` record in the same transaction) and answer with ``respond(revision)``."""
+    written = await core_write.commit(
+        await context_of(request), request.app[STORE], ops, respond=respond, status=status, label=kind_name
     )
-    ops = [*ops, Create(audit_entry(request, "allowed", status, target))]
-    idem_record = None
-    if idem_id is not None:
-        stamp = ids.now()
-        # The reply is rendered with revision 0 and patched with the transaction's revision on replay: the record
-        # written here and the resource share that revision because they commit together.
-        idem_record = Record(
-            kind=IDEMPOTENCY_KIND,
-            id=idem_id,
-            project="",
-            name=idem_id,
-            spec={
-                "fingerprint": fingerprint,
-                "status": status,
-                "sealed_body": _seal_reply(request, idem_id, respond(0)),
-                "expires": request.app[CONFIG].api.idempotency_ttl,
-            },
-            created_at=stamp,
-            updated_at=stamp,
-        )
-        ops = [*ops, Create(idem_record)]
-    try:
-        revision, _ = await store.commit(Txn(ops))
-    except TxnFailed as exc:
-        if idem_record is not None:
-            # A concurrent request with the same key may have won the race (its change conflicts with ours, or its
-            # key record does): answer as it did.
-            replay = await _replay(request, idem_id, fingerprint)  # type: ignore[arg-type]
-            if replay is not None:
-                return replay
-        raise _conflict(exc, kind_name) from None
+    if written.replayed:
+        return reply(request, written)
     request[AUDITED] = True
-    return Reply(respond(revision), status, headers(revision) if headers else {})
+    return Reply(written.body, status, headers(written.revision) if headers else {})
 
 
 async def create(
@@ -298,47 +277,8 @@ async def replayed(request: web.Request) -> Reply | None:
     """The stored reply when this request repeats an ``Idempotency-Key`` already answered, else None. Handlers that
     check something before :func:`write` (a name already taken, say) ask this first, so that a retry gets the
     first answer rather than a conflict with its own result."""
-    idem = await _idempotency(request)
-    return await _replay(request, *idem) if idem is not None else None
-
-
-def _patch_revision(body: Any, revision: int) -> Any:
-    if isinstance(body, dict) and body.get("revision") == 0:
-        return {**body, "revision": revision}
-    return body
-
-
-def _seal_reply(request: web.Request, idem_id: str, body: Any) -> str:
-    """The reply an idempotency record keeps, encrypted with the node key store (AES-GCM, the record id as associated
-    data): replies may carry one-time secrets (API keys, access keys), which must never be at rest in clear — not in
-    the store, the change log, etcd or a backup. Every reply is sealed, so no reply kind can be forgotten; it costs
-    one AES-GCM over a small body. Every node holds the same key store (``join`` copies it), so any node replays."""
-    from minicloud.api.accesskeys import KEYSTORE  # the app's key store (a module-level import would be a cycle)
-
-    return request.app[KEYSTORE].encrypt(_enc.encode(body), idem_id.encode())
-
-
-def _unseal_reply(request: web.Request, record: Record) -> Any:
-    from minicloud.api.accesskeys import KEYSTORE
-
-    if "sealed_body" not in record.spec:  # written before replies were sealed
-        return record.spec["body"]
-    return msgspec.json.decode(request.app[KEYSTORE].decrypt(record.spec["sealed_body"], record.id.encode()))
-
-
-async def _replay(request: web.Request, idem_id: str, fingerprint: str) -> Reply | None:
-    record = await request.app[STORE].get(IDEMPOTENCY_KIND, idem_id)
-    if record is None:
-        return None
-    if record.spec["fingerprint"] != fingerprint:
-        raise errors.IdempotencyKeyReused(
-            "this Idempotency-Key was already used for a different request; use a new key for a new request"
-        )
-    return Reply(
-        _patch_revision(_unseal_reply(request, record), record.revision),
-        record.spec["status"],
-        {"Idempotent-Replayed": "true", "ETag": f'"{record.revision}"'},
-    )
+    written = await core_write.replay(await context_of(request), request.app[STORE])
+    return reply(request, written) if written is not None else None
 
 
 def delete_op(record: Record, expect: int | None) -> Delete:
