@@ -38,9 +38,10 @@ class Directory:
         self._decisions: dict[tuple[str, str, str | None], policy.Decision] = {}
         store.add_commit_hook(self._invalidate)
 
-    def _invalidate(self, changes: list[Change]) -> None:
-        for change in changes:
-            if change.kind in (BINDING_KIND, ROLE_KIND):
+    def _invalidate(self, changes: list[Change] | None) -> None:
+        # None: the store was reset to a snapshot (etcd resync), so any grant may have changed.
+        for change in changes if changes is not None else [None]:
+            if change is None or change.kind in (BINDING_KIND, ROLE_KIND):
                 self._bindings = None
                 self._roles = None
                 self._decisions = {}

@@ -7,12 +7,11 @@ interface, so callers never change.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from minicloud.state.records import Change, Check, Create, Delete, Op, Record, Txn, TxnFailed, Update
-from minicloud.state.sqlite import Compacted, SQLiteStore, Subscription
+from minicloud.state.sqlite import CommitHook, Compacted, SQLiteStore, Subscription
 
 __all__ = [
     "Change",
@@ -42,6 +41,11 @@ class Store(Protocol):
     @property
     def writable(self) -> bool: ...
 
+    @property
+    def alive(self) -> bool:
+        """False once the write machinery has died (not merely lost a quorum): the node must be restarted."""
+        ...
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -59,6 +63,7 @@ class Store(Protocol):
         project: str | None = None,
         name: str | None = None,
         labels: dict[str, str] | None = None,
+        where: dict[str, str] | None = None,
         after: tuple[str, str] | None = None,
         limit: int = 1000,
     ) -> list[Record]: ...
@@ -69,7 +74,7 @@ class Store(Protocol):
 
     def subscribe(self, *, max_pending: int = 10_000) -> Subscription: ...
 
-    def add_commit_hook(self, hook: Callable[[list[Change]], None]) -> None: ...
+    def add_commit_hook(self, hook: CommitHook) -> None: ...
 
     async def compact(self) -> int: ...
 

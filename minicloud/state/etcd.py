@@ -26,7 +26,6 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,7 @@ from minicloud.state.records import (
     Update,
     check_append_only,
 )
-from minicloud.state.sqlite import SQLiteStore, Subscription
+from minicloud.state.sqlite import CommitHook, SQLiteStore, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +174,13 @@ class EtcdStore:
         return time.monotonic() - self._last_contact > STALE_AFTER
 
     @property
+    def alive(self) -> bool:
+        """The replica's writer and the replication loop both run (a lost quorum does not make a node dead)."""
+        return self.replica.alive and self._watcher is not None and not self._watcher.done()
+
+    @property
     def writable(self) -> bool:
-        return self.replica.writable and self._watcher is not None and not self._watcher.done() and not self.stale
+        return self.alive and not self.stale
 
     async def check_quorum(self) -> bool:
         """One linearizable read (it commits nothing); marks the replica fresh when it succeeds."""
@@ -422,7 +426,7 @@ class EtcdStore:
     def subscribe(self, *, max_pending: int = 10_000) -> Subscription:
         return self.replica.subscribe(max_pending=max_pending)
 
-    def add_commit_hook(self, hook: Callable[[list[Change]], None]) -> None:
+    def add_commit_hook(self, hook: CommitHook) -> None:
         self.replica.add_commit_hook(hook)
 
     async def compact(self) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from minicloud.state.records import Change, Record, Txn
-from minicloud.state.sqlite import SQLiteStore, Subscription
+from minicloud.state.sqlite import CommitHook, SQLiteStore, Subscription
 
 
 class StoreHandle:
@@ -68,6 +68,12 @@ class StoreHandle:
         return bool(self.backend.writable)
 
     @property
+    def alive(self) -> bool:
+        """The write machinery runs (the SQLite writer, and in a cluster the replication loop): what readiness and
+        the systemd watchdog report. Unlike ``writable`` it stays true on a node that merely lacks a quorum."""
+        return bool(self.backend.alive)
+
+    @property
     def stale(self) -> bool:
         return bool(getattr(self.backend, "stale", False))
 
@@ -89,7 +95,7 @@ class StoreHandle:
     def subscribe(self, *, max_pending: int = 10_000) -> Subscription:
         return self.local.subscribe(max_pending=max_pending)
 
-    def add_commit_hook(self, hook: Callable[[list[Change]], None]) -> None:
+    def add_commit_hook(self, hook: CommitHook) -> None:
         self.local.add_commit_hook(hook)
 
     async def compact(self) -> int:

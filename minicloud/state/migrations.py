@@ -44,7 +44,20 @@ def update_from_v0(db: sqlite3.Connection) -> None:
     db.execute("INSERT INTO meta (key, value) VALUES ('revision', 0), ('compacted', 0)")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [update_from_v0]
+#: Top-level spec fields with an expression index: ``Store.list(kind, where={field: value})`` accepts only these.
+INDEXED_SPEC_FIELDS = frozenset({"node", "image_id"})
+
+
+def update_from_v1(db: sqlite3.Connection) -> None:
+    """Expression indexes for the lookups request paths make: instances by node (placement, each node's
+    reconciler) and by image (refusing to delete an image in use). Partial: only records that have the field.
+    A query uses them when it says exactly ``json_extract(spec, '$.node') = ?`` (see ``sqlite.list_query``)."""
+    for field in ("node", "image_id"):
+        expr = f"json_extract(spec, '$.{field}')"
+        db.execute(f"CREATE INDEX records_spec_{field} ON records (kind, {expr}, name, id) WHERE {expr} IS NOT NULL")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [update_from_v0, update_from_v1]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -24,7 +24,7 @@ import aiosqlite
 import msgspec
 
 from minicloud.state.cache import RecordCache
-from minicloud.state.migrations import migrate
+from minicloud.state.migrations import INDEXED_SPEC_FIELDS, migrate
 from minicloud.state.records import Change, Check, Create, Delete, Record, Txn, TxnFailed, Update, check_append_only
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,10 @@ _dec_record = msgspec.json.Decoder(Record)
 
 _COLUMNS = "id, kind, project, name, labels, spec, status, revision, created_at, updated_at"
 _MAX_BATCH = 512
+
+
+#: Called after every commit with its changes, or with None after a reset (see ``SQLiteStore.add_commit_hook``).
+CommitHook = Callable[[list[Change] | None], None]
 
 
 class Compacted(Exception):
@@ -182,9 +186,46 @@ async def _apply_op(db: aiosqlite.Connection, index: int, op: Create | Update | 
     return Change(revision=revision, type="deleted", kind=old.kind, id=old.id, project=old.project, record=old)
 
 
+def list_query(
+    kind: str,
+    *,
+    project: str | None = None,
+    name: str | None = None,
+    labels: dict[str, str] | None = None,
+    where: dict[str, str] | None = None,
+    after: tuple[str, str] | None = None,
+    limit: int = 1000,
+) -> tuple[str, tuple[Any, ...]]:
+    """The SELECT behind :meth:`SQLiteStore.list` and its parameters (every value is a parameter)."""
+    clauses, params = ["kind = ?"], [kind]
+    if project is not None:
+        clauses.append("project = ?")
+        params.append(project)
+    if name is not None:
+        clauses.append("name = ?")
+        params.append(name)
+    for field, value in (where or {}).items():
+        if field not in INDEXED_SPEC_FIELDS:
+            raise ValueError(
+                f"spec field {field!r} has no index; add one with a migration (indexed: {sorted(INDEXED_SPEC_FIELDS)})"
+            )
+        # The expression must be exactly the index's for SQLite to use it; the field name comes from the fixed set.
+        clauses.append(f"json_extract(spec, '$.{field}') = ?")
+        params.append(value)
+    for key, value in (labels or {}).items():
+        clauses.append("EXISTS (SELECT 1 FROM json_each(labels) WHERE json_each.key = ? AND json_each.value = ?)")
+        params += [key, value]
+    if after is not None:
+        clauses.append("(name, id) > (?, ?)")
+        params += list(after)
+    sql = f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(clauses)} ORDER BY name, id LIMIT ?"
+    return sql, (*params, limit)
+
+
 class Subscription:
     """A live feed of committed changes in revision order. Iterate it; it ends if the consumer falls too far behind
-    (``overflowed`` is then true and the consumer should resume from the last revision it saw)."""
+    or the replica is reset to a snapshot (``overflowed`` is then true: the consumer re-lists what it follows and
+    subscribes again)."""
 
     def __init__(self, store: SQLiteStore, max_pending: int) -> None:
         self._store = store
@@ -204,6 +245,13 @@ class Subscription:
     def close(self) -> None:
         self._store._subscribers.discard(self)
         self._queue.put_nowait(None)
+
+    def _end(self, *, overflowed: bool) -> None:
+        """Stop the feed; with ``overflowed`` the consumer must re-list (it missed changes or the store was reset)."""
+        self._store._subscribers.discard(self)
+        if not self.overflowed:
+            self.overflowed = overflowed
+            self._queue.put_nowait(None)
 
     def __aiter__(self) -> AsyncIterator[Change]:
         return self._iter()
@@ -228,7 +276,7 @@ class SQLiteStore:
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._subscribers: set[Subscription] = set()
-        self._commit_hooks: list[Callable[[list[Change]], None]] = []
+        self._commit_hooks: list[CommitHook] = []
         self._cache = RecordCache()
         self._closed = False
 
@@ -247,6 +295,7 @@ class SQLiteStore:
             meta = dict(await cur.fetchall())
         self._revision, self._compacted = meta["revision"], meta["compacted"]
         self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
+        self._writer.add_done_callback(self._writer_stopped)
 
     def _migrate(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None)
@@ -270,7 +319,7 @@ class SQLiteStore:
         self._closed = True
         self._wake.set()
         if self._writer:
-            await self._writer
+            await asyncio.wait([self._writer])  # a writer that died has been logged already
         for sub in list(self._subscribers):
             sub.close()
         for db in (self._wdb, self._rdb):
@@ -286,6 +335,12 @@ class SQLiteStore:
     @property
     def writable(self) -> bool:
         """True while the writer task runs (it stops only on close or an unrecoverable error)."""
+        return self.alive
+
+    @property
+    def alive(self) -> bool:
+        """True while the writer task runs. Readiness and the systemd watchdog follow this: a node whose writer died
+        can never acknowledge a write again and must be restarted."""
         return self._writer is not None and not self._writer.done() and not self._closed
 
     async def commit(self, txn: Txn) -> tuple[int, list[Change]]:
@@ -303,6 +358,8 @@ class SQLiteStore:
         submits each revision as it arrives and pays one fsync per batch, not per revision."""
         if self._closed:
             raise RuntimeError("the store is closed")
+        if self._writer is not None and self._writer.done():
+            raise RuntimeError("the state database writer stopped; restart the agent")
         fut: asyncio.Future[tuple[int, list[Change]]] = asyncio.get_running_loop().create_future()
         self._pending.append((txn, revision, fut))
         self._wake.set()
@@ -317,6 +374,17 @@ class SQLiteStore:
                 await self._write_batch(batch)
             if self._closed:
                 return
+
+    def _writer_stopped(self, task: asyncio.Task[None]) -> None:
+        """The writer is gone: nothing queued can ever be written, so fail every waiter rather than leave it hanging.
+        ``alive`` is now False: /readyz answers 503 and the systemd watchdog stops, so systemd restarts the agent."""
+        if not self._closed:
+            exc = None if task.cancelled() else task.exception()
+            log.critical("the store writer stopped; this node can no longer write", exc_info=exc)
+        pending, self._pending = self._pending, []
+        for _, _, fut in pending:
+            if not fut.done():
+                fut.set_exception(RuntimeError("the state database writer stopped; restart the agent"))
 
     async def _write_batch(self, batch: list[tuple[Txn, int | None, asyncio.Future[tuple[int, list[Change]]]]]) -> None:
         async with self._write_lock:
@@ -369,8 +437,7 @@ class SQLiteStore:
         self._revision = revision
         if published:
             self._cache.apply(published)
-            for hook in self._commit_hooks:
-                hook(published)
+            self._run_hooks(published)
         for fut, outcome in outcomes:
             if fut.done():
                 continue
@@ -380,7 +447,20 @@ class SQLiteStore:
                 fut.set_result(outcome)
         if published:
             for sub in list(self._subscribers):
-                sub._push(published)
+                try:
+                    sub._push(published)
+                except Exception:
+                    log.exception("a store subscriber failed; ending its subscription")
+                    sub._end(overflowed=True)
+
+    def _run_hooks(self, changes: list[Change] | None) -> None:
+        """Call every commit hook; one that raises is logged and skipped, never allowed to stop the writer (the
+        transaction is durable already and its writer must hear so)."""
+        for hook in self._commit_hooks:
+            try:
+                hook(changes)
+            except Exception:
+                log.exception("a store commit hook failed", extra={"hook": getattr(hook, "__qualname__", repr(hook))})
 
     # -- reads -----------------------------------------------------------------------------------------------------
     @property
@@ -424,25 +504,17 @@ class SQLiteStore:
         project: str | None = None,
         name: str | None = None,
         labels: dict[str, str] | None = None,
+        where: dict[str, str] | None = None,
         after: tuple[str, str] | None = None,
         limit: int = 1000,
     ) -> list[Record]:
-        """Records of ``kind`` ordered by (name, id), filtered; ``after`` is the (name, id) to continue after."""
-        where, params = ["kind = ?"], [kind]
-        if project is not None:
-            where.append("project = ?")
-            params.append(project)
-        if name is not None:
-            where.append("name = ?")
-            params.append(name)
-        for key, value in (labels or {}).items():
-            where.append("EXISTS (SELECT 1 FROM json_each(labels) WHERE json_each.key = ? AND json_each.value = ?)")
-            params += [key, value]
-        if after is not None:
-            where.append("(name, id) > (?, ?)")
-            params += list(after)
-        sql = f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(where)} ORDER BY name, id LIMIT ?"
-        async with self._db.execute(sql, (*params, limit)) as cur:
+        """Records of ``kind`` ordered by (name, id), filtered; ``after`` is the (name, id) to continue after.
+
+        ``where`` matches top-level spec fields exactly, and only fields with an index (:data:`INDEXED_SPEC_FIELDS`;
+        another raises ``ValueError``), so a lookup such as "the instances on node N" costs what it returns, not a
+        scan of the kind."""
+        sql, params = list_query(kind, project=project, name=name, labels=labels, where=where, after=after, limit=limit)
+        async with self._db.execute(sql, params) as cur:
             return [_row_to_record(row) for row in await cur.fetchall()]
 
     async def count(self, kind: str) -> int:
@@ -452,23 +524,35 @@ class SQLiteStore:
 
     async def changes(self, since: int, *, until: int | None = None, limit: int = 1000) -> list[Change]:
         """Changes with ``since`` < revision <= ``until`` in order (at most ``limit``). Raises :class:`Compacted` if
-        some of them were already dropped."""
+        some of them were already dropped.
+
+        The compaction floor is read by the same statement as the changes (one SQLite snapshot), so a compaction
+        that commits while we read can never leave a silent gap."""
         if since < self._compacted:
             raise Compacted(self._compacted)
+        # meta LEFT JOIN changes: always one row (the floor) even when there are no changes.
         async with self._db.execute(
-            "SELECT revision, type, kind, id, project, record FROM changes WHERE revision > ? AND revision <= ? "
-            "ORDER BY revision, seq LIMIT ?",
+            "SELECT m.value, c.revision, c.type, c.kind, c.id, c.project, c.record FROM meta AS m "
+            "LEFT JOIN changes AS c ON c.revision > ? AND c.revision <= ? WHERE m.key = 'compacted' "
+            "ORDER BY c.revision, c.seq LIMIT ?",
             (since, until if until is not None else self._revision, limit),
         ) as cur:
             rows = await cur.fetchall()
+        floor = int(rows[0][0]) if rows else self._compacted
+        if since < floor:
+            raise Compacted(floor)
         return [
-            Change(revision=r[0], type=r[1], kind=r[2], id=r[3], project=r[4], record=_dec_record.decode(r[5]))
+            Change(revision=r[1], type=r[2], kind=r[3], id=r[4], project=r[5], record=_dec_record.decode(r[6]))
             for r in rows
+            if r[1] is not None
         ]
 
-    def add_commit_hook(self, hook: Callable[[list[Change]], None]) -> None:
+    def add_commit_hook(self, hook: CommitHook) -> None:
         """Call ``hook(changes)`` synchronously after every commit, before any writer's ``commit()`` returns. For
-        in-memory caches that must never serve a value older than an acknowledged write. Hooks must not block."""
+        in-memory caches that must never serve a value older than an acknowledged write. Hooks must not block.
+
+        ``hook(None)`` means the replica was reset to a snapshot (etcd resync): anything may have changed, so a cache
+        drops everything. A hook that raises is logged and skipped; it cannot stop the writer."""
         self._commit_hooks.append(hook)
 
     def subscribe(self, *, max_pending: int = 10_000) -> Subscription:
@@ -504,7 +588,8 @@ class SQLiteStore:
 
     async def reset(self, records: list[Record], revision: int) -> None:
         """Replace every record with ``records`` as of ``revision`` (a replica resynchronising from a snapshot of
-        the cluster state). The change log restarts there: older history is reported as compacted."""
+        the cluster state). The change log restarts there: older history is reported as compacted. Commit hooks get
+        ``None`` (drop cached state) and every subscription ends as overflowed (re-list, then subscribe again)."""
         async with self._write_lock:
             await self._in_transaction(
                 ("DELETE FROM records", ()),
@@ -518,6 +603,10 @@ class SQLiteStore:
             )
             self._revision = self._compacted = revision
             self._cache = RecordCache()
+            # Whatever changed in the gap produced no changes: caches drop everything, subscribers re-list.
+            self._run_hooks(None)
+            for sub in list(self._subscribers):
+                sub._end(overflowed=True)
 
     async def get_meta(self, key: str) -> int | None:
         """A node-local integer setting kept beside the state (e.g. the cluster backend's revision offset)."""
