@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install (or upgrade) minicloud on this node from this checkout and start the agent:
 #
-#     sudo ./scripts/install.sh
+#     ./scripts/install.sh            (as root; from another account: sudo ./scripts/install.sh)
+#     ./scripts/install.sh --uninstall [--purge] [--force]     (remove it again: scripts/uninstall.sh)
 #
 # On a fresh Debian 12: installs the system packages (scripts/packages.txt), creates a virtual environment in
 # $MINICLOUD_PREFIX/venv with this checkout installed (not editable), links /usr/local/bin/minicloud, writes
@@ -21,6 +22,11 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# `install.sh --uninstall [--purge] [--force]`: remove minicloud from this node (see scripts/uninstall.sh).
+if [ "${1:-}" = "--uninstall" ]; then
+    shift
+    exec "$REPO/scripts/uninstall.sh" "$@"
+fi
 PREFIX=${MINICLOUD_PREFIX:-/opt/minicloud}
 VENV=$PREFIX/venv
 MINICLOUD=$VENV/bin/minicloud
@@ -152,7 +158,7 @@ start_background_agent() {
 }
 
 # ---- 0. preconditions -------------------------------------------------------------------------------------------
-[ "$(id -u)" -eq 0 ] || die "run as root: sudo $0"
+[ "$(id -u)" -eq 0 ] || die "run as root: as root, $0; from another account, sudo $0"
 if [ ! -f "$REPO/pyproject.toml" ] || [ ! -f "$UNIT_SRC" ]; then
     die "run this from a minicloud checkout ($REPO lacks pyproject.toml or systemd/minicloud.service)"
 fi
@@ -209,7 +215,7 @@ fi
 src=$(mktemp -d)
 tar -C "$REPO" --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist --exclude='*.egg-info' \
     --exclude=__pycache__ --exclude=.pytest_cache --exclude=.ruff_cache -cf - . | tar -C "$src" -xf -
-"$VENV/bin/pip" install --disable-pip-version-check --no-input -q --upgrade "$src"
+"$VENV/bin/pip" install --disable-pip-version-check --no-input -q --upgrade "$src[agent]"
 rm -rf "$src"
 ln -sfn "$MINICLOUD" /usr/local/bin/minicloud
 after=$(fingerprint)
@@ -396,5 +402,6 @@ cat <<EOF
 
 Configuration: $CONFIG   (minicloud config validate; minicloud config show)
 Logs:          $LOGS
-Upgrade:       git pull && sudo ./scripts/install.sh
+Upgrade:       git pull && ./scripts/install.sh       (as root; from another account with sudo)
+Uninstall:     ./scripts/install.sh --uninstall [--purge]   (--purge also deletes $DATA_DIR and $CONFIG)
 EOF

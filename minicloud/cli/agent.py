@@ -58,7 +58,13 @@ def agent_overrides(args: argparse.Namespace) -> dict[str, str | None]:
 
 
 def run_agent(args: argparse.Namespace) -> int:
-    from agent.daemon import run
+    try:
+        from agent.daemon import run
+    except ImportError as exc:  # `pip install minicloud` is the client only
+        raise CommandError(
+            f"the agent needs the node's dependencies ({exc.name} is missing): pip install 'minicloud[agent]', "
+            "or install the node with scripts/install.sh"
+        ) from None
     from minicloud import config, logs
 
     cfg = config.load(args.config, overrides=agent_overrides(args))
