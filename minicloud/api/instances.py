@@ -22,10 +22,11 @@ from aiohttp import web
 from minicloud import errors, ids
 from minicloud.api import images, instance_types
 from minicloud.api import resources as res
-from minicloud.api.keypairs import KIND as KEYPAIR_KIND
 from minicloud.api.keys import CONFIG, STORE
 from minicloud.api.routing import Action, Reply, Routes
+from minicloud.compute.kinds import KEYPAIR
 from minicloud.compute.scheduler import HYPERVISOR_KIND, PLACEMENT_KIND, Demand, NodeCapacity, place, usage
+from minicloud.core import crud
 from minicloud.model import Page
 from minicloud.model.compute import (
     Address,
@@ -116,14 +117,13 @@ async def create_instance(request: web.Request, body: InstanceCreate) -> Reply:
     itype = await instance_types.lookup(request, body.type)
     public_keys: list[str] = []
     if body.keypair is not None:
-        try:
-            keypair = await res.resolve(request, KEYPAIR_KIND, body.keypair)
-        except errors.NotFound:
+        keypair = await crud.find(await res.context_of(request), request.app[STORE], KEYPAIR, body.keypair)
+        if keypair is None:
             raise errors.ValidationFailed(
                 f"there is no key pair '{body.keypair[:64]}' in project '{project}'; see `minicloud keypair list`",
                 invalid_params=[{"name": "keypair", "reason": "unknown key pair"}],
-            ) from None
-        public_keys.append(keypair.spec["public_key"])
+            )
+        public_keys.append(keypair.spec.public_key)
     disk_gib = body.disk_gib or itype.disk_gib
     image_gib = math.ceil((image.spec.get("virtual_size_bytes") or 0) / (1 << 30))
     if disk_gib < image_gib:

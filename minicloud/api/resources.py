@@ -28,6 +28,7 @@ from minicloud.api.middleware import PROJECT, REQUEST_ID
 from minicloud.api.routing import Reply
 from minicloud.core import write as core_write
 from minicloud.core.context import Context, Idempotency
+from minicloud.core.kinds import Kind as CoreKind
 from minicloud.core.write import IDEMPOTENCY_KIND, Written
 from minicloud.model import LABEL_KEY_PATTERN, NAME_PATTERN, Page
 from minicloud.state import Create, Delete, Op, Record, Update
@@ -59,6 +60,20 @@ KINDS: dict[str, Kind] = {}
 def register_kind(kind: Kind) -> Kind:
     KINDS[kind.name] = kind
     return kind
+
+
+def expose(kind: CoreKind[Any, Any]) -> Kind:
+    """Make a declared kind (:mod:`minicloud.core.kinds`) known to the API's events stream and project checks."""
+    return register_kind(
+        Kind(
+            name=kind.name,
+            plural=kind.plural,
+            prefix=kind.prefix,
+            view=kind.view_record,
+            cli_noun=kind.noun or kind.name,
+            cluster_level=kind.scope == "cluster",
+        )
+    )
 
 
 class ListQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

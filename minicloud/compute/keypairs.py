@@ -17,6 +17,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from minicloud import errors
+from minicloud.compute.kinds import KEYPAIR, KeyPairSpec
+from minicloud.core import crud
+from minicloud.core.context import Context
+from minicloud.core.write import Written
+from minicloud.model import KeyPairCreate
+from minicloud.state import Store
 
 SUPPORTED = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521")
 MIN_RSA_BITS = 2048
@@ -70,3 +76,18 @@ def parse_public_key(text: str) -> ParsedKey:
     fp = "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
     normalised = f"{key_type} {b64}" + (f" {comment}" if comment else "")
     return ParsedKey(type=key_type, public_key=normalised, fingerprint=fp, comment=comment)
+
+
+async def import_keypair(ctx: Context, store: Store, body: KeyPairCreate) -> Written:
+    """Import an OpenSSH public key as a key pair in ``ctx``'s project (422 naming the problem for a bad key; 409
+    when the name is taken). Atomic; idempotent under ``ctx.idempotency``."""
+    key = parse_public_key(body.public_key)
+    spec = KeyPairSpec(
+        type=key.type,
+        fingerprint=key.fingerprint,
+        public_key=key.public_key,
+        comment=key.comment,
+        description=body.description,
+    )
+    obj = KEYPAIR.new(project=ctx.project, name=body.name, spec=spec, labels=body.labels, stamp=ctx.clock())
+    return await crud.create(ctx, store, KEYPAIR, obj)
