@@ -20,7 +20,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from agent import systemd
 from minicloud.api.app import create_app
-from minicloud.api.keys import PKI, TLS
+from minicloud.api.keys import PKI, STORE, TLS
 from minicloud.config import Config
 
 log = logging.getLogger("minicloud.agent")
@@ -97,7 +97,8 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             extra={"socket": str(sock_path), "https": https_address, "node": config.node_name},
         )
         systemd.notify("READY=1\nSTATUS=serving")
-        watchdog = asyncio.create_task(_watchdog())
+        store = app[STORE]
+        watchdog = asyncio.create_task(systemd.watchdog_loop(lambda: store.alive, systemd.watchdog_interval()))
         await stop.wait()
         log.info("stopping")
         systemd.notify("STOPPING=1")
@@ -107,15 +108,6 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         with contextlib.suppress(FileNotFoundError):
             state_file.unlink()
         log.info("stopped")
-
-
-async def _watchdog() -> None:
-    interval = systemd.watchdog_interval()
-    if interval is None:
-        return
-    while True:
-        systemd.notify("WATCHDOG=1")
-        await asyncio.sleep(interval)
 
 
 def run(config: Config) -> None:

@@ -5,8 +5,13 @@ Does nothing when not run by systemd (no ``NOTIFY_SOCKET``), so the same code pa
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 
 def notify(message: str) -> bool:
@@ -35,3 +40,17 @@ def watchdog_interval() -> float | None:
         return int(usec) / 2_000_000
     except ValueError:
         return None
+
+
+async def watchdog_loop(alive: Callable[[], bool], interval: float | None) -> None:
+    """Send ``WATCHDOG=1`` every ``interval`` seconds while ``alive()`` is true (the store's writer runs).
+
+    Once it turns false the pings stop for good, so systemd restarts the agent after ``WatchdogSec`` instead of
+    keeping a node that can no longer acknowledge a write. Returns at once when no watchdog was requested."""
+    if interval is None:
+        return
+    while alive():
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+    log.critical("the store writer is dead; no more watchdog pings (systemd will restart the agent)")
+    notify("STATUS=store writer stopped; waiting for the watchdog restart")

@@ -28,7 +28,9 @@ async def readyz(request: web.Request) -> Reply:
         checks["store"] = "ok"
     except Exception as exc:  # readiness reports, it does not raise
         checks["store"] = f"failing: {exc}"
-    checks["store_writer"] = "ok" if store.writable else "stopped"
+    # A dead writer never recovers (the watchdog stops too); a node without a quorum only refuses writes for now.
+    checks["store_writer"] = "ok" if store.alive else "stopped: restart the agent"
+    checks["store_writes"] = "ok" if store.writable else "refused: no quorum reachable"
     ok = all(v == "ok" for v in checks.values())
     return Reply(Health(status="ok" if ok else "unavailable", checks=checks), status=200 if ok else 503)
 
