@@ -43,7 +43,7 @@ from minicloud import ids
 from minicloud.compute import images as image_files
 from minicloud.compute.scheduler import HYPERVISOR_KIND
 from minicloud.config import Config
-from minicloud.state import Create, Delete, Record, Store, Txn, TxnFailed, Update
+from minicloud.state import Create, Delete, Record, Store, Txn, TxnFailed, Update, list_all
 
 log = logging.getLogger("minicloud.compute")
 INSTANCE_KIND = "instance"
@@ -201,11 +201,7 @@ class ComputeReconciler:
     # -- one pass --------------------------------------------------------------------------------------------------
     async def reconcile_once(self) -> None:
         self._awaiting_lease.clear()
-        records = [
-            r
-            for r in await self.store.list(INSTANCE_KIND, project=None, limit=1_000_000)
-            if r.spec.get("node") == self.node
-        ]
+        records = await list_all(self.store, INSTANCE_KIND, where={"node": self.node})  # indexed, not a scan
         domains = await self.driver.domains()
         ours = {d.uuid: d for d in domains if self._is_ours(d)}
         leases = self.network.leases() if self.network is not None else {}
@@ -441,7 +437,8 @@ class ComputeReconciler:
                     await asyncio.to_thread(shutil.rmtree, entry, True)
         # Image files no image record names (the record was deleted through another node, or an import crashed
         # between moving its files into place and recording them).
-        images = {r.id for r in await self.store.list(IMAGE_KIND, project=None, limit=1_000_000)}
+        # Images are pinned to the node that imported them: only this node's image records can name files here.
+        images = {r.id for r in await list_all(self.store, IMAGE_KIND, where={"node": self.node})}
         strays = await asyncio.to_thread(
             image_files.stray_entries, self.images_dir, images, idle_seconds=_STRAY_IMAGE_IDLE, now=time.time()
         )

@@ -15,7 +15,7 @@ from minicloud.api.routing import Action, Reply, Routes
 from minicloud.compute import images as store_files
 from minicloud.model import Page
 from minicloud.model.compute import Image, ImageFile, ImageImport, ImageUpdate
-from minicloud.state import Record
+from minicloud.state import Record, list_all
 
 routes = Routes("images")
 INSTANCE_KIND = "instance"
@@ -124,11 +124,7 @@ async def update_image(request: web.Request, body: ImageUpdate) -> Reply:
 async def delete_image(request: web.Request) -> Reply:
     """Delete an image; refused while instances use it."""
     record = await res.resolve(request, KIND)
-    users = [
-        r.name
-        for r in await request.app[STORE].list(INSTANCE_KIND, project=None, limit=100_000)
-        if r.spec.get("image_id") == record.id
-    ]
+    users = [r.name for r in await list_all(request.app[STORE], INSTANCE_KIND, where={"image_id": record.id})]
     if users:
         shown = ", ".join(sorted(users)[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
         raise errors.InUse(

@@ -39,7 +39,7 @@ from minicloud.model.compute import (
     InstanceStop,
     InstanceUpdate,
 )
-from minicloud.state import Create, Record, Update
+from minicloud.state import Create, Record, Update, list_all
 
 routes = Routes("instances")
 _PLACEMENT_ATTEMPTS = 8
@@ -81,12 +81,8 @@ def instance_dir(app: web.Application, instance_id: str) -> Path:
 
 
 async def _node_usage(store: Any, node: str) -> dict[str, Demand]:
-    records = await store.list(KIND.name, project=None, limit=1_000_000)
-    return usage(
-        (r.spec["node"], Demand(r.spec["vcpus"], r.spec["memory_mib"], r.spec["disk_gib"]))
-        for r in records
-        if r.spec.get("node") == node
-    )
+    records = await list_all(store, KIND.name, where={"node": node})  # indexed: this node's instances only
+    return usage((r.spec["node"], Demand(r.spec["vcpus"], r.spec["memory_mib"], r.spec["disk_gib"])) for r in records)
 
 
 @routes.get("/v1/instances", query=res.ListQuery, response=Page[Instance], auth=Action("compute:instances:list"))

@@ -8,7 +8,7 @@ interface, so callers never change.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from minicloud.state.records import Change, Check, Create, Delete, Op, Record, Txn, TxnFailed, Update
 from minicloud.state.sqlite import CommitHook, Compacted, SQLiteStore, Subscription
@@ -27,6 +27,7 @@ __all__ = [
     "Txn",
     "TxnFailed",
     "Update",
+    "list_all",
     "open_store",
 ]
 
@@ -84,3 +85,16 @@ class Store(Protocol):
 def open_store(data_dir: Path) -> Store:
     """The store for a node's data directory (not yet opened)."""
     return SQLiteStore(Path(data_dir) / "state.db")
+
+
+async def list_all(store: Store, kind: str, *, page: int = 1000, **filters: Any) -> list[Record]:
+    """Every record of ``kind`` that matches ``filters`` (``Store.list`` keywords, e.g. ``where={"node": n}`` for an
+    indexed lookup), read a page at a time. Request paths must filter on an index: this costs what it returns."""
+    out: list[Record] = []
+    after = None
+    while True:
+        batch = await store.list(kind, after=after, limit=page, **filters)
+        out += batch
+        if len(batch) < page:
+            return out
+        after = (batch[-1].name, batch[-1].id)
