@@ -6,14 +6,9 @@ import argparse
 
 from minicloud.cli.common import client
 from minicloud.cli.output import col, emit
+from minicloud.compute.kinds import INSTANCE_TYPE
 
-COLUMNS = [
-    col("name", "name"),
-    col("vcpus", "vcpus"),
-    col("memory_mib", "memory_mib"),
-    col("disk_gib", "disk_gib"),
-    col("builtin", "builtin"),
-]
+COLUMNS = [col(c.header, c.path) for c in INSTANCE_TYPE.columns]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from minicloud.cli import generic
 from minicloud.cli.common import CommandError, client
-from minicloud.cli.output import col, emit
-
-COLUMNS = [col("name", "name"), col("type", "type"), col("fingerprint", "fingerprint"), col("id", "id")]
+from minicloud.cli.output import emit
+from minicloud.compute.kinds import KEYPAIR
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,15 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--description", default="")
     v.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     v.set_defaults(func=import_)
-    v = verbs.add_parser("list", help="list key pairs")
-    v.add_argument("--label", metavar="KEY=VALUE[,...]", help="only those with these labels")
-    v.set_defaults(func=list_)
-    v = verbs.add_parser("show", help="show a key pair")
-    v.add_argument("name")
-    v.set_defaults(func=show)
-    v = verbs.add_parser("delete", help="delete a key pair")
-    v.add_argument("name")
-    v.set_defaults(func=delete)
+    generic.add_verbs(verbs, KEYPAIR, lambda c: c.keypairs)
 
 
 def parse_labels(items: list[str]) -> dict[str, str]:
@@ -51,21 +43,4 @@ def import_(args: argparse.Namespace) -> int:
         name=args.name, public_key=text, description=args.description, labels=parse_labels(args.label)
     )
     emit(kp, args.output)
-    return 0
-
-
-def list_(args: argparse.Namespace) -> int:
-    emit(client(args).keypairs.list(label=args.label), args.output, COLUMNS)
-    return 0
-
-
-def show(args: argparse.Namespace) -> int:
-    emit(client(args).keypairs.get(args.name), args.output)
-    return 0
-
-
-def delete(args: argparse.Namespace) -> int:
-    client(args).keypairs.delete(args.name)
-    if args.output == "table":
-        print(f"Deleted key pair {args.name}")
     return 0

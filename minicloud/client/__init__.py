@@ -26,7 +26,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from minicloud.client.collection import Collection
 from minicloud.client.remotes import Remote, load_remotes
+from minicloud.compute.kinds import KEYPAIR
 from minicloud.model import (
     ApiKey,
     ApiKeySecret,
@@ -258,15 +260,9 @@ def _problem(resp: Response) -> Problem:
         return Problem(type="about:blank", title="HTTP error", status=resp.status, detail=text or f"HTTP {resp.status}")
 
 
-class KeyPairs:
+class KeyPairs(Collection[KeyPair]):
     def __init__(self, client: Client) -> None:
-        self._c = client
-
-    def list(self, **query: Any) -> list[KeyPair]:
-        return list(self._c.paginate("/v1/keypairs", KeyPair, **query))
-
-    def get(self, ref: str) -> KeyPair:
-        return self._c.call("GET", f"/v1/keypairs/{_q(ref)}", KeyPair)
+        super().__init__(client, KEYPAIR)
 
     def create(
         self,
@@ -277,16 +273,8 @@ class KeyPairs:
         labels: dict[str, str] | None = None,
         idempotency_key: str | None = None,
     ) -> KeyPair:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         body = {"name": name, "public_key": public_key, "description": description, "labels": labels or {}}
-        return self._c.call("POST", "/v1/keypairs", KeyPair, json=body, headers=headers)
-
-    def update(self, ref: str, *, if_match: int | None = None, **fields: Any) -> KeyPair:
-        headers = {"If-Match": f'"{if_match}"'} if if_match is not None else None
-        return self._c.call("PATCH", f"/v1/keypairs/{_q(ref)}", KeyPair, json=fields, headers=headers)
-
-    def delete(self, ref: str) -> None:
-        self._c.call("DELETE", f"/v1/keypairs/{_q(ref)}")
+        return self._create(body, idempotency_key)
 
 
 class ApiKeys:

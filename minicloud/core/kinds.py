@@ -22,12 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import msgspec
 
 from minicloud import ids
-from minicloud.state.records import Record
+
+if TYPE_CHECKING:  # the SDK and the CLI read declarations without the server's packages (aiosqlite)
+    from minicloud.state.records import Record
 
 S = TypeVar("S", bound=msgspec.Struct)
 T = TypeVar("T", bound=msgspec.Struct)
@@ -128,6 +130,8 @@ class Kind(Generic[S, T]):
 
     def dump(self, obj: Obj[S, Any]) -> Record:
         """The stored form of ``obj``."""
+        from minicloud.state.records import Record
+
         return Record(
             kind=self.name,
             id=obj.id,
