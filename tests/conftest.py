@@ -1,10 +1,29 @@
-"""Shared fixtures: an in-process API (unit tests) and helpers to make SSH keys."""
+"""Shared fixtures (SSH keys) and CI's strict mode.
+
+Strict mode (``MINICLOUD_STRICT=1``, which ``.ci/run`` sets): a test that skips because something is missing fails
+instead, since CI provides every component the suite needs (root, libvirtd and libvirt-python, QEMU, OVMF, etcd,
+dnsmasq, nft, busybox, network namespaces, ssh-keygen, blkid, the Debian mirror for the guest kernel). Only skips for
+what CI cannot provide stay skips: their reasons match :data:`NOT_PROVIDED_BY_CI` (hardware virtualisation, GPUs).
+A new skip for anything else fails CI until CI provides the component or the pattern here names it.
+"""
 
 from __future__ import annotations
+
+import os
+import re
+from collections.abc import Generator
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+
+STRICT_ENV = "MINICLOUD_STRICT"
+
+# Skip reasons that stay skips in strict mode: hardware CI machines do not have.
+NOT_PROVIDED_BY_CI = (
+    re.compile(r"\bkvm\b", re.IGNORECASE),  # "libvirt reports no kvm domain type on this host"
+    re.compile(r"\b(gpus?|nvidia)\b", re.IGNORECASE),
+)
 
 
 def make_ssh_key(comment: str = "test@minicloud") -> str:
@@ -16,3 +35,49 @@ def make_ssh_key(comment: str = "test@minicloud") -> str:
 @pytest.fixture(scope="session")
 def ssh_key() -> str:
     return make_ssh_key()
+
+
+# -- strict mode -----------------------------------------------------------------------------------------------------
+
+
+def strict() -> bool:
+    return os.environ.get(STRICT_ENV, "") not in ("", "0")
+
+
+def skip_allowed_in_strict_mode(reason: str) -> bool:
+    return any(p.search(reason) for p in NOT_PROVIDED_BY_CI)
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    # A skip's longrepr is (path, line, "Skipped: reason").
+    reason = str(longrepr[2]) if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def _fail_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if not report.skipped or hasattr(report, "wasxfail") or not strict():
+        return
+    reason = _skip_reason(report)
+    if skip_allowed_in_strict_mode(reason):
+        return
+    report.outcome = "failed"
+    report.longrepr = (
+        f"{STRICT_ENV}=1: skipped for something CI provides: {reason}\n"
+        "Install or start it in CI (scripts/packages.txt, .ci/run), or, if CI cannot provide it, name it in "
+        "NOT_PROVIDED_BY_CI in tests/conftest.py."
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport]:
+    report = yield
+    _fail_skip(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, pytest.CollectReport]:
+    report = yield
+    _fail_skip(report)  # a module-level skip (pytestmark, importorskip) happens while collecting
+    return report
