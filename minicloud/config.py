@@ -114,12 +114,36 @@ class NetworkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     masquerade: bool = True
 
 
+class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[retention]``: how long records that accumulate are kept (see docs/operations.md, "Retention"). The leader
+    deletes what expired in bounded batches; idempotency records keep ``api.idempotency_ttl``."""
+
+    #: Days an audit entry is kept. Related: ``batch``.
+    audit_days: Annotated[float, msgspec.Meta(gt=0)] = 90.0
+    #: Days a finished (succeeded or failed) operation is kept; running ones are never deleted.
+    operations_days: Annotated[float, msgspec.Meta(gt=0)] = 7.0
+    #: Backup files kept on each node (the newest; older ones are deleted after each backup).
+    #: Related: ``backup_min_interval``.
+    backups_keep: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
+    #: Seconds that must pass between the starts of two backups on one node (429 with Retry-After before).
+    #: One backup runs at a time per node whatever this says (409). 0: no minimum.
+    backup_min_interval: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 60.0
+    #: Seconds between two retention cycles of each kind. Related: ``batch``, ``scan``.
+    interval: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 60.0
+    #: The most records of one kind deleted per cycle; a cycle that hits it runs again after a second.
+    batch: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
+    #: The most records of one kind read per cycle for kinds whose ids are not time-ordered (sessions, operations,
+    #: idempotency records): they are scanned in pages from where the last cycle stopped.
+    scan: Annotated[int, msgspec.Meta(ge=100, le=1_000_000)] = 10_000
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     compute: ComputeConfig = msgspec.field(default_factory=ComputeConfig)
     network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
 
     # -- derived -----------------------------------------------------------------------------------------------
     @property

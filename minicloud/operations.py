@@ -10,6 +10,7 @@ restarts marks the operations it was running as failed (their tasks died with it
 from __future__ import annotations
 
 import asyncio
+import datetime as _dt
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,7 +22,17 @@ from minicloud.state import Record, Store, Txn, TxnFailed, Update
 
 KIND = "operation"
 PREFIX = "op"
+#: The states of an operation that has ended (its record no longer changes).
+FINISHED = frozenset({"succeeded", "failed"})
 log = logging.getLogger(__name__)
+
+
+def finished_before(record: Record, now: _dt.datetime, retention: _dt.timedelta) -> bool:
+    """Pure: True if the operation ``record`` ended more than ``retention`` before ``now`` (the retention loop deletes
+    it). A running operation is never expired, however old."""
+    if record.status.get("state") not in FINISHED:
+        return False
+    return ids.parse_time(record.updated_at) <= now - retention
 
 
 class Reporter:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as _dt
 import ipaddress
 import logging
 import ssl
@@ -35,12 +34,12 @@ from minicloud.api import (
     whoami,
 )
 from minicloud.api.auth import DIRECTORY, LAST_USED, RATE_LIMITER, VERIFIED_KEYS
-from minicloud.api.keys import CLUSTER, COMPUTE, CONFIG, HOST, OPERATIONS, PKI, STORE, TLS
+from minicloud.api.keys import CLUSTER, COMPUTE, CONFIG, HOST, LEADER_LOOPS, OPERATIONS, PKI, STORE, TLS
 from minicloud.api.middleware import audit_middleware, auth_middleware, problem_middleware
-from minicloud.api.resources import IDEMPOTENCY_KIND
 from minicloud.api.routing import set_max_body
 from minicloud.api.users import binding_id
-from minicloud.cluster.node import ClusterNode
+from minicloud.cluster.leader import LeaderLoops, services_leadership
+from minicloud.cluster.node import LEADER_TTL, ClusterNode
 from minicloud.config import Config
 from minicloud.iam.apikeys import LastUsed
 from minicloud.iam.directory import BINDING_KIND, USER_KIND, Directory
@@ -49,7 +48,8 @@ from minicloud.iam.ratelimit import LoginThrottle, RateLimiter
 from minicloud.iam.sessions import SessionKey
 from minicloud.operations import Operations
 from minicloud.pki import NodePKI, ensure_node_pki, write_private
-from minicloud.state import Create, Delete, Record, Store, Txn, TxnFailed
+from minicloud.retention import retention_loops
+from minicloud.state import Create, Record, Store, Txn, TxnFailed
 from minicloud.state.handle import StoreHandle
 from minicloud.state.sqlite import SQLiteStore
 
@@ -228,35 +228,29 @@ async def _operations_ctx(app: web.Application) -> AsyncIterator[None]:
     await ops.close()
 
 
-async def expire_idempotency_keys(store: Store, now: _dt.datetime | None = None) -> int:
-    """Delete idempotency records older than their TTL; returns how many."""
-    now = now or _dt.datetime.now(_dt.UTC)
-    expired = []
-    after = None
-    while True:
-        page = await store.list(IDEMPOTENCY_KIND, after=after, limit=1000)
-        for r in page:
-            if ids.parse_time(r.created_at) + _dt.timedelta(seconds=r.spec.get("expires", 86400)) <= now:
-                expired.append(Delete(kind=r.kind, id=r.id, expect_revision=r.revision))
-        if len(page) < 1000:
-            break
-        after = (page[-1].name, page[-1].id)
-    for start in range(0, len(expired), 500):
-        with contextlib.suppress(TxnFailed):
-            await store.commit(Txn(expired[start : start + 500]))
-    return len(expired)
+def leader_loops(app: web.Application) -> LeaderLoops:
+    """Every duty of the services leader, registered in this one place (see docs/ARCHITECTURE.md, "Leader loops")."""
+    cluster = app[CLUSTER]
+    loops = LeaderLoops(
+        services_leadership(cluster),
+        # A leadership just gained waits out the lease of the previous holder, whose loops stop when it loses it.
+        settle=lambda: float(LEADER_TTL) if cluster.enabled else 0.0,
+    )
+    loops.register(*retention_loops(app[STORE], app[CONFIG]))
+    return loops
 
 
 async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The leader loops (cluster-wide duties: retention) and this node's own periodic work (change-log compaction,
+    API key use)."""
     store = app[STORE]
+    app[LEADER_LOOPS] = leaders = leader_loops(app)
+    await leaders.start()
 
     async def loop() -> None:
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             try:
-                cluster = app[CLUSTER]
-                if not cluster.enabled or cluster.is_leader:  # cluster-wide work: the services leader's job
-                    await expire_idempotency_keys(store)
                 await store.compact()  # this node's own change log
             except Exception:
                 log.exception("housekeeping failed; will retry")
@@ -277,5 +271,6 @@ async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await leaders.close()
     with contextlib.suppress(Exception):
         await app[LAST_USED].flush(store)  # what this node saw since the last flush

@@ -21,3 +21,7 @@ TLS = web.AppKey("tls", ssl.SSLContext)
 COMPUTE = web.AppKey("compute", "ComputeReconciler")
 #: The node's session-token signer (``minicloud.api.login.SessionSigner``).
 SESSION_KEY = web.AppKey("session_key", "SessionSigner")
+#: The services leader's duties (``minicloud.cluster.leader.LeaderLoops``): retention and housekeeping.
+LEADER_LOOPS = web.AppKey("leader_loops", "LeaderLoops")
+#: This node's backup admission (``minicloud.backups.BackupGate``): one at a time, a minimum interval.
+BACKUP_GATE = web.AppKey("backup_gate", "BackupGate")

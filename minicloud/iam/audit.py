@@ -3,7 +3,8 @@
 Audit entries are records of kind ``audit`` in the replicated store, so every node of a cluster sees the same log.
 An allowed change writes its entry **in the same transaction** as the change itself: no change without its entry,
 and no entry for a change that did not happen. Failed and denied requests write theirs afterwards. The log is
-append-only: the store refuses to update or delete ``audit`` records (see :data:`APPEND_ONLY_KINDS`).
+append-only: the store refuses to update or delete ``audit`` records (see :data:`APPEND_ONLY_KINDS`), except that
+the retention leader loop (``minicloud.retention``) deletes entries older than ``retention.audit_days`` (:func:`expired`).
 
 Ids are time-ordered (``au-<milliseconds as 12 hex digits><random>``), so listing in name order is listing in time
 order and ``since`` is a lower bound on the name.
@@ -83,3 +84,9 @@ def entry(
         created_at=stamp,
         updated_at=stamp,
     )
+
+
+def expired(record: Record, now: _dt.datetime, retention: _dt.timedelta) -> bool:
+    """Pure: True if the audit entry ``record`` is older than ``retention`` at ``now`` (the retention loop deletes it).
+    Entries are listed oldest first (time-ordered ids), so the expired ones are always a prefix of the listing."""
+    return ids.parse_time(record.created_at) <= now - retention

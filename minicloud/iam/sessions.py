@@ -29,7 +29,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -223,3 +223,19 @@ def verify(
     if is_revoked(claims.sid):
         raise SessionRevoked("The session was revoked (logged out or disabled); log in again.")
     return claims
+
+
+def expired(record: Any, now: _dt.datetime, leeway: int = DEFAULT_LEEWAY) -> bool:
+    """Pure: True if the ``session`` record can no longer authenticate anything at ``now`` (its ``expires_at`` plus
+    the verification leeway has passed), so the retention loop may delete it. A record without a readable
+    ``expires_at`` is kept (never guess that a credential's record is garbage)."""
+    expires_at = record.spec.get("expires_at")
+    if not isinstance(expires_at, str):
+        return False
+    try:
+        moment = _dt.datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.UTC)
+    return moment + _dt.timedelta(seconds=leeway) <= now

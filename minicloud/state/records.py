@@ -74,9 +74,13 @@ Op = Create | Update | Delete | Check
 
 
 class Txn(msgspec.Struct):
-    """An atomic multi-record transaction: all ops apply at one revision, or none do."""
+    """An atomic multi-record transaction: all ops apply at one revision, or none do.
+
+    ``retention``: this transaction expires old records (the retention leader loops, ``minicloud.retention``, are
+    the only code that sets it; no request input reaches it). It lets ``Delete`` ops remove append-only records."""
 
     ops: list[Op]
+    retention: bool = False
 
 
 class Change(msgspec.Struct, kw_only=True):
@@ -95,8 +99,11 @@ APPEND_ONLY_KINDS = frozenset({"audit"})
 
 
 def check_append_only(txn: Txn) -> None:
-    """Refuse a transaction that would change or remove a record of an append-only kind."""
+    """Refuse a transaction that would change or remove a record of an append-only kind (a retention transaction
+    may remove them, never change them)."""
     for index, op in enumerate(txn.ops):
+        if isinstance(op, Delete) and txn.retention:
+            continue
         kind = op.record.kind if isinstance(op, Update) else op.kind if isinstance(op, Delete) else None
         if kind in APPEND_ONLY_KINDS:
             raise TxnFailed(index, "append-only", op)
