@@ -19,6 +19,8 @@ from minicloud.model import WhoAmI, WhoAmIBinding, WhoAmICredential
 from minicloud.state import Record, Store
 
 routes = Routes("auth")
+#: The ``default`` project has no record; bindings that name projects by id name it so.
+_DEFAULT_PROJECT_ID = "prj-default"
 
 
 @routes.get("/v1/whoami", response=WhoAmI, auth=AUTHENTICATED)
@@ -69,6 +71,8 @@ async def _project_name(store: Store, ref: str | None) -> str | None:
     """A binding's project by name, whether the binding names it by id or by name (null: cluster-wide)."""
     if ref is None:
         return None
+    if ref == _DEFAULT_PROJECT_ID:
+        return "default"
     record = await store.get(PROJECT_KIND, ref)
     return record.name if record is not None else ref
 
