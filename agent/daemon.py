@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from agent import systemd
+from agent.node import attach_node_services
 from minicloud.api.app import create_app
 from minicloud.api.keys import PKI, STORE, TLS
 from minicloud.config import Config
@@ -56,7 +57,7 @@ def _prepare_socket_path(path: Path) -> Path:
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
     """Run the agent until ``stop`` is set. Raises on a start-up failure (port in use, bad socket path)."""
-    app = create_app(config)
+    app = attach_node_services(create_app(config))  # the API, then this node's drivers and reconcilers
     runner = web.AppRunner(
         app,
         access_log_class=AccessLogger,

@@ -36,6 +36,9 @@ class ComputeDriver(Protocol):
     async def domains(self) -> list[DomainInfo]:
         """Every domain the hypervisor knows (the caller tells ours from others by their metadata)."""
 
+    async def domain(self, uuid: str) -> DomainInfo | None:
+        """The domain with this uuid, or None if the hypervisor has none."""
+
     async def define(self, xml: str) -> None:
         """Create or replace the persistent definition (by its uuid)."""
 
@@ -87,6 +90,9 @@ class FakeDriver:
 
     async def domains(self) -> list[DomainInfo]:
         return list(self.doms.values())
+
+    async def domain(self, uuid: str) -> DomainInfo | None:
+        return self.doms.get(uuid)
 
     async def define(self, xml: str) -> None:
         import xml.etree.ElementTree as ET

@@ -138,6 +138,22 @@ class LibvirtDriver:
 
         return await self._call(_list)
 
+    async def domain(self, uuid: str) -> DomainInfo | None:
+        def _get() -> DomainInfo | None:
+            dom = self._lookup(uuid)
+            if dom is None:
+                return None
+            try:
+                state = _STATES.get(dom.state()[0], "other")
+                xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None  # vanished while we looked
+                raise
+            return DomainInfo(uuid=dom.UUIDString(), name=dom.name(), state=state, xml=xml)
+
+        return await self._call(_get)
+
     async def define(self, xml: str) -> None:
         await self._call(lambda: self._connection().defineXML(xml))
 

@@ -1,27 +1,30 @@
-"""``/v1/admin``: whole-state backups (a long-running operation) and their download."""
+"""``/v1/admin``: whole-state backups (a long-running operation), their list, download and deletion.
+
+Backups are files on the node that made them (``minicloud.backups``): these routes answer for the node they are
+sent to. Each node keeps its newest ``retention.backups_keep`` and admits one backup at a time, at most one per
+``retention.backup_min_interval`` seconds."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as _dt
 import hashlib
-import os
-import re
+import time
 from pathlib import Path
 
 import msgspec
 from aiohttp import web
 
-from minicloud import errors
+from minicloud import backups
 from minicloud.api import resources as res
-from minicloud.api.keys import CONFIG, OPERATIONS, STORE
+from minicloud.api.keys import BACKUP_GATE, CONFIG, OPERATIONS, STORE
 from minicloud.api.operations import view as operation_view
 from minicloud.api.routing import Action, Reply, Routes
-from minicloud.model import Operation
+from minicloud.model import Operation, Page
+from minicloud.model.backups import Backup
 from minicloud.operations import Reporter
 
 routes = Routes("admin")
-_BACKUP_NAME = re.compile(r"^backup-[0-9]{8}T[0-9]{6}-[0-9a-f]{8}\.db$")
 
 
 def backups_dir(request: web.Request) -> Path:
@@ -38,44 +41,76 @@ def _sha256(path: Path) -> str:
 
 @routes.post("/v1/admin/backups", response=Operation, status=202, auth=Action("admin:backups:create"))
 async def create_backup(request: web.Request) -> Reply:
-    """Write a consistent backup of the whole state; returns an operation whose result names the file."""
+    """Write a consistent backup of the whole state on this node; returns an operation whose result names the file.
+    409 while another backup runs on this node, 429 within ``retention.backup_min_interval`` of the last one."""
     store = request.app[STORE]
     operations = request.app[OPERATIONS]
+    config = request.app[CONFIG]
+    gate = request.app[BACKUP_GATE]
     directory = backups_dir(request)
-    name = f"backup-{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S}-{os.urandom(4).hex()}.db"
+    name = backups.new_name(_dt.datetime.now(_dt.UTC))
+    keep = config.retention.backups_keep
 
     async def work(report: Reporter) -> dict[str, object]:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        target = directory / name
-        revision = store.revision
-        await report(0, 2, "copying the state database")
-        await store.backup(target)
-        await report(1, 2, "checksumming")
-        digest = await asyncio.to_thread(_sha256, target)
-        await report(2, 2, "done")
-        return {"name": name, "size_bytes": target.stat().st_size, "sha256": digest, "revision": revision}
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            target = directory / name
+            revision = store.revision
+            await report(0, 3, "copying the state database")
+            await store.backup(target)
+            await report(1, 3, "checksumming")
+            digest = await asyncio.to_thread(_sha256, target)
+            await report(2, 3, f"keeping the newest {keep} backups")
+            pruned = await asyncio.to_thread(backups.prune, directory, keep)
+            await report(3, 3, "done")
+            return {
+                "name": name,
+                "size_bytes": target.stat().st_size,
+                "sha256": digest,
+                "revision": revision,
+                "pruned": pruned,
+            }
+        finally:
+            gate.release(record.id)
 
     record = operations.new_record("admin.backup", {"kind": "backup", "name": name}, res.project_of(request))
-    reply = await res.write(
-        request,
-        [res.Create(record)],
-        status=202,
-        kind_name="operation",
-        respond=lambda rev: operation_view(msgspec.structs.replace(record, revision=rev)),
-        headers=lambda rev: {"Location": f"/v1/operations/{record.id}"},
-    )
-    if not reply.headers.get("Idempotent-Replayed"):
+    previous = gate.admit(record.id, time.monotonic(), config.retention.backup_min_interval)
+    try:
+        reply = await res.write(
+            request,
+            [res.Create(record)],
+            status=202,
+            kind_name="operation",
+            respond=lambda rev: operation_view(msgspec.structs.replace(record, revision=rev)),
+            headers=lambda rev: {"Location": f"/v1/operations/{record.id}"},
+        )
+    except BaseException:
+        gate.release(record.id, restore=previous, started=False)
+        raise
+    if reply.headers.get("Idempotent-Replayed"):
+        gate.release(record.id, restore=previous, started=False)
+    else:
         operations.run(record, work)
     return reply
+
+
+@routes.get("/v1/admin/backups", response=Page[Backup], auth=Action("admin:backups:list"))
+async def list_backups(request: web.Request) -> Page[Backup]:
+    """The backup files on this node, newest first (at most ``retention.backups_keep``)."""
+    node = request.app[CONFIG].node_name
+    files = await asyncio.to_thread(backups.listing, backups_dir(request))
+    return Page(items=[Backup(name=f.name, size_bytes=f.size_bytes, created_at=f.created_at, node=node) for f in files])
 
 
 @routes.get("/v1/admin/backups/{name}", auth=Action("admin:backups:get"))
 async def download_backup(request: web.Request) -> web.StreamResponse:
     """Download a backup file made by POST /v1/admin/backups."""
-    name = request.match_info["name"]
-    if not _BACKUP_NAME.match(name):
-        raise errors.NotFound("no such backup; backup names look like backup-20260101T000000-0123abcd.db")
-    path = backups_dir(request) / name
-    if not path.is_file():
-        raise errors.NotFound(f"backup {name} does not exist on this node")
+    path = backups.path_of(backups_dir(request), request.match_info["name"])
     return web.FileResponse(path, headers={"Content-Type": "application/vnd.sqlite3"})
+
+
+@routes.delete("/v1/admin/backups/{name}", status=204, auth=Action("admin:backups:delete"))
+async def delete_backup(request: web.Request) -> Reply:
+    """Delete a backup file on this node."""
+    await asyncio.to_thread(backups.delete, backups_dir(request), request.match_info["name"])
+    return Reply(None, 204)

@@ -34,10 +34,11 @@ from minicloud.api import (
     whoami,
 )
 from minicloud.api.auth import DIRECTORY, LAST_USED, RATE_LIMITER, VERIFIED_KEYS
-from minicloud.api.keys import CLUSTER, COMPUTE, CONFIG, HOST, LEADER_LOOPS, OPERATIONS, PKI, STORE, TLS
+from minicloud.api.keys import BACKUP_GATE, CLUSTER, COMPUTE, CONFIG, HOST, LEADER_LOOPS, OPERATIONS, PKI, STORE, TLS
 from minicloud.api.middleware import audit_middleware, auth_middleware, problem_middleware
 from minicloud.api.routing import set_max_body
 from minicloud.api.users import binding_id
+from minicloud.backups import BackupGate
 from minicloud.cluster.leader import LeaderLoops, services_leadership
 from minicloud.cluster.node import LEADER_TTL, ClusterNode
 from minicloud.config import Config
@@ -103,6 +104,7 @@ def create_app(config: Config, *, host: HostFactsSource | None = None) -> web.Ap
     app[LAST_USED] = LastUsed()
     app[VERIFIED_KEYS] = {}
     app[instances.PLACEMENT_LOCKS] = instances.NodeLocks()
+    app[BACKUP_GATE] = BackupGate()
     openapi.install(app)
     for table in ROUTE_TABLES:
         table.register(app)

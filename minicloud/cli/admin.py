@@ -11,20 +11,58 @@ import sqlite3
 from pathlib import Path
 
 from minicloud.cli.common import CommandError, client, wait_operation
-from minicloud.cli.output import emit
-from minicloud.model import Operation
+from minicloud.cli.output import col, emit
+from minicloud.model import Operation, Page
+from minicloud.model.backups import Backup
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("admin", help="administration: backups")
     verbs = p.add_subparsers(dest="verb", metavar="<verb>", required=True)
-    v = verbs.add_parser("backup", help="back up the whole state to FILE (runs as an operation on the node)")
-    v.add_argument("file")
-    v.set_defaults(func=backup)
+    v = verbs.add_parser(
+        "backup",
+        help="back up the whole state to FILE (an operation on the node); `backup list`, `backup delete NAME`",
+        description="`admin backup FILE` makes a backup on the node and downloads it to FILE; `admin backup list` "
+        "lists the backups kept on the node (the newest retention.backups_keep); `admin backup delete NAME` deletes "
+        "one. A file called list or delete is written with a path: ./list.",
+    )
+    v.add_argument("words", nargs="+", metavar="FILE | list | delete NAME")
+    v.set_defaults(func=backup_command)
     v = verbs.add_parser("restore", help="restore a backup into a stopped node's data directory")
     v.add_argument("file")
     v.add_argument("--data-dir", default=os.environ.get("MINICLOUD_DATA_DIR", "/var/lib/minicloud"))
     v.set_defaults(func=restore)
+
+
+BACKUP_COLUMNS = [col("name", "name"), col("size", "size_bytes"), col("created", "created_at"), col("node", "node")]
+
+
+def backup_command(args: argparse.Namespace) -> int:
+    """``admin backup FILE | list | delete NAME``."""
+    words = args.words
+    if words == ["list"]:
+        return backup_list(args)
+    if words[0] == "delete":
+        if len(words) != 2:
+            raise CommandError("usage: minicloud admin backup delete NAME (names: minicloud admin backup list)", 2)
+        return backup_delete(args, words[1])
+    if len(words) != 1:
+        raise CommandError("usage: minicloud admin backup FILE | list | delete NAME", 2)
+    args.file = words[0]
+    return backup(args)
+
+
+def backup_list(args: argparse.Namespace) -> int:
+    page = client(args).call("GET", "/v1/admin/backups", Page[Backup])
+    emit(page.items, args.output, BACKUP_COLUMNS)
+    return 0
+
+
+def backup_delete(args: argparse.Namespace, name: str) -> int:
+    client(args).call("DELETE", f"/v1/admin/backups/{name}")
+    if args.output == "table":
+        print(f"Deleted backup {name}")
+    return 0
 
 
 def backup(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ Layout in etcd::
     /mc/r/<kind>/<id>               the record (JSON; its revision is implied by the key's mod_revision)
     /mc/n/<kind>/<project>/<name>   the record's id: makes names unique with a compare on create_revision
     /mc/meta                        {"offset": O, "base": B}: how etcd revisions map to resource revisions
+    /mc/txn/<random>                a marker each write transaction puts (on a 2-minute lease): lets a write whose
+                                    reply was lost and that was re-sent tell that its first attempt committed
 
 Writes: :meth:`EtcdStore.commit` turns a :class:`Txn` into one etcd transaction — compare-and-swap on each record's
 mod_revision and on the name keys — so etcd decides every conflict. A successful write returns only once the local
@@ -25,6 +27,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +46,9 @@ from minicloud.state.etcd_client import (
     cmp_mod,
     op_delete,
     op_put,
+    op_range,
     prefix_end,
+    range_kvs,
 )
 from minicloud.state.records import (
     Change,
@@ -64,6 +69,9 @@ log = logging.getLogger(__name__)
 RECORDS = b"/mc/r/"
 NAMES = b"/mc/n/"
 META = b"/mc/meta"
+#: ``/mc/txn/<random>``: one marker per committed transaction, on a short lease (see ``EtcdStore.commit``).
+MARKS = b"/mc/txn/"
+MARK_TTL = 120
 _enc = msgspec.json.Encoder()
 _dec_record = msgspec.json.Decoder(Record)
 _ATTEMPTS = 8
@@ -100,6 +108,9 @@ class EtcdStore:
         self._waiters: dict[int, list[asyncio.Future[list[Change]]]] = {}
         self._last_contact = 0.0
         self._closed = False
+        self._mark_lock = asyncio.Lock()
+        self._mark_lease_id = 0
+        self._mark_lease_at = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -204,11 +215,23 @@ class EtcdStore:
                 "this node cannot reach a quorum of the cluster, so it refuses writes until it can; nothing was "
                 "written. Retry, or send the request to another node"
             )
+        # A marker key written by the transaction itself: the client re-sends a request that timed out to the next
+        # endpoint, and if the first attempt did commit, the re-sent one fails its compares. The failure branch
+        # reads the marker back, so a write that happened is reported as the success it was, never as a conflict.
+        mark = MARKS + secrets.token_hex(12).encode()
         for _ in range(_ATTEMPTS):
             compares, requests = await self._build(txn)
             try:
-                ok, header, _ = await self.client.txn(compares, requests)
-            except EtcdUnavailable as exc:
+                lease = await self._mark_lease()
+                ok, header, responses = await self.client.txn(
+                    compares, [*requests, op_put(mark, b"", lease=lease)], [op_range(mark)]
+                )
+            except EtcdError as exc:
+                if not isinstance(exc, EtcdUnavailable) and "lease not found" in str(exc):
+                    self._mark_lease_id = 0  # expired (or a recovered cluster forgot it): take a new one
+                    continue
+                if not isinstance(exc, EtcdUnavailable):
+                    raise
                 raise errors.Unavailable(
                     "this node lost contact with the cluster's quorum during the write, so it may or may not have "
                     "been applied; retry with the same Idempotency-Key to be sure it happens once "
@@ -218,12 +241,26 @@ class EtcdStore:
             if ok:
                 public = self._public(header)
                 return public, await self._wait_applied(public)
+            applied = range_kvs(responses[0]) if responses else []
+            if applied:  # an earlier attempt of this very transaction committed (its reply was lost)
+                public = self._public(applied[0].mod_revision)
+                return public, await self._wait_applied(public)
             failure = await self._diagnose(txn)
             if failure is not None:
                 raise failure
             # Our replica was behind etcd when we built the compares: catch up and build them again.
             await self._wait_applied(self._public(header))
         raise errors.Conflict("the records kept changing while this write was retried; retry it")
+
+    async def _mark_lease(self) -> int:
+        """The lease transaction markers are written with: a new one every ``MARK_TTL / 2`` seconds, left to
+        expire (etcd then drops its markers), so markers never accumulate and cost one lease grant a minute."""
+        async with self._mark_lock:
+            now = time.monotonic()
+            if not self._mark_lease_id or now - self._mark_lease_at > MARK_TTL / 2:
+                self._mark_lease_id = await self.client.lease_grant(MARK_TTL)
+                self._mark_lease_at = now
+            return self._mark_lease_id
 
     async def _current(self, kind: str, id_: str) -> Record | None:
         return await self.replica.get(kind, id_)

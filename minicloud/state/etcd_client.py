@@ -5,7 +5,9 @@ part of every etcd 3.4+ server, speaks JSON we already decode with msgspec, and 
 Keys and values are bytes (base64 on the wire); 64-bit integers travel as JSON strings and are returned as ints.
 
 The client tries each endpoint in turn and sticks to the first that answers; any transport failure moves on to the
-next one. Requests that reach no endpoint raise :class:`EtcdUnavailable`.
+next one. Requests that reach no endpoint raise :class:`EtcdUnavailable`. A timed-out request may have been applied
+by the endpoint that timed out and is then sent again to the next one: writes must be safe to repeat or, like
+``EtcdStore.commit``, able to tell that the first attempt applied (its transaction marker).
 """
 
 from __future__ import annotations
@@ -113,6 +115,15 @@ def op_put(key: bytes, value: bytes, lease: int = 0) -> dict[str, Any]:
 
 def op_delete(key: bytes) -> dict[str, Any]:
     return {"request_delete_range": {"key": b64(key)}}
+
+
+def op_range(key: bytes) -> dict[str, Any]:
+    return {"request_range": {"key": b64(key)}}
+
+
+def range_kvs(response: dict[str, Any]) -> list[KV]:
+    """The keys a ``request_range`` inside a transaction returned (one entry of ``txn()``'s responses)."""
+    return [KV.from_json(d) for d in response.get("response_range", {}).get("kvs", [])]
 
 
 class EtcdClient:

@@ -1,10 +1,12 @@
 """The compute reconciler against the fake hypervisor and fake network, with a real SQLite store.
 
-Each test drives single passes (``reconcile_once``) so the steps are deterministic; the real libvirt driver is
-exercised by tests/integration/test_compute.py."""
+Most tests drive whole passes by hand (every key the reconciler lists, one after the other: ``world.pass_()``) so the
+steps are deterministic; the last ones run it under the framework's controller. The real libvirt driver is exercised
+by tests/integration/test_compute.py."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import uuid
 
@@ -13,9 +15,10 @@ import pytest
 
 from agent.compute import design
 from agent.compute.driver import DomainInfo, FakeDriver
-from agent.compute.reconciler import ComputeReconciler
 from agent.compute.xml import read_metadata
 from agent.net.default import FakeNetwork, NetworkSpec
+from agent.reconcile import Controller, Result
+from agent.reconcilers.compute import NODE_KEY, ComputeReconciler
 from minicloud import config as cfgmod
 from minicloud import ids
 from minicloud.state import Create, Record, Txn, Update
@@ -38,6 +41,11 @@ def _record(kind: str, id_: str, name: str, spec: dict, project: str = "default"
 class World:
     def __init__(self, store, config, driver, network, reconciler):
         self.store, self.config, self.driver, self.network, self.r = store, config, driver, network, reconciler
+        self.enqueued: list[str] = []  # what the reconciler queued itself (driver events, recovery)
+
+    async def pass_(self) -> dict[str, Result]:
+        """Reconcile every key the reconciler lists, one after the other (what a resync queues)."""
+        return {key: await self.r.reconcile(key) for key in await self.r.all_keys()}
 
     async def add_instance(self, name: str, **spec_changes) -> Record:
         spec = {
@@ -79,15 +87,16 @@ async def world(tmp_path):
     driver = FakeDriver()
     network = FakeNetwork(NetworkSpec(name="default", bridge="mcunit0", cidr=ipaddress.IPv4Network("10.99.0.0/24")))
     r = ComputeReconciler(store=store, config=config, driver=driver, network=network, virt_type="qemu", virt_reason="test")  # fmt: skip
-    await driver.open(lambda u: None)
-    await network.ensure()
-    yield World(store, config, driver, network, r)
+    world = World(store, config, driver, network, r)
+    await r.start(world.enqueued.append)
+    yield world
+    await r.close()
     await store.close()
 
 
 async def test_a_new_instance_is_built_started_and_gets_its_address(world):
     inst = await world.add_instance("web")
-    await world.r.reconcile_once()
+    await world.pass_()
     dom = world.domain(inst)
     assert dom is not None and dom.state == "running"
     meta = read_metadata(dom.xml)
@@ -98,7 +107,7 @@ async def test_a_new_instance_is_built_started_and_gets_its_address(world):
     assert rec.status["state"] == "running" and rec.status["virt_type"] == "qemu"
     assert rec.status["addresses"][0]["ip"] is None  # no lease yet
     ip = world.network.add_lease(design.mac_for(inst.id, 0))
-    await world.r.reconcile_once()
+    await world.pass_()
     assert (await world.get(inst)).status["addresses"] == [
         {"network": "default", "mac": design.mac_for(inst.id, 0), "ip": ip}
     ]
@@ -106,51 +115,51 @@ async def test_a_new_instance_is_built_started_and_gets_its_address(world):
 
 async def test_a_pass_with_nothing_to_do_writes_nothing(world):
     inst = await world.add_instance("quiet")
-    await world.r.reconcile_once()
+    await world.pass_()
     revision = (await world.get(inst)).revision
-    await world.r.reconcile_once()
-    await world.r.reconcile_once()
+    await world.pass_()
+    await world.pass_()
     assert (await world.get(inst)).revision == revision
 
 
 async def test_stop_asks_the_guest_then_reports_stopped_and_start_brings_it_back(world):
     inst = await world.add_instance("svc")
-    await world.r.reconcile_once()
+    await world.pass_()
     await world.change_spec(inst, power="stopped")
-    await world.r.reconcile_once()  # ACPI shutdown asked; the fake guest obeys at once
+    await world.pass_()  # ACPI shutdown asked; the fake guest obeys at once
     assert (await world.get(inst)).status["state"] == "stopping"
-    await world.r.reconcile_once()
+    await world.pass_()
     rec = await world.get(inst)
     assert rec.status["state"] == "stopped" and rec.status["addresses"] == [] and world.domain(inst).state == "shutoff"
     await world.change_spec(inst, power="running")
-    await world.r.reconcile_once()
+    await world.pass_()
     assert (await world.get(inst)).status["state"] == "running" and world.domain(inst).state == "running"
 
 
 async def test_a_resize_while_stopped_redefines_the_domain(world):
     inst = await world.add_instance("grow", power="stopped")
-    await world.r.reconcile_once()
+    await world.pass_()
     assert "<vcpu>1</vcpu>" in world.domain(inst).xml.replace(" ", "")
     await world.change_spec(inst, vcpus=2, memory_mib=256)
-    await world.r.reconcile_once()
+    await world.pass_()
     xml = world.domain(inst).xml
     assert ">2</vcpu>" in xml and "262144" in xml
 
 
 async def test_reboot_is_done_once_per_request(world):
     inst = await world.add_instance("rb")
-    await world.r.reconcile_once()
+    await world.pass_()
     await world.change_spec(inst, reboot={"seq": 1, "force": True})
-    await world.r.reconcile_once()
-    await world.r.reconcile_once()
+    await world.pass_()
+    await world.pass_()
     assert world.driver.reboots[inst.spec["uuid"]] == 1
 
 
 async def test_delete_removes_domain_files_and_record(world):
     inst = await world.add_instance("gone")
-    await world.r.reconcile_once()
+    await world.pass_()
     await world.change_spec(inst, deleted=True)
-    await world.r.reconcile_once()
+    await world.pass_()
     assert await world.get(inst) is None
     assert world.domain(inst) is None
     assert not world.files(inst).exists()
@@ -159,22 +168,22 @@ async def test_delete_removes_domain_files_and_record(world):
 async def test_a_failed_build_leaves_nothing_and_is_not_retried_until_the_spec_changes(world):
     inst = await world.add_instance("broken")
     world.driver.fail_next.add("define")
-    await world.r.reconcile_once()
+    await world.pass_()
     rec = await world.get(inst)
     assert rec.status["state"] == "error" and "fake define failure" in rec.status["reason"]
     assert world.domain(inst) is None and not world.files(inst).exists()
-    await world.r.reconcile_once()
+    await world.pass_()
     assert (await world.get(inst)).revision == rec.revision  # not retried for the same spec
     await world.change_spec(inst, retry=1)  # what `instance start` does for an instance in error
-    await world.r.reconcile_once()
+    await world.pass_()
     assert (await world.get(inst)).status["state"] == "running"
 
 
 async def test_a_guest_that_powers_itself_off_becomes_stopped(world):
     inst = await world.add_instance("selfstop")
-    await world.r.reconcile_once()
+    await world.pass_()
     await world.driver.destroy(inst.spec["uuid"])  # as if the guest ran `poweroff`
-    await world.r.reconcile_once()
+    await world.pass_()
     rec = await world.get(inst)
     assert rec.spec["power"] == "stopped" and rec.status["state"] == "stopped"
     assert "shut itself down" in rec.status["reason"]
@@ -185,20 +194,20 @@ async def test_only_our_domains_are_touched(world):
     await world.driver.define(foreign)
     await world.driver.start("11111111-2222-3333-4444-555555555555")
     inst = await world.add_instance("orphan")
-    await world.r.reconcile_once()
+    await world.pass_()
     # The record disappears behind the agent's back (e.g. deleted while it was down): the domain is an orphan.
     cur = await world.get(inst)
     from minicloud.state import Delete
 
     await world.store.commit(Txn([Delete(kind="instance", id=inst.id, expect_revision=cur.revision)]))
-    await world.r.reconcile_once()
+    await world.pass_()
     assert world.domain(inst) is None and not world.files(inst).exists()
     assert world.driver.doms["11111111-2222-3333-4444-555555555555"].state == "running"
 
 
 async def test_instances_of_other_nodes_are_left_alone(world):
     inst = await world.add_instance("elsewhere", node="n2")
-    await world.r.reconcile_once()
+    await world.pass_()
     assert world.domain(inst) is None
     assert (await world.get(inst)).status == {"state": "pending"}
 
@@ -213,22 +222,33 @@ async def test_capacity_is_published_once(world):
 
 async def test_compute_that_cannot_start_is_retried_and_reported(world):
     from agent.net.default import NetworkConflict
+    from minicloud.state import Delete
 
+    inst = await world.add_instance("waiting")
+    hv = await world.store.get_by_name("hypervisor", "", NODE)
+    await world.store.commit(Txn([Delete(kind="hypervisor", id=hv.id, expect_revision=hv.revision)]))
     world.network.fail_with = NetworkConflict("10.99.0.0/24 is already used by eth9")
-    assert await world.r.prepare() is False
-    assert "already used" in world.r.problem
+    enqueued: list[str] = []
+    r = ComputeReconciler(store=world.store, config=world.config, driver=FakeDriver(), network=world.network, virt_type="qemu", virt_reason="test")  # fmt: skip
+    await r.start(enqueued.append)
+    assert "already used" in r.problem
     assert await world.store.get_by_name("hypervisor", "", NODE) is None  # nothing is placed on a broken node
+    assert await r.reconcile(NODE_KEY) == Result(requeue_after=5.0)  # retried
+    assert await r.reconcile(inst.id) == Result(requeue_after=5.0)  # instances wait for it
+    assert (await world.get(inst)).status == {"state": "pending"}
     world.network.fail_with = None
-    assert await world.r.prepare() is True
-    assert world.r.problem == "" and await world.store.get_by_name("hypervisor", "", NODE) is not None
+    assert await r.reconcile(NODE_KEY) == Result()
+    assert r.problem == "" and await world.store.get_by_name("hypervisor", "", NODE) is not None
+    assert set(enqueued) == {inst.id, NODE_KEY}  # everything that waited is queued again
+    await r.close()
 
 
 async def test_a_running_instance_gets_more_vcpus_by_hot_plug(world):
     inst = await world.add_instance("hot", max_vcpus=4)
-    await world.r.reconcile_once()
+    await world.pass_()
     assert "current='1'>4</vcpu>" in world.domain(inst).xml.replace('"', "'")
     await world.change_spec(inst, vcpus=3)
-    await world.r.reconcile_once()
+    await world.pass_()
     assert "current='3'" in world.domain(inst).xml.replace('"', "'")
     assert world.domain(inst).state == "running"  # no restart
 
@@ -244,7 +264,75 @@ async def test_image_files_no_record_names_are_removed_once_idle(world):
     old = 1_000_000.0  # long ago
     for path in (stale / "disk", stale):
         os.utime(path, (old, old))
-    await world.r.reconcile_once()
+    await world.pass_()
     assert not stale.exists()  # unrecorded and idle: removed
     assert fresh.exists()  # unrecorded but still being written: an import in progress
     assert (images / "img-1" / "kernel").exists()  # recorded: kept
+
+
+async def test_a_record_deleted_behind_our_back_is_torn_down_by_its_own_key(world):
+    inst = await world.add_instance("vanishing")
+    await world.pass_()
+    from minicloud.state import Delete
+
+    cur = await world.get(inst)
+    await world.store.commit(Txn([Delete(kind="instance", id=inst.id, expect_revision=cur.revision)]))
+    assert await world.r.reconcile(inst.id) == Result()  # what the delete's change queues
+    assert world.domain(inst) is None and not world.files(inst).exists()
+
+
+async def test_keys_come_from_this_nodes_instances_and_image_changes_queue_the_node_key(world):
+    from minicloud.state import Change
+
+    mine, theirs = await world.add_instance("mine"), await world.add_instance("theirs", node="n2")
+    assert set(await world.r.all_keys()) == {mine.id, NODE_KEY}
+    change = lambda rec: Change(revision=1, type="updated", kind=rec.kind, id=rec.id, project=rec.project, record=rec)  # noqa: E731
+    assert list(world.r.keys_for(change(mine))) == [mine.id]
+    assert list(world.r.keys_for(change(theirs))) == []
+    image = await world.store.get("image", "img-1")
+    assert list(world.r.keys_for(change(image))) == [NODE_KEY]
+
+
+async def test_a_hypervisor_event_queues_the_instance_of_that_domain(world):
+    inst = await world.add_instance("evented")
+    await world.pass_()
+    world.enqueued.clear()
+    await world.driver.destroy(inst.spec["uuid"])  # libvirt reports the domain stopped
+    await asyncio.sleep(0)  # the fake delivers events on the loop, like the libvirt driver
+    assert world.enqueued == [inst.id]
+
+
+async def test_waiting_for_a_guest_to_stop_or_for_its_lease_polls_the_key(world):
+    inst = await world.add_instance("polled")
+    assert (await world.pass_())[inst.id] == Result(requeue_after=1.0)  # no DHCP lease yet
+    world.network.add_lease(design.mac_for(inst.id, 0))
+    assert (await world.pass_())[inst.id] == Result()
+    world.driver.shutdown = _ignore_acpi  # a guest that does not power off at once
+    await world.change_spec(inst, power="stopped")
+    assert (await world.pass_())[inst.id] == Result(requeue_after=1.0)
+    assert (await world.get(inst)).status["state"] == "stopping"
+
+
+async def _ignore_acpi(uuid: str) -> None:
+    pass
+
+
+async def wait_for(world, rec, check, timeout: float = 20.0):
+    async with asyncio.timeout(timeout):
+        while not check(await world.get(rec)):  # noqa: ASYNC110 - polling the store
+            await asyncio.sleep(0.01)
+
+
+async def test_under_the_controller_an_instance_is_built_stopped_and_deleted_from_record_changes_alone(world):
+    controller = Controller(world.store, world.r, workers=2, resync_interval=3600)
+    await controller.start()
+    try:
+        inst = await world.add_instance("live")
+        await wait_for(world, inst, lambda r: r.status.get("state") == "running")
+        await world.change_spec(inst, power="stopped")
+        await wait_for(world, inst, lambda r: r.status.get("state") == "stopped")
+        await world.change_spec(inst, deleted=True)
+        await wait_for(world, inst, lambda r: r is None)
+        assert world.domain(inst) is None and not world.files(inst).exists()
+    finally:
+        await controller.close()

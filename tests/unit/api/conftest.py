@@ -4,6 +4,7 @@ import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from agent.node import attach_node_services
 from minicloud import config as cfgmod
 from minicloud.api.app import create_app
 from minicloud.api.keys import STORE
@@ -81,7 +82,7 @@ class Api:
 
 
 async def start_api(cfg, extra_routes=()):
-    app = create_app(cfg, host=FakeHost())
+    app = attach_node_services(create_app(cfg, host=FakeHost()))  # the fake hypervisor and network
     for table in extra_routes:
         table.register(app)
     client = TestClient(TestServer(app))

@@ -7,8 +7,9 @@ import asyncio
 import msgspec
 import pytest
 
+from agent.node import COMPUTE
 from minicloud.api import instances
-from minicloud.api.keys import COMPUTE, CONFIG, STORE
+from minicloud.api.keys import CONFIG, STORE
 from minicloud.iam import apikeys
 from minicloud.state import Create, Txn, Update
 

@@ -1,16 +1,21 @@
 """The compute reconciler: converges the hypervisor on this node to the instance records assigned to it.
 
-Level-triggered and idempotent (CONVENTIONS 10, 15): each pass takes the records of this node and the domains the
-hypervisor has, and for each instance does whatever step is missing — build (root disk overlay, NoCloud seed, define),
-start, stop, reboot, redefine after a resize, tear down — then writes the observed ``status`` back through the store.
-A pass runs when an instance or image record changes, when libvirt reports a lifecycle event, and every
-``compute.resync_interval`` seconds. A restarted agent needs nothing special: the next pass adopts running domains
-and finishes (or rolls back) whatever the last one left half done.
+It runs on the framework (:mod:`agent.reconcile`): one key per instance record of this node, plus :data:`NODE_KEY`
+for the node as a whole. ``reconcile(instance id)`` is level-triggered and idempotent (CONVENTIONS 10, 15, 21): it
+reads the record and the domain the hypervisor has, does whatever step is missing — build (root disk overlay,
+NoCloud seed, define), start, stop, reboot, redefine after a resize, CPU hot-plug, tear down — and writes the
+observed ``status`` back with compare-and-swap. ``reconcile(NODE_KEY)`` connects to the hypervisor, converges the
+default network, publishes the node's capacity and collects what no record names (domains, instance directories,
+image files). A key is reconciled when its record changes (an image change queues the node key), when libvirt
+reports a lifecycle event for its domain, every ``compute.resync_interval`` seconds, and sooner when it waits for
+something no record announces (a guest powering off, a DHCP lease). A restarted agent needs nothing special: the
+first resync adopts running domains and finishes (or rolls back) whatever the last run left half done.
 
 Ownership: a domain is ours when its XML carries our metadata (``agent.compute.xml.read_metadata``) *and* its root
 disk lives in this node's ``<data_dir>/instances``; nothing else is ever touched. A failed build is rolled back (no
 domain, overlay or seed remains) and the instance goes to ``error`` with the reason; it is not retried until its
-spec changes (``instance start`` asks again).
+spec changes (``instance start`` asks again). Store errors are not the instance's fault: they propagate, and the
+framework retries the key with backoff.
 
 Files per instance, in ``<data_dir>/instances/<id>/``: ``root.qcow2`` (an overlay on the image, or a blank disk for
 kernel images), ``seed.iso`` (NoCloud), ``console.log`` (serial port, appended across restarts), ``nvram.fd`` (UEFI).
@@ -28,6 +33,7 @@ import shutil
 import subprocess
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +45,23 @@ from agent.compute import design, seed
 from agent.compute.driver import ComputeDriver, DomainInfo, DriverError
 from agent.compute.xml import InstanceMetadata, read_metadata
 from agent.net.default import NetworkDriver, NetworkError
-from minicloud import ids
+from agent.reconcile import Result, update_record
+from minicloud import errors, ids
 from minicloud.compute import images as image_files
-from minicloud.compute.scheduler import HYPERVISOR_KIND
+from minicloud.compute.kinds import HYPERVISOR_KIND, IMAGE_KIND, INSTANCE_KIND
 from minicloud.config import Config
-from minicloud.state import Create, Delete, Record, Store, Txn, TxnFailed, Update, list_all
+from minicloud.state import Change, Create, Delete, Record, Store, Txn, TxnFailed, Update, list_all
 
 log = logging.getLogger("minicloud.compute")
-INSTANCE_KIND = "instance"
-IMAGE_KIND = "image"
 NETWORK_NAME = "default"
+#: The key of the node-wide work (hypervisor connection, network, capacity, garbage); no record id looks like it.
+NODE_KEY = ":node"
 #: Unrecorded image files are removed once nothing has written to them for this long (an import in progress writes).
 _STRAY_IMAGE_IDLE = 600.0
+#: How soon to look again while something is expected without a record change (a guest powering off, a lease).
+_POLL = 1.0
+#: How soon to retry while the hypervisor or the network cannot be used.
+_UNAVAILABLE_RETRY = 5.0
 
 
 class BuildError(Exception):
@@ -68,6 +79,11 @@ def _spec_fingerprint(spec: dict[str, Any]) -> str:
 
 
 class ComputeReconciler:
+    """See the module docstring. Construct it, then run it with ``Controller(store, reconciler).start()``."""
+
+    name = "compute"
+    kinds = frozenset({INSTANCE_KIND, IMAGE_KIND})
+
     def __init__(
         self,
         *,
@@ -87,43 +103,53 @@ class ComputeReconciler:
         self.virt_reason = virt_reason
         self.instances_dir = config.data_path / "instances"
         self.images_dir = config.data_path / "images"
-        self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._enqueue: Callable[[str], None] = lambda key: None
         self._stop_requested: dict[str, float] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._awaiting_lease: set[str] = set()
+        self._lease_wait_since: dict[str, float] = {}
+        #: Instance id by domain uuid, for libvirt's lifecycle events (and the reverse, for records deleted behind
+        #: our back); learnt from the records reconciled, so lost on restart, when the node key's sweep takes over.
+        self._ids: dict[str, str] = {}
+        self._uuids: dict[str, str] = {}
         self._connected = False
         self._network_checked = 0.0
         #: Why compute does not work on this node right now ("" when it does).
         self.problem = ""
-        self._lease_wait_since: dict[str, float] = {}
 
-    # -- lifecycle -------------------------------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Start the passes. Connecting to the hypervisor and building the network happen in the first pass and are
-        retried until they work, so a node whose libvirtd is down (or whose subnet is taken) still serves the API
-        and says what is wrong in its log; its capacity is published only once compute works."""
+    # -- the framework's side ----------------------------------------------------------------------------------------
+    async def start(self, enqueue: Callable[[str], None]) -> None:
+        """Connecting to the hypervisor and building the network are tried once here (so a healthy node has
+        published its capacity before the API serves) and then by the node key until they work, so a node whose
+        libvirtd is down (or whose subnet is taken) still serves the API and says what is wrong in its log."""
+        self._enqueue = enqueue
         self.instances_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        await self.prepare()  # so a healthy node has published its capacity before the API serves
-        sub = self.store.subscribe()
-        self._tasks = [
-            asyncio.create_task(self._watch(sub), name="compute-watch"),
-            asyncio.create_task(self._loop(), name="compute-reconciler"),
-        ]
-        self._sub = sub
+        await self.prepare()
 
     async def close(self) -> None:
-        self._sub.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.driver.close()
 
-    async def _watch(self, sub: Any) -> None:
-        async for change in sub:
-            if change.kind in (INSTANCE_KIND, IMAGE_KIND):
-                self._wake.set()
+    def keys_for(self, change: Change) -> Iterable[str]:
+        if change.kind == INSTANCE_KIND:
+            if change.record.spec.get("node") == self.node:
+                yield change.id
+        else:  # an image: its files may have become strays
+            yield NODE_KEY
 
+    async def all_keys(self) -> list[str]:
+        return [r.id for r in await self._records()] + [NODE_KEY]
+
+    async def reconcile(self, key: str) -> Result:
+        if key == NODE_KEY:
+            return await self._reconcile_node()
+        return await self._reconcile_instance(key)
+
+    def _on_domain_event(self, uuid: str) -> None:
+        self._enqueue(self._ids.get(uuid, NODE_KEY))
+
+    async def _records(self) -> list[Record]:
+        """The instance records assigned to this node."""
+        return await list_all(self.store, INSTANCE_KIND, where={"node": self.node})  # indexed, not a scan
+
+    # -- the node ----------------------------------------------------------------------------------------------------
     async def prepare(self) -> bool:
         """Connect to the hypervisor and converge the network (again every resync interval); False if not possible."""
         now = time.monotonic()
@@ -131,7 +157,7 @@ class ComputeReconciler:
             return True
         try:
             if not self._connected:
-                await self.driver.open(lambda uuid: self._wake.set())
+                await self.driver.open(self._on_domain_event)
                 self._connected = True
             if self.network is not None:
                 await self.network.ensure()
@@ -144,25 +170,18 @@ class ComputeReconciler:
             return False
         if self.problem:
             log.info("compute is available again")
-        self.problem = ""
+            self.problem = ""
+            for key in await self.all_keys():  # they were waiting for this
+                self._enqueue(key)
         return True
 
-    async def _loop(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                if await self.prepare():
-                    await self.reconcile_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("compute pass failed; will retry")
-            # Poll faster while something is expected soon: a guest to power off, or a DHCP lease to appear.
-            fast = self._stop_requested or self._awaiting_lease
-            timeout = 1.0 if fast else 5.0 if self.problem else self.config.compute.resync_interval
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
+    async def _reconcile_node(self) -> Result:
+        if not await self.prepare():
+            return Result(requeue_after=_UNAVAILABLE_RETRY)
+        records = await self._records()
+        ours = {d.uuid: d for d in await self.driver.domains() if self._is_ours(d)}
+        await self._collect_orphans(records, ours)
+        return Result()
 
     # -- capacity --------------------------------------------------------------------------------------------------
     async def publish_capacity(self) -> None:
@@ -198,15 +217,50 @@ class ComputeReconciler:
             except TxnFailed:
                 continue
 
-    # -- one pass --------------------------------------------------------------------------------------------------
-    async def reconcile_once(self) -> None:
-        self._awaiting_lease.clear()
-        records = await list_all(self.store, INSTANCE_KIND, where={"node": self.node})  # indexed, not a scan
-        domains = await self.driver.domains()
-        ours = {d.uuid: d for d in domains if self._is_ours(d)}
+    # -- one instance ------------------------------------------------------------------------------------------------
+    async def _reconcile_instance(self, instance_id: str) -> Result:
+        if not self._connected or self.problem:
+            return Result(requeue_after=_UNAVAILABLE_RETRY)  # and prepare() queues every key once it works
+        record = await self.store.get(INSTANCE_KIND, instance_id)
+        if record is None:
+            await self._forget(instance_id)
+            return Result()
+        if record.spec.get("node") != self.node:
+            return Result()
+        uuid = record.spec["uuid"]
+        self._ids[uuid], self._uuids[record.id] = record.id, uuid
+        dom = await self.driver.domain(uuid)
+        if dom is not None and not self._is_ours(dom):
+            dom = None
         leases = self.network.leases() if self.network is not None else {}
-        await asyncio.gather(*(self._guarded(r, ours.get(r.spec["uuid"]), leases) for r in records))
-        await self._collect_orphans(records, ours)
+        try:
+            return await self.converge(record, dom, leases)
+        except (asyncio.CancelledError, TxnFailed, errors.MinicloudError):
+            raise  # cancelled, or the store failed us: not the instance's fault; the framework retries with backoff
+        except (DriverError, BuildError, OSError) as exc:
+            log.warning("instance step failed", extra={"instance": record.id, "error": str(exc)})
+            await self._set_status(record.id, state="error", reason=str(exc), error_spec=_spec_fingerprint(record.spec))
+        except Exception as exc:
+            log.exception("converging an instance failed", extra={"instance": record.id})
+            reason = f"internal error ({type(exc).__name__}); see the agent log on node {self.node}"
+            await self._set_status(record.id, state="error", reason=reason, error_spec=_spec_fingerprint(record.spec))
+        return Result()
+
+    async def _forget(self, instance_id: str) -> None:
+        """The record is gone. If we tore it down ourselves there is nothing left; if it was deleted behind our back
+        (another node, a restore) remove its domain and files now, or leave them to the node key's sweep."""
+        uuid = self._uuids.pop(instance_id, None)
+        self._stop_requested.pop(instance_id, None)
+        self._lease_wait_since.pop(instance_id, None)
+        if uuid is not None:
+            self._ids.pop(uuid, None)
+            dom = await self.driver.domain(uuid)
+            if dom is not None and self._is_ours(dom):
+                log.warning("removing the domain of a deleted instance record", extra={"instance": instance_id})
+                await self._teardown(instance_id, uuid)
+                return
+        if (self.instances_dir / instance_id).exists():
+            self._enqueue(NODE_KEY)
 
     def _is_ours(self, dom: DomainInfo) -> bool:
         try:
@@ -215,43 +269,23 @@ class ComputeReconciler:
             return False
         return meta is not None and str(self.instances_dir / meta.id) in dom.xml
 
-    async def _guarded(self, record: Record, dom: DomainInfo | None, leases: dict[str, str]) -> None:
-        lock = self._locks.setdefault(record.id, asyncio.Lock())
-        if lock.locked():
-            self._wake.set()  # the running converge will be followed by another pass
-            return
-        async with lock:
-            try:
-                await self.converge(record, dom, leases)
-            except asyncio.CancelledError:
-                raise
-            except (DriverError, BuildError, OSError) as exc:
-                log.warning("instance step failed", extra={"instance": record.id, "error": str(exc)})
-                await self._set_status(
-                    record.id, state="error", reason=str(exc), error_spec=_spec_fingerprint(record.spec)
-                )
-            except Exception as exc:
-                log.exception("converging an instance failed", extra={"instance": record.id})
-                reason = f"internal error ({type(exc).__name__}); see the agent log on node {self.node}"
-                await self._set_status(
-                    record.id, state="error", reason=reason, error_spec=_spec_fingerprint(record.spec)
-                )
-
-    async def converge(self, record: Record, dom: DomainInfo | None, leases: dict[str, str]) -> None:
+    async def converge(self, record: Record, dom: DomainInfo | None, leases: dict[str, str]) -> Result:
         spec, status = record.spec, record.status or {}
         uuid = spec["uuid"]
         if spec.get("deleted"):
             await self._teardown(record.id, uuid)
             self._stop_requested.pop(record.id, None)
-            with contextlib.suppress(TxnFailed):
+            self._lease_wait_since.pop(record.id, None)
+            with contextlib.suppress(TxnFailed):  # changed meanwhile: that change queues us again
                 await self.store.commit(
                     Txn([Delete(kind=INSTANCE_KIND, id=record.id, expect_revision=record.revision)])
                 )
-            self._locks.pop(record.id, None)
+            self._uuids.pop(record.id, None)
+            self._ids.pop(uuid, None)
             log.info("instance deleted", extra={"instance": record.id})
-            return
+            return Result()
         if status.get("state") == "error" and status.get("error_spec") == _spec_fingerprint(spec):
-            return  # failed for this very spec: wait for the user to change something (or `instance start`)
+            return Result()  # failed for this very spec: wait for the user to change something (or `instance start`)
         if dom is None:
             await self._set_status(record.id, state="building", reason="")
             try:
@@ -265,11 +299,10 @@ class ComputeReconciler:
             if _shape(dom.xml) != _shape(xml):
                 await self.driver.define(xml)  # resized while stopped
         if spec["power"] == "running":
-            await self._converge_running(record, dom, leases)
-        else:
-            await self._converge_stopped(record, dom)
+            return await self._converge_running(record, dom, leases)
+        return await self._converge_stopped(record, dom)
 
-    async def _converge_running(self, record: Record, dom: DomainInfo, leases: dict[str, str]) -> None:
+    async def _converge_running(self, record: Record, dom: DomainInfo, leases: dict[str, str]) -> Result:
         spec, status = record.spec, record.status or {}
         uuid = spec["uuid"]
         self._stop_requested.pop(record.id, None)
@@ -281,7 +314,7 @@ class ComputeReconciler:
                     spec={"power": "stopped"},
                     status={"state": "stopped", "reason": "the guest shut itself down", "stopped_at": ids.now()},
                 )
-                return
+                return Result()
             await self.driver.start(uuid)
             self._lease_wait_since.pop(record.id, None)
         if dom.xml and _current_vcpus(dom.xml) not in (0, spec["vcpus"]):
@@ -293,11 +326,12 @@ class ComputeReconciler:
             changes["reboot_seq"] = reboot["seq"]
         mac = design.mac_for(record.id, 0)
         addresses = [{"network": NETWORK_NAME, "mac": mac, "ip": leases.get(mac)}] if self.network is not None else []
+        result = Result()
         if self.network is not None and leases.get(mac) is None:
             # Poll for the lease for the first two minutes after start; a guest without DHCP must not keep us busy.
             since = self._lease_wait_since.setdefault(record.id, time.monotonic())
             if time.monotonic() - since < 120:
-                self._awaiting_lease.add(record.id)
+                result = Result(requeue_after=_POLL)
         else:
             self._lease_wait_since.pop(record.id, None)
         await self._set_status(
@@ -309,8 +343,9 @@ class ComputeReconciler:
             launched_at=status.get("launched_at") if status.get("state") == "running" else ids.now(),
             **changes,
         )
+        return result
 
-    async def _converge_stopped(self, record: Record, dom: DomainInfo) -> None:
+    async def _converge_stopped(self, record: Record, dom: DomainInfo) -> Result:
         uuid = record.spec["uuid"]
         status = record.status or {}
         if dom.state not in ("shutoff",):
@@ -327,10 +362,11 @@ class ComputeReconciler:
                     await self.driver.shutdown(uuid)
                     self._stop_requested[record.id] = time.monotonic()
                 await self._set_status(record.id, state="stopping", reason="")
-                return
+                return Result(requeue_after=_POLL)  # until the guest is off, or the timeout forces it
         self._stop_requested.pop(record.id, None)
         if status.get("state") != "stopped":
             await self._set_status(record.id, state="stopped", reason="", addresses=[], stopped_at=ids.now())
+        return Result()
 
     # -- building and tearing down -----------------------------------------------------------------------------------
     def domain_name(self, record: Record) -> str:
@@ -452,23 +488,17 @@ class ComputeReconciler:
 
     async def _update(self, instance_id: str, *, status: dict[str, Any], spec: dict[str, Any] | None = None) -> None:
         """Merge ``status`` (and ``spec``) changes into the record with compare-and-swap; no write when nothing
-        changes. A deleted record is left alone."""
-        for _ in range(10):
-            record = await self.store.get(INSTANCE_KIND, instance_id)
-            if record is None:
-                return
+        changes. A record being deleted keeps its ``deleting`` state."""
+
+        def merge(record: Record) -> Record:
+            changes = status
             if record.spec.get("deleted") and status.get("state") not in (None, "deleting"):
-                status = {k: v for k, v in status.items() if k != "state"}
-            new_status = {**(record.status or {}), **status}
-            new_spec = {**record.spec, **(spec or {})}
-            if new_status == record.status and new_spec == record.spec:
-                return
-            updated = msgspec.structs.replace(record, status=new_status, spec=new_spec, updated_at=ids.now())
-            try:
-                await self.store.commit(Txn([Update(updated, expect_revision=record.revision)]))
-                return
-            except TxnFailed:
-                continue
+                changes = {k: v for k, v in status.items() if k != "state"}
+            return msgspec.structs.replace(
+                record, status={**(record.status or {}), **changes}, spec={**record.spec, **(spec or {})}
+            )
+
+        await update_record(self.store, INSTANCE_KIND, instance_id, merge)
 
 
 _UNITS = {"b": 1, "bytes": 1, "kib": 1024, "k": 1024, "mib": 1 << 20, "m": 1 << 20, "gib": 1 << 30, "g": 1 << 30}

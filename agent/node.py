@@ -1,0 +1,75 @@
+"""The node's services, composed onto the API application: host facts, drivers, reconcilers.
+
+``minicloud/api/`` builds the HTTP application and knows nothing of the node's drivers; the daemon calls
+:func:`attach_node_services` on that application before serving, and so does any test that needs compute. Each
+long-lived service is one ``cleanup_ctx`` (CONVENTIONS 14), appended after the application's own, so the store is
+open before a reconciler starts and still open after it stops.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from agent.compute.driver import make_driver
+from agent.host import HostFacts, choose_virt, detect_virt
+from agent.net.default import DRIVERS as NETWORK_DRIVERS
+from agent.net.default import NetworkDriver, NetworkSpec
+from agent.reconcile import Controller
+from agent.reconcilers.compute import ComputeReconciler
+from minicloud.api.keys import CONFIG, HOST, STORE
+from minicloud.config import Config
+
+#: This node's compute reconciler (absent with ``compute.driver = none``); tests reach the fake hypervisor through it.
+COMPUTE = web.AppKey("compute", ComputeReconciler)
+#: How many instances the compute reconciler converges at once (each key is still one at a time).
+COMPUTE_WORKERS = 4
+
+
+def attach_node_services(app: web.Application) -> web.Application:
+    """Add this node's services to an application made by ``minicloud.api.app.create_app``: the host facts
+    ``GET /v1/node`` shows (unless the caller already set stand-ins) and, unless ``compute.driver = none``, the
+    compute reconciler with its hypervisor driver and default network. Call it before the application starts.
+    Returns ``app``."""
+    config = app[CONFIG]
+    if HOST not in app:
+        app[HOST] = HostFacts(config.node_name, virt_setting=config.compute.virt_type)
+    if config.compute.driver != "none":
+        app.cleanup_ctx.append(_compute_ctx)
+    return app
+
+
+def default_network(config: Config) -> NetworkDriver | None:
+    """The node's default network driver (a fake one with the fake hypervisor), or None when it is disabled."""
+    if not config.network.enabled:
+        return None
+    spec = NetworkSpec(
+        name="default",
+        bridge=config.network.bridge,
+        cidr=ipaddress.IPv4Network(config.network.cidr),
+        masquerade=config.network.masquerade,
+    )
+    kind = "fake" if config.compute.driver == "fake" else "bridge"
+    return NETWORK_DRIVERS[kind](spec, config.data_path / "networks" / "default")
+
+
+async def _compute_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    virt_type, reason = choose_virt(config.compute.virt_type, detect_virt())
+    reconciler = ComputeReconciler(
+        store=app[STORE],
+        config=config,
+        driver=make_driver(config.compute.driver, config.compute.libvirt_uri),
+        network=default_network(config),
+        virt_type=virt_type,
+        virt_reason=reason,
+    )
+    controller = Controller(
+        app[STORE], reconciler, workers=COMPUTE_WORKERS, resync_interval=config.compute.resync_interval
+    )
+    await controller.start()
+    app[COMPUTE] = reconciler
+    yield
+    await controller.close()
