@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -34,7 +33,7 @@ from minicloud.api import (
     whoami,
 )
 from minicloud.api.auth import DIRECTORY, LAST_USED, RATE_LIMITER, VERIFIED_KEYS
-from minicloud.api.keys import BACKUP_GATE, CLUSTER, COMPUTE, CONFIG, HOST, LEADER_LOOPS, OPERATIONS, PKI, STORE, TLS
+from minicloud.api.keys import BACKUP_GATE, CLUSTER, CONFIG, HOST, LEADER_LOOPS, OPERATIONS, PKI, STORE, TLS
 from minicloud.api.middleware import audit_middleware, auth_middleware, problem_middleware
 from minicloud.api.routing import set_max_body
 from minicloud.api.users import binding_id
@@ -55,7 +54,7 @@ from minicloud.state.handle import StoreHandle
 from minicloud.state.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
-    from agent.host import HostFactsSource
+    from minicloud.api.keys import HostFactsSource
 
 log = logging.getLogger("minicloud.agent")
 ROUTE_TABLES = [
@@ -81,7 +80,9 @@ HOUSEKEEPING_INTERVAL = 60.0
 
 def create_app(config: Config, *, host: HostFactsSource | None = None) -> web.Application:
     """Build the node's API application. Opening the store and starting loops happen in the app's cleanup contexts,
-    so the same app works under ``web.run_app``, an ``AppRunner`` or aiohttp's test client."""
+    so the same app works under ``web.run_app``, an ``AppRunner`` or aiohttp's test client. The node's own services
+    (host facts, drivers, reconcilers) are not the API's: ``agent.node.attach_node_services(app)`` adds them; ``host``
+    sets stand-in host facts (tests)."""
     app = web.Application(
         middlewares=[audit_middleware, problem_middleware, auth_middleware],
         client_max_size=config.api.max_body_bytes,
@@ -91,11 +92,8 @@ def create_app(config: Config, *, host: HostFactsSource | None = None) -> web.Ap
     config.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     app[PKI] = ensure_node_pki(config.data_path, config.node_name)
     app[TLS] = server_ssl_context(app[PKI])
-    if host is None:
-        from agent.host import HostFacts
-
-        host = HostFacts(config.node_name, virt_setting=config.compute.virt_type)
-    app[HOST] = host
+    if host is not None:
+        app[HOST] = host  # else the node's own: agent.node.attach_node_services
     app[login.SESSION_KEY] = login.SessionSigner(load_session_key(config.data_path / "pki" / "session.key"))
     app[login.THROTTLE] = LoginThrottle()
     app[accesskeys.KEYSTORE] = KeyStore(config.data_path / "keys")
@@ -113,45 +111,7 @@ def create_app(config: Config, *, host: HostFactsSource | None = None) -> web.Ap
     app.cleanup_ctx.append(_bootstrap_ctx)
     app.cleanup_ctx.append(_operations_ctx)
     app.cleanup_ctx.append(_housekeeping_ctx)
-    app.cleanup_ctx.append(_compute_ctx)
     return app
-
-
-async def _compute_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The compute reconciler of this node (and its default network), unless ``compute.driver = none``."""
-    config = app[CONFIG]
-    if config.compute.driver == "none":
-        yield
-        return
-    from agent.compute.driver import make_driver
-    from agent.compute.reconciler import ComputeReconciler
-    from agent.host import choose_virt, detect_virt
-    from agent.net.default import DRIVERS as NETWORK_DRIVERS
-    from agent.net.default import NetworkDriver, NetworkSpec
-
-    virt_type, reason = choose_virt(config.compute.virt_type, detect_virt())
-    network: NetworkDriver | None = None
-    if config.network.enabled:
-        spec = NetworkSpec(
-            name="default",
-            bridge=config.network.bridge,
-            cidr=ipaddress.IPv4Network(config.network.cidr),
-            masquerade=config.network.masquerade,
-        )
-        kind = "fake" if config.compute.driver == "fake" else "bridge"
-        network = NETWORK_DRIVERS[kind](spec, config.data_path / "networks" / "default")
-    reconciler = ComputeReconciler(
-        store=app[STORE],
-        config=config,
-        driver=make_driver(config.compute.driver, config.compute.libvirt_uri),
-        network=network,
-        virt_type=virt_type,
-        virt_reason=reason,
-    )
-    await reconciler.start()
-    app[COMPUTE] = reconciler
-    yield
-    await reconciler.close()
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
