@@ -14,12 +14,11 @@ import secrets
 import msgspec
 from aiohttp import web
 
-from minicloud import errors, ids
+from minicloud import ids
+from minicloud.api import credentials
 from minicloud.api import resources as res
-from minicloud.api.auth import authorize, principal_of
-from minicloud.api.keys import STORE
 from minicloud.api.routing import Action, Reply, Routes
-from minicloud.iam.directory import USER_KIND
+from minicloud.iam import principals
 from minicloud.iam.keystore import KeyStore
 from minicloud.model import AccessKey, AccessKeyCreate, AccessKeySecret, Page
 from minicloud.state import Record
@@ -51,16 +50,8 @@ async def list_access_keys(request: web.Request, query: res.ListQuery) -> Page[A
 )
 async def create_access_key(request: web.Request, body: AccessKeyCreate) -> Reply:
     """Create an access key pair; the secret is in this response only."""
-    caller = principal_of(request)
-    if body.user is not None:
-        user = await request.app[STORE].get_by_name(USER_KIND, "", body.user)
-        if user is None:
-            raise errors.NotFound(f"no user named '{body.user}'; create it with `minicloud user create {body.user}`")
-        owner = f"{user.spec.get('type', 'user')}:{user.name}"
-        if owner != caller.ref:
-            await authorize(request, caller, "iam:users:update", "", cluster=True)
-    else:
-        owner = caller.ref if caller.kind in ("user", "serviceaccount") else "user:admin"
+    user, guard = await credentials.owner_of_new(request, body.user)
+    owner = principals.ref_of(user)
     key_id = new_access_key_id()
     secret = base64.b64encode(os.urandom(30)).decode()  # 40 characters, like AWS secret access keys
     sealed = request.app[KEYSTORE].encrypt(secret.encode(), context=key_id.encode())
@@ -69,11 +60,15 @@ async def create_access_key(request: web.Request, body: AccessKeyCreate) -> Repl
         kind=KIND.name, id=key_id, project=res.project_of(request), name=body.name,
         spec={"principal": owner, "description": body.description, "secret": sealed}, created_at=stamp, updated_at=stamp,
     )  # fmt: skip
-    return await res.create(
+    return await res.write(
         request,
-        KIND,
-        record,
-        respond=lambda r: AccessKeySecret(**msgspec.structs.asdict(view(r)), secret_access_key=secret),
+        [res.Create(record), guard],
+        status=201,
+        kind_name=KIND.name,
+        respond=lambda rev: AccessKeySecret(
+            **msgspec.structs.asdict(view(msgspec.structs.replace(record, revision=rev))), secret_access_key=secret
+        ),
+        headers=lambda rev: {"Location": f"/v1/accesskeys/{record.id}", **res.etag(rev)},
     )
 
 
@@ -86,8 +81,11 @@ async def show_access_key(request: web.Request) -> Reply:
 
 @routes.delete("/v1/accesskeys/{ref}", status=204, auth=Action("iam:accesskeys:delete"))
 async def delete_access_key(request: web.Request) -> Reply:
-    """Delete an access key pair."""
-    return await res.delete(request, KIND)
+    """Delete an access key pair (one of a principal with cluster-wide roles: only that principal or a cluster
+    administrator may)."""
+    record = await res.resolve(request, KIND)
+    await credentials.may_revoke(request, record, "access key")
+    return await res.delete(request, KIND, record)
 
 
 def secret_of(keystore: KeyStore, record: Record) -> str:

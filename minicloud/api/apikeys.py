@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import secrets
+
+import msgspec
 from aiohttp import web
 
-from minicloud import errors
+from minicloud.api import credentials
 from minicloud.api import resources as res
-from minicloud.api.auth import authorize, principal_of
-from minicloud.api.keys import STORE
 from minicloud.api.routing import Action, Reply, Routes
-from minicloud.iam import apikeys
-from minicloud.iam.directory import USER_KIND
+from minicloud.iam import apikeys, principals
 from minicloud.model import ApiKey, ApiKeyCreate, ApiKeySecret, Page
 
 routes = Routes("apikeys")
@@ -25,21 +25,21 @@ async def list_apikeys(request: web.Request, query: res.ListQuery) -> Page[ApiKe
 
 @routes.post("/v1/apikeys", body=ApiKeyCreate, response=ApiKeySecret, status=201, auth=Action("iam:apikeys:create"))
 async def create_apikey(request: web.Request, body: ApiKeyCreate) -> Reply:
-    """Create an API key; the response holds its secret, shown only this once."""
-    caller = principal_of(request)
-    if body.user is not None:
-        user = await request.app[STORE].get_by_name(USER_KIND, "", body.user)
-        if user is None:
-            raise errors.NotFound(f"no user named '{body.user}'; create it with `minicloud user create {body.user}`")
-        owner = f"{user.spec.get('type', 'user')}:{user.name}"
-        if owner != caller.ref:  # keys for someone else: user administration
-            await authorize(request, caller, "iam:users:update", "", cluster=True)
-    else:
-        owner = caller.ref if caller.kind in ("user", "serviceaccount") else "user:admin"
+    """Create an API key acting as `user` (default: you); the response holds its secret, shown only this once.
+    Without a name, the key is named `<user>-<random>`."""
+    user, guard = await credentials.owner_of_new(request, body.user)
+    name = body.name or f"{user.name[:55]}-{secrets.token_hex(3)}"
     record, token = apikeys.new_key(
-        res.project_of(request), body.name, body.description, body.expires_in, body.labels, principal=owner
+        res.project_of(request), name, body.description, body.expires_in, body.labels, principal=principals.ref_of(user)
     )
-    return await res.create(request, KIND, record, respond=lambda r: apikeys.view_with_secret(r, token))
+    return await res.write(
+        request,
+        [res.Create(record), guard],
+        status=201,
+        kind_name=KIND.name,
+        respond=lambda rev: apikeys.view_with_secret(msgspec.structs.replace(record, revision=rev), token),
+        headers=lambda rev: {"Location": f"/v1/apikeys/{record.id}", **res.etag(rev)},
+    )
 
 
 @routes.get("/v1/apikeys/{ref}", response=ApiKey, auth=Action("iam:apikeys:get"))
@@ -51,5 +51,8 @@ async def show_apikey(request: web.Request) -> Reply:
 
 @routes.delete("/v1/apikeys/{ref}", status=204, auth=Action("iam:apikeys:delete"))
 async def delete_apikey(request: web.Request) -> Reply:
-    """Revoke (delete) an API key; requests using it fail from now on."""
-    return await res.delete(request, KIND)
+    """Revoke (delete) an API key; requests using it fail from now on. A key of a principal with cluster-wide roles
+    can be revoked only by that principal or a cluster administrator."""
+    record = await res.resolve(request, KIND)
+    await credentials.may_revoke(request, record, "API key")
+    return await res.delete(request, KIND, record)

@@ -44,6 +44,7 @@ from minicloud.config import Config
 from minicloud.iam.apikeys import LastUsed
 from minicloud.iam.directory import BINDING_KIND, USER_KIND, Directory
 from minicloud.iam.keystore import KeyStore
+from minicloud.iam.principals import ADMIN_REF, upgrade_refs
 from minicloud.iam.ratelimit import LoginThrottle, RateLimiter
 from minicloud.iam.sessions import SessionKey
 from minicloud.operations import Operations
@@ -163,10 +164,11 @@ async def bootstrap_admin(store: Store) -> bool:
         return False
     stamp = ids.now()
     user = Record(kind=USER_KIND, id="usr-admin", project="", name="admin", spec={"type": "user"}, created_at=stamp, updated_at=stamp)  # fmt: skip
-    grant_id = binding_id("user:admin", "admin", None)
+    grant_id = binding_id(ADMIN_REF, "admin", None)
     grant = Record(
         kind=BINDING_KIND, id=grant_id, project="", name=grant_id,
-        spec={"principal": "user:admin", "role": "admin", "project": None}, created_at=stamp, updated_at=stamp,
+        spec={"principal": ADMIN_REF, "principal_name": "admin", "role": "admin", "project": None},
+        created_at=stamp, updated_at=stamp,
     )  # fmt: skip
     try:
         await store.commit(Txn([Create(user), Create(grant)]))
@@ -177,6 +179,10 @@ async def bootstrap_admin(store: Store) -> bool:
 
 async def _bootstrap_ctx(app: web.Application) -> AsyncIterator[None]:
     await bootstrap_admin(app[STORE])
+    try:  # credentials and bindings of databases written when principals were named by name
+        await upgrade_refs(app[STORE])
+    except errors.MinicloudError:
+        log.warning("IAM references not upgraded (no quorum?); the next start tries again")
     yield
 
 

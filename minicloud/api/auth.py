@@ -16,8 +16,8 @@ from aiohttp import web
 
 from minicloud import errors, ids
 from minicloud.api.keys import SESSION_KEY, STORE
-from minicloud.iam import apikeys, policy, sessions
-from minicloud.iam.directory import Directory, is_project_action
+from minicloud.iam import apikeys, policy, principals, sessions
+from minicloud.iam.directory import USER_KIND, Directory, is_project_action
 from minicloud.iam.ratelimit import RateLimiter, too_many_requests
 
 
@@ -28,12 +28,20 @@ class Principal:
     admin: bool
     key_id: str | None = None
     session_id: str | None = None
-    #: ``local:root``, ``user:alice``, ``serviceaccount:ci``: what bindings name, what the audit log records and
-    #: what scopes idempotency keys (computed once: every request asks for it several times).
+    #: The user's or service account's id (``usr-…``); empty for local root and anonymous callers.
+    id: str = ""
+    #: ``local:root``, ``user:usr-…``, ``serviceaccount:usr-…`` (by id, never by name: a user deleted and another
+    #: created under the same name share nothing): what bindings name, what the audit log records and what scopes
+    #: idempotency keys (computed once: every request asks for it several times).
     ref: str = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ref", f"{self.kind}:{self.name}")
+        object.__setattr__(self, "ref", f"{self.kind}:{self.id or self.name}")
+
+    @property
+    def display(self) -> str:
+        """``user:alice (usr-…)``: the reference with the name, for messages."""
+        return f"{self.kind}:{self.name} ({self.id})" if self.id else self.ref
 
 
 PRINCIPAL = web.RequestKey("principal", Principal)
@@ -92,6 +100,7 @@ async def authenticate(request: web.Request, *, unix: bool) -> Principal | None:
             record is not None
             and record.revision == hit.revision
             and (hit.expires is None or hit.expires > time.time())
+            and await store.get(USER_KIND, hit.principal.id) is not None
         ):
             request.app[LAST_USED].touch(record.id)
             return hit.principal
@@ -103,10 +112,11 @@ async def authenticate(request: web.Request, *, unix: bool) -> Principal | None:
     reason = apikeys.verify(record, token)
     if reason:
         raise _unauthenticated(reason)
+    user = await principals.user_of_ref(store, record.spec.get("principal", ""))
+    if user is None:  # deleting a user deletes its keys; one made concurrently with the delete is refused here
+        raise _unauthenticated("the API key's user no longer exists; ask an administrator for a new key")
     request.app[LAST_USED].touch(record.id)
-    owner = record.spec.get("principal", "user:admin")  # keys made before IAM belong to the admin user
-    kind, _, name = owner.partition(":")
-    principal = Principal(kind=kind, name=name, admin=False, key_id=record.id)
+    principal = Principal(kind=user.spec.get("type", "user"), name=user.name, admin=False, key_id=record.id, id=user.id)
     expires_at = record.spec.get("expires_at")
     if len(verified) >= _MAX_VERIFIED:
         verified.clear()
@@ -136,10 +146,15 @@ SESSION_PREFIX = "mcs1."
 
 async def _session_principal(request: web.Request, token: str) -> Principal:
     claims = request.app[SESSION_KEY].verify(token)
-    if await request.app[STORE].get(sessions.KIND, claims.sid) is None:  # logged out: revoked on every node
+    store = request.app[STORE]
+    record = await store.get(sessions.KIND, claims.sid)
+    if record is None:  # logged out, or its user deleted: revoked on every node
         raise sessions.SessionRevoked("the session was revoked (logged out); log in again")
-    kind, _, name = claims.sub.partition(":")
-    return Principal(kind=kind, name=name, admin=False, session_id=claims.sid)
+    # The session record says who it is (by id); the token's subject is only informational.
+    user = await principals.user_of_ref(store, record.spec.get("principal", ""))
+    if user is None:
+        raise sessions.SessionRevoked("the session's user no longer exists")
+    return Principal(kind=user.spec.get("type", "user"), name=user.name, admin=False, session_id=claims.sid, id=user.id)
 
 
 async def authorize(

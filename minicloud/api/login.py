@@ -21,10 +21,10 @@ from minicloud import errors, ids
 from minicloud.api.auth import principal_of
 from minicloud.api.keys import SESSION_KEY, STORE
 from minicloud.api.routing import AUTHENTICATED, PUBLIC, Reply, Routes
-from minicloud.iam import passwords, ratelimit, sessions
+from minicloud.iam import passwords, principals, ratelimit, sessions
 from minicloud.iam.directory import USER_KIND
 from minicloud.model import LoginRequest, Session
-from minicloud.state import Create, Delete, Record, Txn, TxnFailed, Update
+from minicloud.state import Check, Create, Delete, Record, Txn, TxnFailed, Update
 
 routes = Routes("auth")
 SESSION_KIND = sessions.KIND
@@ -85,7 +85,8 @@ async def login(request: web.Request, body: LoginRequest) -> Reply:
     assert user is not None
     if passwords.needs_rehash(stored):
         await _rehash(request, user, body.password)
-    principal = f"{user.spec.get('type', 'user')}:{user.name}"
+        user = await request.app[STORE].get(USER_KIND, user.id) or user
+    principal = principals.ref_of(user)  # by id: the session dies with the user, and no namesake inherits it
     sid = ids.new_id("ses")
     expires = _dt.datetime.now(_dt.UTC) + _dt.timedelta(seconds=body.ttl)
     expires_at = expires.isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -94,7 +95,12 @@ async def login(request: web.Request, body: LoginRequest) -> Reply:
         kind=SESSION_KIND, id=sid, project="", name=sid,
         spec={"principal": principal, "expires_at": expires_at, "source": source}, created_at=stamp, updated_at=stamp,
     )  # fmt: skip
-    await request.app[STORE].commit(Txn([Create(record)]))
+    try:  # the user unchanged since the password check: deleted meanwhile, no session
+        await request.app[STORE].commit(
+            Txn([Create(record), Check(kind=user.kind, id=user.id, expect_revision=user.revision)])
+        )
+    except TxnFailed:
+        raise errors.Unauthenticated(_REFUSED, headers={"WWW-Authenticate": 'Bearer realm="minicloud"'}) from None
     token = sessions.issue(request.app[SESSION_KEY].key, principal, sid, body.ttl)
     return Reply(Session(token=token, session_id=sid, principal=principal, expires_at=expires_at), 201)
 

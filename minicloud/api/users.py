@@ -14,10 +14,10 @@ from minicloud.api import resources as res
 from minicloud.api.auth import DIRECTORY, authorize, principal_of
 from minicloud.api.keys import STORE
 from minicloud.api.routing import Action, Reply, Routes
-from minicloud.iam import passwords, policy
+from minicloud.iam import passwords, policy, principals
 from minicloud.iam.directory import BINDING_KIND, ROLE_KIND, USER_KIND
 from minicloud.model import NAME_PATTERN, Page, RoleBinding, RoleBindingCreate, RoleInfo, User, UserCreate
-from minicloud.state import Record
+from minicloud.state import Check, Op, Record
 
 routes = Routes("iam")
 
@@ -33,7 +33,12 @@ def user_view(r: Record) -> User:
 
 def binding_view(r: Record) -> RoleBinding:
     return RoleBinding(
-        **r.common_fields(), principal=r.spec["principal"], role=r.spec["role"], scope_project=r.spec.get("project")
+        **r.common_fields(),
+        principal=r.spec["principal"],
+        principal_name=r.spec.get("principal_name", ""),
+        role=r.spec["role"],
+        scope_project=r.spec.get("project"),
+        scope_project_id=r.spec.get("project_id"),
     )
 
 
@@ -51,6 +56,11 @@ async def list_users(request: web.Request, query: res.ListQuery) -> Page[User]:
 @routes.post("/v1/users", body=UserCreate, response=User, status=201, auth=Action("iam:users:create"))
 async def create_user(request: web.Request, body: UserCreate) -> Reply:
     """Create a user (with an optional password) or a service account (never a password)."""
+    if body.name.startswith(principals.USER_ID_PREFIX):
+        raise errors.ValidationFailed(
+            f"user names may not start with '{principals.USER_ID_PREFIX}' (that is how user ids start); choose another",
+            invalid_params=[{"name": "name", "reason": "looks like a user id"}],
+        )
     spec: dict[str, object] = {"email": body.email, "type": body.type}
     if body.password is not None:
         if body.type == "serviceaccount":
@@ -73,12 +83,15 @@ async def show_user(request: web.Request) -> Reply:
 
 @routes.delete("/v1/users/{ref}", status=204, auth=Action("iam:users:delete"))
 async def delete_user(request: web.Request) -> Reply:
-    """Delete a user; their role bindings go with them (API keys stop working: they act as the user)."""
+    """Delete a user or service account, and in the same transaction every API key, session, access key and role
+    binding of theirs: nothing they held works any more, and a new user of the same name inherits nothing."""
     record = await res.resolve(request, USERS)
-    ref = f"{record.spec.get('type', 'user')}:{record.name}"
-    store = request.app[STORE]
+    if record.id == principals.ADMIN_ID:
+        raise errors.Conflict(
+            "the built-in admin user cannot be deleted; revoke its API keys (`minicloud apikey delete NAME`) instead"
+        )
     ops = [res.delete_op(record, res.if_match(request))]
-    ops += [res.delete_op(b, None) for b in await store.list(BINDING_KIND, limit=100_000) if b.spec["principal"] == ref]
+    ops += await principals.revocation_ops(request.app[STORE], principals.ref_of(record))
     return await res.write(request, ops, status=204, kind_name=USERS.name, respond=lambda rev: None)
 
 
@@ -93,6 +106,9 @@ async def list_bindings(request: web.Request, query: BindingQuery) -> Page[RoleB
     project = res.project_of(request)
     page = await res.list_page(request, BINDINGS, query)
     caller = principal_of(request)
+    if query.principal is not None:  # by id or by name: ``user:alice`` and ``user:usr-…`` both work
+        user = await principals.find_user(request.app[STORE], query.principal)
+        query.principal = principals.ref_of(user) if user is not None else query.principal
     try:
         await authorize(request, caller, "iam:bindings:list", "", cluster=True)
         everything = True
@@ -106,8 +122,9 @@ async def list_bindings(request: web.Request, query: BindingQuery) -> Page[RoleB
     return page
 
 
-def binding_id(principal: str, role: str, project: str | None) -> str:
-    return "rb-" + hashlib.sha256(f"{principal}\0{role}\0{project or ''}".encode()).hexdigest()[:20]
+def binding_id(principal: str, role: str, project_id: str | None) -> str:
+    """The binding's id, fixed by what it binds (principal id ref, role, project id): granting twice is a conflict."""
+    return "rb-" + hashlib.sha256(f"{principal}\0{role}\0{project_id or ''}".encode()).hexdigest()[:20]
 
 
 @routes.post(
@@ -122,25 +139,42 @@ async def grant_role(request: web.Request, body: RoleBindingCreate) -> Reply:
         await authorize(request, caller, "iam:bindings:create", body.scope_project)
     store = request.app[STORE]
     kind, _, name = body.principal.partition(":")
-    user = await store.get_by_name(USER_KIND, "", name)
-    if user is None or user.spec.get("type", "user") != kind:
+    user = await principals.find_user(store, body.principal)
+    if user is None:
         raise errors.NotFound(f"no {kind} named '{name}'; create it with `minicloud user create {name}`")
-    if body.scope_project not in (None, res.DEFAULT_PROJECT) and not await store.get_by_name(
-        res.PROJECT_KIND, "", body.scope_project
-    ):
-        raise errors.NotFound(f"no project named '{body.scope_project}'")
+    ref = principals.ref_of(user)
+    guards: list[Op] = [Check(kind=USER_KIND, id=user.id, expect_revision=user.revision)]
+    project_id = None
+    if body.scope_project == res.DEFAULT_PROJECT:
+        project_id = principals.DEFAULT_PROJECT_ID
+    elif body.scope_project is not None:
+        project = await store.get_by_name(res.PROJECT_KIND, "", body.scope_project)
+        if project is None or project.status.get("state") == "deleting":
+            raise errors.NotFound(f"no project named '{body.scope_project}'; see `minicloud project list`")
+        project_id = project.id
+        guards.append(Check(kind=res.PROJECT_KIND, id=project.id, expect_revision=project.revision))
     _, roles = await request.app[DIRECTORY].load()
-    binding = policy.Binding(principal=body.principal, role=body.role, project=body.scope_project)
+    binding = policy.Binding(principal=ref, role=body.role, project=body.scope_project)
     try:
         policy.validate_binding(binding, roles)
     except ValueError as exc:
         raise errors.ValidationFailed(str(exc), invalid_params=[{"name": "role", "reason": str(exc)}]) from None
-    record = res.new_record(
-        BINDINGS, request, binding_id(body.principal, body.role, body.scope_project), {},
-        {"principal": body.principal, "role": body.role, "project": body.scope_project},
-    )  # fmt: skip
+    spec = {
+        "principal": ref, "principal_name": user.name, "role": body.role,
+        "project": body.scope_project, "project_id": project_id,
+    }  # fmt: skip
+    record = res.new_record(BINDINGS, request, binding_id(ref, body.role, project_id), {}, spec)
     record = msgspec.structs.replace(record, id=record.name)
-    return await res.create(request, BINDINGS, record)
+    # The user and the project must still be there, unchanged, when the binding commits: deleting either deletes
+    # its bindings in one transaction, and a grant racing with that delete fails here instead of surviving it.
+    return await res.write(
+        request,
+        [res.Create(record), *guards],
+        status=201,
+        kind_name=BINDINGS.name,
+        respond=lambda rev: binding_view(msgspec.structs.replace(record, revision=rev)),
+        headers=lambda rev: {"Location": f"/v1/rolebindings/{record.id}", **res.etag(rev)},
+    )
 
 
 @routes.delete("/v1/rolebindings/{ref}", status=204, auth=Action("iam:bindings:delete"))

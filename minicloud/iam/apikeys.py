@@ -35,9 +35,10 @@ def new_key(
     description: str,
     expires_in: int | None,
     labels: dict[str, str],
-    principal: str = "user:admin",
+    principal: str = "user:usr-admin",
 ) -> tuple[Record, str]:
-    """A stamped record for a new key and the one-time token for it."""
+    """A stamped record for a new key and the one-time token for it. ``principal`` is the id reference of the user
+    the key acts as (``user:usr-…``)."""
     key_id = ids.new_id(PREFIX)
     secret = base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
     token = f"{TOKEN_PREFIX}{key_id.removeprefix(PREFIX + '-')}.{secret}"
@@ -94,7 +95,7 @@ def view(record: Record) -> ApiKey:
         description=s.get("description", ""),
         prefix=s["prefix"],
         expires_at=s.get("expires_at"),
-        principal=s.get("principal", "user:admin"),
+        principal=s.get("principal", "user:usr-admin"),
         last_used_at=record.status.get("last_used_at"),
     )
 

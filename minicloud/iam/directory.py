@@ -11,6 +11,7 @@ import msgspec
 
 from minicloud.iam import policy
 from minicloud.iam.policy import PROJECT_SERVICES, Binding, Role, Statement
+from minicloud.iam.principals import DEFAULT_PROJECT, DEFAULT_PROJECT_ID, PROJECT_KIND
 from minicloud.state import Change, Store
 
 USER_KIND = "user"
@@ -41,7 +42,7 @@ class Directory:
     def _invalidate(self, changes: list[Change] | None) -> None:
         # None: the store was reset to a snapshot (etcd resync), so any grant may have changed.
         for change in changes if changes is not None else [None]:
-            if change is None or change.kind in (BINDING_KIND, ROLE_KIND):
+            if change is None or change.kind in (BINDING_KIND, ROLE_KIND, PROJECT_KIND):
                 self._bindings = None
                 self._roles = None
                 self._decisions = {}
@@ -68,11 +69,19 @@ class Directory:
         bindings, roles = self._bindings, self._roles
         if bindings is None or roles is None:
             generation = self._generation
-            records = await self.store.list(BINDING_KIND, limit=100_000)
-            bindings = [
-                Binding(principal=r.spec["principal"], role=r.spec["role"], project=r.spec.get("project"))
-                for r in records
-            ]
+            # A project binding applies to the project whose id it holds: it grants nothing once that project is
+            # gone, even before its delete (which takes the binding with it) has been seen, and never to a newer
+            # project that took the name.
+            names = {r.id: r.name for r in await self.store.list(PROJECT_KIND, limit=100_000)}
+            names[DEFAULT_PROJECT_ID] = DEFAULT_PROJECT
+            bindings = []
+            for r in await self.store.list(BINDING_KIND, limit=100_000):
+                project = None
+                if r.spec.get("project") is not None:
+                    project = names.get(r.spec.get("project_id") or "")
+                    if project is None or project != r.spec["project"]:
+                        continue
+                bindings.append(Binding(principal=r.spec["principal"], role=r.spec["role"], project=project))
             roles = {}
             for r in await self.store.list(ROLE_KIND, limit=10_000):
                 statements = tuple(msgspec.convert(s, Statement) for s in r.spec.get("statements", []))

@@ -110,14 +110,16 @@ class Operation(Resource, kw_only=True):
 class ApiKey(Resource, kw_only=True):
     description: str = ""
     prefix: str
-    principal: str = "user:admin"
+    #: ``user:usr-…``: the principal the key acts as, by id.
+    principal: str = "user:usr-admin"
     expires_at: str | None = None
     #: When the key last authenticated a request (written at most once a minute per key; null: never).
     last_used_at: str | None = None
 
 
 class ApiKeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    name: Name
+    #: Default: ``<user>-<random>``.
+    name: Name | None = None
     #: The user the key acts as (default: the caller, or ``admin`` for local root).
     user: Name | None = None
     description: Description = ""
@@ -320,13 +322,18 @@ class UserCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class RoleBinding(Resource, kw_only=True):
+    #: ``user:usr-…`` / ``serviceaccount:usr-…``: the principal by id (``principal_name`` is its name, for reading).
     principal: str
+    principal_name: str = ""
     role: str
     scope_project: str | None = None
+    #: The project's id: the binding belongs to that project, and goes when it is deleted.
+    scope_project_id: str | None = None
 
 
 class RoleBindingCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     role: Name
+    #: ``user:NAME`` or ``user:usr-ID`` (``serviceaccount:…`` likewise); stored by id.
     principal: Annotated[str, Meta(pattern=r"^(user|serviceaccount):[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
     #: The project the role applies in; null binds it cluster-wide (required for ``admin``).
     scope_project: Name | None = None

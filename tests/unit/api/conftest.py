@@ -87,7 +87,7 @@ async def start_api(cfg, extra_routes=()):
         table.register(app)
     client = TestClient(TestServer(app))
     await client.start_server()
-    record, token = apikeys.new_key("default", "test-admin", "", None, {}, principal="user:admin")
+    record, token = apikeys.new_key("default", "test-admin", "", None, {}, principal="user:usr-admin")
     # The key acts as the `admin` user, whom the agent bootstraps with the cluster-wide admin role.
     await app[STORE].commit(Txn([Create(record)]))
     return Api(client, token)

@@ -18,7 +18,7 @@ async def test_a_used_key_shows_when_it_was_last_used(api):
 
 async def test_last_used_is_written_at_most_once_per_interval(api):
     store = api.app[STORE]
-    record, _token = apikeys.new_key("default", "k1", "", None, {}, principal="user:admin")
+    record, _token = apikeys.new_key("default", "k1", "", None, {}, principal="user:usr-admin")
     await store.commit(Txn([Create(record)]))
     tracker = apikeys.LastUsed(interval=60)
     tracker.touch(record.id, "2026-01-01T00:00:00.000Z")
@@ -44,8 +44,8 @@ async def test_a_key_verified_once_is_refused_as_soon_as_it_is_revoked_or_expire
     from minicloud.state import Delete
 
     store = api.app[STORE]
-    expiring, expiring_token = apikeys.new_key("default", "soon", "", 2, {}, principal="user:admin")
-    revoked, revoked_token = apikeys.new_key("default", "gone", "", None, {}, principal="user:admin")
+    expiring, expiring_token = apikeys.new_key("default", "soon", "", 2, {}, principal="user:usr-admin")
+    revoked, revoked_token = apikeys.new_key("default", "gone", "", None, {}, principal="user:usr-admin")
     await store.commit(Txn([Create(expiring), Create(revoked)]))
     for token in (expiring_token, revoked_token):
         for _ in range(2):  # the second use is answered from the verified-token memo

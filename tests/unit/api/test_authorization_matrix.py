@@ -48,10 +48,11 @@ def outcome(status: int) -> str:
 
 
 async def _persona_token(api, name: str, role: str, project: str) -> str:
-    assert (await api.post("/v1/users", json={"name": name})).status == 201
+    user = await api.post("/v1/users", json={"name": name})
+    assert user.status == 201
     grant = {"role": role, "principal": f"user:{name}", "scope_project": project}
     assert (await api.post(f"/v1/rolebindings?project={project}", json=grant)).status == 201, name
-    record, token = apikeys.new_key(project, f"{name}-key", "", None, {}, principal=f"user:{name}")
+    record, token = apikeys.new_key(project, f"{name}-key", "", None, {}, principal=f"user:{(await user.json())['id']}")
     await api.app[STORE].commit(Txn([Create(record)]))
     return token
 

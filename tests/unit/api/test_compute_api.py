@@ -147,10 +147,11 @@ async def test_names_repeat_across_projects_and_other_projects_are_invisible(api
         inst[p] = await resp.json()
         assert inst[p]["image_id"] == img[p]["id"]  # each project's own "guest"
     # A member of p1 sees p1's image and instance, and nothing of p2's, not even by id.
-    assert (await api.post("/v1/users", json={"name": "mia"})).status == 201
+    mia = await api.post("/v1/users", json={"name": "mia"})
+    assert mia.status == 201
     grant = {"role": "member", "principal": "user:mia", "scope_project": "p1"}
     assert (await api.post("/v1/rolebindings?project=p1", json=grant)).status == 201
-    record, token = apikeys.new_key("p1", "mia-key", "", None, {}, principal="user:mia")
+    record, token = apikeys.new_key("p1", "mia-key", "", None, {}, principal=f"user:{(await mia.json())['id']}")
     await api.app[STORE].commit(Txn([Create(record)]))
     auth = {"Authorization": f"Bearer {token}"}
     c = api.client

@@ -21,8 +21,11 @@ def capture_everything(caplog) -> None:
 
 
 async def make_user(api, name="alice", password=PASSWORD):
-    assert (await api.post("/v1/users", json={"name": name, "password": password})).status == 201
+    """Create the user with a password and make it a member of ``default``; returns the user."""
+    resp = await api.post("/v1/users", json={"name": name, "password": password})
+    assert resp.status == 201
     await api.post("/v1/rolebindings", json={"role": "member", "principal": f"user:{name}", "scope_project": "default"})
+    return await resp.json()
 
 
 async def login(api, user="alice", password=PASSWORD, **extra):
@@ -35,11 +38,11 @@ def bearer(token):
 
 async def test_login_issues_a_session_that_acts_as_the_user_until_logout(api, caplog):
     capture_everything(caplog)
-    await make_user(api)
+    alice = await make_user(api)
     resp = await login(api)
     assert resp.status == 201
     session = await resp.json()
-    assert session["principal"] == "user:alice" and session["token"].startswith("mcs1.")
+    assert session["principal"] == f"user:{alice['id']}" and session["token"].startswith("mcs1.")
     assert (await api.client.get("/v1/keypairs", headers=bearer(session["token"]))).status == 200
     created = await api.client.post(
         "/v1/keypairs", json={"name": "k", "public_key": "x"}, headers=bearer(session["token"])

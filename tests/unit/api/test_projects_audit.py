@@ -57,7 +57,7 @@ async def test_allowed_changes_are_audited_in_the_same_transaction(api):
     assert len(entries) == 1
     entry = entries[0]
     assert entry["action"] == "compute:keypairs:create" and entry["status"] == 201
-    assert entry["principal"] == "user:admin" and entry["project"] == "default"
+    assert entry["principal"] == "user:usr-admin" and entry["project"] == "default"  # by id
     assert entry["target"] == {"kind": "keypair", "id": created["id"], "name": "audited"}
     record = await api.app[STORE].get("audit", entry["id"])
     assert record.revision == created["revision"]  # one transaction: the change and its entry
