@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("apikey", help="API keys for remote (HTTPS) access")
     verbs = p.add_subparsers(dest="verb", metavar="<verb>", required=True)
     v = verbs.add_parser("create", help="create an API key; its secret is printed once")
-    v.add_argument("name")
+    v.add_argument("name", nargs="?", help="the key's name (default: <user>-<random>)")
     v.add_argument("--description", default="")
     v.add_argument("--user", help="the user or service account the key acts as (default: you; root: admin)")
     v.add_argument("--expires-in", type=int, metavar="SECONDS", help="lifetime (default: no expiry)")

@@ -288,9 +288,13 @@ class ApiKeys:
         return self._c.call("GET", f"/v1/apikeys/{_q(ref)}", ApiKey)
 
     def create(
-        self, *, name: str, description: str = "", expires_in: int | None = None, user: str | None = None
+        self, *, name: str | None = None, description: str = "", expires_in: int | None = None, user: str | None = None
     ) -> ApiKeySecret:
-        body: dict[str, Any] = {"name": name, "description": description}
+        """Create a key acting as ``user`` (default: the caller); without ``name`` the server names it
+        ``<user>-<random>``. The result holds the one-time ``secret``."""
+        body: dict[str, Any] = {"description": description}
+        if name is not None:
+            body["name"] = name
         if user is not None:
             body["user"] = user
         if expires_in is not None:
