@@ -120,7 +120,7 @@ class Operations:
         count = 0
         after = None
         while True:
-            page = await self.store.list(KIND, after=after, limit=500)
+            page = await self.store.list(KIND, where={"node": self.node}, after=after, limit=500)  # indexed
             for record in page:
                 if record.spec.get("node") == self.node and record.status.get("state") == "running":
                     await self._finish(
