@@ -76,6 +76,8 @@ iam:projects:delete              - - -
 audit:records:list               O - -
 admin:backups:create             - - -
 admin:backups:get                - - -
+admin:backups:list               - - -
+admin:backups:delete             - - -
 nodes:get                        - - -
 cluster:get                      - - -
 cluster:enable                   - - -
