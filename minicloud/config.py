@@ -59,6 +59,11 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rate_limit_rps: Annotated[float, msgspec.Meta(gt=0)] = 200.0
     #: How many requests a principal may make at once before ``rate_limit_rps`` applies.
     rate_limit_burst: Annotated[int, msgspec.Meta(ge=1)] = 400
+    #: Failed authentications (401) per second a source address may make; once its burst is spent, every request
+    #: from it over HTTPS is 429 *before* authentication. Related: ``auth_failure_burst``, ``rate_limit_rps``.
+    auth_failure_rps: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    #: How many failed authentications a source address may make at once before ``auth_failure_rps`` applies.
+    auth_failure_burst: Annotated[int, msgspec.Meta(ge=1)] = 30
 
 
 class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

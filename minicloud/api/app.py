@@ -34,7 +34,7 @@ from minicloud.api import (
 )
 from minicloud.api.auth import DIRECTORY, LAST_USED, RATE_LIMITER, VERIFIED_KEYS
 from minicloud.api.keys import BACKUP_GATE, CLUSTER, CONFIG, HOST, LEADER_LOOPS, OPERATIONS, PKI, STORE, TLS
-from minicloud.api.middleware import audit_middleware, auth_middleware, problem_middleware
+from minicloud.api.middleware import audit_middleware, auth_middleware, problem_middleware, refusals_ctx
 from minicloud.api.routing import set_max_body
 from minicloud.api.users import binding_id
 from minicloud.backups import BackupGate
@@ -108,6 +108,7 @@ def create_app(config: Config, *, host: HostFactsSource | None = None) -> web.Ap
     for table in ROUTE_TABLES:
         table.register(app)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(refusals_ctx)  # after the store: its last flush writes before the store closes
     app.cleanup_ctx.append(_cluster_ctx)
     app.cleanup_ctx.append(_bootstrap_ctx)
     app.cleanup_ctx.append(_operations_ctx)

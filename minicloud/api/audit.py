@@ -1,4 +1,7 @@
-"""``/v1/audit``: the append-only audit log (every mutating request and every denied one), newest last."""
+"""``/v1/audit``: the append-only audit log (every mutating request and every denied one), newest last.
+
+Refused requests (401, 429) appear once per source and minute with their ``count`` (see
+:class:`minicloud.iam.audit.RefusalAggregator`)."""
 
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ def view(r: Record) -> AuditEntry:
         status=s["status"],
         request_id=s["request_id"],
         source=s["source"],
+        count=s.get("count", 1),
     )
 
 
@@ -62,11 +66,8 @@ async def list_audit(request: web.Request, query: AuditQuery) -> Page[AuditEntry
     elif query.since:
         try:
             after = (audit.id_floor(audit.parse_since(query.since)), "")
-        except ValueError:
-            raise errors.ValidationFailed(
-                f"since={query.since!r} is neither an RFC 3339 time nor a duration like 15m, 2h or 7d",
-                invalid_params=[{"name": "since", "reason": "malformed"}],
-            ) from None
+        except ValueError as exc:  # malformed, or out of range (800000d): the message names the valid range
+            raise errors.ValidationFailed(str(exc), invalid_params=[{"name": "since", "reason": str(exc)}]) from None
     labels = {}
     if query.user:
         labels["principal"] = query.user

@@ -283,8 +283,14 @@ async def _idempotency(request: web.Request) -> tuple[str, str] | None:
         return None
     if not (1 <= len(key) <= 255 and key.isprintable()):
         raise errors.BadRequest("Idempotency-Key must be 1-255 printable characters, e.g. a UUID")
-    idem_id = "idem-" + hashlib.sha256(f"{principal_of(request).ref}\0{key}".encode()).hexdigest()[:40]
-    fingerprint = hashlib.sha256(f"{request.method} {request.path}\0".encode() + await request.read()).hexdigest()
+    # Scoped to the caller *and the project*: the same key in another project is another request, never a replay
+    # of this project's reply. The fingerprint covers the whole query (sorted), so the same key with other
+    # parameters is refused (422) instead of replayed.
+    scope = f"{principal_of(request).ref}\0{project_of(request)}\0{key}"
+    idem_id = "idem-" + hashlib.sha256(scope.encode()).hexdigest()[:40]
+    query = _enc.encode(sorted(request.query.items()))
+    request_line = f"{request.method} {request.path}\0".encode() + query + b"\0"
+    fingerprint = hashlib.sha256(request_line + await request.read()).hexdigest()
     return idem_id, fingerprint
 
 

@@ -17,6 +17,7 @@ COLUMNS = [
     col("status", "status"),
     col("target", "target.name"),
     col("source", "source"),
+    col("count", "count"),
 ]
 
 

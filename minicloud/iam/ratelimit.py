@@ -1,6 +1,8 @@
-"""Rate limits: token buckets per principal, and a login throttle per (user, source address).
+"""Rate limits: token buckets per principal, a bucket of failed authentications per source address (checked with
+:meth:`RateLimiter.wait` *before* authenticating, charged with :meth:`RateLimiter.take` when it fails), and a login
+throttle per (user, source address).
 
-Both are node-local, in-memory and synchronous: O(1) per call, no background task, memory bounded by ``max_keys``
+All are node-local, in-memory and synchronous: O(1) per call, no background task, memory bounded by ``max_keys``
 (the least recently used key is dropped first). Time comes from :func:`time.monotonic` unless the caller passes
 ``now`` (tests do), so wall-clock jumps neither lock anyone out nor lift a limit. In a cluster each node limits what it
 serves; a client spreading requests over N nodes gets up to N times the rate, which is acceptable for abuse control
@@ -74,6 +76,14 @@ class TokenBucket:
             return True, 0.0
         return False, _retry_seconds((cost - self.tokens) / self.rate)
 
+    def wait(self, now: float | None = None, cost: float = 1.0) -> float:
+        """Seconds until ``cost`` tokens will be there (whole seconds rounded up), 0.0 if they are now; spends
+        nothing."""
+        self._refill(time.monotonic() if now is None else now)
+        if self.tokens >= cost - _EPSILON:
+            return 0.0
+        return _retry_seconds((cost - self.tokens) / self.rate)
+
 
 class RateLimiter:
     """One :class:`TokenBucket` per key (a principal id, say), created full on first use.
@@ -105,6 +115,13 @@ class RateLimiter:
         else:
             self._buckets.move_to_end(key)
         return bucket.take(t, cost)
+
+    def wait(self, key: str, now: float | None = None, cost: float = 1.0) -> float:
+        """Seconds until ``key`` may spend ``cost`` (0.0 if it may now, or has no bucket yet); spends nothing and
+        creates no bucket. With :meth:`take` on failure only, this limits *failures*: check before the work, charge
+        when it fails (concurrent checks may each pass, so the overshoot is at most the requests in flight)."""
+        bucket = self._buckets.get(key)
+        return 0.0 if bucket is None else bucket.wait(time.monotonic() if now is None else now, cost)
 
 
 class LoginThrottle:

@@ -304,6 +304,8 @@ class AuditEntry(msgspec.Struct, kw_only=True):
     status: int
     request_id: str
     source: str
+    #: How many requests this entry stands for: refusals (401, 429) are recorded once per source and minute.
+    count: int = 1
 
 
 # -- users and role bindings ---------------------------------------------------------------------------------------
