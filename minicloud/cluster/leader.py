@@ -8,8 +8,8 @@ A duty is a :class:`LeaderLoop`: a ``name``, an ``interval`` and three steps per
 3. ``act(plan) -> Outcome`` — async, the writes, through the store's normal commit path.
 
 :class:`LeaderLoops` runs every registered loop, each as its own task, while ``is_leader()`` says this node holds
-the services leadership (a single node always does). It logs **one status line per cycle** (``leader cycle``: loop,
-what was decided, what was done, how long it took) at ``info`` when something was done and at ``debug`` otherwise.
+the services leadership (a single node always does). It logs **one status line per cycle** at ``info`` (``leader
+cycle``: loop, what was decided, what was done, how long it took), like Patroni's "no action. I am the leader".
 
 Guarantees:
 
@@ -197,7 +197,7 @@ class LeaderLoops:
             plan = loop.decide(snapshot, self._clock())
             decided = loop.describe(plan) if plan else "nothing to do"
             if not plan:
-                self._status(logging.DEBUG, loop, decided, "nothing", started)
+                self._status(logging.INFO, loop, decided, "nothing", started)
                 return None
             if not self.still_leader(term):
                 self._status(logging.INFO, loop, decided, "nothing: no longer the leader, plan dropped", started)

@@ -228,3 +228,17 @@ def test_loop_names_are_unique():
 def test_chunks():
     assert chunks(range(5), 2) == [[0, 1], [2, 3], [4]]
     assert chunks([], 3) == []
+
+
+async def test_every_cycle_logs_exactly_one_status_line(caplog):
+    loop = Recorder(0)
+    loops = await leading(Flag(True), loop)
+    try:
+        with caplog.at_level(logging.INFO, logger="minicloud.leader"):
+            await loops.run_cycle(loop)
+            loop.value = 3
+            await loops.run_cycle(loop)
+    finally:
+        await loops.close()
+    lines = [(r.decided, r.did) for r in caplog.records if r.getMessage() == "leader cycle"]
+    assert lines == [("nothing to do", "nothing"), ("3", "did 3")]
