@@ -112,6 +112,13 @@ class NetworkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Build the default network at all (``driver = none`` in ``[compute]`` also skips it).
     enabled: bool = True
     #: The Linux bridge (at most 15 characters). Related: ``cidr``.
+    #: Internal addresses ``image import NAME URL`` may download from: CIDRs (``10.1.0.0/16``, ``127.0.0.1/32``) or
+    #: host names as written in the URL (``mirror.lan``: whatever it resolves to). Without an entry, loopback,
+    #: link-local, private, shared, multicast, unspecified and reserved addresses and the node's own are refused.
+    #: Related: ``image_url_max_bytes``.
+    image_url_allow: list[str] = msgspec.field(default_factory=list)
+    #: The largest image a URL import downloads, in bytes (default 20 GiB). Related: ``image_url_allow``.
+    image_url_max_bytes: Annotated[int, msgspec.Meta(ge=1)] = 20 << 30
     bridge: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,15}$")] = "mcbr0"
     #: The subnet; the bridge gets its first address, DHCP hands out the rest.
     cidr: str = "10.213.0.0/24"
@@ -207,6 +214,12 @@ def _check(cfg: Config) -> None:
 def load(
     path: str | os.PathLike[str] | None = None,
     *,
+    from minicloud.compute.url_policy import parse_allow
+
+    try:
+        parse_allow(cfg.compute.image_url_allow)
+    except ValueError as exc:
+        raise ConfigError(f"compute.image_url_allow: {exc}") from None
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:

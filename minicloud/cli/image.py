@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from minicloud.cli.common import client
+from minicloud.cli.common import CommandError, client, wait_operation
 from minicloud.cli.keypair import parse_labels
 from minicloud.cli.output import col, emit
 
@@ -26,12 +26,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "import",
         help="import a disk image (PATH on the node, or an http(s) URL) or a kernel + initrd",
         description="Files are read on the node (they must be under its compute.image_dirs or <data_dir>/import); "
-        "the format is what qemu-img finds. Examples: `minicloud image import debian ./debian.qcow2`, "
+        "a URL is downloaded by the node as an operation, shown with its progress (internal addresses only if the "
+        "node's compute.image_url_allow lists them); the format is what qemu-img finds. Examples: "
+        "`minicloud image import debian ./debian.qcow2`, "
         "`minicloud image import guest --kernel out/vmlinuz --initrd out/initrd.img`.",
     )
     v.add_argument("name")
     v.add_argument("source", nargs="?", metavar="PATH|URL", help="a qcow2/raw disk file on the node, or a URL")
     v.add_argument("--format", choices=["qcow2", "raw"], help="fail unless the disk is in this format")
+    v.add_argument("--sha256", metavar="HEX", help="fail (keeping nothing) unless the disk has this SHA-256")
     v.add_argument("--kernel", metavar="FILE", help="direct-kernel boot: the kernel (vmlinuz)")
     v.add_argument("--initrd", metavar="FILE", help="direct-kernel boot: the initramfs")
     v.add_argument("--cmdline", default="", help="direct-kernel boot: the kernel command line")
@@ -59,10 +62,11 @@ def _abs(path: str | None) -> str | None:
 
 def import_(args: argparse.Namespace) -> int:
     source = args.source
+    url = source if source and source.startswith(("http://", "https://")) else None
     fields = {
-        "url": source if source and source.startswith(("http://", "https://")) else None,
-        "path": _abs(source) if source and not source.startswith(("http://", "https://")) else None,
+        "path": _abs(source) if source and url is None else None,
         "format": args.format,
+        "sha256": args.sha256,
         "kernel": _abs(args.kernel),
         "initrd": _abs(args.initrd),
         "cmdline": args.cmdline,
@@ -72,7 +76,15 @@ def import_(args: argparse.Namespace) -> int:
         "description": args.description,
         "labels": parse_labels(args.label),
     }
-    emit(client(args).images.create(name=args.name, **fields), args.output)
+    c = client(args)
+    if url is None:
+        emit(c.images.create(name=args.name, **fields), args.output)
+        return 0
+    if args.kernel or args.initrd:
+        raise CommandError("give either a URL (a disk image) or --kernel/--initrd, not both")
+    del fields["path"], fields["kernel"], fields["initrd"], fields["cmdline"]
+    final = wait_operation(c, c.images.import_url(name=args.name, url=url, **fields), args.output)
+    emit(c.images.get((final.result or {})["image_id"]), args.output)
     return 0
 
 

@@ -7,7 +7,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from minicloud.model import Problem
+from minicloud.model import Operation, Problem
 from minicloud.model.compute import Image, Instance, InstanceType
 
 if TYPE_CHECKING:
@@ -32,10 +32,17 @@ class Images:
         return self._c.call("GET", f"/v1/images/{_q(ref)}", Image)
 
     def create(self, *, name: str, **fields: Any) -> Image:
-        """Import an image: ``path=`` or ``url=`` (a disk), or ``kernel=`` (+ ``initrd=``, ``cmdline=``); paths are
-        on the node and must be under its ``compute.image_dirs``."""
+        """Import an image from files on the node: ``path=`` (a disk), or ``kernel=`` (+ ``initrd=``, ``cmdline=``);
+        paths must be under the node's ``compute.image_dirs``. For a URL, see :meth:`import_url`."""
         body = {"name": name, **{k: v for k, v in fields.items() if v is not None}}
         return self._c.call("POST", "/v1/images", Image, json=body)
+
+    def import_url(self, *, name: str, url: str, sha256: str | None = None, **fields: Any) -> Operation:
+        """Start downloading a disk image from ``url`` on the node: returns the operation (``client.operations.wait``
+        follows it; its ``result["image_id"]`` names the image). ``sha256=`` makes a different file fail the import.
+        The node refuses internal addresses unless its ``compute.image_url_allow`` lists them."""
+        body = {"name": name, "url": url, "sha256": sha256, **fields}
+        return self._c.call("POST", "/v1/images", Operation, json={k: v for k, v in body.items() if v is not None})
 
     def update(self, ref: str, **fields: Any) -> Image:
         return self._c.call("PATCH", f"/v1/images/{_q(ref)}", Image, json=fields)

@@ -1,4 +1,5 @@
-"""The node's image store: import files (from allowed directories or a URL), check them, keep them by image id.
+"""The node's image store: import files (from allowed directories, or downloaded by ``image_download``), check them,
+keep them by image id.
 
 Layout: ``<data_dir>/images/<image id>/`` holds ``disk`` (qcow2 or raw) or ``kernel`` + ``initrd``. An import is
 staged in ``<data_dir>/images/.staging-<id>`` and renamed into place only once every check passed, so a failed import
@@ -17,16 +18,12 @@ import json
 import os
 import shutil
 import subprocess
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from minicloud import errors
 
 CHUNK = 1 << 20
-#: Largest image a URL import downloads.
-MAX_DOWNLOAD_BYTES = 64 << 30
 
 
 @dataclass(frozen=True)
@@ -80,25 +77,6 @@ def _copy_hashing(src: Path, dst: Path) -> StoredFile:
             size += len(chunk)
         fout.flush()
         os.fsync(fout.fileno())
-    return StoredFile(size, digest.hexdigest())
-
-
-def _download(url: str, dst: Path, timeout: float = 60.0) -> StoredFile:
-    digest = hashlib.sha256()
-    size = 0
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, dst.open("wb") as fout:
-            while chunk := resp.read(CHUNK):
-                size += len(chunk)
-                if size > MAX_DOWNLOAD_BYTES:
-                    raise _invalid("url", f"the download is larger than {MAX_DOWNLOAD_BYTES >> 30} GiB")
-                digest.update(chunk)
-                fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise _invalid("url", f"cannot download {url}: {reason}") from None
     return StoredFile(size, digest.hexdigest())
 
 
@@ -156,20 +134,13 @@ def import_files(
     *,
     allowed_dirs: list[Path],
     path: str | None = None,
-    url: str | None = None,
     expected_format: str | None = None,
+    expected_sha256: str | None = None,
     kernel: str | None = None,
     initrd: str | None = None,
 ) -> ImportResult:
-    """Stage, check and move the image's files into ``store_root/image_id``. All or nothing."""
-    if sum(x is not None for x in (path, url, kernel)) != 1:
-        raise errors.ValidationFailed(
-            "give exactly one source: path (a disk file on the node), url (a disk to download) or kernel (with "
-            "an optional initrd) for direct-kernel boot",
-            invalid_params=[{"name": "path", "reason": "exactly one of path, url, kernel"}],
-        )
-    if initrd is not None and kernel is None:
-        raise _invalid("initrd", "initrd only goes with kernel")
+    """Stage, check and move the image's files (on the node) into ``store_root/image_id``. All or nothing."""
+    check_sources(path=path, url=None, kernel=kernel, initrd=initrd, sha256=expected_sha256)
     # Check every source before copying anything.
     sources = {}
     if path is not None:
@@ -179,25 +150,62 @@ def import_files(
         check_kernel(sources["kernel"])
     if initrd is not None:
         sources["initrd"] = allowed_source("initrd", initrd, allowed_dirs)
-    store_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    staging = store_root / f".staging-{image_id}"
-    final = store_root / image_id
-    staging.mkdir(mode=0o700)
+    staging = new_staging(store_root, image_id)
     try:
         files = {}
-        if url is not None:
-            files["disk"] = _download(url, staging / "disk")
         for name, src in sources.items():
             files[name] = _copy_hashing(src, staging / name)
         fmt = vsize = None
         boot = "kernel" if kernel is not None else "disk"
         if boot == "disk":
+            check_sha256(files["disk"].sha256, expected_sha256)
             fmt, vsize = check_disk(staging / "disk", expected_format)
-        os.rename(staging, final)
+        os.rename(staging, store_root / image_id)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ImportResult(boot=boot, format=fmt, virtual_size_bytes=vsize, files=files)
+
+
+def check_sources(
+    *, path: str | None, url: str | None, kernel: str | None, initrd: str | None, sha256: str | None
+) -> None:
+    """Refuses a request that does not name exactly one source, or pairs options that do not go together."""
+    if sum(x is not None for x in (path, url, kernel)) != 1:
+        raise errors.ValidationFailed(
+            "give exactly one source: path (a disk file on the node), url (a disk to download) or kernel (with "
+            "an optional initrd) for direct-kernel boot",
+            invalid_params=[{"name": "path", "reason": "exactly one of path, url, kernel"}],
+        )
+    if initrd is not None and kernel is None:
+        raise _invalid("initrd", "initrd only goes with kernel")
+    if sha256 is not None and kernel is not None:
+        raise _invalid("sha256", "sha256 checks a disk image (path or url); leave it out for kernel + initrd")
+
+
+def check_sha256(actual: str, expected: str | None) -> None:
+    if expected is not None and actual != expected.lower():
+        raise _invalid("sha256", f"the image's SHA-256 is {actual}, not the expected {expected.lower()}")
+
+
+def new_staging(store_root: Path, image_id: str) -> Path:
+    """A fresh, private staging directory for ``image_id``; the stray collector removes it if it is abandoned."""
+    store_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    staging = store_root / f".staging-{image_id}"
+    staging.mkdir(mode=0o700)
+    return staging
+
+
+def finish_disk(store_root: Path, image_id: str, staging: Path, expected_format: str | None) -> tuple[str, int]:
+    """Check the disk staged in ``staging`` and move it into place as ``image_id``: (format, virtual size).
+    On any failure the staging directory is removed: nothing is kept."""
+    try:
+        fmt, vsize = check_disk(staging / "disk", expected_format)
+        os.rename(staging, store_root / image_id)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return fmt, vsize
 
 
 def remove(store_root: Path, image_id: str) -> None:

@@ -47,13 +47,16 @@ class Image(Resource, kw_only=True):
 class ImageImport(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Import an image from files on the node (under ``compute.image_dirs``) or from an http(s) URL.
 
-    Give ``path`` (a disk) or ``url`` (a disk), or ``kernel`` (+ optional ``initrd``, ``cmdline``)."""
+    Give ``path`` (a disk) or ``url`` (a disk: answered with an operation), or ``kernel`` (+ optional ``initrd``,
+    ``cmdline``)."""
 
     name: Name
     path: NodePath | None = None
     url: Annotated[str, Meta(max_length=4096, pattern=r"^https?://")] | None = None
     #: The format you expect; the import fails if ``qemu-img info`` finds another. Default: whatever it finds.
     format: ImageFormat | None = None
+    #: The disk's SHA-256 (hex) you expect; the import fails, keeping nothing, if the file has another.
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
     kernel: NodePath | None = None
     initrd: NodePath | None = None
     cmdline: Annotated[str, Meta(max_length=1024, pattern=r"^[\x20-\x7e]*$")] = ""

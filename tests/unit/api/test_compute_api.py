@@ -198,31 +198,63 @@ async def test_console_returns_the_log_and_follow_streams_until_the_instance_goe
     assert rest == b""
 
 
-async def test_a_disk_image_is_imported_from_a_url_and_its_format_comes_from_qemu_img(api, tmp_path):
+@pytest.fixture
+async def api_loopback_allowed(tmp_path):
+    """A node whose operator lets image imports download from loopback (compute.image_url_allow)."""
+    from tests.unit.api.conftest import make_config, start_api
+
+    cfg = make_config(tmp_path)
+    cfg = msgspec.structs.replace(cfg, compute=msgspec.structs.replace(cfg.compute, image_url_allow=["127.0.0.1/32"]))
+    a = await start_api(cfg)
+    yield a
+    await a.client.close()
+
+
+async def _operation_result(api, resp) -> dict:
+    assert resp.status == 202, await resp.text()
+    op = await resp.json()
+    assert resp.headers["Location"] == f"/v1/operations/{op['id']}" and op["action"] == "image.import"
+    for _ in range(100):
+        op = await (await api.get(f"/v1/operations/{op['id']}?wait=5")).json()
+        if op["state"] != "running":
+            return op
+    raise AssertionError(f"operation {op['id']} never ended")
+
+
+async def test_a_disk_image_is_imported_from_a_url_and_its_format_comes_from_qemu_img(api_loopback_allowed, tmp_path):
     import functools
+    import hashlib
     import http.server
     import threading
 
+    api = api_loopback_allowed
     served = tmp_path / "www"
     served.mkdir()
     proc = await asyncio.create_subprocess_exec(
         "qemu-img", "create", "-q", "-f", "qcow2", str(served / "disk.qcow2"), "64M"
     )
     assert await proc.wait() == 0
+    digest = hashlib.sha256((served / "disk.qcow2").read_bytes()).hexdigest()
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/disk.qcow2"
-        resp = await api.post("/v1/images", json={"name": "web", "url": url, "os_distro": "debian", "os_version": "12"})
-        assert resp.status == 201, await resp.text()
-        image = await resp.json()
+        body = {"name": "web", "url": url, "os_distro": "debian", "os_version": "12", "sha256": digest}
+        op = await _operation_result(api, await api.post("/v1/images", json=body))
+        assert op["state"] == "succeeded", op
+        assert op["result"]["sha256"] == digest and op["progress"]["message"] == "recording the image"
+        image = await (await api.get(f"/v1/images/{op['result']['image_id']}")).json()
         assert (image["boot"], image["format"], image["virtual_size_bytes"]) == ("disk", "qcow2", 64 << 20)
         assert image["os"] == {"distro": "debian", "version": "12"} and image["source"] == url
-        wrong = await api.post("/v1/images", json={"name": "w2", "url": url, "format": "raw"})
-        assert wrong.status == 422 and "qemu-img finds qcow2" in (await wrong.json())["detail"]
-        missing = await api.post("/v1/images", json={"name": "w3", "url": url + ".nope"})
-        assert missing.status == 422 and "cannot download" in (await missing.json())["detail"]
+        assert image["name"] == "web" and image["sha256"] == digest
+        wrong = {"name": "w2", "url": url, "format": "raw"}
+        op = await _operation_result(api, await api.post("/v1/images", json=wrong))
+        assert op["state"] == "failed" and "qemu-img finds qcow2" in op["error"]["detail"]
+        op = await _operation_result(api, await api.post("/v1/images", json={"name": "w3", "url": url + ".nope"}))
+        assert op["state"] == "failed" and "HTTP 404" in op["error"]["detail"]
+        op = await _operation_result(api, await api.post("/v1/images", json={**body, "name": "w4", "sha256": "a" * 64}))
+        assert op["state"] == "failed" and "SHA-256" in op["error"]["detail"]
         # The 64 MiB image fits the smallest root disk (1 GiB): instances of it are accepted.
         resp = await api.post("/v1/instances", json={"name": "vm", "image": "web", "type": "m1.tiny"})
         assert resp.status == 201
@@ -230,6 +262,8 @@ async def test_a_disk_image_is_imported_from_a_url_and_its_format_comes_from_qem
         server.shutdown()
     names = [i["name"] for i in (await (await api.get("/v1/images")).json())["items"]]
     assert names == ["web"]
+    store_dir = api.app[CONFIG].data_path / "images"
+    assert sorted(p.name for p in store_dir.iterdir()) == [image["id"]]  # failed imports left nothing
 
 
 async def test_start_tries_an_instance_in_error_again(api):
