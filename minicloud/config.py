@@ -100,6 +100,13 @@ class ComputeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Directories on the node that ``image import --path/--kernel/--initrd`` may read from (resolved, no symlinks
     #: out). Related: ``agent.data_dir`` (``<data_dir>/import`` is always allowed).
     image_dirs: list[str] = msgspec.field(default_factory=lambda: ["/var/lib/minicloud/import"])
+    #: Internal addresses ``image import NAME URL`` may download from: CIDRs (``10.1.0.0/16``, ``127.0.0.1/32``) or
+    #: host names as written in the URL (``mirror.lan``: whatever it resolves to). Without an entry, loopback,
+    #: link-local, private, shared, multicast, unspecified and reserved addresses and the node's own are refused.
+    #: Related: ``image_url_max_bytes``.
+    image_url_allow: list[str] = msgspec.field(default_factory=list)
+    #: The largest image a URL import downloads, in bytes (default 20 GiB). Related: ``image_url_allow``.
+    image_url_max_bytes: Annotated[int, msgspec.Meta(ge=1)] = 20 << 30
     #: Seconds a graceful stop (ACPI power button) may take before the guest is powered off.
     stop_timeout: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 60.0
     #: How often the reconciler re-checks every instance even when nothing changed, in seconds.
@@ -112,13 +119,6 @@ class NetworkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Build the default network at all (``driver = none`` in ``[compute]`` also skips it).
     enabled: bool = True
     #: The Linux bridge (at most 15 characters). Related: ``cidr``.
-    #: Internal addresses ``image import NAME URL`` may download from: CIDRs (``10.1.0.0/16``, ``127.0.0.1/32``) or
-    #: host names as written in the URL (``mirror.lan``: whatever it resolves to). Without an entry, loopback,
-    #: link-local, private, shared, multicast, unspecified and reserved addresses and the node's own are refused.
-    #: Related: ``image_url_max_bytes``.
-    image_url_allow: list[str] = msgspec.field(default_factory=list)
-    #: The largest image a URL import downloads, in bytes (default 20 GiB). Related: ``image_url_allow``.
-    image_url_max_bytes: Annotated[int, msgspec.Meta(ge=1)] = 20 << 30
     bridge: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,15}$")] = "mcbr0"
     #: The subnet; the bridge gets its first address, DHCP hands out the rest.
     cidr: str = "10.213.0.0/24"
@@ -202,6 +202,12 @@ def _check(cfg: Config) -> None:
         ) from None
     if net.prefixlen > 28:
         raise ConfigError(f"network.cidr = {cfg.network.cidr!r} is too small for DHCP; use a /28 or larger")
+    from minicloud.compute.url_policy import parse_allow
+
+    try:
+        parse_allow(cfg.compute.image_url_allow)
+    except ValueError as exc:
+        raise ConfigError(f"compute.image_url_allow: {exc}") from None
     for d in cfg.compute.image_dirs:
         if not os.path.isabs(d):
             raise ConfigError(f"compute.image_dirs entry {d!r} must be an absolute path")
@@ -214,12 +220,6 @@ def _check(cfg: Config) -> None:
 def load(
     path: str | os.PathLike[str] | None = None,
     *,
-    from minicloud.compute.url_policy import parse_allow
-
-    try:
-        parse_allow(cfg.compute.image_url_allow)
-    except ValueError as exc:
-        raise ConfigError(f"compute.image_url_allow: {exc}") from None
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
