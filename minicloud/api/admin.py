@@ -73,6 +73,8 @@ async def create_backup(request: web.Request) -> Reply:
         finally:
             gate.release(record.id)
 
+    if (replay := await res.replayed(request)) is not None:
+        return replay  # a retry with the same Idempotency-Key: the first answer, never a 409/429 about itself
     record = operations.new_record("admin.backup", {"kind": "backup", "name": name}, res.project_of(request))
     previous = gate.admit(record.id, time.monotonic(), config.retention.backup_min_interval)
     try:

@@ -76,6 +76,21 @@ async def test_a_second_backup_within_the_minimum_interval_is_refused_with_retry
         await a.client.close()
 
 
+async def test_a_retried_backup_request_replays_its_first_answer_despite_the_minimum_interval(tmp_path):
+    a = await start_api(config(tmp_path, backup_min_interval=3600))
+    try:
+        first = await a.post("/v1/admin/backups", headers={"Idempotency-Key": "nightly-1"})
+        assert first.status == 202
+        op = await first.json()
+        await a.get(f"/v1/operations/{op['id']}?wait=30")
+        again = await a.post("/v1/admin/backups", headers={"Idempotency-Key": "nightly-1"})
+        assert again.status == 202 and (await again.json())["id"] == op["id"]
+        assert again.headers.get("Idempotent-Replayed") == "true"
+        await problem(await a.post("/v1/admin/backups", headers={"Idempotency-Key": "nightly-2"}), 429)
+    finally:
+        await a.client.close()
+
+
 # -- admission and retention, pure ---------------------------------------------------------------------------------
 
 
