@@ -16,7 +16,7 @@ import msgspec
 
 from minicloud import errors
 from minicloud.core.context import Context
-from minicloud.iam import audit
+from minicloud.iam import audit, tenancy
 from minicloud.state import Create, Delete, Op, Record, Store, Txn, TxnFailed
 
 IDEMPOTENCY_KIND = "idempotency"
@@ -61,6 +61,8 @@ def audit_record(ctx: Context, result: str, status: int, target: dict[str, str] 
 
 def conflict(exc: TxnFailed, label: str) -> errors.MinicloudError:
     """The problem a failed transaction condition means to the caller."""
+    if (refusal := tenancy.refused(exc)) is not None:
+        return refusal
     record: Record | None = getattr(exc.op, "record", None)
     if exc.reason == "name-taken" and record is not None:
         return errors.AlreadyExists(
@@ -116,7 +118,9 @@ async def commit(
     by the same caller; a different call under the same key is refused (422)."""
     if (first := await replay(ctx, store)) is not None:
         return first
-    ops = [*ops, Create(audit_record(ctx, "allowed", status, audit_target(ops)))]
+    target = audit_target(ops)
+    ops = [*ops, *await tenancy.guards(store, ops)]  # nothing is created in a project being deleted
+    ops = [*ops, Create(audit_record(ctx, "allowed", status, target))]
     idem = ctx.idempotency
     if idem is not None:
         stamp = ctx.clock()
