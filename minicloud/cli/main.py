@@ -34,6 +34,7 @@ from minicloud.cli import (
     whoami,
 )
 from minicloud.cli.common import CommandError, fail
+from minicloud.errors import MinicloudError
 from minicloud.client import ApiError, ConnectError
 
 NOUNS = [
@@ -108,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except CommandError as exc:
         return fail(str(exc), exc.code)
+    except MinicloudError as exc:  # e.g. a configuration the local commands (agent, config) cannot load
+        return fail(str(exc))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -54,3 +54,11 @@ def test_invalid_configuration_names_the_key(tmp_path, text, needle):
 def test_an_explicit_missing_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         config.load(tmp_path / "missing.toml", env={})
+
+
+def test_a_missing_config_file_is_a_clear_error_not_a_traceback(capsys, tmp_path):
+    from minicloud.cli.main import main
+
+    assert main(["config", "show", "--config", str(tmp_path / "missing.toml")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: config file") and "Traceback" not in err
