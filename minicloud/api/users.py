@@ -144,6 +144,10 @@ async def grant_role(request: web.Request, body: RoleBindingCreate) -> Reply:
         raise errors.NotFound(f"no {kind} named '{name}'; create it with `minicloud user create {name}`")
     ref = principals.ref_of(user)
     guards: list[Op] = [Check(kind=USER_KIND, id=user.id, expect_revision=user.revision)]
+    if body.role.lower() not in policy.BUILTIN_ROLES:  # a custom role deleted meanwhile: the grant fails
+        custom = await store.get_by_name(ROLE_KIND, "", body.role)
+        if custom is not None:
+            guards.append(Check(kind=ROLE_KIND, id=custom.id, expect_revision=custom.revision))
     project_id = None
     if body.scope_project == res.DEFAULT_PROJECT:
         project_id = principals.DEFAULT_PROJECT_ID
@@ -235,4 +239,35 @@ async def create_role(request: web.Request, body: RoleCreate) -> Reply:
     )  # fmt: skip
     return await res.write(
         request, [res.Create(record)], status=201, kind_name="role", respond=lambda rev: role_view(role, False)
+    )
+
+
+@routes.delete("/v1/roles/{ref}", status=204, auth=Action("iam:roles:delete"))
+async def delete_role(request: web.Request) -> Reply:
+    """Delete a custom role. Refused (409) while role bindings use it (they are named); built-in roles stay."""
+    name = request.match_info["ref"]
+    if name.lower() in policy.BUILTIN_ROLES:
+        raise errors.Conflict(f"'{name}' is a built-in role and cannot be deleted")
+    store = request.app[STORE]
+    record = await store.get_by_name(ROLE_KIND, "", name) if len(name) <= 63 else None
+    if record is None:
+        raise errors.NotFound(f"no custom role named '{name[:63]}'; see `minicloud role list`")
+    users = [b for b in await store.list(BINDING_KIND, limit=100_000) if b.spec.get("role") == record.name]
+    if users:
+        shown = ", ".join(
+            f"{b.id} ({b.spec.get('principal_name') or b.spec['principal']} in "
+            f"{b.spec.get('project') or 'the whole cluster'})"
+            for b in users[:10]
+        )
+        more = f" and {len(users) - 10} more" if len(users) > 10 else ""
+        raise errors.Conflict(
+            f"role '{record.name}' is still bound: {shown}{more}; revoke those bindings first "
+            "(`minicloud role revoke ID`)"
+        )
+    return await res.write(
+        request,
+        [res.delete_op(record, res.if_match(request))],
+        status=204,
+        kind_name="role",
+        respond=lambda rev: None,
     )

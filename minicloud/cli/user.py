@@ -1,10 +1,11 @@
-"""``minicloud user create|list|show|delete`` and ``minicloud role list|grant|revoke|create``."""
+"""``minicloud user create|list|show|delete`` and ``minicloud role list|grant|revoke|bindings|create|delete``."""
 
 from __future__ import annotations
 
 import argparse
 import getpass
 import sys
+import urllib.parse
 
 from minicloud.cli.common import CommandError, client
 from minicloud.cli.output import col, emit
@@ -60,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--scope", choices=["project", "cluster"], default="project")
     v.add_argument("--description", default="")
     v.set_defaults(func=create_role)
+    v = verbs.add_parser("delete", help="delete a custom role (refused while bindings use it)")
+    v.add_argument("name")
+    v.set_defaults(func=delete_role)
 
 
 def create_user(args: argparse.Namespace) -> int:
@@ -135,4 +139,11 @@ def create_role(args: argparse.Namespace) -> int:
         "description": args.description,
     }
     emit(client(args).call("POST", "/v1/roles", RoleInfo, json=body), args.output)
+    return 0
+
+
+def delete_role(args: argparse.Namespace) -> int:
+    client(args).call("DELETE", f"/v1/roles/{urllib.parse.quote(args.name, safe='')}")
+    if args.output == "table":
+        print(f"Deleted role {args.name}")
     return 0
