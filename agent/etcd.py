@@ -37,6 +37,10 @@ class EtcdMemberConfig:
     log_file: Path | None = None
     #: Start as a one-member cluster from this member's data, dropping every other member (quorum-loss recovery).
     force_new_cluster: bool = False
+    #: ``--quota-backend-bytes``: past it etcd raises NOSPACE and refuses writes (``cluster.etcd_quota_bytes``).
+    quota_backend_bytes: int = 2 << 30
+    #: Revisions of history etcd keeps (revision-mode auto-compaction; ``cluster.etcd_history_revisions``).
+    history_revisions: int = 100_000
 
     def command(self) -> list[str]:
         cluster = self.initial_cluster or {self.name: self.peer_url}
@@ -59,7 +63,11 @@ class EtcdMemberConfig:
             "--heartbeat-interval", "100", "--election-timeout", "1000",
             # `cluster enable` copies a whole single-node state in one transaction.
             "--max-txn-ops", "100000", "--max-request-bytes", str(64 * 1024 * 1024),
-            "--auto-compaction-mode", "revision", "--auto-compaction-retention", "100000",
+            # Growth: history is compacted to the last N revisions (etcd checks every 5 minutes), the file may grow to
+            # the quota and no further (NOSPACE alarm; `cluster show` warns at 80 %), and the services leader
+            # defragments members one at a time (minicloud/cluster/node.py, ``maintain_storage``).
+            "--auto-compaction-mode", "revision", "--auto-compaction-retention", str(self.history_revisions),
+            "--quota-backend-bytes", str(self.quota_backend_bytes),
             "--logger", "zap", "--log-outputs", "stderr",
         ] + (["--force-new-cluster"] if self.force_new_cluster else [])  # fmt: skip
 

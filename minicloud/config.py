@@ -76,6 +76,12 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     etcd_client_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 2379
     #: etcd's peer port (mutual TLS, cluster CA only).
     etcd_peer_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 2380
+    #: etcd's ``--quota-backend-bytes``: past it the cluster refuses writes (NOSPACE) until space is freed.
+    #: `minicloud cluster show` warns at 80 %. Default 2 GiB; etcd advises at most 8 GiB.
+    etcd_quota_bytes: Annotated[int, msgspec.Meta(ge=64 << 20, le=8 << 30)] = 2 << 30
+    #: etcd keeps this many revisions of history (``--auto-compaction-retention``, revision mode): a node that was
+    #: away longer reloads a snapshot instead of replaying. Related: ``etcd_quota_bytes``.
+    etcd_history_revisions: Annotated[int, msgspec.Meta(ge=1000)] = 100_000
 
 
 class ComputeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -33,6 +33,7 @@ async def _info(request: web.Request) -> ClusterInfo:
         quorum=await cluster.quorum_ok(),
         revision=cluster.store.revision,
         members=members,
+        storage=await cluster.storage(),
     )
 
 

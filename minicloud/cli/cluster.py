@@ -59,8 +59,21 @@ def _show(info: ClusterInfo, output: str) -> None:
     print(f"node:    {info.node}")
     print(f"leader:  {info.leader or '(none)'}")
     print(f"quorum:  {'yes' if info.quorum else 'NO: writes are refused on this node'}")
+    for s in info.storage:
+        alarms = f", ALARM {' '.join(s.alarms)}" if s.alarms else ""
+        print(
+            f"etcd {s.member}: {_size(s.db_size_bytes)} of {_size(s.quota_bytes)} ({s.used_percent:g} %), "
+            f"{_size(s.db_in_use_bytes)} in use{alarms}"
+        )
+    for s in info.storage:
+        if s.warning:
+            print(f"WARNING: {s.warning}")
     print()
     emit(info.members, "table", COLUMNS)
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n < (1 << 30) else f"{n / (1 << 30):.2f} GiB"
 
 
 def enable(args: argparse.Namespace) -> int:

@@ -34,8 +34,10 @@ import psutil
 from agent.etcd import EtcdMember, EtcdMemberConfig, client_ssl_context
 from minicloud import errors, ids
 from minicloud.cluster import join as joinlib
+from minicloud.cluster import storage as storage_mod
 from minicloud.config import Config
 from minicloud.iam.keystore import KeyStore
+from minicloud.model import EtcdStorage
 from minicloud.pki import NodePKI
 from minicloud.state import Create, Delete, Record, Txn, TxnFailed, Update
 from minicloud.state.etcd import EtcdStore, migrate_to_etcd
@@ -53,6 +55,8 @@ LEADER_TTL = 3
 #: A voter offline this long gets an online learner promoted in its place (it still counts until removed).
 PROMOTE_AFTER = 30.0
 TICK = 1.0
+#: How often the services leader looks at etcd's storage (defragmentation, NOSPACE alarm).
+STORAGE_EVERY = 600.0
 
 
 class ClusterState(msgspec.Struct, kw_only=True):
@@ -117,6 +121,8 @@ class ClusterNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
         self._voter_down_since: dict[str, float] = {}
+        self._storage_task: asyncio.Task[None] | None = None
+        self._storage_due = 0.0
         #: Called with the cluster's session signing key (PEM) when this node joins.
         self.on_session_key: Callable[[bytes], None] | None = None
         #: Called with the cluster's key store (``KeyStore.export()``) when this node joins.
@@ -157,6 +163,8 @@ class ClusterNode:
             initial_cluster=state.initial_cluster,
             initial_state=state.initial_state,
             log_file=self.config.data_path / "etcd.log",
+            quota_backend_bytes=self.config.cluster.etcd_quota_bytes,
+            history_revisions=self.config.cluster.etcd_history_revisions,
         )
 
     async def start(self) -> None:
@@ -647,10 +655,83 @@ class ClusterNode:
                     await self._set_leader(kv.value.decode() if kv else None)
                 else:
                     await self.track_liveness()
+                    self._schedule_storage_maintenance()
             except EtcdError:
                 if self.is_leader:
                     await self._set_leader(None)
             await asyncio.sleep(TICK / 2)
+
+    # -- etcd storage ----------------------------------------------------------------------------------------------
+    def _schedule_storage_maintenance(self) -> None:
+        """Leader duty, every ``STORAGE_EVERY`` seconds: in its own task, so a long defragmentation never delays
+        the leadership's lease renewals."""
+        now = asyncio.get_running_loop().time()
+        running = self._storage_task is not None and not self._storage_task.done()
+        if running or now < self._storage_due:
+            return
+        self._storage_due = now + STORAGE_EVERY
+        self._storage_task = asyncio.create_task(self.maintain_storage(), name="etcd-storage")
+        self._tasks.append(self._storage_task)
+        self._tasks = [t for t in self._tasks if not t.done() or t is self._storage_task]
+
+    async def _member_storage(self) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+        assert self.client is not None
+        out: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
+        for m in await self.client.member_list():
+            urls = m.get("clientURLs") or []
+            status = None
+            if urls:
+                with contextlib.suppress(EtcdError, aiohttp.ClientError, OSError, TimeoutError, ValueError):
+                    status = await self.client.status(urls[0])
+            out.append((m, status))
+        return out
+
+    async def storage(self) -> list[EtcdStorage]:
+        """Each etcd member's database size against the quota, its alarms and a warning when it needs attention."""
+        self._require_cluster()
+        assert self.client is not None
+        try:
+            alarms = await self.client.alarms()
+            members = await self._member_storage()
+        except EtcdError:
+            return []
+        quota = self.config.cluster.etcd_quota_bytes
+        out = []
+        for m, status in members:
+            mid = int(m.get("ID", 0))
+            name = m.get("name") or str(mid)
+            raised = [a for member_id, a in alarms if member_id == mid]
+            if status is None:
+                out.append(storage_mod.assess(name, 0, 0, quota, raised))
+                continue
+            size, in_use = int(status.get("dbSize", 0)), int(status.get("dbSizeInUse", 0) or status.get("dbSize", 0))
+            out.append(storage_mod.assess(name, size, in_use, int(status.get("dbSizeQuota", 0)) or quota, raised))
+        return out
+
+    async def maintain_storage(self) -> None:
+        """Leader duty: defragment members whose file is mostly free pages, one at a time, then disarm a NOSPACE
+        alarm once the database is back under the warning level. Errors are logged; the next round retries."""
+        assert self.client is not None
+        try:
+            quota = self.config.cluster.etcd_quota_bytes
+            for m, status in await self._member_storage():
+                if status is None or not m.get("clientURLs"):
+                    continue
+                size, in_use = int(status.get("dbSize", 0)), int(status.get("dbSizeInUse", 0) or 0)
+                if in_use and storage_mod.needs_defrag(size, in_use):
+                    log.info("defragmenting etcd", extra={"member": m.get("name"), "db_size": size, "in_use": in_use})
+                    await self.client.defragment(m["clientURLs"][0])
+            for member_id, alarm in await self.client.alarms():
+                if alarm != "NOSPACE":
+                    continue
+                member = next((m for m, _ in await self._member_storage() if int(m.get("ID", 0)) == member_id), None)
+                urls = (member or {}).get("clientURLs") or []
+                size = int((await self.client.status(urls[0])).get("dbSize", 0)) if urls else 0
+                if urls and storage_mod.may_disarm(size, quota):
+                    await self.client.alarm_disarm(member_id)
+                    log.warning("etcd NOSPACE alarm disarmed", extra={"member": member_id, "db_size": size})
+        except (EtcdError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            log.warning("etcd storage maintenance failed; retrying next round", extra={"error": str(exc)})
 
     # -- views -----------------------------------------------------------------------------------------------------
     async def _live(self) -> dict[str, dict[str, Any]]:

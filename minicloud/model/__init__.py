@@ -212,6 +212,18 @@ class ClusterMember(msgspec.Struct, kw_only=True):
     leader: bool = False
 
 
+class EtcdStorage(msgspec.Struct, kw_only=True):
+    """One etcd member's database against its quota (``cluster.etcd_quota_bytes``); ``warning`` says what to do."""
+
+    member: str
+    db_size_bytes: int
+    db_in_use_bytes: int
+    quota_bytes: int
+    used_percent: float
+    alarms: list[str] = []
+    warning: str | None = None
+
+
 class ClusterInfo(msgspec.Struct, kw_only=True):
     """The cluster as the answering node sees it. ``leader`` holds the cluster-services leadership."""
 
@@ -222,6 +234,7 @@ class ClusterInfo(msgspec.Struct, kw_only=True):
     quorum: bool = True
     revision: int = 0
     members: list[ClusterMember] = []
+    storage: list[EtcdStorage] = []
 
 
 Zone = Annotated[str, Meta(pattern=r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)?$", description="failure domain")]

@@ -259,6 +259,22 @@ class EtcdClient:
         ) as resp:
             return _dec.decode(await resp.read())
 
+    async def defragment(self, endpoint: str, seconds: float = 300.0) -> None:
+        """Defragment the member at ``endpoint`` (it serves nothing while this runs: one member at a time)."""
+        async with self._http().post(
+            f"{endpoint}/v3/maintenance/defragment", data=b"{}", timeout=aiohttp.ClientTimeout(total=seconds)
+        ) as resp:
+            if resp.status != 200:
+                raise EtcdError(f"defragment {endpoint}: HTTP {resp.status} {(await resp.read())[:200]!r}")
+
+    async def alarms(self) -> list[tuple[int, str]]:
+        """The cluster's active alarms as ``(member_id, "NOSPACE" | "CORRUPT")``."""
+        reply = await self.call("maintenance/alarm", {"action": "GET", "memberID": "0", "alarm": "NONE"})
+        return [(int(a.get("memberID", 0)), str(a.get("alarm", ""))) for a in reply.get("alarms", [])]
+
+    async def alarm_disarm(self, member_id: int, alarm: str = "NOSPACE") -> None:
+        await self.call("maintenance/alarm", {"action": "DEACTIVATE", "memberID": str(member_id), "alarm": alarm})
+
     async def member_list(self) -> list[dict[str, Any]]:
         return (await self.call("cluster/member/list", {})).get("members", [])
 

@@ -63,6 +63,8 @@ def test_three_nodes_replicate_every_write_to_every_replica(make_cluster):
     assert cluster.nodes[2].client().keypairs.get("ryw").revision == kp.revision
     show = cluster.nodes[1].cli("cluster", "show", check=True).stdout
     assert "leader:" in show and all(f"n{i}" in show for i in (1, 2, 3))
+    # etcd's storage against its quota, per member (a warning would follow from 80 %).
+    assert all(f"etcd n{i}: " in show for i in (1, 2, 3)) and "of 2.00 GiB" in show and "WARNING" not in show
     # Joined nodes hold the cluster's session key and key store: tokens and secrets at rest work on any node.
     keys = [n.data_dir / "pki" / "session.key" for n in cluster.nodes]
     assert len({k.read_bytes() for k in keys}) == 1
