@@ -221,10 +221,16 @@ class Controller:
 
     async def start(self) -> None:
         """Start the reconciler, subscribe, queue every key, and start the workers and the resync timer. The
-        subscription is taken before the first listing, so no change between the two is missed."""
+        subscription is taken before the first listing, so no change between the two is missed. If the first listing
+        fails, the subscription and the reconciler are closed again and the error is raised."""
         await self.reconciler.start(self.enqueue)
         self._sub = self.store.subscribe(max_pending=self.max_pending)
-        await self.resync()
+        try:
+            await self.resync()
+        except BaseException:  # nothing started: leave nothing behind
+            self._sub.close()
+            await self.reconciler.close()
+            raise
         self._tasks = [
             asyncio.create_task(self._watch(), name=f"{self.name}-watch"),
             asyncio.create_task(self._resync_timer(), name=f"{self.name}-resync"),

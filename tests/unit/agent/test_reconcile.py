@@ -339,3 +339,25 @@ async def test_update_record_gives_up_after_its_attempts_with_the_conflict(store
     with pytest.raises(TxnFailed) as info:
         await update_record(racing, KIND, "busy", lambda r: msgspec.structs.replace(r, status={"a": 1}), attempts=3)
     assert info.value.reason == "revision-mismatch" and racing.commits == 3
+
+
+async def test_a_start_whose_first_listing_fails_leaves_nothing_running(store):
+    class Unlistable(Recording):
+        async def all_keys(self):
+            raise RuntimeError("store unavailable")
+
+    subs = []
+
+    class Watched:
+        def subscribe(self, **kw):
+            subs.append(store.subscribe(**kw))
+            return subs[-1]
+
+    r = Unlistable()
+    c = Controller(Watched(), r)
+    with pytest.raises(RuntimeError):
+        await c.start()
+    assert r.closed and not [t for t in asyncio.all_tasks() if t.get_name().startswith("test-")]
+    assert len(subs) == 1
+    async with asyncio.timeout(5):
+        assert [change async for change in subs[0]] == []  # closed: iterating it ends at once
