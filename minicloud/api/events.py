@@ -20,6 +20,7 @@ from minicloud.api.auth import authorize, principal_of
 from minicloud.api.keys import STORE
 from minicloud.api.resources import KINDS, project_of
 from minicloud.api.routing import Action, Routes
+from minicloud.api.websocket import ServerWebSocket
 from minicloud.model import Event
 from minicloud.state import Change, Compacted
 
@@ -68,7 +69,7 @@ async def watch_events(request: web.Request, query: EventsQuery) -> web.WebSocke
         scopes = {project, ""}
     except errors.MinicloudError:
         scopes = {project}
-    ws = web.WebSocketResponse(heartbeat=30)
+    ws = ServerWebSocket(heartbeat=30)  # closes with 1002 on an unmasked client frame (RFC 6455 §5.1)
     if not ws.can_prepare(request).ok:
         raise errors.BadRequest("GET /v1/events is a WebSocket endpoint; connect with a WebSocket client")
     await ws.prepare(request)
