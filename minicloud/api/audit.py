@@ -14,7 +14,7 @@ from minicloud import errors
 from minicloud.api import resources as res
 from minicloud.api.keys import STORE
 from minicloud.api.routing import Action, Routes
-from minicloud.iam import audit
+from minicloud.iam import audit, principals
 from minicloud.model import AuditEntry, Page
 from minicloud.state import Record
 
@@ -69,8 +69,9 @@ async def list_audit(request: web.Request, query: AuditQuery) -> Page[AuditEntry
         except ValueError as exc:  # malformed, or out of range (800000d): the message names the valid range
             raise errors.ValidationFailed(str(exc), invalid_params=[{"name": "since", "reason": str(exc)}]) from None
     labels = {}
-    if query.user:
-        labels["principal"] = query.user
+    if query.user:  # entries name principals by id; `user:alice` (or `alice`) means that user's id
+        user = None if query.user.startswith("local:") else await principals.find_user(request.app[STORE], query.user)
+        labels["principal"] = principals.ref_of(user) if user is not None else query.user
     if query.result:
         labels["result"] = query.result
     records = await request.app[STORE].list(

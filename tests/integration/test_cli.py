@@ -200,4 +200,5 @@ def test_users_roles_and_login_over_tls(fresh_agent):
     gone = a.cli("--remote", "lab", "keypair", "list", socket=False)
     assert gone.returncode == 1
     key = a.json("apikey", "create", "ci-key", "--user", "alice")
-    assert key["principal"] == "user:alice" and key["secret"].startswith("mc_")
+    alice = a.json("user", "show", "alice")
+    assert key["principal"] == f"user:{alice['id']}" and key["secret"].startswith("mc_")  # by id

@@ -80,6 +80,8 @@ async def test_bindings_keys_and_audit_name_principals_by_id(api):
     await api.client.post("/v1/keypairs", json={"name": "k", "public_key": "x"}, headers=bearer(token))  # denied
     entries = await (await api.get("/v1/audit?result=denied")).json()
     assert any(e["principal"] == f"user:{bob['id']}" for e in entries["items"])
+    by_name = await (await api.get("/v1/audit?user=user:bob")).json()  # a name means that user's id
+    assert by_name["items"] and {e["principal"] for e in by_name["items"]} == {f"user:{bob['id']}"}
 
 
 async def test_user_names_that_look_like_ids_are_refused_and_the_builtin_admin_cannot_be_deleted(api):
