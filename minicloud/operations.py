@@ -18,19 +18,19 @@ from typing import Any
 import msgspec
 
 from minicloud import errors, ids
+from minicloud.core.operation import FINISHED, OPERATION, OperationSpec, OperationStatus
+from minicloud.model import Problem, Progress
 from minicloud.state import Record, Store, Txn, TxnFailed, Update
 
-KIND = "operation"
-PREFIX = "op"
-#: The states of an operation that has ended (its record no longer changes).
-FINISHED = frozenset({"succeeded", "failed"})
+KIND = OPERATION.name
+__all__ = ["FINISHED", "KIND", "Operations", "Reporter", "finished_before"]
 log = logging.getLogger(__name__)
 
 
 def finished_before(record: Record, now: _dt.datetime, retention: _dt.timedelta) -> bool:
     """Pure: True if the operation ``record`` ended more than ``retention`` before ``now`` (the retention loop deletes
     it). A running operation is never expired, however old."""
-    if record.status.get("state") not in FINISHED:
+    if OPERATION.load(record).status.state not in FINISHED:
         return False
     return ids.parse_time(record.updated_at) <= now - retention
 
@@ -43,7 +43,7 @@ class Reporter:
         self._id = op_id
 
     async def __call__(self, done: int, total: int, message: str = "") -> None:
-        await self._ops._update(self._id, progress={"done": done, "total": total, "message": message})
+        await self._ops._update(self._id, progress=Progress(done=done, total=total, message=message))
 
 
 Work = Callable[[Reporter], Awaitable[dict[str, Any]]]
@@ -56,18 +56,16 @@ class Operations:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def new_record(self, action: str, target: dict[str, str], project: str) -> Record:
-        op_id = ids.new_id(PREFIX)
-        stamp = ids.now()
-        return Record(
-            kind=KIND,
-            id=op_id,
+        """A new running operation of this node (named by its id), for the caller to commit with its request."""
+        op_id = ids.new_id(OPERATION.prefix)
+        obj = OPERATION.new(
             project=project,
             name=op_id,
-            spec={"action": action, "target": target, "node": self.node},
-            status={"state": "running", "progress": {"done": 0, "total": 0, "message": "queued"}},
-            created_at=stamp,
-            updated_at=stamp,
+            id=op_id,
+            spec=OperationSpec(action=action, target=target, node=self.node),
+            status=OperationStatus(),
         )
+        return OPERATION.dump(obj)
 
     def run(self, record: Record, work: Work) -> None:
         """Run ``work`` for an operation record that has been committed."""
@@ -96,21 +94,21 @@ class Operations:
     async def _finish(
         self, op_id: str, *, result: dict[str, Any] | None = None, error: errors.MinicloudError | None = None
     ) -> None:
-        status: dict[str, Any] = {"state": "failed" if error else "succeeded"}
         if error is not None:
-            status["error"] = error.to_problem()
+            problem = msgspec.convert(error.to_problem(), Problem)
+            await self._update(op_id, state="failed", error=problem)
         else:
-            status["result"] = result or {}
-        await self._update(op_id, **status)
+            await self._update(op_id, state="succeeded", result=result or {})
 
     async def _update(self, op_id: str, **changes: Any) -> None:
         for _ in range(10):
             record = await self.store.get(KIND, op_id)
             if record is None:
                 return
-            updated = msgspec.structs.replace(record, status={**record.status, **changes}, updated_at=ids.now())
+            obj = OPERATION.load(record)
+            updated = obj.replace(status=msgspec.structs.replace(obj.status, **changes), updated_at=ids.now())
             try:
-                await self.store.commit(Txn([Update(updated, expect_revision=record.revision)]))
+                await self.store.commit(Txn([Update(OPERATION.dump(updated), expect_revision=record.revision)]))
                 return
             except TxnFailed:
                 continue
@@ -122,7 +120,8 @@ class Operations:
         while True:
             page = await self.store.list(KIND, where={"node": self.node}, after=after, limit=500)  # indexed
             for record in page:
-                if record.spec.get("node") == self.node and record.status.get("state") == "running":
+                op = OPERATION.load(record)
+                if op.spec.node == self.node and op.status.state == "running":
                     await self._finish(
                         record.id,
                         error=errors.Unavailable("the agent restarted before the operation finished; retry it"),
@@ -137,14 +136,14 @@ class Operations:
         sub = self.store.subscribe()
         try:
             record = await self.store.get(KIND, op_id)
-            if record is None or record.status.get("state") != "running" or seconds <= 0:
+            if record is None or OPERATION.load(record).status.state != "running" or seconds <= 0:
                 return record
             async with asyncio.timeout(seconds):
                 async for change in sub:
                     if change.id == op_id:
                         if change.type == "deleted":
                             return None
-                        if change.record.status.get("state") != "running":
+                        if OPERATION.load(change.record).status.state != "running":
                             return change.record
         except TimeoutError:
             pass

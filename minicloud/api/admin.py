@@ -18,8 +18,8 @@ from aiohttp import web
 from minicloud import backups
 from minicloud.api import resources as res
 from minicloud.api.keys import BACKUP_GATE, CONFIG, OPERATIONS, STORE
-from minicloud.api.operations import view as operation_view
 from minicloud.api.routing import Action, Reply, Routes
+from minicloud.core.operation import OPERATION
 from minicloud.model import Operation, Page
 from minicloud.model.backups import Backup
 from minicloud.operations import Reporter
@@ -83,7 +83,7 @@ async def create_backup(request: web.Request) -> Reply:
             [res.Create(record)],
             status=202,
             kind_name="operation",
-            respond=lambda rev: operation_view(msgspec.structs.replace(record, revision=rev)),
+            respond=lambda rev: OPERATION.view_record(msgspec.structs.replace(record, revision=rev)),
             headers=lambda rev: {"Location": f"/v1/operations/{record.id}"},
         )
     except BaseException:

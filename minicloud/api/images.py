@@ -14,11 +14,11 @@ from aiohttp import web
 from minicloud import errors, ids
 from minicloud.api import resources as res
 from minicloud.api.keys import CONFIG, OPERATIONS, STORE
-from minicloud.api.operations import view as operation_view
 from minicloud.api.routing import Action, Reply, Routes
 from minicloud.compute import image_download
 from minicloud.compute import images as store_files
 from minicloud.compute.url_policy import UrlPolicy
+from minicloud.core.operation import OPERATION
 from minicloud.model import Page
 from minicloud.model.compute import Image, ImageFile, ImageImport, ImageUpdate
 from minicloud.operations import Reporter
@@ -140,7 +140,7 @@ async def _import_from_url(request: web.Request, body: ImageImport, project: str
         [Create(record)],
         status=202,
         kind_name="operation",
-        respond=lambda rev: operation_view(msgspec.structs.replace(record, revision=rev)),
+        respond=lambda rev: OPERATION.view_record(msgspec.structs.replace(record, revision=rev)),
         headers=lambda rev: {"Location": f"/v1/operations/{record.id}"},
     )
     if not reply.headers.get("Idempotent-Replayed"):

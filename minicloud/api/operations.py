@@ -9,31 +9,16 @@ from aiohttp import web
 
 from minicloud import errors
 from minicloud.api import resources as res
-from minicloud.api.keys import OPERATIONS
+from minicloud.api.keys import OPERATIONS, STORE
 from minicloud.api.routing import Action, Reply, Routes
-from minicloud.model import Operation, Page, Problem, Progress
-from minicloud.operations import KIND as OP_KIND
-from minicloud.state import Record
+from minicloud.core import crud
+from minicloud.core.operation import OPERATION
+from minicloud.model import Operation, Page
 
 routes = Routes("operations")
 
 
-def view(r: Record) -> Operation:
-    st = r.status
-    error = st.get("error")
-    return Operation(
-        **r.common_fields(),
-        action=r.spec["action"],
-        target=r.spec.get("target", {}),
-        node=r.spec.get("node", ""),
-        state=st["state"],
-        progress=msgspec.convert(st.get("progress", {}), Progress),
-        result=st.get("result"),
-        error=msgspec.convert(error, Problem) if error else None,
-    )
-
-
-KIND = res.register_kind(res.Kind(OP_KIND, "operations", "op", view, "operation"))
+KIND = res.expose(OPERATION)
 
 
 class OperationListQuery(res.ListQuery, forbid_unknown_fields=True, kw_only=True):
@@ -56,19 +41,21 @@ async def list_operations(request: web.Request, query: OperationListQuery) -> Pa
 @routes.get("/v1/operations/{ref}", query=WaitQuery, response=Operation, auth=Action("operations:get"))
 async def show_operation(request: web.Request, query: WaitQuery) -> Reply:
     """Show an operation; with ?wait=SECONDS, answer as soon as it ends (or when the time is up)."""
-    record = await res.resolve(request, KIND)
-    if query.wait and record.status.get("state") == "running":
-        waited = await request.app[OPERATIONS].wait(record.id, query.wait)
+    op = await crud.get(await res.context_of(request), request.app[STORE], OPERATION, request.match_info["ref"])
+    if query.wait and op.status.state == "running":
+        waited = await request.app[OPERATIONS].wait(op.id, query.wait)
         if waited is None:
-            raise errors.NotFound(f"operation {record.id} was deleted while waiting")
-        record = waited
-    return Reply(view(record), headers=res.etag(record.revision))
+            raise errors.NotFound(f"operation {op.id} was deleted while waiting")
+        op = OPERATION.load(waited)
+    return Reply(OPERATION.to_view(op), headers=res.etag(op.revision))
 
 
 @routes.delete("/v1/operations/{ref}", status=204, auth=Action("operations:delete"))
 async def delete_operation(request: web.Request) -> Reply:
     """Forget a finished operation."""
-    record = await res.resolve(request, KIND)
-    if record.status.get("state") == "running":
-        raise errors.Conflict(f"operation {record.id} is still running; wait for it to finish before deleting it")
-    return await res.delete(request, KIND, record)
+    ctx = await res.context_of(request)
+    store = request.app[STORE]
+    op = await crud.get(ctx, store, OPERATION, request.match_info["ref"])
+    if op.status.state == "running":
+        raise errors.Conflict(f"operation {op.id} is still running; wait for it to finish before deleting it")
+    return res.reply(request, await crud.delete_obj(ctx, store, OPERATION, op, expect=res.if_match(request)))
