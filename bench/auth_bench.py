@@ -3,6 +3,7 @@
 Usage::
 
     .venv/bin/python bench/auth_bench.py [--seconds 5] [--warmup 1] [--concurrency 16] [--json FILE]
+    .venv/bin/python bench/auth_bench.py --quick      # a few seconds: does every scenario still work?
 
 It starts the real agent (``python -m minicloud agent``) in a temporary directory, HTTPS on 127.0.0.1:<free port>,
 with a config file that raises the per-principal HTTPS rate limit out of the way (the default, 200 req/s with a
@@ -24,7 +25,8 @@ The issue's target: auth + policy overhead < 15 %, i.e. the authenticated read k
 the same read on the trusted socket. It is judged (PASS/MISS) on one transport — the socket read with credentials
 against the socket read without — so that it measures authentication and policy, not TLS. The HTTPS rows are
 printed too, against the socket read (TLS charged to auth) and against the HTTPS public floors (TLS removed, roughly).
-The exit status is 0 unless the bench itself fails (it is a benchmark, not a test).
+A missed target does not change the exit status (it is a benchmark, not a test); a scenario with errors or a refused
+preflight does (1): then the bench did not measure what it says.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from api_bench import (
     Result,
     Scenario,
     Target,
+    failed_exit_status,
     json_clean,
     mark,
     run_scenario,
@@ -386,9 +389,22 @@ def write_json(
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per scenario (default 5)")
-    p.add_argument("--warmup", type=float, default=1.0, help="unrecorded warm-up seconds per scenario (default 1)")
-    p.add_argument("--concurrency", "-c", type=int, default=16, help="closed-loop clients (default 16)")
+    quick = "--quick" in argv
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few seconds in all (0.5 s per scenario, 0.2 s warm-up, 4 clients unless given): does it still work?",
+    )
+    p.add_argument(
+        "--seconds", type=float, default=0.5 if quick else 5.0, help="measured seconds per scenario (default 5)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=0.2 if quick else 1.0,
+        help="unrecorded warm-up seconds per scenario (default 1)",
+    )
+    p.add_argument("--concurrency", "-c", type=int, default=4 if quick else 16, help="closed-loop clients (default 16)")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (agent logs) afterwards")
     args = p.parse_args(argv)
@@ -445,7 +461,10 @@ def main(argv: list[str]) -> int:
             print(f"\nwrote {args.json}")
         if (problems or any(r.errors for r in results)) and agent_child.stderr_tail():
             print("\nagent stderr (tail):\n" + agent_child.stderr_tail())
-        return 0
+        if problems:
+            print(f"\nbench failed: {len(problems)} preflight request(s) refused", file=sys.stderr)
+            return 1
+        return failed_exit_status(results)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@
 Usage::
 
     .venv/bin/python bench/instance_launch.py [--runs 5] [--burst 10] [--json FILE] [--keep]
+    .venv/bin/python bench/instance_launch.py --quick   # one agent launch and one floor launch, no burst
 
 Needs root and a running libvirtd (``scripts/start-libvirtd``). It builds the test guest
 (``scripts/build-guest-image``: a Debian kernel and a busybox initramfs that prints ``minicloud-guest: ready`` on its
@@ -329,13 +330,14 @@ def delete_instances(b: Bench, ids_: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def agent_run(b: Bench, index: int, warmup: bool) -> tuple[Run, str]:
+def agent_run(b: Bench, index: int, warmup: bool, first: bool = False) -> tuple[Run, str]:
     """One launch through the API; returns the run and the instance id (the instance is left running)."""
     name = f"launch-{'w' if warmup else ''}{index}"
     # The agent connects to libvirt, builds its network and publishes the node's capacity in its compute loop, after
     # it started serving: until then a create is refused (409 insufficient-capacity). Only the very first create
-    # (a warm-up) may meet that; it is sent again, and the clock starts at the attempt that is accepted.
-    deadline = time.monotonic() + (COMPUTE_READY_TIMEOUT_S if warmup else 0)
+    # (``first``: a warm-up, or the measured run of --quick) may meet that; it is sent again, and the clock starts at
+    # the attempt that is accepted.
+    deadline = time.monotonic() + (COMPUTE_READY_TIMEOUT_S if first else 0)
     while True:
         cpu0 = cpu_s(b.agent_proc)
         t0_wall = time.time()
@@ -921,7 +923,7 @@ def run(args: argparse.Namespace, workdir: Path, data: Path, bridge: str, cidr: 
         for i in range(args.warmup + args.runs):
             warm = i < args.warmup
             index = i + 1 if warm else i - args.warmup + 1
-            r, iid = agent_run(b, index, warm)
+            r, iid = agent_run(b, index, warm, first=i == 0)
             note(r)
             if not b.template_xml:
                 capture_template(b, iid)
@@ -951,16 +953,34 @@ def run(args: argparse.Namespace, workdir: Path, data: Path, bridge: str, cidr: 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=int, default=5, help="measured launches per side (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured agent+floor pairs first (default 1; min 1)")
-    p.add_argument("--burst", type=int, default=10, help="instances created at once in the burst (default 10; 0: none)")
-    p.add_argument("--settle", type=float, default=1.0, help="seconds of quiet after each run's cleanup (default 1)")
+    quick = "--quick" in argv
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 run per side, no warm-up pair, no burst, no settling unless given: does the launch path still work?",
+    )
+    p.add_argument("--runs", type=int, default=1 if quick else 5, help="measured launches per side (default 5)")
+    p.add_argument(
+        "--warmup", type=int, default=0 if quick else 1, help="unmeasured agent+floor pairs first (default 1)"
+    )
+    p.add_argument(
+        "--burst",
+        type=int,
+        default=0 if quick else 10,
+        help="instances created at once in the burst (default 10; 0: none)",
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.0 if quick else 1.0,
+        help="seconds of quiet after each run's cleanup (default 1)",
+    )
     p.add_argument("--boot-timeout", type=float, default=300.0, help="seconds to wait for boot markers (default 300)")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (agent stderr) afterwards")
     args = p.parse_args(argv)
-    if args.runs < 1 or args.warmup < 1 or args.burst < 0 or args.settle < 0 or args.boot_timeout <= 0:
-        p.error("--runs and --warmup must be >= 1, --burst and --settle >= 0, --boot-timeout > 0")
+    if args.runs < 1 or args.warmup < 0 or args.burst < 0 or args.settle < 0 or args.boot_timeout <= 0:
+        p.error("--runs must be >= 1, --warmup, --burst and --settle >= 0, --boot-timeout > 0")
     return args
 
 

@@ -1,0 +1,83 @@
+"""Every benchmark still measures what it says: each ``bench/*.py --quick`` completes with exit 0 and no errors.
+
+The figures are not asserted (they depend on the machine and its load); a bench exits 1 when a scenario had errors
+(non-2xx replies, transport errors, a refused preflight, a failover with no write), which is what fails here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
+
+
+def run_bench(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINICLOUD_")}
+    done = subprocess.run(
+        [sys.executable, str(BENCH / name), "--quick", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    report = f"exit {done.returncode}\n--- stdout\n{done.stdout[-6000:]}\n--- stderr\n{done.stderr[-6000:]}"
+    assert done.returncode == 0, report
+    assert "bench failed" not in done.stderr, report
+    assert "\nerrors:\n" not in done.stdout, report
+    return done
+
+
+def test_every_bench_has_a_quick_mode_tested_here() -> None:
+    tested = {"api_bench.py", "auth_bench.py", "state_bench.py", "instance_launch.py"}
+    assert {p.name for p in BENCH.glob("*.py")} == tested
+
+
+def test_api_bench_quick() -> None:
+    done = run_bench("api_bench.py", timeout=180)
+    # Every minicloud row was measured on both transports, none of them throttled into 429s.
+    for transport in ("unix", "https"):
+        for scenario in ("GET /v1/node", "GET /v1/keypairs/{name}", "POST /v1/keypairs"):
+            assert any(line.startswith(f"{transport:9} {scenario}") for line in done.stdout.splitlines()), done.stdout
+
+
+def test_auth_bench_quick() -> None:
+    done = run_bench("auth_bench.py", timeout=180)
+    assert "authentication + policy" in done.stdout
+
+
+def test_state_bench_quick() -> None:
+    sys.path.insert(0, str(ROOT))
+    from tests.cluster import harness
+
+    reason = harness.unavailable_reason()
+    if reason:
+        pytest.skip(f"state_bench.py: {reason}")
+    if shutil.which("etcd") is None:
+        pytest.skip("state_bench.py needs etcd (Debian package etcd-server)")
+    done = run_bench("state_bench.py", timeout=280)
+    assert "failover" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_instance_launch_quick() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("instance_launch.py needs root (a bridge, dnsmasq, nftables)")
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static")):
+        if shutil.which(tool) is None and not Path(f"/bin/{tool}").exists():
+            pytest.skip(f"instance_launch.py needs {tool} (Debian package {package})")
+    libvirt = pytest.importorskip("libvirt", reason="instance_launch.py needs libvirt-python")
+    try:
+        libvirt.open("qemu:///system").close()
+    except libvirt.libvirtError as exc:
+        pytest.skip(f"instance_launch.py needs libvirtd (scripts/start-libvirtd): {exc}")
+    done = run_bench("instance_launch.py", timeout=840)
+    assert "agent" in done.stdout and "floor" in done.stdout
