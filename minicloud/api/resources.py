@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import re
 from collections.abc import Callable
@@ -26,6 +24,7 @@ from minicloud.api.auth import ACTION, AUDITED, principal_of
 from minicloud.api.keys import CONFIG, STORE
 from minicloud.api.middleware import PROJECT, REQUEST_ID
 from minicloud.api.routing import Reply
+from minicloud.core import crud
 from minicloud.core import write as core_write
 from minicloud.core.context import Context, Idempotency
 from minicloud.core.kinds import Kind as CoreKind
@@ -84,20 +83,10 @@ class ListQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 def encode_cursor(record: Record) -> str:
-    return base64.urlsafe_b64encode(msgspec.json.encode([record.name, record.id])).decode().rstrip("=")
+    return crud.encode_cursor(record.name, record.id)
 
 
-def decode_cursor(cursor: str) -> tuple[str, str]:
-    try:
-        name, id_ = msgspec.json.decode(
-            base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)), type=tuple[str, str]
-        )
-    except (binascii.Error, ValueError, msgspec.DecodeError):
-        raise errors.ValidationFailed(
-            "the cursor is not valid; pass back the next_cursor of the previous page unchanged",
-            invalid_params=[{"name": "cursor", "reason": "malformed"}],
-        ) from None
-    return name, id_
+decode_cursor = crud.decode_cursor
 
 
 def parse_selector(selector: str | None) -> dict[str, str]:
