@@ -7,7 +7,7 @@ import msgspec
 
 from minicloud.core.kinds import Column, Kind, declare
 from minicloud.model import KeyPair, KeyPairUpdate
-from minicloud.model.compute import InstanceType
+from minicloud.model.compute import Image, ImageFile, ImageUpdate, InstanceType
 
 
 # -- key pairs -----------------------------------------------------------------------------------------------------
@@ -88,8 +88,84 @@ INSTANCE_TYPE = declare(
     )
 )
 
+
+# -- images --------------------------------------------------------------------------------------------------------
+class ImageFileSpec(msgspec.Struct, kw_only=True):
+    size_bytes: int
+    sha256: str
+
+
+class ImageSpec(msgspec.Struct, kw_only=True):
+    """An image in one node's image store (``<data_dir>/images/<id>/``). The field names are the stored keys: older
+    records lack the defaulted ones."""
+
+    #: ``disk`` (qcow2/raw) or ``kernel`` (+ initrd, direct-kernel boot).
+    boot: str
+    #: What ``qemu-img info`` found (None for kernel images).
+    format: str | None = None
+    virtual_size_bytes: int | None = None
+    size_bytes: int
+    #: Of the disk, or of the kernel for kernel images.
+    sha256: str
+    #: Stored files by role (``disk``, ``kernel``, ``initrd``).
+    files: dict[str, ImageFileSpec] = {}
+    cmdline: str = ""
+    firmware: str = "bios"
+    #: ``distro`` and ``version`` when given.
+    os: dict[str, str] = {}
+    #: The node whose image store holds the files; instances of the image are placed there.
+    node: str
+    #: The path, URL or kernel it was imported from.
+    source: str = ""
+    description: str = ""
+
+
+def _render_image(obj) -> Image:  # type: ignore[no-untyped-def]
+    s = obj.spec
+    return Image(
+        **obj.common_fields(),
+        boot=s.boot,
+        format=s.format,
+        virtual_size_bytes=s.virtual_size_bytes,
+        size_bytes=s.size_bytes,
+        sha256=s.sha256,
+        files={k: ImageFile(size_bytes=f.size_bytes, sha256=f.sha256) for k, f in s.files.items()},
+        cmdline=s.cmdline,
+        firmware=s.firmware,
+        os=s.os,
+        node=s.node,
+        source=s.source,
+        description=s.description,
+    )
+
+
+#: Create (files on the node, or a URL as an operation) and delete (refused while instances use the image; the
+#: node removes the files) are written by hand; list, show and patch are derived.
+IMAGE = declare(
+    Kind(
+        name="image",
+        plural="images",
+        prefix="img",
+        spec=ImageSpec,
+        action="compute:images",
+        view=Image,
+        render=_render_image,
+        noun="image",
+        columns=(
+            Column("name", "name"),
+            Column("boot", "boot"),
+            Column("format", "format"),
+            Column("size", "size_bytes"),
+            Column("node", "node"),
+            Column("id", "id"),
+        ),
+        patch=ImageUpdate,
+        generic=frozenset({"list", "show", "patch"}),
+    )
+)
+
 INSTANCE_KIND = "instance"
-IMAGE_KIND = "image"
+IMAGE_KIND = IMAGE.name
 #: One per node: the capacity its agent publishes for the scheduler.
 HYPERVISOR_KIND = "hypervisor"
 #: One per node: what the scheduler has handed out there (the create handler's compare-and-swap target).
