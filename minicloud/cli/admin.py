@@ -87,7 +87,12 @@ def backup(args: argparse.Namespace) -> int:
 
 
 def _check_backup(path: Path) -> int:
-    from minicloud.state.migrations import SCHEMA_VERSION
+    try:
+        from minicloud.state.migrations import SCHEMA_VERSION
+    except ImportError:
+        raise CommandError(
+            "admin restore runs on the node and needs the agent's packages: pip install 'minicloud[agent]'"
+        ) from None
 
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
