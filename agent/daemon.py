@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from agent import systemd
+from agent.http_server import GuardedRunner
 from agent.node import attach_node_services
 from minicloud.api.app import create_app
 from minicloud.api.keys import PKI, STORE, TLS
@@ -58,8 +59,11 @@ def _prepare_socket_path(path: Path) -> Path:
 async def serve(config: Config, stop: asyncio.Event) -> None:
     """Run the agent until ``stop`` is set. Raises on a start-up failure (port in use, bad socket path)."""
     app = attach_node_services(create_app(config))  # the API, then this node's drivers and reconcilers
-    runner = web.AppRunner(
+    runner = GuardedRunner(
         app,
+        # Slow clients: a request's headers and body must arrive within these bounds, or the connection is closed.
+        header_timeout=config.api.header_timeout,
+        body_timeout=config.api.body_timeout,
         access_log_class=AccessLogger,
         access_log=logging.getLogger("aiohttp.access") if config.agent.access_log else None,
         handle_signals=False,

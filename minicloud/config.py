@@ -64,6 +64,12 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     auth_failure_rps: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     #: How many failed authentications a source address may make at once before ``auth_failure_rps`` applies.
     auth_failure_burst: Annotated[int, msgspec.Meta(ge=1)] = 30
+    #: Seconds a connection may take to send a request's headers (from its first byte; for a new connection, from
+    #: the TLS handshake) before it is closed. Related: ``body_timeout``.
+    header_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    #: Seconds a request body may take to arrive after its headers before the connection is closed.
+    #: Related: ``max_body_bytes``, ``header_timeout``.
+    body_timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 60.0
 
 
 class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
