@@ -198,3 +198,14 @@ def test_login_throttle_refuses_nonsense_configuration():
         LoginThrottle(max_failures=0)
     with pytest.raises(ValueError):
         LoginThrottle(window=0)
+
+
+def test_wait_peeks_without_spending_or_creating_a_bucket():
+    limiter = RateLimiter(rate=1.0, burst=2)
+    assert limiter.wait("src", now=0.0) == 0.0 and len(limiter) == 0  # no bucket made by a peek
+    limiter.take("src", now=0.0)
+    assert limiter.wait("src", now=0.0) == 0.0  # one token left
+    limiter.take("src", now=0.0)
+    assert limiter.wait("src", now=0.0) == 1.0
+    assert limiter.wait("src", now=0.0) == 1.0  # peeking spent nothing
+    assert limiter.wait("src", now=1.0) == 0.0
