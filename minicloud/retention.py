@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from minicloud import ids
 from minicloud.cluster.leader import LeaderLoop, Outcome, chunks
 from minicloud.config import Config
+from minicloud.core.write import DEFAULT_IDEMPOTENCY_TTL, IDEMPOTENCY
 from minicloud.iam import audit, sessions
 from minicloud.operations import KIND as OPERATION_KIND
 from minicloud.operations import finished_before
 from minicloud.state import Delete, Record, Store, Txn, TxnFailed
 
-IDEMPOTENCY_KIND = "idempotency"
-#: What an idempotency record without its own ``expires`` is kept for (the ``api.idempotency_ttl`` default).
-DEFAULT_IDEMPOTENCY_TTL = 86400
+IDEMPOTENCY_KIND = IDEMPOTENCY.name
+__all__ = ["DEFAULT_IDEMPOTENCY_TTL", "IDEMPOTENCY_KIND"]
 #: Deletes per store transaction (a cycle deletes up to ``retention.batch`` in several).
 TXN_SIZE = 250
 _PAGE = 1000
@@ -74,7 +74,7 @@ def plan_expiry(kind: str, scan: Scan, expired: Callable[[Record], bool], batch:
 
 def idempotency_expired(record: Record, now: _dt.datetime) -> bool:
     """Pure: True once an idempotency record is older than the TTL stored in it."""
-    ttl = record.spec.get("expires", DEFAULT_IDEMPOTENCY_TTL)
+    ttl = IDEMPOTENCY.load(record).spec.expires  # DEFAULT_IDEMPOTENCY_TTL for a record without one
     return ids.parse_time(record.created_at) + _dt.timedelta(seconds=ttl) <= now
 
 

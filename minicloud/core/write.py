@@ -16,10 +16,36 @@ import msgspec
 
 from minicloud import errors
 from minicloud.core.context import Context
+from minicloud.core.kinds import Kind, declare
 from minicloud.iam import audit, tenancy
 from minicloud.state import Create, Delete, Op, Record, Store, Txn, TxnFailed
 
-IDEMPOTENCY_KIND = "idempotency"
+#: What an idempotency record without its own ``expires`` is kept for (the ``api.idempotency_ttl`` default).
+DEFAULT_IDEMPOTENCY_TTL = 86400
+
+
+class IdempotencySpec(msgspec.Struct, kw_only=True):
+    """The first reply to a request made under an ``Idempotency-Key`` (record id: caller, project and key hashed)."""
+
+    #: SHA-256 of the request (method, path, query, body): the same key with another request is refused (422).
+    fingerprint: str
+    #: The reply's HTTP status.
+    status: int
+    #: The reply body, AES-GCM-sealed with the node key store (the record id as associated data).
+    sealed_body: str = ""
+    #: Seconds the record is kept after its creation (``api.idempotency_ttl`` when it was stored); retention
+    #: (:mod:`minicloud.retention`) deletes it after that.
+    expires: int = DEFAULT_IDEMPOTENCY_TTL
+    #: The reply in clear: only records written before replies were sealed have it (never written now).
+    body: Any = msgspec.UNSET
+
+
+#: Internal (no view: never streamed, never routed). Growth: one per keyed write, expired by retention after
+#: ``expires`` seconds; looked up by id only.
+IDEMPOTENCY = declare(
+    Kind(name="idempotency", plural="idempotency", prefix="idem", spec=IdempotencySpec, scope="cluster")
+)
+IDEMPOTENCY_KIND = IDEMPOTENCY.name
 
 
 @dataclass
@@ -86,20 +112,21 @@ async def replay(ctx: Context, store: Store) -> Written | None:
     idem = ctx.idempotency
     if idem is None:
         return None
-    record = await store.get(IDEMPOTENCY_KIND, idem.record_id)
+    record = await store.get(IDEMPOTENCY.name, idem.record_id)
     if record is None:
         return None
-    if record.spec["fingerprint"] != idem.fingerprint:
+    stored = IDEMPOTENCY.load(record)
+    if stored.spec.fingerprint != idem.fingerprint:
         raise errors.IdempotencyKeyReused(
             "this Idempotency-Key was already used for a different request; use a new key for a new request"
         )
-    if "sealed_body" in record.spec:
-        body = msgspec.json.decode(idem.sealer.decrypt(record.spec["sealed_body"], record.id.encode()))
+    if stored.spec.sealed_body:
+        body = msgspec.json.decode(idem.sealer.decrypt(stored.spec.sealed_body, record.id.encode()))
     else:  # written before replies were sealed
-        body = record.spec["body"]
+        body = None if stored.spec.body is msgspec.UNSET else stored.spec.body
     if isinstance(body, dict) and body.get("revision") == 0:
         body = {**body, "revision": record.revision}
-    return Written(body, record.spec["status"], record.revision, replayed=True)
+    return Written(body, stored.spec.status, record.revision, replayed=True)
 
 
 async def commit(
@@ -131,25 +158,14 @@ async def commit(
         # the store, the change log, etcd or a backup: every stored reply is sealed (AES-GCM with the node key store,
         # the record id as associated data), so no reply kind can be forgotten. Every node holds the same key store.
         sealed = idem.sealer.encrypt(msgspec.json.encode(body), idem.record_id.encode())
-        ops = [
-            *ops,
-            Create(
-                Record(
-                    kind=IDEMPOTENCY_KIND,
-                    id=idem.record_id,
-                    project="",
-                    name=idem.record_id,
-                    spec={
-                        "fingerprint": idem.fingerprint,
-                        "status": status,
-                        "sealed_body": sealed,
-                        "expires": idem.ttl,
-                    },
-                    created_at=stamp,
-                    updated_at=stamp,
-                )
-            ),
-        ]
+        key = IDEMPOTENCY.new(
+            project="",
+            id=idem.record_id,
+            name=idem.record_id,
+            spec=IdempotencySpec(fingerprint=idem.fingerprint, status=status, sealed_body=sealed, expires=idem.ttl),
+            stamp=stamp,
+        )
+        ops = [*ops, Create(IDEMPOTENCY.dump(key))]
     try:
         revision, _ = await store.commit(Txn(ops))
     except TxnFailed as exc:

@@ -11,6 +11,7 @@ import pytest
 from minicloud import ids
 from minicloud.cluster.leader import LeaderLoops
 from minicloud.config import Config, RetentionConfig
+from minicloud.core.write import IDEMPOTENCY, IdempotencySpec
 from minicloud.iam import audit, sessions
 from minicloud.operations import finished_before
 from minicloud.retention import (
@@ -88,10 +89,25 @@ def test_finished_operations_expire_after_the_retention(state, age, expected):
     assert finished_before(op, NOW, 7 * DAY) is expected
 
 
+def idem_rec(name: str, *, created: _dt.datetime, **spec) -> Record:
+    """An idempotency record as the write layer stores it (:class:`minicloud.core.write.IdempotencySpec`)."""
+    key = IDEMPOTENCY.new(
+        project="",
+        id=name,
+        name=name,
+        spec=IdempotencySpec(fingerprint="f" * 64, status=201, sealed_body="sealed", **spec),
+        stamp=stamp(created),
+    )
+    return IDEMPOTENCY.dump(key)
+
+
 def test_idempotency_records_expire_after_their_own_ttl():
-    assert idempotency_expired(rec(IDEMPOTENCY_KIND, "i", created=NOW - DAY, spec={"expires": 3600}), NOW)
-    assert not idempotency_expired(rec(IDEMPOTENCY_KIND, "i", created=NOW - DAY, spec={"expires": 2 * 86400}), NOW)
-    assert idempotency_expired(rec(IDEMPOTENCY_KIND, "i", created=NOW - 2 * DAY), NOW)  # default TTL: a day
+    assert idempotency_expired(idem_rec("i", created=NOW - DAY, expires=3600), NOW)
+    assert not idempotency_expired(idem_rec("i", created=NOW - DAY, expires=2 * 86400), NOW)
+    # Records written before ``expires`` was stored (or by an older version) are kept for the default TTL: a day.
+    legacy = rec(IDEMPOTENCY_KIND, "i", created=NOW - 2 * DAY, spec={"fingerprint": "f", "status": 201, "body": {}})
+    assert idempotency_expired(legacy, NOW)
+    assert not idempotency_expired(msgspec.structs.replace(legacy, created_at=stamp(NOW - DAY / 2)), NOW)
 
 
 def test_a_plan_is_bounded_and_resumes_after_the_last_record_it_took():
@@ -221,7 +237,7 @@ async def test_the_operation_loop_keeps_running_and_recent_operations(store):
 
 
 async def test_the_idempotency_loop_skips_a_record_changed_meanwhile(store):
-    old = [rec(IDEMPOTENCY_KIND, f"idem-{i}", created=NOW - 2 * DAY, spec={"expires": 3600}) for i in range(3)]
+    old = [idem_rec(f"idem-{i}", created=NOW - 2 * DAY, expires=3600) for i in range(3)]
     await store.commit(Txn([Create(r) for r in old]))
     loop = loop_for(store, IDEMPOTENCY_KIND)
     snapshot = await loop.snapshot()
