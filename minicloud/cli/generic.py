@@ -21,6 +21,7 @@ def add_verbs(
 ) -> None:
     """Add the generic verbs ``which`` for ``kind`` to a noun's sub-parsers; ``collection`` picks the SDK's."""
     title = kind.label
+    a = "an" if title[:1] in "aeiou" else "a"
     columns = [col(c.header, c.path) for c in kind.columns]
     for verb in which:
         if verb == "list":
@@ -35,7 +36,7 @@ def add_verbs(
 
             v.set_defaults(func=list_)
         elif verb == "show":
-            v = verbs.add_parser("show", help=f"show a {title} (by name or id)")
+            v = verbs.add_parser("show", help=f"show {a} {title} (by name or id)")
             v.add_argument("name")
 
             def show(args: argparse.Namespace) -> int:
@@ -44,7 +45,7 @@ def add_verbs(
 
             v.set_defaults(func=show)
         elif verb == "delete":
-            v = verbs.add_parser("delete", help=f"delete a {title}")
+            v = verbs.add_parser("delete", help=f"delete {a} {title}")
             v.add_argument("name")
 
             def delete(args: argparse.Namespace) -> int:

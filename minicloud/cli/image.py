@@ -5,18 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 
+from minicloud.cli import generic
 from minicloud.cli.common import CommandError, client, wait_operation
 from minicloud.cli.keypair import parse_labels
-from minicloud.cli.output import col, emit
-
-COLUMNS = [
-    col("name", "name"),
-    col("boot", "boot"),
-    col("format", "format"),
-    col("size", "size_bytes"),
-    col("node", "node"),
-    col("id", "id"),
-]
+from minicloud.cli.output import emit
+from minicloud.compute.kinds import IMAGE
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,12 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--description", default="")
     v.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     v.set_defaults(func=import_)
-    v = verbs.add_parser("list", help="list images")
-    v.add_argument("--label", metavar="KEY=VALUE[,...]", help="only those with these labels")
-    v.set_defaults(func=list_)
-    v = verbs.add_parser("show", help="show an image")
-    v.add_argument("name")
-    v.set_defaults(func=show)
+    generic.add_verbs(verbs, IMAGE, lambda c: c.images, which=("list", "show"))
     v = verbs.add_parser("delete", help="delete an image (refused while instances use it)")
     v.add_argument("name")
     v.set_defaults(func=delete)
@@ -85,16 +73,6 @@ def import_(args: argparse.Namespace) -> int:
     del fields["path"], fields["kernel"], fields["initrd"], fields["cmdline"]
     final = wait_operation(c, c.images.import_url(name=args.name, url=url, **fields), args.output)
     emit(c.images.get((final.result or {})["image_id"]), args.output)
-    return 0
-
-
-def list_(args: argparse.Namespace) -> int:
-    emit(client(args).images.list(label=args.label), args.output, COLUMNS)
-    return 0
-
-
-def show(args: argparse.Namespace) -> int:
-    emit(client(args).images.get(args.name), args.output)
     return 0
 
 

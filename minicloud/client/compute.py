@@ -7,6 +7,8 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from minicloud.client.collection import Collection
+from minicloud.compute.kinds import IMAGE
 from minicloud.model import Operation, Problem
 from minicloud.model.compute import Image, Instance, InstanceType
 
@@ -21,34 +23,24 @@ def _q(ref: str) -> str:
     return urllib.parse.quote(ref, safe="")
 
 
-class Images:
+class Images(Collection[Image]):
+    """``/v1/images``: list, get, update and delete come from the kind's declaration; imports are its own."""
+
     def __init__(self, client: Client) -> None:
-        self._c = client
-
-    def list(self, **query: Any) -> list[Image]:
-        return list(self._c.paginate("/v1/images", Image, **query))
-
-    def get(self, ref: str) -> Image:
-        return self._c.call("GET", f"/v1/images/{_q(ref)}", Image)
+        super().__init__(client, IMAGE)
 
     def create(self, *, name: str, **fields: Any) -> Image:
         """Import an image from files on the node: ``path=`` (a disk), or ``kernel=`` (+ ``initrd=``, ``cmdline=``);
         paths must be under the node's ``compute.image_dirs``. For a URL, see :meth:`import_url`."""
         body = {"name": name, **{k: v for k, v in fields.items() if v is not None}}
-        return self._c.call("POST", "/v1/images", Image, json=body)
+        return self._c.call("POST", self.path, Image, json=body)
 
     def import_url(self, *, name: str, url: str, sha256: str | None = None, **fields: Any) -> Operation:
         """Start downloading a disk image from ``url`` on the node: returns the operation (``client.operations.wait``
         follows it; its ``result["image_id"]`` names the image). ``sha256=`` makes a different file fail the import.
         The node refuses internal addresses unless its ``compute.image_url_allow`` lists them."""
         body = {"name": name, "url": url, "sha256": sha256, **fields}
-        return self._c.call("POST", "/v1/images", Operation, json={k: v for k, v in body.items() if v is not None})
-
-    def update(self, ref: str, **fields: Any) -> Image:
-        return self._c.call("PATCH", f"/v1/images/{_q(ref)}", Image, json=fields)
-
-    def delete(self, ref: str) -> None:
-        self._c.call("DELETE", f"/v1/images/{_q(ref)}")
+        return self._c.call("POST", self.path, Operation, json={k: v for k, v in body.items() if v is not None})
 
 
 class InstanceTypes:

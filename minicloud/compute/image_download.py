@@ -14,7 +14,7 @@ The contract of :func:`download`:
   body or redirect target.
 - **What it keeps.** The body is written to ``dst`` and fsynced. A body larger than ``max_bytes``, shorter or longer
   than its ``Content-Length``, cut off early, or with another SHA-256 than ``expected_sha256`` is a failure; the
-  caller removes ``dst`` on any failure (see ``api/images.py``), so nothing is kept.
+  caller removes ``dst`` on any failure (see ``compute/images.py``), so nothing is kept.
 - File writes and hashing run in the caller's executor, never on the event loop.
 """
 

@@ -1,233 +1,228 @@
-"""The node's image store: import files (from allowed directories, or downloaded by ``image_download``), check them,
-keep them by image id.
+"""Image services: import (files on the node at once, or a URL as an operation) and delete. List, show and the
+description/labels patch are the generic ones of :data:`minicloud.compute.kinds.IMAGE`.
 
-Layout: ``<data_dir>/images/<image id>/`` holds ``disk`` (qcow2 or raw) or ``kernel`` + ``initrd``. An import is
-staged in ``<data_dir>/images/.staging-<id>`` and renamed into place only once every check passed, so a failed import
-leaves nothing behind; the caller commits the image record afterwards and removes the directory again if that fails.
-The format is what ``qemu-img info`` finds, never what the user says; disks with a backing file are refused (they
-would let an image read any file on the node).
-
-Everything here is blocking: call it through ``asyncio.to_thread``.
+Every write goes through :mod:`minicloud.core.write` (audit + idempotency in the same transaction), also the image
+record a URL import commits when its download has finished: it is written with the requester's :class:`Context`,
+captured when the import started, so the audit entry names the requester and ``compute:images:create`` and the
+project's guards apply as for any create. The files live in the node's image store (:mod:`image_files`); a failed
+import or record keeps nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
+import asyncio
+import dataclasses
 import shutil
-import subprocess
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from minicloud import errors
+import msgspec
 
-CHUNK = 1 << 20
+from minicloud import errors, ids
+from minicloud.compute import image_download, image_files
+from minicloud.compute.image_files import stray_entries  # the compute reconciler reads it as ``images.*``
+from minicloud.compute.kinds import IMAGE, INSTANCE_KIND, ImageFileSpec, ImageSpec
+from minicloud.compute.url_policy import UrlPolicy
+from minicloud.core import crud
+from minicloud.core.context import Context
+from minicloud.core.kinds import Obj
+from minicloud.core.operation import OPERATION
+from minicloud.core.write import Written, commit, replay
+from minicloud.model.compute import ImageImport
+from minicloud.state import Create, Store, list_all
+
+if TYPE_CHECKING:
+    from minicloud.config import Config
+    from minicloud.operations import Operations, Reporter
+
+__all__ = ["NodeImages", "delete_image", "import_image", "stray_entries"]
+
+#: The operation action of a URL import (what ``GET /v1/operations`` shows).
+IMPORT_ACTION = "image.import"
 
 
 @dataclass(frozen=True)
-class StoredFile:
-    size_bytes: int
-    sha256: str
+class NodeImages:
+    """What the image services need of this node: its image store, where imports may read files, how URL imports
+    may download, and the operations runner that runs them."""
 
+    node: str
+    #: ``<data_dir>/images``
+    root: Path
+    #: ``<data_dir>/import`` and ``compute.image_dirs``
+    import_dirs: list[Path]
+    url_allow: list[str]
+    url_max_bytes: int
+    operations: Operations | None = None
 
-@dataclass(frozen=True)
-class ImportResult:
-    boot: str  # "disk" | "kernel"
-    format: str | None
-    virtual_size_bytes: int | None
-    files: dict[str, StoredFile] = field(default_factory=dict)
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(f.size_bytes for f in self.files.values())
-
-    @property
-    def sha256(self) -> str:
-        return self.files["disk" if self.boot == "disk" else "kernel"].sha256
-
-
-def _invalid(param: str, message: str) -> errors.ValidationFailed:
-    return errors.ValidationFailed(message, invalid_params=[{"name": param, "reason": message}])
-
-
-def allowed_source(param: str, path: str, allowed_dirs: list[Path]) -> Path:
-    """``path`` resolved (symlinks followed) if it is a regular file inside one of ``allowed_dirs``."""
-    resolved = Path(os.path.realpath(path))
-    roots = [Path(os.path.realpath(d)) for d in allowed_dirs]
-    if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
-        shown = ", ".join(str(r) for r in roots)
-        raise errors.Forbidden(
-            f"{param} '{path}' is outside the directories images may be imported from ({shown}); copy the file "
-            "there, or add its directory to compute.image_dirs in /etc/minicloud/minicloud.toml"
+    @classmethod
+    def from_config(cls, config: Config, operations: Operations | None = None) -> NodeImages:
+        return cls(
+            node=config.node_name,
+            root=config.data_path / "images",
+            import_dirs=[config.data_path / "import", *(Path(d) for d in config.compute.image_dirs)],
+            url_allow=list(config.compute.image_url_allow),
+            url_max_bytes=config.compute.image_url_max_bytes,
+            operations=operations,
         )
-    if not resolved.is_file():
-        raise _invalid(param, f"{param} '{path}' does not exist on the node or is not a regular file")
-    return resolved
 
 
-def _copy_hashing(src: Path, dst: Path) -> StoredFile:
-    digest = hashlib.sha256()
-    size = 0
-    with src.open("rb") as fin, dst.open("wb") as fout:
-        while chunk := fin.read(CHUNK):
-            digest.update(chunk)
-            fout.write(chunk)
-            size += len(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())
-    return StoredFile(size, digest.hexdigest())
+def _spec(node: NodeImages, body: ImageImport, result: image_files.ImportResult) -> ImageSpec:
+    return ImageSpec(
+        boot=result.boot,
+        format=result.format,
+        virtual_size_bytes=result.virtual_size_bytes,
+        size_bytes=result.size_bytes,
+        sha256=result.sha256,
+        files={k: ImageFileSpec(size_bytes=f.size_bytes, sha256=f.sha256) for k, f in result.files.items()},
+        cmdline=body.cmdline,
+        firmware=body.firmware,
+        os={k: v for k, v in {"distro": body.os_distro, "version": body.os_version}.items() if v},
+        node=node.node,
+        source=body.url or body.path or body.kernel or "",
+        description=body.description,
+    )
 
 
-def qemu_img_info(path: Path) -> dict:
-    """``qemu-img info --output=json`` of ``path``; a problem naming the failure when qemu-img can't read it."""
+def _new(ctx: Context, node: NodeImages, body: ImageImport, image_id: str, result: image_files.ImportResult) -> Obj:
+    return IMAGE.new(
+        project=ctx.project,
+        name=body.name,
+        labels=body.labels,
+        id=image_id,
+        spec=_spec(node, body, result),
+        stamp=ctx.clock(),
+    )
+
+
+async def import_image(ctx: Context, store: Store, node: NodeImages, body: ImageImport) -> Written:
+    """Import an image into ``ctx``'s project. Files on the node are copied and checked at once (201 with the
+    image); a URL is downloaded by an operation (202 with the operation, whose result names the image). qemu-img
+    decides the format. All or nothing; idempotent under ``ctx.idempotency``; 409 when the name is taken."""
+    image_files.check_sources(path=body.path, url=body.url, kernel=body.kernel, initrd=body.initrd, sha256=body.sha256)
+    if (first := await replay(ctx, store)) is not None:
+        return first
+    if await store.get_by_name(IMAGE.name, ctx.project, body.name) is not None:
+        raise errors.AlreadyExists(f"an image named '{body.name}' already exists in project '{ctx.project}'")
+    if body.url is not None:
+        return await _start_url_import(ctx, store, node, body)
+    image_id = ids.new_id(IMAGE.prefix)
+    result = await asyncio.to_thread(
+        image_files.import_files,
+        node.root,
+        image_id,
+        allowed_dirs=node.import_dirs,
+        path=body.path,
+        expected_format=body.format,
+        expected_sha256=body.sha256,
+        kernel=body.kernel,
+        initrd=body.initrd,
+    )
     try:
-        out = subprocess.run(
-            ["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True, timeout=60, check=False
-        )
-    except FileNotFoundError:
-        raise errors.Unavailable("qemu-img is not installed on this node (Debian package qemu-utils)") from None
-    if out.returncode != 0:
-        raise _invalid("path", f"the file is not a readable disk image: {out.stderr.strip()[-300:]}")
-    return json.loads(out.stdout)
+        return await crud.create(ctx, store, IMAGE, _new(ctx, node, body, image_id, result))
+    except BaseException:
+        await asyncio.to_thread(image_files.remove, node.root, image_id)
+        raise
 
 
-def check_disk(path: Path, expected: str | None) -> tuple[str, int]:
-    """The disk's real format and virtual size. Refuses unknown formats, backing files and corrupt qcow2."""
-    info = qemu_img_info(path)
-    fmt = info.get("format")
-    if fmt not in ("qcow2", "raw"):
-        raise _invalid("format", f"qemu-img finds a {fmt} image; only qcow2 and raw images can be imported")
-    if expected and fmt != expected:
-        raise _invalid("format", f"you said the image is {expected}, but qemu-img finds {fmt}; fix --format or omit it")
-    if info.get("backing-filename") or info.get("full-backing-filename"):
-        raise _invalid("path", "the image has a backing file; flatten it first (`qemu-img convert -O qcow2 IN OUT`)")
-    if fmt == "qcow2":
-        check = subprocess.run(
-            ["qemu-img", "check", "--output=json", "-f", "qcow2", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        # 0: clean; 3: only leaked clusters (wasted space, harmless); 1: the check could not finish; 2: corrupt.
-        if check.returncode not in (0, 3):
-            raise _invalid("path", f"the qcow2 image is corrupt (qemu-img check exit {check.returncode}); re-create it")
-    return fmt, int(info["virtual-size"])
+async def _start_url_import(ctx: Context, store: Store, node: NodeImages, body: ImageImport) -> Written:
+    """Commit the import's operation (202) and start it. A refused address in the URL itself is refused here, before
+    anything is written."""
+    assert body.url is not None and node.operations is not None
+    policy = UrlPolicy.from_config(node.url_allow)
+    image_download.check_url(body.url, policy)
+    operations = node.operations
+    image_id = ids.new_id(IMAGE.prefix)
+    record = operations.new_record(IMPORT_ACTION, {"kind": IMAGE.name, "id": image_id, "name": body.name}, ctx.project)
+    written = await commit(
+        ctx,
+        store,
+        [Create(record)],
+        status=202,
+        label=OPERATION.label,
+        respond=lambda rev: OPERATION.view_record(msgspec.structs.replace(record, revision=rev)),
+    )
+    if written.replayed:
+        return written
+    written.headers["Location"] = f"/v1/operations/{record.id}"
+    # The image is recorded on the requester's behalf: their context, less the Idempotency-Key (which answered the
+    # request with this operation and must not answer the image's commit with it too).
+    requester = dataclasses.replace(ctx, idempotency=None)
+
+    async def work(report: Reporter) -> dict[str, Any]:
+        return await _download_and_record(requester, store, node, body, image_id, policy, report)
+
+    operations.run(record, work)
+    return written
 
 
-_KERNEL_MAGIC = (b"HdrS", 0x202)  # x86 boot protocol header of a bzImage
-
-
-def check_kernel(path: Path) -> None:
-    with path.open("rb") as f:
-        head = f.read(0x210)
-    magic, offset = _KERNEL_MAGIC
-    if head[:4] != b"\x7fELF" and head[offset : offset + 4] != magic:
-        raise _invalid("kernel", "the kernel is neither an x86 bzImage (vmlinuz) nor an ELF vmlinux")
-
-
-def import_files(
-    store_root: Path,
+async def _download_and_record(
+    ctx: Context,
+    store: Store,
+    node: NodeImages,
+    body: ImageImport,
     image_id: str,
-    *,
-    allowed_dirs: list[Path],
-    path: str | None = None,
-    expected_format: str | None = None,
-    expected_sha256: str | None = None,
-    kernel: str | None = None,
-    initrd: str | None = None,
-) -> ImportResult:
-    """Stage, check and move the image's files (on the node) into ``store_root/image_id``. All or nothing."""
-    check_sources(path=path, url=None, kernel=kernel, initrd=initrd, sha256=expected_sha256)
-    # Check every source before copying anything.
-    sources = {}
-    if path is not None:
-        sources["disk"] = allowed_source("path", path, allowed_dirs)
-    if kernel is not None:
-        sources["kernel"] = allowed_source("kernel", kernel, allowed_dirs)
-        check_kernel(sources["kernel"])
-    if initrd is not None:
-        sources["initrd"] = allowed_source("initrd", initrd, allowed_dirs)
-    staging = new_staging(store_root, image_id)
+    policy: UrlPolicy,
+    report: Reporter,
+) -> dict[str, Any]:
+    """The URL import operation: download into a staging directory, check, move into place, record. A failure at any
+    step removes what was written: nothing is kept and no image record exists."""
+    assert body.url is not None
+    root = node.root
+    loop = asyncio.get_running_loop()
+    # Download, hashing and qemu-img run on a thread of this import's own, so slow imports never hold the default
+    # executor's threads that the rest of the API needs (password checks, file copies).
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-import")
     try:
-        files = {}
-        for name, src in sources.items():
-            files[name] = _copy_hashing(src, staging / name)
-        fmt = vsize = None
-        boot = "kernel" if kernel is not None else "disk"
-        if boot == "disk":
-            check_sha256(files["disk"].sha256, expected_sha256)
-            fmt, vsize = check_disk(staging / "disk", expected_format)
-        os.rename(staging, store_root / image_id)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return ImportResult(boot=boot, format=fmt, virtual_size_bytes=vsize, files=files)
-
-
-def check_sources(
-    *, path: str | None, url: str | None, kernel: str | None, initrd: str | None, sha256: str | None
-) -> None:
-    """Refuses a request that does not name exactly one source, or pairs options that do not go together."""
-    if sum(x is not None for x in (path, url, kernel)) != 1:
-        raise errors.ValidationFailed(
-            "give exactly one source: path (a disk file on the node), url (a disk to download) or kernel (with "
-            "an optional initrd) for direct-kernel boot",
-            invalid_params=[{"name": "path", "reason": "exactly one of path, url, kernel"}],
-        )
-    if initrd is not None and kernel is None:
-        raise _invalid("initrd", "initrd only goes with kernel")
-    if sha256 is not None and kernel is not None:
-        raise _invalid("sha256", "sha256 checks a disk image (path or url); leave it out for kernel + initrd")
-
-
-def check_sha256(actual: str, expected: str | None) -> None:
-    if expected is not None and actual != expected.lower():
-        raise _invalid("sha256", f"the image's SHA-256 is {actual}, not the expected {expected.lower()}")
-
-
-def new_staging(store_root: Path, image_id: str) -> Path:
-    """A fresh, private staging directory for ``image_id``; the stray collector removes it if it is abandoned."""
-    store_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    staging = store_root / f".staging-{image_id}"
-    staging.mkdir(mode=0o700)
-    return staging
-
-
-def finish_disk(store_root: Path, image_id: str, staging: Path, expected_format: str | None) -> tuple[str, int]:
-    """Check the disk staged in ``staging`` and move it into place as ``image_id``: (format, virtual size).
-    On any failure the staging directory is removed: nothing is kept."""
-    try:
-        fmt, vsize = check_disk(staging / "disk", expected_format)
-        os.rename(staging, store_root / image_id)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return fmt, vsize
-
-
-def remove(store_root: Path, image_id: str) -> None:
-    """Delete the image's files; idempotent."""
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(store_root / image_id)
-
-
-def stray_entries(store_root: Path, known_ids: set[str], *, idle_seconds: float, now: float) -> list[Path]:
-    """Directories in the store that no image record names and nothing has written to for ``idle_seconds``: an
-    image deleted through another node's API, a crash between import and commit, an abandoned staging directory.
-    (An import in progress keeps writing its staging files, and commits right after its rename.)"""
-    if not store_root.is_dir():
-        return []
-    strays = []
-    for entry in store_root.iterdir():
-        if not entry.is_dir() or entry.name in known_ids:
-            continue
+        staging = await loop.run_in_executor(executor, image_files.new_staging, root, image_id)
         try:
-            newest = max([entry.stat().st_mtime, *(f.stat().st_mtime for f in entry.iterdir())])
-        except FileNotFoundError:
-            continue  # removed meanwhile
-        if now - newest >= idle_seconds:
-            strays.append(entry)
-    return strays
+            got = await image_download.download(
+                body.url,
+                staging / "disk",
+                policy=policy,
+                max_bytes=node.url_max_bytes,
+                executor=executor,
+                report=report,
+                expected_sha256=body.sha256,
+            )
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        await report(got.size_bytes, got.size_bytes, "checking the image")
+        fmt, vsize = await loop.run_in_executor(executor, image_files.finish_disk, root, image_id, staging, body.format)
+        await report(got.size_bytes, got.size_bytes, "recording the image")
+    finally:
+        executor.shutdown(wait=False)
+    disk = image_files.StoredFile(got.size_bytes, got.sha256)
+    result = image_files.ImportResult(boot="disk", format=fmt, virtual_size_bytes=vsize, files={"disk": disk})
+    try:
+        await crud.create(ctx, store, IMAGE, _new(ctx, node, body, image_id, result))
+    except BaseException as exc:
+        await asyncio.to_thread(image_files.remove, root, image_id)
+        if isinstance(exc, errors.AlreadyExists):
+            raise errors.AlreadyExists(
+                f"an image named '{body.name}' was created in project '{ctx.project}' while this one downloaded; "
+                "import it under another name"
+            ) from None
+        raise
+    return {"image_id": image_id, "name": body.name, "size_bytes": got.size_bytes, "sha256": got.sha256}
+
+
+async def delete_image(ctx: Context, store: Store, node: NodeImages, ref: str, *, expect: int | None = None) -> Written:
+    """Delete the image ``ref`` names (204); 409 while instances use it (looked up by the instances' ``image_id``
+    index). Its files are removed here when this node holds them; otherwise the image's node removes them (its
+    compute reconciler collects files no record names)."""
+    obj = await crud.get(ctx, store, IMAGE, ref)
+    users = [r.name for r in await list_all(store, INSTANCE_KIND, where={"image_id": obj.id})]
+    if users:
+        shown = ", ".join(sorted(users)[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+        raise errors.InUse(
+            f"image '{obj.name}' is used by {len(users)} instance(s) ({shown}); delete them first",
+            instances=len(users),
+        )
+    written = await crud.delete_obj(ctx, store, IMAGE, obj, expect=expect)
+    if obj.spec.node == node.node:
+        await asyncio.to_thread(image_files.remove, node.root, obj.id)
+    return written

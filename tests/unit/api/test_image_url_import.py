@@ -8,7 +8,9 @@ import asyncio
 import msgspec
 import pytest
 
-from minicloud.api.keys import CONFIG
+from minicloud.api.keys import CONFIG, STORE
+from minicloud.iam import apikeys
+from minicloud.state import Create, Txn
 from tests.unit.api.conftest import make_config, start_api
 
 SECRET_TEXT = "internal-only-text-42"
@@ -156,3 +158,28 @@ async def test_a_retried_url_import_with_its_idempotency_key_starts_one_download
         assert (await again.json())["id"] == (await first.json())["id"]
         op = await _finished(api_loopback, first)
     assert op["state"] == "succeeded" and server.connections == 1
+
+
+async def test_the_image_of_a_finished_url_import_is_audited_as_the_requesters_create(api_loopback):
+    """Before, the operation committed the image straight to the store: no audit entry, and no project guard."""
+    api = api_loopback
+    mia = await (await api.post("/v1/users", json={"name": "mia"})).json()
+    grant = {"role": "member", "principal": "user:mia", "scope_project": "default"}
+    assert (await api.post("/v1/rolebindings", json=grant)).status == 201
+    record, token = apikeys.new_key("default", "mia-key", "", None, {}, principal=f"user:{mia['id']}")
+    await api.app[STORE].commit(Txn([Create(record)]))
+    async with RawServer(_http(b"z" * 100)) as server:
+        resp = await api.client.post(
+            "/v1/images", json={"name": "mine", "url": server.url}, headers={"Authorization": f"Bearer {token}"}
+        )
+        op = await _finished(api, resp)
+    assert op["state"] == "succeeded", op
+    image_id = op["result"]["image_id"]
+    entries = [
+        e.spec
+        for e in await api.app[STORE].list("audit", project=None, limit=1000)
+        if e.spec["target"].get("id") == image_id
+    ]
+    assert [(e["principal"], e["action"], e["result"]) for e in entries] == [
+        (f"user:{mia['id']}", "compute:images:create", "allowed")
+    ]
