@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -47,12 +46,24 @@ from agent.compute.xml import InstanceMetadata, read_metadata
 from agent.net.default import NetworkDriver, NetworkError
 from agent.reconcile import Result, update_record
 from minicloud import errors, ids
-from minicloud.compute import images as image_files
-from minicloud.compute.kinds import HYPERVISOR_KIND, IMAGE_KIND, INSTANCE_KIND
+from minicloud.compute import image_files
+from minicloud.compute.kinds import (
+    HYPERVISOR,
+    IMAGE,
+    INSTANCE,
+    HypervisorSpec,
+    ImageSpec,
+    InstanceObserved,
+    InstanceSpec,
+)
 from minicloud.config import Config
+from minicloud.core.kinds import Obj
+from minicloud.model.compute import Address
 from minicloud.state import Change, Create, Delete, Record, Store, Txn, TxnFailed, Update, list_all
 
 log = logging.getLogger("minicloud.compute")
+Instance = Obj[InstanceSpec, InstanceObserved]
+Image = Obj[ImageSpec, Any]
 NETWORK_NAME = "default"
 #: The key of the node-wide work (hypervisor connection, network, capacity, garbage); no record id looks like it.
 NODE_KEY = ":node"
@@ -74,15 +85,15 @@ def _qemu_img(*args: str) -> None:
         raise BuildError(f"qemu-img {args[0]} failed: {out.stderr.strip()[-300:]}")
 
 
-def _spec_fingerprint(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+def _spec_fingerprint(spec: InstanceSpec) -> str:
+    return hashlib.sha256(msgspec.json.encode(spec)).hexdigest()[:16]
 
 
 class ComputeReconciler:
     """See the module docstring. Construct it, then run it with ``Controller(store, reconciler).start()``."""
 
     name = "compute"
-    kinds = frozenset({INSTANCE_KIND, IMAGE_KIND})
+    kinds = frozenset({INSTANCE.name, IMAGE.name})
 
     def __init__(
         self,
@@ -128,8 +139,8 @@ class ComputeReconciler:
         await self.driver.close()
 
     def keys_for(self, change: Change) -> Iterable[str]:
-        if change.kind == INSTANCE_KIND:
-            if change.record.spec.get("node") == self.node:
+        if change.kind == INSTANCE.name:
+            if INSTANCE.load(change.record).spec.node == self.node:
                 yield change.id
         else:  # an image: its files may have become strays
             yield NODE_KEY
@@ -145,9 +156,10 @@ class ComputeReconciler:
     def _on_domain_event(self, uuid: str) -> None:
         self._enqueue(self._ids.get(uuid, NODE_KEY))
 
-    async def _records(self) -> list[Record]:
-        """The instance records assigned to this node."""
-        return await list_all(self.store, INSTANCE_KIND, where={"node": self.node})  # indexed, not a scan
+    async def _records(self) -> list[Instance]:
+        """The instances assigned to this node."""
+        records = await list_all(self.store, INSTANCE.name, where={"node": self.node})  # indexed, not a scan
+        return [INSTANCE.load(r) for r in records]
 
     # -- the node ----------------------------------------------------------------------------------------------------
     async def prepare(self) -> bool:
@@ -188,28 +200,30 @@ class ComputeReconciler:
         """Write this node's ``hypervisor`` record (what the scheduler may hand out), if it changed."""
         cfg = self.config.compute
         disk = shutil.disk_usage(self.config.data_path)
-        spec = {
-            "cpus": psutil.cpu_count() or 1,
-            "memory_mib": psutil.virtual_memory().total >> 20,
-            "disk_gib": disk.total >> 30,
-            "cpu_allocation_ratio": cfg.cpu_allocation_ratio,
-            "ram_allocation_ratio": cfg.ram_allocation_ratio,
-            "reserved_memory_mib": cfg.reserved_memory_mib,
-            "reserved_disk_gib": cfg.reserved_disk_gib,
-            "virt_type": self.virt_type,
-            "virt_reason": self.virt_reason,
-        }
+        spec = HypervisorSpec(
+            cpus=psutil.cpu_count() or 1,
+            memory_mib=psutil.virtual_memory().total >> 20,
+            disk_gib=disk.total >> 30,
+            cpu_allocation_ratio=cfg.cpu_allocation_ratio,
+            ram_allocation_ratio=cfg.ram_allocation_ratio,
+            reserved_memory_mib=cfg.reserved_memory_mib,
+            reserved_disk_gib=cfg.reserved_disk_gib,
+            virt_type=self.virt_type,
+            virt_reason=self.virt_reason,
+        )
+        # The node's own record, not a user's action: written directly (no audit entry), with compare-and-swap.
         for _ in range(5):
-            current = await self.store.get_by_name(HYPERVISOR_KIND, "", self.node)
+            record = await self.store.get_by_name(HYPERVISOR.name, "", self.node)
             stamp = ids.now()
-            if current is None:
-                rec = Record(kind=HYPERVISOR_KIND, id=ids.new_id("hv"), project="", name=self.node, spec=spec, created_at=stamp, updated_at=stamp)  # fmt: skip
-                op: Any = Create(rec)
-            elif current.spec == spec:
-                return
+            op: Any
+            if record is None:
+                op = Create(HYPERVISOR.dump(HYPERVISOR.new(project="", name=self.node, spec=spec, stamp=stamp)))
             else:
+                current = HYPERVISOR.load(record)
+                if current.spec == spec:
+                    return
                 op = Update(
-                    msgspec.structs.replace(current, spec=spec, updated_at=stamp), expect_revision=current.revision
+                    HYPERVISOR.dump(current.replace(spec=spec, updated_at=stamp)), expect_revision=record.revision
                 )
             try:
                 await self.store.commit(Txn([op]))
@@ -221,29 +235,30 @@ class ComputeReconciler:
     async def _reconcile_instance(self, instance_id: str) -> Result:
         if not self._connected or self.problem:
             return Result(requeue_after=_UNAVAILABLE_RETRY)  # and prepare() queues every key once it works
-        record = await self.store.get(INSTANCE_KIND, instance_id)
+        record = await self.store.get(INSTANCE.name, instance_id)
         if record is None:
             await self._forget(instance_id)
             return Result()
-        if record.spec.get("node") != self.node:
+        inst = INSTANCE.load(record)
+        if inst.spec.node != self.node:
             return Result()
-        uuid = record.spec["uuid"]
-        self._ids[uuid], self._uuids[record.id] = record.id, uuid
+        uuid = inst.spec.uuid
+        self._ids[uuid], self._uuids[inst.id] = inst.id, uuid
         dom = await self.driver.domain(uuid)
         if dom is not None and not self._is_ours(dom):
             dom = None
         leases = self.network.leases() if self.network is not None else {}
         try:
-            return await self.converge(record, dom, leases)
+            return await self.converge(inst, dom, leases)
         except (asyncio.CancelledError, TxnFailed, errors.MinicloudError):
             raise  # cancelled, or the store failed us: not the instance's fault; the framework retries with backoff
         except (DriverError, BuildError, OSError) as exc:
-            log.warning("instance step failed", extra={"instance": record.id, "error": str(exc)})
-            await self._set_status(record.id, state="error", reason=str(exc), error_spec=_spec_fingerprint(record.spec))
+            log.warning("instance step failed", extra={"instance": inst.id, "error": str(exc)})
+            await self._set_status(inst.id, state="error", reason=str(exc), error_spec=_spec_fingerprint(inst.spec))
         except Exception as exc:
-            log.exception("converging an instance failed", extra={"instance": record.id})
+            log.exception("converging an instance failed", extra={"instance": inst.id})
             reason = f"internal error ({type(exc).__name__}); see the agent log on node {self.node}"
-            await self._set_status(record.id, state="error", reason=reason, error_spec=_spec_fingerprint(record.spec))
+            await self._set_status(inst.id, state="error", reason=reason, error_spec=_spec_fingerprint(inst.spec))
         return Result()
 
     async def _forget(self, instance_id: str) -> None:
@@ -269,171 +284,165 @@ class ComputeReconciler:
             return False
         return meta is not None and str(self.instances_dir / meta.id) in dom.xml
 
-    async def converge(self, record: Record, dom: DomainInfo | None, leases: dict[str, str]) -> Result:
-        spec, status = record.spec, record.status or {}
-        uuid = spec["uuid"]
-        if spec.get("deleted"):
-            await self._teardown(record.id, uuid)
-            self._stop_requested.pop(record.id, None)
-            self._lease_wait_since.pop(record.id, None)
+    async def converge(self, inst: Instance, dom: DomainInfo | None, leases: dict[str, str]) -> Result:
+        spec, status = inst.spec, inst.status
+        uuid = spec.uuid
+        if spec.deleted:
+            await self._teardown(inst.id, uuid)
+            self._stop_requested.pop(inst.id, None)
+            self._lease_wait_since.pop(inst.id, None)
+            # The node removes the record once its resources are gone: the user's delete was audited when asked.
             with contextlib.suppress(TxnFailed):  # changed meanwhile: that change queues us again
-                await self.store.commit(
-                    Txn([Delete(kind=INSTANCE_KIND, id=record.id, expect_revision=record.revision)])
-                )
-            self._uuids.pop(record.id, None)
+                await self.store.commit(Txn([Delete(kind=INSTANCE.name, id=inst.id, expect_revision=inst.revision)]))
+            self._uuids.pop(inst.id, None)
             self._ids.pop(uuid, None)
-            log.info("instance deleted", extra={"instance": record.id})
+            log.info("instance deleted", extra={"instance": inst.id})
             return Result()
-        if status.get("state") == "error" and status.get("error_spec") == _spec_fingerprint(spec):
+        if status.state == "error" and status.error_spec == _spec_fingerprint(spec):
             return Result()  # failed for this very spec: wait for the user to change something (or `instance start`)
         if dom is None:
-            await self._set_status(record.id, state="building", reason="")
+            await self._set_status(inst.id, state="building", reason="")
             try:
-                await self._build(record)
+                await self._build(inst)
             except BaseException:
-                await self._teardown(record.id, uuid)  # a failed build leaves nothing behind
+                await self._teardown(inst.id, uuid)  # a failed build leaves nothing behind
                 raise
-            dom = DomainInfo(uuid=uuid, name=self.domain_name(record), state="shutoff", xml="")
+            dom = DomainInfo(uuid=uuid, name=self.domain_name(inst), state="shutoff", xml="")
         elif dom.state == "shutoff":
-            xml = design.domain_for(self._guest_spec(record, await self._image(record))).to_xml()
+            xml = design.domain_for(self._guest_spec(inst, await self._image(inst))).to_xml()
             if _shape(dom.xml) != _shape(xml):
                 await self.driver.define(xml)  # resized while stopped
-        if spec["power"] == "running":
-            return await self._converge_running(record, dom, leases)
-        return await self._converge_stopped(record, dom)
+        if spec.power == "running":
+            return await self._converge_running(inst, dom, leases)
+        return await self._converge_stopped(inst, dom)
 
-    async def _converge_running(self, record: Record, dom: DomainInfo, leases: dict[str, str]) -> Result:
-        spec, status = record.spec, record.status or {}
-        uuid = spec["uuid"]
-        self._stop_requested.pop(record.id, None)
+    async def _converge_running(self, inst: Instance, dom: DomainInfo, leases: dict[str, str]) -> Result:
+        spec, status = inst.spec, inst.status
+        uuid = spec.uuid
+        self._stop_requested.pop(inst.id, None)
         if dom.state in ("shutoff", "crashed"):
-            if status.get("state") == "running" and dom.state == "shutoff":
+            if status.state == "running" and dom.state == "shutoff":
                 # The guest powered itself off: like EC2, the instance is now stopped (not restarted behind its back).
                 await self._update(
-                    record.id,
-                    spec={"power": "stopped"},
-                    status={"state": "stopped", "reason": "the guest shut itself down", "stopped_at": ids.now()},
+                    inst.id,
+                    wanted={"power": "stopped"},
+                    observed={"state": "stopped", "reason": "the guest shut itself down", "stopped_at": ids.now()},
                 )
                 return Result()
             await self.driver.start(uuid)
-            self._lease_wait_since.pop(record.id, None)
-        if dom.xml and _current_vcpus(dom.xml) not in (0, spec["vcpus"]):
-            await self.driver.set_vcpus(uuid, spec["vcpus"])  # resized while running: CPU hot-plug
-        reboot = spec.get("reboot", {})
+            self._lease_wait_since.pop(inst.id, None)
+        if dom.xml and _current_vcpus(dom.xml) not in (0, spec.vcpus):
+            await self.driver.set_vcpus(uuid, spec.vcpus)  # resized while running: CPU hot-plug
         changes: dict[str, Any] = {}
-        if reboot.get("seq", 0) > status.get("reboot_seq", 0):
-            await self.driver.reboot(uuid, force=bool(reboot.get("force")))
-            changes["reboot_seq"] = reboot["seq"]
-        mac = design.mac_for(record.id, 0)
-        addresses = [{"network": NETWORK_NAME, "mac": mac, "ip": leases.get(mac)}] if self.network is not None else []
+        if spec.reboot.seq > status.reboot_seq:
+            await self.driver.reboot(uuid, force=spec.reboot.force)
+            changes["reboot_seq"] = spec.reboot.seq
+        mac = design.mac_for(inst.id, 0)
+        addresses = [Address(network=NETWORK_NAME, mac=mac, ip=leases.get(mac))] if self.network is not None else []
         result = Result()
         if self.network is not None and leases.get(mac) is None:
             # Poll for the lease for the first two minutes after start; a guest without DHCP must not keep us busy.
-            since = self._lease_wait_since.setdefault(record.id, time.monotonic())
+            since = self._lease_wait_since.setdefault(inst.id, time.monotonic())
             if time.monotonic() - since < 120:
                 result = Result(requeue_after=_POLL)
         else:
-            self._lease_wait_since.pop(record.id, None)
+            self._lease_wait_since.pop(inst.id, None)
         await self._set_status(
-            record.id,
+            inst.id,
             state="running",
             reason="",
             addresses=addresses,
             virt_type=self.virt_type,
-            launched_at=status.get("launched_at") if status.get("state") == "running" else ids.now(),
+            launched_at=status.launched_at if status.state == "running" else ids.now(),
             **changes,
         )
         return result
 
-    async def _converge_stopped(self, record: Record, dom: DomainInfo) -> Result:
-        uuid = record.spec["uuid"]
-        status = record.status or {}
+    async def _converge_stopped(self, inst: Instance, dom: DomainInfo) -> Result:
+        uuid = inst.spec.uuid
         if dom.state not in ("shutoff",):
-            asked = self._stop_requested.get(record.id)
+            asked = self._stop_requested.get(inst.id)
             timeout = self.config.compute.stop_timeout
-            if (
-                record.spec.get("stop_force")
-                or dom.state != "running"
-                or (asked and time.monotonic() - asked > timeout)
-            ):
+            if inst.spec.stop_force or dom.state != "running" or (asked and time.monotonic() - asked > timeout):
                 await self.driver.destroy(uuid)
             else:
                 if asked is None:
                     await self.driver.shutdown(uuid)
-                    self._stop_requested[record.id] = time.monotonic()
-                await self._set_status(record.id, state="stopping", reason="")
+                    self._stop_requested[inst.id] = time.monotonic()
+                await self._set_status(inst.id, state="stopping", reason="")
                 return Result(requeue_after=_POLL)  # until the guest is off, or the timeout forces it
-        self._stop_requested.pop(record.id, None)
-        if status.get("state") != "stopped":
-            await self._set_status(record.id, state="stopped", reason="", addresses=[], stopped_at=ids.now())
+        self._stop_requested.pop(inst.id, None)
+        if inst.status.state != "stopped":
+            await self._set_status(inst.id, state="stopped", reason="", addresses=[], stopped_at=ids.now())
         return Result()
 
     # -- building and tearing down -----------------------------------------------------------------------------------
-    def domain_name(self, record: Record) -> str:
-        return f"mc-{record.id}"
+    def domain_name(self, inst: Instance) -> str:
+        return f"mc-{inst.id}"
 
-    def _guest_spec(self, record: Record, image: Record) -> design.GuestSpec:
-        spec = record.spec
-        d = self.instances_dir / record.id
+    def _guest_spec(self, inst: Instance, image: Image) -> design.GuestSpec:
+        spec = inst.spec
+        d = self.instances_dir / inst.id
         files = self.images_dir / image.id
-        kernel_boot = image.spec["boot"] == "kernel"
-        uefi = image.spec.get("firmware") == "uefi"
-        nics = (
-            (design.Nic(mac=design.mac_for(record.id, 0), bridge=self.config.network.bridge),) if self.network else ()
-        )
+        kernel_boot = image.spec.boot == "kernel"
+        uefi = image.spec.firmware == "uefi"
+        nics = (design.Nic(mac=design.mac_for(inst.id, 0), bridge=self.config.network.bridge),) if self.network else ()
         return design.GuestSpec(
-            uuid=spec["uuid"],
-            domain_name=self.domain_name(record),
+            uuid=spec.uuid,
+            domain_name=self.domain_name(inst),
             virt_type=self.virt_type,  # type: ignore[arg-type]
-            vcpus=spec["vcpus"],
-            max_vcpus=spec.get("max_vcpus"),
-            memory_mib=spec["memory_mib"],
+            vcpus=spec.vcpus,
+            max_vcpus=spec.max_vcpus,
+            memory_mib=spec.memory_mib,
             root_disk=d / "root.qcow2",
             seed_iso=d / "seed.iso",
             console_log=d / "console.log",
             kernel=files / "kernel" if kernel_boot else None,
             initrd=files / "initrd" if kernel_boot and (files / "initrd").exists() else None,
-            cmdline=image.spec.get("cmdline", "") if kernel_boot else "",
+            cmdline=image.spec.cmdline if kernel_boot else "",
             firmware="uefi" if uefi and not kernel_boot else "bios",
             nvram=d / "nvram.fd" if uefi and not kernel_boot else None,
             nics=nics,
             metadata=InstanceMetadata(
-                id=record.id,
-                project=record.project,
-                name=record.name,
+                id=inst.id,
+                project=inst.project,
+                name=inst.name,
                 node=self.node,
                 image=image.id,
-                type=spec["type"],
-                created=record.created_at,
+                type=spec.type,
+                created=inst.created_at,
             ),
         )
 
-    async def _image(self, record: Record) -> Record:
-        image = await self.store.get(IMAGE_KIND, record.spec["image_id"])
-        if image is None:
-            raise BuildError(f"image {record.spec['image_name']} ({record.spec['image_id']}) no longer exists")
-        if image.spec.get("node") != self.node:
-            raise BuildError(f"image {image.name} is stored on node {image.spec.get('node')}, not on {self.node}")
+    async def _image(self, inst: Instance) -> Image:
+        record = await self.store.get(IMAGE.name, inst.spec.image_id)
+        if record is None:
+            raise BuildError(f"image {inst.spec.image_name} ({inst.spec.image_id}) no longer exists")
+        image = IMAGE.load(record)
+        if image.spec.node != self.node:
+            raise BuildError(f"image {image.name} is stored on node {image.spec.node}, not on {self.node}")
         return image
 
-    async def _build(self, record: Record) -> None:
-        image = await self._image(record)
-        d = self.instances_dir / record.id
-        await asyncio.to_thread(self._write_files, record, image, d)
-        await self.driver.define(design.domain_for(self._guest_spec(record, image)).to_xml())
+    async def _build(self, inst: Instance) -> None:
+        image = await self._image(inst)
+        d = self.instances_dir / inst.id
+        await asyncio.to_thread(self._write_files, inst, image, d)
+        await self.driver.define(design.domain_for(self._guest_spec(inst, image)).to_xml())
         faults.point("compute.build.after_define")
 
-    def _write_files(self, record: Record, image: Record, d: Path) -> None:
+    def _write_files(self, inst: Instance, image: Image, d: Path) -> None:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        spec = record.spec
+        spec = inst.spec
         root = d / "root.qcow2"
         if not root.exists():
             tmp = d / "root.qcow2.tmp"
-            size = f"{spec['disk_gib']}G"
-            if image.spec["boot"] == "disk":
+            size = f"{spec.disk_gib}G"
+            if image.spec.boot == "disk":
+                if image.spec.format is None:
+                    raise BuildError(f"image {image.name} records no disk format")
                 backing = self.images_dir / image.id / "disk"
-                _qemu_img("create", "-q", "-f", "qcow2", "-F", image.spec["format"], "-b", str(backing), str(tmp))
-                if spec["disk_gib"] << 30 > (image.spec.get("virtual_size_bytes") or 0):
+                _qemu_img("create", "-q", "-f", "qcow2", "-F", image.spec.format, "-b", str(backing), str(tmp))
+                if spec.disk_gib << 30 > (image.spec.virtual_size_bytes or 0):
                     _qemu_img("resize", "-q", str(tmp), size)
             else:
                 _qemu_img("create", "-q", "-f", "qcow2", str(tmp), size)
@@ -442,9 +451,9 @@ class ComputeReconciler:
         if not seed_path.exists():
             seed.write_nocloud_seed(
                 seed_path,
-                meta_data=seed.meta_data(record.id, record.name, public_keys=spec.get("public_keys", [])),
-                user_data=spec.get("user_data", "").encode(),
-                network_config=seed.network_config_dhcp([design.mac_for(record.id, 0)] if self.network else []),
+                meta_data=seed.meta_data(inst.id, inst.name, public_keys=spec.public_keys),
+                user_data=spec.user_data.encode(),
+                network_config=seed.network_config_dhcp([design.mac_for(inst.id, 0)] if self.network else []),
             )
 
     async def _teardown(self, instance_id: str, uuid: str) -> None:
@@ -454,11 +463,11 @@ class ComputeReconciler:
         await self.driver.undefine(uuid)
         await asyncio.to_thread(shutil.rmtree, self.instances_dir / instance_id, True)
 
-    async def _collect_orphans(self, records: list[Record], ours: dict[str, DomainInfo]) -> None:
+    async def _collect_orphans(self, instances: list[Instance], ours: dict[str, DomainInfo]) -> None:
         """Domains and instance directories of ours that no record names any more (e.g. a record deleted while the
         agent was down, or a crash between building and recording): remove them."""
-        wanted_uuids = {r.spec["uuid"] for r in records}
-        wanted_ids = {r.id for r in records}
+        wanted_uuids = {i.spec.uuid for i in instances}
+        wanted_ids = {i.id for i in instances}
         for uuid, dom in ours.items():
             if uuid not in wanted_uuids:
                 meta = read_metadata(dom.xml)
@@ -469,12 +478,12 @@ class ComputeReconciler:
             for entry in self.instances_dir.iterdir():
                 # Only once the record is surely gone: a create commits before this node builds anything.
                 known = entry.name in wanted_ids or entry.name in live_ids
-                if not known and await self.store.get(INSTANCE_KIND, entry.name) is None:
+                if not known and await self.store.get(INSTANCE.name, entry.name) is None:
                     await asyncio.to_thread(shutil.rmtree, entry, True)
         # Image files no image record names (the record was deleted through another node, or an import crashed
         # between moving its files into place and recording them).
         # Images are pinned to the node that imported them: only this node's image records can name files here.
-        images = {r.id for r in await list_all(self.store, IMAGE_KIND, where={"node": self.node})}
+        images = {r.id for r in await list_all(self.store, IMAGE.name, where={"node": self.node})}
         strays = await asyncio.to_thread(
             image_files.stray_entries, self.images_dir, images, idle_seconds=_STRAY_IMAGE_IDLE, now=time.time()
         )
@@ -483,22 +492,41 @@ class ComputeReconciler:
             await asyncio.to_thread(shutil.rmtree, entry, True)
 
     # -- status writes ---------------------------------------------------------------------------------------------
-    async def _set_status(self, instance_id: str, **changes: Any) -> None:
-        await self._update(instance_id, status=changes)
+    async def _set_status(self, instance_id: str, **fields: Any) -> None:
+        """Set these ``InstanceObserved`` fields (see :meth:`_update`)."""
+        await self._update(instance_id, observed=fields)
 
-    async def _update(self, instance_id: str, *, status: dict[str, Any], spec: dict[str, Any] | None = None) -> None:
-        """Merge ``status`` (and ``spec``) changes into the record with compare-and-swap; no write when nothing
-        changes. A record being deleted keeps its ``deleting`` state."""
+    async def _update(
+        self, instance_id: str, *, observed: dict[str, Any], wanted: dict[str, Any] | None = None
+    ) -> None:
+        """Set ``observed`` fields of the instance's typed status (and ``wanted`` fields of its spec: the few the node
+        owns, e.g. ``power`` when the guest shut itself down) with compare-and-swap, on a fresh read after a
+        concurrent write; no write when nothing changes. A record being deleted keeps its ``deleting`` state. These
+        are the node's observations, not a user's action: no audit entry (the framework's
+        :func:`~agent.reconcile.update_record`)."""
 
-        def merge(record: Record) -> Record:
-            changes = status
-            if record.spec.get("deleted") and status.get("state") not in (None, "deleting"):
-                changes = {k: v for k, v in status.items() if k != "state"}
-            return msgspec.structs.replace(
-                record, status={**(record.status or {}), **changes}, spec={**record.spec, **(spec or {})}
+        def merge(record: Record) -> Record | None:
+            current = INSTANCE.load(record)
+            fields = observed
+            if current.spec.deleted and fields.keys() & {"state"} and fields["state"] != "deleting":
+                fields = {k: v for k, v in fields.items() if k != "state"}
+            new = current.replace(
+                spec=msgspec.structs.replace(current.spec, **(wanted or {})),
+                status=msgspec.structs.replace(current.status, **fields),
             )
+            return _stored(record, current, new)
 
-        await update_record(self.store, INSTANCE_KIND, instance_id, merge)
+        await update_record(self.store, INSTANCE.name, instance_id, merge)
+
+
+def _stored(record: Record, current: Instance, new: Instance) -> Record | None:
+    """``record`` with ``new``'s spec and status (None when nothing changed). Stored fields this version does not
+    know are kept, so that an older agent does not erase what a newer one wrote."""
+    if new == current:
+        return None
+    spec = record.spec if new.spec == current.spec else {**record.spec, **msgspec.to_builtins(new.spec)}
+    status = record.status if new.status == current.status else {**record.status, **msgspec.to_builtins(new.status)}
+    return msgspec.structs.replace(record, spec=spec, status=status)
 
 
 _UNITS = {"b": 1, "bytes": 1, "kib": 1024, "k": 1024, "mib": 1 << 20, "m": 1 << 20, "gib": 1 << 30, "g": 1 << 30}

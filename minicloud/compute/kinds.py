@@ -3,11 +3,23 @@ scheduler and the node's compute reconciler all read them from here."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 from minicloud.core.kinds import Column, Kind, declare
 from minicloud.model import KeyPair, KeyPairUpdate
-from minicloud.model.compute import Image, ImageFile, ImageUpdate, InstanceType
+from minicloud.model.compute import (
+    Address,
+    Image,
+    ImageFile,
+    ImageUpdate,
+    Instance,
+    InstanceState,
+    InstanceStatus,
+    InstanceType,
+    InstanceUpdate,
+)
 
 
 # -- key pairs -----------------------------------------------------------------------------------------------------
@@ -164,9 +176,154 @@ IMAGE = declare(
     )
 )
 
-INSTANCE_KIND = "instance"
+
+# -- instances -----------------------------------------------------------------------------------------------------
+class RebootRequest(msgspec.Struct, kw_only=True):
+    #: Raised by each ``instance reboot``; the node reboots once per increase (``InstanceObserved.reboot_seq``).
+    seq: int = 0
+    force: bool = False
+
+
+class InstanceSpec(msgspec.Struct, kw_only=True):
+    """What the user wants of an instance; the node's compute reconciler converges libvirt to it. The field names
+    are the stored keys; older records lack the defaulted ones."""
+
+    #: The libvirt domain's uuid.
+    uuid: str
+    image_id: str
+    image_name: str
+    #: The instance type's name and the shape copied from it (a type may be deleted later).
+    type: str
+    vcpus: int
+    #: vCPUs it may get while running (CPU hot-plug); None in records made before it existed: ``vcpus``.
+    max_vcpus: int | None = None
+    memory_mib: int
+    disk_gib: int
+    keypair: str | None = None
+    public_keys: list[str] = []
+    user_data: str = ""
+    power: Literal["running", "stopped"] = "running"
+    reboot: RebootRequest = msgspec.field(default_factory=RebootRequest)
+    stop_force: bool = False
+    #: Delete requested: the node tears the instance down, then removes the record.
+    deleted: bool = False
+    #: The node it is placed on (indexed: ``where={"node": …}``).
+    node: str = ""
+    #: Raised by ``instance start`` of an instance in ``error``: a new spec, so the node tries again.
+    retry: int = 0
+    description: str = ""
+
+    @property
+    def vcpu_limit(self) -> int:
+        return self.max_vcpus or self.vcpus
+
+
+class InstanceObserved(msgspec.Struct, kw_only=True):
+    """An instance's ``status``: what its node observes (written by the node's compute reconciler)."""
+
+    state: InstanceState = "pending"
+    reason: str = ""
+    addresses: list[Address] = []
+    virt_type: str | None = None
+    launched_at: str | None = None
+    stopped_at: str | None = None
+    #: The last reboot request done (``RebootRequest.seq``).
+    reboot_seq: int = 0
+    #: The fingerprint of the spec that failed (``error``): not retried until the spec changes.
+    error_spec: str = ""
+
+
+def _render_instance(obj) -> Instance:  # type: ignore[no-untyped-def]
+    s, st = obj.spec, obj.status
+    return Instance(
+        **obj.common_fields(),
+        image=s.image_name,
+        image_id=s.image_id,
+        type=s.type,
+        vcpus=s.vcpus,
+        max_vcpus=s.vcpu_limit,
+        memory_mib=s.memory_mib,
+        disk_gib=s.disk_gib,
+        keypair=s.keypair,
+        power=s.power,
+        user_data_bytes=len(s.user_data.encode()),
+        description=s.description,
+        status=InstanceStatus(
+            state=st.state,
+            reason=st.reason,
+            node=s.node or None,
+            addresses=st.addresses,
+            virt_type=st.virt_type,
+            launched_at=st.launched_at,
+            stopped_at=st.stopped_at,
+        ),
+    )
+
+
+#: Create (placement), the power verbs, resize, console and delete (202: the node tears it down) are written by
+#: hand in :mod:`minicloud.compute.instances`; list, show and patch are derived.
+INSTANCE = declare(
+    Kind(
+        name="instance",
+        plural="instances",
+        prefix="i",
+        spec=InstanceSpec,
+        status=InstanceObserved,
+        action="compute:instances",
+        view=Instance,
+        render=_render_instance,
+        noun="instance",
+        columns=(
+            Column("name", "name"),
+            Column("state", "status.state"),
+            Column("type", "type"),
+            Column("image", "image"),
+            Column("node", "status.node"),
+            Column("addresses", "status.addresses"),
+            Column("id", "id"),
+        ),
+        patch=InstanceUpdate,
+        generic=frozenset({"list", "show", "patch"}),
+    )
+)
+
+
+# -- node records: capacity and placement --------------------------------------------------------------------------
+class HypervisorSpec(msgspec.Struct, kw_only=True):
+    """What a node's hypervisor offers (host figures and the node's allocation ratios and reservations)."""
+
+    cpus: int = 1
+    memory_mib: int = 0
+    disk_gib: int = 0
+    cpu_allocation_ratio: float = 1.0
+    ram_allocation_ratio: float = 1.0
+    reserved_memory_mib: int = 0
+    reserved_disk_gib: int = 0
+    #: ``kvm`` or ``qemu`` (TCG), and why.
+    virt_type: str = ""
+    virt_reason: str = ""
+
+
+#: One per node, named after it: the capacity its agent publishes for the scheduler (internal: no view).
+HYPERVISOR = declare(
+    Kind(
+        name="hypervisor", plural="hypervisors", prefix="hv", spec=HypervisorSpec, scope="cluster", generic=frozenset()
+    )
+)
+
+
+class PlacementSpec(msgspec.Struct, kw_only=True):
+    #: Raised by every placement on the node: the compare-and-swap token of concurrent creates.
+    seq: int = 0
+
+
+#: One per node, id ``plc-<node>``: what the scheduler has handed out there; an instance create commits with a
+#: compare-and-swap on it, so two creates cannot both take the last free slot (internal: no view).
+PLACEMENT = declare(
+    Kind(name="placement", plural="placements", prefix="plc", spec=PlacementSpec, scope="cluster", generic=frozenset())
+)
+
+INSTANCE_KIND = INSTANCE.name
+HYPERVISOR_KIND = HYPERVISOR.name
+PLACEMENT_KIND = PLACEMENT.name
 IMAGE_KIND = IMAGE.name
-#: One per node: the capacity its agent publishes for the scheduler.
-HYPERVISOR_KIND = "hypervisor"
-#: One per node: what the scheduler has handed out there (the create handler's compare-and-swap target).
-PLACEMENT_KIND = "placement"

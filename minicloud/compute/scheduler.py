@@ -1,4 +1,5 @@
-"""Placement: which node gets an instance. Pure functions over a snapshot; the API commits the decision.
+"""Placement: which node gets an instance. Pure functions over a snapshot; the instance service
+(:mod:`minicloud.compute.instances`) commits the decision.
 
 Capacity per node comes from the ``hypervisor`` record each agent publishes (host CPUs, memory and disk, and the
 node's allocation ratios); usage is the sum of the instances assigned to the node, whatever their power state (a
@@ -12,8 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from minicloud import errors
-from minicloud.compute.kinds import HYPERVISOR_KIND as HYPERVISOR_KIND  # declared there; re-exported
-from minicloud.compute.kinds import PLACEMENT_KIND as PLACEMENT_KIND
+from minicloud.compute.kinds import HypervisorSpec, InstanceSpec
 
 
 @dataclass(frozen=True)
@@ -42,15 +42,19 @@ class NodeCapacity:
     disk_gib: int
 
     @classmethod
-    def from_spec(cls, name: str, spec: dict) -> NodeCapacity:
+    def of(cls, name: str, spec: HypervisorSpec) -> NodeCapacity:
+        """The capacity a node's ``hypervisor`` record offers."""
         return cls(
             name=name,
-            vcpus=int(spec["cpus"] * spec.get("cpu_allocation_ratio", 1.0)),
-            memory_mib=int(
-                max(0, spec["memory_mib"] * spec.get("ram_allocation_ratio", 1.0) - spec.get("reserved_memory_mib", 0))
-            ),
-            disk_gib=max(0, int(spec["disk_gib"]) - int(spec.get("reserved_disk_gib", 0))),
+            vcpus=int(spec.cpus * spec.cpu_allocation_ratio),
+            memory_mib=int(max(0, spec.memory_mib * spec.ram_allocation_ratio - spec.reserved_memory_mib)),
+            disk_gib=max(0, spec.disk_gib - spec.reserved_disk_gib),
         )
+
+
+def demand_of(spec: InstanceSpec) -> Demand:
+    """What an instance takes of its node."""
+    return Demand(spec.vcpus, spec.memory_mib, spec.disk_gib)
 
 
 def usage(instances: Iterable[tuple[str, Demand]]) -> dict[str, Demand]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from minicloud import errors
-from minicloud.compute.scheduler import Demand, NodeCapacity, place, usage
+from minicloud.compute.kinds import HYPERVISOR, HypervisorSpec, InstanceSpec
+from minicloud.compute.scheduler import Demand, NodeCapacity, demand_of, place, usage
+from minicloud.state import Record
 
 TINY = Demand(1, 128, 1)
 
@@ -15,9 +17,20 @@ def cap(name: str, vcpus: int = 4, memory_mib: int = 1024, disk_gib: int = 10) -
 
 
 def test_capacity_applies_ratios_and_reservations():
-    spec = {"cpus": 2, "memory_mib": 4096, "disk_gib": 100, "cpu_allocation_ratio": 4.0, "ram_allocation_ratio": 1.5,
-            "reserved_memory_mib": 512, "reserved_disk_gib": 10}  # fmt: skip
-    assert NodeCapacity.from_spec("n1", spec) == NodeCapacity("n1", 8, 4096 * 3 // 2 - 512, 90)
+    spec = HypervisorSpec(cpus=2, memory_mib=4096, disk_gib=100, cpu_allocation_ratio=4.0, ram_allocation_ratio=1.5,
+                          reserved_memory_mib=512, reserved_disk_gib=10)  # fmt: skip
+    assert NodeCapacity.of("n1", spec) == NodeCapacity("n1", 8, 4096 * 3 // 2 - 512, 90)
+
+
+def test_a_hypervisor_record_of_an_older_agent_reads_with_defaults():
+    record = Record(kind="hypervisor", id="hv-1", project="", name="n1", spec={"cpus": 2, "memory_mib": 1024,
+                    "disk_gib": 10}, created_at="t", updated_at="t")  # fmt: skip
+    assert NodeCapacity.of("n1", HYPERVISOR.load(record).spec) == NodeCapacity("n1", 2, 1024, 10)
+
+
+def test_an_instance_demands_its_shape():
+    spec = InstanceSpec(uuid="u", image_id="img-1", image_name="g", type="t", vcpus=2, memory_mib=256, disk_gib=3)
+    assert demand_of(spec) == Demand(2, 256, 3)
 
 
 def test_the_fitting_node_with_the_most_free_memory_wins():

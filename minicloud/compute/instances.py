@@ -1,0 +1,340 @@
+"""Instance services: create (with placement), start, stop, reboot, resize, delete and the console log's location.
+
+They take a :class:`~minicloud.core.context.Context` and the store, never a request, and write through
+:func:`minicloud.core.write.commit` (audit and ``Idempotency-Key`` in the same transaction): the HTTP handlers in
+:mod:`minicloud.api.instances`, a leader loop or a test without HTTP all get the same behaviour.
+
+The services record what the user wants (``spec``: shape, image, power, a delete request); the compute reconciler of
+the instance's node (:mod:`agent.reconcilers.compute`) converges libvirt to it and writes ``status`` back.
+
+Placement happens at create, so a request that fits nowhere is refused with 409 instead of leaving an instance stuck
+in ``error``: the scheduler's pure :func:`~minicloud.compute.scheduler.place` picks the node and the instance is
+committed together with a compare-and-swap on that node's ``placement`` record, so two concurrent creates (on any
+nodes of the cluster) cannot both take the last free slot. :class:`NodeLocks` serialises the placements of one
+process per node so that many creates arriving together do not waste rounds on that compare-and-swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from minicloud import errors
+from minicloud.compute import types
+from minicloud.compute.kinds import (
+    HYPERVISOR,
+    IMAGE,
+    INSTANCE,
+    KEYPAIR,
+    PLACEMENT,
+    HypervisorSpec,
+    InstanceObserved,
+    InstanceSpec,
+    PlacementSpec,
+    RebootRequest,
+)
+from minicloud.compute.scheduler import Demand, NodeCapacity, demand_of, place, usage
+from minicloud.core import crud
+from minicloud.core.context import Context
+from minicloud.core.kinds import Obj
+from minicloud.core.write import Written, commit, replay
+from minicloud.model.compute import InstanceCreate
+from minicloud.state import Create, Op, Store, Update, list_all
+
+Instance = Obj[InstanceSpec, InstanceObserved]
+_PLACEMENT_ATTEMPTS = 8
+_UPDATE_ATTEMPTS = 5
+
+
+class NodeLocks:
+    """One ``asyncio.Lock`` per node name, made on first use: placements on one node, one at a time per process."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def get(self, node: str) -> asyncio.Lock:
+        return self._locks.setdefault(node, asyncio.Lock())
+
+
+# -- reads ---------------------------------------------------------------------------------------------------------
+async def get_instance(ctx: Context, store: Store, ref: str) -> Instance:
+    """The instance ``ref`` (id or name) names in ``ctx``'s project; 404 otherwise."""
+    return await crud.get(ctx, store, INSTANCE, ref)
+
+
+async def hypervisor(store: Store, node: str) -> Obj[HypervisorSpec, Any] | None:
+    """The capacity record ``node``'s agent published (None: compute never ran there)."""
+    record = await store.get_by_name(HYPERVISOR.name, "", node)
+    return HYPERVISOR.load(record) if record is not None else None
+
+
+async def node_usage(store: Store, node: str) -> dict[str, Demand]:
+    """What the instances placed on ``node`` take (indexed: this node's instances only)."""
+    records = await list_all(store, INSTANCE.name, where={"node": node})
+    return usage((node, demand_of(INSTANCE.load(r).spec)) for r in records)
+
+
+def placement_id(node: str) -> str:
+    return f"{PLACEMENT.prefix}-{node}"
+
+
+# -- create --------------------------------------------------------------------------------------------------------
+def _unknown(param: str, what: str, ref: str, project: str, command: str) -> errors.ValidationFailed:
+    return errors.ValidationFailed(
+        f"there is no {what} '{ref[:64]}' in project '{project}'; see `minicloud {command} list`",
+        invalid_params=[{"name": param, "reason": f"unknown {what}"}],
+    )
+
+
+async def create_instance(
+    ctx: Context, store: Store, body: InstanceCreate, *, locks: NodeLocks | None = None
+) -> Written:
+    """Create an instance in ``ctx``'s project: check the image, type and key pair, place it on the image's node if
+    it has room (409 saying what is short otherwise), record it (201). The node then builds and starts it
+    (``status.state`` pending → building → running). Idempotent under ``ctx.idempotency``."""
+    if (first := await replay(ctx, store)) is not None:
+        return first
+    if await store.get_by_name(INSTANCE.name, ctx.project, body.name) is not None:
+        raise errors.AlreadyExists(f"an instance named '{body.name}' already exists in project '{ctx.project}'")
+    image = await crud.find(ctx, store, IMAGE, body.image)
+    if image is None:
+        raise _unknown("image", "image", body.image, ctx.project, "image")
+    itype = await types.lookup(ctx, store, body.type)
+    public_keys: list[str] = []
+    if body.keypair is not None:
+        keypair = await crud.find(ctx, store, KEYPAIR, body.keypair)
+        if keypair is None:
+            raise _unknown("keypair", "key pair", body.keypair, ctx.project, "keypair")
+        public_keys.append(keypair.spec.public_key)
+    disk_gib = body.disk_gib or itype.disk_gib
+    image_gib = math.ceil((image.spec.virtual_size_bytes or 0) / (1 << 30))
+    if disk_gib < image_gib:
+        raise errors.ValidationFailed(
+            f"the root disk ({disk_gib} GiB) would be smaller than the image ({image_gib} GiB); give "
+            f"--disk-size {image_gib} or more, or a larger type",
+            invalid_params=[{"name": "disk_gib", "reason": f"smaller than the image ({image_gib} GiB)"}],
+        )
+    node = image.spec.node
+    spec = InstanceSpec(
+        uuid=str(uuid.uuid4()),
+        image_id=image.id,
+        image_name=image.name,
+        type=itype.name,
+        vcpus=itype.vcpus,
+        memory_mib=itype.memory_mib,
+        disk_gib=disk_gib,
+        keypair=body.keypair,
+        public_keys=public_keys,
+        user_data=body.user_data,
+        power="running" if body.start else "stopped",
+        node=node,
+        description=body.description,
+    )
+    obj = INSTANCE.new(project=ctx.project, name=body.name, spec=spec, labels=body.labels, stamp=ctx.clock())
+    if locks is None:
+        return await _place_and_commit(ctx, store, obj)
+    async with locks.get(node):
+        return await _place_and_commit(ctx, store, obj)
+
+
+async def _place_and_commit(ctx: Context, store: Store, obj: Instance) -> Written:
+    """Decide on fresh figures and commit the instance with a compare-and-swap on its node's placement record;
+    another placement on that node committing first means: back off, decide again."""
+    node = obj.spec.node
+    demand = demand_of(obj.spec)
+    for attempt in range(_PLACEMENT_ATTEMPTS):
+        if attempt:
+            await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))
+        hv = await hypervisor(store, node)
+        candidates = [NodeCapacity.of(node, hv.spec)] if hv is not None else []
+        if hv is not None:  # CPU hot-plug up to the node's CPUs (`instance resize` while running)
+            obj = obj.replace(spec=msgspec.structs.replace(obj.spec, max_vcpus=max(obj.spec.vcpus, hv.spec.cpus)))
+        token_record = await store.get(PLACEMENT.name, placement_id(node))
+        place(demand, candidates, await node_usage(store, node))
+        token_op: Op
+        if token_record is None:
+            token = PLACEMENT.new(
+                project="", name=placement_id(node), id=placement_id(node), spec=PlacementSpec(seq=1), stamp=ctx.clock()
+            )
+            token_op = Create(PLACEMENT.dump(token))
+        else:
+            token = PLACEMENT.load(token_record)
+            token = token.replace(spec=PlacementSpec(seq=token.spec.seq + 1), updated_at=ctx.clock())
+            token_op = Update(PLACEMENT.dump(token), expect_revision=token_record.revision)
+        try:
+            return await crud.create(ctx, store, INSTANCE, obj, extra=[token_op])
+        except errors.PreconditionFailed:
+            continue  # another placement on this node committed first
+        except errors.AlreadyExists:
+            if token_record is None and await store.get(PLACEMENT.name, placement_id(node)) is not None:
+                continue  # the placement record was created concurrently
+            raise
+    raise errors.Conflict("placement kept racing with other creates on the same node; retry")
+
+
+# -- verbs ---------------------------------------------------------------------------------------------------------
+def _not_deleting(obj: Instance) -> None:
+    if obj.spec.deleted:
+        raise errors.Conflict(f"instance '{obj.name}' is being deleted")
+
+
+async def _change(
+    ctx: Context,
+    store: Store,
+    ref: str,
+    mutate: Callable[[Instance], Instance],
+    *,
+    expect: int | None = None,
+    status: int = 202,
+) -> Written:
+    """Read-modify-write of the instance ``ref`` names (``mutate`` may raise to refuse), compare-and-swap on
+    ``expect`` or on the revision read (then retried on a fresh read); answers ``status`` with the instance."""
+    for attempt in range(_UPDATE_ATTEMPTS):
+        current = await get_instance(ctx, store, ref)
+        updated = mutate(current).replace(updated_at=ctx.clock())
+        op = Update(INSTANCE.dump(updated), expect_revision=expect if expect is not None else current.revision)
+        try:
+            return await commit(
+                ctx,
+                store,
+                [op],
+                status=status,
+                label=INSTANCE.label,
+                respond=lambda rev, u=updated: INSTANCE.to_view(u.replace(revision=rev)),
+            )
+        except errors.PreconditionFailed:
+            if expect is not None:
+                raise
+            if attempt == _UPDATE_ATTEMPTS - 1:
+                raise errors.Conflict("the instance kept changing while this request ran; retry it") from None
+    raise AssertionError("unreachable")
+
+
+def _with_spec(obj: Instance, **changes: Any) -> Instance:
+    _not_deleting(obj)
+    return obj.replace(spec=msgspec.structs.replace(obj.spec, **changes))
+
+
+async def start_instance(ctx: Context, store: Store, ref: str, *, expect: int | None = None) -> Written:
+    """Power the instance on (no-op when it is running); one in ``error`` is tried again (a new spec)."""
+
+    def mutate(obj: Instance) -> Instance:
+        retry = obj.spec.retry + 1 if obj.status.state == "error" else obj.spec.retry
+        return _with_spec(obj, power="running", retry=retry)
+
+    return await _change(ctx, store, ref, mutate, expect=expect)
+
+
+async def stop_instance(
+    ctx: Context, store: Store, ref: str, *, force: bool = False, expect: int | None = None
+) -> Written:
+    """Shut the instance down: ACPI power button, powered off after ``compute.stop_timeout``; ``force`` at once."""
+    return await _change(ctx, store, ref, lambda o: _with_spec(o, power="stopped", stop_force=force), expect=expect)
+
+
+async def reboot_instance(
+    ctx: Context, store: Store, ref: str, *, force: bool = False, expect: int | None = None
+) -> Written:
+    """Reboot a running instance: ACPI reboot, or a hard reset with ``force`` (409 when it is stopped)."""
+
+    def mutate(obj: Instance) -> Instance:
+        _not_deleting(obj)
+        if obj.spec.power != "running":
+            raise errors.Conflict(f"instance '{obj.name}' is stopped; start it instead of rebooting it")
+        return _with_spec(obj, reboot=RebootRequest(seq=obj.spec.reboot.seq + 1, force=force))
+
+    return await _change(ctx, store, ref, mutate, expect=expect)
+
+
+async def resize_instance(ctx: Context, store: Store, ref: str, type_ref: str, *, expect: int | None = None) -> Written:
+    """Give an instance another type. Stopped: any type (vCPUs, memory; the root disk never shrinks). Running: only
+    the vCPU count may change, up to the maximum the instance was created with (CPU hot-plug); memory and disk
+    changes need it stopped (409 saying why). The node must have room for the new shape (409)."""
+    itype = await types.lookup(ctx, store, type_ref)
+    obj = await get_instance(ctx, store, ref)
+    _not_deleting(obj)
+    spec, state = obj.spec, obj.status.state
+    if not (spec.power == "stopped" and state == "stopped"):
+        why = (
+            "its memory would change"
+            if itype.memory_mib != spec.memory_mib
+            else "its root disk would grow"
+            if itype.disk_gib > spec.disk_gib
+            else f"it can have at most {spec.vcpu_limit} vCPUs while running"
+            if itype.vcpus > spec.vcpu_limit
+            else f"it is {state}"
+            if state != "running"
+            else ""
+        )
+        if why:
+            raise errors.Conflict(
+                f"instance '{obj.name}' cannot be resized to {itype.name} while running: {why}. Stop it first "
+                f"(`minicloud instance stop {obj.name} --wait`); running instances can only change their vCPUs"
+            )
+    hv = await hypervisor(store, spec.node)
+    if hv is not None:
+        used = await node_usage(store, spec.node)
+        others = {spec.node: used[spec.node] - demand_of(spec)}
+        wanted = Demand(itype.vcpus, itype.memory_mib, max(itype.disk_gib, spec.disk_gib))
+        place(wanted, [NodeCapacity.of(spec.node, hv.spec)], others)
+
+    def mutate(current: Instance) -> Instance:
+        s = current.spec
+        return _with_spec(
+            current,
+            type=itype.name,
+            vcpus=itype.vcpus,
+            max_vcpus=max(itype.vcpus, s.vcpu_limit),
+            memory_mib=itype.memory_mib,
+            disk_gib=max(itype.disk_gib, s.disk_gib),
+        )
+
+    return await _change(ctx, store, ref, mutate, expect=expect)
+
+
+async def delete_instance(ctx: Context, store: Store, ref: str, *, expect: int | None = None) -> Written:
+    """Ask for the instance's deletion: its node destroys the domain and removes its disk, seed and console log, then
+    the record (202 with the instance in ``deleting``; 404 once the node finished). An instance whose node never ran
+    compute has nothing to clean up: its record goes at once (204)."""
+    obj = await get_instance(ctx, store, ref)
+    if await hypervisor(store, obj.spec.node) is None:
+        return await crud.delete_obj(ctx, store, INSTANCE, obj, expect=expect)
+
+    def mutate(current: Instance) -> Instance:
+        return current.replace(
+            spec=msgspec.structs.replace(current.spec, deleted=True),
+            status=msgspec.structs.replace(current.status, state="deleting"),
+        )
+
+    return await _change(ctx, store, ref, mutate, expect=expect)
+
+
+# -- console -------------------------------------------------------------------------------------------------------
+def instance_dir(data_path: Path, instance_id: str) -> Path:
+    """The node's directory of an instance's files (``root.qcow2``, ``seed.iso``, ``console.log``, ``nvram.fd``)."""
+    return data_path / "instances" / instance_id
+
+
+async def console_log(ctx: Context, store: Store, ref: str, *, node: str, data_path: Path) -> tuple[Instance, Path]:
+    """The instance and the path of its serial console log on this node (``node``, ``data_path``); 409 naming the
+    node that keeps it when that is another one."""
+    obj = await get_instance(ctx, store, ref)
+    if obj.spec.node != node:
+        raise errors.Conflict(
+            f"the console log of '{obj.name}' is kept on node {obj.spec.node}; ask that node's API (`--remote`)",
+            node=obj.spec.node,
+        )
+    return obj, instance_dir(data_path, obj.id) / "console.log"
+
+
+async def is_going(store: Store, instance_id: str) -> bool:
+    """Whether the instance is gone or being deleted (a console follower stops then)."""
+    record = await store.get(INSTANCE.name, instance_id)
+    return record is None or INSTANCE.load(record).spec.deleted
