@@ -1,16 +1,25 @@
-"""``/v1/cluster``: grow from one node to a cluster, see its members and leader, remove or promote nodes."""
+"""``/v1/cluster``: grow from one node to a cluster, see its members and leader, remove or promote nodes.
+
+The services are :class:`minicloud.cluster.node.ClusterNode`'s methods (the node's part in the cluster, owned by the
+agent): each takes the request's :class:`~minicloud.core.context.Context`, and the record writes it makes (node and
+join-token records) commit through :func:`minicloud.core.write.commit` with their audit entry.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from aiohttp import web
 
+from minicloud.api import resources as res
 from minicloud.api.keys import CLUSTER
 from minicloud.api.routing import PUBLIC, Action, Reply, Routes
+from minicloud.core.write import Written
 from minicloud.model import (
     ClusterEnable,
     ClusterInfo,
     ClusterJoin,
-    ClusterMember,
     JoinReply,
     JoinRequest,
     JoinTokenCreate,
@@ -24,7 +33,6 @@ async def _info(request: web.Request) -> ClusterInfo:
     cluster = request.app[CLUSTER]
     if not cluster.enabled:
         return ClusterInfo(enabled=False, node=cluster.name, leader=cluster.name, revision=cluster.store.revision)
-    members = [ClusterMember(**m) for m in await cluster.members()]
     return ClusterInfo(
         enabled=True,
         node=cluster.name,
@@ -32,9 +40,17 @@ async def _info(request: web.Request) -> ClusterInfo:
         etcd_leader=await cluster.etcd_leader(),
         quorum=await cluster.quorum_ok(),
         revision=cluster.store.revision,
-        members=members,
+        members=await cluster.members(),
         storage=await cluster.storage(),
     )
+
+
+def _answer(request: web.Request, written: Written | None, body: Any = None, status: int = 200) -> Reply:
+    """``body`` as the answer; when the service committed a record change (audited in its transaction), say so,
+    so the request is not audited twice."""
+    if written is None:
+        return Reply(body, status)
+    return res.reply(request, dataclasses.replace(written, body=body, status=status))
 
 
 @routes.get("/v1/cluster", response=ClusterInfo, auth=Action("cluster:get"))
@@ -44,17 +60,17 @@ async def show_cluster(request: web.Request) -> ClusterInfo:
 
 
 @routes.post("/v1/cluster/enable", body=ClusterEnable, response=ClusterInfo, auth=Action("cluster:enable"))
-async def enable_cluster(request: web.Request, body: ClusterEnable) -> ClusterInfo:
+async def enable_cluster(request: web.Request, body: ClusterEnable) -> Reply:
     """Turn this single node into a one-member cluster (etcd), keeping every record."""
-    await request.app[CLUSTER].enable(body.zone)
-    return await _info(request)
+    written = await request.app[CLUSTER].enable(await res.context_of(request), body.zone)
+    return _answer(request, written, await _info(request))
 
 
 @routes.post("/v1/cluster/recover", response=ClusterInfo, auth=Action("cluster:recover"))
-async def recover_cluster(request: web.Request) -> ClusterInfo:
+async def recover_cluster(request: web.Request) -> Reply:
     """After permanent quorum loss: continue as a one-member cluster from this node's data."""
-    await request.app[CLUSTER].recover()
-    return await _info(request)
+    written = await request.app[CLUSTER].recover(await res.context_of(request))
+    return _answer(request, written, await _info(request))
 
 
 @routes.post(
@@ -64,10 +80,11 @@ async def recover_cluster(request: web.Request) -> ClusterInfo:
     status=201,
     auth=Action("cluster:tokens:create"),
 )
-async def create_join_token(request: web.Request, body: JoinTokenCreate) -> JoinTokenIssued:
+async def create_join_token(request: web.Request, body: JoinTokenCreate) -> Reply:
     """Create a one-time token with which node `node` can join."""
-    token, record = await request.app[CLUSTER].issue_token(body.node, body.role, body.ttl, body.zone)
-    return JoinTokenIssued(token=token, node=body.node, expires_at=record.expires_at)
+    ctx = await res.context_of(request)
+    written = await request.app[CLUSTER].issue_token(ctx, body.node, body.role, body.ttl, body.zone)
+    return res.reply(request, written)
 
 
 @routes.post("/v1/cluster/join", body=ClusterJoin, response=ClusterInfo, auth=Action("cluster:join"))
@@ -78,12 +95,19 @@ async def join_cluster(request: web.Request, body: ClusterJoin) -> ClusterInfo:
 
 
 @routes.post("/v1/cluster/join-requests", body=JoinRequest, response=JoinReply, auth=PUBLIC)
-async def admit_node(request: web.Request, body: JoinRequest) -> JoinReply:
+async def admit_node(request: web.Request, body: JoinRequest) -> Reply:
     """Node-to-node: admit a joining node (authenticated by its one-time join token)."""
-    reply = await request.app[CLUSTER].admit(
-        body.token, body.csr, body.node, body.client_time, body.peer_url, body.client_url, body.address
+    written = await request.app[CLUSTER].admit(
+        await res.context_of(request),
+        body.token,
+        body.csr,
+        body.node,
+        body.client_time,
+        body.peer_url,
+        body.client_url,
+        body.address,
     )
-    return JoinReply(**reply)
+    return _answer(request, written, written.body)
 
 
 @routes.post("/v1/cluster/members/{name}/promote", auth=Action("cluster:members:promote"), status=204)
@@ -96,5 +120,5 @@ async def promote_member(request: web.Request) -> Reply:
 @routes.delete("/v1/cluster/members/{name}", auth=Action("cluster:members:delete"), status=204)
 async def remove_member(request: web.Request) -> Reply:
     """Remove a node from the cluster (a dead one, typically)."""
-    await request.app[CLUSTER].remove(request.match_info["name"])
-    return Reply(None, 204)
+    written = await request.app[CLUSTER].remove(await res.context_of(request), request.match_info["name"])
+    return _answer(request, written, status=204)

@@ -7,6 +7,7 @@ from aiohttp import web
 from minicloud import __version__
 from minicloud.api.keys import CONFIG, HOST, PKI, STORE
 from minicloud.api.routing import PUBLIC, Action, Reply, Routes, json_response
+from minicloud.cluster.kinds import NODE
 from minicloud.model import CACertificate, Health, Node, Version
 
 routes = Routes("system")
@@ -24,7 +25,7 @@ async def readyz(request: web.Request) -> Reply:
     store = request.app[STORE]
     checks = {}
     try:
-        await store.get("node", "-")
+        await store.get(NODE.name, "-")
         checks["store"] = "ok"
     except Exception as exc:  # readiness reports, it does not raise
         checks["store"] = f"failing: {exc}"

@@ -6,18 +6,11 @@ import argparse
 
 from minicloud.cli.common import client
 from minicloud.cli.output import col, emit
+from minicloud.cluster.kinds import NODE
 from minicloud.model import ClusterInfo, JoinTokenIssued
 
-COLUMNS = [
-    col("name", "name"),
-    col("address", "address"),
-    col("zone", "zone"),
-    col("role", "role"),
-    col("status", "status"),
-    col("online since", "online_since"),
-    col("last contact", "last_contact"),
-    col("leader", "leader"),
-]
+#: ``cluster list``/``show``: the node kind's declared columns (rows are ``ClusterMember``s).
+COLUMNS = [col(c.header, c.path) for c in NODE.columns]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -35,19 +35,20 @@ from agent.etcd import EtcdMember, EtcdMemberConfig, client_ssl_context
 from minicloud import errors, ids
 from minicloud.cluster import join as joinlib
 from minicloud.cluster import storage as storage_mod
+from minicloud.cluster.kinds import JOINTOKEN, NODE, JoinTokenSpec, NodeSpec, NodeStatus
 from minicloud.config import Config
+from minicloud.core.context import Context
+from minicloud.core.write import Written, commit
 from minicloud.iam.keystore import KeyStore
-from minicloud.model import EtcdStorage
+from minicloud.model import ClusterMember, EtcdStorage, JoinReply, JoinTokenIssued
 from minicloud.pki import NodePKI
-from minicloud.state import Create, Delete, Record, Txn, TxnFailed, Update
+from minicloud.state import Create, Delete, Txn, TxnFailed, Update
 from minicloud.state.etcd import EtcdStore, migrate_to_etcd
 from minicloud.state.etcd_client import EtcdClient, EtcdError, cmp_create, op_put, prefix_end
 from minicloud.state.handle import StoreHandle
 
 log = logging.getLogger("minicloud.cluster")
 
-NODE_KIND = "node"
-TOKEN_KIND = "jointoken"
 LIVE = b"/mc/live/"
 LEADER = b"/mc/leader"
 HEARTBEAT_TTL = 5
@@ -195,11 +196,12 @@ class ClusterNode:
             await self.member.stop()
 
     # -- enable ----------------------------------------------------------------------------------------------------
-    async def enable(self, zone: str = "") -> ClusterState:
-        """Make this single node a one-member cluster, copying every record into etcd. Idempotent."""
+    async def enable(self, ctx: Context, zone: str = "") -> Written | None:
+        """Make this single node a one-member cluster, copying every record into etcd, and register this node (the
+        write ``ctx`` is audited with). Idempotent: None when the node already was in a cluster."""
         async with self._lock:
             if self.state is not None:
-                return self.state
+                return None
             address = advertise_address(self.config)
             c = self.config.cluster
             state = ClusterState(
@@ -231,10 +233,10 @@ class ClusterNode:
             self.member, self.client = member, client
             state.initial_state = "existing"  # a restart rejoins the cluster it created
             self._save_state(state)
-            await self._register_node(state, zone)
+            written = await self._register_node(ctx, state, zone)
             self._start_loops()
             log.info("cluster enabled", extra={"node": self.name, "address": address})
-            return state
+            return written
 
     async def _member_add(self, peer_url: str, timeout: float = 60) -> dict[str, Any]:
         """Add a learner; etcd refuses while a recent membership change settles ("unhealthy cluster"), so retry."""
@@ -264,20 +266,13 @@ class ClusterNode:
                 )
             await asyncio.sleep(0.5)
 
-    async def _register_node(self, state: ClusterState, zone: str) -> None:
-        stamp = ids.now()
-        record = Record(
-            kind=NODE_KIND,
-            id=ids.new_id("node"),
-            project="",
-            name=self.name,
-            labels={"zone": zone} if zone else {},
-            spec={"address": state.address, "role": "voter", "https": _url(state.address, self._https_port())},
-            created_at=stamp,
-            updated_at=stamp,
-        )
-        with contextlib.suppress(TxnFailed):
-            await self.store.commit(Txn([Create(record)]))
+    async def _register_node(self, ctx: Context, state: ClusterState, zone: str) -> Written | None:
+        spec = NodeSpec(address=state.address, role="voter", https=_url(state.address, self._https_port()))
+        node = NODE.new(project="", name=self.name, spec=spec, labels={"zone": zone} if zone else {}, stamp=ctx.clock())
+        try:
+            return await commit(ctx, self.store, [Create(NODE.dump(node))], respond=lambda rev: None, label=NODE.label)
+        except errors.AlreadyExists:  # registered by an earlier, interrupted enable
+            return None
 
     def _https_port(self) -> int:
         listen = self.config.listen_address()
@@ -292,51 +287,69 @@ class ClusterNode:
             raise errors.Conflict("this node is not in a cluster; run `minicloud cluster enable` first")
         return self.state
 
-    async def issue_token(self, node: str, role: str, ttl: int, zone: str = "") -> tuple[str, joinlib.JoinTokenRecord]:
+    async def issue_token(self, ctx: Context, node: str, role: str, ttl: int, zone: str = "") -> Written:
+        """A one-time token for ``node`` to join with (201, :class:`JoinTokenIssued`). The cluster stores only the
+        secret's hash; under an ``Idempotency-Key`` the reply (with the token) is stored sealed, like every reply."""
         state = self._require_cluster()
-        if await self.store.get_by_name(NODE_KIND, "", node) is not None:
+        if await self.store.get_by_name(NODE.name, "", node) is not None:
             raise errors.AlreadyExists(f"a node named {node} is already in the cluster; remove it first")
         addresses = [f"{state.address}:{self._https_port()}"]
-        token, record = joinlib.issue_token(addresses, self.pki.ca_fingerprint, node, ttl)
-        stamp = ids.now()
-        await self.store.commit(
-            Txn(
-                [
-                    Create(
-                        Record(
-                            kind=TOKEN_KIND,
-                            id=record.token_id,
-                            project="",
-                            name=record.token_id,
-                            spec={**msgspec.to_builtins(record), "role": role, "zone": zone},
-                            created_at=stamp,
-                            updated_at=stamp,
-                        )
-                    )
-                ]
-            )
+        token, issued = joinlib.issue_token(addresses, self.pki.ca_fingerprint, node, ttl)
+        spec = JoinTokenSpec(
+            token_id=issued.token_id,
+            node=issued.node,
+            secret_sha256=issued.secret_sha256,
+            issued_at=issued.issued_at,
+            expires_at=issued.expires_at,
+            role=role,
+            zone=zone,
         )
-        return token, record
+        obj = JOINTOKEN.new(project="", id=issued.token_id, name=issued.token_id, spec=spec, stamp=ctx.clock())
+        return await commit(
+            ctx,
+            self.store,
+            [Create(JOINTOKEN.dump(obj))],
+            status=201,
+            label=JOINTOKEN.label,
+            respond=lambda rev: JoinTokenIssued(token=token, node=node, expires_at=issued.expires_at),
+        )
 
     async def admit(
-        self, token_text: str, csr_pem: str, node: str, client_time: str, peer_url: str, client_url: str, address: str
-    ) -> dict[str, Any]:
-        """Check a join request, consume its token, sign the node's CSR and add it to etcd."""
+        self,
+        ctx: Context,
+        token_text: str,
+        csr_pem: str,
+        node: str,
+        client_time: str,
+        peer_url: str,
+        client_url: str,
+        address: str,
+    ) -> Written:
+        """Check a join request, consume its token, sign the node's CSR and add it to etcd (the reply,
+        :class:`JoinReply`, carries the cluster's keys: it is never stored, so no ``Idempotency-Key`` applies)."""
         state = self._require_cluster()
         assert self.client is not None
+        ctx = dataclasses.replace(ctx, idempotency=None)
         token = joinlib.parse_token(token_text)
-        stored = await self.store.get(TOKEN_KIND, token.token_id)
+        found = await self.store.get(JOINTOKEN.name, token.token_id)
+        stored = JOINTOKEN.load(found) if found is not None else None
         record = None
         if stored is not None:
-            spec = {k: v for k, v in stored.spec.items() if k not in ("role", "zone")}
-            record = msgspec.convert(spec, joinlib.JoinTokenRecord)
+            s = stored.spec
+            record = joinlib.JoinTokenRecord(
+                token_id=s.token_id,
+                node=s.node,
+                secret_sha256=s.secret_sha256,
+                issued_at=s.issued_at,
+                expires_at=s.expires_at,
+            )
         try:
             client_now = _dt.datetime.fromisoformat(client_time.replace("Z", "+00:00"))
         except ValueError:
             raise errors.ValidationFailed("client_time must be an RFC 3339 time") from None
         joinlib.verify_token(token, record, server_now=_now(), client_now=client_now, node_name=node)
         assert stored is not None
-        role = stored.spec.get("role", "voter")
+        role = stored.spec.role
         cert = joinlib.sign_node_csr(
             self.pki.ca_cert.read_bytes(), self.pki.ca_key.read_bytes(), csr_pem.encode(), node
         )
@@ -344,35 +357,39 @@ class ClusterNode:
         voters = [m for m in members_now if not m.get("isLearner")]
         if role == "auto":
             role = "voter" if len(voters) < 3 else "learner"
-        stamp = ids.now()
-        zone = stored.spec.get("zone", "")
-        node_record = Record(
-            kind=NODE_KIND,
-            id=ids.new_id("node"),
+        zone = stored.spec.zone
+        joined = NODE.new(
             project="",
             name=node,
+            spec=NodeSpec(address=address, role=role),
             labels={"zone": zone} if zone else {},
-            spec={"address": address, "role": role, "https": ""},
-            created_at=stamp,
-            updated_at=stamp,
+            stamp=ctx.clock(),
         )
-        try:  # one-time: consume the token and register the node together, before etcd changes
-            await self.store.commit(
-                Txn([Delete(kind=TOKEN_KIND, id=stored.id, expect_revision=stored.revision), Create(node_record)])
+        try:  # one-time: consume the token and register the node together (audited), before etcd changes
+            written = await commit(
+                ctx,
+                self.store,
+                [
+                    Create(NODE.dump(joined)),
+                    Delete(kind=JOINTOKEN.name, id=stored.id, expect_revision=stored.revision),
+                ],
+                label=NODE.label,
+                respond=lambda rev: None,
             )
-        except TxnFailed as exc:
-            if exc.index == 0:
-                raise joinlib.JoinTokenInvalid("the join token is not valid (unknown or already used)") from None
+        except errors.AlreadyExists:
             raise errors.AlreadyExists(f"a node named {node} is already in the cluster") from None
+        except (errors.NotFound, errors.PreconditionFailed, errors.Conflict):  # consumed by a concurrent join
+            raise joinlib.JoinTokenInvalid("the join token is not valid (unknown or already used)") from None
         # Every new member starts as a learner: it cannot cost the cluster its quorum while it catches up. The new
         # node promotes itself once etcd accepts it as in sync, when its role is voter.
         try:
             added = await self._member_add(peer_url)
         except EtcdError as exc:
             # Undo: the node is not a member, and the operator may retry with the same token.
-            restored = msgspec.structs.replace(stored, updated_at=ids.now())
-            with contextlib.suppress(TxnFailed, errors.MinicloudError):
-                await self.store.commit(Txn([Delete(kind=NODE_KIND, id=node_record.id), Create(restored)]))
+            restored = JOINTOKEN.dump(stored.replace(updated_at=ctx.clock()))
+            undo = [Delete(kind=NODE.name, id=joined.id), Create(restored)]
+            with contextlib.suppress(errors.MinicloudError):
+                await commit(Context.system("cluster"), self.store, undo, respond=lambda rev: None, label=NODE.label)
             raise errors.Unavailable(f"etcd could not add {node} as a member: {exc}; retry the join") from None
         members = added.get("members", [])
         initial = {}
@@ -381,18 +398,19 @@ class ClusterNode:
             if urls:
                 initial[m.get("name") or node] = urls[0]
         endpoints = sorted({u for m in members for u in m.get("clientURLs", [])} | set(state.endpoints))
-        return {
-            "certificate": cert.decode(),
-            "ca_certificate": self.pki.ca_cert.read_text(),
-            "ca_key": self.pki.ca_key.read_text(),
+        reply = JoinReply(
+            certificate=cert.decode(),
+            ca_certificate=self.pki.ca_cert.read_text(),
+            ca_key=self.pki.ca_key.read_text(),
             # Every node signs and checks session tokens with the same key, so a session works on any node.
-            "session_key": (self.config.data_path / "pki" / "session.key").read_text(),
+            session_key=(self.config.data_path / "pki" / "session.key").read_text(),
             # ... and decrypts secrets at rest (S3 access keys) with the same key store.
-            "keystore": KeyStore(self.config.data_path / "keys").export(),
-            "initial_cluster": initial,
-            "endpoints": endpoints,
-            "role": role,
-        }
+            keystore=KeyStore(self.config.data_path / "keys").export(),
+            initial_cluster=initial,
+            endpoints=endpoints,
+            role=role,
+        )
+        return dataclasses.replace(written, body=reply)
 
     # -- join (on the new node) ------------------------------------------------------------------------------------
     async def join(self, token_text: str) -> ClusterState:
@@ -522,13 +540,14 @@ class ClusterNode:
         except EtcdError as exc:
             raise errors.Conflict(f"etcd refused to promote {node}: {exc}; retry once it has caught up") from None
 
-    async def remove(self, node: str) -> None:
-        """Remove a (typically dead) node: its etcd membership, heartbeat and node record."""
+    async def remove(self, ctx: Context, node: str) -> Written | None:
+        """Remove a (typically dead) node: its etcd membership, heartbeat and node record (the record's delete is
+        the audited write; None when there was no record, only an etcd member)."""
         self._require_cluster()
         assert self.client is not None
         if node == self.name:
             raise errors.Conflict("a node cannot remove itself; run `minicloud cluster remove` on another node")
-        record = await self.store.get_by_name(NODE_KIND, "", node)
+        record = await self.store.get_by_name(NODE.name, "", node)
         member = next((m for m in await self.client.member_list() if m.get("name") == node), None)
         if record is None and member is None:
             raise errors.NotFound(f"no node named {node} in the cluster; see `minicloud cluster list`")
@@ -536,11 +555,15 @@ class ClusterNode:
             await self.client.member_remove(int(member["ID"]))
         with contextlib.suppress(EtcdError):
             await self.client.delete(LIVE + node.encode())
-        if record is not None:
-            with contextlib.suppress(TxnFailed):
-                await self.store.commit(Txn([Delete(kind=NODE_KIND, id=record.id)]))
+        if record is None:
+            return None
+        ops = [Delete(kind=NODE.name, id=record.id, expect_revision=record.revision)]
+        try:
+            return await commit(ctx, self.store, ops, status=204, respond=lambda rev: None, label=NODE.label)
+        except errors.NotFound:  # removed meanwhile (a concurrent remove): gone either way
+            return None
 
-    async def recover(self) -> None:
+    async def recover(self, ctx: Context) -> Written | None:
         """After losing quorum for good: make this node's etcd member a one-member cluster from its own data
         (``--force-new-cluster``) and forget the other members. Run it on the most up-to-date survivor; the others
         rejoin afterwards with fresh data directories (`cluster add` + `join`)."""
@@ -570,15 +593,18 @@ class ClusterNode:
         backend = self.store.backend
         if isinstance(backend, EtcdStore):
             await backend.check_quorum()
-        gone = [r for r in await self.store.list(NODE_KIND, limit=1000) if r.name != self.name]
+        gone = [r for r in await self.store.list(NODE.name, limit=1000) if r.name != self.name]
+        written = None
         if gone:
-            await self.store.commit(Txn([Delete(kind=NODE_KIND, id=r.id) for r in gone]))
+            deletes = [Delete(kind=NODE.name, id=r.id) for r in gone]
+            written = await commit(ctx, self.store, deletes, respond=lambda rev: None, label=NODE.label)
         for record in gone:
             with contextlib.suppress(EtcdError):
                 await self.client.delete(LIVE + record.name.encode())
         log.warning(
             "cluster recovered as a one-member cluster", extra={"node": self.name, "removed": [r.name for r in gone]}
         )
+        return written
 
     # -- loops -----------------------------------------------------------------------------------------------------
     def _start_loops(self) -> None:
@@ -745,21 +771,19 @@ class ClusterNode:
         live = await self._live()
         stamp = ids.now()
         ops = []
-        for record in await self.store.list(NODE_KIND, limit=1000):
-            state = record.status.get("state")
-            if record.name in live and state != "online":
-                status = {"state": "online", "since": live[record.name].get("since"), "last_contact": None}
-            elif record.name not in live and state != "offline":
+        for record in await self.store.list(NODE.name, limit=1000):
+            node = NODE.load(record)
+            state = node.status.state
+            if node.name in live and state != "online":
+                status = NodeStatus(state="online", since=live[node.name].get("since"), last_contact=None)
+            elif node.name not in live and state != "offline":
                 # Its heartbeat lease just expired: the last renewal was about one lease TTL ago.
                 last = (_now() - _dt.timedelta(seconds=HEARTBEAT_TTL)).isoformat(timespec="milliseconds")
-                status = {"state": "offline", "since": None, "last_contact": last.replace("+00:00", "Z")}
+                status = NodeStatus(state="offline", since=None, last_contact=last.replace("+00:00", "Z"))
             else:
                 continue
-            ops.append(
-                Update(
-                    msgspec.structs.replace(record, status=status, updated_at=stamp), expect_revision=record.revision
-                )
-            )
+            # A status write of the leader's own observation (like a reconciler's): compare-and-swap, not audited.
+            ops.append(Update(NODE.dump(node.replace(status=status, updated_at=stamp)), expect_revision=node.revision))
         if ops:
             with contextlib.suppress(TxnFailed):
                 await self.store.commit(Txn(ops))
@@ -790,7 +814,7 @@ class ClusterNode:
             extra={"learner": learner.get("name"), "down": down},
         )
 
-    async def members(self) -> list[dict[str, Any]]:
+    async def members(self) -> list[ClusterMember]:
         """Every node with its role, liveness and last contact, as etcd sees it now."""
         self._require_cluster()
         assert self.client is not None
@@ -800,21 +824,22 @@ class ClusterNode:
             live = await self._live()
             etcd_members = {m.get("name", ""): m for m in await self.client.member_list()}
         out = []
-        for record in await self.store.list(NODE_KIND, limit=1000):
-            m = etcd_members.get(record.name, {})
+        for record in await self.store.list(NODE.name, limit=1000):
+            node = NODE.load(record)
+            m = etcd_members.get(node.name, {})
             out.append(
-                {
-                    "name": record.name,
-                    "address": record.spec.get("address", ""),
-                    "zone": record.labels.get("zone", ""),
+                ClusterMember(
+                    name=node.name,
+                    address=node.spec.address,
+                    zone=node.labels.get("zone", ""),
                     # etcd's membership is the truth once the node is a member; the record says what was asked for.
-                    "role": ("learner" if m.get("isLearner") else "voter") if m else record.spec.get("role", "voter"),
-                    "status": "online" if record.name in live else "offline",
-                    "online_since": live.get(record.name, {}).get("since"),
-                    "last_contact": ids.now() if record.name in live else record.status.get("last_contact"),
-                    "etcd_member_id": str(m.get("ID", "")),
-                    "leader": record.name == self.leader,
-                }
+                    role=("learner" if m.get("isLearner") else "voter") if m else node.spec.role,
+                    status="online" if node.name in live else "offline",
+                    online_since=live.get(node.name, {}).get("since"),
+                    last_contact=ids.now() if node.name in live else node.status.last_contact,
+                    etcd_member_id=str(m.get("ID", "")),
+                    leader=node.name == self.leader,
+                )
             )
         return out
 
