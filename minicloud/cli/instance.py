@@ -1,4 +1,6 @@
-"""``minicloud instance create|list|show|start|stop|reboot|resize|console|delete``: virtual machines."""
+"""``minicloud instance create|list|show|start|stop|reboot|resize|console|delete``: virtual machines. ``show`` and the
+list's columns come from the kind's declaration (:data:`minicloud.compute.kinds.INSTANCE`); ``list`` shows one
+address per instance line, ``delete`` can wait for the node to finish."""
 
 from __future__ import annotations
 
@@ -6,21 +8,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from minicloud.cli import generic
 from minicloud.cli.common import CommandError, client
 from minicloud.cli.keypair import parse_labels
 from minicloud.cli.output import col, emit
 from minicloud.client import Client
+from minicloud.compute.kinds import INSTANCE
 from minicloud.model.compute import Instance
 
-COLUMNS = [
-    col("name", "name"),
-    col("state", "status.state"),
-    col("type", "type"),
-    col("image", "image"),
-    col("node", "status.node"),
-    col("addresses", "status.addresses"),
-    col("id", "id"),
-]
+COLUMNS = [col(c.header, c.path) for c in INSTANCE.columns]
 
 
 def _wait_flag(p: argparse.ArgumentParser, what: str) -> None:
@@ -45,10 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.set_defaults(func=create)
     v = verbs.add_parser("list", help="list instances")
     v.add_argument("--label", metavar="KEY=VALUE[,...]", help="only those with these labels")
+    v.add_argument("--name", help="only the one with this name")
     v.set_defaults(func=list_)
-    v = verbs.add_parser("show", help="show an instance")
-    v.add_argument("name")
-    v.set_defaults(func=show)
+    generic.add_verbs(verbs, INSTANCE, lambda c: c.instances, which=("show",))
     v = verbs.add_parser("start", help="power an instance on")
     v.add_argument("name")
     _wait_flag(v, "is running")
@@ -125,16 +120,11 @@ def create(args: argparse.Namespace) -> int:
 
 
 def list_(args: argparse.Namespace) -> int:
-    items = client(args).instances.list(label=args.label)
+    items = client(args).instances.list(label=args.label, name=args.name)
     if args.output == "table":
         for i in items:  # one line per address in the table: "10.0.0.5" rather than a JSON list
             i.status.addresses = ", ".join(a.ip or "-" for a in i.status.addresses)  # type: ignore[assignment]
     emit(items, args.output, COLUMNS)
-    return 0
-
-
-def show(args: argparse.Namespace) -> int:
-    emit(client(args).instances.get(args.name), args.output)
     return 0
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from minicloud.client.collection import Collection
-from minicloud.compute.kinds import IMAGE
+from minicloud.compute.kinds import IMAGE, INSTANCE
 from minicloud.model import Operation, Problem
 from minicloud.model.compute import Image, Instance, InstanceType
 
@@ -67,41 +67,39 @@ class InstanceTypes:
         self._c.call("DELETE", f"/v1/instance-types/{_q(name)}")
 
 
-class Instances:
+class Instances(Collection[Instance]):
+    """``/v1/instances``: list, get and update come from the kind's declaration; create, the power verbs, resize,
+    delete (202: the node tears the instance down) and the console are its own."""
+
     def __init__(self, client: Client) -> None:
-        self._c = client
-
-    def list(self, **query: Any) -> list[Instance]:
-        return list(self._c.paginate("/v1/instances", Instance, **query))
-
-    def get(self, ref: str) -> Instance:
-        return self._c.call("GET", f"/v1/instances/{_q(ref)}", Instance)
+        super().__init__(client, INSTANCE)
 
     def create(
         self, *, name: str, image: str, type: str, idempotency_key: str | None = None, **fields: Any
     ) -> Instance:
         """Create an instance (``keypair``, ``user_data``, ``disk_gib``, ``start``, ``description``, ``labels``)."""
         body = {"name": name, "image": image, "type": type, **{k: v for k, v in fields.items() if v is not None}}
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        return self._c.call("POST", "/v1/instances", Instance, json=body, headers=headers)
+        return self._create(body, idempotency_key)
 
-    def update(self, ref: str, **fields: Any) -> Instance:
-        return self._c.call("PATCH", f"/v1/instances/{_q(ref)}", Instance, json=fields)
+    def _verb(self, ref: str, verb: str, body: dict[str, Any] | None = None) -> Instance:
+        return self._c.call("POST", f"{self.path}/{_q(ref)}/{verb}", Instance, json=body)
 
     def start(self, ref: str) -> Instance:
-        return self._c.call("POST", f"/v1/instances/{_q(ref)}/start", Instance)
+        return self._verb(ref, "start")
 
     def stop(self, ref: str, *, force: bool = False) -> Instance:
-        return self._c.call("POST", f"/v1/instances/{_q(ref)}/stop", Instance, json={"force": force})
+        return self._verb(ref, "stop", {"force": force})
 
     def reboot(self, ref: str, *, force: bool = False) -> Instance:
-        return self._c.call("POST", f"/v1/instances/{_q(ref)}/reboot", Instance, json={"force": force})
+        return self._verb(ref, "reboot", {"force": force})
 
     def resize(self, ref: str, *, type: str) -> Instance:
-        return self._c.call("POST", f"/v1/instances/{_q(ref)}/resize", Instance, json={"type": type})
+        return self._verb(ref, "resize", {"type": type})
 
-    def delete(self, ref: str) -> Instance | None:
-        return self._c.call("DELETE", f"/v1/instances/{_q(ref)}", Instance)
+    def delete(self, ref: str, *, if_match: int | None = None) -> Instance | None:  # type: ignore[override]
+        """Ask for the deletion: the instance in ``deleting`` (None when it went at once); :meth:`wait` until gone."""
+        headers = {"If-Match": f'"{if_match}"'} if if_match is not None else None
+        return self._c.call("DELETE", f"{self.path}/{_q(ref)}", Instance, headers=headers)
 
     def wait(
         self,

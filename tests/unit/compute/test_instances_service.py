@@ -136,3 +136,35 @@ def test_an_instance_record_written_before_the_typed_kind_reads_with_defaults():
     assert (obj.spec.max_vcpus, obj.spec.vcpu_limit, obj.spec.retry, obj.spec.reboot.seq) == (None, 2, 0, 3)
     view = INSTANCE.to_view(obj)
     assert (view.max_vcpus, view.description, view.status.state, view.status.addresses) == (2, "", "running", [])
+
+
+def test_the_sdk_collection_derives_its_paths_from_the_declaration():
+    from minicloud.client.compute import Instances
+
+    calls: list[tuple] = []
+
+    class FakeClient:
+        def call(self, method, path, type=None, **kw):
+            calls.append((method, path, kw.get("json"), kw.get("headers")))
+
+        def paginate(self, path, type, **query):
+            calls.append(("LIST", path, query, None))
+            return iter(())
+
+    sdk = Instances(FakeClient())  # type: ignore[arg-type]
+    sdk.list(label="a=b")
+    sdk.get("vm 1")
+    sdk.update("vm", labels={"x": "y"})
+    sdk.create(name="vm", image="guest", type="m1.tiny", idempotency_key="k")
+    sdk.stop("vm", force=True)
+    sdk.start("vm")
+    sdk.delete("vm", if_match=3)
+    assert calls == [
+        ("LIST", "/v1/instances", {"label": "a=b"}, None),
+        ("GET", "/v1/instances/vm%201", None, None),
+        ("PATCH", "/v1/instances/vm", {"labels": {"x": "y"}}, None),
+        ("POST", "/v1/instances", {"name": "vm", "image": "guest", "type": "m1.tiny"}, {"Idempotency-Key": "k"}),
+        ("POST", "/v1/instances/vm/stop", {"force": True}, None),
+        ("POST", "/v1/instances/vm/start", None, None),
+        ("DELETE", "/v1/instances/vm", None, {"If-Match": '"3"'}),
+    ]
