@@ -36,21 +36,21 @@ from minicloud.api.auth import DIRECTORY, LAST_USED, RATE_LIMITER, VERIFIED_KEYS
 from minicloud.api.keys import BACKUP_GATE, CLUSTER, CONFIG, HOST, LEADER_LOOPS, OPERATIONS, PKI, STORE, TLS
 from minicloud.api.middleware import audit_middleware, auth_middleware, problem_middleware, refusals_ctx
 from minicloud.api.routing import set_max_body
-from minicloud.api.users import binding_id
 from minicloud.backups import BackupGate
 from minicloud.cluster.leader import LeaderLoops, services_leadership
 from minicloud.cluster.node import LEADER_TTL, ClusterNode
 from minicloud.config import Config
+from minicloud.iam import users as iam_users
 from minicloud.iam.apikeys import LastUsed
-from minicloud.iam.directory import BINDING_KIND, USER_KIND, Directory
+from minicloud.iam.directory import Directory
 from minicloud.iam.keystore import KeyStore
-from minicloud.iam.principals import ADMIN_REF, upgrade_refs
+from minicloud.iam.principals import upgrade_refs
 from minicloud.iam.ratelimit import LoginThrottle, RateLimiter
 from minicloud.iam.sessions import SessionKey
 from minicloud.operations import Operations
 from minicloud.pki import NodePKI, ensure_node_pki, write_private
 from minicloud.retention import retention_loops
-from minicloud.state import Create, Record, Store, Txn, TxnFailed
+from minicloud.state import Store
 from minicloud.state.handle import StoreHandle
 from minicloud.state.sqlite import SQLiteStore
 
@@ -159,23 +159,8 @@ def server_ssl_context(pki: NodePKI) -> ssl.SSLContext:
 
 
 async def bootstrap_admin(store: Store) -> bool:
-    """Make sure the ``admin`` user exists and holds the ``admin`` role cluster-wide (what `minicloud init`'s API key
-    acts as). Idempotent; fixed ids make concurrent bootstraps on several nodes converge. True if it wrote."""
-    if await store.get_by_name(USER_KIND, "", "admin") is not None:
-        return False
-    stamp = ids.now()
-    user = Record(kind=USER_KIND, id="usr-admin", project="", name="admin", spec={"type": "user"}, created_at=stamp, updated_at=stamp)  # fmt: skip
-    grant_id = binding_id(ADMIN_REF, "admin", None)
-    grant = Record(
-        kind=BINDING_KIND, id=grant_id, project="", name=grant_id,
-        spec={"principal": ADMIN_REF, "principal_name": "admin", "role": "admin", "project": None},
-        created_at=stamp, updated_at=stamp,
-    )  # fmt: skip
-    try:
-        await store.commit(Txn([Create(user), Create(grant)]))
-    except (TxnFailed, errors.MinicloudError):
-        return False  # another node did it, or no quorum now: the next start tries again
-    return True
+    """Make sure the ``admin`` user exists and holds the ``admin`` role cluster-wide (``minicloud.iam.users``)."""
+    return await iam_users.bootstrap_admin(store, ids.now())
 
 
 async def _bootstrap_ctx(app: web.Application) -> AsyncIterator[None]:

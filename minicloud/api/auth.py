@@ -16,8 +16,9 @@ from aiohttp import web
 
 from minicloud import errors, ids
 from minicloud.api.keys import SESSION_KEY, STORE
-from minicloud.iam import apikeys, policy, principals, sessions
-from minicloud.iam.directory import USER_KIND, Directory, is_project_action
+from minicloud.iam import apikeys, directory, principals, sessions
+from minicloud.iam.directory import Directory
+from minicloud.iam.kinds import APIKEY, SESSION, USER
 from minicloud.iam.ratelimit import RateLimiter, too_many_requests
 
 
@@ -95,29 +96,31 @@ async def authenticate(request: web.Request, *, unix: bool) -> Principal | None:
     hit = verified.get(token)
     if hit is not None:
         # Verified before: still valid while its record is unchanged (a revoked key's record is gone) and unexpired.
-        record = await store.get(apikeys.KIND, hit.key_id)
+        record = await store.get(APIKEY.name, hit.key_id)
         if (
             record is not None
             and record.revision == hit.revision
             and (hit.expires is None or hit.expires > time.time())
-            and await store.get(USER_KIND, hit.principal.id) is not None
+            and await store.get(USER.name, hit.principal.id) is not None
         ):
             request.app[LAST_USED].touch(record.id)
             return hit.principal
         del verified[token]
     key_id = apikeys.key_id_of(token)
-    record = await store.get(apikeys.KIND, key_id) if key_id else None
+    record = await store.get(APIKEY.name, key_id) if key_id else None
     if record is None:
         raise _unauthenticated("the API key is not valid (unknown or revoked)")
-    reason = apikeys.verify(record, token)
+    # Decoded once per token and key revision: a hit above costs no decoding.
+    key = APIKEY.load(record)
+    reason = apikeys.verify(key, token)
     if reason:
         raise _unauthenticated(reason)
-    user = await principals.user_of_ref(store, record.spec.get("principal", ""))
+    user = await principals.user_of_ref(store, key.spec.principal)
     if user is None:  # deleting a user deletes its keys; one made concurrently with the delete is refused here
         raise _unauthenticated("the API key's user no longer exists; ask an administrator for a new key")
     request.app[LAST_USED].touch(record.id)
-    principal = Principal(kind=user.spec.get("type", "user"), name=user.name, admin=False, key_id=record.id, id=user.id)
-    expires_at = record.spec.get("expires_at")
+    principal = Principal(kind=user.spec.type, name=user.name, admin=False, key_id=record.id, id=user.id)
+    expires_at = key.spec.expires_at
     if len(verified) >= _MAX_VERIFIED:
         verified.clear()
     verified[token] = _Verified(
@@ -142,19 +145,32 @@ VERIFIED_KEYS = web.AppKey("verified_api_keys", dict)
 
 
 SESSION_PREFIX = "mcs1."
+#: Sessions decoded before share :data:`VERIFIED_KEYS` under this prefix and their id (no API key token has it).
+_SESSION_SLOT = "session\0"
 
 
 async def _session_principal(request: web.Request, token: str) -> Principal:
     claims = request.app[SESSION_KEY].verify(token)
     store = request.app[STORE]
-    record = await store.get(sessions.KIND, claims.sid)
+    record = await store.get(SESSION.name, claims.sid)
     if record is None:  # logged out, or its user deleted: revoked on every node
         raise sessions.SessionRevoked("the session was revoked (logged out); log in again")
+    verified = request.app[VERIFIED_KEYS]
+    hit = verified.get(_SESSION_SLOT + claims.sid)
+    if hit is not None and hit.revision == record.revision:
+        # Decoded before at this revision: only check that its user still exists (one cached point read).
+        if await store.get(USER.name, hit.principal.id) is not None:
+            return hit.principal
+        raise sessions.SessionRevoked("the session's user no longer exists")
     # The session record says who it is (by id); the token's subject is only informational.
-    user = await principals.user_of_ref(store, record.spec.get("principal", ""))
+    user = await principals.user_of_ref(store, SESSION.load(record).spec.principal)
     if user is None:
         raise sessions.SessionRevoked("the session's user no longer exists")
-    return Principal(kind=user.spec.get("type", "user"), name=user.name, admin=False, session_id=claims.sid, id=user.id)
+    principal = Principal(kind=user.spec.type, name=user.name, admin=False, session_id=claims.sid, id=user.id)
+    if len(verified) >= _MAX_VERIFIED:
+        verified.clear()
+    verified[_SESSION_SLOT + claims.sid] = _Verified(claims.sid, record.revision, None, principal)
+    return principal
 
 
 async def authorize(
@@ -163,17 +179,7 @@ async def authorize(
     """Raise unless ``principal`` may perform ``action``: 404 when the action is inside a project the principal
     cannot see at all (names must not leak), else 403 naming the missing action. Local root may do everything.
     ``cluster=True`` evaluates the action cluster-wide (only cluster-scope grants count)."""
-    if principal.admin:
-        return
-    scope = project if is_project_action(action) and not cluster else None
-    directory = request.app[DIRECTORY]
-    decision = await directory.decide(principal.ref, action, scope)
-    if decision.allowed:
-        return
-    bindings, roles = await directory.load()
-    if scope is not None and not policy.visible(principal.ref, scope, bindings, roles):
-        raise errors.NotFound(f"no project named '{scope}'; see `minicloud project list`")
-    raise errors.Forbidden(decision.reason, action=action)
+    await directory.authorize(request.app[DIRECTORY], principal, action, project, cluster=cluster)
 
 
 def principal_of(request: web.Request) -> Principal:

@@ -7,20 +7,20 @@ member can add a remote); anonymous callers get 401. Principal fields come from 
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from minicloud.api.auth import DIRECTORY, Principal, principal_of
 from minicloud.api.keys import CONFIG, PKI, STORE
-from minicloud.api.resources import PROJECT_KIND
 from minicloud.api.routing import AUTHENTICATED, Routes
-from minicloud.iam import apikeys, sessions
-from minicloud.iam.directory import USER_KIND
+from minicloud.iam import principals
+from minicloud.iam.kinds import APIKEY, PROJECT, SESSION, USER
 from minicloud.model import WhoAmI, WhoAmIBinding, WhoAmICredential
-from minicloud.state import Record, Store
 
 routes = Routes("auth")
 #: The ``default`` project has no record; bindings that name projects by id name it so.
-_DEFAULT_PROJECT_ID = "prj-default"
+_DEFAULT_PROJECT_ID = principals.DEFAULT_PROJECT_ID
 
 
 @routes.get("/v1/whoami", response=WhoAmI, auth=AUTHENTICATED)
@@ -57,35 +57,37 @@ async def whoami(request: web.Request) -> WhoAmI:
     )
 
 
-async def _user_record(store: Store, principal: Principal) -> Record | None:
-    """The principal's user record, whether the principal carries its id or (older credentials) its name."""
+async def _user_record(store: Any, principal: Principal) -> principals.User | None:
+    """The principal's user, whether the principal carries its id or (older credentials) its name."""
     for candidate in (getattr(principal, "id", None), principal.name):
         if candidate:
-            record = await store.get(USER_KIND, candidate)
+            record = await store.get(USER.name, candidate)
             if record is not None:
-                return record
-    return await store.get_by_name(USER_KIND, "", principal.name)
+                return USER.load(record)
+    record = await store.get_by_name(USER.name, "", principal.name)
+    return USER.load(record) if record is not None else None
 
 
-async def _project_name(store: Store, ref: str | None) -> str | None:
+async def _project_name(store: Any, ref: str | None) -> str | None:
     """A binding's project by name, whether the binding names it by id or by name (null: cluster-wide)."""
     if ref is None:
         return None
     if ref == _DEFAULT_PROJECT_ID:
         return "default"
-    record = await store.get(PROJECT_KIND, ref)
+    record = await store.get(PROJECT.name, ref)
     return record.name if record is not None else ref
 
 
-async def _credential(store: Store, principal: Principal) -> WhoAmICredential:
+async def _credential(store: Any, principal: Principal) -> WhoAmICredential:
     if principal.session_id is not None:
-        session = await store.get(sessions.KIND, principal.session_id)
-        expires = session.spec.get("expires_at") if session is not None else None
+        record = await store.get(SESSION.name, principal.session_id)
+        expires = (SESSION.load(record).spec.expires_at or None) if record is not None else None
         return WhoAmICredential(type="session", id=principal.session_id, expires_at=expires)
-    key = await store.get(apikeys.KIND, principal.key_id) if principal.key_id else None
+    record = await store.get(APIKEY.name, principal.key_id) if principal.key_id else None
+    key = APIKEY.load(record) if record is not None else None
     return WhoAmICredential(
         type="apikey",
         id=principal.key_id,
         name=key.name if key is not None else None,
-        expires_at=key.spec.get("expires_at") if key is not None else None,
+        expires_at=key.spec.expires_at if key is not None else None,
     )

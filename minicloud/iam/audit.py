@@ -30,11 +30,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from minicloud import ids
-from minicloud.state import Record
+from minicloud import errors, ids
+from minicloud.iam.kinds import AUDIT, audit_view
+from minicloud.model import AuditEntry
+from minicloud.state import Record, Store
 from minicloud.state.records import APPEND_ONLY_KINDS
 
-KIND = "audit"
+KIND = AUDIT.name
 assert KIND in APPEND_ONLY_KINDS
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -247,3 +249,40 @@ class RefusalAggregator:
                 )
             )
         return records
+
+
+async def list_entries(
+    store: Store,
+    *,
+    since: str | None = None,
+    user: str | None = None,
+    result: str | None = None,
+    in_project: str | None = None,
+    limit: int = 100,
+    cursor: str | None = None,
+) -> tuple[list[AuditEntry], str | None]:
+    """One page of audit entries in time order and the cursor of the next (None: no more). ``since`` is
+    :func:`parse_since`'s (422 naming the range otherwise); ``user`` a principal (``user:alice`` or ``alice`` means
+    that user's id; ``local:root`` as is); ``in_project`` only that project's entries."""
+    from minicloud.core import crud
+    from minicloud.iam import principals
+
+    after: tuple[str, str] | None = None
+    if cursor:
+        after = crud.decode_cursor(cursor)
+    elif since:
+        try:
+            after = (id_floor(parse_since(since)), "")
+        except ValueError as exc:  # malformed, or out of range (800000d): the message names the valid range
+            raise errors.ValidationFailed(str(exc), invalid_params=[{"name": "since", "reason": str(exc)}]) from None
+    labels = {}
+    if user:  # entries name principals by id
+        found = None if user.startswith("local:") else await principals.find_user(store, user)
+        labels["principal"] = principals.ref_of(found) if found is not None else user
+    if result:
+        labels["result"] = result
+    records = await store.list(AUDIT.name, project=in_project, labels=labels, after=after, limit=limit + 1)
+    more = len(records) > limit
+    records = records[:limit]
+    nxt = crud.encode_cursor(records[-1].name, records[-1].id) if more else None
+    return [audit_view(AUDIT.load(r)) for r in records], nxt

@@ -10,17 +10,22 @@ emptiness check and the delete. The ``default`` project has no record and cannot
 
 from __future__ import annotations
 
-from minicloud import errors
-from minicloud.state import Check, Create, Op, Store, TxnFailed
+from typing import Any
 
-PROJECT_KIND = "project"
+from minicloud import errors
+from minicloud.core.kinds import Obj
+from minicloud.iam.kinds import PROJECT, ProjectSpec, ProjectStatus
+from minicloud.state import Check, Create, Op, Record, Store, TxnFailed
+
+PROJECT_KIND = PROJECT.name
 DEFAULT_PROJECT = "default"
 DELETING = "deleting"
 
 
-def is_deleting(project: object) -> bool:
-    status = getattr(project, "status", None) or {}
-    return status.get("state") == DELETING
+def is_deleting(project: Record | Obj[ProjectSpec, ProjectStatus] | Any) -> bool:
+    """True while ``project`` (a record or a typed project) is being deleted."""
+    obj = PROJECT.load(project) if isinstance(project, Record) else project
+    return bool(obj.status.state == DELETING)
 
 
 async def guards(store: Store, ops: list[Op]) -> list[Check]:

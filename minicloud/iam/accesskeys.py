@@ -1,0 +1,77 @@
+"""S3-style access key pairs for the object store: the services behind ``/v1/accesskeys``.
+
+The access key id is public (``MCAK`` + 16 upper-case characters, like AWS's); the secret is shown once and then
+kept only encrypted at rest with the node's key store (AES-256-GCM, the key id as associated data), because the
+object store must recompute request signatures with it — unlike API keys, it cannot be a one-way hash.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from typing import Any
+
+import msgspec
+
+from minicloud.core import crud
+from minicloud.core.context import Context, Sealer
+from minicloud.core.kinds import Obj
+from minicloud.core.write import Written
+from minicloud.iam import credentials, principals
+from minicloud.iam.directory import Directory
+from minicloud.iam.kinds import ACCESSKEY, AccessKeySpec
+from minicloud.model import AccessKeyCreate, AccessKeySecret
+from minicloud.state import Record, Store
+
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+Key = Obj[AccessKeySpec, Any]
+
+
+def new_access_key_id() -> str:
+    return ACCESSKEY.prefix + "".join(secrets.choice(_ALPHABET) for _ in range(16))
+
+
+async def create_access_key(
+    ctx: Context, store: Store, directory: Directory, sealer: Sealer, body: AccessKeyCreate
+) -> Written:
+    """Create an access key pair in ``ctx``'s project acting as ``body.user`` (default: the caller); the secret is
+    in the answer only (sealed with ``sealer`` in the record)."""
+    user, guard = await credentials.owner_of_new(ctx, store, directory, body.user)
+    key_id = new_access_key_id()
+    secret = base64.b64encode(os.urandom(30)).decode()  # 40 characters, like AWS secret access keys
+    spec = AccessKeySpec(
+        principal=principals.ref_of(user),
+        description=body.description,
+        secret=sealer.encrypt(secret.encode(), key_id.encode()),
+    )
+    key = ACCESSKEY.new(project=ctx.project, name=body.name, spec=spec, id=key_id, stamp=ctx.clock())
+
+    def respond(obj: Key) -> AccessKeySecret:
+        return AccessKeySecret(**msgspec.structs.asdict(ACCESSKEY.to_view(obj)), secret_access_key=secret)
+
+    return await crud.create(ctx, store, ACCESSKEY, key, respond=respond, extra=[guard])
+
+
+async def get_access_key(ctx: Context, store: Store, ref: str) -> Key:
+    """The access key ``ref`` names (its id, or its name) in ``ctx``'s project; 404 otherwise."""
+    record = await store.get(ACCESSKEY.name, ref) if ref.startswith(ACCESSKEY.prefix) and len(ref) <= 255 else None
+    if record is not None and record.project == ctx.project:
+        return ACCESSKEY.load(record)
+    return await crud.get(ctx, store, ACCESSKEY, ref)
+
+
+async def delete_access_key(
+    ctx: Context, store: Store, directory: Directory, ref: str, *, expect: int | None = None
+) -> Written:
+    """Delete an access key pair (one of a principal with cluster-wide roles: only that principal or a cluster
+    administrator may, else 403)."""
+    key = await get_access_key(ctx, store, ref)
+    await credentials.may_revoke(ctx, store, directory, key.spec.principal, key.name, "access key")
+    return await crud.delete_obj(ctx, store, ACCESSKEY, key, expect=expect)
+
+
+def secret_of(sealer: Sealer, key: Record | Key) -> str:
+    """The secret access key, for the object store's signature checks."""
+    obj = ACCESSKEY.load(key) if isinstance(key, Record) else key
+    return sealer.decrypt(obj.spec.secret, obj.id.encode()).decode()
