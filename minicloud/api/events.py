@@ -16,17 +16,17 @@ import msgspec
 from aiohttp import WSCloseCode, web
 
 from minicloud import errors
+from minicloud import events as events_service
+from minicloud.api import resources as res
 from minicloud.api.auth import authorize, principal_of
 from minicloud.api.keys import STORE
-from minicloud.api.resources import KINDS, project_of
 from minicloud.api.routing import Action, Routes
 from minicloud.api.websocket import ServerWebSocket
+from minicloud.core.kinds import public_kinds
 from minicloud.model import Event
-from minicloud.state import Change, Compacted
 
 routes = Routes("events")
 _enc = msgspec.json.Encoder()
-_REPLAY_WINDOW = 1000
 
 
 class EventsQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -36,33 +36,17 @@ class EventsQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ) = None
 
 
-def _event(change: Change) -> bytes | None:
-    kind = KINDS.get(change.kind)
-    if kind is None:  # internal kinds (idempotency keys, API key hashes) never leave the node
-        return None
-    return _enc.encode(
-        Event(
-            revision=change.revision,
-            type=change.type,  # type: ignore[arg-type]
-            kind=change.kind,
-            id=change.id,
-            project=change.project,
-            object=msgspec.to_builtins(kind.view(change.record)),
-        )
-    )
-
-
 @routes.get("/v1/events", query=EventsQuery, response=Event, auth=Action("events:watch"), websocket=True)
 async def watch_events(request: web.Request, query: EventsQuery) -> web.WebSocketResponse:
     """Stream resource changes over a WebSocket (resumable with ?since=REVISION)."""
     kinds = set(query.kind.split(",")) if query.kind else None
-    if kinds and (unknown := kinds - KINDS.keys()):
+    known = set(public_kinds())  # internal kinds (no view) are never streamed
+    if kinds and (unknown := kinds - known):
         raise errors.ValidationFailed(
-            f"unknown kind(s) {', '.join(sorted(unknown))}; choose from {', '.join(sorted(KINDS))}",
+            f"unknown kind(s) {', '.join(sorted(unknown))}; choose from {', '.join(sorted(known))}",
             invalid_params=[{"name": "kind", "reason": "unknown kind"}],
         )
-    store = request.app[STORE]
-    project = project_of(request)
+    project = res.project_of(request)
     # Cluster-level records (projects, users, role bindings) are streamed to those who administer the cluster.
     try:
         await authorize(request, principal_of(request), "iam:users:list", "", cluster=True)
@@ -73,46 +57,31 @@ async def watch_events(request: web.Request, query: EventsQuery) -> web.WebSocke
     if not ws.can_prepare(request).ok:
         raise errors.BadRequest("GET /v1/events is a WebSocket endpoint; connect with a WebSocket client")
     await ws.prepare(request)
-    sub = store.subscribe()
-    last = store.revision if query.since is None else query.since
+    watch = events_service.Watch(
+        request.app[STORE],
+        since=query.since,
+        accept=lambda change: (kinds is None or change.kind in kinds) and change.project in scopes,
+    )
 
     async def read_until_closed() -> None:
         # The client sends nothing but control frames; reading them is how we notice it went away.
         async for _ in ws:
             pass
-        sub.close()
+        watch.close()
 
     reader = asyncio.create_task(read_until_closed())
-
-    async def send(change: Change) -> None:
-        if (kinds is None or change.kind in kinds) and change.project in scopes:
-            message = _event(change)
-            if message is not None:
-                await ws.send_str(message.decode())
-
     try:
-        head = store.revision
-        while last < head:
-            upper = min(last + _REPLAY_WINDOW, head)
-            for change in await store.changes(last, limit=1_000_000, until=upper):
-                await send(change)
-            last = upper
-        async for change in sub:
-            if change.revision <= last:
-                continue
-            await send(change)
-        if sub.overflowed:
-            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=f"too slow; resume from {last}".encode())
-    except Compacted as exc:
-        problem = errors.Gone(
-            f"changes up to revision {exc.compacted} are no longer kept; list the resources again "
-            "and resume from a newer revision"
-        ).to_problem(instance=request.path)
+        async for event in watch:
+            await ws.send_str(_enc.encode(event).decode())
+        if watch.overflowed:
+            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=f"too slow; resume from {watch.last}".encode())
+    except events_service.HistoryCompacted as exc:
+        problem = exc.to_problem(instance=request.path)
         await ws.send_str(_enc.encode({"type": "error", "problem": problem}).decode())
         await ws.close(code=4410, message=b"history compacted")
     except ConnectionResetError:
         pass
     finally:
-        sub.close()
+        watch.close()
         reader.cancel()
     return ws
