@@ -21,10 +21,14 @@ from agent.reconcile import Controller, Result
 from agent.reconcilers.compute import NODE_KEY, ComputeReconciler
 from minicloud import config as cfgmod
 from minicloud import ids
+from minicloud.compute.kinds import HYPERVISOR, IMAGE, INSTANCE, ImageSpec, InstanceObserved, InstanceSpec
+from minicloud.core.kinds import Obj
+from minicloud.model.compute import Address
 from minicloud.state import Create, Record, Txn, Update
 from minicloud.state.sqlite import SQLiteStore
 
 NODE = "n1"
+Instance = Obj[InstanceSpec, InstanceObserved]
 
 
 def _config(tmp_path):
@@ -47,29 +51,28 @@ class World:
         """Reconcile every key the reconciler lists, one after the other (what a resync queues)."""
         return {key: await self.r.reconcile(key) for key in await self.r.all_keys()}
 
-    async def add_instance(self, name: str, **spec_changes) -> Record:
-        spec = {
-            "uuid": str(uuid.uuid4()), "image_id": "img-1", "image_name": "guest", "type": "m1.tiny", "vcpus": 1,
-            "memory_mib": 128, "disk_gib": 1, "keypair": None, "public_keys": [], "user_data": "#!/bin/sh\necho hi\n",
-            "power": "running", "reboot": {"seq": 0, "force": False}, "stop_force": False, "deleted": False,
-            "node": NODE, **spec_changes,
-        }  # fmt: skip
-        rec = _record("instance", ids.new_id("i"), name, spec, status={"state": "pending"})
-        await self.store.commit(Txn([Create(rec)]))
-        return rec
+    async def add_instance(self, name: str, **spec_changes) -> Instance:
+        fields = {"uuid": str(uuid.uuid4()), "image_id": "img-1", "image_name": "guest", "type": "m1.tiny", "vcpus": 1,
+                  "memory_mib": 128, "disk_gib": 1, "user_data": "#!/bin/sh\necho hi\n", "node": NODE}  # fmt: skip
+        spec = InstanceSpec(**{**fields, **spec_changes})
+        inst = INSTANCE.new(project="default", name=name, spec=spec)
+        await self.store.commit(Txn([Create(INSTANCE.dump(inst))]))
+        return await self.get(inst)
 
-    async def get(self, rec: Record) -> Record | None:
-        return await self.store.get("instance", rec.id)
+    async def get(self, inst: Instance) -> Instance | None:
+        record = await self.store.get(INSTANCE.name, inst.id)
+        return INSTANCE.load(record) if record is not None else None
 
-    async def change_spec(self, rec: Record, **changes) -> None:
-        cur = await self.get(rec)
-        await self.store.commit(Txn([Update(msgspec.structs.replace(cur, spec={**cur.spec, **changes}), expect_revision=cur.revision)]))  # fmt: skip
+    async def change_spec(self, inst: Instance, **changes) -> None:
+        cur = await self.get(inst)
+        new = cur.replace(spec=msgspec.structs.replace(cur.spec, **changes))
+        await self.store.commit(Txn([Update(INSTANCE.dump(new), expect_revision=cur.revision)]))
 
-    def domain(self, rec: Record) -> DomainInfo | None:
-        return self.driver.doms.get(rec.spec["uuid"])
+    def domain(self, inst: Instance) -> DomainInfo | None:
+        return self.driver.doms.get(inst.spec.uuid)
 
-    def files(self, rec: Record):
-        return self.config.data_path / "instances" / rec.id
+    def files(self, inst: Instance):
+        return self.config.data_path / "instances" / inst.id
 
 
 @pytest.fixture
@@ -82,8 +85,8 @@ async def world(tmp_path):
     images.mkdir(parents=True)
     (images / "kernel").write_bytes(b"\0" * 0x202 + b"HdrS" + b"\0" * 100)
     (images / "initrd").write_bytes(b"initrd")
-    image = _record("image", "img-1", "guest", {"boot": "kernel", "node": NODE, "cmdline": "panic=-1", "size_bytes": 1, "sha256": "x"})  # fmt: skip
-    await store.commit(Txn([Create(image)]))
+    spec = ImageSpec(boot="kernel", node=NODE, cmdline="panic=-1", size_bytes=1, sha256="x")
+    await store.commit(Txn([Create(IMAGE.dump(IMAGE.new(project="default", name="guest", id="img-1", spec=spec)))]))
     driver = FakeDriver()
     network = FakeNetwork(NetworkSpec(name="default", bridge="mcunit0", cidr=ipaddress.IPv4Network("10.99.0.0/24")))
     r = ComputeReconciler(store=store, config=config, driver=driver, network=network, virt_type="qemu", virt_reason="test")  # fmt: skip
@@ -104,12 +107,12 @@ async def test_a_new_instance_is_built_started_and_gets_its_address(world):
     assert "panic=-1" in dom.xml and "mcunit0" in dom.xml
     assert (world.files(inst) / "root.qcow2").exists() and (world.files(inst) / "seed.iso").exists()
     rec = await world.get(inst)
-    assert rec.status["state"] == "running" and rec.status["virt_type"] == "qemu"
-    assert rec.status["addresses"][0]["ip"] is None  # no lease yet
+    assert rec.status.state == "running" and rec.status.virt_type == "qemu"
+    assert rec.status.addresses[0].ip is None  # no lease yet
     ip = world.network.add_lease(design.mac_for(inst.id, 0))
     await world.pass_()
-    assert (await world.get(inst)).status["addresses"] == [
-        {"network": "default", "mac": design.mac_for(inst.id, 0), "ip": ip}
+    assert (await world.get(inst)).status.addresses == [
+        Address(network="default", mac=design.mac_for(inst.id, 0), ip=ip)
     ]
 
 
@@ -127,13 +130,13 @@ async def test_stop_asks_the_guest_then_reports_stopped_and_start_brings_it_back
     await world.pass_()
     await world.change_spec(inst, power="stopped")
     await world.pass_()  # ACPI shutdown asked; the fake guest obeys at once
-    assert (await world.get(inst)).status["state"] == "stopping"
+    assert (await world.get(inst)).status.state == "stopping"
     await world.pass_()
     rec = await world.get(inst)
-    assert rec.status["state"] == "stopped" and rec.status["addresses"] == [] and world.domain(inst).state == "shutoff"
+    assert rec.status.state == "stopped" and rec.status.addresses == [] and world.domain(inst).state == "shutoff"
     await world.change_spec(inst, power="running")
     await world.pass_()
-    assert (await world.get(inst)).status["state"] == "running" and world.domain(inst).state == "running"
+    assert (await world.get(inst)).status.state == "running" and world.domain(inst).state == "running"
 
 
 async def test_a_resize_while_stopped_redefines_the_domain(world):
@@ -152,7 +155,7 @@ async def test_reboot_is_done_once_per_request(world):
     await world.change_spec(inst, reboot={"seq": 1, "force": True})
     await world.pass_()
     await world.pass_()
-    assert world.driver.reboots[inst.spec["uuid"]] == 1
+    assert world.driver.reboots[inst.spec.uuid] == 1
 
 
 async def test_delete_removes_domain_files_and_record(world):
@@ -170,23 +173,23 @@ async def test_a_failed_build_leaves_nothing_and_is_not_retried_until_the_spec_c
     world.driver.fail_next.add("define")
     await world.pass_()
     rec = await world.get(inst)
-    assert rec.status["state"] == "error" and "fake define failure" in rec.status["reason"]
+    assert rec.status.state == "error" and "fake define failure" in rec.status.reason
     assert world.domain(inst) is None and not world.files(inst).exists()
     await world.pass_()
     assert (await world.get(inst)).revision == rec.revision  # not retried for the same spec
     await world.change_spec(inst, retry=1)  # what `instance start` does for an instance in error
     await world.pass_()
-    assert (await world.get(inst)).status["state"] == "running"
+    assert (await world.get(inst)).status.state == "running"
 
 
 async def test_a_guest_that_powers_itself_off_becomes_stopped(world):
     inst = await world.add_instance("selfstop")
     await world.pass_()
-    await world.driver.destroy(inst.spec["uuid"])  # as if the guest ran `poweroff`
+    await world.driver.destroy(inst.spec.uuid)  # as if the guest ran `poweroff`
     await world.pass_()
     rec = await world.get(inst)
-    assert rec.spec["power"] == "stopped" and rec.status["state"] == "stopped"
-    assert "shut itself down" in rec.status["reason"]
+    assert rec.spec.power == "stopped" and rec.status.state == "stopped"
+    assert "shut itself down" in rec.status.reason
 
 
 async def test_only_our_domains_are_touched(world):
@@ -199,7 +202,7 @@ async def test_only_our_domains_are_touched(world):
     cur = await world.get(inst)
     from minicloud.state import Delete
 
-    await world.store.commit(Txn([Delete(kind="instance", id=inst.id, expect_revision=cur.revision)]))
+    await world.store.commit(Txn([Delete(kind=INSTANCE.name, id=inst.id, expect_revision=cur.revision)]))
     await world.pass_()
     assert world.domain(inst) is None and not world.files(inst).exists()
     assert world.driver.doms["11111111-2222-3333-4444-555555555555"].state == "running"
@@ -209,15 +212,15 @@ async def test_instances_of_other_nodes_are_left_alone(world):
     inst = await world.add_instance("elsewhere", node="n2")
     await world.pass_()
     assert world.domain(inst) is None
-    assert (await world.get(inst)).status == {"state": "pending"}
+    assert (await world.get(inst)).revision == inst.revision  # untouched: still pending
 
 
 async def test_capacity_is_published_once(world):
     await world.r.publish_capacity()
-    hv = await world.store.get_by_name("hypervisor", "", NODE)
-    assert hv.spec["cpus"] >= 1 and hv.spec["virt_type"] == "qemu" and hv.spec["cpu_allocation_ratio"] == 4.0
+    hv = HYPERVISOR.load(await world.store.get_by_name(HYPERVISOR.name, "", NODE))
+    assert hv.spec.cpus >= 1 and hv.spec.virt_type == "qemu" and hv.spec.cpu_allocation_ratio == 4.0
     await world.r.publish_capacity()
-    assert (await world.store.get_by_name("hypervisor", "", NODE)).revision == hv.revision
+    assert (await world.store.get_by_name(HYPERVISOR.name, "", NODE)).revision == hv.revision
 
 
 async def test_compute_that_cannot_start_is_retried_and_reported(world):
@@ -225,20 +228,20 @@ async def test_compute_that_cannot_start_is_retried_and_reported(world):
     from minicloud.state import Delete
 
     inst = await world.add_instance("waiting")
-    hv = await world.store.get_by_name("hypervisor", "", NODE)
-    await world.store.commit(Txn([Delete(kind="hypervisor", id=hv.id, expect_revision=hv.revision)]))
+    hv = await world.store.get_by_name(HYPERVISOR.name, "", NODE)
+    await world.store.commit(Txn([Delete(kind=HYPERVISOR.name, id=hv.id, expect_revision=hv.revision)]))
     world.network.fail_with = NetworkConflict("10.99.0.0/24 is already used by eth9")
     enqueued: list[str] = []
     r = ComputeReconciler(store=world.store, config=world.config, driver=FakeDriver(), network=world.network, virt_type="qemu", virt_reason="test")  # fmt: skip
     await r.start(enqueued.append)
     assert "already used" in r.problem
-    assert await world.store.get_by_name("hypervisor", "", NODE) is None  # nothing is placed on a broken node
+    assert await world.store.get_by_name(HYPERVISOR.name, "", NODE) is None  # nothing is placed on a broken node
     assert await r.reconcile(NODE_KEY) == Result(requeue_after=5.0)  # retried
     assert await r.reconcile(inst.id) == Result(requeue_after=5.0)  # instances wait for it
-    assert (await world.get(inst)).status == {"state": "pending"}
+    assert (await world.get(inst)).revision == inst.revision  # untouched: still pending
     world.network.fail_with = None
     assert await r.reconcile(NODE_KEY) == Result()
-    assert r.problem == "" and await world.store.get_by_name("hypervisor", "", NODE) is not None
+    assert r.problem == "" and await world.store.get_by_name(HYPERVISOR.name, "", NODE) is not None
     assert set(enqueued) == {inst.id, NODE_KEY}  # everything that waited is queued again
     await r.close()
 
@@ -276,7 +279,7 @@ async def test_a_record_deleted_behind_our_back_is_torn_down_by_its_own_key(worl
     from minicloud.state import Delete
 
     cur = await world.get(inst)
-    await world.store.commit(Txn([Delete(kind="instance", id=inst.id, expect_revision=cur.revision)]))
+    await world.store.commit(Txn([Delete(kind=INSTANCE.name, id=inst.id, expect_revision=cur.revision)]))
     assert await world.r.reconcile(inst.id) == Result()  # what the delete's change queues
     assert world.domain(inst) is None and not world.files(inst).exists()
 
@@ -287,9 +290,9 @@ async def test_keys_come_from_this_nodes_instances_and_image_changes_queue_the_n
     mine, theirs = await world.add_instance("mine"), await world.add_instance("theirs", node="n2")
     assert set(await world.r.all_keys()) == {mine.id, NODE_KEY}
     change = lambda rec: Change(revision=1, type="updated", kind=rec.kind, id=rec.id, project=rec.project, record=rec)  # noqa: E731
-    assert list(world.r.keys_for(change(mine))) == [mine.id]
-    assert list(world.r.keys_for(change(theirs))) == []
-    image = await world.store.get("image", "img-1")
+    assert list(world.r.keys_for(change(INSTANCE.dump(mine)))) == [mine.id]
+    assert list(world.r.keys_for(change(INSTANCE.dump(theirs)))) == []
+    image = await world.store.get(IMAGE.name, "img-1")
     assert list(world.r.keys_for(change(image))) == [NODE_KEY]
 
 
@@ -297,7 +300,7 @@ async def test_a_hypervisor_event_queues_the_instance_of_that_domain(world):
     inst = await world.add_instance("evented")
     await world.pass_()
     world.enqueued.clear()
-    await world.driver.destroy(inst.spec["uuid"])  # libvirt reports the domain stopped
+    await world.driver.destroy(inst.spec.uuid)  # libvirt reports the domain stopped
     await asyncio.sleep(0)  # the fake delivers events on the loop, like the libvirt driver
     assert world.enqueued == [inst.id]
 
@@ -310,7 +313,25 @@ async def test_waiting_for_a_guest_to_stop_or_for_its_lease_polls_the_key(world)
     world.driver.shutdown = _ignore_acpi  # a guest that does not power off at once
     await world.change_spec(inst, power="stopped")
     assert (await world.pass_())[inst.id] == Result(requeue_after=1.0)
-    assert (await world.get(inst)).status["state"] == "stopping"
+    assert (await world.get(inst)).status.state == "stopping"
+
+
+async def test_a_record_written_before_the_typed_kind_converges_and_keeps_fields_it_does_not_know(world):
+    spec = {
+        "uuid": str(uuid.uuid4()), "image_id": "img-1", "image_name": "guest", "type": "m1.tiny", "vcpus": 1,
+        "memory_mib": 128, "disk_gib": 1, "keypair": None, "public_keys": [], "user_data": "",
+        "power": "running", "reboot": {"seq": 0, "force": False}, "stop_force": False, "deleted": False,
+        "node": NODE, "from_the_future": 1,
+    }  # fmt: skip
+    old = _record("instance", ids.new_id("i"), "legacy", spec, status={"state": "pending", "future_status": "x"})
+    await world.store.commit(Txn([Create(old)]))
+    await world.pass_()
+    record = await world.store.get(INSTANCE.name, old.id)
+    assert INSTANCE.load(record).status.state == "running" and world.driver.doms[spec["uuid"]].state == "running"
+    assert record.spec == spec and record.status["future_status"] == "x"  # a status write keeps what it cannot read
+    revision = record.revision
+    await world.pass_()
+    assert (await world.store.get(INSTANCE.name, old.id)).revision == revision
 
 
 async def _ignore_acpi(uuid: str) -> None:
@@ -328,9 +349,9 @@ async def test_under_the_controller_an_instance_is_built_stopped_and_deleted_fro
     await controller.start()
     try:
         inst = await world.add_instance("live")
-        await wait_for(world, inst, lambda r: r.status.get("state") == "running")
+        await wait_for(world, inst, lambda r: r.status.state == "running")
         await world.change_spec(inst, power="stopped")
-        await wait_for(world, inst, lambda r: r.status.get("state") == "stopped")
+        await wait_for(world, inst, lambda r: r.status.state == "stopped")
         await world.change_spec(inst, deleted=True)
         await wait_for(world, inst, lambda r: r is None)
         assert world.domain(inst) is None and not world.files(inst).exists()

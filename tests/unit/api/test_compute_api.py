@@ -10,6 +10,7 @@ import pytest
 from agent.node import COMPUTE
 from minicloud.api import instances
 from minicloud.api.keys import CONFIG, STORE
+from minicloud.compute.kinds import HYPERVISOR
 from minicloud.iam import apikeys
 from minicloud.state import Create, Txn, Update
 
@@ -119,13 +120,14 @@ async def test_placement_refuses_what_does_not_fit_and_concurrent_creates_cannot
     await _image(api)
     store = api.app[STORE]
     for _ in range(100):  # the compute context publishes the node's capacity at start
-        hv = await store.get_by_name("hypervisor", "", "n1")
-        if hv is not None:
+        record = await store.get_by_name(HYPERVISOR.name, "", "n1")
+        if record is not None:
             break
         await asyncio.sleep(0.01)
     # Room for exactly one m1.tiny on this node.
-    spec = {**hv.spec, "cpus": 1, "cpu_allocation_ratio": 1.0, "memory_mib": 200, "reserved_memory_mib": 0}
-    await store.commit(Txn([Update(msgspec.structs.replace(hv, spec=spec), expect_revision=hv.revision)]))
+    hv = HYPERVISOR.load(record)
+    room = msgspec.structs.replace(hv.spec, cpus=1, cpu_allocation_ratio=1.0, memory_mib=200, reserved_memory_mib=0)
+    await store.commit(Txn([Update(HYPERVISOR.dump(hv.replace(spec=room)), expect_revision=hv.revision)]))
     results = await asyncio.gather(
         *(api.post("/v1/instances", json={"name": f"race{i}", "image": "guest", "type": "m1.tiny"}) for i in range(4))
     )
@@ -291,3 +293,20 @@ async def test_a_create_retried_with_its_idempotency_key_gets_the_first_answer(a
     first = await api.post("/v1/images", json=img, headers={"Idempotency-Key": "i-1"})
     again = await api.post("/v1/images", json=img, headers={"Idempotency-Key": "i-1"})
     assert first.status == again.status == 201 and (await again.json())["id"] == (await first.json())["id"]
+
+
+async def test_a_verb_answers_202_with_an_etag_honours_if_match_and_replays_as_202(api):
+    await _image(api)
+    inst = await (await api.post("/v1/instances", json={"name": "v", "image": "guest", "type": "m1.tiny"})).json()
+    stale = {"If-Match": f'"{inst["revision"] - 1}"'}
+    assert (await api.post("/v1/instances/v/stop", json={}, headers=stale)).status == 412
+    key = {"Idempotency-Key": "stop-1"}
+    first = await api.post("/v1/instances/v/stop", json={"force": True}, headers=key)
+    assert first.status == 202 and first.headers["ETag"] == f'"{(await first.json())["revision"]}"'
+    again = await api.post("/v1/instances/v/stop", json={"force": True}, headers=key)
+    assert again.status == 202 and again.headers.get("Idempotent-Replayed") == "true"
+    assert (await again.json())["revision"] == (await first.json())["revision"]
+    resp = await api.patch("/v1/instances/v", json={"labels": {"tier": "web"}, "description": "d"})
+    assert resp.status == 200 and (await resp.json())["labels"] == {"tier": "web"}
+    listed = await (await api.get("/v1/instances?label=tier=web")).json()
+    assert [i["name"] for i in listed["items"]] == ["v"]
