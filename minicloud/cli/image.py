@@ -13,7 +13,7 @@ from minicloud.compute.kinds import IMAGE
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("image", help="images instances boot from")
+    p = sub.add_parser(IMAGE.noun, help="images instances boot from")
     verbs = p.add_subparsers(dest="verb", metavar="<verb>", required=True)
     v = verbs.add_parser(
         "import",
