@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from minicloud.cli import generic
 from minicloud.cli.common import client
 from minicloud.cli.output import col, emit
+from minicloud.iam.kinds import APIKEY
 
-COLUMNS = [
-    col("name", "name"),
-    col("prefix", "prefix"),
-    col("expires", "expires_at"),
-    col("created", "created_at"),
-    col("last used", "last_used_at"),
-    col("id", "id"),
-]
+COLUMNS = [col(c.header, c.path) for c in APIKEY.columns]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,10 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--user", help="the user or service account the key acts as (default: you; root: admin)")
     v.add_argument("--expires-in", type=int, metavar="SECONDS", help="lifetime (default: no expiry)")
     v.set_defaults(func=create)
-    verbs.add_parser("list", help="list API keys").set_defaults(func=list_)
-    v = verbs.add_parser("show", help="show an API key (never its secret)")
-    v.add_argument("name")
-    v.set_defaults(func=show)
+    generic.add_verbs(verbs, APIKEY, lambda c: c.apikeys, ("list", "show"))
     v = verbs.add_parser("delete", help="revoke an API key")
     v.add_argument("name")
     v.set_defaults(func=delete)
@@ -44,16 +36,6 @@ def create(args: argparse.Namespace) -> int:
         print(f"  {key.secret}")
     else:
         emit(key, args.output)
-    return 0
-
-
-def list_(args: argparse.Namespace) -> int:
-    emit(client(args).apikeys.list(), args.output, COLUMNS)
-    return 0
-
-
-def show(args: argparse.Namespace) -> int:
-    emit(client(args).apikeys.get(args.name), args.output)
     return 0
 
 

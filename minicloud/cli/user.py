@@ -5,20 +5,15 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
-import urllib.parse
 
+from minicloud.cli import generic
 from minicloud.cli.common import CommandError, client
 from minicloud.cli.output import col, emit
-from minicloud.model import RoleBinding, RoleInfo, User
+from minicloud.iam.kinds import ROLE, ROLEBINDING, USER
 
-USER_COLUMNS = [col("name", "name"), col("type", "type"), col("email", "email"), col("id", "id")]
-BINDING_COLUMNS = [col("principal", "principal"), col("role", "role"), col("project", "scope_project"), col("id", "id")]
-ROLE_COLUMNS = [
-    col("name", "name"),
-    col("scope", "scope"),
-    col("builtin", "builtin"),
-    col("description", "description"),
-]
+USER_COLUMNS = [col(c.header, c.path) for c in USER.columns]
+BINDING_COLUMNS = [col(c.header, c.path) for c in ROLEBINDING.columns]
+ROLE_COLUMNS = [col(c.header, c.path) for c in ROLE.columns]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,13 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--service", action="store_true", help="a service account: API keys only, no password")
     v.add_argument("--password-stdin", action="store_true", help="read a password from stdin (else: ask, or none)")
     v.set_defaults(func=create_user)
-    verbs.add_parser("list", help="list users").set_defaults(func=list_users)
-    v = verbs.add_parser("show", help="show a user")
-    v.add_argument("name")
-    v.set_defaults(func=show_user)
-    v = verbs.add_parser("delete", help="delete a user and their role bindings")
-    v.add_argument("name")
-    v.set_defaults(func=delete_user)
+    # delete: the user, and with it every credential and role binding of theirs
+    generic.add_verbs(verbs, USER, lambda c: c.users)
 
     p = sub.add_parser("role", help="roles and who holds them (RBAC)")
     verbs = p.add_subparsers(dest="verb", metavar="<verb>", required=True)
@@ -80,29 +70,12 @@ def create_user(args: argparse.Namespace) -> int:
             if getpass.getpass("Again: ") != password:
                 raise CommandError("the passwords differ")
             body["password"] = password
-    emit(client(args).call("POST", "/v1/users", User, json=body), args.output)
-    return 0
-
-
-def list_users(args: argparse.Namespace) -> int:
-    emit(list(client(args).paginate("/v1/users", User)), args.output, USER_COLUMNS)
-    return 0
-
-
-def show_user(args: argparse.Namespace) -> int:
-    emit(client(args).call("GET", f"/v1/users/{args.name}", User), args.output)
-    return 0
-
-
-def delete_user(args: argparse.Namespace) -> int:
-    client(args).call("DELETE", f"/v1/users/{args.name}")
-    if args.output == "table":
-        print(f"Deleted user {args.name}")
+    emit(client(args).users.create(**body), args.output)  # type: ignore[arg-type]
     return 0
 
 
 def list_roles(args: argparse.Namespace) -> int:
-    emit(client(args).call("GET", "/v1/roles", list[RoleInfo]), args.output, ROLE_COLUMNS)
+    emit(client(args).rolebindings.roles(), args.output, ROLE_COLUMNS)
     return 0
 
 
@@ -112,13 +85,12 @@ def grant(args: argparse.Namespace) -> int:
     scope = args.grant_project or c.project
     if scope and not c.project:
         c.project = scope  # act in that project, so its owner may grant there
-    body = {"role": args.role, "principal": principal, "scope_project": scope}
-    emit(c.call("POST", "/v1/rolebindings", RoleBinding, json=body), args.output)
+    emit(c.rolebindings.grant(args.role, principal, scope), args.output)
     return 0
 
 
 def revoke(args: argparse.Namespace) -> int:
-    client(args).call("DELETE", f"/v1/rolebindings/{args.id}")
+    client(args).rolebindings.revoke(args.id)
     if args.output == "table":
         print(f"Revoked {args.id}")
     return 0
@@ -126,24 +98,20 @@ def revoke(args: argparse.Namespace) -> int:
 
 def bindings(args: argparse.Namespace) -> int:
     query = {"principal": f"user:{args.user}" if args.user else None}
-    emit(list(client(args).paginate("/v1/rolebindings", RoleBinding, **query)), args.output, BINDING_COLUMNS)
+    emit(client(args).rolebindings.list(**query), args.output, BINDING_COLUMNS)
     return 0
 
 
 def create_role(args: argparse.Namespace) -> int:
-    body = {
-        "name": args.name,
-        "scope": args.scope,
-        "allow": args.allow,
-        "deny": args.deny,
-        "description": args.description,
-    }
-    emit(client(args).call("POST", "/v1/roles", RoleInfo, json=body), args.output)
+    role = client(args).rolebindings.create_role(
+        args.name, allow=args.allow, deny=args.deny, scope=args.scope, description=args.description
+    )
+    emit(role, args.output)
     return 0
 
 
 def delete_role(args: argparse.Namespace) -> int:
-    client(args).call("DELETE", f"/v1/roles/{urllib.parse.quote(args.name, safe='')}")
+    client(args).rolebindings.delete_role(args.name)
     if args.output == "table":
         print(f"Deleted role {args.name}")
     return 0

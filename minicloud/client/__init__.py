@@ -29,7 +29,10 @@ import msgspec
 from minicloud.client.collection import Collection
 from minicloud.client.remotes import Remote, load_remotes
 from minicloud.compute.kinds import KEYPAIR
+from minicloud.iam.kinds import ACCESSKEY, APIKEY, PROJECT, ROLEBINDING, USER
 from minicloud.model import (
+    AccessKey,
+    AccessKeySecret,
     ApiKey,
     ApiKeySecret,
     KeyPair,
@@ -37,6 +40,10 @@ from minicloud.model import (
     Operation,
     Page,
     Problem,
+    Project,
+    RoleBinding,
+    RoleInfo,
+    User,
     Version,
     WhoAmI,
 )
@@ -124,6 +131,10 @@ class Client:
         self.keypairs = KeyPairs(self)
         self.operations = Operations(self)
         self.apikeys = ApiKeys(self)
+        self.accesskeys = AccessKeys(self)
+        self.users = Users(self)
+        self.projects = Projects(self)
+        self.rolebindings = RoleBindings(self)
         from minicloud.client.compute import Images, Instances, InstanceTypes
 
         self.images = Images(self)
@@ -277,18 +288,21 @@ class KeyPairs(Collection[KeyPair]):
         return self._create(body, idempotency_key)
 
 
-class ApiKeys:
+class ApiKeys(Collection[ApiKey]):
+    """``/v1/apikeys``: list/get from the kind's declaration; create returns the one-time secret; delete revokes."""
+
     def __init__(self, client: Client) -> None:
-        self._c = client
-
-    def list(self, **query: Any) -> list[ApiKey]:
-        return list(self._c.paginate("/v1/apikeys", ApiKey, **query))
-
-    def get(self, ref: str) -> ApiKey:
-        return self._c.call("GET", f"/v1/apikeys/{_q(ref)}", ApiKey)
+        super().__init__(client, APIKEY)
 
     def create(
-        self, *, name: str | None = None, description: str = "", expires_in: int | None = None, user: str | None = None
+        self,
+        *,
+        name: str | None = None,
+        description: str = "",
+        expires_in: int | None = None,
+        user: str | None = None,
+        labels: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
     ) -> ApiKeySecret:
         """Create a key acting as ``user`` (default: the caller); without ``name`` the server names it
         ``<user>-<random>``. The result holds the one-time ``secret``."""
@@ -299,10 +313,90 @@ class ApiKeys:
             body["user"] = user
         if expires_in is not None:
             body["expires_in"] = expires_in
-        return self._c.call("POST", "/v1/apikeys", ApiKeySecret, json=body)
+        if labels:
+            body["labels"] = labels
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._c.call("POST", self.path, ApiKeySecret, json=body, headers=headers)
 
-    def delete(self, ref: str) -> None:
-        self._c.call("DELETE", f"/v1/apikeys/{_q(ref)}")
+
+class AccessKeys(Collection[AccessKey]):
+    """``/v1/accesskeys``: S3-style key pairs; create returns the one-time secret access key."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(client, ACCESSKEY)
+
+    def create(
+        self, *, name: str, user: str | None = None, description: str = "", idempotency_key: str | None = None
+    ) -> AccessKeySecret:
+        body: dict[str, Any] = {"name": name, "description": description}
+        if user is not None:
+            body["user"] = user
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._c.call("POST", self.path, AccessKeySecret, json=body, headers=headers)
+
+
+class Users(Collection[User]):
+    """``/v1/users``: users and service accounts."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(client, USER)
+
+    def create(
+        self,
+        *,
+        name: str,
+        email: str = "",
+        type: str = "user",
+        password: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> User:
+        body: dict[str, Any] = {"name": name, "email": email, "type": type, "labels": labels or {}}
+        if password is not None:
+            body["password"] = password
+        return self._create(body)
+
+
+class Projects(Collection[Project]):
+    """``/v1/projects``: tenancy boundaries (act in one with ``Client(project=…)``)."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(client, PROJECT)
+
+    def create(self, *, name: str, description: str = "", labels: dict[str, str] | None = None) -> Project:
+        return self._create({"name": name, "description": description, "labels": labels or {}})
+
+
+class RoleBindings(Collection[RoleBinding]):
+    """``/v1/rolebindings`` (list, grant, revoke) and the roles (``/v1/roles``)."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(client, ROLEBINDING)
+
+    def grant(self, role: str, principal: str, project: str | None = None) -> RoleBinding:
+        """Grant ``role`` to ``principal`` (``user:NAME``, ``serviceaccount:NAME``) in ``project`` (None:
+        cluster-wide)."""
+        return self._create({"role": role, "principal": principal, "scope_project": project})
+
+    def revoke(self, ref: str) -> None:
+        self.delete(ref)
+
+    def roles(self) -> list[RoleInfo]:
+        return self._c.call("GET", "/v1/roles", list[RoleInfo])
+
+    def create_role(
+        self,
+        name: str,
+        *,
+        allow: list[str] | None = None,
+        deny: list[str] | None = None,
+        scope: str = "project",
+        description: str = "",
+    ) -> RoleInfo:
+        body = {"name": name, "scope": scope, "allow": allow or [], "deny": deny or [], "description": description}
+        return self._c.call("POST", "/v1/roles", RoleInfo, json=body)
+
+    def delete_role(self, name: str) -> None:
+        self._c.call("DELETE", f"/v1/roles/{_q(name)}")
 
 
 class Operations:
