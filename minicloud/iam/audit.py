@@ -31,7 +31,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from minicloud import errors, ids
-from minicloud.iam.kinds import AUDIT, audit_view
+from minicloud.iam.kinds import AUDIT, AuditSpec, audit_view
 from minicloud.model import AuditEntry
 from minicloud.state import Record, Store
 from minicloud.state.records import APPEND_ONLY_KINDS
@@ -122,30 +122,21 @@ def entry(
     stamp = ids.now() if at is None else ids.format_time(at)
     audit_id = new_id(None if at is None else int(at * 1000))
     principal = clip(principal)
-    spec = {
-        "principal": principal,
-        "action": clip(action),
-        "method": clip(method, 16),
-        "path": clip(path, MAX_PATH),
-        "target": {clip(k, 16): clip(str(v)) for k, v in list(target.items())[:4]},
-        "result": result,
-        "status": status,
-        "request_id": clip(request_id, 64),
-        "source": clip(source, 64),
-        "time": stamp,
-    }
-    if count != 1:
-        spec["count"] = count
-    return Record(
-        kind=KIND,
-        id=audit_id,
-        project=project,
-        name=audit_id,
-        labels={"principal": principal, "result": result},
-        spec=spec,
-        created_at=stamp,
-        updated_at=stamp,
+    spec = AuditSpec(
+        principal=principal,
+        action=clip(action),
+        method=clip(method, 16),
+        path=clip(path, MAX_PATH),
+        target={clip(k, 16): clip(str(v)) for k, v in list(target.items())[:4]},
+        result=result,
+        status=status,
+        request_id=clip(request_id, 64),
+        source=clip(source, 64),
+        time=stamp,
+        count=count,
     )
+    labels = {"principal": principal, "result": result}
+    return AUDIT.dump(AUDIT.new(project=project, name=audit_id, id=audit_id, spec=spec, labels=labels, stamp=stamp))
 
 
 def expired(record: Record, now: _dt.datetime, retention: _dt.timedelta) -> bool:

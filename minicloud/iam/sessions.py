@@ -229,8 +229,13 @@ def expired(record: Any, now: _dt.datetime, leeway: int = DEFAULT_LEEWAY) -> boo
     """Pure: True if the ``session`` record can no longer authenticate anything at ``now`` (its ``expires_at`` plus
     the verification leeway has passed), so the retention loop may delete it. A record without a readable
     ``expires_at`` is kept (never guess that a credential's record is garbage)."""
-    expires_at = record.spec.get("expires_at")
-    if not isinstance(expires_at, str):
+    from minicloud.iam.kinds import SESSION  # the declaration (this module is also the SDK-free token logic)
+
+    try:
+        expires_at = SESSION.load(record).spec.expires_at
+    except msgspec.ValidationError:
+        return False
+    if not expires_at:
         return False
     try:
         moment = _dt.datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
