@@ -74,7 +74,7 @@ async def login(
             store,
             [Create(SESSION.dump(session)), guard],
             status=201,
-            label="session",
+            label=SESSION.label,
             respond=lambda _rev: reply,
         )
     except (errors.PreconditionFailed, errors.NotFound, errors.Conflict):

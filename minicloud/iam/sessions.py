@@ -37,9 +37,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from minicloud.errors import Unauthenticated
+from minicloud.iam.kinds import SESSION
 
 #: The record kind of a login session (its id is the token's ``sid``; deleting it revokes the token everywhere).
-KIND = "session"
+KIND = SESSION.name
 VERSION = "mcs1"
 MAX_TOKEN_LENGTH = 2048
 MAX_TTL = 7 * 24 * 3600
@@ -229,8 +230,6 @@ def expired(record: Any, now: _dt.datetime, leeway: int = DEFAULT_LEEWAY) -> boo
     """Pure: True if the ``session`` record can no longer authenticate anything at ``now`` (its ``expires_at`` plus
     the verification leeway has passed), so the retention loop may delete it. A record without a readable
     ``expires_at`` is kept (never guess that a credential's record is garbage)."""
-    from minicloud.iam.kinds import SESSION  # the declaration (this module is also the SDK-free token logic)
-
     try:
         expires_at = SESSION.load(record).spec.expires_at
     except msgspec.ValidationError:
