@@ -53,7 +53,7 @@ def test_keypair_lifecycle_through_the_cli(agent, tmp_path):
     assert dup.returncode == 1 and "already exists" in dup.stderr
     assert agent.cli("keypair", "delete", name, check=True).stdout.startswith("Deleted")
     gone = agent.cli("keypair", "show", name)
-    assert gone.returncode == 1 and "Error: no keypair" in gone.stderr
+    assert gone.returncode == 1 and "Error: no key pair" in gone.stderr
 
 
 def test_keypair_import_reads_stdin(agent):
