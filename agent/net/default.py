@@ -29,7 +29,6 @@ Host services on the gateway address are reachable from guests (input is not fil
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import hashlib
 import ipaddress
@@ -37,7 +36,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +44,15 @@ from typing import Any, Protocol
 
 from pyroute2 import AsyncIPRoute, NetlinkError
 
+from agent.net.common import NetworkConflict, NetworkError, NetworkPermissionError  # re-exported
+from agent.net.common import cmdline as _cmdline
+from agent.net.common import get_link as _get_link
+from agent.net.common import netlink_error as _netlink_error
+from agent.net.common import read_int as _read_int
+from agent.net.common import run_daemonizing as _run_daemonizing
+from agent.net.common import same_command as _same_command
+from agent.net.common import stop_process as _stop_process
+
 log = logging.getLogger(__name__)
 
 DNSMASQ_BINARY = "dnsmasq"
@@ -53,35 +60,11 @@ NFT_BINARY = "nft"
 DEFAULT_LEASE_SECONDS = 12 * 3600
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
-#: How long dnsmasq may take to start (it forks once it has bound its sockets) or to exit after SIGTERM.
-_DNSMASQ_TIMEOUT = 10.0
-
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # Linux allows almost anything in an interface name; we allow what is also a plain nft identifier and file name.
 _BRIDGE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _IFF_UP = 0x1
-
-
-# --- errors ------------------------------------------------------------------------------------------------------------
-
-
-class NetworkError(Exception):
-    """A network could not be converged or torn down; the message says which step failed and why."""
-
-
-class NetworkConflict(NetworkError):
-    """Something else on the host already uses the bridge's name or the network's address range."""
-
-
-class NetworkPermissionError(NetworkError):
-    """The agent lacks the privileges (CAP_NET_ADMIN, root for nftables and dnsmasq) to manage guest networks."""
-
-
-def _netlink_error(action: str, err: NetlinkError) -> NetworkError:
-    if err.code in (errno.EPERM, errno.EACCES):
-        return NetworkPermissionError(f"{action}: permission denied; the agent needs CAP_NET_ADMIN (run it as root)")
-    return NetworkError(f"{action}: {os.strerror(err.code)} (netlink error {err.code})")
 
 
 # --- the spec ----------------------------------------------------------------------------------------------------------
@@ -549,29 +532,8 @@ class BridgeNetwork:
     async def _start_dnsmasq(self, argv: list[str]) -> None:
         self.pid_file.unlink(missing_ok=True)
         self._ifindex_file.unlink(missing_ok=True)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,  # not in the agent's process group: a signal to the agent's group spares it
-            )
-        except FileNotFoundError as e:
-            raise NetworkError(f"{argv[0]} not found; install dnsmasq (Debian: dnsmasq-base)") from e
-        try:
-            # dnsmasq's first process exits once the daemon has bound its sockets and written the pid file (or failed).
-            _, err = await asyncio.wait_for(proc.communicate(), _DNSMASQ_TIMEOUT)
-        except TimeoutError as e:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            raise NetworkError(
-                f"dnsmasq for network {self._spec.name} did not start within {_DNSMASQ_TIMEOUT} s"
-            ) from e
-        if proc.returncode != 0:
-            msg = err.decode(errors="replace").strip()
-            raise NetworkError(f"dnsmasq for network {self._spec.name} failed to start (exit {proc.returncode}): {msg}")
+        # dnsmasq's first process exits once the daemon has bound its sockets and written the pid file (or failed).
+        await _run_daemonizing(argv, f"dnsmasq for network {self._spec.name}", "install dnsmasq (Debian: dnsmasq-base)")
         pid = self.dnsmasq_pid()
         if pid is None:
             raise NetworkError(f"dnsmasq for network {self._spec.name} exited right after start; see {self.log_file}")
@@ -585,47 +547,6 @@ class BridgeNetwork:
 # --- process helpers ---------------------------------------------------------------------------------------------------
 
 
-def _cmdline(pid: int) -> list[str] | None:
-    """argv of a live process; None when it is gone, a zombie (nobody reaped it yet) or a kernel thread."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    if not raw:
-        return None
-    return [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")]
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        pid = int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if pid > 0 else None
-
-
-def _same_command(have: list[str], want: list[str]) -> bool:
-    """Same arguments and the same program name (the program's directory may differ, e.g. after $PATH changes)."""
-    return os.path.basename(have[0]) == os.path.basename(want[0]) and have[1:] == want[1:]
-
-
-async def _stop_process(pid: int) -> None:
-    """SIGTERM, then SIGKILL after :data:`_DNSMASQ_TIMEOUT`; returns once the process is gone (or a zombie)."""
-    for sig, wait in ((signal.SIGTERM, _DNSMASQ_TIMEOUT), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        except PermissionError as e:
-            raise NetworkPermissionError(f"cannot signal dnsmasq {pid}: permission denied") from e
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if _cmdline(pid) is None:
-                return
-            await asyncio.sleep(0.02)
-    raise NetworkError(f"dnsmasq {pid} did not exit after SIGKILL")
-
-
 def _enable_ip_forward() -> None:
     try:
         if IP_FORWARD.read_text().strip() != "1":
@@ -634,17 +555,6 @@ def _enable_ip_forward() -> None:
         raise NetworkPermissionError("cannot enable net.ipv4.ip_forward: permission denied") from e
     except OSError as e:
         raise NetworkError(f"cannot enable net.ipv4.ip_forward: {e}") from e
-
-
-async def _get_link(ipr: AsyncIPRoute, name: str) -> Any | None:
-    try:
-        result = await ipr.link("get", ifname=name)
-    except NetlinkError as e:
-        if e.code == errno.ENODEV:
-            return None
-        raise
-    msgs = [m async for m in result] if hasattr(result, "__aiter__") else list(result)
-    return msgs[0] if msgs else None
 
 
 # --- the fake ----------------------------------------------------------------------------------------------------------
