@@ -32,8 +32,6 @@ async def import_image(request: web.Request, body: ImageImport) -> Reply:
 
 
 generic.add_crud_routes(routes, IMAGE)
-#: The API's view of the kind; ``api/instances.py`` resolves images with it until it reads ``IMAGE`` through crud.
-KIND = res.expose(IMAGE)
 
 
 @routes.delete("/v1/images/{ref}", status=204, auth=Action("compute:images:delete"))

@@ -22,8 +22,7 @@ import msgspec
 
 from minicloud import errors, ids
 from minicloud.compute import image_download, image_files
-from minicloud.compute.image_files import stray_entries  # the compute reconciler reads it as ``images.*``
-from minicloud.compute.kinds import IMAGE, INSTANCE_KIND, ImageFileSpec, ImageSpec
+from minicloud.compute.kinds import IMAGE, INSTANCE, ImageFileSpec, ImageSpec
 from minicloud.compute.url_policy import UrlPolicy
 from minicloud.core import crud
 from minicloud.core.context import Context
@@ -37,7 +36,7 @@ if TYPE_CHECKING:
     from minicloud.config import Config
     from minicloud.operations import Operations, Reporter
 
-__all__ = ["NodeImages", "delete_image", "import_image", "stray_entries"]
+__all__ = ["NodeImages", "delete_image", "import_image"]
 
 #: The operation action of a URL import (what ``GET /v1/operations`` shows).
 IMPORT_ACTION = "image.import"
@@ -215,7 +214,7 @@ async def delete_image(ctx: Context, store: Store, node: NodeImages, ref: str, *
     index). Its files are removed here when this node holds them; otherwise the image's node removes them (its
     compute reconciler collects files no record names)."""
     obj = await crud.get(ctx, store, IMAGE, ref)
-    users = [r.name for r in await list_all(store, INSTANCE_KIND, where={"image_id": obj.id})]
+    users = [r.name for r in await list_all(store, INSTANCE.name, where={"image_id": obj.id})]
     if users:
         shown = ", ".join(sorted(users)[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
         raise errors.InUse(

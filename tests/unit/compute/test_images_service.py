@@ -11,7 +11,7 @@ import pytest
 
 from minicloud import errors
 from minicloud.compute import images
-from minicloud.compute.kinds import IMAGE
+from minicloud.compute.kinds import IMAGE, INSTANCE
 from minicloud.core.context import Context, Idempotency
 from minicloud.iam.keystore import KeyStore
 from minicloud.model.compute import ImageImport
@@ -159,14 +159,14 @@ async def test_an_image_in_use_is_not_deleted_and_a_deleted_image_loses_its_file
     image = (await images.import_image(ctx(), store, node, ImageImport(name="guest", kernel=kernel(tmp_path)))).body
     stamp = "2024-01-01T00:00:00Z"
     vm = Record(
-        kind="instance", id="i-1", project="default", name="vm", spec={"image_id": image.id},
+        kind=INSTANCE.name, id="i-1", project="default", name="vm", spec={"image_id": image.id},
         created_at=stamp, updated_at=stamp,
     )  # fmt: skip
     await store.commit(Txn([Create(vm)]))
     delete = ctx(action="compute:images:delete", method="DELETE", path="/v1/images/guest")
     with pytest.raises(errors.InUse, match="vm"):
         await images.delete_image(delete, store, node, "guest")
-    await store.commit(Txn([Delete(kind="instance", id="i-1")]))
+    await store.commit(Txn([Delete(kind=INSTANCE.name, id="i-1")]))
     written = await images.delete_image(delete, store, node, "guest")
     assert written.status == 204 and await store.get(IMAGE.name, image.id) is None
     assert not (node.root / image.id).exists()
