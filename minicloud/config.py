@@ -136,6 +136,9 @@ class NetworkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cidr: str = "10.213.0.0/24"
     #: NAT (masquerade) traffic from the subnet to the node's other interfaces.
     masquerade: bool = True
+    #: The MTU of the links between nodes; VPC networks get 50 bytes less (VXLAN headers). Read where a network is
+    #: created, so keep it equal on every node.
+    underlay_mtu: Annotated[int, msgspec.Meta(ge=1280, le=9216)] = 1500
 
 
 class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

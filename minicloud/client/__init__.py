@@ -140,6 +140,12 @@ class Client:
         self.images = Images(self)
         self.types = InstanceTypes(self)
         self.instances = Instances(self)
+        from minicloud.client.network import Networks, Routers, SecurityGroups, Subnets
+
+        self.networks = Networks(self)
+        self.subnets = Subnets(self)
+        self.security_groups = SecurityGroups(self)
+        self.routers = Routers(self)
 
     # -- construction ----------------------------------------------------------------------------------------------
     @classmethod
