@@ -219,6 +219,9 @@ async def test_every_public_kind_is_streamed_rendered_and_internal_kinds_never(a
         ("POST", "/v1/projects", {"name": "p9"}),
         ("POST", "/v1/images", {"name": "guest", "kernel": str(kernel)}),
         ("POST", "/v1/instances", {"name": "vm", "image": "guest", "type": "m1.tiny"}),
+        ("POST", "/v1/networks", {"name": "vpc", "cidr": "10.0.0.0/16"}),  # + the default security group
+        ("POST", "/v1/subnets", {"name": "sn", "network": "vpc", "cidr": "10.0.1.0/24"}),
+        ("POST", "/v1/routers", {"name": "r"}),
         ("POST", "/v1/admin/backups", None),  # an operation
     ]
     for method, path, body in steps:
