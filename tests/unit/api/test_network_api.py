@@ -3,9 +3,20 @@ external networks for administrators only, project isolation."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
+import json
+from collections.abc import Awaitable
+
+from aiohttp import web
+
+from minicloud.api.app import create_app
 from minicloud.api.keys import STORE
+from minicloud.cli.main import main
 from minicloud.iam import apikeys
 from minicloud.state import Create, Txn
+from tests.unit.api.conftest import FakeHost, make_config
 
 
 async def _ok(resp, status=200):
@@ -119,3 +130,47 @@ async def test_external_networks_are_admin_only_and_shared_with_routers_of_every
     assert (await _ok(await api.get("/v1/networks")))["items"][0]["name"] == "public"
     assert [n["name"] for n in (await _ok(await api.get("/v1/networks?project=p1")))["items"]] == ["v"]
     await _problem(await api.client.get("/v1/networks/public?project=p1", headers=member), 404)
+
+
+async def test_the_cli_nouns_through_the_sdk(tmp_path):
+    """``network``, ``subnet``, ``security-group [rule add|remove]`` and ``router [add-subnet|route add …]`` through
+    the real CLI parser, the SDK and the API on a Unix socket."""
+    app = create_app(make_config(tmp_path), host=FakeHost())
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = str(tmp_path / "api.sock")
+    await web.UnixSite(runner, sock).start()
+    try:
+
+        def cli(*argv: str) -> dict:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                assert main(["--socket", sock, "-o", "json", *argv]) == 0
+            return json.loads(out.getvalue()) if out.getvalue().strip() else {}
+
+        def run(*argv: str) -> Awaitable[dict]:
+            return asyncio.to_thread(cli, *argv)
+
+        net = await run("network", "create", "vpc", "--cidr", "10.0.0.0/16")
+        assert net["vni"] == 4096
+        sub = await run("subnet", "create", "web", "--network", "vpc", "--cidr", "10.0.1.0/24", "--route",
+                        "10.9.0.0/16=10.0.1.254", "--dns-server", "1.1.1.1")  # fmt: skip
+        assert sub["routes"] == [{"destination": "10.9.0.0/16", "nexthop": "10.0.1.254"}]
+        g = await run("security-group", "rule", "add", "default", "ingress", "--protocol", "tcp", "--port", "80-81")
+        rule = g["rules"][-1]
+        assert (rule["port_min"], rule["port_max"]) == (80, 81)
+        g = await run("security-group", "rule", "remove", "default", rule["id"])
+        assert rule["id"] not in [r["id"] for r in g["rules"]]
+        assert (await run("security-group", "create", "closed", "--no-egress"))["rules"] == []
+        await run("router", "create", "edge")
+        assert (await run("router", "add-subnet", "edge", "web"))["subnets"] == [sub["id"]]
+        r = await run("router", "route", "add", "edge", "10.8.0.0/16", "10.0.1.7")
+        assert r["routes"] == [{"destination": "10.8.0.0/16", "nexthop": "10.0.1.7"}]
+        await run("router", "route", "remove", "edge", "10.8.0.0/16", "10.0.1.7")
+        await run("router", "remove-subnet", "edge", "web")
+        await run("router", "delete", "edge")
+        await run("subnet", "delete", "web")
+        await run("network", "delete", "vpc")
+        assert await run("network", "list") == []
+    finally:
+        await runner.cleanup()
