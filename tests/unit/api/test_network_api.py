@@ -174,3 +174,13 @@ async def test_the_cli_nouns_through_the_sdk(tmp_path):
         assert await run("network", "list") == []
     finally:
         await runner.cleanup()
+
+
+async def test_a_repeated_create_under_one_idempotency_key_allocates_once(api):
+    key = {"Idempotency-Key": "net-1"}
+    first = await _ok(await api.post("/v1/networks", json={"name": "vpc", "cidr": "10.0.0.0/16"}, headers=key), 201)
+    again = await api.post("/v1/networks", json={"name": "vpc", "cidr": "10.0.0.0/16"}, headers=key)
+    assert again.status == 201 and again.headers.get("Idempotent-Replayed") == "true"
+    assert (await again.json())["vni"] == first["vni"]
+    records = await api.app[STORE].list("vni", project="", limit=10)
+    assert [r.name for r in records] == [str(first["vni"])]
