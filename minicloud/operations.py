@@ -1,7 +1,7 @@
 """Long-running work as ``operation`` records.
 
-An API handler that cannot finish quickly commits :meth:`Operations.new_record` through ``resources.write`` (so
-the idempotency key and audit entry go in the same transaction), calls :meth:`Operations.run` and answers ``202`` with the new
+A service that cannot finish quickly calls :meth:`Operations.start`: it commits the operation through the write layer
+(its idempotency key and audit entry in the same transaction), starts the work and answers ``202`` with the new
 operation; the work runs as a task on this node and writes its progress and outcome into the record through the
 store's normal write path, so ``GET /v1/operations/{id}``, ``?wait=`` and the events stream all see it. An agent that
 restarts marks the operations it was running as failed (their tasks died with it) instead of leaving them running.
@@ -18,9 +18,11 @@ from typing import Any
 import msgspec
 
 from minicloud import errors, ids
+from minicloud.core.context import Context
 from minicloud.core.operation import FINISHED, OPERATION, OperationSpec, OperationStatus
+from minicloud.core.write import Written, commit
 from minicloud.model import Problem, Progress
-from minicloud.state import Record, Store, Txn, TxnFailed, Update
+from minicloud.state import Create, Record, Store, Txn, TxnFailed, Update
 
 KIND = OPERATION.name
 __all__ = ["FINISHED", "KIND", "Operations", "Reporter", "finished_before"]
@@ -55,9 +57,13 @@ class Operations:
         self.node = node
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def new_record(self, action: str, target: dict[str, str], project: str) -> Record:
+    @staticmethod
+    def new_id() -> str:
+        return ids.new_id(OPERATION.prefix)
+
+    def new_record(self, action: str, target: dict[str, str], project: str, op_id: str | None = None) -> Record:
         """A new running operation of this node (named by its id), for the caller to commit with its request."""
-        op_id = ids.new_id(OPERATION.prefix)
+        op_id = op_id or self.new_id()
         obj = OPERATION.new(
             project=project,
             name=op_id,
@@ -66,6 +72,33 @@ class Operations:
             status=OperationStatus(),
         )
         return OPERATION.dump(obj)
+
+    async def start(
+        self,
+        ctx: Context,
+        action: str,
+        target: dict[str, str],
+        work: Callable[[Record], Work],
+        *,
+        label: str = "operation",
+        op_id: str | None = None,
+    ) -> Written:
+        """Commit a new operation through the write layer (its audit entry and ``ctx``'s Idempotency-Key in the same
+        transaction) and start ``work(record)`` on this node. A retried request gets the first answer (``replayed``)
+        and starts nothing. Answers 202 with the operation and its Location."""
+        record = self.new_record(action, target, ctx.project, op_id)
+        written = await commit(
+            ctx,
+            self.store,
+            [Create(record)],
+            status=202,
+            label=label,
+            respond=lambda rev: OPERATION.view_record(msgspec.structs.replace(record, revision=rev)),
+        )
+        if not written.replayed:
+            written.headers["Location"] = f"/v1/operations/{record.id}"
+            self.run(record, work(record))
+        return written
 
     def run(self, record: Record, work: Work) -> None:
         """Run ``work`` for an operation record that has been committed."""

@@ -12,14 +12,12 @@ import hashlib
 import time
 from pathlib import Path
 
-import msgspec
 from aiohttp import web
 
 from minicloud import backups
 from minicloud.api import resources as res
 from minicloud.api.keys import BACKUP_GATE, CONFIG, OPERATIONS, STORE
 from minicloud.api.routing import Action, Reply, Routes
-from minicloud.core.operation import OPERATION
 from minicloud.model import Operation, Page
 from minicloud.model.backups import Backup
 from minicloud.operations import Reporter
@@ -71,29 +69,26 @@ async def create_backup(request: web.Request) -> Reply:
                 "pruned": pruned,
             }
         finally:
-            gate.release(record.id)
+            gate.release(op_id)
 
     if (replay := await res.replayed(request)) is not None:
         return replay  # a retry with the same Idempotency-Key: the first answer, never a 409/429 about itself
-    record = operations.new_record("admin.backup", {"kind": "backup", "name": name}, res.project_of(request))
-    previous = gate.admit(record.id, time.monotonic(), config.retention.backup_min_interval)
+    op_id = operations.new_id()
+    previous = gate.admit(op_id, time.monotonic(), config.retention.backup_min_interval)
     try:
-        reply = await res.write(
-            request,
-            [res.Create(record)],
-            status=202,
-            kind_name="operation",
-            respond=lambda rev: OPERATION.view_record(msgspec.structs.replace(record, revision=rev)),
-            headers=lambda rev: {"Location": f"/v1/operations/{record.id}"},
+        written = await operations.start(
+            await res.context_of(request),
+            "admin.backup",
+            {"kind": "backup", "name": name},
+            lambda record: work,
+            op_id=op_id,
         )
     except BaseException:
-        gate.release(record.id, restore=previous, started=False)
+        gate.release(op_id, restore=previous, started=False)
         raise
-    if reply.headers.get("Idempotent-Replayed"):
-        gate.release(record.id, restore=previous, started=False)
-    else:
-        operations.run(record, work)
-    return reply
+    if written.replayed:
+        gate.release(op_id, restore=previous, started=False)
+    return res.reply(request, written)
 
 
 @routes.get("/v1/admin/backups", response=Page[Backup], auth=Action("admin:backups:list"))

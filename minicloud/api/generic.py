@@ -26,10 +26,8 @@ def _named(handler: Handler, name: str, doc: str) -> Handler:
 
 
 def add_crud_routes(routes: Routes, kind: Kind[Any, Any]) -> Routes:
-    """Declare on ``routes`` the generic verbs ``kind.generic`` names (and make the kind known to the events
-    stream). Returns ``routes``."""
+    """Declare on ``routes`` the generic verbs ``kind.generic`` names. Returns ``routes``."""
     assert kind.view is not None, f"kind {kind.name} has no view: it cannot have routes"
-    res.expose(kind)
     base = f"/v1/{kind.plural}"
     singular = kind.plural.rstrip("s").replace("-", "_")
     title = kind.label

@@ -9,12 +9,10 @@ from minicloud.api import resources as res
 from minicloud.api.keys import STORE
 from minicloud.api.routing import Action, Reply, Routes
 from minicloud.compute import types
-from minicloud.compute.kinds import INSTANCE_TYPE
 from minicloud.model import Page
 from minicloud.model.compute import InstanceType, InstanceTypeCreate
 
 routes = Routes("instance-types")
-KIND = res.expose(INSTANCE_TYPE)
 
 
 async def lookup(request: web.Request, name: str) -> InstanceType:

@@ -130,7 +130,7 @@ MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 @web.middleware
 async def audit_middleware(request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
     """Outermost: record every mutating request and every denied one whose entry was not already written together
-    with its change (see ``resources.write``). Writing the entry never changes the response."""
+    with its change (``minicloud.core.write.commit``). Writing the entry never changes the response."""
     response = await handler(request)
     status = response.status
     denied = status in (401, 403)

@@ -18,9 +18,6 @@ from minicloud.model import Operation, Page
 routes = Routes("operations")
 
 
-KIND = res.expose(OPERATION)
-
-
 class OperationListQuery(res.ListQuery, forbid_unknown_fields=True, kw_only=True):
     state: Literal["running", "succeeded", "failed"] | None = None
 
@@ -32,10 +29,17 @@ class WaitQuery(msgspec.Struct, forbid_unknown_fields=True):
 @routes.get("/v1/operations", query=OperationListQuery, response=Page[Operation], auth=Action("operations:list"))
 async def list_operations(request: web.Request, query: OperationListQuery) -> Page[Operation]:
     """List operations (optionally only those in one state)."""
-    page = await res.list_page(request, KIND, query)
-    if query.state:
-        page.items = [op for op in page.items if op.state == query.state]
-    return page
+    result = await crud.list_objects(
+        await res.context_of(request),
+        request.app[STORE],
+        OPERATION,
+        limit=query.limit,
+        cursor=query.cursor,
+        name=query.name,
+        labels=res.parse_selector(query.label),
+    )
+    items = [OPERATION.to_view(op) for op in result.items if not query.state or op.status.state == query.state]
+    return Page(items=items, next_cursor=result.next_cursor)
 
 
 @routes.get("/v1/operations/{ref}", query=WaitQuery, response=Operation, auth=Action("operations:get"))

@@ -34,9 +34,7 @@ async def delete_project(request: web.Request) -> Reply:
     then on, and those already in flight fail their Check on its revision), then checked empty, then deleted with its
     bindings in one transaction conditional on that marked revision; if it is not empty it is marked active again."""
     ctx = await res.context_of(request)
-    # Every kind the API serves in a project (declared or not yet migrated) counts as content.
-    contents = [(k.name, k.plural, k.cli_noun) for k in res.KINDS.values() if not k.cluster_level]
     written = await projects.delete_project(
-        ctx, request.app[STORE], request.match_info["ref"], expect=res.if_match(request), contents=contents
+        ctx, request.app[STORE], request.match_info["ref"], expect=res.if_match(request)
     )
     return res.reply(request, written)

@@ -1,78 +1,40 @@
-"""The conventions every resource collection follows, implemented once.
+"""The HTTP side of the platform kernel, implemented once for every route.
 
-- ``list_page``: ``limit`` + opaque ``cursor`` pagination, ``name`` and ``label`` (``k=v,k2=v2``) filters.
-- ``resolve``: ``/v1/<plural>/{ref}`` accepts an id or a name.
-- ``write``: every mutating request goes through it. It maps store conflicts onto problems (409/412/404) and makes
-  ``Idempotency-Key`` atomic: the key's record is written in the same transaction as the change it protects, so a
-  crash can never leave one without the other, and a repeated key replays the first response.
-- ``if_match``: parses ``If-Match: <revision>`` for optimistic concurrency.
+- ``context_of``: the service :class:`~minicloud.core.context.Context` of a request (principal, project, action,
+  request id, ``Idempotency-Key`` scoped to caller + project, sealed with the node's key store).
+- ``reply``: a service's :class:`~minicloud.core.write.Written` as an HTTP answer (ETag, Location, replay header).
+- ``resolve_project``: ``?project=`` validated (an unknown project is 404, whoever asks).
+- ``ListQuery`` + ``parse_selector``: paging and ``name``/``label`` filters of every list.
+- ``if_match``: ``If-Match: <revision>`` for optimistic concurrency.
+
+Services (``minicloud/<domain>/``) do the rest; they never see a request.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
 
-from minicloud import errors, ids
+from minicloud import errors
 from minicloud.api.auth import ACTION, AUDITED, principal_of
 from minicloud.api.keys import CONFIG, STORE
 from minicloud.api.middleware import PROJECT, REQUEST_ID
 from minicloud.api.routing import Reply
 from minicloud.core import crud
 from minicloud.core import write as core_write
-from minicloud.core.context import Context, Idempotency
-from minicloud.core.kinds import Kind as CoreKind
-from minicloud.core.write import IDEMPOTENCY_KIND, Written
-from minicloud.model import LABEL_KEY_PATTERN, NAME_PATTERN, Page
-from minicloud.state import Create, Delete, Op, Record, Update
+from minicloud.core.context import DEFAULT_PROJECT, Context, Idempotency
+from minicloud.core.write import Written
+from minicloud.iam.kinds import PROJECT as PROJECT_KIND
+from minicloud.model import LABEL_KEY_PATTERN, NAME_PATTERN
 
-DEFAULT_PROJECT = "default"
-PROJECT_KIND = "project"
 #: The request's service context, built once (:func:`context_of`).
 CONTEXT = web.RequestKey("context", Context)
-__all__ = ["IDEMPOTENCY_KIND"]
-
-
-@dataclass(frozen=True)
-class Kind:
-    """A resource kind as the API sees it. ``view`` turns a record into its public representation."""
-
-    name: str
-    plural: str
-    prefix: str
-    view: Callable[[Record], msgspec.Struct]
-    cli_noun: str
-    #: Records of the cluster itself (users, projects, role bindings), not of a project: stored with project "".
-    cluster_level: bool = False
-
-
-#: Public kinds by name: the events stream and error messages use it. Internal kinds are simply not listed.
-KINDS: dict[str, Kind] = {}
-
-
-def register_kind(kind: Kind) -> Kind:
-    KINDS[kind.name] = kind
-    return kind
-
-
-def expose(kind: CoreKind[Any, Any]) -> Kind:
-    """Make a declared kind (:mod:`minicloud.core.kinds`) known to the API's events stream and project checks."""
-    return register_kind(
-        Kind(
-            name=kind.name,
-            plural=kind.plural,
-            prefix=kind.prefix,
-            view=kind.view_record,
-            cli_noun=kind.noun or kind.name,
-            cluster_level=kind.scope == "cluster",
-        )
-    )
+__all__ = ["DEFAULT_PROJECT"]
+_enc = msgspec.json.Encoder()
 
 
 class ListQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -80,13 +42,6 @@ class ListQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cursor: Annotated[str, msgspec.Meta(max_length=512)] | None = None
     name: Annotated[str, msgspec.Meta(max_length=255)] | None = None
     label: Annotated[str, msgspec.Meta(max_length=2048, description="label selector: k=v[,k2=v2]")] | None = None
-
-
-def encode_cursor(record: Record) -> str:
-    return crud.encode_cursor(record.name, record.id)
-
-
-decode_cursor = crud.decode_cursor
 
 
 def parse_selector(selector: str | None) -> dict[str, str]:
@@ -104,11 +59,6 @@ def parse_selector(selector: str | None) -> dict[str, str]:
     return labels
 
 
-def scope_of(request: web.Request, kind: Kind) -> str:
-    """The project a record of ``kind`` lives in for this request ("" for cluster-level kinds)."""
-    return "" if kind.cluster_level else project_of(request)
-
-
 def project_of(request: web.Request) -> str:
     """The project a request acts in: ``?project=P``, else ``default`` (validated by :func:`resolve_project`)."""
     return request.get(PROJECT, DEFAULT_PROJECT)
@@ -118,50 +68,13 @@ async def resolve_project(request: web.Request) -> str:
     """Validate ``?project=`` and remember it on the request. An unknown project is 404, whoever asks."""
     name = request.query.get("project", DEFAULT_PROJECT)
     if name != DEFAULT_PROJECT and (
-        not re.fullmatch(NAME_PATTERN, name) or await request.app[STORE].get_by_name(PROJECT_KIND, "", name) is None
+        not re.fullmatch(NAME_PATTERN, name)
+        or await crud.find(Context.system("api"), request.app[STORE], PROJECT_KIND, name) is None
     ):
         shown = name[:64].encode("unicode_escape").decode()
         raise errors.NotFound(f"no project named '{shown}'; see `minicloud project list`")
     request[PROJECT] = name
     return name
-
-
-async def list_page(request: web.Request, kind: Kind, query: ListQuery) -> Page[Any]:
-    after = decode_cursor(query.cursor) if query.cursor else None
-    records = await request.app[STORE].list(
-        kind.name,
-        project=scope_of(request, kind),
-        name=query.name,
-        labels=parse_selector(query.label),
-        after=after,
-        limit=query.limit + 1,
-    )
-    more = len(records) > query.limit
-    records = records[: query.limit]
-    return Page(
-        items=[kind.view(r) for r in records],
-        next_cursor=encode_cursor(records[-1]) if more and records else None,
-    )
-
-
-async def resolve(request: web.Request, kind: Kind, ref: str | None = None) -> Record:
-    """The record ``ref`` (default: the ``{ref}`` path parameter) names, by id or by name, in the caller's project."""
-    ref = ref if ref is not None else request.match_info["ref"]
-    store = request.app[STORE]
-    project = scope_of(request, kind)
-    record = None
-    if len(ref) <= 255:
-        record = await store.get(kind.name, ref) if ref.startswith(kind.prefix) else None
-        if record is not None and record.project != project:
-            record = None
-        if record is None:
-            record = await store.get_by_name(kind.name, project, ref)
-    if record is None:
-        shown = ref if len(ref) <= 80 and ref.isprintable() else ref[:80].encode("unicode_escape").decode() + "…"
-        raise errors.NotFound(
-            f"no {kind.name} with the name or id '{shown}' in project '{project}'; see `minicloud {kind.cli_noun} list`"
-        )
-    return record
 
 
 def if_match(request: web.Request) -> int | None:
@@ -173,23 +86,6 @@ def if_match(request: web.Request) -> int | None:
     if not text.isdigit() or len(text) > 18:
         raise errors.BadRequest(f'If-Match must be a resource revision such as "12" (got {value!r})')
     return int(text)
-
-
-def new_record(kind: Kind, request: web.Request, name: str, labels: dict[str, str], spec: dict[str, Any]) -> Record:
-    stamp = ids.now()
-    return Record(
-        kind=kind.name,
-        id=ids.new_id(kind.prefix),
-        project=scope_of(request, kind),
-        name=name,
-        labels=labels,
-        spec=spec,
-        created_at=stamp,
-        updated_at=stamp,
-    )
-
-
-_enc = msgspec.json.Encoder()
 
 
 async def context_of(request: web.Request) -> Context:
@@ -229,42 +125,6 @@ def reply(request: web.Request, written: Written, headers: dict[str, str] | None
     return Reply(written.body, written.status, {**written.headers, **extra, **(headers or {})})
 
 
-async def write(
-    request: web.Request,
-    ops: list[Op],
-    *,
-    status: int,
-    respond: Callable[[int], Any],
-    kind_name: str,
-    headers: Callable[[int], dict[str, str]] | None = None,
-) -> Reply:
-    """Commit ``ops`` through the service write layer (:func:`minicloud.core.write.commit`: audit entry and
-    ``Idempotency-Key`` record in the same transaction) and answer with ``respond(revision)``."""
-    written = await core_write.commit(
-        await context_of(request), request.app[STORE], ops, respond=respond, status=status, label=kind_name
-    )
-    if written.replayed:
-        return reply(request, written)
-    request[AUDITED] = True
-    return Reply(written.body, status, headers(written.revision) if headers else {})
-
-
-async def create(
-    request: web.Request, kind: Kind, record: Record, *, respond: Callable[[Record], Any] | None = None
-) -> Reply:
-    """``POST /v1/<plural>``: commit the new ``record`` (through :func:`write`, so idempotency and audit apply) and
-    answer 201 with its view — or ``respond(record)``, e.g. to add a one-time secret — and Location and ETag."""
-    render = respond or kind.view
-    return await write(
-        request,
-        [Create(record)],
-        status=201,
-        kind_name=kind.name,
-        respond=lambda rev: render(msgspec.structs.replace(record, revision=rev)),
-        headers=lambda rev: {"Location": f"/v1/{kind.plural}/{record.id}", **etag(rev)},
-    )
-
-
 async def _idempotency(request: web.Request) -> tuple[str, str] | None:
     """(record id, request fingerprint) of the request's ``Idempotency-Key`` (POST only), None without one."""
     key = request.headers.get("Idempotency-Key") if request.method == "POST" else None
@@ -285,72 +145,10 @@ async def _idempotency(request: web.Request) -> tuple[str, str] | None:
 
 async def replayed(request: web.Request) -> Reply | None:
     """The stored reply when this request repeats an ``Idempotency-Key`` already answered, else None. Handlers that
-    check something before :func:`write` (a name already taken, say) ask this first, so that a retry gets the
+    check something before they write (a name already taken, say) ask this first, so that a retry gets the
     first answer rather than a conflict with its own result."""
     written = await core_write.replay(await context_of(request), request.app[STORE])
     return reply(request, written) if written is not None else None
-
-
-def delete_op(record: Record, expect: int | None) -> Delete:
-    return Delete(kind=record.kind, id=record.id, expect_revision=expect if expect is not None else record.revision)
-
-
-async def delete(request: web.Request, kind: Kind, record: Record | None = None) -> Reply:
-    """``DELETE /v1/<plural>/{ref}``: remove the record (``If-Match`` honoured); 204."""
-    record = record if record is not None else await resolve(request, kind)
-    return await write(
-        request, [delete_op(record, if_match(request))], status=204, kind_name=kind.name, respond=lambda rev: None
-    )
-
-
-_UPDATE_ATTEMPTS = 5
-
-
-async def update(request: web.Request, kind: Kind, mutate: Callable[[Record], Record]) -> Reply:
-    """``PATCH``-style read-modify-write of the ``{ref}`` record with ``mutate(record) -> record``.
-
-    With ``If-Match`` the write is conditional on that revision (412 if stale). Without it, a concurrent change is
-    not lost either: the write is a compare-and-swap on the revision just read, retried on a fresh read.
-    """
-    expect = if_match(request)
-    for attempt in range(_UPDATE_ATTEMPTS):
-        record = await resolve(request, kind)
-        updated = msgspec.structs.replace(mutate(record), updated_at=ids.now())
-        try:
-            return await write(
-                request,
-                [Update(updated, expect_revision=expect if expect is not None else record.revision)],
-                status=200,
-                kind_name=kind.name,
-                respond=lambda rev, u=updated: kind.view(msgspec.structs.replace(u, revision=rev)),
-                headers=etag,
-            )
-        except errors.PreconditionFailed:
-            if expect is not None:
-                raise
-            if attempt == _UPDATE_ATTEMPTS - 1:
-                raise errors.Conflict(f"the {kind.name} kept changing while this request ran; retry it") from None
-    raise AssertionError("unreachable")
-
-
-async def show(request: web.Request, kind: Kind) -> Reply:
-    """``GET /v1/<plural>/{ref}``: the record's view, with its revision as ETag."""
-    record = await resolve(request, kind)
-    return Reply(kind.view(record), headers=etag(record.revision))
-
-
-async def update_description_labels(request: web.Request, kind: Kind, body: Any) -> Reply:
-    """``PATCH /v1/<plural>/{ref}`` for resources whose only mutable fields are ``description`` and ``labels``
-    (JSON merge patch: absent fields stay; honours If-Match)."""
-
-    def mutate(record: Record) -> Record:
-        spec = dict(record.spec)
-        if body.description is not msgspec.UNSET:
-            spec["description"] = body.description
-        labels = record.labels if body.labels is msgspec.UNSET else body.labels
-        return msgspec.structs.replace(record, spec=spec, labels=labels)
-
-    return await update(request, kind, mutate)
 
 
 def etag(revision: int) -> dict[str, str]:

@@ -17,13 +17,12 @@ from minicloud.api.keys import STORE
 from minicloud.api.routing import Action, Reply, Routes
 from minicloud.iam import bindings, roles, users
 from minicloud.iam.bindings import binding_id
-from minicloud.iam.kinds import ROLEBINDING, USER
+from minicloud.iam.kinds import USER
 from minicloud.iam.roles import RoleCreate
 from minicloud.model import Page, RoleBinding, RoleBindingCreate, RoleInfo, User, UserCreate
 
 routes = Routes("iam")
 __all__ = ["RoleCreate", "binding_id", "routes"]
-BINDINGS = res.expose(ROLEBINDING)
 
 
 # -- users ---------------------------------------------------------------------------------------------------------

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from minicloud import errors, ids
 from minicloud.compute import image_download, image_files
 from minicloud.compute.kinds import IMAGE, INSTANCE, ImageFileSpec, ImageSpec
@@ -28,13 +26,14 @@ from minicloud.core import crud
 from minicloud.core.context import Context
 from minicloud.core.kinds import Obj
 from minicloud.core.operation import OPERATION
-from minicloud.core.write import Written, commit, replay
+from minicloud.core.write import Written, replay
 from minicloud.model.compute import ImageImport
-from minicloud.state import Create, Store, list_all
+from minicloud.state import Store, list_all
 
 if TYPE_CHECKING:
     from minicloud.config import Config
-    from minicloud.operations import Operations, Reporter
+    from minicloud.operations import Operations, Reporter, Work
+    from minicloud.state import Record
 
 __all__ = ["NodeImages", "delete_image", "import_image"]
 
@@ -134,27 +133,18 @@ async def _start_url_import(ctx: Context, store: Store, node: NodeImages, body: 
     image_download.check_url(body.url, policy)
     operations = node.operations
     image_id = ids.new_id(IMAGE.prefix)
-    record = operations.new_record(IMPORT_ACTION, {"kind": IMAGE.name, "id": image_id, "name": body.name}, ctx.project)
-    written = await commit(
-        ctx,
-        store,
-        [Create(record)],
-        status=202,
-        label=OPERATION.label,
-        respond=lambda rev: OPERATION.view_record(msgspec.structs.replace(record, revision=rev)),
-    )
-    if written.replayed:
-        return written
-    written.headers["Location"] = f"/v1/operations/{record.id}"
     # The image is recorded on the requester's behalf: their context, less the Idempotency-Key (which answered the
     # request with this operation and must not answer the image's commit with it too).
     requester = dataclasses.replace(ctx, idempotency=None)
 
-    async def work(report: Reporter) -> dict[str, Any]:
-        return await _download_and_record(requester, store, node, body, image_id, policy, report)
+    def work(record: Record) -> Work:
+        async def download(report: Reporter) -> dict[str, Any]:
+            return await _download_and_record(requester, store, node, body, image_id, policy, report)
 
-    operations.run(record, work)
-    return written
+        return download
+
+    target = {"kind": IMAGE.name, "id": image_id, "name": body.name}
+    return await operations.start(ctx, IMPORT_ACTION, target, work, label=OPERATION.label)
 
 
 async def _download_and_record(

@@ -26,18 +26,6 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=False):
     created_at: str
     updated_at: str
 
-    def common_fields(self) -> dict[str, Any]:
-        """The fields every public resource representation shares (``minicloud.model.Resource``)."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "project": self.project,
-            "labels": self.labels,
-            "revision": self.revision,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-        }
-
 
 class Create(msgspec.Struct, tag="create"):
     """Insert ``record``; fails if its id exists or its (kind, project, name) is taken."""
