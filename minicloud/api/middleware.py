@@ -31,7 +31,6 @@ from minicloud.api.keys import CONFIG, STORE
 from minicloud.api.routing import PROBLEM_JSON, SPECS_BY_HANDLER, Action, Authenticated
 from minicloud.iam import audit
 from minicloud.iam.ratelimit import RateLimiter, too_many_requests
-from minicloud.state import Create, Record, Txn
 
 log = logging.getLogger("minicloud.api")
 _enc = msgspec.json.Encoder()
@@ -153,7 +152,7 @@ async def audit_middleware(request: web.Request, handler: web.RequestHandler) ->
         )
         return response
     try:
-        await request.app[STORE].commit(Txn([Create(audit_entry(request, result, status))]))
+        await audit.append(request.app[STORE], [audit_entry(request, result, status)])
     except Exception:  # the store is unwritable (no quorum): the request's own outcome stands; the log says so
         log.warning("audit entry not written", extra={"request_id": request.get(REQUEST_ID), "status": status})
     return response
@@ -166,7 +165,7 @@ async def flush_refusals(app: web.Application, *, everything: bool = False, now:
     records = refusals.drain(now, everything=everything) if refusals is not None else []
     if records:
         try:
-            await app[STORE].commit(Txn([Create(r) for r in records]))
+            await audit.append(app[STORE], records)
         except Exception:
             log.warning("aggregated refusal audit entries not written", extra={"entries": len(records)})
             return 0
@@ -194,7 +193,7 @@ async def refusals_ctx(app: web.Application) -> AsyncIterator[None]:
     await flush_refusals(app, everything=True)
 
 
-def audit_entry(request: web.Request, result: str, status: int, target: dict[str, str] | None = None) -> Record:
+def audit_entry(request: web.Request, result: str, status: int, target: dict[str, str] | None = None) -> audit.Record:
     principal = request.get(auth.PRINCIPAL)
     return audit.entry(
         principal=principal.ref if principal is not None else "anonymous",

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from minicloud import errors, ids
 from minicloud.iam.kinds import AUDIT, AuditSpec, audit_view
 from minicloud.model import AuditEntry
-from minicloud.state import Record, Store
+from minicloud.state import Create, Record, Store, Txn
 from minicloud.state.records import APPEND_ONLY_KINDS
 
 KIND = AUDIT.name
@@ -137,6 +137,13 @@ def entry(
     )
     labels = {"principal": principal, "result": result}
     return AUDIT.dump(AUDIT.new(project=project, name=audit_id, id=audit_id, spec=spec, labels=labels, stamp=stamp))
+
+
+async def append(store: Store, entries: list[Record]) -> None:
+    """Write audit entries that accompany no change (denied and failed requests, aggregated refusals) in one
+    transaction. Entries of allowed changes are written by ``minicloud.core.write.commit`` with their change."""
+    if entries:
+        await store.commit(Txn([Create(e) for e in entries]))
 
 
 def expired(record: Record, now: _dt.datetime, retention: _dt.timedelta) -> bool:

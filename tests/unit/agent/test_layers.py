@@ -103,3 +103,29 @@ def test_the_node_side_declares_no_kind_names_of_its_own():
     declared = re.compile(r"^\s*[A-Z_]*KIND\s*=\s*[\"']", re.MULTILINE)
     offenders = [str(p.relative_to(ROOT)) for p in _files("agent") if declared.search(p.read_text())]
     assert offenders == [], "import kind names from where the kind is declared (e.g. minicloud/compute/kinds.py)"
+
+
+#: The composition root (opens the store) and the typed app keys (name the store's type) may know the store; every
+#: other API module calls services (``minicloud/<domain>/``) and never builds records or transactions itself.
+API_STORE_ALLOWED = {"minicloud/api/app.py", "minicloud/api/keys.py"}
+
+
+def test_api_handlers_call_services_not_the_store():
+    offenders = {}
+    for path in _files("minicloud/api"):
+        rel = str(path.relative_to(ROOT))
+        state = sorted(m for m in _imports(path) if m == "minicloud.state" or m.startswith("minicloud.state."))
+        if state and rel not in API_STORE_ALLOWED:
+            offenders[rel] = state
+    assert offenders == {}, "move the store access into the kind's service (docs/ARCHITECTURE.md, 'Adding a kind')"
+
+
+def test_services_know_no_http_server():
+    """Services take a Context, never a request: no aiohttp.web, nothing of minicloud.api (aiohttp's client, to fetch
+    an image or talk to etcd, is a driver concern they may use)."""
+    domains = ("minicloud/core", "minicloud/compute", "minicloud/iam", "minicloud/network", "minicloud/cluster")
+    offenders = {
+        str(p.relative_to(ROOT)): sorted(m for m in _imports(p) if m.startswith(("aiohttp.web", "minicloud.api")))
+        for p in _files(*domains)
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
