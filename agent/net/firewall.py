@@ -5,7 +5,8 @@ into the kernel. ``nft -f`` applies a whole file as one transaction: either ever
 does, and no packet ever sees a half-applied ruleset. :func:`replace_table_script` wraps a table body in the idiom that
 replaces the table atomically whether or not it exists (create it empty, delete it, define it anew).
 
-Our tables are named ``minicloud-…`` (:data:`TABLE_PREFIX`), in any family; nothing else on the host is touched.
+Our tables are named ``minicloud…`` (:data:`TABLE_PREFIX`: ``minicloud-<bridge>`` of the default network,
+``bridge minicloud_sg`` of the security-group compiler), in any family; nothing else on the host is touched.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from agent.net.common import NetworkError, NetworkPermissionError, netns_argv
 
 NFT_BINARY = "nft"
-TABLE_PREFIX = "minicloud-"
+TABLE_PREFIX = "minicloud"
 FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 

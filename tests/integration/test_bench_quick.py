@@ -36,7 +36,7 @@ def run_bench(name: str, *args: str, timeout: float) -> subprocess.CompletedProc
 
 
 def test_every_bench_has_a_quick_mode_tested_here() -> None:
-    tested = {"api_bench.py", "auth_bench.py", "state_bench.py", "instance_launch.py"}
+    tested = {"api_bench.py", "auth_bench.py", "state_bench.py", "instance_launch.py", "network_bench.py"}
     assert {p.name for p in BENCH.glob("*.py")} == tested
 
 
@@ -64,6 +64,13 @@ def test_state_bench_quick() -> None:
         pytest.skip("state_bench.py needs etcd (Debian package etcd-server)")
     done = run_bench("state_bench.py", timeout=280)
     assert "failover" in done.stdout
+
+
+def test_network_bench_quick() -> None:
+    if os.geteuid() != 0 or shutil.which("nsenter") is None:
+        pytest.skip("network_bench.py needs root, network namespaces and nsenter")
+    done = run_bench("network_bench.py", timeout=180)
+    assert "ratio overlay / hand-built VXLAN" in done.stdout and "setup of 20 networks" in done.stdout
 
 
 @pytest.mark.slow
