@@ -271,3 +271,28 @@ class IpAllocSpec(msgspec.Struct, kw_only=True):
 IPALLOC = declare(
     Kind(name="ipalloc", plural="ipallocs", prefix="ipa", spec=IpAllocSpec, scope="cluster", generic=frozenset())
 )
+
+
+class PortSpec(msgspec.Struct, kw_only=True):
+    """An instance's NIC on a VPC network: the address IPAM gave it (its ``ipalloc`` names this port as holder,
+    committed in the same transaction), its MAC, and where it is plugged. The node's network reconciler builds the
+    network on every node that has a port of it, and FDB/neighbour entries on the others from these records."""
+
+    network: str
+    subnet: str
+    #: The IPv4 address (from the subnet's allocation range, or the one asked for).
+    address: str
+    #: ``52:54:00:xx:xx:xx``, fixed for the port's life (DHCP and the static FDB entries key on it).
+    mac: str
+    #: The instance it belongs to ("" while detached) and its position among the instance's NICs (0 = first).
+    instance: str = ""
+    index: int = 0
+    #: The node running the instance (copied from its placement; "" until placed). Indexed for the reconcilers.
+    node: str = ""
+    security_groups: list[str] = []
+    description: str = ""
+
+
+#: NICs (``instance create --nic …``, ``instance nic add|remove``). Internal for now (shown inside the instance):
+#: no routes of their own. Growth: one per NIC, deleted with its instance.
+PORT = declare(Kind(name="port", plural="ports", prefix="port", spec=PortSpec, generic=frozenset()))
