@@ -17,6 +17,7 @@ from agent.compute.driver import make_driver
 from agent.host import HostFacts, choose_virt, detect_virt
 from agent.net.default import DRIVERS as NETWORK_DRIVERS
 from agent.net.default import NetworkDriver, NetworkSpec
+from agent.net.nodenetworks import NodeNetworks
 from agent.reconcile import Controller
 from agent.reconcilers.compute import ComputeReconciler
 from minicloud.api.keys import CONFIG, HOST, STORE
@@ -24,6 +25,8 @@ from minicloud.config import Config
 
 #: This node's compute reconciler (absent with ``compute.driver = none``); tests reach the fake hypervisor through it.
 COMPUTE = web.AppKey("compute", ComputeReconciler)
+#: Which VPC networks are built on this node: the network reconciler fills it, the compute reconciler reads it.
+NODE_NETWORKS = web.AppKey("node_networks", NodeNetworks)
 #: How many instances the compute reconciler converges at once (each key is still one at a time).
 COMPUTE_WORKERS = 4
 
@@ -36,6 +39,8 @@ def attach_node_services(app: web.Application) -> web.Application:
     config = app[CONFIG]
     if HOST not in app:
         app[HOST] = HostFacts(config.node_name, virt_setting=config.compute.virt_type)
+    if NODE_NETWORKS not in app:
+        app[NODE_NETWORKS] = NodeNetworks()
     if config.compute.driver != "none":
         app.cleanup_ctx.append(_compute_ctx)
     return app
@@ -65,6 +70,7 @@ async def _compute_ctx(app: web.Application) -> AsyncIterator[None]:
         network=default_network(config),
         virt_type=virt_type,
         virt_reason=reason,
+        networks=app[NODE_NETWORKS],
     )
     controller = Controller(
         app[STORE], reconciler, workers=COMPUTE_WORKERS, resync_interval=config.compute.resync_interval

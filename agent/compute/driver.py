@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class DriverError(Exception):
@@ -58,6 +58,12 @@ class ComputeDriver(Protocol):
 
     async def set_vcpus(self, uuid: str, count: int) -> None:
         """Give a running domain ``count`` vCPUs now and from its next start (CPU hot-plug, up to its maximum)."""
+
+    async def attach_device(self, uuid: str, device_xml: str) -> None:
+        """Hot-plug a device (``<interface>``…) into a running domain, live and in its definition."""
+
+    async def detach_device(self, uuid: str, device_xml: str) -> None:
+        """Unplug a device from a running domain, live and from its definition (done if it is not there)."""
 
 
 class FakeDriver:
@@ -131,6 +137,37 @@ class FakeDriver:
         if vcpu is None or count > int(vcpu.text or 0):
             raise DriverError(f"the domain has at most {vcpu.text if vcpu is not None else '?'} vCPUs")
         vcpu.set("current", str(count))
+        self.doms[uuid] = replace(dom, xml=ET.tostring(root, encoding="unicode"))
+
+    def _devices(self, uuid: str) -> tuple[DomainInfo, Any, Any]:
+        import xml.etree.ElementTree as ET
+
+        dom = self.doms.get(uuid)
+        if dom is None or dom.state != "running":
+            raise DriverError("the domain is not running")
+        root = ET.fromstring(dom.xml)
+        devices = root.find("devices")
+        if devices is None:
+            devices = ET.SubElement(root, "devices")
+        return dom, root, devices
+
+    async def attach_device(self, uuid: str, device_xml: str) -> None:
+        import xml.etree.ElementTree as ET
+
+        self._maybe_fail("attach_device")
+        dom, root, devices = self._devices(uuid)
+        devices.append(ET.fromstring(device_xml))
+        self.doms[uuid] = replace(dom, xml=ET.tostring(root, encoding="unicode"))
+
+    async def detach_device(self, uuid: str, device_xml: str) -> None:
+        import xml.etree.ElementTree as ET
+
+        dom, root, devices = self._devices(uuid)
+        mac = ET.fromstring(device_xml).find("mac")
+        for iface in devices.findall("interface"):
+            found = iface.find("mac")
+            if mac is not None and found is not None and found.get("address") == mac.get("address"):
+                devices.remove(iface)
         self.doms[uuid] = replace(dom, xml=ET.tostring(root, encoding="unicode"))
 
 

@@ -221,3 +221,25 @@ class LibvirtDriver:
             dom.setVcpusFlags(count, libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG)
 
         await self._call(_set)
+
+    async def attach_device(self, uuid: str, device_xml: str) -> None:
+        def _attach() -> None:
+            dom = self._lookup(uuid)
+            if dom is None or not dom.isActive():
+                raise DriverError("the domain is not running")
+            dom.attachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+
+        await self._call(_attach)
+
+    async def detach_device(self, uuid: str, device_xml: str) -> None:
+        def _detach() -> None:
+            dom = self._lookup(uuid)
+            if dom is None or not dom.isActive():
+                raise DriverError("the domain is not running")
+            try:
+                dom.detachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_DEVICE_MISSING:
+                    raise
+
+        await self._call(_detach)

@@ -42,8 +42,9 @@ import psutil
 from agent import faults
 from agent.compute import design, seed
 from agent.compute.driver import ComputeDriver, DomainInfo, DriverError
-from agent.compute.xml import InstanceMetadata, read_metadata
+from agent.compute.xml import InstanceMetadata, Interface, read_metadata
 from agent.net.default import NetworkDriver, NetworkError
+from agent.net.nodenetworks import NodeNetworks
 from agent.reconcile import Result, update_record
 from minicloud import errors, ids
 from minicloud.compute import image_files
@@ -59,6 +60,7 @@ from minicloud.compute.kinds import (
 from minicloud.config import Config
 from minicloud.core.kinds import Obj
 from minicloud.model.compute import Address
+from minicloud.network import ports
 from minicloud.state import Change, Create, Delete, Record, Store, Txn, TxnFailed, Update, list_all
 
 log = logging.getLogger("minicloud.compute")
@@ -104,8 +106,13 @@ class ComputeReconciler:
         network: NetworkDriver | None,
         virt_type: str,
         virt_reason: str,
+        networks: NodeNetworks | None = None,
     ) -> None:
         self.store = store
+        #: Which VPC networks are built on this node (filled by the network reconciler); None: no VPC NICs here.
+        self.networks = networks
+        #: Instances waiting for a network to be built here, by network id (queued again when it is).
+        self._waiting: dict[str, set[str]] = {}
         self.config = config
         self.node = config.node_name
         self.driver = driver
@@ -132,6 +139,8 @@ class ComputeReconciler:
         published its capacity before the API serves) and then by the node key until they work, so a node whose
         libvirtd is down (or whose subnet is taken) still serves the API and says what is wrong in its log."""
         self._enqueue = enqueue
+        if self.networks is not None:
+            self.networks.on_change(self._network_changed)
         self.instances_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.prepare()
 
@@ -155,6 +164,30 @@ class ComputeReconciler:
 
     def _on_domain_event(self, uuid: str) -> None:
         self._enqueue(self._ids.get(uuid, NODE_KEY))
+
+    def _network_changed(self, network_id: str) -> None:
+        for instance_id in self._waiting.pop(network_id, set()):
+            self._enqueue(instance_id)
+
+    def nics_of(self, inst: Instance) -> tuple[design.Nic, ...] | None:
+        """The guest's NICs: one per port on its network's bridge with the port's MAC, or (no ports) one on the
+        node's default bridge; None while a port's network is not built on this node yet (the instance is
+        remembered and queued again when it is)."""
+        spec = inst.spec
+        if not spec.nics:
+            if self.network is None:
+                return ()
+            return (design.Nic(mac=design.mac_for(inst.id, 0), bridge=self.config.network.bridge),)
+        out: list[design.Nic] = []
+        missing: list[str] = []
+        for nic in spec.nics:
+            bridge = self.networks.bridge_for(nic.network) if self.networks is not None else None
+            if bridge is None:
+                missing.append(nic.network)
+                self._waiting.setdefault(nic.network, set()).add(inst.id)
+            else:
+                out.append(design.Nic(mac=nic.mac, bridge=bridge))
+        return None if missing else tuple(out)
 
     async def _records(self) -> list[Instance]:
         """The instances assigned to this node."""
@@ -292,31 +325,43 @@ class ComputeReconciler:
             self._stop_requested.pop(inst.id, None)
             self._lease_wait_since.pop(inst.id, None)
             # The node removes the record once its resources are gone: the user's delete was audited when asked.
+            # Its ports and their addresses go in the same transaction.
+            removal = [Delete(kind=INSTANCE.name, id=inst.id, expect_revision=inst.revision)]
+            for port in await ports.instance_ports(self.store, inst.project, inst.id):
+                removal += await ports.delete_ops(self.store, port)
             with contextlib.suppress(TxnFailed):  # changed meanwhile: that change queues us again
-                await self.store.commit(Txn([Delete(kind=INSTANCE.name, id=inst.id, expect_revision=inst.revision)]))
+                await self.store.commit(Txn(removal))
             self._uuids.pop(inst.id, None)
             self._ids.pop(uuid, None)
             log.info("instance deleted", extra={"instance": inst.id})
             return Result()
         if status.state == "error" and status.error_spec == _spec_fingerprint(spec):
             return Result()  # failed for this very spec: wait for the user to change something (or `instance start`)
+        nics = self.nics_of(inst)
+        if nics is None and (dom is None or (dom.state == "shutoff" and spec.power == "running")):
+            # A NIC's network is not built on this node yet: nothing to plug it into. Queued again when it is.
+            names = sorted({n.network_name for n in spec.nics})
+            await self._set_status(inst.id, reason=f"waiting for network {', '.join(names)} on node {self.node}")
+            return Result(requeue_after=_UNAVAILABLE_RETRY)
         if dom is None:
             await self._set_status(inst.id, state="building", reason="")
             try:
-                await self._build(inst)
+                await self._build(inst, nics or ())
             except BaseException:
                 await self._teardown(inst.id, uuid)  # a failed build leaves nothing behind
                 raise
             dom = DomainInfo(uuid=uuid, name=self.domain_name(inst), state="shutoff", xml="")
-        elif dom.state == "shutoff":
-            xml = design.domain_for(self._guest_spec(inst, await self._image(inst))).to_xml()
-            if _shape(dom.xml) != _shape(xml):
-                await self.driver.define(xml)  # resized while stopped
+        elif dom.state == "shutoff" and nics is not None:
+            xml = design.domain_for(self._guest_spec(inst, await self._image(inst), nics)).to_xml()
+            if _shape(dom.xml) != _shape(xml) or _interfaces(dom.xml) != _interfaces(xml):
+                await self.driver.define(xml)  # resized, or NICs added or removed, while stopped
         if spec.power == "running":
-            return await self._converge_running(inst, dom, leases)
+            return await self._converge_running(inst, dom, leases, nics)
         return await self._converge_stopped(inst, dom)
 
-    async def _converge_running(self, inst: Instance, dom: DomainInfo, leases: dict[str, str]) -> Result:
+    async def _converge_running(
+        self, inst: Instance, dom: DomainInfo, leases: dict[str, str], nics: tuple[design.Nic, ...] | None = None
+    ) -> Result:
         spec, status = inst.spec, inst.status
         uuid = spec.uuid
         self._stop_requested.pop(inst.id, None)
@@ -333,14 +378,18 @@ class ComputeReconciler:
             self._lease_wait_since.pop(inst.id, None)
         if dom.xml and _current_vcpus(dom.xml) not in (0, spec.vcpus):
             await self.driver.set_vcpus(uuid, spec.vcpus)  # resized while running: CPU hot-plug
+        if dom.xml and dom.state == "running" and nics is not None:
+            await self._plug(uuid, dom.xml, nics)  # NICs added or removed while running: hot-plug
         changes: dict[str, Any] = {}
         if spec.reboot.seq > status.reboot_seq:
             await self.driver.reboot(uuid, force=spec.reboot.force)
             changes["reboot_seq"] = spec.reboot.seq
         mac = design.mac_for(inst.id, 0)
         addresses = [Address(network=NETWORK_NAME, mac=mac, ip=leases.get(mac))] if self.network is not None else []
+        if spec.nics:  # VPC ports: the address is IPAM's (DHCP hands out exactly that one)
+            addresses = [Address(network=n.network_name, mac=n.mac, ip=n.ip) for n in spec.nics]
         result = Result()
-        if self.network is not None and leases.get(mac) is None:
+        if self.network is not None and not spec.nics and leases.get(mac) is None:
             # Poll for the lease for the first two minutes after start; a guest without DHCP must not keep us busy.
             since = self._lease_wait_since.setdefault(inst.id, time.monotonic())
             if time.monotonic() - since < 120:
@@ -380,13 +429,24 @@ class ComputeReconciler:
     def domain_name(self, inst: Instance) -> str:
         return f"mc-{inst.id}"
 
-    def _guest_spec(self, inst: Instance, image: Image) -> design.GuestSpec:
+    async def _plug(self, uuid: str, xml: str, nics: tuple[design.Nic, ...]) -> None:
+        """Make the running domain's NICs exactly ``nics``: attach the missing, detach the extra (live and in
+        its definition), and re-plug a NIC whose bridge changed."""
+        have = _interfaces(xml)
+        want = {n.mac: n.bridge for n in nics}
+        for mac, bridge in have.items():
+            if want.get(mac) != bridge:
+                await self.driver.detach_device(uuid, _interface_xml(mac, bridge))
+        for mac, bridge in want.items():
+            if have.get(mac) != bridge:
+                await self.driver.attach_device(uuid, _interface_xml(mac, bridge))
+
+    def _guest_spec(self, inst: Instance, image: Image, nics: tuple[design.Nic, ...]) -> design.GuestSpec:
         spec = inst.spec
         d = self.instances_dir / inst.id
         files = self.images_dir / image.id
         kernel_boot = image.spec.boot == "kernel"
         uefi = image.spec.firmware == "uefi"
-        nics = (design.Nic(mac=design.mac_for(inst.id, 0), bridge=self.config.network.bridge),) if self.network else ()
         return design.GuestSpec(
             uuid=spec.uuid,
             domain_name=self.domain_name(inst),
@@ -423,11 +483,11 @@ class ComputeReconciler:
             raise BuildError(f"image {image.name} is stored on node {image.spec.node}, not on {self.node}")
         return image
 
-    async def _build(self, inst: Instance) -> None:
+    async def _build(self, inst: Instance, nics: tuple[design.Nic, ...]) -> None:
         image = await self._image(inst)
         d = self.instances_dir / inst.id
         await asyncio.to_thread(self._write_files, inst, image, d)
-        await self.driver.define(design.domain_for(self._guest_spec(inst, image)).to_xml())
+        await self.driver.define(design.domain_for(self._guest_spec(inst, image, nics)).to_xml())
         faults.point("compute.build.after_define")
 
     def _write_files(self, inst: Instance, image: Image, d: Path) -> None:
@@ -453,7 +513,9 @@ class ComputeReconciler:
                 seed_path,
                 meta_data=seed.meta_data(inst.id, inst.name, public_keys=spec.public_keys),
                 user_data=spec.user_data.encode(),
-                network_config=seed.network_config_dhcp([design.mac_for(inst.id, 0)] if self.network else []),
+                network_config=seed.network_config_dhcp(
+                    [n.mac for n in spec.nics] if spec.nics else [design.mac_for(inst.id, 0)] if self.network else []
+                ),
             )
 
     async def _teardown(self, instance_id: str, uuid: str) -> None:
@@ -543,6 +605,22 @@ def _shape(xml: str) -> tuple[int, int, int]:
     vcpus = int(vcpu.text or 0) if vcpu is not None else 0
     memory = int(mem.text or 0) * _UNITS.get((mem.get("unit") or "KiB").lower(), 1024) if mem is not None else 0
     return (vcpus, _current_vcpus(xml), memory)
+
+
+def _interfaces(xml: str) -> dict[str, str]:
+    """The bridge NICs a domain definition has: MAC → bridge."""
+    if not xml:
+        return {}
+    out: dict[str, str] = {}
+    for iface in ET.fromstring(xml).iter("interface"):
+        mac, source = iface.find("mac"), iface.find("source")
+        if mac is not None and mac.get("address"):
+            out[(mac.get("address") or "").lower()] = source.get("bridge", "") if source is not None else ""
+    return out
+
+
+def _interface_xml(mac: str, bridge: str) -> str:
+    return ET.tostring(Interface(mac, bridge, model="virtio").to_element(), encoding="unicode")
 
 
 def _current_vcpus(xml: str) -> int:

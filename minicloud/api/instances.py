@@ -11,13 +11,22 @@ from aiohttp import web
 
 from minicloud.api import generic
 from minicloud.api import resources as res
+from minicloud.api.auth import DIRECTORY
 from minicloud.api.keys import CONFIG, STORE
 from minicloud.api.routing import Action, Reply, Routes
 from minicloud.compute import instances as service
 from minicloud.compute.instances import NodeLocks
 from minicloud.compute.kinds import INSTANCE
 from minicloud.core.write import Written
-from minicloud.model.compute import ConsoleQuery, Instance, InstanceCreate, InstanceReboot, InstanceResize, InstanceStop
+from minicloud.model.compute import (
+    ConsoleQuery,
+    Instance,
+    InstanceCreate,
+    InstanceReboot,
+    InstanceResize,
+    InstanceStop,
+    NicCreate,
+)
 
 routes = Routes("instances")
 #: The process's per-node placement locks (built in :func:`minicloud.api.app.build_app`).
@@ -37,8 +46,35 @@ async def create_instance(request: web.Request, body: InstanceCreate) -> Reply:
     """Create an instance: check the image, type and key pair, place it on a node with room, record it. The node then
     builds and starts it; follow ``status.state`` (pending → building → running)."""
     ctx = await res.context_of(request)
-    written = await service.create_instance(ctx, request.app[STORE], body, locks=request.app[PLACEMENT_LOCKS])
+    written = await service.create_instance(
+        ctx, request.app[STORE], body, locks=request.app[PLACEMENT_LOCKS], directory=request.app[DIRECTORY]
+    )
     return res.reply(request, written)
+
+
+@routes.post(
+    "/v1/instances/{ref}/nics",
+    body=NicCreate,
+    response=Instance,
+    status=202,
+    auth=Action("compute:instances:nics"),
+)
+async def add_nic(request: web.Request, body: NicCreate) -> Reply:
+    """Give the instance another NIC on a subnet or network (hot-plugged while it runs): its port gets an address
+    (``ip`` or the lowest free one) and the security groups (default: the project's ``default``)."""
+    ctx = await res.context_of(request)
+    written = await service.add_nic(
+        ctx, request.app[STORE], request.match_info["ref"], body, directory=request.app[DIRECTORY]
+    )
+    return _accepted(request, written)
+
+
+@routes.delete("/v1/instances/{ref}/nics/{nic}", response=Instance, status=202, auth=Action("compute:instances:nics"))
+async def remove_nic(request: web.Request) -> Reply:
+    """Unplug and delete one NIC (its port id, MAC or address); its address is released."""
+    ctx = await res.context_of(request)
+    written = await service.remove_nic(ctx, request.app[STORE], request.match_info["ref"], request.match_info["nic"])
+    return _accepted(request, written)
 
 
 @routes.post("/v1/instances/{ref}/start", response=Instance, status=202, auth=Action("compute:instances:start"))

@@ -35,6 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--user-data", metavar="FILE", help="cloud-init user-data: a #! script or #cloud-config")
     v.add_argument("--disk-size", type=int, metavar="GIB", help="root disk size (default: the type's)")
     v.add_argument("--stopped", action="store_true", help="build it but do not start it")
+    v.add_argument(
+        "--nic",
+        action="append",
+        type=parse_nic,
+        metavar="subnet=S[,ip=A][,security-groups=a+b]",
+        help="a NIC (repeat for several, in order): on subnet S, or network=N (its first subnet with room); "
+        "ip= a fixed address; security-groups= names joined by + (default: the project's default group). "
+        "Without --nic: the node's default network",
+    )
     v.add_argument("--description", default="")
     v.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     _wait_flag(v, "is running (or stopped with --stopped), failing if it ends in error")
@@ -61,6 +70,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("name")
     v.add_argument("--type", required=True)
     v.set_defaults(func=resize)
+    v = verbs.add_parser("nic", help="add or remove an instance's NICs (hot-plugged while it runs)")
+    nic = v.add_subparsers(dest="nic_verb", metavar="<add|remove>", required=True)
+    w = nic.add_parser("add", help="give an instance another NIC")
+    w.add_argument("name")
+    w.add_argument("--subnet", help="the subnet (name or id)")
+    w.add_argument("--network", help="the network (its first subnet with room)")
+    w.add_argument("--ip", help="a fixed address (default: the lowest free one)")
+    w.add_argument("--security-group", action="append", dest="security_groups", metavar="GROUP",
+                   help="a security group (repeat; default: the project's default group)")  # fmt: skip
+    w.set_defaults(func=nic_add)
+    w = nic.add_parser("remove", help="unplug and delete a NIC")
+    w.add_argument("name")
+    w.add_argument("nic", help="the NIC's port id, MAC or address (`minicloud instance show`)")
+    w.set_defaults(func=nic_remove)
     v = verbs.add_parser("console", help="print the serial console log")
     v.add_argument("name")
     v.add_argument("--follow", "-f", action="store_true", help="keep printing what the guest writes (Ctrl-C stops)")
@@ -70,6 +93,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("name")
     _wait_flag(v, "is gone")
     v.set_defaults(func=delete)
+
+
+_NIC_KEYS = {"subnet": "subnet", "network": "network", "ip": "ip", "security-groups": "security_groups"}
+
+
+def parse_nic(text: str) -> dict[str, object]:
+    """``subnet=S[,ip=A][,security-groups=a+b]`` or ``network=N[,…]`` as the API's NIC object."""
+    nic: dict[str, object] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in _NIC_KEYS or not value.strip():
+            raise argparse.ArgumentTypeError(
+                f"'{part}' is not KEY=VALUE with KEY one of {', '.join(_NIC_KEYS)} "
+                "(e.g. --nic subnet=web,ip=10.0.1.5,security-groups=web+ssh)"
+            )
+        field = _NIC_KEYS[key]
+        if field in nic:
+            raise argparse.ArgumentTypeError(f"'{key}' is given twice in --nic {text}")
+        nic[field] = [g for g in value.strip().split("+") if g] if field == "security_groups" else value.strip()
+    if ("subnet" in nic) == ("network" in nic):
+        raise argparse.ArgumentTypeError(f"--nic {text}: give either subnet= or network=")
+    return nic
 
 
 def _wait(c: Client, name: str, args: argparse.Namespace, want: str | None) -> Instance | None:
@@ -110,6 +156,7 @@ def create(args: argparse.Namespace) -> int:
         user_data=user_data,
         disk_gib=args.disk_size,
         start=not args.stopped,
+        nics=args.nic,
         description=args.description,
         labels=parse_labels(args.label),
     )
@@ -153,6 +200,19 @@ def reboot(args: argparse.Namespace) -> int:
 
 def resize(args: argparse.Namespace) -> int:
     emit(client(args).instances.resize(args.name, type=args.type), args.output)
+    return 0
+
+
+def nic_add(args: argparse.Namespace) -> int:
+    inst = client(args).instances.add_nic(
+        args.name, subnet=args.subnet, network=args.network, ip=args.ip, security_groups=args.security_groups
+    )
+    emit(inst, args.output)
+    return 0
+
+
+def nic_remove(args: argparse.Namespace) -> int:
+    emit(client(args).instances.remove_nic(args.name, args.nic), args.output)
     return 0
 
 

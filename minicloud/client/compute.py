@@ -77,7 +77,8 @@ class Instances(Collection[Instance]):
     def create(
         self, *, name: str, image: str, type: str, idempotency_key: str | None = None, **fields: Any
     ) -> Instance:
-        """Create an instance (``keypair``, ``user_data``, ``disk_gib``, ``start``, ``description``, ``labels``)."""
+        """Create an instance (``keypair``, ``user_data``, ``disk_gib``, ``start``, ``description``, ``labels``,
+        ``nics``: a list of ``{"subnet"|"network": …, "ip": …, "security_groups": [...]}``)."""
         body = {"name": name, "image": image, "type": type, **{k: v for k, v in fields.items() if v is not None}}
         return self._create(body, idempotency_key)
 
@@ -95,6 +96,23 @@ class Instances(Collection[Instance]):
 
     def resize(self, ref: str, *, type: str) -> Instance:
         return self._verb(ref, "resize", {"type": type})
+
+    def add_nic(
+        self,
+        ref: str,
+        *,
+        subnet: str | None = None,
+        network: str | None = None,
+        ip: str | None = None,
+        security_groups: list[str] | None = None,
+    ) -> Instance:
+        """Give the instance another NIC (on ``subnet`` or ``network``; hot-plugged while it runs)."""
+        nic = {"subnet": subnet, "network": network, "ip": ip, "security_groups": security_groups}
+        return self._verb(ref, "nics", {k: v for k, v in nic.items() if v is not None})
+
+    def remove_nic(self, ref: str, nic: str) -> Instance:
+        """Unplug and delete one NIC: its port id, MAC or address."""
+        return self._c.call("DELETE", f"{self.path}/{_q(ref)}/nics/{_q(nic)}", Instance)
 
     def delete(self, ref: str, *, if_match: int | None = None) -> Instance | None:  # type: ignore[override]
         """Ask for the deletion: the instance in ``deleting`` (None when it went at once); :meth:`wait` until gone."""

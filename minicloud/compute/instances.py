@@ -35,6 +35,7 @@ from minicloud.compute.kinds import (
     KEYPAIR,
     PLACEMENT,
     HypervisorSpec,
+    InstanceNicSpec,
     InstanceObserved,
     InstanceSpec,
     PlacementSpec,
@@ -45,7 +46,10 @@ from minicloud.core import crud
 from minicloud.core.context import Context
 from minicloud.core.kinds import Obj
 from minicloud.core.write import Written, commit, replay
-from minicloud.model.compute import InstanceCreate
+from minicloud.iam.directory import Directory
+from minicloud.model.compute import InstanceCreate, NicCreate
+from minicloud.network import ipam, ports
+from minicloud.network.kinds import PORT
 from minicloud.state import Create, Op, Store, Update, list_all
 
 Instance = Obj[InstanceSpec, InstanceObserved]
@@ -93,12 +97,87 @@ def _unknown(param: str, what: str, ref: str, project: str, command: str) -> err
     )
 
 
+async def _wanted_nics(
+    ctx: Context, store: Store, nics: list[NicCreate], directory: Directory | None
+) -> list[ports.Wanted]:
+    return [
+        await ports.resolve(
+            ctx,
+            store,
+            subnet=n.subnet,
+            network=n.network,
+            ip=n.ip,
+            security_groups=n.security_groups,
+            directory=directory,
+        )
+        for n in nics
+    ]
+
+
+async def _port_ops(
+    ctx: Context, store: Store, obj: Instance, wanted: list[ports.Wanted], *, first_index: int = 0, spread: int = 0
+) -> tuple[list[InstanceNicSpec], list[Op]]:
+    """New ports for ``wanted`` on ``obj``'s node (addresses allocated on a fresh read), as the instance's NIC
+    copies and the ops that record ports and addresses."""
+    nics: list[InstanceNicSpec] = []
+    ops: list[Op] = []
+    taken: set[str] = set()
+    for i, w in enumerate(wanted):
+        port, subnet, port_ops = await ports.create_ops(
+            ctx,
+            store,
+            w,
+            project=obj.project,
+            instance_id=obj.id,
+            index=first_index + i,
+            node=obj.spec.node,
+            spread=spread,
+            exclude=frozenset(taken),
+        )
+        taken.add(ipam.alloc_name(subnet.id, port.spec.address))
+        ops += port_ops
+        nics.append(
+            InstanceNicSpec(
+                port=port.id,
+                network=w.network.id,
+                network_name=w.network.name,
+                subnet=subnet.id,
+                subnet_name=subnet.name,
+                mac=port.spec.mac,
+                ip=port.spec.address,
+                security_groups=[g.id for g in w.groups],
+                security_group_names=[g.name for g in w.groups],
+            )
+        )
+    return nics, ops
+
+
+async def _release_ops(store: Store, obj: Instance) -> list[Op]:
+    """The ops that remove every port of ``obj`` and release their addresses (commit them with the record's
+    removal): the ports its spec names and any other named after it."""
+    found = {p.id: p for p in await ports.instance_ports(store, obj.project, obj.id)}
+    for nic in obj.spec.nics:
+        if nic.port not in found and (record := await store.get(PORT.name, nic.port)) is not None:
+            found[nic.port] = PORT.load(record)
+    ops: list[Op] = []
+    for port in found.values():
+        ops += await ports.delete_ops(store, port)
+    return ops
+
+
 async def create_instance(
-    ctx: Context, store: Store, body: InstanceCreate, *, locks: NodeLocks | None = None
+    ctx: Context,
+    store: Store,
+    body: InstanceCreate,
+    *,
+    locks: NodeLocks | None = None,
+    directory: Directory | None = None,
 ) -> Written:
-    """Create an instance in ``ctx``'s project: check the image, type and key pair, place it on the image's node if
-    it has room (409 saying what is short otherwise), record it (201). The node then builds and starts it
-    (``status.state`` pending → building → running). Idempotent under ``ctx.idempotency``."""
+    """Create an instance in ``ctx``'s project: check the image, type and key pair (and each NIC's subnet or
+    network and security groups), place it on the image's node if it has room (409 saying what is short
+    otherwise), record it (201) with its ports and their addresses in the same transaction (409 for an address
+    already used or an exhausted subnet). The node then builds and starts it (``status.state`` pending →
+    building → running). Idempotent under ``ctx.idempotency``."""
     if (first := await replay(ctx, store)) is not None:
         return first
     if await store.get_by_name(INSTANCE.name, ctx.project, body.name) is not None:
@@ -121,6 +200,7 @@ async def create_instance(
             f"--disk-size {image_gib} or more, or a larger type",
             invalid_params=[{"name": "disk_gib", "reason": f"smaller than the image ({image_gib} GiB)"}],
         )
+    wanted = await _wanted_nics(ctx, store, body.nics, directory) if body.nics else []
     node = image.spec.node
     spec = InstanceSpec(
         uuid=str(uuid.uuid4()),
@@ -139,14 +219,15 @@ async def create_instance(
     )
     obj = INSTANCE.new(project=ctx.project, name=body.name, spec=spec, labels=body.labels, stamp=ctx.clock())
     if locks is None:
-        return await _place_and_commit(ctx, store, obj)
+        return await _place_and_commit(ctx, store, obj, wanted)
     async with locks.get(node):
-        return await _place_and_commit(ctx, store, obj)
+        return await _place_and_commit(ctx, store, obj, wanted)
 
 
-async def _place_and_commit(ctx: Context, store: Store, obj: Instance) -> Written:
-    """Decide on fresh figures and commit the instance with a compare-and-swap on its node's placement record;
-    another placement on that node committing first means: back off, decide again."""
+async def _place_and_commit(ctx: Context, store: Store, obj: Instance, wanted: list[ports.Wanted]) -> Written:
+    """Decide on fresh figures and commit the instance with a compare-and-swap on its node's placement record and
+    its ports (``port.node`` = the placement) with their addresses; another placement on that node committing first,
+    or another port taking an address first, means: back off, decide again."""
     node = obj.spec.node
     demand = demand_of(obj.spec)
     for attempt in range(_PLACEMENT_ATTEMPTS):
@@ -168,13 +249,21 @@ async def _place_and_commit(ctx: Context, store: Store, obj: Instance) -> Writte
             token = PLACEMENT.load(token_record)
             token = token.replace(spec=PlacementSpec(seq=token.spec.seq + 1), updated_at=ctx.clock())
             token_op = Update(PLACEMENT.dump(token), expect_revision=token_record.revision)
+        nics, port_ops = await _port_ops(ctx, store, obj, wanted, spread=min(attempt, 8))
+        obj = obj.replace(spec=msgspec.structs.replace(obj.spec, nics=nics))
         try:
-            return await crud.create(ctx, store, INSTANCE, obj, extra=[token_op])
+            return await crud.create(ctx, store, INSTANCE, obj, extra=[token_op, *port_ops])
         except errors.PreconditionFailed:
-            continue  # another placement on this node committed first
-        except errors.AlreadyExists:
+            continue  # another placement on this node committed first (or a subnet changed)
+        except errors.AlreadyExists as exc:
+            if ipam.lost_race(exc):
+                continue  # another port took an address first
             if token_record is None and await store.get(PLACEMENT.name, placement_id(node)) is not None:
                 continue  # the placement record was created concurrently
+            raise
+        except errors.MinicloudError as exc:
+            if ipam.lost_race(exc):
+                continue  # a subnet was deleted or changed meanwhile: read again (404/409 then)
             raise
     raise errors.Conflict("placement kept racing with other creates on the same node; retry")
 
@@ -305,7 +394,7 @@ async def delete_instance(ctx: Context, store: Store, ref: str, *, expect: int |
     compute has nothing to clean up: its record goes at once (204)."""
     obj = await get_instance(ctx, store, ref)
     if await hypervisor(store, obj.spec.node) is None:
-        return await crud.delete_obj(ctx, store, INSTANCE, obj, expect=expect)
+        return await crud.delete_obj(ctx, store, INSTANCE, obj, expect=expect, extra=await _release_ops(store, obj))
 
     def mutate(current: Instance) -> Instance:
         return current.replace(
@@ -314,6 +403,67 @@ async def delete_instance(ctx: Context, store: Store, ref: str, *, expect: int |
         )
 
     return await _change(ctx, store, ref, mutate, expect=expect)
+
+
+# -- NICs ----------------------------------------------------------------------------------------------------------
+async def record_removal_ops(store: Store, obj: Instance) -> list[Op]:
+    """What removes the instance's record for good, its ports and their addresses included: the node's teardown
+    commits these once the guest is gone."""
+    return [crud.delete_op(obj), *await _release_ops(store, obj)]
+
+
+async def add_nic(
+    ctx: Context, store: Store, ref: str, body: NicCreate, *, directory: Directory | None = None
+) -> Written:
+    """Give an instance another NIC (hot-plugged while it runs): a port with an address, recorded with the
+    instance in one transaction (202; the node plugs it). 409 at :data:`ports.MAX_NICS` NICs, for an address
+    used or an exhausted subnet, or for an instance being deleted; 404 for a subnet, network or group the project
+    does not have."""
+    (wanted,) = await _wanted_nics(ctx, store, [body], directory)
+
+    async def step(attempt: int) -> Written:
+        obj = await get_instance(ctx, store, ref)
+        _not_deleting(obj)
+        if len(obj.spec.nics) >= ports.MAX_NICS:
+            raise errors.Conflict(f"instance '{obj.name}' has {ports.MAX_NICS} NICs already; remove one first")
+        existing = await ports.instance_ports(store, obj.project, obj.id)
+        index = max([p.spec.index for p in existing], default=-1) + 1
+        nics, port_ops = await _port_ops(ctx, store, obj, [wanted], first_index=index, spread=min(attempt, 8))
+        updated = obj.replace(spec=msgspec.structs.replace(obj.spec, nics=[*obj.spec.nics, *nics]))
+        return await _commit_nics(ctx, store, obj, updated, port_ops)
+
+    return await ipam.retrying(step)
+
+
+async def remove_nic(ctx: Context, store: Store, ref: str, nic: str) -> Written:
+    """Unplug and delete one NIC (its port id, MAC or address), releasing its address with the instance's change
+    (202; the node unplugs it). 404 when the instance has no such NIC."""
+
+    async def step(_: int) -> Written:
+        obj = await get_instance(ctx, store, ref)
+        _not_deleting(obj)
+        found = [n for n in obj.spec.nics if nic in (n.port, n.mac, n.ip)]
+        if not found:
+            raise errors.NotFound(f"instance '{obj.name}' has no NIC {crud.shown(nic)}; see `minicloud instance show`")
+        gone = found[0]
+        record = await store.get(PORT.name, gone.port)
+        ops = await ports.delete_ops(store, PORT.load(record)) if record is not None else []
+        updated = obj.replace(spec=msgspec.structs.replace(obj.spec, nics=[n for n in obj.spec.nics if n is not gone]))
+        return await _commit_nics(ctx, store, obj, updated, ops)
+
+    return await ipam.retrying(step)
+
+
+async def _commit_nics(ctx: Context, store: Store, current: Instance, updated: Instance, ops: list[Op]) -> Written:
+    updated = updated.replace(updated_at=ctx.clock())
+    return await commit(
+        ctx,
+        store,
+        [Update(INSTANCE.dump(updated), expect_revision=current.revision), *ops],
+        status=202,
+        label=INSTANCE.label,
+        respond=lambda rev: INSTANCE.to_view(updated.replace(revision=rev)),
+    )
 
 
 # -- console -------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from minicloud.model.compute import (
     InstanceStatus,
     InstanceType,
     InstanceUpdate,
+    Nic,
 )
 
 
@@ -184,6 +185,21 @@ class RebootRequest(msgspec.Struct, kw_only=True):
     force: bool = False
 
 
+class InstanceNicSpec(msgspec.Struct, kw_only=True):
+    """The instance's copy of one of its ports (:data:`minicloud.network.kinds.PORT`), written in the same
+    transaction as the port: what the instance shows and what its node plugs (a bridge per network, this MAC)."""
+
+    port: str
+    network: str
+    network_name: str
+    subnet: str
+    subnet_name: str
+    mac: str
+    ip: str
+    security_groups: list[str] = []
+    security_group_names: list[str] = []
+
+
 class InstanceSpec(msgspec.Struct, kw_only=True):
     """What the user wants of an instance; the node's compute reconciler converges libvirt to it. The field names
     are the stored keys; older records lack the defaulted ones."""
@@ -211,6 +227,8 @@ class InstanceSpec(msgspec.Struct, kw_only=True):
     node: str = ""
     #: Raised by ``instance start`` of an instance in ``error``: a new spec, so the node tries again.
     retry: int = 0
+    #: NICs on VPC/external networks (ports), in guest order; empty: one NIC on the node's ``default`` bridge.
+    nics: list[InstanceNicSpec] = []
     description: str = ""
 
     @property
@@ -247,6 +265,19 @@ def _render_instance(obj) -> Instance:  # type: ignore[no-untyped-def]
         keypair=s.keypair,
         power=s.power,
         user_data_bytes=len(s.user_data.encode()),
+        nics=[
+            Nic(
+                port=n.port,
+                network=n.network_name,
+                network_id=n.network,
+                subnet=n.subnet_name,
+                subnet_id=n.subnet,
+                mac=n.mac,
+                ip=n.ip,
+                security_groups=list(n.security_group_names),
+            )
+            for n in s.nics
+        ],
         description=s.description,
         status=InstanceStatus(
             state=st.state,

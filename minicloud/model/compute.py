@@ -101,6 +101,34 @@ class Address(msgspec.Struct, kw_only=True):
     ip: str | None = None
 
 
+class Nic(msgspec.Struct, kw_only=True):
+    """One of an instance's NICs on a network (VPC or external): its port, where it is, its MAC and address."""
+
+    port: str
+    #: The network's and subnet's names (ids in ``network_id``/``subnet_id``).
+    network: str
+    network_id: str
+    subnet: str
+    subnet_id: str
+    mac: str
+    ip: str
+    #: Security group names.
+    security_groups: list[str] = []
+
+
+class NicCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A NIC to give an instance: on a ``subnet``, or on a ``network`` (its first subnet with a free address; an
+    external network only for cluster administrators, for now). ``ip``: a fixed address (default: IPAM picks the
+    lowest free one). ``security_groups``: names or ids (default: the project's ``default`` group)."""
+
+    subnet: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    network: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    ip: Annotated[str, Meta(min_length=1, max_length=15)] | None = None
+    security_groups: Annotated[list[Annotated[str, Meta(min_length=1, max_length=255)]], Meta(max_length=16)] | None = (
+        None
+    )
+
+
 class InstanceStatus(msgspec.Struct, kw_only=True):
     state: InstanceState
     #: Why the instance is in ``error`` (or what it is waiting for).
@@ -126,6 +154,8 @@ class Instance(Resource, kw_only=True):
     keypair: str | None = None
     power: Literal["running", "stopped"]
     user_data_bytes: int = 0
+    #: NICs on VPC or external networks (empty: the node's ``default`` bridge network, see ``status.addresses``).
+    nics: list[Nic] = []
     description: str = ""
     status: InstanceStatus
 
@@ -141,6 +171,8 @@ class InstanceCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     disk_gib: Annotated[int, Meta(ge=1, le=65536)] | None = None
     #: Start the instance once built (default) or leave it stopped.
     start: bool = True
+    #: NICs, in order (the first is the guest's first interface). None: the node's ``default`` bridge network.
+    nics: Annotated[list[NicCreate], Meta(max_length=8)] | None = None
     description: Description = ""
     labels: Labels = {}
 
