@@ -139,6 +139,10 @@ class NetworkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: The MTU of the links between nodes; VPC networks get 50 bytes less (VXLAN headers). Read where a network is
     #: created, so keep it equal on every node.
     underlay_mtu: Annotated[int, msgspec.Meta(ge=1280, le=9216)] = 1500
+    #: This node's IPv4 address on the links between nodes: the local end of its VXLAN devices, which other nodes
+    #: send to (published on its ``node`` record). "" uses the node's cluster address (127.0.0.1 on a single node).
+    #: Related: ``underlay_mtu``.
+    underlay_address: Annotated[str, msgspec.Meta(pattern=r"^$|^[0-9]{1,3}(\.[0-9]{1,3}){3}$")] = ""
 
 
 class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -1,0 +1,548 @@
+"""The network reconciler: converges this node's overlay data plane to the port, network, subnet, security-group
+and node records.
+
+Keys: a **network id** per VPC network (its devices, service namespace, dnsmasq and metadata service on this node)
+and :data:`NODE_KEY` (the node's security-group ruleset, publishing this node's underlay address, and the sweep of
+networks no record wants here any more). A port change queues its network and the node key; a network or subnet
+change its network; a security group change the node key; a node change every network built here.
+
+``reconcile(network id)``, level-triggered and idempotent:
+
+- no port of the network on this node (or no network record, or an external network): stop its metadata service
+  and dnsmasq, remove the service namespace (veth, nft table) and the bridge + VXLAN device, and tell
+  :class:`~agent.net.nodenetworks.NodeNetworks` it is gone;
+- otherwise compute the desired state (:func:`desired_network`, pure) and converge: bridge + VXLAN (local address =
+  this node's underlay address), one flooding entry per other node with a port of the network, a static FDB entry
+  and a neighbour entry per remote port, the service namespace (gateways + 169.254.169.254, the VNI's MAC, an nft
+  table keeping that MAC off the VXLAN device), dnsmasq (static hosts of this node's ports, DNS for every port),
+  the metadata service; then ``NodeNetworks.built`` so the compute reconciler plugs NICs.
+
+A restarted agent adopts everything: the drivers change nothing that matches (same ifindexes), dnsmasq is adopted by
+its pid file and command line; only the metadata listener (in the agent's process) is opened again.
+
+Underlay addresses: a node publishes ``network.underlay_address`` (when set) as the label :data:`UNDERLAY_LABEL` of
+its ``node`` record; other nodes use that label, else the record's address, else (single node, no record)
+127.0.0.1.
+
+Growth: one listing of ports per network reconcile (ports are not indexed by network yet: O(ports in the cluster)).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from agent.net.common import NetworkError
+from agent.net.dhcp import DhcpHost, DhcpServer, DhcpSpec, DnsRecord
+from agent.net.firewall import NftFirewall, NftTable
+from agent.net.metadata import InstanceMetadata, MetadataServer
+from agent.net.nodenetworks import NodeNetworks
+from agent.net.overlay import FdbEntry, Neighbour, OverlayDriver, OverlaySpec, bridge_name
+from agent.net.service import INNER_NAME, ServiceSpec, service_mac
+from agent.reconcile import Result, update_record
+from minicloud.cluster.kinds import NODE
+from minicloud.compute.kinds import INSTANCE
+from minicloud.network import secgroup_compile as sgc
+from minicloud.network.kinds import NETWORK, PORT, SECURITY_GROUP, SUBNET, NetworkSpec, PortSpec, SubnetSpec
+from minicloud.state import Change, Record, Store, list_all
+
+log = logging.getLogger("minicloud.network.node")
+
+#: The node-wide key: security-group ruleset, underlay label, sweep. No record id looks like it.
+NODE_KEY = ":node"
+#: The label on a ``node`` record that carries its underlay address (when configured apart from its address).
+UNDERLAY_LABEL = "underlay"
+#: How soon to look again when a network cannot be converged for a reason no record will announce.
+_RETRY = 5.0
+_LABEL_BAD = re.compile(r"[^a-z0-9-]+")
+
+Port = Any  # Obj[PortSpec, Any]
+
+
+# -- pure: names -----------------------------------------------------------------------------------------------------
+def tap_name(port_id: str) -> str:
+    """The host device (tap) of a port's NIC on its node: ``mct-`` + 10 hex digits of the port id's SHA-256 (fits
+    IFNAMSIZ). The compute side names the guest's tap so; the security-group rules match on it."""
+    return "mct-" + hashlib.sha256(port_id.encode()).hexdigest()[:10]
+
+
+def dns_label(name: str) -> str | None:
+    """``name`` as a DNS label (lowercase, other characters as ``-``), or None if nothing usable is left."""
+    label = _LABEL_BAD.sub("-", name.lower()).strip("-")[:63].strip("-")
+    return label or None
+
+
+# -- pure: underlay ----------------------------------------------------------------------------------------------------
+def parse_address(value: str) -> ipaddress.IPv4Address | None:
+    """An IPv4 address from a node record's address (``IP`` or ``IP:port``); None for anything else."""
+    text = value.strip()
+    for candidate in (text, text.rsplit(":", 1)[0].strip("[]")):
+        try:
+            return ipaddress.IPv4Address(candidate)
+        except ValueError:
+            continue
+    return None
+
+
+def underlay_addresses(
+    nodes: Iterable[Record], me: str, configured: str
+) -> tuple[ipaddress.IPv4Address, dict[str, ipaddress.IPv4Address]]:
+    """(this node's underlay address, every node's by name): a node's ``underlay`` label, else its record's
+    address; this node's configured address wins for itself; 127.0.0.1 when nothing says."""
+    out: dict[str, ipaddress.IPv4Address] = {}
+    for r in nodes:
+        addr = parse_address(r.labels.get(UNDERLAY_LABEL, "")) or parse_address(str(r.spec.get("address", "")))
+        if addr is not None:
+            out[r.name] = addr
+    local = parse_address(configured) if configured else None
+    if local is None:
+        local = out.get(me, ipaddress.IPv4Address("127.0.0.1"))
+    out[me] = local
+    return local, out
+
+
+# -- pure: the desired state of one network on this node ---------------------------------------------------------------
+@dataclass(frozen=True)
+class DesiredNetwork:
+    network_id: str
+    overlay: OverlaySpec
+    peers: frozenset[ipaddress.IPv4Address]
+    fdb: tuple[FdbEntry, ...]
+    neighbours: tuple[Neighbour, ...]
+    service: ServiceSpec
+    #: None when no subnet has a port here (nothing to serve by DHCP).
+    dhcp: DhcpSpec | None
+    hosts: tuple[DhcpHost, ...]
+    records: tuple[DnsRecord, ...]
+    #: Ports that name a node without a known underlay address (not reachable yet).
+    unreachable: tuple[str, ...] = ()
+
+
+def desired_network(
+    network_id: str,
+    network: NetworkSpec,
+    network_name: str,
+    subnets: dict[str, SubnetSpec],
+    ports: Sequence[tuple[str, PortSpec]],
+    names: dict[str, str],
+    me: str,
+    local: ipaddress.IPv4Address,
+    underlay: dict[str, ipaddress.IPv4Address],
+) -> DesiredNetwork | None:
+    """What network ``network_id`` needs on node ``me``, from its records; None when nothing (no port here, no
+    VNI). ``ports`` are (port id, spec) of this network, any node; ``names`` instance id -> instance name. Pure."""
+    if network.vni is None or network.external:
+        return None
+    mine = [(pid, p) for pid, p in ports if p.node == me]
+    if not mine:
+        return None
+    smac = service_mac(network.vni)
+    fdb: dict[str, FdbEntry] = {}
+    neighbours: dict[ipaddress.IPv4Address, Neighbour] = {}
+    peers: set[ipaddress.IPv4Address] = set()
+    unreachable: list[str] = []
+    for pid, p in sorted(ports, key=lambda x: x[0]):
+        if not p.node or p.node == me:
+            continue
+        vtep = underlay.get(p.node)
+        if vtep is None:
+            unreachable.append(pid)
+            continue
+        if vtep != local:
+            peers.add(vtep)
+        fdb[p.mac.lower()] = FdbEntry(p.mac, vtep)
+        neighbours[ipaddress.IPv4Address(p.address)] = Neighbour(p.address, p.mac)
+    live = sorted(
+        ((sid, s) for sid, s in subnets.items() if not s.deleting), key=lambda x: ipaddress.IPv4Network(x[1].cidr)
+    )
+    gateways = [ipaddress.IPv4Interface(f"{s.gateway}/{ipaddress.IPv4Network(s.cidr).prefixlen}") for _, s in live]
+    for gw in gateways:
+        # the gateway answers locally on every node: its ARP never needs to cross the rack
+        neighbours.setdefault(gw.ip, Neighbour(gw.ip, smac))
+    net_label = dns_label(network_name) or "net"
+    # DHCP: one dnsmasq per network per node (one DHCP socket per interface); it serves the first subnet (by CIDR)
+    # with a port on this node. Ports of other subnets get no DHCP yet (docs/networking.md, "Not yet").
+    dhcp = None
+    hosts: list[DhcpHost] = []
+    local_subnets = {p.subnet for _, p in mine}
+    for gw, (sid, s) in zip(gateways, live, strict=True):
+        if sid not in local_subnets:
+            continue
+        dhcp = DhcpSpec(
+            network=net_label,
+            interface=INNER_NAME,
+            server=gw,
+            mtu=network.mtu,
+            router=gw.ip,
+            upstream_dns=tuple(s.dns_servers) or None,
+        )
+        hosts = [
+            DhcpHost(p.mac, p.address, _host_name(pid, p, names))
+            for pid, p in sorted(mine, key=lambda x: x[0])
+            if p.subnet == sid
+        ]
+        break
+    records = tuple(
+        DnsRecord(_host_name(pid, p, names), p.address)
+        for pid, p in sorted(ports, key=lambda x: x[0])
+        if p.instance and dns_label(names.get(p.instance, "")) is not None
+    )
+    return DesiredNetwork(
+        network_id=network_id,
+        overlay=OverlaySpec(vni=network.vni, local=local, mtu=network.mtu),
+        peers=frozenset(peers),
+        fdb=tuple(fdb[m] for m in sorted(fdb)),
+        neighbours=tuple(neighbours[ip] for ip in sorted(neighbours)),
+        service=ServiceSpec(vni=network.vni, mtu=network.mtu, addresses=tuple(gateways)),
+        dhcp=dhcp,
+        hosts=tuple(hosts),
+        records=records,
+        unreachable=tuple(unreachable),
+    )
+
+
+def _host_name(port_id: str, p: PortSpec, names: dict[str, str]) -> str:
+    label = dns_label(names.get(p.instance, ""))
+    if label is None:
+        return dns_label(port_id) or "port"
+    return label if p.index == 0 else f"{label}-{p.index}"[:63]
+
+
+# -- pure: the security-group compiler's inputs ------------------------------------------------------------------------
+def compile_inputs(
+    groups: Sequence[tuple[str, Any]], ports: Sequence[tuple[str, PortSpec]], me: str
+) -> tuple[list[sgc.Group], list[sgc.Port]]:
+    """(groups, this node's ports) for :func:`~minicloud.network.secgroup_compile.compile_rules`: each group with
+    its rules and its members' addresses cluster-wide; each local port with its tap, MAC, address and the groups of
+    its that exist (a port naming a deleted group just loses that group's rules). ``groups`` are (id,
+    SecurityGroupSpec). Rules naming a group that no longer exists are dropped. Pure."""
+    known = {gid for gid, _ in groups}
+    members: dict[str, set[str]] = {gid: set() for gid in known}
+    for _, p in ports:
+        for gid in p.security_groups:
+            if gid in members:
+                members[gid].add(p.address)
+    out_groups = []
+    for gid, spec in sorted(groups, key=lambda g: g[0]):
+        rules = tuple(
+            sgc.Rule(
+                direction=r.direction,
+                protocol=r.protocol,
+                port_min=r.port_min,
+                port_max=r.port_max,
+                remote_cidr=r.remote_cidr,
+                remote_group=r.remote_group,
+            )
+            for r in spec.rules
+            if r.remote_group is None or r.remote_group in known
+        )
+        out_groups.append(sgc.Group(id=gid, rules=rules, members=tuple(sorted(members[gid]))))
+    out_ports = [
+        sgc.Port(
+            id=pid,
+            device=tap_name(pid),
+            mac=p.mac.lower(),
+            ips=(p.address,),
+            groups=tuple(g for g in dict.fromkeys(p.security_groups) if g in known),
+        )
+        for pid, p in sorted(ports, key=lambda x: x[0])
+        if p.node == me
+    ]
+    return out_groups, out_ports
+
+
+# -- the reconciler ----------------------------------------------------------------------------------------------------
+class NetworkReconciler:
+    """See the module docstring. Drivers are injected (fakes in unit tests); ``dhcp_factory(spec, state_dir,
+    netns_path)`` makes a DHCP server, ``metadata_factory(netns_path, lookup)`` a metadata server."""
+
+    name = "network"
+    kinds = frozenset({PORT.name, NETWORK.name, SUBNET.name, SECURITY_GROUP.name, NODE.name})
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        node: str,
+        underlay_address: str,
+        overlay: OverlayDriver,
+        services: Any,
+        firewall: NftFirewall | Any,
+        node_networks: NodeNetworks,
+        state_dir: Path,
+        dhcp_factory: Callable[[DhcpSpec, Path, str], Any] | None = None,
+        metadata_factory: Callable[[str, Any], Any] | None = None,
+    ) -> None:
+        self.store = store
+        self.node = node
+        self.underlay_address = underlay_address
+        self.overlay = overlay
+        self.services = services
+        self.firewall = firewall
+        self.node_networks = node_networks
+        self.state_dir = state_dir
+        self.dhcp_factory = dhcp_factory or (lambda spec, d, ns: DhcpServer(spec, d, netns=ns))
+        self.metadata_factory = metadata_factory or (lambda ns, lookup: MetadataServer(ns, lookup))
+        self._enqueue: Callable[[str], None] = lambda key: None
+        #: network id -> VNI of what this process built (so a deleted record's devices can go at once).
+        self._vnis: dict[str, int] = {}
+        self._dhcp: dict[str, Any] = {}
+        self._metadata: dict[str, Any] = {}
+        self._ruleset: str | None = None
+
+    # -- the framework's side --------------------------------------------------------------------------------------
+    async def start(self, enqueue: Callable[[str], None]) -> None:
+        self._enqueue = enqueue
+
+    async def close(self) -> None:
+        for server in list(self._metadata.values()):
+            with contextlib.suppress(Exception):
+                await server.stop()
+        self._metadata.clear()
+        await self.overlay.close()
+        await self.services.close()
+
+    def keys_for(self, change: Change) -> Iterable[str]:
+        rec = change.record
+        if change.kind == PORT.name:
+            yield str(rec.spec.get("network", ""))
+            yield NODE_KEY
+        elif change.kind == NETWORK.name:
+            yield change.id
+        elif change.kind == SUBNET.name:
+            yield str(rec.spec.get("network", ""))
+        elif change.kind == SECURITY_GROUP.name:
+            yield NODE_KEY
+        elif change.kind == NODE.name:
+            yield from self._vnis
+            yield NODE_KEY
+
+    async def all_keys(self) -> list[str]:
+        ports = await list_all(self.store, PORT.name, where={"node": self.node})
+        nets = {str(r.spec.get("network", "")) for r in ports}
+        return [*sorted(nets | set(self._vnis)), NODE_KEY]
+
+    async def reconcile(self, key: str) -> Result:
+        if key == NODE_KEY:
+            return await self._reconcile_node()
+        if not key:
+            return Result()
+        return await self._reconcile_network(key)
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+    async def _underlay(self) -> tuple[ipaddress.IPv4Address, dict[str, ipaddress.IPv4Address]]:
+        nodes = await list_all(self.store, NODE.name)
+        return underlay_addresses(nodes, self.node, self.underlay_address)
+
+    async def _ports(self) -> list[tuple[str, PortSpec]]:
+        return [(r.id, PORT.load(r).spec) for r in await list_all(self.store, PORT.name)]
+
+    async def desired(self, network_id: str) -> tuple[DesiredNetwork | None, int | None]:
+        """(what the network needs here, its VNI) from the records."""
+        record = await self.store.get(NETWORK.name, network_id)
+        if record is None:
+            return None, None
+        net = NETWORK.load(record)
+        ports = [(pid, p) for pid, p in await self._ports() if p.network == network_id]
+        subnets: dict[str, SubnetSpec] = {}
+        for sid in net.spec.subnets:
+            s = await self.store.get(SUBNET.name, sid)
+            if s is not None:
+                subnets[sid] = SUBNET.load(s).spec
+        names: dict[str, str] = {}
+        for iid in {p.instance for _, p in ports if p.instance}:
+            inst = await self.store.get(INSTANCE.name, iid)
+            if inst is not None:
+                names[iid] = inst.name
+        local, underlay = await self._underlay()
+        want = desired_network(network_id, net.spec, net.name, subnets, ports, names, self.node, local, underlay)
+        return want, net.spec.vni
+
+    # -- one network -----------------------------------------------------------------------------------------------
+    async def _reconcile_network(self, network_id: str) -> Result:
+        want, vni = await self.desired(network_id)
+        if want is None:
+            vni = self._vnis.get(network_id, vni)
+            if vni is not None:
+                await self._teardown(network_id, vni)
+            self.node_networks.gone(network_id)
+            return Result()
+        try:
+            await self._converge(want)
+        except (NetworkError, ValueError) as exc:
+            log.warning("network not converged; retrying", extra={"network": network_id, "error": str(exc)})
+            return Result(requeue_after=_RETRY)
+        if want.unreachable:
+            log.warning("ports on nodes without a known underlay address", extra={"ports": list(want.unreachable)})
+            return Result(requeue_after=_RETRY)
+        return Result()
+
+    async def _converge(self, want: DesiredNetwork) -> None:
+        vni = want.overlay.vni
+        previous = self._vnis.get(want.network_id)
+        if previous is not None and previous != vni:
+            await self._teardown(want.network_id, previous)
+        self._vnis[want.network_id] = vni
+        await self.overlay.ensure_network(want.overlay)
+        await self.overlay.set_peers(vni, want.peers)
+        await self.overlay.set_fdb(vni, want.fdb)
+        await self.overlay.set_neighbours(vni, want.neighbours)
+        state = await self.services.ensure(want.service)
+        await self._ensure_dhcp(want, state.netns)
+        await self._ensure_metadata(want.network_id, state.netns)
+        self.node_networks.built(want.network_id, bridge_name(vni))
+
+    async def _ensure_dhcp(self, want: DesiredNetwork, netns: str) -> None:
+        nid = want.network_id
+        server = self._dhcp.get(nid)
+        if want.dhcp is None:
+            if server is not None:
+                await server.stop()
+                del self._dhcp[nid]
+            return
+        if server is None or server.spec != want.dhcp:
+            server = self._dhcp[nid] = self.dhcp_factory(want.dhcp, self.state_dir / nid, netns)
+        await server.ensure(want.hosts, want.records)
+
+    async def _ensure_metadata(self, network_id: str, netns: str) -> None:
+        if network_id in self._metadata:
+            return
+        server = self.metadata_factory(netns, self._lookup_for(network_id))
+        await server.start()
+        self._metadata[network_id] = server
+
+    async def _teardown(self, network_id: str, vni: int) -> None:
+        """Everything of the network on this node, in reverse order of building. Idempotent."""
+        self.node_networks.gone(network_id)
+        server = self._metadata.pop(network_id, None)
+        if server is not None:
+            await server.stop()
+        dhcp = self._dhcp.pop(network_id, None)
+        if dhcp is None and network_id:
+            dhcp = _Stopper(self.state_dir / network_id)
+        if dhcp is not None:
+            await dhcp.stop()
+        await self.services.remove(vni)
+        await self.overlay.remove_network(vni)
+        self._vnis.pop(network_id, None)
+        log.info("network removed from this node", extra={"network": network_id, "vni": vni})
+
+    # -- metadata --------------------------------------------------------------------------------------------------
+    def _lookup_for(self, network_id: str) -> Any:
+        async def lookup(ip: str) -> InstanceMetadata | None:
+            return await self.metadata_for(network_id, ip)
+
+        return lookup
+
+    async def metadata_for(self, network_id: str, ip: str) -> InstanceMetadata | None:
+        """What the metadata service tells the guest of the port of ``network_id`` on this node with address
+        ``ip`` (None: no such port here)."""
+        for _pid, p in await self._ports():
+            if p.network == network_id and p.node == self.node and p.address == ip and p.instance:
+                record = await self.store.get(INSTANCE.name, p.instance)
+                if record is None:
+                    return None
+                inst = INSTANCE.load(record)
+                return InstanceMetadata(
+                    instance_id=inst.id,
+                    hostname=dns_label(inst.name) or inst.id,
+                    local_ipv4=p.address,
+                    mac=p.mac.lower(),
+                    public_keys=tuple(inst.spec.public_keys),
+                    user_data=inst.spec.user_data.encode(),
+                )
+        return None
+
+    # -- the node key ----------------------------------------------------------------------------------------------
+    async def _reconcile_node(self) -> Result:
+        await self._publish_underlay()
+        await self._apply_ruleset()
+        await self._sweep()
+        return Result()
+
+    async def _publish_underlay(self) -> None:
+        want = self.underlay_address
+
+        def mutate(record: Record) -> Record | None:
+            labels = dict(record.labels)
+            if want:
+                labels[UNDERLAY_LABEL] = want
+            else:
+                labels.pop(UNDERLAY_LABEL, None)
+            return None if labels == record.labels else msgspec.structs.replace(record, labels=labels)
+
+        record = await self.store.get_by_name(NODE.name, "", self.node)
+        if record is not None:
+            await update_record(self.store, NODE.name, record.id, mutate)
+
+    async def _apply_ruleset(self) -> None:
+        ports = [(pid, p) for pid, p in await self._ports()]
+        groups = [(r.id, SECURITY_GROUP.load(r).spec) for r in await list_all(self.store, SECURITY_GROUP.name)]
+        g, p = compile_inputs(groups, ports, self.node)
+        if not p:
+            if self._ruleset == "":
+                return
+            table = NftTable("bridge", sgc.TABLE)
+            if self._ruleset is None:  # first look since start: touch nftables only if our table is there
+                try:
+                    present = table in await self.firewall.list_tables(sgc.TABLE)
+                except NetworkError as exc:
+                    log.warning("cannot list nftables tables", extra={"error": str(exc)})
+                    return
+                if not present:
+                    self._ruleset = ""
+                    return
+            await self.firewall.delete_tables([table])
+            self._ruleset = ""
+            return
+        script = sgc.compile_rules(g, p)
+        if script != self._ruleset:
+            await self.firewall.apply(script)
+            self._ruleset = script
+
+    async def _sweep(self) -> None:
+        """Remove networks built here that no record wants here any more (e.g. deleted while the agent was down)."""
+        wanted: set[int] = set()
+        vni_of: dict[int, str] = {}
+        for r in await list_all(self.store, PORT.name, where={"node": self.node}):
+            nid = str(r.spec.get("network", ""))
+            net = await self.store.get(NETWORK.name, nid)
+            if net is not None and net.spec.get("vni") is not None:
+                wanted.add(int(net.spec["vni"]))
+                vni_of[int(net.spec["vni"])] = nid
+        wanted_ids = set(vni_of.values())
+        if await asyncio.to_thread(self.state_dir.is_dir):
+            for entry in await asyncio.to_thread(lambda: sorted(self.state_dir.iterdir())):
+                if entry.is_dir() and entry.name not in wanted_ids and entry.name not in self._dhcp:
+                    await _Stopper(entry).stop()  # a dnsmasq of a network gone while we were down
+        present = {s.vni for s in await self.overlay.list_networks()} | set(await self.services.list())
+        known = {v: k for k, v in self._vnis.items()}
+        for vni in sorted(present - wanted):
+            nid = known.get(vni, "")
+            log.warning("removing a network no port here needs", extra={"vni": vni, "network": nid})
+            await self._teardown(nid, vni)
+        for vni in wanted - present:
+            self._enqueue(vni_of[vni])
+
+
+class _Stopper:
+    """Stops a dnsmasq this process did not start (adopted after a restart) by its state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+
+    async def stop(self) -> None:
+        if not await asyncio.to_thread(self.state_dir.is_dir):
+            return
+        spec = DhcpSpec(network="x", interface="x", server=ipaddress.IPv4Interface("10.0.0.1/24"), mtu=1450)
+        await DhcpServer(spec, self.state_dir).stop()

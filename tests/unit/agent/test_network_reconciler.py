@@ -1,0 +1,442 @@
+"""The network reconciler: the pure desired-state computation (peers, FDB, neighbours, DHCP hosts, DNS records,
+the security-group compiler's inputs) and the reconciler against fake drivers and a real SQLite store. The real
+drivers are exercised by tests/integration/test_network_node.py."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from agent.net.dhcp import DhcpHost, DnsRecord
+from agent.net.metadata import make_app
+from agent.net.nodenetworks import NodeNetworks
+from agent.net.overlay import FakeOverlay, FdbEntry, Neighbour
+from agent.net.service import FakeServiceNamespaces, service_mac
+from agent.reconcile import Controller
+from agent.reconcilers.network import (
+    NODE_KEY,
+    NetworkReconciler,
+    compile_inputs,
+    desired_network,
+    dns_label,
+    tap_name,
+    underlay_addresses,
+)
+from minicloud import ids
+from minicloud.cluster.kinds import NODE, NodeSpec
+from minicloud.compute.kinds import INSTANCE, InstanceSpec
+from minicloud.network.kinds import (
+    NETWORK,
+    PORT,
+    SECURITY_GROUP,
+    SUBNET,
+    NetworkSpec,
+    PortSpec,
+    RuleSpec,
+    SecurityGroupSpec,
+    SubnetSpec,
+)
+from minicloud.state import Create, Delete, Record, Txn, Update
+from minicloud.state.sqlite import SQLiteStore
+
+ME = "n1"
+A = ipaddress.IPv4Address
+
+
+def _net(vni: int = 42) -> NetworkSpec:
+    return NetworkSpec(cidr="10.0.0.0/16", vni=vni, mtu=1450, subnets={"sub-a": "10.0.1.0/24"})
+
+
+def _subnet(cidr: str = "10.0.1.0/24", gw: str = "10.0.1.1", **kw: Any) -> SubnetSpec:
+    net = ipaddress.IPv4Network(cidr)
+    return SubnetSpec(
+        network="net-1", cidr=cidr, gateway=gw, allocation_start=str(net[2]), allocation_end=str(net[-2]), **kw
+    )
+
+
+def _port(ip: str, mac: str, node: str, instance: str = "", index: int = 0, groups=(), subnet="sub-a") -> PortSpec:
+    return PortSpec(
+        network="net-1",
+        subnet=subnet,
+        address=ip,
+        mac=mac,
+        node=node,
+        instance=instance,
+        index=index,
+        security_groups=list(groups),
+    )
+
+
+UNDERLAY = {"n1": A("10.254.0.1"), "n2": A("10.254.0.2"), "n3": A("10.254.0.3")}
+
+
+# -- pure ----------------------------------------------------------------------------------------------------------
+def test_peers_fdb_and_neighbours_name_every_remote_port_and_only_other_nodes():
+    ports = [
+        ("port-1", _port("10.0.1.10", "52:54:00:00:00:01", "n1", "i-1")),
+        ("port-2", _port("10.0.1.11", "52:54:00:00:00:02", "n2", "i-2")),
+        ("port-3", _port("10.0.1.12", "52:54:00:00:00:03", "n3", "i-3")),
+        ("port-4", _port("10.0.1.13", "52:54:00:00:00:04", "n2", "i-4")),
+        ("port-5", _port("10.0.1.14", "52:54:00:00:00:05", "", "i-5")),  # not placed yet
+    ]
+    want = desired_network("net-1", _net(), "vpc", {"sub-a": _subnet()}, ports, {}, ME, UNDERLAY["n1"], UNDERLAY)
+    assert want is not None
+    assert want.overlay.vni == 42 and want.overlay.local == A("10.254.0.1") and want.overlay.mtu == 1450
+    assert want.peers == {A("10.254.0.2"), A("10.254.0.3")}
+    assert set(want.fdb) == {
+        FdbEntry("52:54:00:00:00:02", A("10.254.0.2")),
+        FdbEntry("52:54:00:00:00:03", A("10.254.0.3")),
+        FdbEntry("52:54:00:00:00:04", A("10.254.0.2")),
+    }
+    # remote ports, and the gateway answered by this node's own service port (same MAC everywhere)
+    assert set(want.neighbours) == {
+        Neighbour("10.0.1.11", "52:54:00:00:00:02"),
+        Neighbour("10.0.1.12", "52:54:00:00:00:03"),
+        Neighbour("10.0.1.13", "52:54:00:00:00:04"),
+        Neighbour("10.0.1.1", service_mac(42)),
+    }
+
+
+def test_a_network_without_a_port_here_is_not_wanted_here():
+    ports = [("port-2", _port("10.0.1.11", "52:54:00:00:00:02", "n2"))]
+    assert (
+        desired_network("net-1", _net(), "vpc", {"sub-a": _subnet()}, ports, {}, ME, UNDERLAY["n1"], UNDERLAY) is None
+    )
+    ext = msgspec.structs.replace(_net(), vni=None, external=True)
+    mine = [("port-1", _port("10.0.1.10", "52:54:00:00:00:01", "n1"))]
+    assert desired_network("net-1", ext, "vpc", {}, mine, {}, ME, UNDERLAY["n1"], UNDERLAY) is None
+
+
+def test_dhcp_serves_only_this_nodes_ports_and_dns_names_every_port():
+    ports = [
+        ("port-1", _port("10.0.1.10", "52:54:00:00:00:01", "n1", "i-1")),
+        ("port-1b", _port("10.0.1.20", "52:54:00:00:00:0b", "n1", "i-1", index=1)),
+        ("port-2", _port("10.0.1.11", "52:54:00:00:00:02", "n2", "i-2")),
+    ]
+    names = {"i-1": "Web_1", "i-2": "db"}
+    sub = _subnet(dns_servers=["1.1.1.1"])
+    want = desired_network("net-1", _net(), "VPC", {"sub-a": sub}, ports, names, ME, UNDERLAY["n1"], UNDERLAY)
+    assert want is not None and want.dhcp is not None
+    assert want.dhcp.network == "vpc" and want.dhcp.interface == "mcs0"
+    assert want.dhcp.server == ipaddress.IPv4Interface("10.0.1.1/24") and want.dhcp.router == A("10.0.1.1")
+    assert want.dhcp.mtu == 1450 and want.dhcp.upstream_dns == ("1.1.1.1",)
+    assert set(want.hosts) == {
+        DhcpHost("52:54:00:00:00:01", "10.0.1.10", "web-1"),
+        DhcpHost("52:54:00:00:00:0b", "10.0.1.20", "web-1-1"),
+    }
+    assert set(want.records) == {
+        DnsRecord("web-1", "10.0.1.10"),
+        DnsRecord("web-1-1", "10.0.1.20"),
+        DnsRecord("db", "10.0.1.11"),
+    }
+    assert want.service.addresses == (ipaddress.IPv4Interface("10.0.1.1/24"),)
+    assert ipaddress.IPv4Interface("169.254.169.254/32") in want.service.want_addresses
+
+
+def test_every_subnet_gateway_is_on_the_service_port_and_a_node_without_an_address_is_reported():
+    subnets = {"sub-a": _subnet(), "sub-b": _subnet("10.0.2.0/24", "10.0.2.254"), "sub-c": _subnet("10.0.3.0/24", "10.0.3.1", deleting=True)}  # fmt: skip
+    ports = [
+        ("port-1", _port("10.0.2.10", "52:54:00:00:00:01", "n1", subnet="sub-b")),
+        ("port-9", _port("10.0.1.99", "52:54:00:00:00:09", "n9")),
+    ]
+    want = desired_network("net-1", _net(), "vpc", subnets, ports, {}, ME, UNDERLAY["n1"], UNDERLAY)
+    assert want is not None
+    assert want.service.addresses == (ipaddress.IPv4Interface("10.0.1.1/24"), ipaddress.IPv4Interface("10.0.2.254/24"))
+    assert want.dhcp is not None and want.dhcp.server == ipaddress.IPv4Interface("10.0.2.254/24")
+    assert want.unreachable == ("port-9",) and not want.fdb
+
+
+def test_underlay_addresses_come_from_config_label_or_node_address():
+    def node(name: str, address: str, labels=None) -> Record:
+        return NODE.dump(NODE.new(project="", name=name, spec=NodeSpec(address=address), labels=labels))
+
+    nodes = [node("n1", "192.0.2.1:7001"), node("n2", "192.0.2.2", {"underlay": "10.9.0.2"}), node("n3", "host:1")]
+    local, out = underlay_addresses(nodes, "n1", "")
+    assert local == A("192.0.2.1") and out == {"n1": A("192.0.2.1"), "n2": A("10.9.0.2")}
+    local, out = underlay_addresses(nodes, "n1", "10.9.0.1")
+    assert local == A("10.9.0.1") and out["n1"] == A("10.9.0.1")
+    local, out = underlay_addresses([], "solo", "")
+    assert local == A("127.0.0.1") and out == {"solo": A("127.0.0.1")}
+
+
+def test_compile_inputs_take_members_cluster_wide_and_only_this_nodes_ports():
+    web = SecurityGroupSpec(rules=[RuleSpec(id="r1", direction="ingress", protocol="tcp", port_min=80)])
+    db = SecurityGroupSpec(
+        rules=[
+            RuleSpec(id="r2", direction="ingress", protocol="tcp", port_min=5432, remote_group="sg-web"),
+            RuleSpec(id="r3", direction="ingress", remote_group="sg-gone"),
+        ]
+    )
+    ports = [
+        ("port-1", _port("10.0.1.10", "52:54:00:00:00:01", "n1", groups=["sg-web", "sg-gone"])),
+        ("port-2", _port("10.0.1.11", "52:54:00:00:00:02", "n2", groups=["sg-web"])),
+        ("port-3", _port("10.0.1.12", "52:54:00:00:00:03", "n1", groups=["sg-db"])),
+    ]
+    groups, local = compile_inputs([("sg-web", web), ("sg-db", db)], ports, ME)
+    by_id = {g.id: g for g in groups}
+    assert by_id["sg-web"].members == ("10.0.1.10", "10.0.1.11")
+    assert by_id["sg-db"].members == ("10.0.1.12",)
+    assert [r.remote_group for r in by_id["sg-db"].rules] == ["sg-web"]  # the rule naming a deleted group is gone
+    assert [(p.id, p.device, p.groups) for p in local] == [
+        ("port-1", tap_name("port-1"), ("sg-web",)),
+        ("port-3", tap_name("port-3"), ("sg-db",)),
+    ]
+    assert len(tap_name("port-1")) <= 15
+
+
+def test_dns_label():
+    assert dns_label("Web_Server.1") == "web-server-1"
+    assert dns_label("__") is None
+
+
+# -- the reconciler ------------------------------------------------------------------------------------------------
+class FakeFirewall:
+    def __init__(self) -> None:
+        self.scripts: list[str] = []
+        self.deleted: list[Any] = []
+
+    async def apply(self, script: str) -> None:
+        self.scripts.append(script)
+
+    async def list_tables(self, prefix: str = "minicloud"):
+        from agent.net.firewall import NftTable
+
+        return [NftTable("bridge", "minicloud_sg")] if self.scripts else []
+
+    async def delete_tables(self, tables) -> None:
+        self.deleted.extend(tables)
+
+
+class FakeDhcp:
+    running: dict[Path, FakeDhcp] = {}
+
+    def __init__(self, spec, state_dir: Path, netns: str) -> None:
+        self.spec, self.state_dir, self.netns = spec, state_dir, netns
+        self.hosts: tuple = ()
+        self.records: tuple = ()
+        self.ensures = 0
+
+    async def ensure(self, hosts, records) -> bool:
+        self.hosts, self.records = tuple(hosts), tuple(records)
+        self.ensures += 1
+        FakeDhcp.running[self.state_dir] = self
+        return True
+
+    async def stop(self) -> None:
+        FakeDhcp.running.pop(self.state_dir, None)
+
+
+class FakeMetadata:
+    def __init__(self, netns: str, lookup) -> None:
+        self.netns, self.lookup, self.running = netns, lookup, False
+
+    async def start(self) -> None:
+        self.running = True
+
+    async def stop(self) -> None:
+        self.running = False
+
+
+class World:
+    def __init__(self, store: SQLiteStore, tmp_path: Path) -> None:
+        self.store = store
+        self.overlay = FakeOverlay()
+        self.services = FakeServiceNamespaces()
+        self.firewall = FakeFirewall()
+        self.nn = NodeNetworks()
+        self.metadata: list[FakeMetadata] = []
+        FakeDhcp.running = {}
+        self.r = self.make(tmp_path)
+        self.enqueued: list[str] = []
+
+    def make(self, tmp_path: Path) -> NetworkReconciler:
+        def md(ns, lookup):
+            m = FakeMetadata(ns, lookup)
+            self.metadata.append(m)
+            return m
+
+        return NetworkReconciler(
+            store=self.store,
+            node=ME,
+            underlay_address="",
+            overlay=self.overlay,
+            services=self.services,
+            firewall=self.firewall,
+            node_networks=self.nn,
+            state_dir=tmp_path / "networks",
+            dhcp_factory=FakeDhcp,
+            metadata_factory=md,
+        )
+
+    async def create(self, kind, obj) -> None:
+        await self.store.commit(Txn([Create(kind.dump(obj))]))
+
+    async def pass_(self) -> None:
+        for key in await self.r.all_keys():
+            await self.r.reconcile(key)
+
+
+@pytest.fixture
+async def world(tmp_path):
+    store = SQLiteStore(tmp_path / "state.db")
+    await store.open()
+    w = World(store, tmp_path)
+    await w.r.start(w.enqueued.append)
+    await w.create(NODE, NODE.new(project="", name="n1", spec=NodeSpec(address="10.254.0.1")))
+    await w.create(NODE, NODE.new(project="", name="n2", spec=NodeSpec(address="10.254.0.2")))
+    await w.create(NETWORK, NETWORK.new(project="p", name="vpc", id="net-1", spec=_net()))
+    await w.create(SUBNET, SUBNET.new(project="p", name="web", id="sub-a", spec=_subnet()))
+    await w.create(SECURITY_GROUP, SECURITY_GROUP.new(project="p", name="default", id="sg-1", spec=SecurityGroupSpec(
+        rules=[RuleSpec(id="r1", direction="egress"), RuleSpec(id="r2", direction="ingress", remote_group="sg-1")])))  # fmt: skip
+    for iid, name in (("i-1", "web"), ("i-2", "db")):
+        spec = InstanceSpec(uuid=iid, image_id="img", image_name="img", type="t", vcpus=1, memory_mib=64, disk_gib=1,
+                            public_keys=["ssh-ed25519 AAAA me"], user_data="#cloud-config\n")  # fmt: skip
+        await w.create(INSTANCE, INSTANCE.new(project="p", name=name, id=iid, spec=spec))
+    yield w
+    await w.r.close()
+    await store.close()
+
+
+async def _add_port(w: World, pid: str, ip: str, mac: str, node: str, instance: str) -> None:
+    spec = _port(ip, mac, node, instance, groups=["sg-1"])
+    await w.create(PORT, PORT.new(project="p", name=f"{instance}/0", id=pid, spec=spec))
+
+
+async def test_a_local_port_builds_the_network_and_a_second_pass_changes_nothing(world):
+    await _add_port(world, "port-1", "10.0.1.10", "52:54:00:00:00:01", "n1", "i-1")
+    await _add_port(world, "port-2", "10.0.1.11", "52:54:00:00:00:02", "n2", "i-2")
+    assert set(world.r.keys_for(await _change(world, PORT, "port-1"))) == {"net-1", NODE_KEY}
+    await world.pass_()
+    net = world.overlay.networks[42]
+    assert net.peers == {A("10.254.0.2"): None}
+    assert net.fdb == {"52:54:00:00:00:02": A("10.254.0.2")}
+    assert net.neighbours[A("10.0.1.11")] == "52:54:00:00:00:02"
+    assert world.services.spaces[42].addresses == (ipaddress.IPv4Interface("10.0.1.1/24"),)
+    assert world.nn.bridge_for("net-1") == "mcb-00002a"
+    dhcp = FakeDhcp.running[world.r.state_dir / "net-1"]
+    assert [h.name for h in dhcp.hosts] == ["web"] and {r.name for r in dhcp.records} == {"web", "db"}
+    assert world.metadata[0].running and world.metadata[0].netns.endswith("mcs-00002a")
+    script = world.firewall.scripts[-1]
+    assert f'iifname "{tap_name("port-1")}"' in script and tap_name("port-2") not in script
+    assert "elements = { 10.0.1.10, 10.0.1.11 }" in script  # members cluster-wide
+    changes, scripts = world.overlay.changes, len(world.firewall.scripts)
+    indexes = (net.bridge_index, net.vxlan_index)
+    await world.pass_()
+    assert world.overlay.changes == changes and len(world.firewall.scripts) == scripts
+    assert (world.overlay.networks[42].bridge_index, world.overlay.networks[42].vxlan_index) == indexes
+    assert len(world.metadata) == 1
+
+
+async def test_the_metadata_lookup_answers_only_for_a_local_port_of_the_network(world):
+    await _add_port(world, "port-1", "10.0.1.10", "52:54:00:00:00:01", "n1", "i-1")
+    await _add_port(world, "port-2", "10.0.1.11", "52:54:00:00:00:02", "n2", "i-2")
+    meta = await world.r.metadata_for("net-1", "10.0.1.10")
+    assert meta is not None and meta.instance_id == "i-1" and meta.hostname == "web" and meta.mac == "52:54:00:00:00:01"
+    assert meta.public_keys == ("ssh-ed25519 AAAA me",) and meta.user_data == b"#cloud-config\n"
+    assert await world.r.metadata_for("net-1", "10.0.1.11") is None  # on another node
+    assert await world.r.metadata_for("net-2", "10.0.1.10") is None
+
+
+async def test_deleting_the_last_local_port_removes_everything_of_the_network(world):
+    await _add_port(world, "port-1", "10.0.1.10", "52:54:00:00:00:01", "n1", "i-1")
+    await world.pass_()
+    assert 42 in world.overlay.networks
+    rec = await world.store.get(PORT.name, "port-1")
+    await world.store.commit(Txn([Delete(kind=PORT.name, id="port-1", expect_revision=rec.revision)]))
+    await world.r.reconcile("net-1")
+    await world.r.reconcile(NODE_KEY)
+    assert world.overlay.networks == {} and world.services.spaces == {} and FakeDhcp.running == {}
+    assert not world.metadata[0].running and world.nn.bridge_for("net-1") is None
+    assert [str(t) for t in world.firewall.deleted] == ["bridge minicloud_sg"]
+
+
+async def test_a_restarted_reconciler_adopts_and_sweeps_what_no_record_wants(world, tmp_path):
+    await _add_port(world, "port-1", "10.0.1.10", "52:54:00:00:00:01", "n1", "i-1")
+    await world.pass_()
+    # a leftover of a network deleted while the agent was down
+    from agent.net.overlay import OverlaySpec
+    from agent.net.service import ServiceSpec
+
+    await world.overlay.ensure_network(OverlaySpec(vni=77, local=A("10.254.0.1")))
+    await world.services.ensure(ServiceSpec(vni=77, mtu=1450))
+    changes = world.overlay.changes
+    fresh = world.make(tmp_path)  # same drivers (what the host has), new process state
+    await fresh.start(world.enqueued.append)
+    for key in await fresh.all_keys():
+        await fresh.reconcile(key)
+    assert set(world.overlay.networks) == {42} and set(world.services.spaces) == {42}
+    assert world.overlay.changes == changes + 2  # only the stray network's two devices went
+    assert world.nn.bridge_for("net-1") == "mcb-00002a"
+
+
+async def test_a_moved_port_updates_the_fdb_and_under_a_controller_the_network_is_built(world):
+    await _add_port(world, "port-1", "10.0.1.10", "52:54:00:00:00:01", "n1", "i-1")
+    await _add_port(world, "port-2", "10.0.1.11", "52:54:00:00:00:02", "n2", "i-2")
+    controller = Controller(world.store, world.r, workers=2, resync_interval=3600)
+    await controller.start()
+    try:
+        await _until(lambda: world.nn.bridge_for("net-1") == "mcb-00002a")
+        await world.create(NODE, NODE.new(project="", name="n3", spec=NodeSpec(address="10.254.0.3")))
+        rec = await world.store.get(PORT.name, "port-2")
+        port = PORT.load(rec)
+        moved = port.replace(spec=msgspec.structs.replace(port.spec, node="n3"), updated_at=ids.now())
+        await world.store.commit(Txn([Update(PORT.dump(moved), expect_revision=rec.revision)]))
+        await _until(lambda: world.overlay.networks[42].fdb == {"52:54:00:00:00:02": A("10.254.0.3")})
+        assert world.overlay.networks[42].peers == {A("10.254.0.3"): None}
+    finally:
+        await controller.close()
+
+
+async def test_the_metadata_app_serves_ec2_paths_for_the_asking_port():
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from agent.net.metadata import InstanceMetadata
+
+    meta = InstanceMetadata("i-1", "web", "127.0.0.1", "52:54:00:00:00:01", ("ssh-ed25519 AAAA me",), b"#!/bin/sh\n")
+
+    async def lookup(ip: str):
+        return meta if ip == "127.0.0.1" else None
+
+    macs = {"127.0.0.1": "52:54:00:00:00:01"}
+
+    async def mac_of(ip: str):
+        return macs.get(ip)
+
+    async with TestClient(TestServer(make_app(lookup, mac_of))) as client:
+
+        async def get(path: str) -> tuple[int, str]:
+            resp = await client.get(path)
+            return resp.status, await resp.text()
+
+        assert await get("/latest/meta-data/instance-id") == (200, "i-1")
+        assert await get("/latest/meta-data/local-ipv4") == (200, "127.0.0.1")
+        assert await get("/2009-04-04/meta-data/hostname") == (200, "web")
+        assert await get("/latest/meta-data/public-keys/") == (200, "0=key0\n")
+        assert await get("/latest/meta-data/public-keys/0/openssh-key") == (200, "ssh-ed25519 AAAA me\n")
+        assert await get("/latest/user-data") == (200, "#!/bin/sh\n")
+        assert (await get("/latest/meta-data/"))[1].splitlines()[0] == "hostname"
+        assert (await get("/latest/meta-data/nothing"))[0] == 404
+        macs["127.0.0.1"] = "52:54:00:00:00:99"  # the address, but another MAC: refused
+        assert (await get("/latest/meta-data/instance-id"))[0] == 403
+
+
+async def _change(w: World, kind, id_: str):
+    from minicloud.state import Change
+
+    rec = await w.store.get(kind.name, id_)
+    return Change(revision=rec.revision, type="created", kind=kind.name, id=id_, project=rec.project, record=rec)
+
+
+async def _until(cond, timeout: float = 10.0) -> None:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
