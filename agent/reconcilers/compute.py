@@ -48,6 +48,7 @@ from agent.net.nodenetworks import NodeNetworks
 from agent.reconcile import Result, update_record
 from minicloud import errors, ids
 from minicloud.compute import image_files
+from minicloud.compute.instances import record_removal_ops
 from minicloud.compute.kinds import (
     HYPERVISOR,
     IMAGE,
@@ -60,8 +61,7 @@ from minicloud.compute.kinds import (
 from minicloud.config import Config
 from minicloud.core.kinds import Obj
 from minicloud.model.compute import Address
-from minicloud.network import ports
-from minicloud.state import Change, Create, Delete, Record, Store, Txn, TxnFailed, Update, list_all
+from minicloud.state import Change, Create, Record, Store, Txn, TxnFailed, Update, list_all
 
 log = logging.getLogger("minicloud.compute")
 Instance = Obj[InstanceSpec, InstanceObserved]
@@ -326,9 +326,7 @@ class ComputeReconciler:
             self._lease_wait_since.pop(inst.id, None)
             # The node removes the record once its resources are gone: the user's delete was audited when asked.
             # Its ports and their addresses go in the same transaction.
-            removal = [Delete(kind=INSTANCE.name, id=inst.id, expect_revision=inst.revision)]
-            for port in await ports.instance_ports(self.store, inst.project, inst.id):
-                removal += await ports.delete_ops(self.store, port)
+            removal = await record_removal_ops(self.store, inst)
             with contextlib.suppress(TxnFailed):  # changed meanwhile: that change queues us again
                 await self.store.commit(Txn(removal))
             self._uuids.pop(inst.id, None)

@@ -17,13 +17,24 @@ from agent.compute import design
 from agent.compute.driver import DomainInfo, FakeDriver
 from agent.compute.xml import read_metadata
 from agent.net.default import FakeNetwork, NetworkSpec
+from agent.net.nodenetworks import NodeNetworks
 from agent.reconcile import Controller, Result
 from agent.reconcilers.compute import NODE_KEY, ComputeReconciler
 from minicloud import config as cfgmod
 from minicloud import ids
-from minicloud.compute.kinds import HYPERVISOR, IMAGE, INSTANCE, ImageSpec, InstanceObserved, InstanceSpec
+from minicloud.compute.kinds import (
+    HYPERVISOR,
+    IMAGE,
+    INSTANCE,
+    ImageSpec,
+    InstanceNicSpec,
+    InstanceObserved,
+    InstanceSpec,
+)
 from minicloud.core.kinds import Obj
 from minicloud.model.compute import Address
+from minicloud.network import ipam
+from minicloud.network.kinds import IPALLOC, PORT, PortSpec
 from minicloud.state import Create, Record, Txn, Update
 from minicloud.state.sqlite import SQLiteStore
 
@@ -89,8 +100,10 @@ async def world(tmp_path):
     await store.commit(Txn([Create(IMAGE.dump(IMAGE.new(project="default", name="guest", id="img-1", spec=spec)))]))
     driver = FakeDriver()
     network = FakeNetwork(NetworkSpec(name="default", bridge="mcunit0", cidr=ipaddress.IPv4Network("10.99.0.0/24")))
-    r = ComputeReconciler(store=store, config=config, driver=driver, network=network, virt_type="qemu", virt_reason="test")  # fmt: skip
+    networks = NodeNetworks()
+    r = ComputeReconciler(store=store, config=config, driver=driver, network=network, virt_type="qemu", virt_reason="test", networks=networks)  # fmt: skip
     world = World(store, config, driver, network, r)
+    world.networks = networks
     await r.start(world.enqueued.append)
     yield world
     await r.close()
@@ -357,3 +370,88 @@ async def test_under_the_controller_an_instance_is_built_stopped_and_deleted_fro
         assert world.domain(inst) is None and not world.files(inst).exists()
     finally:
         await controller.close()
+
+
+# -- NICs on VPC networks (ports) ------------------------------------------------------------------------------------
+def _nic(n: int, network: str = "net-a") -> InstanceNicSpec:
+    return InstanceNicSpec(
+        port=f"port-{n}", network=network, network_name=network.removeprefix("net-"), subnet="sub-a",
+        subnet_name="a", mac=f"52:54:00:00:00:{n:02x}", ip=f"10.0.1.{10 + n}",
+    )  # fmt: skip
+
+
+def _interfaces(dom: DomainInfo) -> list[tuple[str, str]]:
+    import xml.etree.ElementTree as ET
+
+    return [
+        (i.find("mac").get("address"), i.find("source").get("bridge")) for i in ET.fromstring(dom.xml).iter("interface")
+    ]
+
+
+async def test_a_nic_waits_for_its_network_on_this_node_then_is_plugged_with_its_mac_and_ipam_address(world):
+    inst = await world.add_instance("web", nics=[_nic(1)])
+    results = await world.pass_()
+    assert results[inst.id].requeue_after and world.domain(inst) is None  # no bridge yet: nothing is built
+    rec = await world.get(inst)
+    assert rec.status.state == "pending" and "waiting for network a" in rec.status.reason
+    world.networks.built("net-a", "mcb-001000")
+    assert inst.id in world.enqueued  # queued again by the network's arrival
+    await world.pass_()
+    dom = world.domain(inst)
+    assert dom.state == "running" and _interfaces(dom) == [("52:54:00:00:00:01", "mcb-001000")]
+    rec = await world.get(inst)
+    assert rec.status.state == "running" and rec.status.reason == ""
+    assert rec.status.addresses == [Address(network="a", mac="52:54:00:00:00:01", ip="10.0.1.11")]
+
+
+async def test_nics_added_or_removed_while_running_are_hot_plugged_and_while_stopped_redefined(world):
+    world.networks.built("net-a", "mcb-001000")
+    world.networks.built("net-b", "mcb-001001")
+    inst = await world.add_instance("web", nics=[_nic(1)])
+    await world.pass_()
+    await world.change_spec(inst, nics=[_nic(1), _nic(2, "net-b")])
+    await world.pass_()
+    dom = world.domain(inst)
+    assert dom.state == "running"
+    assert _interfaces(dom) == [("52:54:00:00:00:01", "mcb-001000"), ("52:54:00:00:00:02", "mcb-001001")]
+    await world.change_spec(inst, nics=[_nic(2, "net-b")])
+    await world.pass_()
+    assert _interfaces(world.domain(inst)) == [("52:54:00:00:00:02", "mcb-001001")]
+    await world.change_spec(inst, power="stopped", stop_force=True)
+    await world.pass_()
+    await world.change_spec(inst, nics=[_nic(2, "net-b"), _nic(3)])
+    await world.pass_()
+    dom = world.domain(inst)
+    assert dom.state == "shutoff" and [m for m, _ in _interfaces(dom)] == ["52:54:00:00:00:02", "52:54:00:00:00:03"]
+
+
+async def test_a_running_guest_keeps_its_nics_while_its_network_is_not_known_yet(world):
+    world.networks.built("net-a", "mcb-001000")
+    inst = await world.add_instance("web", nics=[_nic(1)])
+    await world.pass_()
+    world.networks.gone("net-a")  # e.g. a restarted agent before the network reconciler's first pass
+    await world.pass_()
+    dom = world.domain(inst)
+    assert dom.state == "running" and _interfaces(dom) == [("52:54:00:00:00:01", "mcb-001000")]
+    assert (await world.get(inst)).status.state == "running"
+
+
+async def test_the_node_removes_the_instance_record_with_its_ports_and_addresses(world):
+    world.networks.built("net-a", "mcb-001000")
+    inst = await world.add_instance("web", nics=[_nic(1)])
+    port = PORT.new(
+        project="default", name=f"{inst.id}/0", id="port-1",
+        spec=PortSpec(network="net-a", subnet="sub-a", address="10.0.1.11", mac="52:54:00:00:00:01",
+                      instance=inst.id, node=NODE),
+    )  # fmt: skip
+    alloc = IPALLOC.new(
+        project="", name=ipam.alloc_name("sub-a", "10.0.1.11"),
+        spec=ipam.IpAllocSpec(subnet="sub-a", address="10.0.1.11", holder="port/port-1"),
+    )  # fmt: skip
+    await world.store.commit(Txn([Create(PORT.dump(port)), Create(IPALLOC.dump(alloc))]))
+    await world.pass_()
+    await world.change_spec(inst, deleted=True)
+    await world.pass_()
+    assert await world.get(inst) is None and world.domain(inst) is None
+    assert await world.store.get(PORT.name, "port-1") is None
+    assert await world.store.list(IPALLOC.name, project="") == []
