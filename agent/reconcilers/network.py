@@ -466,8 +466,8 @@ class NetworkReconciler:
     # -- the node key ----------------------------------------------------------------------------------------------
     async def _reconcile_node(self) -> Result:
         await self._publish_underlay()
-        await self._apply_ruleset()
         await self._sweep()
+        await self._apply_ruleset()  # last: a kernel that refuses the ruleset must not stop the sweep
         return Result()
 
     async def _publish_underlay(self) -> None:
