@@ -1,4 +1,5 @@
-"""Fixtures for multi-node tests: ``make_cluster(n)`` builds agents in network namespaces (see ``harness.py``)."""
+"""Fixtures for multi-node tests: ``make_cluster(n)`` builds agents in network namespaces (see ``harness.py``);
+``real_hosts`` skips where nodes cannot run their own libvirtd and guests; ``guest_image`` is the busybox test guest."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from tests.cluster import harness
 from tests.cluster.harness import Cluster
+from tests.integration.conftest import guest_image  # noqa: F401  (the busybox test guest, built once per session)
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +48,11 @@ def make_cluster(netns_harness: None, tmp_path) -> Iterator[Callable[..., Cluste
 def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
     """Three started agents, ``n1``..``n3``."""
     return make_cluster(3, start=True)
+
+
+@pytest.fixture(scope="session")
+def real_hosts(netns_harness: None) -> None:
+    """Skip (saying what is missing) where a test node cannot run its own libvirtd and QEMU guests."""
+    reason = harness.libvirt_unavailable_reason()
+    if reason:
+        pytest.skip(reason)

@@ -20,6 +20,23 @@ Rules the harness keeps:
   record are never touched.
 * ``Cluster.close()`` (also run from ``atexit``) kills the agents and every process left in the namespaces, deletes the
   veth pairs synchronously and removes the namespaces, continuing past individual failures.
+
+Real hosts (``Cluster(..., libvirt=True)``): each node also gets **its own libvirtd** (:class:`NodeLibvirt`), so the
+QEMU guests its agent starts have their taps in that node's namespace only. A *holder* process (``sleep infinity``)
+sits in the node's network namespace and in a private mount namespace where ``<root>/libvirt/{run,lib,cache,log,lock,
+etc}`` are bind-mounted over ``/run/libvirt``, ``/var/lib/libvirt``, ``/var/cache/libvirt``, ``/var/log/libvirt``,
+``/run/lock`` and ``/etc/libvirt`` (a copy without libvirt-managed networks, with ``cgroup_controllers = [ ]`` so two
+nodes' QEMUs never collide in the host's cgroup tree) and sysfs is remounted to show the node's devices. libvirtd,
+the agent and :meth:`Node.exec` all run there (``nsenter -t HOLDER --mount --net``; ``ip netns exec`` would make yet
+another mount namespace). The agent's ``compute.libvirt_uri`` is ``qemu+unix:///system?socket=<root>/libvirt/run/
+libvirt-sock``, which the root namespace reaches too (a filesystem path). The QEMU capabilities probe (~8 s) runs
+once per test process; every later libvirtd starts from a copy of its cache. Closing a node destroys its guests
+before it kills its libvirtd (QEMU would outlive it); a crashed run's libvirtd and guests live in its node's
+namespace, so :func:`cleanup_stale` removes them with it.
+
+Public LAN (``Cluster(..., public=True)``): a namespace ``mcp<id>`` plays the upstream network: a bridge ``br0``
+holding :data:`PUBLIC_GATEWAY` (the "internet router" a node's SNAT leads to), and every node's ``eth1`` (no address:
+the provider interface a public network maps to, ``[network.providers]``) plugged into it.
 """
 
 from __future__ import annotations
@@ -45,10 +62,21 @@ from minicloud.client import Client
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_DIR = Path("/run/minicloud-test")  # owner records and the lock that serialises `ip netns add/del`
-NETNS_RE = re.compile(r"^mc[sn](?P<pid>\d+)x\d+(n\d+)?$")
+NETNS_RE = re.compile(r"^mc[snp](?P<pid>\d+)x\d+(n\d+)?$")
 SUBNET = "10.77"
 AGENT_PORT = 8443
 BRIDGE = "br0"
+PUBLIC_CIDR = "198.51.100.0/24"  # TEST-NET-2: the public LAN of every cluster (each in its own namespace)
+PUBLIC_GATEWAY = "198.51.100.1"
+#: What each node's libvirtd gets privately, bind-mounted over the host's path: <root>/libvirt/<name> → path.
+LIBVIRT_MOUNTS = {
+    "run": "/run/libvirt",
+    "lib": "/var/lib/libvirt",
+    "cache": "/var/cache/libvirt",
+    "log": "/var/log/libvirt",
+    "lock": "/run/lock",
+    "etc": "/etc/libvirt",
+}
 
 T = TypeVar("T")
 
@@ -224,6 +252,31 @@ def unavailable_reason() -> str | None:
             delete_netns(probe)
 
 
+def libvirt_unavailable_reason() -> str | None:
+    """Why nodes cannot run their own libvirtd and QEMU guests here, or None when they can."""
+    for tool, package in (
+        ("libvirtd", "libvirt-daemon"),
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("nsenter", "util-linux"),
+        ("unshare", "util-linux"),
+    ):
+        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
+            return f"real cluster hosts need {tool} (Debian package {package})"
+    if not Path("/etc/libvirt/qemu.conf").exists():
+        return "real cluster hosts need libvirtd's /etc/libvirt/qemu.conf (Debian package libvirt-daemon-driver-qemu)"
+    try:
+        import pwd
+
+        pwd.getpwnam("libvirt-qemu")
+    except KeyError:
+        return "real cluster hosts need libvirtd's libvirt-qemu user (Debian package libvirt-daemon-driver-qemu)"
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        return "real cluster hosts need the libvirt Python binding (libvirt-python, the agent extra)"
+    return None
+
+
 # -- topology ----------------------------------------------------------------------------------------------------------
 
 
@@ -264,6 +317,215 @@ class Switch:
         delete_netns(self.netns)
 
 
+class PublicLan(Switch):
+    """The upstream LAN: a namespace ``mcp<id>`` whose bridge ``br0`` holds :data:`PUBLIC_GATEWAY`; nodes plug their
+    ``eth1`` into it (:meth:`Switch.plug`)."""
+
+    def __init__(self, netns: str) -> None:
+        super().__init__(netns)
+        try:
+            prefixlen = PUBLIC_CIDR.split("/")[1]
+            ip("-n", netns, "addr", "add", f"{PUBLIC_GATEWAY}/{prefixlen}", "dev", BRIDGE)
+        except BaseException:
+            self.close()
+            raise
+
+    def exec(self, *cmd: object, timeout: float = 30, **kw: Any) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the public namespace (output captured as text)."""
+        return subprocess.run(
+            ["ip", "netns", "exec", self.netns, *map(str, cmd)], capture_output=True, text=True, timeout=timeout, **kw
+        )
+
+
+def port_number(port: str) -> str:
+    """``v3`` → ``3``: a node's number from its switch port's name."""
+    return port.lstrip("v")
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].split()[0] not in ("Z", "X")
+
+
+_caps_lock = threading.Lock()
+_caps_seed: Path | None = None
+
+
+def _qemu_caps_seed() -> Path:
+    """This process's copy of a probed ``/var/cache/libvirt/qemu`` (empty until the first libvirtd has probed)."""
+    global _caps_seed
+    with _caps_lock:
+        if _caps_seed is None:
+            import tempfile
+
+            _caps_seed = Path(tempfile.mkdtemp(prefix="minicloud-qemu-caps-"))
+            atexit.register(shutil.rmtree, _caps_seed, True)
+        return _caps_seed
+
+
+class NodeLibvirt:
+    """A libvirtd private to one node (see the module docstring): :meth:`start` it after the node's namespace
+    exists; :meth:`stop` destroys its guests, then kills it and the holder. Idempotent; never raises from stop()
+    for what is already gone."""
+
+    def __init__(self, netns: str, root: Path) -> None:
+        self.netns = netns
+        self.root = root  # <node root>/libvirt
+        self.holder: subprocess.Popen[bytes] | None = None
+        self.socket = root / "run" / "libvirt-sock"
+
+    @property
+    def uri(self) -> str:
+        return f"qemu+unix:///system?socket={self.socket}"
+
+    @property
+    def holder_pid(self) -> int | None:
+        return self.holder.pid if self.holder is not None and self.holder.poll() is None else None
+
+    def _prepare(self) -> None:
+        for name in LIBVIRT_MOUNTS:
+            if name != "etc":
+                (self.root / name).mkdir(parents=True, exist_ok=True)
+        etc = self.root / "etc"
+        if not etc.exists():
+            # The host's configuration files, none of its state: its persistent domains (etc/qemu/*.xml), secrets
+            # and libvirt-managed networks (they need iptables and would autostart virbr0; we build our own bridges).
+            shutil.copytree("/etc/libvirt", etc, symlinks=True, ignore=shutil.ignore_patterns("qemu", "secrets"))
+            (etc / "qemu").mkdir()
+            with (etc / "qemu.conf").open("a") as f:
+                f.write(
+                    "\n# minicloud test node: guests as root, no virtlogd, no cgroups (shared host tree)\n"
+                    'user = "root"\ngroup = "root"\nstdio_handler = "file"\ncgroup_controllers = [ ]\n'
+                )
+        caps = self.root / "cache" / "qemu"
+        seed = _qemu_caps_seed()
+        if any(seed.iterdir()) and not caps.exists():
+            shutil.copytree(seed, caps)
+
+    def start(self, timeout: float = 60) -> NodeLibvirt:
+        """Start the holder and libvirtd; return once libvirtd answers (and its QEMU capabilities are cached)."""
+        import libvirt
+
+        self._prepare()
+        ready = self.root / "holder.ready"
+        ready.unlink(missing_ok=True)
+        mounts = " ".join(
+            f"mkdir -p {target} && mount --bind {self.root / name} {target} &&"
+            for name, target in LIBVIRT_MOUNTS.items()
+        )
+        script = (
+            f"set -e; {mounts} true; "
+            # sysfs as the node sees it (libvirt reads /sys/class/net), then cgroup2 back over it.
+            "mount -t sysfs sysfs /sys; mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null || true; "
+            f"touch {ready}; exec sleep infinity"
+        )
+        self.holder = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--mount", "--propagation", "private", "--",
+             "sh", "-c", script],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=(self.root / "holder.log").open("wb"),
+        )  # fmt: skip
+        wait_for(lambda: ready.exists() or self.holder.poll() is not None, timeout=timeout, what="the holder")  # type: ignore[union-attr]
+        if self.holder.poll() is not None:
+            raise HarnessError(f"{self.netns}: the mount holder failed: {(self.root / 'holder.log').read_text()}")
+        run = self.exec("libvirtd", "-d", "-p", f"{LIBVIRT_MOUNTS['run']}/libvirtd.pid", timeout=timeout)
+        if run.returncode != 0:
+            raise HarnessError(f"{self.netns}: libvirtd failed to start: {run.stderr.strip()}\n{self.log_tail()}")
+        wait_for(self.socket.exists, timeout=timeout, what=f"{self.socket}")
+        conn = libvirt.open(self.uri)
+        try:
+            conn.getCapabilities()  # probes QEMU unless the seeded cache is valid
+        finally:
+            conn.close()
+        seed = _qemu_caps_seed()
+        with _caps_lock:
+            if not any(seed.iterdir()) and (self.root / "cache" / "qemu").is_dir():
+                shutil.copytree(self.root / "cache" / "qemu", seed, dirs_exist_ok=True)
+        return self
+
+    def exec(self, *cmd: object, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the node, in the holder's mount namespace."""
+        assert self.holder_pid is not None, "start() first"
+        return subprocess.run(
+            ["nsenter", "-t", str(self.holder_pid), "--mount", "--net", *map(str, cmd)],
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return (self.root / "log" / "libvirtd.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no libvirtd log)"
+
+    def pid(self) -> int | None:
+        try:
+            return int((self.root / "run" / "libvirtd.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def domains(self) -> list[str]:
+        """Names of the domains this libvirtd knows (running or not)."""
+        import libvirt
+
+        conn = libvirt.open(self.uri)
+        try:
+            return sorted(d.name() for d in conn.listAllDomains(0))
+        finally:
+            conn.close()
+
+    def destroy_guests(self) -> None:
+        """Destroy (in parallel: ~1.5 s each) and undefine every domain of this libvirtd."""
+        import libvirt
+
+        if not self.socket.exists():
+            return
+        conn = libvirt.open(self.uri)
+        try:
+            doms = conn.listAllDomains(0)
+
+            def destroy(dom: Any) -> None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    if dom.isActive():
+                        dom.destroy()
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+
+            threads = [threading.Thread(target=destroy, args=(d,)) for d in doms]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        errors = []
+        if self.holder_pid is not None:
+            try:
+                self.destroy_guests()
+            except Exception as exc:  # a dead libvirtd: its QEMUs die with the namespace
+                errors.append(f"destroying guests: {exc}")
+        pid = self.pid()
+        if pid is not None and _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            try:
+                wait_for(lambda: not _alive(pid), timeout=10, what="libvirtd to exit")
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if self.holder is not None:
+            if self.holder.poll() is None:
+                self.holder.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.holder.wait(5)
+        if errors:
+            raise HarnessError("; ".join(errors))
+
+
 class Node:
     """A namespace ``mcn<id>`` with ``lo`` and ``eth0`` (``ADDRESS/PREFIX``), its veth peer on the switch's bridge."""
 
@@ -288,7 +550,12 @@ class Node:
     def ip(self) -> str:
         return self.address
 
+    #: Set on nodes with their own libvirtd: commands enter its holder's mount namespace too.
+    libvirt: NodeLibvirt | None = None
+
     def _cmd(self, cmd: Sequence[object]) -> list[str]:
+        if self.libvirt is not None and (holder := self.libvirt.holder_pid) is not None:
+            return ["nsenter", "-t", str(holder), "--mount", "--net", *map(str, cmd)]
         return ["ip", "netns", "exec", self.netns, *map(str, cmd)]
 
     def exec(
@@ -355,6 +622,8 @@ class AgentNode(Node):
         listen_port: int = AGENT_PORT,
         extra_args: Sequence[str] = (),
         extra_env: dict[str, str] | None = None,
+        libvirt: bool = False,
+        public: PublicLan | None = None,
         **kw: Any,
     ) -> None:
         self.root = root
@@ -368,10 +637,36 @@ class AgentNode(Node):
         self.extra_env: dict[str, str] = dict(extra_env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
+        self.image_dir = root / "images"  # compute.image_dirs: copy guest images here to import them on this node
         root.mkdir(parents=True, exist_ok=True)
+        if libvirt:
+            self.libvirt = NodeLibvirt(netns, root / "libvirt")
         if not self.config.exists():
-            self.config.write_text('# no compute in the cluster tests\n[compute]\ndriver = "none"\n')
+            self.config.write_text(self.compute_config() if libvirt else self.NO_COMPUTE)
         super().__init__(switch, netns, address, **kw)
+        try:
+            if public is not None:
+                public.plug(f"p{port_number(self.port)}", netns, "eth1")
+                ip("-n", netns, "link", "set", "eth1", "up")
+            if self.libvirt is not None:
+                self.libvirt.start()
+        except BaseException:
+            self.close()
+            raise
+
+    NO_COMPUTE = '# no compute in the cluster tests\n[compute]\ndriver = "none"\n'
+
+    def compute_config(self) -> str:
+        """Real compute against this node's own libvirtd (TCG); images importable from :attr:`image_dir`."""
+        assert self.libvirt is not None
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        return (
+            "# a real host of the cluster tests: its own libvirtd, TCG guests\n"
+            f'[compute]\ndriver = "libvirt"\nvirt_type = "qemu"\nlibvirt_uri = "{self.libvirt.uri}"\n'
+            f'image_dirs = ["{self.image_dir}"]\nstop_timeout = 5.0\n'
+            # Capacity is republished every resync: after a join the cluster's store learns it within seconds.
+            "resync_interval = 5.0\n"
+        )
 
     # -- environment -----------------------------------------------------------------------------------------------
     @property
@@ -500,12 +795,17 @@ class AgentNode(Node):
             return "(no log)"
 
     def close(self) -> None:
+        """Kill the agent, destroy the guests and stop libvirtd (if any), then remove the namespace."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(10)
-        super().close()
+        try:
+            if self.libvirt is not None:
+                self.libvirt.stop()
+        finally:
+            super().close()
 
 
 # -- clusters ----------------------------------------------------------------------------------------------------------
@@ -520,7 +820,9 @@ def _next_cluster_number() -> int:
 
 
 class Cluster:
-    """A switch and ``n`` :class:`AgentNode` s (``nodes[0]`` is ``n1`` at ``10.77.<c>.1``), under ``root/n<k>``.
+    """A switch and ``n`` :class:`AgentNode` s (``nodes[0]`` is ``n1`` at ``10.77.<c>.1``), under ``root/n<k>``;
+    with ``libvirt=True`` each node runs its own libvirtd and real compute, with ``public=True`` a public LAN joins
+    the nodes' ``eth1`` (see the module docstring).
 
     Agents are not started unless ``start=True``; use :meth:`start_all`. Use as a context manager or call
     :meth:`close` (idempotent; also run at interpreter exit). ``extra_args``/``extra_env`` are copied into each node.
@@ -535,6 +837,8 @@ class Cluster:
         extra_args: Sequence[str] = (),
         extra_env: dict[str, str] | None = None,
         node_class: type[AgentNode] = AgentNode,
+        libvirt: bool = False,
+        public: bool = False,
     ) -> None:
         if not 1 <= n <= 250:
             raise ValueError("a cluster has 1 to 250 nodes")
@@ -546,14 +850,18 @@ class Cluster:
         self.extra_args = list(extra_args)
         self.extra_env = dict(extra_env or {})
         self.node_class = node_class
+        self.libvirt = libvirt
         self.nodes: list[AgentNode] = []
         self.closed = False
         self.switch: Switch | None = None
+        self.public: PublicLan | None = None
         with _live_lock:
             _live_clusters.add(self)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.switch = Switch(f"mcs{self.id}")
+            if public:
+                self.public = PublicLan(f"mcp{self.id}")
             for _ in range(n):
                 self.add_node()
             if start:
@@ -570,6 +878,8 @@ class Cluster:
             k += 1
         kw.setdefault("extra_args", self.extra_args)
         kw.setdefault("extra_env", self.extra_env)
+        kw.setdefault("libvirt", self.libvirt)
+        kw.setdefault("public", self.public)
         node = self.node_class(
             self.switch,
             f"mcn{self.id}n{k}",
@@ -592,6 +902,24 @@ class Cluster:
             node.wait_ready(max(0.1, deadline - time.monotonic()))
         return self
 
+    def form(self, timeout: float = 60) -> Cluster:
+        """Make one cluster of the started agents: `cluster enable` on n1, `cluster add` + `join` for the others;
+        return once every node is an online voter."""
+        first, *others = self.nodes
+        first.cli("cluster", "enable", check=True)
+        for node in others:
+            token = first.json("cluster", "add", node.node_name)["token"]
+            node.cli("join", token, check=True)
+
+        def formed() -> bool:
+            members = first.client(timeout=30).call("GET", "/v1/cluster")["members"]
+            return len(members) == len(self.nodes) and all(
+                m["status"] == "online" and m["role"] == "voter" for m in members
+            )
+
+        wait_for(formed, timeout=timeout, interval=0.5, what="every node online as a voter")
+        return self
+
     def stop_all(self) -> None:
         for node in self.nodes:
             if node.running:
@@ -601,7 +929,8 @@ class Cluster:
 
     @property
     def netns_names(self) -> list[str]:
-        return ([self.switch.netns] if self.switch else []) + [node.netns for node in self.nodes]
+        own = [sw.netns for sw in (self.switch, self.public) if sw is not None]
+        return own + [node.netns for node in self.nodes]
 
     def close(self) -> None:
         """Kill every agent and process in our namespaces, delete the veth pairs and namespaces. Raises after trying
@@ -615,11 +944,13 @@ class Cluster:
                 node.close()
             except Exception as exc:
                 errors.append(f"{node.netns}: {exc}")
-        if self.switch is not None:
+        for switch in (self.public, self.switch):
+            if switch is None:
+                continue
             try:
-                self.switch.close()
+                switch.close()
             except Exception as exc:
-                errors.append(f"{self.switch.netns}: {exc}")
+                errors.append(f"{switch.netns}: {exc}")
         with _live_lock:
             _live_clusters.discard(self)
         if errors:
