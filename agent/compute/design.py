@@ -59,6 +59,9 @@ class Nic:
 
     mac: str
     bridge: str
+    #: The host tap's name (None: libvirt picks ``vnetN``). VPC ports get ``nodenetworks.tap_name(port)``: the
+    #: node's security-group rules match on it.
+    tap: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,7 +127,7 @@ def _devices_for(spec: GuestSpec) -> tuple[Device, ...]:
     ]
     if spec.seed_iso is not None:
         devices.append(Disk(str(spec.seed_iso), "sda", "sata", device="cdrom", driver_type="raw", readonly=True))
-    devices += [Interface(nic.mac, nic.bridge, model="virtio") for nic in spec.nics]
+    devices += [Interface(nic.mac, nic.bridge, model="virtio", target_dev=nic.tap) for nic in spec.nics]
     devices += [
         Serial(str(spec.console_log), port=0, append=True),
         Console(str(spec.console_log), port=0, append=True),

@@ -12,7 +12,15 @@ fills it again (it adopts existing devices without recreating them).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+
+
+def tap_name(port_id: str) -> str:
+    """The host device (tap) of a port's NIC on its node: ``mct-`` + 10 hex digits of the port id's SHA-256 (fits
+    IFNAMSIZ). The compute reconciler names the guest's tap so; the network reconciler's security-group rules match
+    on it."""
+    return "mct-" + hashlib.sha256(port_id.encode()).hexdigest()[:10]
 
 
 class NodeNetworks:

@@ -44,7 +44,7 @@ from agent.compute import design, seed
 from agent.compute.driver import ComputeDriver, DomainInfo, DriverError
 from agent.compute.xml import InstanceMetadata, Interface, read_metadata
 from agent.net.default import NetworkDriver, NetworkError
-from agent.net.nodenetworks import NodeNetworks
+from agent.net.nodenetworks import NodeNetworks, tap_name
 from agent.reconcile import Result, update_record
 from minicloud import errors, ids
 from minicloud.compute import image_files
@@ -186,7 +186,7 @@ class ComputeReconciler:
                 missing.append(nic.network)
                 self._waiting.setdefault(nic.network, set()).add(inst.id)
             else:
-                out.append(design.Nic(mac=nic.mac, bridge=bridge))
+                out.append(design.Nic(mac=nic.mac, bridge=bridge, tap=tap_name(nic.port)))
         return None if missing else tuple(out)
 
     async def _records(self) -> list[Instance]:
@@ -431,13 +431,13 @@ class ComputeReconciler:
         """Make the running domain's NICs exactly ``nics``: attach the missing, detach the extra (live and in
         its definition), and re-plug a NIC whose bridge changed."""
         have = _interfaces(xml)
-        want = {n.mac: n.bridge for n in nics}
+        want = {n.mac: n for n in nics}
         for mac, bridge in have.items():
-            if want.get(mac) != bridge:
-                await self.driver.detach_device(uuid, _interface_xml(mac, bridge))
-        for mac, bridge in want.items():
-            if have.get(mac) != bridge:
-                await self.driver.attach_device(uuid, _interface_xml(mac, bridge))
+            if mac not in want or want[mac].bridge != bridge:
+                await self.driver.detach_device(uuid, _interface_xml(design.Nic(mac=mac, bridge=bridge)))
+        for mac, nic in want.items():
+            if have.get(mac) != nic.bridge:
+                await self.driver.attach_device(uuid, _interface_xml(nic))
 
     def _guest_spec(self, inst: Instance, image: Image, nics: tuple[design.Nic, ...]) -> design.GuestSpec:
         spec = inst.spec
@@ -617,8 +617,10 @@ def _interfaces(xml: str) -> dict[str, str]:
     return out
 
 
-def _interface_xml(mac: str, bridge: str) -> str:
-    return ET.tostring(Interface(mac, bridge, model="virtio").to_element(), encoding="unicode")
+def _interface_xml(nic: design.Nic) -> str:
+    """The ``<interface>`` of one NIC as ``domain_for`` designs it (the same tap name), for hot-plug."""
+    iface = Interface(nic.mac, nic.bridge, model="virtio", target_dev=getattr(nic, "tap", None))
+    return ET.tostring(iface.to_element(), encoding="unicode")
 
 
 def _current_vcpus(xml: str) -> int:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import ipaddress
 import logging
 import re
@@ -46,7 +45,7 @@ from agent.net.common import NetworkError
 from agent.net.dhcp import DhcpHost, DhcpServer, DhcpSpec, DnsRecord
 from agent.net.firewall import NftFirewall, NftTable
 from agent.net.metadata import InstanceMetadata, MetadataServer
-from agent.net.nodenetworks import NodeNetworks
+from agent.net.nodenetworks import NodeNetworks, tap_name
 from agent.net.overlay import FdbEntry, Neighbour, OverlayDriver, OverlaySpec, bridge_name
 from agent.net.service import INNER_NAME, ServiceSpec, service_mac
 from agent.reconcile import Result, update_record
@@ -70,12 +69,6 @@ Port = Any  # Obj[PortSpec, Any]
 
 
 # -- pure: names -----------------------------------------------------------------------------------------------------
-def tap_name(port_id: str) -> str:
-    """The host device (tap) of a port's NIC on its node: ``mct-`` + 10 hex digits of the port id's SHA-256 (fits
-    IFNAMSIZ). The compute side names the guest's tap so; the security-group rules match on it."""
-    return "mct-" + hashlib.sha256(port_id.encode()).hexdigest()[:10]
-
-
 def dns_label(name: str) -> str | None:
     """``name`` as a DNS label (lowercase, other characters as ``-``), or None if nothing usable is left."""
     label = _LABEL_BAD.sub("-", name.lower()).strip("-")[:63].strip("-")
