@@ -553,14 +553,11 @@ def write_json(path: str, results: list[Result], ratios: dict[str, dict[str, flo
 # --------------------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def timing_args(p: argparse.ArgumentParser, argv: list[str], quick_help: str) -> bool:
+    """``--quick``, ``--seconds`` and ``--warmup``, shared by the benches; returns whether ``--quick`` was given
+    (its defaults apply unless a flag is given explicitly)."""
     quick = "--quick" in argv
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="a few seconds in all (0.5 s per scenario, 0.2 s warm-up, 4 clients unless given): does it still work?",
-    )
+    p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument(
         "--seconds", type=float, default=0.5 if quick else 5.0, help="measured seconds per scenario (default 5)"
     )
@@ -569,6 +566,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=float,
         default=0.2 if quick else 1.0,
         help="unrecorded warm-up seconds per scenario (default 1)",
+    )
+    return quick
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    quick = timing_args(
+        p, argv, "a few seconds in all (0.5 s per scenario, 0.2 s warm-up, 4 clients unless given): does it still work?"
     )
     p.add_argument("--concurrency", "-c", type=int, default=4 if quick else 16, help="closed-loop clients (default 16)")
     p.add_argument("--transport", choices=["unix", "https", "both"], default="both", help="which listener(s) to bench")

@@ -59,6 +59,7 @@ from api_bench import (
     run_scenario,
     spawn,
     stop_children,
+    timing_args,
     wait_ready,
 )
 
@@ -389,20 +390,8 @@ def write_json(
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    quick = "--quick" in argv
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="a few seconds in all (0.5 s per scenario, 0.2 s warm-up, 4 clients unless given): does it still work?",
-    )
-    p.add_argument(
-        "--seconds", type=float, default=0.5 if quick else 5.0, help="measured seconds per scenario (default 5)"
-    )
-    p.add_argument(
-        "--warmup",
-        type=float,
-        default=0.2 if quick else 1.0,
-        help="unrecorded warm-up seconds per scenario (default 1)",
+    quick = timing_args(
+        p, argv, "a few seconds in all (0.5 s per scenario, 0.2 s warm-up, 4 clients unless given): does it still work?"
     )
     p.add_argument("--concurrency", "-c", type=int, default=4 if quick else 16, help="closed-loop clients (default 16)")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")

@@ -58,6 +58,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from api_bench import timing_args  # noqa: E402
+
 from minicloud import ids  # noqa: E402
 from minicloud.state import Create, Record, SQLiteStore, Txn  # noqa: E402
 
@@ -618,20 +621,8 @@ def write_json(
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    quick = "--quick" in argv
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="0.5 s per scenario, 0.2 s warm-up, 1 failover unless given: does every scenario still work?",
-    )
-    p.add_argument(
-        "--seconds", type=float, default=0.5 if quick else 5.0, help="measured seconds per scenario (default 5)"
-    )
-    p.add_argument(
-        "--warmup",
-        type=float,
-        default=0.2 if quick else 1.0,
-        help="unrecorded warm-up seconds per scenario (default 1)",
+    quick = timing_args(
+        p, argv, "0.5 s per scenario, 0.2 s warm-up, 1 failover unless given: does every scenario still work?"
     )
     p.add_argument(
         "--failovers", type=int, default=1 if quick else 10, help="leader kills to time (default 10; 0: none)"
