@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -20,6 +21,7 @@ from agent.net.default import NetworkDriver, NetworkSpec
 from agent.net.nodenetworks import NodeNetworks
 from agent.reconcile import Controller
 from agent.reconcilers.compute import ComputeReconciler
+from agent.reconcilers.network import NetworkReconciler
 from minicloud.api.keys import CONFIG, HOST, STORE
 from minicloud.config import Config
 
@@ -29,6 +31,10 @@ COMPUTE = web.AppKey("compute", ComputeReconciler)
 NODE_NETWORKS = web.AppKey("node_networks", NodeNetworks)
 #: How many instances the compute reconciler converges at once (each key is still one at a time).
 COMPUTE_WORKERS = 4
+#: This node's network reconciler (absent with ``compute.driver = none``).
+NETWORK = web.AppKey("network", NetworkReconciler)
+#: How many networks the network reconciler converges at once.
+NETWORK_WORKERS = 4
 
 
 def attach_node_services(app: web.Application) -> web.Application:
@@ -42,8 +48,45 @@ def attach_node_services(app: web.Application) -> web.Application:
     if NODE_NETWORKS not in app:
         app[NODE_NETWORKS] = NodeNetworks()
     if config.compute.driver != "none":
+        # the network reconciler first: it fills NODE_NETWORKS, which the compute reconciler waits on
+        app.cleanup_ctx.append(_network_ctx)
         app.cleanup_ctx.append(_compute_ctx)
     return app
+
+
+def network_reconciler(config: Config, store: Any, node_networks: NodeNetworks) -> NetworkReconciler:
+    """The VPC network reconciler with the real drivers in the agent's namespace (fakes with the fake hypervisor)."""
+    from agent.net.dhcp import DhcpServer, FakeDhcpServer
+    from agent.net.firewall import FakeFirewall, NftFirewall
+    from agent.net.metadata import FakeMetadataServer, MetadataServer
+    from agent.net.overlay import FakeOverlay, LinuxOverlay
+    from agent.net.service import FakeServiceNamespaces, ServiceNamespaces
+
+    fake = config.compute.driver == "fake"
+    return NetworkReconciler(
+        store=store,
+        node=config.node_name,
+        underlay_address=config.network.underlay_address,
+        overlay=FakeOverlay() if fake else LinuxOverlay(),
+        services=FakeServiceNamespaces() if fake else ServiceNamespaces(prefix=config.network.service_namespace_prefix),
+        firewall=FakeFirewall() if fake else NftFirewall(),
+        node_networks=node_networks,
+        state_dir=config.data_path / "vpc",
+        dhcp_factory=(lambda spec, d, ns: (FakeDhcpServer if fake else DhcpServer)(spec, d, netns=ns)),
+        metadata_factory=(lambda ns, lookup: (FakeMetadataServer if fake else MetadataServer)(ns, lookup)),
+    )
+
+
+async def _network_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    reconciler = network_reconciler(config, app[STORE], app[NODE_NETWORKS])
+    controller = Controller(
+        app[STORE], reconciler, workers=NETWORK_WORKERS, resync_interval=config.compute.resync_interval
+    )
+    await controller.start()
+    app[NETWORK] = reconciler
+    yield
+    await controller.close()
 
 
 def default_network(config: Config) -> NetworkDriver | None:

@@ -143,6 +143,9 @@ class NetworkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: send to (published on its ``node`` record). "" uses the node's cluster address (127.0.0.1 on a single node).
     #: Related: ``underlay_mtu``.
     underlay_address: Annotated[str, msgspec.Meta(pattern=r"^$|^[0-9]{1,3}(\.[0-9]{1,3}){3}$")] = ""
+    #: The names of the per-network service namespaces are this + the VNI in six hex digits (``ip netns`` lists
+    #: them). Only test clusters whose nodes share one ``/run/netns`` need another per node.
+    service_namespace_prefix: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9-]{0,20}$")] = "mcs-"
 
 
 class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -300,3 +300,33 @@ def _write_if_changed(path: Path, text: str) -> bool:
     tmp.chmod(0o644)
     os.replace(tmp, path)
     return True
+
+
+class FakeDhcpServer:
+    """A :class:`DhcpServer` that runs nothing (the fake hypervisor's nodes): ``hosts`` and ``records`` hold what the
+    last ``ensure`` was given."""
+
+    def __init__(self, spec: DhcpSpec, state_dir: Path, *, netns: str | None = None, **_: object) -> None:
+        self.spec = spec
+        self.state_dir = Path(state_dir)
+        self.netns = netns
+        self.hosts: tuple[DhcpHost, ...] = ()
+        self.records: tuple[DnsRecord, ...] = ()
+        self.running = False
+
+    def pid(self) -> int | None:
+        return None
+
+    def leases(self) -> dict[str, str]:
+        return {}
+
+    async def ensure(self, hosts: Iterable[DhcpHost], records: Iterable[DnsRecord]) -> bool:
+        new = (tuple(hosts), tuple(records))
+        hosts_file(self.spec, new[0])  # the same validation
+        changed = not self.running or new != (self.hosts, self.records)
+        self.hosts, self.records = new
+        self.running = True
+        return changed
+
+    async def stop(self) -> None:
+        self.running = False

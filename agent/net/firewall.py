@@ -99,3 +99,30 @@ class NftFirewall:
         script = delete_tables_script(tables)
         if script:
             await self.apply(script)
+
+
+class FakeFirewall:
+    """An in-memory :class:`NftFirewall` for unit tests and the fake hypervisor: ``tables`` maps each table to the
+    last script that defined it; nothing touches the host."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        self.tables: dict[NftTable, str] = {}
+        self.scripts: list[str] = []
+
+    async def apply(self, script: str) -> None:
+        self.scripts.append(script)
+        for line in script.splitlines():
+            if line.startswith("table ") and line.endswith("{"):
+                family, name = line.split()[1:3]
+                self.tables[NftTable(family, name)] = script
+
+    async def replace_table(self, table: NftTable, body: str) -> None:
+        await self.apply(replace_table_script(table, body))
+
+    async def list_tables(self, prefix: str = TABLE_PREFIX) -> list[NftTable]:
+        return sorted(t for t in self.tables if t.name.startswith(prefix))
+
+    async def delete_tables(self, tables: Iterable[NftTable]) -> None:
+        for t in tables:
+            self.tables.pop(t, None)

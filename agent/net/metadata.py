@@ -222,3 +222,18 @@ class MetadataServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+
+
+class FakeMetadataServer:
+    """A :class:`MetadataServer` that listens nowhere (the fake hypervisor's nodes); ``lookup`` stays callable."""
+
+    def __init__(self, netns_path: str | None, lookup: Lookup, **_: object) -> None:
+        self.netns_path = netns_path
+        self.lookup = lookup
+        self.running = False
+
+    async def start(self) -> None:
+        self.running = True
+
+    async def stop(self) -> None:
+        self.running = False

@@ -518,7 +518,9 @@ class NetworkReconciler:
             for entry in await asyncio.to_thread(lambda: sorted(self.state_dir.iterdir())):
                 if entry.is_dir() and entry.name not in wanted_ids and entry.name not in self._dhcp:
                     await _Stopper(entry).stop()  # a dnsmasq of a network gone while we were down
-        present = {s.vni for s in await self.overlay.list_networks()} | set(await self.services.list())
+        # What this node's namespace holds (bridges, VXLAN devices): a service namespace is only ever removed with
+        # its network's devices, never on its own (namespaces of another node could share the directory).
+        present = {s.vni for s in await self.overlay.list_networks()}
         known = {v: k for k, v in self._vnis.items()}
         for vni in sorted(present - wanted):
             nid = known.get(vni, "")
