@@ -64,6 +64,13 @@ def bridge_name(vni: int) -> str:
     return f"{BRIDGE_PREFIX}{vni:06x}"
 
 
+def bridge_mac(vni: int) -> str:
+    """The bridge's own MAC, fixed (locally administered, from the VNI): a bridge whose MAC follows its ports changes
+    it when a port with a lower MAC is plugged, and the kernel then flushes the bridge's neighbour entries (ARP
+    suppression) until the next reconcile."""
+    return "02:4d:42:" + ":".join(f"{(vni >> s) & 0xFF:02x}" for s in (16, 8, 0))
+
+
 def vxlan_name(vni: int) -> str:
     """The VXLAN device of network ``vni`` on every node: ``mcv-`` and six hex digits (10 characters)."""
     return f"{VXLAN_PREFIX}{vni:06x}"
@@ -300,6 +307,8 @@ class LinuxOverlay:
 
         br = await self._ensure_link(ipr, spec.bridge, "bridge", {"mtu": spec.mtu}, lambda _m: True)
         bri = br["index"]
+        if (br.get("address") or "").lower() != bridge_mac(spec.vni):
+            await ipr.link("set", index=bri, address=bridge_mac(spec.vni))
 
         def vxlan_matches(msg: Any) -> bool:
             data = _attrs(msg, "linkinfo", "data")

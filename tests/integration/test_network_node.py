@@ -343,3 +343,160 @@ async def test_a_port_record_builds_the_network_a_restart_adopts_it_and_deleting
         assert r2.node_networks.bridge_for("net-1") is None
     finally:
         await r2.close()
+
+
+def _reconciler(store: SQLiteStore, ns: str, name: str, underlay: str, prefix: str, state: Path) -> NetworkReconciler:
+    return NetworkReconciler(
+        store=store,
+        node=name,
+        underlay_address=underlay,
+        overlay=LinuxOverlay(netns=ns),
+        services=ServiceNamespaces(ns, prefix=prefix),
+        firewall=NftFirewall(ns),
+        node_networks=NodeNetworks(),
+        state_dir=state,
+        dhcp_factory=lambda spec, d, netns: DhcpServer(spec, d, netns=netns, user="root"),
+    )
+
+
+def _dns_query(name: str, server: str) -> str:
+    """Python source that asks ``server`` for the A record of ``name`` and prints the address (no DNS tool needed)."""
+    return (
+        "import socket,struct\n"
+        f"q=struct.pack('>HHHHHH',7,0x100,1,0,0,0)+b''.join(bytes([len(p)])+p.encode() for p in {name!r}.split('.'))"
+        "+b'\\0'+struct.pack('>HH',1,1)\n"
+        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(3)\n"
+        f"s.sendto(q,({server!r},53));r=s.recv(512)\n"
+        "print(socket.inet_ntoa(r[-4:]) if struct.unpack('>H',r[6:8])[0] else 'NXDOMAIN')\n"
+    )
+
+
+async def test_two_nodes_carry_one_network_guests_reach_and_resolve_each_other(tmp_path: Path):
+    """Two node namespaces on a veth underlay, each with its own reconciler and a port of one network: the guests
+    (one per node) ping each other across the VXLAN and resolve each other's name; each node learnt the other's
+    port (FDB, neighbour) and floods only to it; the service MAC never crossed (each node answers its own gateway)."""
+    tag = secrets.token_hex(2)
+    a, b, ga, gb = (f"mcn{tag}{s}" for s in ("a", "b", "ga", "gb"))
+    created: list[str] = []
+    store = SQLiteStore(tmp_path / "state.db")
+    await store.open()
+    rs: list[NetworkReconciler] = []
+    try:
+        for ns in (a, b, ga, gb):
+            sh("ip", "netns", "add", ns)
+            created.append(ns)
+            ns_run(ns, "ip", "link", "set", "lo", "up")
+        sh("ip", "-n", a, "link", "add", "under", "type", "veth", "peer", "name", "under", "netns", b)
+        for ns, addr in ((a, "10.254.8.1"), (b, "10.254.8.2")):
+            ns_run(ns, "ip", "addr", "add", f"{addr}/24", "dev", "under")
+            ns_run(ns, "ip", "link", "set", "under", "up")
+        await _records(store)  # port-1 (i-1 "web", 10.77.1.10) on n1
+        from minicloud.cluster.kinds import NODE, NodeSpec
+
+        second = [
+            (NODE, NODE.new(project="", name="n1", spec=NodeSpec(address="10.254.8.1"))),
+            (NODE, NODE.new(project="", name="n2", spec=NodeSpec(address="10.254.8.2:7443"))),
+            (
+                INSTANCE,
+                INSTANCE.new(
+                    project="p",
+                    name="db",
+                    id="i-2",
+                    spec=InstanceSpec(
+                        uuid="u2",
+                        image_id="img",
+                        image_name="img",
+                        type="t",
+                        vcpus=1,
+                        memory_mib=64,
+                        disk_gib=1,
+                        node="n2",
+                    ),
+                ),
+            ),
+            (
+                PORT,
+                PORT.new(
+                    project="p",
+                    name="i-2/0",
+                    id="port-2",
+                    spec=PortSpec(
+                        network="net-1",
+                        subnet="sub-1",
+                        address="10.77.1.11",
+                        mac="52:54:00:4d:00:02",
+                        instance="i-2",
+                        node="n2",
+                        security_groups=["sg-1"],
+                    ),
+                ),
+            ),
+        ]
+        await store.commit(Txn([Create(kind.dump(obj)) for kind, obj in second]))
+        rs = [
+            _reconciler(store, a, "n1", "", f"mcs{tag}a-", tmp_path / "na"),
+            _reconciler(store, b, "n2", "", f"mcs{tag}b-", tmp_path / "nb"),
+        ]
+        for r in rs:
+            await r.start(lambda key: None)
+            for key in await r.all_keys():
+                try:
+                    await r.reconcile(key)
+                except NetworkError:
+                    if key != NODE_KEY or BRIDGE_CONNTRACK:
+                        raise
+        # guests: eth0 with the port's MAC and address, on its node's bridge, through the tap the compute side names
+        for node_ns, g, port, mac, ip in (
+            (a, ga, "port-1", MAC, IP),
+            (b, gb, "port-2", "52:54:00:4d:00:02", "10.77.1.11"),
+        ):
+            tap = tap_name(port)
+            sh(
+                "ip",
+                "-n",
+                node_ns,
+                "link",
+                "add",
+                tap,
+                "mtu",
+                "1450",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                g,
+            )
+            ns_run(node_ns, "ip", "link", "set", tap, "master", bridge_name(VNI), "up")
+            ns_run(g, "ip", "link", "set", "eth0", "address", mac, "mtu", "1450", "up")
+            ns_run(g, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
+            ns_run(g, "ip", "route", "add", "default", "via", "10.77.1.1")
+        fdb = ns_run(a, "bridge", "fdb", "show", "dev", vxlan_name(VNI)).stdout
+        assert "52:54:00:4d:00:02 dst 10.254.8.2" in fdb and "00:00:00:00:00:00 dst 10.254.8.2" in fdb
+        assert (
+            "10.77.1.11 lladdr 52:54:00:4d:00:02 PERMANENT"
+            in ns_run(a, "ip", "neigh", "show", "dev", bridge_name(VNI)).stdout
+        )
+        ping = await asyncio.to_thread(ns_run, ga, BUSYBOX, "ping", "-c", "3", "-W", "2", "10.77.1.11", check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        # both nodes' gateways answer with the same MAC, each locally
+        for g in (ga, gb):
+            done = await asyncio.to_thread(ns_run, g, BUSYBOX, "ping", "-c", "1", "-W", "2", "10.77.1.1", check=False)
+            assert done.returncode == 0
+            assert service_mac(VNI) in ns_run(g, "ip", "neigh", "show", "10.77.1.1").stdout
+        got = await asyncio.to_thread(ns_run, ga, sys.executable, "-c", _dns_query("db.vpc.internal", "10.77.1.1"))
+        assert got.stdout.strip() == "10.77.1.11"
+        got = await asyncio.to_thread(ns_run, gb, sys.executable, "-c", _dns_query("web.vpc.internal", "10.77.1.1"))
+        assert got.stdout.strip() == IP
+        # the other node's metadata is not the guest's: node b's service answers only for b's own port
+        md = await _http(gb, "http://169.254.169.254/latest/meta-data/instance-id")
+        assert md == "i-2"
+    finally:
+        for r in rs:
+            await r.close()
+        await store.close()
+        for d in [*(tmp_path / "na").glob("*"), *(tmp_path / "nb").glob("*")]:
+            await DhcpServer(_any_spec(), d).stop()
+        for ns in [*created, f"mcs{tag}a-{VNI:06x}", f"mcs{tag}b-{VNI:06x}"]:
+            sh("ip", "netns", "del", ns, check=False)
