@@ -6,7 +6,10 @@ does, and no packet ever sees a half-applied ruleset. :func:`replace_table_scrip
 replaces the table atomically whether or not it exists (create it empty, delete it, define it anew).
 
 Our tables are named ``minicloud…`` (:data:`TABLE_PREFIX`: ``minicloud-<bridge>`` of the default network,
-``bridge minicloud_sg`` of the security-group compiler), in any family; nothing else on the host is touched.
+``bridge minicloud_sg`` and ``inet minicloud_sg`` of the security-group compiler), in any family; nothing else on
+the host is touched. :meth:`NftFirewall.enable_bridge_netfilter` sets ``net.bridge.bridge-nf-call-iptables = 1`` in
+the namespace (per network namespace; the stateful security-group rules live in the ``inet`` family and see bridged
+IPv4 only through ``br_netfilter``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 from agent.net.common import NetworkError, NetworkPermissionError, netns_argv
 
 NFT_BINARY = "nft"
+SYSCTL_BINARY = "sysctl"
+BRIDGE_NF_SYSCTL = "net.bridge.bridge-nf-call-iptables"
 TABLE_PREFIX = "minicloud"
 FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
@@ -58,8 +63,8 @@ class NftFirewall:
         self.netns = netns
         self._nft = nft or shutil.which(NFT_BINARY) or NFT_BINARY
 
-    async def _run(self, args: list[str], stdin: str | None, what: str) -> str:
-        argv = [*netns_argv(self.netns), self._nft, *args]
+    async def _run(self, args: list[str], stdin: str | None, what: str, binary: str | None = None) -> str:
+        argv = [*netns_argv(self.netns), binary or self._nft, *args]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -83,6 +88,13 @@ class NftFirewall:
     async def replace_table(self, table: NftTable, body: str) -> None:
         """Atomically replace (or create) one table; see :func:`replace_table_script`."""
         await self.apply(replace_table_script(table, body))
+
+    async def enable_bridge_netfilter(self) -> None:
+        """``net.bridge.bridge-nf-call-iptables = 1`` in this namespace (the kernel's default, set explicitly): bridged
+        IPv4 then also passes the ``inet``/``ip`` hooks (``br_netfilter``), where the security groups' conntrack
+        rules are. Raises :class:`NetworkError` when the kernel has no ``br_netfilter``."""
+        binary = shutil.which(SYSCTL_BINARY) or SYSCTL_BINARY
+        await self._run(["-q", "-w", f"{BRIDGE_NF_SYSCTL}=1"], None, f"set {BRIDGE_NF_SYSCTL}", binary)
 
     async def list_tables(self, prefix: str = TABLE_PREFIX) -> list[NftTable]:
         """Tables whose name starts with ``prefix`` (ours by default), sorted."""
@@ -109,6 +121,7 @@ class FakeFirewall:
         self.netns = netns
         self.tables: dict[NftTable, str] = {}
         self.scripts: list[str] = []
+        self.bridge_netfilter = False
 
     async def apply(self, script: str) -> None:
         self.scripts.append(script)
@@ -119,6 +132,9 @@ class FakeFirewall:
 
     async def replace_table(self, table: NftTable, body: str) -> None:
         await self.apply(replace_table_script(table, body))
+
+    async def enable_bridge_netfilter(self) -> None:
+        self.bridge_netfilter = True
 
     async def list_tables(self, prefix: str = TABLE_PREFIX) -> list[NftTable]:
         return sorted(t for t in self.tables if t.name.startswith(prefix))

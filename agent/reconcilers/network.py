@@ -34,7 +34,7 @@ import contextlib
 import ipaddress
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,12 +213,18 @@ def _host_name(port_id: str, p: PortSpec, names: dict[str, str]) -> str:
 
 # -- pure: the security-group compiler's inputs ------------------------------------------------------------------------
 def compile_inputs(
-    groups: Sequence[tuple[str, Any]], ports: Sequence[tuple[str, PortSpec]], me: str
+    groups: Sequence[tuple[str, Any]],
+    ports: Sequence[tuple[str, PortSpec]],
+    me: str,
+    bridges: Mapping[str, str] | None = None,
 ) -> tuple[list[sgc.Group], list[sgc.Port]]:
     """(groups, this node's ports) for :func:`~minicloud.network.secgroup_compile.compile_rules`: each group with
-    its rules and its members' addresses cluster-wide; each local port with its tap, MAC, address and the groups of
-    its that exist (a port naming a deleted group just loses that group's rules). ``groups`` are (id,
-    SecurityGroupSpec). Rules naming a group that no longer exists are dropped. Pure."""
+    its rules and its members' addresses cluster-wide; each local port with its tap, its network's bridge (from
+    ``bridges``: network id -> bridge name), MAC, address and the groups of its that exist (a port naming a deleted
+    group just loses that group's rules). A port whose network has no bridge in ``bridges`` gets no address (it
+    sends nothing but DHCP discovery until it has). ``groups`` are (id, SecurityGroupSpec). Rules naming a group
+    that no longer exists are dropped. Pure."""
+    bridges = bridges or {}
     known = {gid for gid, _ in groups}
     members: dict[str, set[str]] = {gid: set() for gid in known}
     for _, p in ports:
@@ -245,8 +251,9 @@ def compile_inputs(
             id=pid,
             device=tap_name(pid),
             mac=p.mac.lower(),
-            ips=(p.address,),
+            ips=(p.address,) if bridges.get(p.network) else (),
             groups=tuple(g for g in dict.fromkeys(p.security_groups) if g in known),
+            bridge=bridges.get(p.network, ""),
         )
         for pid, p in sorted(ports, key=lambda x: x[0])
         if p.node == me
@@ -481,25 +488,33 @@ class NetworkReconciler:
     async def _apply_ruleset(self) -> None:
         ports = [(pid, p) for pid, p in await self._ports()]
         groups = [(r.id, SECURITY_GROUP.load(r).spec) for r in await list_all(self.store, SECURITY_GROUP.name)]
-        g, p = compile_inputs(groups, ports, self.node)
+        bridges = {}
+        for r in await list_all(self.store, NETWORK.name):
+            vni = NETWORK.load(r).spec.vni
+            if vni is not None:
+                bridges[r.id] = bridge_name(vni)
+        g, p = compile_inputs(groups, ports, self.node, bridges)
+        tables = [NftTable("bridge", sgc.TABLE), NftTable("inet", sgc.TABLE)]
         if not p:
             if self._ruleset == "":
                 return
-            table = NftTable("bridge", sgc.TABLE)
-            if self._ruleset is None:  # first look since start: touch nftables only if our table is there
+            if self._ruleset is None:  # first look since start: touch nftables only if our tables are there
                 try:
-                    present = table in await self.firewall.list_tables(sgc.TABLE)
+                    present = set(tables) & set(await self.firewall.list_tables(sgc.TABLE))
                 except NetworkError as exc:
                     log.warning("cannot list nftables tables", extra={"error": str(exc)})
                     return
                 if not present:
                     self._ruleset = ""
                     return
-            await self.firewall.delete_tables([table])
+            await self.firewall.delete_tables(tables)
             self._ruleset = ""
             return
         script = sgc.compile_rules(g, p)
         if script != self._ruleset:
+            # The stateful rules are in the inet family and see bridged IPv4 only through br_netfilter: make sure
+            # it is on in this namespace (the kernel's default, but a host may have turned it off).
+            await self.firewall.enable_bridge_netfilter()
             await self.firewall.apply(script)
             self._ruleset = script
 

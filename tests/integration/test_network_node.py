@@ -299,7 +299,7 @@ async def test_a_port_record_builds_the_network_a_restart_adopts_it_and_deleting
         assert service_mac(VNI) in ns_run(node.service_ns, "ip", "link", "show", INNER_NAME).stdout
         tables = ns_run(node.ns, "nft", "list", "tables").stdout
         assert f"bridge minicloud_svc_{VNI:06x}" in tables
-        assert ("bridge minicloud_sg" in tables) == BRIDGE_CONNTRACK
+        assert "bridge minicloud_sg" in tables and "inet minicloud_sg" in tables  # anti-spoofing, stateful rules
 
         # the guest gets its IPAM address by DHCP (through the security-group chains) and its own metadata
         g = _guest(node)

@@ -202,10 +202,13 @@ class FakeFirewall:
     async def apply(self, script: str) -> None:
         self.scripts.append(script)
 
+    async def enable_bridge_netfilter(self) -> None:
+        self.bridge_netfilter = True
+
     async def list_tables(self, prefix: str = "minicloud"):
         from agent.net.firewall import NftTable
 
-        return [NftTable("bridge", "minicloud_sg")] if self.scripts else []
+        return [NftTable("bridge", "minicloud_sg"), NftTable("inet", "minicloud_sg")] if self.scripts else []
 
     async def delete_tables(self, tables) -> None:
         self.deleted.extend(tables)
@@ -323,6 +326,7 @@ async def test_a_local_port_builds_the_network_and_a_second_pass_changes_nothing
     script = world.firewall.scripts[-1]
     assert f'iifname "{tap_name("port-1")}"' in script and tap_name("port-2") not in script
     assert "elements = { 10.0.1.10, 10.0.1.11 }" in script  # members cluster-wide
+    assert '"mcb-00002a" . 10.0.1.10 : jump i_port_1' in script and world.firewall.bridge_netfilter
     changes, scripts = world.overlay.changes, len(world.firewall.scripts)
     indexes = (net.bridge_index, net.vxlan_index)
     await world.pass_()
@@ -351,7 +355,7 @@ async def test_deleting_the_last_local_port_removes_everything_of_the_network(wo
     await world.r.reconcile(NODE_KEY)
     assert world.overlay.networks == {} and world.services.spaces == {} and FakeDhcp.running == {}
     assert not world.metadata[0].running and world.nn.bridge_for("net-1") is None
-    assert [str(t) for t in world.firewall.deleted] == ["bridge minicloud_sg"]
+    assert [str(t) for t in world.firewall.deleted] == ["bridge minicloud_sg", "inet minicloud_sg"]
 
 
 async def test_a_restarted_reconciler_adopts_and_sweeps_what_no_record_wants(world, tmp_path):
