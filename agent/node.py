@@ -72,7 +72,13 @@ def network_reconciler(config: Config, store: Any, node_networks: NodeNetworks) 
         firewall=FakeFirewall() if fake else NftFirewall(),
         node_networks=node_networks,
         state_dir=config.data_path / "vpc",
-        dhcp_factory=(lambda spec, d, ns: (FakeDhcpServer if fake else DhcpServer)(spec, d, netns=ns)),
+        # user=root: the data directory is 0700 (it holds keys), so dnsmasq's own account could not re-read its hosts
+        # and DNS files there on SIGHUP; it runs inside the network's service namespace only.
+        dhcp_factory=(
+            lambda spec, d, ns: (
+                FakeDhcpServer(spec, d, netns=ns) if fake else DhcpServer(spec, d, netns=ns, user="root")
+            )
+        ),
         metadata_factory=(lambda ns, lookup: (FakeMetadataServer if fake else MetadataServer)(ns, lookup)),
     )
 

@@ -16,6 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from pyroute2 import AsyncIPRoute, NetlinkError
+from pyroute2 import config as pyroute2_config
+
+# pyroute2 opens a socket inside another network namespace from a forked child, then SIGTERMs the child. The child
+# inherits the agent's asyncio signal wake-up fd, so unless it resets SIGTERM to the default first, that SIGTERM
+# reaches the agent's event loop as if the agent itself had been told to stop (seen: agents stopping right after
+# building a service namespace). This makes the child reset SIGINT/SIGTERM before it does anything.
+pyroute2_config.disable_mp_signal = True
 
 #: How long a forking daemon (dnsmasq) may take to start, or to exit after SIGTERM.
 DAEMON_TIMEOUT = 10.0
