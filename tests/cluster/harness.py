@@ -23,16 +23,17 @@ Rules the harness keeps:
 
 Real hosts (``Cluster(..., libvirt=True)``): each node also gets **its own libvirtd** (:class:`NodeLibvirt`), so the
 QEMU guests its agent starts have their taps in that node's namespace only. A *holder* process (``sleep infinity``)
-sits in the node's network namespace and in a private mount namespace where ``<root>/libvirt/{run,lib,cache,log,lock,
-etc}`` are bind-mounted over ``/run/libvirt``, ``/var/lib/libvirt``, ``/var/cache/libvirt``, ``/var/log/libvirt``,
-``/run/lock`` and ``/etc/libvirt`` (a copy without libvirt-managed networks, with ``cgroup_controllers = [ ]`` so two
-nodes' QEMUs never collide in the host's cgroup tree) and sysfs is remounted to show the node's devices. libvirtd,
-the agent and :meth:`Node.exec` all run there (``nsenter -t HOLDER --mount --net``; ``ip netns exec`` would make yet
-another mount namespace). The agent's ``compute.libvirt_uri`` is ``qemu+unix:///system?socket=<root>/libvirt/run/
-libvirt-sock``, which the root namespace reaches too (a filesystem path). The QEMU capabilities probe (~8 s) runs
-once per test process; every later libvirtd starts from a copy of its cache. Closing a node destroys its guests
-before it kills its libvirtd (QEMU would outlive it); a crashed run's libvirtd and guests live in its node's
-namespace, so :func:`cleanup_stale` removes them with it.
+sits in the node's network namespace and in a private mount namespace where ``<root>/libvirt/<name>`` directories
+are bind-mounted over ``/run/libvirt``, ``/var/lib/libvirt``, ``/var/cache/libvirt``, ``/var/log/libvirt``,
+``/run/lock``, ``/etc/libvirt`` (a copy without the host's domains and networks, with ``cgroup_controllers = [ ]`` so
+two nodes' QEMUs never collide in the host's cgroup tree) and ``/run/netns`` (the agent's named namespaces, e.g. its
+service namespaces ``mcs-<vni>``, are the node's own and vanish with it); sysfs is remounted to show the node's
+devices. libvirtd, the agent and :meth:`Node.exec` all run there (``nsenter -t HOLDER --mount --net``; ``ip netns
+exec`` would make yet another mount namespace). The agent's ``compute.libvirt_uri`` is
+``qemu+unix:///system?socket=<root>/libvirt/run/libvirt-sock``, which the root namespace reaches too (a filesystem
+path). The QEMU capabilities probe (~8 s) runs once per test process; every later libvirtd starts from a copy of its
+cache. Closing a node destroys its guests before it kills its libvirtd (QEMU would outlive it); a crashed run's
+libvirtd and guests live in its node's namespace, so :func:`cleanup_stale` removes them with it.
 
 Public LAN (``Cluster(..., public=True)``): a namespace ``mcp<id>`` plays the upstream network: a bridge ``br0``
 holding :data:`PUBLIC_GATEWAY` (the "internet router" a node's SNAT leads to), and every node's ``eth1`` (no address:
@@ -76,6 +77,9 @@ LIBVIRT_MOUNTS = {
     "log": "/var/log/libvirt",
     "lock": "/run/lock",
     "etc": "/etc/libvirt",
+    # Named network namespaces (`ip netns`, pyroute2): a node's agent names its service namespaces mcs-<vni>, the
+    # same on every node; each node keeps its own, and they go when the node's mount namespace goes.
+    "netns": "/run/netns",
 }
 
 T = TypeVar("T")

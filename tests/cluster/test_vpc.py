@@ -1,9 +1,15 @@
 """Real hosts: a two-node cluster whose nodes each run their own libvirtd (see ``harness.py``), with the busybox test
-guest booted under TCG. One cluster for the whole module; at most two guests at once (2 CPU cores in CI)."""
+guest booted under TCG. One cluster for the whole module; at most two guests at once (2 CPU cores in CI).
+
+Guests are observed through their consoles: each VPC guest runs a user-data script of *probes* (a shell command
+retried once a second until it succeeds or its tries run out) in the background, and each probe prints one line,
+``probe NAME ok: OUTPUT`` or ``probe NAME failed: OUTPUT``. A guest's peers' addresses are known before it boots
+(IPAM assigns them when the instance record is committed), so the scripts can name them."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
@@ -35,22 +41,29 @@ def hosts(real_hosts: None, guest_image: Path, tmp_path_factory: pytest.TempPath
         yield cluster
 
 
-def launch(via: AgentNode, name: str, *args: str) -> dict:
+def scope(project: str | None) -> tuple[str, ...]:
+    return ("--project", project) if project else ()
+
+
+def launch(via: AgentNode, name: str, *args: str, project: str | None = None) -> dict:
     """``instance create NAME ARGS --wait`` through ``via``'s API; a node that joined the cluster moments ago
     publishes its capacity into the cluster's store at its next resync (a few seconds), so that refusal is retried."""
 
     def create() -> dict | None:
-        result = via.cli("-o", "json", "instance", "create", name, "--type", "m1.tiny", *args, "--wait")
+        result = via.cli(
+            *scope(project), "-o", "json", "instance", "create", name, "--type", "m1.tiny", *args, "--wait",
+            timeout=BOOT_TIMEOUT,
+        )  # fmt: skip
         if result.returncode == 0:
             return json.loads(result.stdout)
         assert "has not registered its compute capacity" in result.stderr, result.stderr
         return None
 
-    return wait_for(create, timeout=60, interval=1, what=f"instance {name} created")
+    return wait_for(create, timeout=BOOT_TIMEOUT, interval=1, what=f"instance {name} created")
 
 
-def console(node: AgentNode, name: str) -> str:
-    return node.cli("instance", "console", name, check=True).stdout
+def console(node: AgentNode, name: str, project: str | None = None) -> str:
+    return node.cli(*scope(project), "instance", "console", name, check=True).stdout
 
 
 def booted(node: AgentNode, name: str) -> str:
@@ -111,3 +124,165 @@ def test_an_instance_boots_on_its_nodes_own_libvirtd_with_its_tap_in_that_nodes_
     n1.cli("instance", "delete", "smoke", "--wait", check=True)
     assert n2.libvirt.domains() == []
     assert tap not in links(n2.netns)
+
+
+# -- VPC guests -----------------------------------------------------------------------------------------------------
+
+PROBE_HEAD = """#!/bin/sh
+probe() {
+    name=$1; tries=$2; shift 2
+    i=0
+    while :; do
+        if out=$(eval "$*" 2>&1); then
+            echo "probe $name ok: $(echo "$out" | tr '\\n' ' ' | cut -c1-300)"
+            return 0
+        fi
+        i=$((i + 1))
+        [ "$i" -ge "$tries" ] && break
+        sleep 1
+    done
+    echo "probe $name failed: $(echo "$out" | tr '\\n' ' ' | cut -c1-300)"
+    return 1
+}
+"""
+METADATA = "http://169.254.169.254/latest/meta-data"
+# (Debian's static busybox wget segfaults with -T: timeouts come from `timeout`.)
+
+
+def probes(tmp: Path, name: str, checks: list[tuple[str, int, str]]) -> str:
+    """Write a user-data file running ``checks`` (``(probe name, tries, shell command)``, in order) in the background
+    of the guest's boot; return its path."""
+    body = "".join(f"probe {pname} {tries} {json.dumps(cmd)}\n" for pname, tries, cmd in checks)
+    path = tmp / f"{name}.user-data"
+    path.write_text(PROBE_HEAD + "(\n" + body + ") &\n")
+    return str(path)
+
+
+def probe_result(
+    node: AgentNode, instance: str, probe: str, *, project: str | None = None, timeout: float = BOOT_TIMEOUT
+) -> tuple[bool, str]:
+    """Wait for the guest's line about ``probe``; return (succeeded, its output)."""
+    pattern = re.compile(rf"^probe {re.escape(probe)} (ok|failed): ?(.*)$", re.MULTILINE)
+
+    def line() -> re.Match[str] | None:
+        return pattern.search(console(node, instance, project))
+
+    match = wait_for(line, timeout=timeout, interval=1, what=f"{instance}'s probe {probe}")
+    return match.group(1) == "ok", match.group(2)
+
+
+def ok(node: AgentNode, instance: str, probe: str, *, project: str | None = None) -> str:
+    succeeded, output = probe_result(node, instance, probe, project=project)
+    tail = console(node, instance, project)[-3000:]
+    assert succeeded, f"{instance}: probe {probe} failed: {output}\n--- console:\n{tail}"
+    return output
+
+
+def delete(node: AgentNode, *names: str, project: str | None = None) -> None:
+    for name in names:
+        node.cli(*scope(project), "instance", "delete", name, check=True)
+    for name in names:
+        wait_for(
+            lambda name=name: node.cli(*scope(project), "instance", "show", name).returncode != 0,
+            timeout=120,
+            interval=1,
+            what=f"{name} deleted",
+        )
+
+
+@pytest.fixture(scope="module")
+def vpc(hosts: Cluster) -> str:
+    """Network ``vpc`` 10.10.0.0/16 with subnet ``web`` 10.10.1.0/24 in the default project; returns the subnet."""
+    n1 = hosts.nodes[0]
+    n1.cli("network", "create", "vpc", "--cidr", "10.10.0.0/16", check=True)
+    n1.cli("subnet", "create", "web", "--network", "vpc", "--cidr", "10.10.1.0/24", check=True)
+    return "web"
+
+
+def test_two_guests_on_two_nodes_in_one_network_talk_resolve_each_other_and_get_their_own_metadata(
+    hosts: Cluster, vpc: str, tmp_path: Path
+):
+    n1, n2 = hosts.nodes
+    # b first: its address is then known to a's script; b finds a by name.
+    b_data = probes(tmp_path, "b", [
+        ("ping-a", 240, "ping -c 1 -W 2 a.vpc.internal"),
+        ("http-a", 30, "timeout 5 wget -q -O - http://a.vpc.internal/"),
+    ])  # fmt: skip
+    b = launch(n1, "b", "--image", "guest-n2", "--nic", "subnet=web", "--user-data", b_data)
+    b_ip = b["nics"][0]["ip"]
+    a_data = probes(tmp_path, "a", [
+        ("ping-b", 240, f"ping -c 1 -W 2 {b_ip}"),
+        ("http-b", 30, f"timeout 5 wget -q -O - http://{b_ip}/"),
+        ("dns-b", 30, "nslookup b.vpc.internal"),
+        ("metadata-id", 30, f"timeout 5 wget -q -O - {METADATA}/instance-id"),
+        ("metadata-ip", 30, f"timeout 5 wget -q -O - {METADATA}/local-ipv4"),
+        ("metadata-hostname", 30, f"timeout 5 wget -q -O - {METADATA}/hostname"),
+    ])  # fmt: skip
+    a = launch(n1, "a", "--image", "guest-n1", "--nic", "subnet=web", "--user-data", a_data)
+    a_ip = a["nics"][0]["ip"]
+    assert a["status"]["node"] == "n1" and b["status"]["node"] == "n2" and a_ip != b_ip
+
+    # DHCP (each node's dnsmasq serves its own guests) hands out exactly what IPAM assigned.
+    for node, name, ip in ((n1, "a", a_ip), (n2, "b", b_ip)):
+        marker = f"minicloud-guest: ip={ip}"
+        wait_for(
+            lambda node=node, name=name, marker=marker: marker in console(node, name),
+            timeout=BOOT_TIMEOUT,
+            interval=1,
+            what=f"{name}'s DHCP lease",
+        )
+        assert re.findall(r"minicloud-guest: ip=(\S+)", console(node, name)) == [ip]
+
+    # Across the VXLAN between the nodes, both ways: ICMP and HTTP.
+    ok(n1, "a", "ping-b")
+    assert "<h1>b</h1>" in ok(n1, "a", "http-b")
+    ok(n2, "b", "ping-a")  # by name: DNS of the network answers on n2 for a guest on n1
+    assert "<h1>a</h1>" in ok(n2, "b", "http-a")
+    # DNS: NAME.NETWORK.internal for every port of the network, wherever it runs.
+    assert b_ip in ok(n1, "a", "dns-b")
+    # The metadata service answers a with a's own data.
+    assert ok(n1, "a", "metadata-id").strip() == a["id"]
+    assert ok(n1, "a", "metadata-ip").strip() == a_ip
+    assert ok(n1, "a", "metadata-hostname").strip().split(".")[0] == "a"
+
+    delete(n1, "a", "b")
+
+
+def test_two_projects_with_the_same_cidr_cannot_reach_each_other(hosts: Cluster, vpc: str, tmp_path: Path):
+    n1, n2 = hosts.nodes
+    n1.cli("project", "create", "other", check=True)
+    p2 = ("--project", "other")
+    n1.cli(*p2, "network", "create", "vpc", "--cidr", "10.10.0.0/16", check=True)
+    n1.cli(*p2, "subnet", "create", "web", "--network", "vpc", "--cidr", "10.10.1.0/24", check=True)
+    n1.cli(
+        *p2, "image", "import", "guest-n1", "--kernel", str(n1.image_dir / "vmlinuz"),
+        "--initrd", str(n1.image_dir / "initrd.img"), check=True,
+    )  # fmt: skip
+    mine_data = probes(tmp_path, "mine", [
+        ("gateway", 240, "ping -c 1 -W 2 10.10.1.1"),
+        ("theirs", 10, "ping -c 1 -W 1 10.10.1.30"),
+    ])  # fmt: skip
+    theirs_data = probes(tmp_path, "theirs", [
+        ("gateway", 240, "ping -c 1 -W 2 10.10.1.1"),
+        ("metadata-id", 30, f"timeout 5 wget -q -O - {METADATA}/instance-id"),
+        ("mine-ping", 10, "ping -c 1 -W 1 10.10.1.20"),
+        ("mine-http", 5, "timeout 3 wget -q -O - http://10.10.1.20/"),
+        ("mine-dns", 3, "nslookup mine.vpc.internal"),
+    ])  # fmt: skip
+    mine = launch(n1, "mine", "--image", "guest-n2", "--nic", "subnet=web,ip=10.10.1.20", "--user-data", mine_data)
+    theirs = launch(
+        n1, "theirs", "--image", "guest-n1", "--nic", "subnet=web,ip=10.10.1.30", "--user-data", theirs_data,
+        project="other",
+    )  # fmt: skip
+    assert mine["status"]["node"] == "n2" and theirs["status"]["node"] == "n1"
+    # Both networks work (each guest reaches its own gateway; the other project's guest gets its own metadata) ...
+    ok(n2, "mine", "gateway")
+    ok(n1, "theirs", "gateway", project="other")
+    assert ok(n1, "theirs", "metadata-id", project="other").strip() == theirs["id"]
+    # ... and neither reaches the other, though both use 10.10.1.0/24 on the same two nodes' underlay.
+    assert probe_result(n2, "mine", "theirs")[0] is False
+    for probe in ("mine-ping", "mine-http", "mine-dns"):
+        assert probe_result(n1, "theirs", probe, project="other")[0] is False, probe
+
+    delete(n1, "mine")
+    delete(n1, "theirs", project="other")
