@@ -34,6 +34,7 @@ import contextlib
 import ipaddress
 import logging
 import re
+import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -432,6 +433,8 @@ class NetworkReconciler:
             dhcp = _Stopper(self.state_dir / network_id)
         if dhcp is not None:
             await dhcp.stop()
+        if network_id:  # its log too: a network that leaves a node leaves no file behind
+            await asyncio.to_thread(shutil.rmtree, self.state_dir / network_id, True)
         await self.services.remove(vni)
         await self.overlay.remove_network(vni)
         self._vnis.pop(network_id, None)
