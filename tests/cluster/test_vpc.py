@@ -8,6 +8,7 @@ retried once a second until it succeeds or its tries run out) in the background,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from tests.cluster import harness
 from tests.cluster.harness import AgentNode, Cluster, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -38,6 +40,7 @@ def hosts(real_hosts: None, guest_image: Path, tmp_path_factory: pytest.TempPath
                 "image", "import", f"guest-{node.node_name}", "--kernel", str(node.image_dir / "vmlinuz"),
                 "--initrd", str(node.image_dir / "initrd.img"), check=True,
             )  # fmt: skip
+        BASELINE.update({node.node_name: node_state(node) for node in cluster})
         yield cluster
 
 
@@ -60,6 +63,27 @@ def launch(via: AgentNode, name: str, *args: str, project: str | None = None) ->
         return None
 
     return wait_for(create, timeout=BOOT_TIMEOUT, interval=1, what=f"instance {name} created")
+
+
+#: Each node's devices, named namespaces, nft tables and processes once the cluster is up, before any VPC.
+BASELINE: dict[str, dict[str, list[str]]] = {}
+
+
+def node_state(node: AgentNode) -> dict[str, list[str]]:
+    """What a node holds that networking could leave behind: links of its namespace, named network namespaces, nft
+    tables, the programs running in it, and the network reconciler's state directory."""
+    procs = []
+    for pid in harness.netns_pids(node.netns):
+        with contextlib.suppress(OSError):
+            procs.append(Path(f"/proc/{pid}/comm").read_text().strip())
+    vpc_dir = node.data_dir / "vpc"
+    return {
+        "links": sorted(links(node.netns)),
+        "netns": sorted(node.exec("ls", "/run/netns").stdout.split()),
+        "nft": sorted(node.exec("nft", "list", "tables").stdout.splitlines()),
+        "processes": sorted(p for p in procs if p not in ("nft", "ip", "nsenter")),  # short-lived helpers
+        "files": sorted(p.name for p in vpc_dir.iterdir()) if vpc_dir.is_dir() else [],
+    }
 
 
 def console(node: AgentNode, name: str, project: str | None = None) -> str:
@@ -190,6 +214,20 @@ def delete(node: AgentNode, *names: str, project: str | None = None) -> None:
         )
 
 
+@pytest.fixture(autouse=True)
+def no_guests_left(hosts: Cluster) -> Iterator[None]:
+    """Whatever a test leaves (it failed half way), its guests are deleted before the next one starts: at most two
+    guests run at once."""
+    yield
+    n1 = hosts.nodes[0]
+    for project in (None, "other"):
+        listed = n1.cli(*scope(project), "-o", "json", "instance", "list")
+        if listed.returncode == 0:
+            names = [i["name"] for i in json.loads(listed.stdout)]
+            if names:
+                delete(n1, *names, project=project)
+
+
 @pytest.fixture(scope="module")
 def vpc(hosts: Cluster) -> str:
     """Network ``vpc`` 10.10.0.0/16 with subnet ``web`` 10.10.1.0/24 in the default project; returns the subnet."""
@@ -286,3 +324,114 @@ def test_two_projects_with_the_same_cidr_cannot_reach_each_other(hosts: Cluster,
 
     delete(n1, "mine")
     delete(n1, "theirs", project="other")
+
+
+def poller(tmp: Path, name: str, command: str, interval: float = 1) -> str:
+    """A user-data file that runs ``command`` over and over in the background, printing ``poll N ok|fail``; returns
+    its path."""
+    path = tmp / f"{name}.user-data"
+    path.write_text(
+        "#!/bin/sh\n(\nn=0\nwhile :; do\n    n=$((n + 1))\n"
+        f"    if {command} >/dev/null 2>&1; then r=ok; else r=fail; fi\n"
+        f'    echo "poll $n $r"\n    sleep {interval:g}\ndone\n) &\n'
+    )
+    return str(path)
+
+
+def polls(node: AgentNode, instance: str, text: str | None = None) -> list[bool]:
+    """The poller's attempts so far, in order (True: it worked), from its console (or ``text``)."""
+    text = console(node, instance) if text is None else text
+    return [r == "ok" for r in re.findall(r"^poll \d+ (ok|fail)\r?$", text, re.MULTILINE)]
+
+
+def next_poll(node: AgentNode, instance: str, want: bool, what: str) -> None:
+    """Wait until an attempt that starts after now gives ``want`` (earlier ones may still be in flight)."""
+    seen = len(polls(node, instance)) + 1  # the one in flight now may have started before the change
+
+    def reached() -> bool:
+        return want in polls(node, instance)[seen:]
+
+    wait_for(reached, timeout=BOOT_TIMEOUT, interval=1, what=what)
+
+
+def test_a_security_group_rule_opens_and_closes_a_port_on_a_running_guest(hosts: Cluster, vpc: str, tmp_path: Path):
+    n1, n2 = hosts.nodes
+    n1.cli("security-group", "create", "web", check=True)  # egress all, no ingress
+    server = launch(n1, "server", "--image", "guest-n2", "--nic", f"subnet={vpc},security-groups=web")
+    data = poller(tmp_path, "client", f"timeout 3 wget -q -O - http://{server['nics'][0]['ip']}/")
+    launch(n1, "client", "--image", "guest-n1", "--nic", f"subnet={vpc}", "--user-data", data)
+    booted(n2, "server")
+    booted(n1, "client")
+    # The client (group default) may not open connections to the server (group web: no ingress rule) ...
+    wait_for(lambda: len(polls(n1, "client")) >= 3, timeout=BOOT_TIMEOUT, interval=1, what="the client's polls")
+    assert not any(polls(n1, "client")), "the server answered before any rule allowed it"
+    # ... until a rule opens tcp/80, on the running guest ...
+    before = {r["id"] for r in n1.json("security-group", "show", "web")["rules"]}
+    n1.cli("security-group", "rule", "add", "web", "ingress", "--protocol", "tcp", "--port", "80", check=True)
+    [rule] = [r["id"] for r in n1.json("security-group", "show", "web")["rules"] if r["id"] not in before]
+    next_poll(n1, "client", True, "the rule to open port 80")
+    # ... and removing the rule closes it again for new connections.
+    n1.cli("security-group", "rule", "remove", "web", rule, check=True)
+    next_poll(n1, "client", False, "the removed rule to close port 80")
+    count = len(polls(n1, "client"))
+    wait_for(lambda: len(polls(n1, "client")) >= count + 2, timeout=60, interval=1, what="more polls")
+    assert polls(n1, "client")[-2:] == [False, False]
+
+    delete(n1, "client", "server")
+    n1.cli("security-group", "delete", "web", check=True)
+
+
+def overlay_devices(node: AgentNode) -> dict[str, int]:
+    """``{name: ifindex}`` of the node's networking devices (bridges, VXLAN, service veths, taps)."""
+    out = subprocess.run(["ip", "-n", node.netns, "-j", "link", "show"], capture_output=True, text=True, check=True)
+    return {link["ifname"]: link["ifindex"] for link in json.loads(out.stdout) if link["ifname"].startswith("mc")}
+
+
+def test_an_agent_sigkilled_under_guest_traffic_loses_few_packets_and_recreates_no_device(
+    hosts: Cluster, vpc: str, tmp_path: Path
+):
+    n1, n2 = hosts.nodes
+    target = launch(n1, "target", "--image", "guest-n1", "--nic", f"subnet={vpc}")
+    data = poller(tmp_path, "pinger", f"ping -c 1 -W 1 {target['nics'][0]['ip']}", interval=0.5)
+    pinger = launch(n1, "pinger", "--image", "guest-n2", "--nic", f"subnet={vpc}", "--user-data", data)
+    log = n2.data_dir / "instances" / pinger["id"] / "console.log"  # read directly: n2's API is down for a while
+
+    def pings() -> list[bool]:
+        return polls(n2, "pinger", log.read_text(errors="replace"))
+
+    wait_for(lambda: pings()[-3:] == [True] * 3, timeout=BOOT_TIMEOUT, interval=1, what="the pings to get through")
+    devices = overlay_devices(n2)
+    assert any(name.startswith("mcv-") for name in devices) and any(name.startswith("mct-") for name in devices)
+
+    n2.kill()  # SIGKILL: no clean shutdown
+    start = len(pings())
+    wait_for(lambda: len(pings()) >= start + 4, timeout=60, interval=0.5, what="pings while the agent is down")
+    n2.start()
+    restarted = len(pings())
+    wait_for(lambda: len(pings()) >= restarted + 10, timeout=120, interval=1, what="pings after the restart")
+    lost = pings()[start:].count(False)
+    assert lost <= 3, f"{lost} pings lost around the agent's SIGKILL and restart: {pings()[start:]}"
+    # The restarted agent adopted the bridge, VXLAN device, service veth and taps: same devices, same ifindexes.
+    assert overlay_devices(n2) == devices
+
+    delete(n1, "pinger", "target")
+
+
+def test_deleting_everything_returns_every_node_to_its_starting_devices_rules_and_processes(hosts: Cluster, vpc: str):
+    n1 = hosts.nodes[0]
+    for project in (None, "other"):
+        for kind in ("subnet", "network"):
+            listed = n1.cli(*scope(project), "-o", "json", kind, "list")
+            if listed.returncode == 0:
+                for item in json.loads(listed.stdout):
+                    n1.cli(*scope(project), kind, "delete", item["name"], check=True)
+
+    for node in hosts:
+
+        def clean(node: AgentNode = node) -> bool:
+            return node_state(node) == BASELINE[node.node_name]
+
+        try:
+            wait_for(clean, timeout=60, interval=1, what=f"{node.node_name} back to its starting state")
+        except TimeoutError:
+            assert node_state(node) == BASELINE[node.node_name]  # shows the difference
