@@ -346,7 +346,7 @@ def port_number(port: str) -> str:
     return port.lstrip("v")
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -513,11 +513,11 @@ class NodeLibvirt:
             except Exception as exc:  # a dead libvirtd: its QEMUs die with the namespace
                 errors.append(f"destroying guests: {exc}")
         pid = self.pid()
-        if pid is not None and _alive(pid):
+        if pid is not None and alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             try:
-                wait_for(lambda: not _alive(pid), timeout=10, what="libvirtd to exit")
+                wait_for(lambda: not alive(pid), timeout=10, what="libvirtd to exit")
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

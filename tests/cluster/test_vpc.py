@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -435,3 +436,26 @@ def test_deleting_everything_returns_every_node_to_its_starting_devices_rules_an
             wait_for(clean, timeout=60, interval=1, what=f"{node.node_name} back to its starting state")
         except TimeoutError:
             assert node_state(node) == BASELINE[node.node_name]  # shows the difference
+
+
+def test_cleanup_stale_removes_a_crashed_runs_real_hosts_with_their_libvirtd(real_hosts: None, tmp_path: Path):
+    """A test process SIGKILLed with a real host up (its libvirtd, holder, public LAN): the next run's
+    ``cleanup_stale`` removes the namespaces and everything running in them."""
+    code = (
+        "import os, signal\n"
+        "from tests.cluster.harness import Cluster\n"
+        f"c = Cluster({str(tmp_path / 'crashed')!r}, 1, libvirt=True, public=True)\n"
+        "print(c.id, c.nodes[0].libvirt.pid(), c.nodes[0].libvirt.holder_pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=harness.REPO)
+    assert proc.returncode == -9, proc.stderr
+    cluster_id, libvirtd, holder = proc.stdout.split()
+    names = [f"mcs{cluster_id}", f"mcp{cluster_id}", f"mcn{cluster_id}n1"]
+    assert set(names) <= set(harness.netns_list())
+    assert harness.alive(int(libvirtd)) and harness.alive(int(holder))
+
+    removed = harness.cleanup_stale()
+    assert set(names) <= set(removed)
+    assert not set(names) & set(harness.netns_list())
+    assert not harness.alive(int(libvirtd)) and not harness.alive(int(holder))
