@@ -238,7 +238,7 @@ def vpc(hosts: Cluster) -> str:
     return "web"
 
 
-def test_two_guests_on_two_nodes_in_one_network_talk_resolve_each_other_and_get_their_own_metadata(
+def test_two_guests_on_two_nodes_in_one_network_talk_resolve_each_other_and_get_only_their_own_metadata(
     hosts: Cluster, vpc: str, tmp_path: Path
 ):
     n1, n2 = hosts.nodes
@@ -246,6 +246,7 @@ def test_two_guests_on_two_nodes_in_one_network_talk_resolve_each_other_and_get_
     b_data = probes(tmp_path, "b", [
         ("ping-a", 240, "ping -c 1 -W 2 a.vpc.internal"),
         ("http-a", 30, "timeout 5 wget -q -O - http://a.vpc.internal/"),
+        ("done", 1, "echo done > /www/done"),  # a waits for this before it breaks its own network
     ])  # fmt: skip
     b = launch(n1, "b", "--image", "guest-n2", "--nic", "subnet=web", "--user-data", b_data)
     b_ip = b["nics"][0]["ip"]
@@ -256,6 +257,10 @@ def test_two_guests_on_two_nodes_in_one_network_talk_resolve_each_other_and_get_
         ("metadata-id", 30, f"timeout 5 wget -q -O - {METADATA}/instance-id"),
         ("metadata-ip", 30, f"timeout 5 wget -q -O - {METADATA}/local-ipv4"),
         ("metadata-hostname", 30, f"timeout 5 wget -q -O - {METADATA}/hostname"),
+        # Last, as it breaks a's network (so once b is done with a): a takes b's address and asks as b.
+        ("b-done", 240, f"timeout 5 wget -q -O - http://{b_ip}/done"),
+        ("metadata-as-b", 3, f"ip addr flush dev eth0; ip addr add {b_ip}/24 dev eth0; "
+                             f"ip route add default via 10.10.1.1; timeout 5 wget -q -O - {METADATA}/instance-id"),
     ])  # fmt: skip
     a = launch(n1, "a", "--image", "guest-n1", "--nic", "subnet=web", "--user-data", a_data)
     a_ip = a["nics"][0]["ip"]
@@ -283,6 +288,10 @@ def test_two_guests_on_two_nodes_in_one_network_talk_resolve_each_other_and_get_
     assert ok(n1, "a", "metadata-id").strip() == a["id"]
     assert ok(n1, "a", "metadata-ip").strip() == a_ip
     assert ok(n1, "a", "metadata-hostname").strip().split(".")[0] == "a"
+    # ... and nobody else's: from b's address (a's MAC, anti-spoofing on a's tap), no answer at all.
+    ok(n1, "a", "b-done")
+    answered, output = probe_result(n1, "a", "metadata-as-b")
+    assert not answered and b["id"] not in output, output
 
     delete(n1, "a", "b")
 
