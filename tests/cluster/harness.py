@@ -146,6 +146,19 @@ def _netns_lock() -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def guest_slot() -> Iterator[None]:
+    """Hold the host's one slot for tests that boot guests: pytest-xdist workers take turns, so however the tests
+    are spread over workers, one guest test runs at a time (and it keeps to two guests: TCG on two cores)."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    with (RUN_DIR / ".guests.lock").open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _owner_file(netns: str) -> Path:
     return RUN_DIR / f"{netns}.json"
 

@@ -217,16 +217,17 @@ def delete(node: AgentNode, *names: str, project: str | None = None) -> None:
 
 @pytest.fixture(autouse=True)
 def no_guests_left(hosts: Cluster) -> Iterator[None]:
-    """Whatever a test leaves (it failed half way), its guests are deleted before the next one starts: at most two
-    guests run at once."""
-    yield
-    n1 = hosts.nodes[0]
-    for project in (None, "other"):
-        listed = n1.cli(*scope(project), "-o", "json", "instance", "list")
-        if listed.returncode == 0:
-            names = [i["name"] for i in json.loads(listed.stdout)]
-            if names:
-                delete(n1, *names, project=project)
+    """One guest test at a time on this host (xdist workers take turns), and whatever a test leaves (it failed half
+    way) is deleted before the next one starts: at most two guests run at once."""
+    with harness.guest_slot():
+        yield
+        n1 = hosts.nodes[0]
+        for project in (None, "other"):
+            listed = n1.cli(*scope(project), "-o", "json", "instance", "list")
+            if listed.returncode == 0:
+                names = [i["name"] for i in json.loads(listed.stdout)]
+                if names:
+                    delete(n1, *names, project=project)
 
 
 @pytest.fixture(scope="module")
