@@ -775,7 +775,8 @@ class AgentNode(Node):
         return self.stop(signal.SIGKILL)
 
     def crash(self) -> None:
-        """The whole node dies at once: SIGKILL every process in its namespace (the agent and the etcd it runs)."""
+        """The whole node dies at once: SIGKILL every process in its namespace (the agent and the etcd it runs; on a
+        real host also its libvirtd, guests and mount holder, so its compute cannot be started again)."""
         _kill_all_in(self.netns)
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
