@@ -60,6 +60,7 @@ def network_reconciler(config: Config, store: Any, node_networks: NodeNetworks) 
     from agent.net.firewall import FakeFirewall, NftFirewall
     from agent.net.metadata import FakeMetadataServer, MetadataServer
     from agent.net.overlay import FakeOverlay, LinuxOverlay
+    from agent.net.router import FakeRouterPlumbing, RouterPlumbing
     from agent.net.service import FakeServiceNamespaces, ServiceNamespaces
 
     fake = config.compute.driver == "fake"
@@ -80,6 +81,8 @@ def network_reconciler(config: Config, store: Any, node_networks: NodeNetworks) 
             )
         ),
         metadata_factory=(lambda ns, lookup: (FakeMetadataServer if fake else MetadataServer)(ns, lookup)),
+        routers=FakeRouterPlumbing() if fake else RouterPlumbing(),
+        providers=config.network.providers,
     )
 
 

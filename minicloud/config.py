@@ -125,6 +125,9 @@ class ComputeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     resync_interval: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
 
 
+IfName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.@-]{1,15}$")]
+
+
 class NetworkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``[network]``: the node's default network (a bridge with DHCP/DNS and NAT) that instances are attached to."""
 
@@ -146,6 +149,10 @@ class NetworkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: The names of the per-network service namespaces are this + the VNI in six hex digits (``ip netns`` lists
     #: them). Only test clusters whose nodes share one ``/run/netns`` need another per node.
     service_namespace_prefix: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9-]{0,20}$")] = "mcs-"
+    #: ``[network.providers]``: PHYSNET = "ifname", the host interface or bridge of this node that an external network
+    #: created with ``--provider PHYSNET`` maps to (routers' SNAT leaves through it). Related: ``network create
+    #: --external``.
+    providers: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], IfName] = {}
 
 
 class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import re
@@ -48,12 +49,23 @@ from agent.net.firewall import NftFirewall, NftTable
 from agent.net.metadata import InstanceMetadata, MetadataServer
 from agent.net.nodenetworks import NodeNetworks, tap_name
 from agent.net.overlay import FdbEntry, Neighbour, OverlayDriver, OverlaySpec, bridge_name
+from agent.net.router import ExternalLeg, RouterPlan, RouterPlumbing
 from agent.net.service import INNER_NAME, ServiceSpec, service_mac
 from agent.reconcile import Result, update_record
 from minicloud.cluster.kinds import NODE
 from minicloud.compute.kinds import INSTANCE
 from minicloud.network import secgroup_compile as sgc
-from minicloud.network.kinds import NETWORK, PORT, SECURITY_GROUP, SUBNET, NetworkSpec, PortSpec, SubnetSpec
+from minicloud.network.kinds import (
+    NETWORK,
+    PORT,
+    ROUTER,
+    SECURITY_GROUP,
+    SUBNET,
+    NetworkSpec,
+    PortSpec,
+    RouterSpec,
+    SubnetSpec,
+)
 from minicloud.state import Change, Record, Store, list_all
 
 log = logging.getLogger("minicloud.network.node")
@@ -120,6 +132,8 @@ class DesiredNetwork:
     records: tuple[DnsRecord, ...]
     #: Ports that name a node without a known underlay address (not reachable yet).
     unreachable: tuple[str, ...] = ()
+    #: What routers need in the service namespace (None: no subnet of the network is attached to a router).
+    router: RouterPlan | None = None
 
 
 def desired_network(
@@ -205,6 +219,46 @@ def desired_network(
     )
 
 
+def desired_router(
+    vni: int,
+    subnets: Mapping[str, SubnetSpec],
+    routers: Mapping[str, RouterSpec],
+    externals: Mapping[str, tuple[NetworkSpec, SubnetSpec]],
+    providers: Mapping[str, str],
+) -> tuple[RouterPlan | None, str | None]:
+    """(what the routers of a network's subnets need in its service namespace on this node, a reason the external
+    leg is missing or None). ``subnets``: the network's subnets by id; ``routers``: the routers they name, by id;
+    ``externals``: external network id -> (its spec, the subnet the routers' addresses are in); ``providers``: this
+    node's ``[network.providers]``. One external leg per network: the first router (by id) with an external
+    gateway; it SNATs that router's subnets of this network. Pure."""
+    attached = {sid: s.router for sid, s in subnets.items() if s.router and not s.deleting and s.router in routers}
+    if not attached:
+        return None, None
+    for rid in sorted(set(attached.values())):
+        r = routers[rid]
+        if not (r.external_network and r.external_address):
+            continue
+        ext = externals.get(r.external_network)
+        if ext is None:
+            return RouterPlan(vni), f"external network {r.external_network} of router {rid} is gone"
+        net, sub = ext
+        interface = providers.get(net.provider)
+        if interface is None:
+            return RouterPlan(vni), f"no [network.providers] {net.provider!r} on this node (router {rid})"
+        sources = tuple(
+            sorted(ipaddress.IPv4Network(subnets[sid].cidr) for sid, owner in attached.items() if owner == rid)
+        )
+        leg = ExternalLeg(
+            router_id=rid,
+            interface=interface,
+            address=ipaddress.IPv4Interface(f"{r.external_address}/{ipaddress.IPv4Network(sub.cidr).prefixlen}"),
+            gateway=ipaddress.IPv4Address(sub.gateway),
+            sources=sources,
+        )
+        return RouterPlan(vni, leg), None
+    return RouterPlan(vni), None
+
+
 def _host_name(port_id: str, p: PortSpec, names: dict[str, str]) -> str:
     label = dns_label(names.get(p.instance, ""))
     if label is None:
@@ -268,7 +322,7 @@ class NetworkReconciler:
     netns_path)`` makes a DHCP server, ``metadata_factory(netns_path, lookup)`` a metadata server."""
 
     name = "network"
-    kinds = frozenset({PORT.name, NETWORK.name, SUBNET.name, SECURITY_GROUP.name, NODE.name})
+    kinds = frozenset({PORT.name, NETWORK.name, SUBNET.name, SECURITY_GROUP.name, NODE.name, ROUTER.name})
 
     def __init__(
         self,
@@ -283,6 +337,8 @@ class NetworkReconciler:
         state_dir: Path,
         dhcp_factory: Callable[[DhcpSpec, Path, str], Any] | None = None,
         metadata_factory: Callable[[str, Any], Any] | None = None,
+        routers: RouterPlumbing | Any | None = None,
+        providers: Mapping[str, str] | None = None,
     ) -> None:
         self.store = store
         self.node = node
@@ -300,6 +356,9 @@ class NetworkReconciler:
         self._dhcp: dict[str, Any] = {}
         self._metadata: dict[str, Any] = {}
         self._ruleset: str | None = None
+        #: The routers' side of the service namespaces, and this node's ``[network.providers]``.
+        self.routers = routers or RouterPlumbing()
+        self.providers = dict(providers or {})
 
     # -- the framework's side --------------------------------------------------------------------------------------
     async def start(self, enqueue: Callable[[str], None]) -> None:
@@ -327,6 +386,8 @@ class NetworkReconciler:
         elif change.kind == NODE.name:
             yield from self._vnis
             yield NODE_KEY
+        elif change.kind == ROUTER.name:  # its subnets' networks (a subnet change queues its own network)
+            yield from self._vnis
 
     async def all_keys(self) -> list[str]:
         ports = await list_all(self.store, PORT.name, where={"node": self.node})
@@ -367,7 +428,29 @@ class NetworkReconciler:
                 names[iid] = inst.name
         local, underlay = await self._underlay()
         want = desired_network(network_id, net.spec, net.name, subnets, ports, names, self.node, local, underlay)
+        if want is not None and net.spec.vni is not None:
+            plan = await self._router_plan(net.spec.vni, subnets)
+            if plan is not None:
+                want = dataclasses.replace(want, router=plan)
         return want, net.spec.vni
+
+    async def _router_plan(self, vni: int, subnets: dict[str, SubnetSpec]) -> RouterPlan | None:
+        routers: dict[str, RouterSpec] = {}
+        externals: dict[str, tuple[NetworkSpec, SubnetSpec]] = {}
+        for rid in {s.router for s in subnets.values() if s.router}:
+            rec = await self.store.get(ROUTER.name, rid)
+            if rec is None:
+                continue
+            r = routers[rid] = ROUTER.load(rec).spec
+            if r.external_network and r.external_subnet and r.external_network not in externals:
+                nrec = await self.store.get(NETWORK.name, r.external_network)
+                srec = await self.store.get(SUBNET.name, r.external_subnet)
+                if nrec is not None and srec is not None:
+                    externals[r.external_network] = (NETWORK.load(nrec).spec, SUBNET.load(srec).spec)
+        plan, missing = desired_router(vni, subnets, routers, externals, self.providers)
+        if missing:
+            log.warning("router without its external side on this node", extra={"vni": vni, "reason": missing})
+        return plan
 
     # -- one network -----------------------------------------------------------------------------------------------
     async def _reconcile_network(self, network_id: str) -> Result:
@@ -399,6 +482,7 @@ class NetworkReconciler:
         await self.overlay.set_fdb(vni, want.fdb)
         await self.overlay.set_neighbours(vni, want.neighbours)
         state = await self.services.ensure(want.service)
+        await self.routers.ensure(state.netns, want.router)
         await self._ensure_dhcp(want, state.netns)
         await self._ensure_metadata(want.network_id, state.netns)
         self.node_networks.built(want.network_id, bridge_name(vni))
@@ -436,6 +520,7 @@ class NetworkReconciler:
         if network_id:  # its log too: a network that leaves a node leaves no file behind
             await asyncio.to_thread(shutil.rmtree, self.state_dir / network_id, True)
         await self.services.remove(vni)
+        self.routers.forget(self.services.path(vni))  # the router's side went with the namespace
         await self.overlay.remove_network(vni)
         self._vnis.pop(network_id, None)
         log.info("network removed from this node", extra={"network": network_id, "vni": vni})

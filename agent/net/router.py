@@ -1,0 +1,242 @@
+"""A distributed router's side of one network on one node, inside that network's service namespace.
+
+The service namespace ``mcs-<vni>`` (:mod:`agent.net.service`) already holds every subnet's gateway on ``mcs0`` with
+the VNI's MAC, the same on every node. A network with a subnet attached to a router gets, in that namespace:
+
+- **forwarding** on (``net.ipv4.ip_forward = 1``, ICMP redirects off): traffic between the router's subnets of the
+  network is routed on the node it comes from;
+- with an **external gateway** (the router's address on an external network): ``mce0``, a macvlan (bridge mode) on
+  the node's **provider interface** for that network (``[network.providers] PHYSNET = "ifname"``), with the router's
+  external address and a MAC derived from the router (the same on every node), a default route via the external
+  subnet's gateway, and the nft table ``ip minicloud_rtr``: SNAT of the router's subnets out of ``mce0`` to the
+  external address, and nothing new from ``mce0`` forwarded inwards (replies only).
+
+Nothing of this crosses the VXLAN device: the external side leaves through the node's own provider interface.
+
+:class:`RouterPlumbing` converges it idempotently (``ensure(netns path, plan)``; a plan of None undoes it); the
+namespace going (the network leaving the node) takes all of it along.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+from agent.net.common import NetworkError, netns_argv
+from agent.net.firewall import NftFirewall, NftTable
+
+log = logging.getLogger(__name__)
+
+#: The external leg's name inside the service namespace.
+EXTERNAL_NAME = "mce0"
+TABLE = NftTable("ip", "minicloud_rtr")
+_SYSCTLS = ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.default.send_redirects=0")
+
+#: Sends one gratuitous ARP request (argv: interface, address, MAC) on an AF_PACKET socket.
+_GARP = """
+import socket, sys
+ifname, ip, mac = sys.argv[1:4]
+m, a = bytes.fromhex(mac.replace(":", "")), socket.inet_aton(ip)
+frame = b"\\xff" * 6 + m + b"\\x08\\x06" + b"\\x00\\x01\\x08\\x00\\x06\\x04\\x00\\x01" + m + a + b"\\x00" * 6 + a
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((ifname, 0))
+s.send(frame)
+"""
+
+
+def external_mac(router_id: str) -> str:
+    """The external leg's MAC of router ``router_id``: locally administered, unicast, the same on every node."""
+    digest = hashlib.sha256(router_id.encode()).digest()
+    return "02:4d:52:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def temp_name(vni: int) -> str:
+    """The macvlan's name in the node's namespace while it is created (then it moves into the service namespace)."""
+    return f"mce-{vni:06x}"
+
+
+@dataclass(frozen=True)
+class ExternalLeg:
+    router_id: str
+    #: The node's provider interface (from its config) the external network maps to.
+    interface: str
+    #: The router's external address with the external subnet's prefix, and that subnet's gateway.
+    address: ipaddress.IPv4Interface
+    gateway: ipaddress.IPv4Address
+    #: The CIDRs of the router's subnets in this network (what is SNATed).
+    sources: tuple[ipaddress.IPv4Network, ...]
+
+    @property
+    def mac(self) -> str:
+        return external_mac(self.router_id)
+
+
+@dataclass(frozen=True)
+class RouterPlan:
+    """What the routers need in one network's service namespace: forwarding, and at most one external leg."""
+
+    vni: int
+    external: ExternalLeg | None = None
+
+
+def nft_body(leg: ExternalLeg) -> str:
+    sources = ", ".join(str(s) for s in leg.sources)
+    return "\n".join(
+        [
+            "\tchain forward {",
+            "\t\ttype filter hook forward priority 0; policy accept;",
+            f'\t\tiifname "{EXTERNAL_NAME}" ct state established,related accept',
+            f'\t\tiifname "{EXTERNAL_NAME}" drop',
+            "\t}",
+            "\tchain postrouting {",
+            "\t\ttype nat hook postrouting priority 100; policy accept;",
+            f'\t\toifname "{EXTERNAL_NAME}" ip saddr {{ {sources} }} snat to {leg.address.ip}',
+            "\t}",
+        ]
+    )
+
+
+class RouterPlumbing:
+    """Routers' parts of the service namespaces of the node whose namespace is ``netns`` (None: the agent's own).
+    Uses ``ip``/``sysctl``/``nft`` (one short process each, only when something differs). Calls are serialised."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        self._lock = asyncio.Lock()
+        self._ip = shutil.which("ip") or "ip"
+        self._sysctl = shutil.which("sysctl") or "sysctl"
+        self._tables: dict[str, str] = {}
+        self._applied: dict[str, RouterPlan | None] = {}
+
+    async def _run(self, argv: list[str], what: str, *, check: bool = True) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
+        )
+        out, err = await proc.communicate()
+        if check and proc.returncode != 0:
+            raise NetworkError(f"router: could not {what}: {err.decode(errors='replace').strip()}")
+        return out.decode(errors="replace")
+
+    async def _inside(self, path: str, *cmd: str, what: str, check: bool = True) -> str:
+        return await self._run([*netns_argv(path), *cmd], what, check=check)
+
+    async def ensure(self, path: str, plan: RouterPlan | None) -> None:
+        """Converge the service namespace at ``path`` to ``plan`` (None: no router there). Idempotent."""
+        async with self._lock:
+            if path in self._applied and self._applied[path] == plan:
+                return  # converged by this process already (a restarted agent looks once)
+            if plan is None and not await asyncio.to_thread(os.path.exists, path):
+                return
+            await self._converge(path, plan)
+            self._applied[path] = plan
+
+    def forget(self, path: str) -> None:
+        """The namespace at ``path`` is gone (and all of this with it)."""
+        self._applied.pop(path, None)
+        self._tables.pop(path, None)
+
+    async def _converge(self, path: str, plan: RouterPlan | None) -> None:
+        fw = NftFirewall(path)
+        forwarding = (await self._inside(path, self._sysctl, "-n", "net.ipv4.ip_forward", what="read")).strip()
+        if plan is None:
+            await self._remove_external(path, fw)
+            if forwarding == "1":
+                await self._inside(path, self._sysctl, "-qw", "net.ipv4.ip_forward=0", what="stop forwarding")
+            return
+        if forwarding != "1":
+            await self._inside(path, self._sysctl, "-qw", *_SYSCTLS, what="turn forwarding on")
+        if plan.external is None:
+            await self._remove_external(path, fw)
+            return
+        await self._ensure_external(path, plan.vni, plan.external, fw)
+
+    async def announce(self, path: str, leg: ExternalLeg) -> None:
+        """A gratuitous ARP for the leg's address from the namespace at ``path`` (best effort)."""
+        await self._inside(
+            path, sys.executable, "-c", _GARP, EXTERNAL_NAME, str(leg.address.ip), leg.mac, what="announce", check=False
+        )
+
+    async def _links(self, path: str) -> dict[str, dict]:
+        out = await self._inside(path, self._ip, "-j", "-d", "addr", "show", what="list links")
+        return {link["ifname"]: link for link in json.loads(out or "[]")}
+
+    async def _ensure_external(self, path: str, vni: int, leg: ExternalLeg, fw: NftFirewall) -> None:
+        links = await self._links(path)
+        link = links.get(EXTERNAL_NAME)
+        if link is not None and (link.get("address", "").lower() != leg.mac):
+            await self._inside(path, self._ip, "link", "del", EXTERNAL_NAME, what="delete the external leg")
+            link = None
+        if link is None:
+            tmp = temp_name(vni)
+            node = netns_argv(self.netns)
+            await self._run([*node, self._ip, "link", "del", tmp], "clean up", check=False)
+            await self._run(
+                [*node, self._ip, "link", "add", tmp, "link", leg.interface, "address", leg.mac,
+                 "type", "macvlan", "mode", "bridge"],
+                f"create a macvlan on provider interface {leg.interface}",
+            )  # fmt: skip
+            try:
+                await self._run([*node, self._ip, "link", "set", tmp, "netns", path], "move the external leg")
+            except NetworkError:
+                await self._run([*node, self._ip, "link", "del", tmp], "clean up", check=False)
+                raise
+            await self._inside(path, self._ip, "link", "set", tmp, "name", EXTERNAL_NAME, what="rename")
+            await self._inside(path, self._ip, "link", "set", EXTERNAL_NAME, "addrgenmode", "none", what="no IPv6")
+            links = await self._links(path)
+            link = links[EXTERNAL_NAME]
+        have = {
+            ipaddress.IPv4Interface(f"{a['local']}/{a['prefixlen']}")
+            for a in link.get("addr_info", [])
+            if a.get("family") == "inet"
+        }
+        for a in have - {leg.address}:
+            await self._inside(path, self._ip, "addr", "del", str(a), "dev", EXTERNAL_NAME, what="drop an address")
+        if leg.address not in have:
+            await self._inside(
+                path, self._ip, "addr", "add", str(leg.address), "dev", EXTERNAL_NAME, what="add the external address"
+            )
+        if "UP" not in link.get("flags", []):
+            await self._inside(path, self._ip, "link", "set", EXTERNAL_NAME, "up", what="bring the leg up")
+            # tell the LAN where the address is now (the switch and the upstream gateway's ARP cache)
+            await self.announce(path, leg)
+        routes = await self._inside(path, self._ip, "-j", "route", "show", "default", what="read the routes")
+        want = {"dst": "default", "gateway": str(leg.gateway), "dev": EXTERNAL_NAME}
+        if not any(all(r.get(k) == v for k, v in want.items()) for r in json.loads(routes or "[]")):
+            await self._inside(
+                path, self._ip, "route", "replace", "default", "via", str(leg.gateway), "dev", EXTERNAL_NAME,
+                what="set the default route",
+            )  # fmt: skip
+        body = nft_body(leg)
+        if self._tables.get(path) != body:  # once after a restart too: an atomic replace keeps conntrack
+            await fw.replace_table(TABLE, body)
+            self._tables[path] = body
+
+    async def _remove_external(self, path: str, fw: NftFirewall) -> None:
+        if EXTERNAL_NAME in await self._links(path):
+            await self._inside(path, self._ip, "link", "del", EXTERNAL_NAME, what="delete the external leg")
+        if TABLE in await fw.list_tables():
+            await fw.delete_tables([TABLE])
+        self._tables.pop(path, None)
+
+
+class FakeRouterPlumbing:
+    """In-memory :class:`RouterPlumbing` for unit tests: ``plans`` maps a namespace path to its last plan."""
+
+    def __init__(self) -> None:
+        self.plans: dict[str, RouterPlan] = {}
+
+    async def ensure(self, path: str, plan: RouterPlan | None) -> None:
+        if plan is None:
+            self.plans.pop(path, None)
+        else:
+            self.plans[path] = plan
+
+    def forget(self, path: str) -> None:
+        self.plans.pop(path, None)

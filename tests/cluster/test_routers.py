@@ -1,0 +1,138 @@
+"""Real hosts: routers' data plane on a two-node cluster (each node its own libvirtd, the busybox test guest under TCG,
+``harness.py``) whose nodes' ``eth1`` (``[network.providers] lan = "eth1"``) are plugged into the harness's public
+LAN. One cluster for the module; guest tests take turns through :func:`harness.guest_slot` (at most two guests).
+
+The public namespace runs a small HTTP server that answers with the address it sees the client come from: a guest
+that fetches it through its router's SNAT reads the router's external address."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import harness
+from tests.cluster.harness import PUBLIC_CIDR, PUBLIC_GATEWAY, Cluster, wait_for
+from tests.cluster.test_vpc import console, delete, launch, links, ok, probes
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+PROVIDER = "lan"
+ECHO_PORT = 8000
+ECHO = (
+    """
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"from {self.client_address[0]}\\n".encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("0.0.0.0", %d), H).serve_forever()
+"""
+    % ECHO_PORT
+)  # noqa: UP031
+
+
+@pytest.fixture(scope="module")
+def hosts(real_hosts: None, guest_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Two started, joined nodes ``n1``/``n2`` with the test guest imported as ``guest-n1``/``guest-n2``, their
+    ``eth1`` the provider interface ``lan``; an echo server on the public LAN's gateway address."""
+    with Cluster(tmp_path_factory.mktemp("routers"), 2, libvirt=True, public=True) as cluster:
+        assert cluster.public is not None
+        for node in cluster:
+            node.config.write_text(node.config.read_text() + f'\n[network.providers]\n{PROVIDER} = "eth1"\n')
+        cluster.start_all().form()
+        for node in cluster:
+            for f in ("vmlinuz", "initrd.img"):
+                shutil.copy(guest_image / f, node.image_dir / f)
+            node.cli(
+                "image", "import", f"guest-{node.node_name}", "--kernel", str(node.image_dir / "vmlinuz"),
+                "--initrd", str(node.image_dir / "initrd.img"), check=True,
+            )  # fmt: skip
+        echo = subprocess.Popen(["ip", "netns", "exec", cluster.public.netns, sys.executable, "-c", ECHO])
+        try:
+            wait_for(
+                lambda: cluster.public.exec("ss", "-ltn").stdout.count(f":{ECHO_PORT} ") > 0,  # type: ignore[union-attr]
+                timeout=20,
+                interval=0.2,
+                what="the echo server on the public LAN",
+            )
+            yield cluster
+        finally:
+            echo.terminate()
+            echo.wait(10)
+
+
+@pytest.fixture(autouse=True)
+def one_guest_test_at_a_time(hosts: Cluster) -> Iterator[None]:
+    with harness.guest_slot():
+        yield
+        n1 = hosts.nodes[0]
+        listed = n1.cli("-o", "json", "instance", "list")
+        if listed.returncode == 0 and (names := [i["name"] for i in json.loads(listed.stdout)]):
+            delete(n1, *names)
+
+
+@pytest.fixture(scope="module")
+def public(hosts: Cluster) -> str:
+    """The external network ``public`` on the harness's public LAN (provider ``lan``), pool .100-.199."""
+    prefix = PUBLIC_CIDR.rsplit(".", 1)[0]
+    hosts.nodes[0].cli(
+        "network", "create", "public", "--external", "--provider", PROVIDER, "--cidr", PUBLIC_CIDR,
+        "--gateway", PUBLIC_GATEWAY, "--pool", f"{prefix}.100-{prefix}.199", check=True,
+    )  # fmt: skip
+    return "public"
+
+
+def test_a_guest_reaches_the_public_lan_through_its_routers_snat_on_its_own_node(
+    hosts: Cluster, public: str, tmp_path: Path
+):
+    n1, n2 = hosts.nodes
+    n1.cli("network", "create", "vpc", "--cidr", "10.20.0.0/16", check=True)
+    n1.cli("subnet", "create", "web", "--network", "vpc", "--cidr", "10.20.1.0/24", check=True)
+    router = json.loads(
+        n1.cli("-o", "json", "router", "create", "edge", "--external-network", public, check=True).stdout
+    )
+    external = router["external_address"]
+    assert external and external.startswith(PUBLIC_CIDR.rsplit(".", 1)[0] + ".")
+    n1.cli("router", "add-subnet", "edge", "web", check=True)
+    vni = json.loads(n1.cli("-o", "json", "network", "show", "vpc", check=True).stdout)["vni"]
+
+    url = f"http://{PUBLIC_GATEWAY}:{ECHO_PORT}/"
+    data = probes(tmp_path, "g", [("snat", 240, f"timeout 5 wget -q -O - {url}")])
+    g = launch(n1, "g", "--image", "guest-n2", "--nic", "subnet=web", "--user-data", data)
+    assert g["status"]["node"] == "n2"
+    # The echo server saw the router's external address, not the guest's private one.
+    assert ok(n2, "g", "snat").strip() == f"from {external}", console(n2, "g")[-2000:]
+
+    # Built on n2 only, inside the network's service namespace; the external leg is a macvlan on n2's own eth1.
+    name = f"mcs-{vni:06x}"
+    inside = ("nsenter", f"--net=/run/netns/{name}")
+    assert f"{external}/24" in n2.exec(*inside, "ip", "-4", "-o", "addr", "show", "mce0", check=True).stdout
+    assert n2.exec(*inside, "sysctl", "-n", "net.ipv4.ip_forward", check=True).stdout.strip() == "1"
+    assert name not in n1.exec("ls", "/run/netns").stdout.split()
+    assert not [name for name in links(None) if name.startswith("mce")]  # nothing in the host's namespace
+    assert not [name for name in links(n2.netns) if name.startswith("mce")]  # moved into the service namespace
+
+    # Inbound: nothing new from the public LAN is forwarded to the private side, even with a route pointing there.
+    assert hosts.public is not None
+    hosts.public.exec("ip", "route", "add", "10.20.1.0/24", "via", external, check=True)
+    try:
+        blocked = hosts.public.exec("ping", "-c", "2", "-W", "1", g["nics"][0]["ip"])
+        assert blocked.returncode != 0, blocked.stdout
+    finally:
+        hosts.public.exec("ip", "route", "del", "10.20.1.0/24")
+
+    delete(n1, "g")
+    n1.cli("router", "remove-subnet", "edge", "web", check=True)
+    n1.cli("router", "delete", "edge", check=True)
+    n1.cli("subnet", "delete", "web", check=True)
+    n1.cli("network", "delete", "vpc", check=True)
+    wait_for(
+        lambda: name not in n2.exec("ls", "/run/netns").stdout.split(), timeout=60, interval=1, what=f"n2's {name} gone"
+    )

@@ -1,0 +1,91 @@
+"""The routers' plan for one network's service namespace on a node (pure), and the provider config."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import msgspec
+import pytest
+
+from agent.net.router import ExternalLeg, FakeRouterPlumbing, RouterPlan, external_mac, nft_body
+from agent.reconcilers.network import desired_router
+from minicloud.config import NetworkConfig
+from minicloud.network.kinds import NetworkSpec, RouterSpec, SubnetSpec
+
+
+def subnet(cidr: str, router: str = "", **kw: object) -> SubnetSpec:
+    net = ipaddress.IPv4Network(cidr)
+    hosts = list(net.hosts())
+    return SubnetSpec(
+        network="net-1", cidr=cidr, gateway=str(hosts[0]), allocation_start=str(hosts[1]),
+        allocation_end=str(hosts[-1]), router=router, **kw,
+    )  # fmt: skip
+
+
+EXT = {"net-ext": (NetworkSpec(cidr="198.51.100.0/24", external=True, provider="lan"), subnet("198.51.100.0/24"))}
+EDGE = RouterSpec(
+    subnets=["sub-a", "sub-b"], external_network="net-ext", external_subnet="sub-ext", external_address="198.51.100.100"
+)
+
+
+def test_no_router_no_plan():
+    assert desired_router(42, {"sub-a": subnet("10.0.1.0/24")}, {}, EXT, {"lan": "eth1"}) == (None, None)
+
+
+def test_a_router_without_external_gateway_only_forwards():
+    subnets = {"sub-a": subnet("10.0.1.0/24", "rtr-1"), "sub-b": subnet("10.0.2.0/24", "rtr-1")}
+    assert desired_router(42, subnets, {"rtr-1": RouterSpec(subnets=["sub-a", "sub-b"])}, EXT, {}) == (
+        RouterPlan(42),
+        None,
+    )
+
+
+def test_an_external_gateway_snats_the_routers_subnets_of_the_network_through_the_nodes_provider_interface():
+    subnets = {
+        "sub-a": subnet("10.0.1.0/24", "rtr-1"),
+        "sub-b": subnet("10.0.2.0/24", "rtr-1"),
+        "sub-c": subnet("10.0.3.0/24"),  # not attached: not SNATed
+        "sub-d": subnet("10.0.4.0/24", "rtr-1", deleting=True),
+    }
+    plan, missing = desired_router(42, subnets, {"rtr-1": EDGE}, EXT, {"lan": "br-lan"})
+    assert missing is None
+    assert plan == RouterPlan(
+        42,
+        ExternalLeg(
+            router_id="rtr-1",
+            interface="br-lan",
+            address=ipaddress.IPv4Interface("198.51.100.100/24"),
+            gateway=ipaddress.IPv4Address("198.51.100.1"),
+            sources=(ipaddress.IPv4Network("10.0.1.0/24"), ipaddress.IPv4Network("10.0.2.0/24")),
+        ),
+    )
+    assert plan.external is not None and plan.external.mac == external_mac("rtr-1")
+    body = nft_body(plan.external)
+    assert 'oifname "mce0" ip saddr { 10.0.1.0/24, 10.0.2.0/24 } snat to 198.51.100.100' in body
+    assert 'iifname "mce0" drop' in body
+
+
+def test_a_node_without_the_provider_forwards_and_says_what_is_missing():
+    plan, missing = desired_router(42, {"sub-a": subnet("10.0.1.0/24", "rtr-1")}, {"rtr-1": EDGE}, EXT, {})
+    assert plan == RouterPlan(42) and missing is not None and "'lan'" in missing
+
+
+def test_the_external_mac_is_the_same_everywhere_local_and_unicast():
+    mac = external_mac("rtr-1")
+    assert mac == external_mac("rtr-1") != external_mac("rtr-2")
+    first = int(mac.split(":")[0], 16)
+    assert first & 0x02 and not first & 0x01
+
+
+async def test_the_fake_plumbing_keeps_the_last_plan():
+    fake = FakeRouterPlumbing()
+    await fake.ensure("/run/netns/mcs-00002a", RouterPlan(42))
+    assert fake.plans == {"/run/netns/mcs-00002a": RouterPlan(42)}
+    await fake.ensure("/run/netns/mcs-00002a", None)
+    assert fake.plans == {}
+
+
+def test_providers_config():
+    assert msgspec.convert({"providers": {"lan": "eth1"}}, NetworkConfig).providers == {"lan": "eth1"}
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"providers": {"lan": "an-interface-name-too-long"}}, NetworkConfig)
