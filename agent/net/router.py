@@ -31,13 +31,21 @@ from dataclasses import dataclass
 
 from agent.net.common import NetworkError, netns_argv
 from agent.net.firewall import NftFirewall, NftTable
+from agent.net.service import INNER_NAME
 
 log = logging.getLogger(__name__)
 
 #: The external leg's name inside the service namespace.
 EXTERNAL_NAME = "mce0"
 TABLE = NftTable("ip", "minicloud_rtr")
-_SYSCTLS = ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.default.send_redirects=0")
+_SYSCTLS = (
+    "net.ipv4.ip_forward=1",
+    "net.ipv4.conf.all.send_redirects=0",
+    "net.ipv4.conf.default.send_redirects=0",
+    # each leg answers ARP only for its own addresses (a floating IP's leg for it, the router's leg for its own)
+    "net.ipv4.conf.all.arp_ignore=1",
+)
+FLOATING_PREFIX = "mcf-"
 
 #: Sends one gratuitous ARP request (argv: interface, address, MAC) on an AF_PACKET socket.
 _GARP = """
@@ -55,6 +63,11 @@ def external_mac(router_id: str) -> str:
     """The external leg's MAC of router ``router_id``: locally administered, unicast, the same on every node."""
     digest = hashlib.sha256(router_id.encode()).digest()
     return "02:4d:52:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def floating_name(fip_id: str) -> str:
+    """A floating IP's leg (in the node's namespace while created, then in the service namespace)."""
+    return FLOATING_PREFIX + hashlib.sha256(fip_id.encode()).hexdigest()[:8]
 
 
 def temp_name(vni: int) -> str:
@@ -79,24 +92,53 @@ class ExternalLeg:
 
 
 @dataclass(frozen=True)
+class FloatingLeg:
+    """A floating IP NATed 1:1 to ``fixed`` (a NIC on this node): its own macvlan on the provider interface with
+    the floating address and a MAC derived from its id, present on this node only."""
+
+    fip_id: str
+    address: ipaddress.IPv4Address
+    fixed: ipaddress.IPv4Address
+
+    @property
+    def mac(self) -> str:
+        return external_mac(f"floatingip/{self.fip_id}")
+
+    @property
+    def name(self) -> str:
+        return floating_name(self.fip_id)
+
+
+@dataclass(frozen=True)
 class RouterPlan:
-    """What the routers need in one network's service namespace: forwarding, and at most one external leg."""
+    """What the routers need in one network's service namespace: forwarding, at most one external leg, and the
+    floating IPs of this node's NICs (only with the external leg)."""
 
     vni: int
     external: ExternalLeg | None = None
+    floating: tuple[FloatingLeg, ...] = ()
 
 
-def nft_body(leg: ExternalLeg) -> str:
+def nft_body(leg: ExternalLeg, floating: tuple[FloatingLeg, ...] = ()) -> str:
+    """SNAT of the router's subnets (a floating IP's NIC leaves as its floating IP), DNAT of each floating IP, and
+    nothing new forwarded from the LAN side but DNATed traffic."""
     sources = ", ".join(str(s) for s in leg.sources)
+    fips = sorted(floating, key=lambda f: int(f.address))
     return "\n".join(
         [
+            "\tchain prerouting {",
+            "\t\ttype nat hook prerouting priority -100; policy accept;",
+            *(f"\t\tip daddr {f.address} dnat to {f.fixed}" for f in fips),
+            "\t}",
             "\tchain forward {",
             "\t\ttype filter hook forward priority 0; policy accept;",
-            f'\t\tiifname "{EXTERNAL_NAME}" ct state established,related accept',
-            f'\t\tiifname "{EXTERNAL_NAME}" drop',
+            "\t\tct state established,related accept",
+            "\t\tct status dnat accept",
+            f'\t\tiifname != "{INNER_NAME}" drop',
             "\t}",
             "\tchain postrouting {",
             "\t\ttype nat hook postrouting priority 100; policy accept;",
+            *(f'\t\toifname "{EXTERNAL_NAME}" ip saddr {f.fixed} snat to {f.address}' for f in fips),
             f'\t\toifname "{EXTERNAL_NAME}" ip saddr {{ {sources} }} snat to {leg.address.ip}',
             "\t}",
         ]
@@ -150,12 +192,16 @@ class RouterPlumbing:
             if forwarding == "1":
                 await self._inside(path, self._sysctl, "-qw", "net.ipv4.ip_forward=0", what="stop forwarding")
             return
-        if forwarding != "1":
-            await self._inside(path, self._sysctl, "-qw", *_SYSCTLS, what="turn forwarding on")
+        await self._inside(path, self._sysctl, "-qw", *_SYSCTLS, what="turn forwarding on")
         if plan.external is None:
             await self._remove_external(path, fw)
             return
-        await self._ensure_external(path, plan.vni, plan.external, fw)
+        await self._ensure_external(path, plan.vni, plan.external)
+        await self._ensure_floating(path, plan.external, plan.floating)
+        body = nft_body(plan.external, plan.floating)
+        if self._tables.get(path) != body:  # once after a restart too: an atomic replace keeps conntrack
+            await fw.replace_table(TABLE, body)
+            self._tables[path] = body
 
     async def announce(self, path: str, leg: ExternalLeg) -> None:
         """A gratuitous ARP for the leg's address from the namespace at ``path`` (best effort)."""
@@ -167,28 +213,14 @@ class RouterPlumbing:
         out = await self._inside(path, self._ip, "-j", "-d", "addr", "show", what="list links")
         return {link["ifname"]: link for link in json.loads(out or "[]")}
 
-    async def _ensure_external(self, path: str, vni: int, leg: ExternalLeg, fw: NftFirewall) -> None:
+    async def _ensure_external(self, path: str, vni: int, leg: ExternalLeg) -> None:
         links = await self._links(path)
         link = links.get(EXTERNAL_NAME)
         if link is not None and (link.get("address", "").lower() != leg.mac):
             await self._inside(path, self._ip, "link", "del", EXTERNAL_NAME, what="delete the external leg")
             link = None
         if link is None:
-            tmp = temp_name(vni)
-            node = netns_argv(self.netns)
-            await self._run([*node, self._ip, "link", "del", tmp], "clean up", check=False)
-            await self._run(
-                [*node, self._ip, "link", "add", tmp, "link", leg.interface, "address", leg.mac,
-                 "type", "macvlan", "mode", "bridge"],
-                f"create a macvlan on provider interface {leg.interface}",
-            )  # fmt: skip
-            try:
-                await self._run([*node, self._ip, "link", "set", tmp, "netns", path], "move the external leg")
-            except NetworkError:
-                await self._run([*node, self._ip, "link", "del", tmp], "clean up", check=False)
-                raise
-            await self._inside(path, self._ip, "link", "set", tmp, "name", EXTERNAL_NAME, what="rename")
-            await self._inside(path, self._ip, "link", "set", EXTERNAL_NAME, "addrgenmode", "none", what="no IPv6")
+            await self._macvlan(path, temp_name(vni), EXTERNAL_NAME, leg.interface, leg.mac)
             links = await self._links(path)
             link = links[EXTERNAL_NAME]
         have = {
@@ -213,14 +245,67 @@ class RouterPlumbing:
                 path, self._ip, "route", "replace", "default", "via", str(leg.gateway), "dev", EXTERNAL_NAME,
                 what="set the default route",
             )  # fmt: skip
-        body = nft_body(leg)
-        if self._tables.get(path) != body:  # once after a restart too: an atomic replace keeps conntrack
-            await fw.replace_table(TABLE, body)
-            self._tables[path] = body
+
+    async def _macvlan(self, path: str, tmp: str, name: str, interface: str, mac: str) -> None:
+        """A macvlan (bridge mode) on the node's ``interface`` with ``mac``, moved into ``path`` as ``name``."""
+        node = netns_argv(self.netns)
+        await self._run([*node, self._ip, "link", "del", tmp], "clean up", check=False)
+        await self._run(
+            [
+                *node,
+                self._ip,
+                "link",
+                "add",
+                tmp,
+                "link",
+                interface,
+                "address",
+                mac,
+                "type",
+                "macvlan",
+                "mode",
+                "bridge",
+            ],
+            f"create a macvlan on provider interface {interface}",
+        )
+        try:
+            await self._run([*node, self._ip, "link", "set", tmp, "netns", path], "move the macvlan")
+        except NetworkError:
+            await self._run([*node, self._ip, "link", "del", tmp], "clean up", check=False)
+            raise
+        if name != tmp:
+            await self._inside(path, self._ip, "link", "set", tmp, "name", name, what="rename")
+        await self._inside(path, self._ip, "link", "set", name, "addrgenmode", "none", what="no IPv6")
+
+    async def _ensure_floating(self, path: str, leg: ExternalLeg, floating: tuple[FloatingLeg, ...]) -> None:
+        links = await self._links(path)
+        want = {f.name: f for f in floating}
+        for name, link in links.items():
+            name = name.split("@")[0]
+            f = want.get(name)
+            if name.startswith(FLOATING_PREFIX) and (f is None or link.get("address", "").lower() != f.mac):
+                await self._inside(path, self._ip, "link", "del", name, what="delete a floating IP's leg")
+        links = await self._links(path)
+        for name, f in want.items():
+            link = links.get(name)
+            if link is None:
+                await self._macvlan(path, name, name, leg.interface, f.mac)
+                link = (await self._links(path))[name]
+            have = {a["local"] for a in link.get("addr_info", []) if a.get("family") == "inet"}
+            if have != {str(f.address)}:
+                await self._inside(path, self._ip, "addr", "flush", "dev", name, what="flush")
+                await self._inside(path, self._ip, "addr", "add", f"{f.address}/32", "dev", name, what="address")
+            if "UP" not in link.get("flags", []):
+                await self._inside(path, self._ip, "link", "set", name, "up", what="bring a floating leg up")
+                # the floating IP is here now: tell the LAN (the switch learns its MAC on this node's port)
+                await self._inside(
+                    path, sys.executable, "-c", _GARP, name, str(f.address), f.mac, what="announce", check=False
+                )
 
     async def _remove_external(self, path: str, fw: NftFirewall) -> None:
-        if EXTERNAL_NAME in await self._links(path):
-            await self._inside(path, self._ip, "link", "del", EXTERNAL_NAME, what="delete the external leg")
+        for name in await self._links(path):
+            if name == EXTERNAL_NAME or name.startswith(FLOATING_PREFIX):
+                await self._inside(path, self._ip, "link", "del", name, what="delete an external leg")
         if TABLE in await fw.list_tables():
             await fw.delete_tables([TABLE])
         self._tables.pop(path, None)

@@ -49,18 +49,20 @@ from agent.net.firewall import NftFirewall, NftTable
 from agent.net.metadata import InstanceMetadata, MetadataServer
 from agent.net.nodenetworks import NodeNetworks, tap_name
 from agent.net.overlay import FdbEntry, Neighbour, OverlayDriver, OverlaySpec, bridge_name
-from agent.net.router import ExternalLeg, RouterPlan, RouterPlumbing
+from agent.net.router import ExternalLeg, FloatingLeg, RouterPlan, RouterPlumbing
 from agent.net.service import INNER_NAME, ServiceSpec, service_mac
 from agent.reconcile import Result, update_record
 from minicloud.cluster.kinds import NODE
 from minicloud.compute.kinds import INSTANCE
 from minicloud.network import secgroup_compile as sgc
 from minicloud.network.kinds import (
+    FLOATING_IP,
     NETWORK,
     PORT,
     ROUTER,
     SECURITY_GROUP,
     SUBNET,
+    FloatingIpSpec,
     NetworkSpec,
     PortSpec,
     RouterSpec,
@@ -225,12 +227,15 @@ def desired_router(
     routers: Mapping[str, RouterSpec],
     externals: Mapping[str, tuple[NetworkSpec, SubnetSpec]],
     providers: Mapping[str, str],
+    floating: Sequence[tuple[str, FloatingIpSpec]] = (),
 ) -> tuple[RouterPlan | None, str | None]:
     """(what the routers of a network's subnets need in its service namespace on this node, a reason the external
     leg is missing or None). ``subnets``: the network's subnets by id; ``routers``: the routers they name, by id;
     ``externals``: external network id -> (its spec, the subnet the routers' addresses are in); ``providers``: this
     node's ``[network.providers]``. One external leg per network: the first router (by id) with an external
-    gateway; it SNATs that router's subnets of this network. Pure."""
+    gateway; it SNATs that router's subnets of this network. ``floating``: (id, spec) of the floating IPs
+    associated with this node's NICs of the network; those on the leg's external network whose NIC address is in
+    one of the leg's subnets are NATed 1:1 here. Pure."""
     attached = {sid: s.router for sid, s in subnets.items() if s.router and not s.deleting and s.router in routers}
     if not attached:
         return None, None
@@ -255,7 +260,14 @@ def desired_router(
             gateway=ipaddress.IPv4Address(sub.gateway),
             sources=sources,
         )
-        return RouterPlan(vni, leg), None
+        fips = tuple(
+            FloatingLeg(fid, ipaddress.IPv4Address(f.address), ipaddress.IPv4Address(f.fixed_address))
+            for fid, f in sorted(floating, key=lambda x: x[0])
+            if f.network == r.external_network
+            and f.fixed_address
+            and any(ipaddress.IPv4Address(f.fixed_address) in net for net in sources)
+        )
+        return RouterPlan(vni, leg, fips), None
     return RouterPlan(vni), None
 
 
@@ -322,7 +334,9 @@ class NetworkReconciler:
     netns_path)`` makes a DHCP server, ``metadata_factory(netns_path, lookup)`` a metadata server."""
 
     name = "network"
-    kinds = frozenset({PORT.name, NETWORK.name, SUBNET.name, SECURITY_GROUP.name, NODE.name, ROUTER.name})
+    kinds = frozenset(
+        {PORT.name, NETWORK.name, SUBNET.name, SECURITY_GROUP.name, NODE.name, ROUTER.name, FLOATING_IP.name}
+    )
 
     def __init__(
         self,
@@ -386,7 +400,7 @@ class NetworkReconciler:
         elif change.kind == NODE.name:
             yield from self._vnis
             yield NODE_KEY
-        elif change.kind == ROUTER.name:  # its subnets' networks (a subnet change queues its own network)
+        elif change.kind in (ROUTER.name, FLOATING_IP.name):  # (a subnet change queues its own network)
             yield from self._vnis
 
     async def all_keys(self) -> list[str]:
@@ -429,12 +443,16 @@ class NetworkReconciler:
         local, underlay = await self._underlay()
         want = desired_network(network_id, net.spec, net.name, subnets, ports, names, self.node, local, underlay)
         if want is not None and net.spec.vni is not None:
-            plan = await self._router_plan(net.spec.vni, subnets)
+            mine = {p.address: pid for pid, p in ports if p.node == self.node}
+            plan = await self._router_plan(net.spec.vni, subnets, network_id, mine)
             if plan is not None:
                 want = dataclasses.replace(want, router=plan)
         return want, net.spec.vni
 
-    async def _router_plan(self, vni: int, subnets: dict[str, SubnetSpec]) -> RouterPlan | None:
+    async def _router_plan(
+        self, vni: int, subnets: dict[str, SubnetSpec], network_id: str, mine: Mapping[str, str]
+    ) -> RouterPlan | None:
+        """``mine``: address -> port id of this node's ports of the network."""
         routers: dict[str, RouterSpec] = {}
         externals: dict[str, tuple[NetworkSpec, SubnetSpec]] = {}
         for rid in {s.router for s in subnets.values() if s.router}:
@@ -447,7 +465,14 @@ class NetworkReconciler:
                 srec = await self.store.get(SUBNET.name, r.external_subnet)
                 if nrec is not None and srec is not None:
                     externals[r.external_network] = (NETWORK.load(nrec).spec, SUBNET.load(srec).spec)
-        plan, missing = desired_router(vni, subnets, routers, externals, self.providers)
+        floating = []
+        if any(r.external_network for r in routers.values()):
+            # Growth: every floating IP of the cluster per network reconcile (no index on port_network yet).
+            for rec in await list_all(self.store, FLOATING_IP.name):
+                f = FLOATING_IP.load(rec).spec
+                if f.port_network == network_id and mine.get(f.fixed_address) == f.port:
+                    floating.append((rec.id, f))
+        plan, missing = desired_router(vni, subnets, routers, externals, self.providers, floating)
         if missing:
             log.warning("router without its external side on this node", extra={"vni": vni, "reason": missing})
         return plan

@@ -20,6 +20,7 @@ from minicloud.api import (
     audit,
     cluster,
     events,
+    floating_ips,
     images,
     instance_types,
     instances,
@@ -82,6 +83,7 @@ ROUTE_TABLES = [
     subnets.routes,
     security_groups.routes,
     routers.routes,
+    floating_ips.routes,
     whoami.routes,
 ]
 HOUSEKEEPING_INTERVAL = 60.0

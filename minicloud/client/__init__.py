@@ -146,6 +146,9 @@ class Client:
         self.subnets = Subnets(self)
         self.security_groups = SecurityGroups(self)
         self.routers = Routers(self)
+        from minicloud.client.floating_ip import FloatingIps
+
+        self.floating_ips = FloatingIps(self)
 
     # -- construction ----------------------------------------------------------------------------------------------
     @classmethod

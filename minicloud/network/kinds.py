@@ -296,3 +296,60 @@ class PortSpec(msgspec.Struct, kw_only=True):
 #: NICs (``instance create --nic …``, ``instance nic add|remove``). Internal for now (shown inside the instance):
 #: no routes of their own. Growth: one per NIC, deleted with its instance.
 PORT = declare(Kind(name="port", plural="ports", prefix="port", spec=PortSpec, generic=frozenset()))
+
+
+# -- floating IPs --------------------------------------------------------------------------------------------------
+from minicloud.model.floating_ip import FloatingIp, FloatingIpUpdate  # noqa: E402  (appended with the kind)
+
+
+class FloatingIpSpec(msgspec.Struct, kw_only=True):
+    """A public address of an external network (its ``ipalloc`` names this record as holder) and, while
+    associated, the NIC it is NATed to. The network reconciler of the node running that NIC programs the NAT."""
+
+    network: str
+    subnet: str
+    address: str
+    instance: str = ""
+    port: str = ""
+    fixed_address: str = ""
+    #: The NIC's (VPC) network, so a node knows which service namespace holds the NAT.
+    port_network: str = ""
+    description: str = ""
+
+
+def _render_floating_ip(obj: Obj[FloatingIpSpec, Any]) -> FloatingIp:
+    s = obj.spec
+    return FloatingIp(
+        **obj.common_fields(),
+        network=s.network,
+        address=s.address,
+        instance=s.instance or None,
+        port=s.port or None,
+        fixed_address=s.fixed_address or None,
+        description=s.description,
+    )
+
+
+#: ``floating-ip allocate|associate|disassociate|release``; named by its address. Growth: one per allocated public
+#: address, user-released.
+FLOATING_IP = declare(
+    Kind(
+        name="floatingip",
+        plural="floating-ips",
+        prefix="fip",
+        spec=FloatingIpSpec,
+        action="network:floatingips",
+        view=FloatingIp,
+        render=_render_floating_ip,
+        noun="floating-ip",
+        title="floating IP",
+        columns=(
+            Column("address", "address"),
+            Column("instance", "instance"),
+            Column("fixed_address", "fixed_address"),
+            Column("id", "id"),
+        ),
+        patch=FloatingIpUpdate,
+        generic=frozenset({"list", "show", "patch"}),
+    )
+)

@@ -18,13 +18,12 @@ import pytest
 
 from tests.cluster import harness
 from tests.cluster.harness import PUBLIC_CIDR, PUBLIC_GATEWAY, Cluster, wait_for
-from tests.cluster.test_vpc import console, delete, launch, links, ok, probes
+from tests.cluster.test_vpc import booted, console, delete, launch, links, ok, probes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 PROVIDER = "lan"
 ECHO_PORT = 8000
-ECHO = (
-    """
+ECHO = """
 import http.server
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -32,10 +31,8 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(("0.0.0.0", %d), H).serve_forever()
-"""
-    % ECHO_PORT
-)  # noqa: UP031
+http.server.ThreadingHTTPServer(("0.0.0.0", PORT), H).serve_forever()
+""".replace("PORT", str(ECHO_PORT))
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +133,51 @@ def test_a_guest_reaches_the_public_lan_through_its_routers_snat_on_its_own_node
     wait_for(
         lambda: name not in n2.exec("ls", "/run/netns").stdout.split(), timeout=60, interval=1, what=f"n2's {name} gone"
     )
+
+
+def test_a_floating_ip_reaches_its_guest_from_the_public_lan_and_follows_it_to_the_other_node(
+    hosts: Cluster, public: str
+):
+    n1, n2 = hosts.nodes
+    assert hosts.public is not None
+    n1.cli("network", "create", "vpc2", "--cidr", "10.30.0.0/16", check=True)
+    n1.cli("subnet", "create", "app", "--network", "vpc2", "--cidr", "10.30.1.0/24", check=True)
+    n1.cli("router", "create", "edge2", "--external-network", public, check=True)
+    n1.cli("router", "add-subnet", "edge2", "app", check=True)
+    add = ("security-group", "rule", "add", "default", "ingress", "--protocol", "tcp", "--port", "80")
+    rule = json.loads(n1.cli("-o", "json", *add, check=True).stdout)
+    vni = json.loads(n1.cli("-o", "json", "network", "show", "vpc2", check=True).stdout)["vni"]
+    fip = json.loads(n1.cli("-o", "json", "floating-ip", "allocate", "--network", public, check=True).stdout)
+    address = fip["address"]
+    assert fip["instance"] is None and address.startswith(PUBLIC_CIDR.rsplit(".", 1)[0] + ".")
+
+    def serves(name: str) -> bool:
+        out = hosts.public.exec("curl", "-sS", "--max-time", "3", f"http://{address}/")  # type: ignore[union-attr]
+        return f"<h1>{name}</h1>" in out.stdout
+
+    def legs(node) -> list[str]:
+        out = node.exec("nsenter", f"--net=/run/netns/mcs-{vni:06x}", "ip", "-br", "link").stdout
+        return [line.split("@")[0] for line in out.splitlines() if line.startswith("mcf-")]
+
+    f1 = launch(n1, "f1", "--image", "guest-n1", "--nic", "subnet=app")
+    booted(n1, "f1")
+    n1.cli("floating-ip", "associate", address, "f1", check=True)
+    wait_for(lambda: serves("f1"), timeout=90, interval=1, what=f"f1 behind {address}")
+    assert legs(n1) and legs(n2) == []  # NATed (and ARP answered) on f1's node only
+
+    launch(n1, "f2", "--image", "guest-n2", "--nic", "subnet=app")
+    booted(n2, "f2")
+    moved = json.loads(n1.cli("-o", "json", "floating-ip", "associate", address, "f2", check=True).stdout)
+    assert moved["fixed_address"] not in (None, f1["nics"][0]["ip"])
+    wait_for(lambda: serves("f2"), timeout=90, interval=1, what=f"f2 behind {address} after the move")
+    assert legs(n2) and legs(n1) == []  # the old node let go (and n2 announced it: the LAN follows at once)
+
+    n1.cli("floating-ip", "disassociate", address, check=True)
+    wait_for(lambda: not serves("f2"), timeout=60, interval=1, what=f"{address} disassociated")
+    n1.cli("floating-ip", "release", address, check=True)
+    delete(n1, "f1", "f2")
+    n1.cli("security-group", "rule", "remove", "default", rule["rules"][-1]["id"], check=True)
+    n1.cli("router", "remove-subnet", "edge2", "app", check=True)
+    n1.cli("router", "delete", "edge2", check=True)
+    n1.cli("subnet", "delete", "app", check=True)
+    n1.cli("network", "delete", "vpc2", check=True)

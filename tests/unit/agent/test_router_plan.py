@@ -62,7 +62,7 @@ def test_an_external_gateway_snats_the_routers_subnets_of_the_network_through_th
     assert plan.external is not None and plan.external.mac == external_mac("rtr-1")
     body = nft_body(plan.external)
     assert 'oifname "mce0" ip saddr { 10.0.1.0/24, 10.0.2.0/24 } snat to 198.51.100.100' in body
-    assert 'iifname "mce0" drop' in body
+    assert 'iifname != "mcs0" drop' in body
 
 
 def test_a_node_without_the_provider_forwards_and_says_what_is_missing():
@@ -89,3 +89,22 @@ def test_providers_config():
     assert msgspec.convert({"providers": {"lan": "eth1"}}, NetworkConfig).providers == {"lan": "eth1"}
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"providers": {"lan": "an-interface-name-too-long"}}, NetworkConfig)
+
+
+def test_floating_ips_of_this_nodes_nics_on_the_legs_network_are_natted_here():
+    from agent.net.router import FloatingLeg, floating_name
+    from minicloud.network.kinds import FloatingIpSpec
+
+    subnets = {"sub-a": subnet("10.0.1.0/24", "rtr-1"), "sub-c": subnet("10.0.3.0/24")}
+    here = FloatingIpSpec(network="net-ext", subnet="sub-ext", address="198.51.100.101", fixed_address="10.0.1.5")
+    unrouted = FloatingIpSpec(network="net-ext", subnet="sub-ext", address="198.51.100.102", fixed_address="10.0.3.5")
+    plan, _ = desired_router(42, subnets, {"rtr-1": EDGE}, EXT, {"lan": "eth1"}, [("fip-1", here), ("fip-2", unrouted)])
+    assert plan is not None and plan.external is not None
+    fip = FloatingLeg("fip-1", ipaddress.IPv4Address("198.51.100.101"), ipaddress.IPv4Address("10.0.1.5"))
+    assert plan.floating == (fip,)
+    assert fip.name == floating_name("fip-1") and len(fip.name) <= 15 and fip.mac != plan.external.mac
+    body = nft_body(plan.external, plan.floating)
+    assert "ip daddr 198.51.100.101 dnat to 10.0.1.5" in body
+    # the NIC leaves as its floating IP, before the router's SNAT
+    assert body.index("ip saddr 10.0.1.5 snat to 198.51.100.101") < body.index("snat to 198.51.100.100")
+    assert "ct status dnat accept" in body
