@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 from agent.net.common import NetworkError, netns_argv
 from agent.net.firewall import NftFirewall, NftTable
-from agent.net.service import INNER_NAME
+from agent.net.overlay import vxlan_name
+from agent.net.service import INNER_NAME, service_mac
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,38 @@ class RouterPlan:
     vni: int
     external: ExternalLeg | None = None
     floating: tuple[FloatingLeg, ...] = ()
+    #: This node's source MAC for frames the router sends across the VXLAN device (see :func:`routed_body`).
+    routed_mac: str = ""
+    #: The service namespace's own addresses (gateways, metadata): what it sends itself never crosses VXLAN.
+    own: tuple[str, ...] = ()
+
+
+def routed_mac(vni: int, local: str) -> str:
+    """The source MAC of what network ``vni``'s router on the node with underlay address ``local`` routes to other
+    nodes: locally administered, unicast, one per node and network."""
+    digest = hashlib.sha256(f"{vni}/{local}".encode()).digest()
+    return "02:4d:44:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def routed_table(vni: int) -> NftTable:
+    return NftTable("bridge", f"minicloud_rtr_{vni:06x}")
+
+
+def routed_body(vni: int, mac: str, own: tuple[str, ...] = ()) -> str:
+    """East-west to another node: a routed IPv4 frame leaves the service port with the gateway MAC, which must never
+    cross the VXLAN device (the service table drops it there, at priority -10). Before that, this table gives such
+    frames the node's own MAC instead (DVR's per-node MAC). Only routed ones: what the namespace sends from its own
+    addresses (``own``: DHCP answers, DNS, metadata) and ARP still stay on the node."""
+    ours = ", ".join(sorted(set(own), key=lambda a: ipaddress.IPv4Address(a)))
+    match = f"ip saddr != {{ {ours} }} " if ours else "ether type ip "
+    return "\n".join(
+        [
+            "\tchain forward {",
+            "\t\ttype filter hook forward priority -20; policy accept;",
+            f'\t\toifname "{vxlan_name(vni)}" ether saddr {service_mac(vni)} {match}ether saddr set {mac}',
+            "\t}",
+        ]
+    )
 
 
 def nft_body(leg: ExternalLeg, floating: tuple[FloatingLeg, ...] = ()) -> str:
@@ -179,12 +212,27 @@ class RouterPlumbing:
             await self._converge(path, plan)
             self._applied[path] = plan
 
-    def forget(self, path: str) -> None:
-        """The namespace at ``path`` is gone (and all of this with it)."""
-        self._applied.pop(path, None)
-        self._tables.pop(path, None)
+    async def remove(self, path: str) -> None:
+        """The namespace at ``path`` is gone (and all of this inside with it): remove the node's routed-MAC table."""
+        async with self._lock:
+            self._applied.pop(path, None)
+            self._tables.pop(path, None)
+            await self._routed(path, None)
+
+    async def _routed(self, path: str, plan: RouterPlan | None) -> None:
+        vni = int(path[-6:], 16)  # the service namespace's name ends in the VNI (agent.net.service)
+        table, node = routed_table(vni), NftFirewall(self.netns)
+        if plan is not None and plan.routed_mac:
+            body = routed_body(vni, plan.routed_mac, plan.own)
+            if self._tables.get(table.name) != body:
+                await node.replace_table(table, body)
+                self._tables[table.name] = body
+        elif self._tables.get(table.name) != "":
+            await node.delete_tables([table])
+            self._tables[table.name] = ""
 
     async def _converge(self, path: str, plan: RouterPlan | None) -> None:
+        await self._routed(path, plan)
         fw = NftFirewall(path)
         forwarding = (await self._inside(path, self._sysctl, "-n", "net.ipv4.ip_forward", what="read")).strip()
         if plan is None:
@@ -323,5 +371,5 @@ class FakeRouterPlumbing:
         else:
             self.plans[path] = plan
 
-    def forget(self, path: str) -> None:
+    async def remove(self, path: str) -> None:
         self.plans.pop(path, None)

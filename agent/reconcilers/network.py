@@ -49,7 +49,7 @@ from agent.net.firewall import NftFirewall, NftTable
 from agent.net.metadata import InstanceMetadata, MetadataServer
 from agent.net.nodenetworks import NodeNetworks, tap_name
 from agent.net.overlay import FdbEntry, Neighbour, OverlayDriver, OverlaySpec, bridge_name
-from agent.net.router import ExternalLeg, FloatingLeg, RouterPlan, RouterPlumbing
+from agent.net.router import ExternalLeg, FakeRouterPlumbing, FloatingLeg, RouterPlan, RouterPlumbing, routed_mac
 from agent.net.service import INNER_NAME, ServiceSpec, service_mac
 from agent.reconcile import Result, update_record
 from minicloud.cluster.kinds import NODE
@@ -371,7 +371,7 @@ class NetworkReconciler:
         self._metadata: dict[str, Any] = {}
         self._ruleset: str | None = None
         #: The routers' side of the service namespaces, and this node's ``[network.providers]``.
-        self.routers = routers or RouterPlumbing()
+        self.routers = routers or FakeRouterPlumbing()  # the agent passes the real one (agent/node.py)
         self.providers = dict(providers or {})
 
     # -- the framework's side --------------------------------------------------------------------------------------
@@ -446,6 +446,8 @@ class NetworkReconciler:
             mine = {p.address: pid for pid, p in ports if p.node == self.node}
             plan = await self._router_plan(net.spec.vni, subnets, network_id, mine)
             if plan is not None:
+                own = tuple(sorted(str(a.ip) for a in want.service.want_addresses))
+                plan = dataclasses.replace(plan, routed_mac=routed_mac(net.spec.vni, str(local)), own=own)
                 want = dataclasses.replace(want, router=plan)
         return want, net.spec.vni
 
@@ -545,7 +547,7 @@ class NetworkReconciler:
         if network_id:  # its log too: a network that leaves a node leaves no file behind
             await asyncio.to_thread(shutil.rmtree, self.state_dir / network_id, True)
         await self.services.remove(vni)
-        self.routers.forget(self.services.path(vni))  # the router's side went with the namespace
+        await self.routers.remove(self.services.path(vni))  # the router's side went with the namespace
         await self.overlay.remove_network(vni)
         self._vnis.pop(network_id, None)
         log.info("network removed from this node", extra={"network": network_id, "vni": vni})

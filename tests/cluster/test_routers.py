@@ -181,3 +181,43 @@ def test_a_floating_ip_reaches_its_guest_from_the_public_lan_and_follows_it_to_t
     n1.cli("router", "delete", "edge2", check=True)
     n1.cli("subnet", "delete", "app", check=True)
     n1.cli("network", "delete", "vpc2", check=True)
+
+
+def test_east_west_between_two_subnets_of_a_router_is_routed_on_the_source_node_across_nodes(
+    hosts: Cluster, tmp_path: Path
+):
+    n1, n2 = hosts.nodes
+    n1.cli("network", "create", "vpc3", "--cidr", "10.40.0.0/16", check=True)
+    n1.cli("subnet", "create", "left", "--network", "vpc3", "--cidr", "10.40.1.0/24", check=True)
+    n1.cli("subnet", "create", "right", "--network", "vpc3", "--cidr", "10.40.2.0/24", check=True)
+    n1.cli("router", "create", "mid", check=True)
+    n1.cli("router", "add-subnet", "mid", "left", check=True)
+    n1.cli("router", "add-subnet", "mid", "right", check=True)
+    vni = json.loads(n1.cli("-o", "json", "network", "show", "vpc3", check=True).stdout)["vni"]
+    b = launch(n1, "b", "--image", "guest-n2", "--nic", "subnet=right")
+    b_ip = b["nics"][0]["ip"]
+    data = probes(tmp_path, "a", [
+        ("ping-b", 240, f"ping -c 1 -W 2 {b_ip}"),
+        ("http-b", 30, f"timeout 5 wget -q -O - http://{b_ip}/"),
+    ])  # fmt: skip
+    launch(n1, "a", "--image", "guest-n1", "--nic", "subnet=left", "--user-data", data)
+    assert b_ip.startswith("10.40.2.")
+    ok(n1, "a", "ping-b")
+    assert "<h1>b</h1>" in ok(n1, "a", "http-b")
+    table = f"table bridge minicloud_rtr_{vni:06x}"
+    for node in (n1, n2):  # each node routes what its guests send, with a source MAC of its own across the VXLAN
+        assert table in node.exec("nft", "list", "tables", check=True).stdout
+
+    delete(n1, "a", "b")
+    for sub in ("left", "right"):
+        n1.cli("router", "remove-subnet", "mid", sub, check=True)
+        n1.cli("subnet", "delete", sub, check=True)
+    n1.cli("router", "delete", "mid", check=True)
+    n1.cli("network", "delete", "vpc3", check=True)
+    for node in (n1, n2):
+        wait_for(
+            lambda node=node: table not in node.exec("nft", "list", "tables").stdout,
+            timeout=60,
+            interval=1,
+            what=f"{node.node_name}'s {table} gone",
+        )

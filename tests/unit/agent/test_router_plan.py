@@ -108,3 +108,19 @@ def test_floating_ips_of_this_nodes_nics_on_the_legs_network_are_natted_here():
     # the NIC leaves as its floating IP, before the router's SNAT
     assert body.index("ip saddr 10.0.1.5 snat to 198.51.100.101") < body.index("snat to 198.51.100.100")
     assert "ct status dnat accept" in body
+
+
+def test_routed_frames_leave_for_other_nodes_with_a_mac_of_the_node_not_the_gateways():
+    from agent.net.router import routed_body, routed_mac
+    from agent.net.service import service_mac
+
+    mac = routed_mac(42, "10.0.0.11")
+    assert mac != routed_mac(42, "10.0.0.12") and mac != service_mac(42)
+    own = ("169.254.169.254", "10.0.2.1", "10.0.1.1")
+    assert routed_body(42, mac, own).splitlines() == [
+        "\tchain forward {",
+        "\t\ttype filter hook forward priority -20; policy accept;",
+        '\t\toifname "mcv-00002a" ether saddr 02:4d:43:00:00:2a ip saddr != { 10.0.1.1, 10.0.2.1, 169.254.169.254 } '
+        f"ether saddr set {mac}",
+        "\t}",
+    ]
