@@ -231,6 +231,8 @@ def cleanup_stale() -> list[str]:
             if name in netns_list():
                 removed.append(name)
             delete_netns(name)
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"/tmp/mclv-{name}").unlink()  # a crashed node's short link to its libvirt directory
     return removed
 
 
@@ -384,6 +386,10 @@ def _qemu_caps_seed() -> Path:
         return _caps_seed
 
 
+#: The longest Unix socket path we let libvirt use (the kernel's limit is 107 bytes plus the terminating NUL).
+SOCKET_PATH_MAX = 100
+
+
 class NodeLibvirt:
     """A libvirtd private to one node (see the module docstring): :meth:`start` it after the node's namespace
     exists; :meth:`stop` destroys its guests, then kills it and the holder. Idempotent; never raises from stop()
@@ -393,7 +399,17 @@ class NodeLibvirt:
         self.netns = netns
         self.root = root  # <node root>/libvirt
         self.holder: subprocess.Popen[bytes] | None = None
-        self.socket = root / "run" / "libvirt-sock"
+        self._link: Path | None = None
+        if len(str(root / "run" / "libvirt-sock")) > SOCKET_PATH_MAX:
+            # A Unix socket path has at most 107 bytes; pytest's temporary directories under xdist run longer. Reach
+            # the directory through a short link instead (removed by stop() or, after a crash, by cleanup_stale()).
+            root.mkdir(parents=True, exist_ok=True)
+            self._link = Path(f"/tmp/mclv-{netns}")
+            with contextlib.suppress(FileNotFoundError):
+                self._link.unlink()
+            self._link.symlink_to(root)
+            self.root = self._link
+        self.socket = self.root / "run" / "libvirt-sock"
 
     @property
     def uri(self) -> str:
@@ -539,6 +555,9 @@ class NodeLibvirt:
                 self.holder.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.holder.wait(5)
+        if self._link is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._link.unlink()
         if errors:
             raise HarnessError("; ".join(errors))
 
