@@ -39,8 +39,8 @@ from minicloud.cli import (
     whoami,
 )
 from minicloud.cli.common import CommandError, fail
-from minicloud.errors import MinicloudError
 from minicloud.client import ApiError, ConnectError
+from minicloud.errors import MinicloudError
 
 NOUNS = [
     agent,
