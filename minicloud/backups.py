@@ -75,17 +75,22 @@ def prune(directory: Path, keep: int) -> list[str]:
 
 def path_of(directory: Path, name: str) -> Path:
     """The file of backup ``name``; NotFound for a name that is not a backup's or a file that does not exist."""
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise errors.NotFound(f"no such backup; {NAME_HINT}")
     path = directory / name
-    if not path.is_file():
+    if path.is_symlink() or not path.is_file():
         raise errors.NotFound(f"backup {name} does not exist on this node; `minicloud admin backup list` shows them")
     return path
 
 
 def delete(directory: Path, name: str) -> None:
-    """Delete backup ``name``; NotFound if there is none."""
-    path_of(directory, name).unlink()
+    """Delete backup ``name``; NotFound if there is none (also when it was pruned meanwhile)."""
+    try:
+        path_of(directory, name).unlink()
+    except FileNotFoundError:
+        raise errors.NotFound(
+            f"backup {name} does not exist on this node; `minicloud admin backup list` shows them"
+        ) from None
 
 
 class BackupGate:

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from minicloud.api import generic
 from minicloud.api import resources as res
+from minicloud.api.auth import DIRECTORY
 from minicloud.api.keys import STORE
 from minicloud.api.routing import Action, Reply, Routes
 from minicloud.model.network import Subnet, SubnetCreate
@@ -31,6 +32,10 @@ async def delete_subnet(request: web.Request) -> Reply:
     """Delete a subnet no router is attached to and no one holds an address of (409 naming them)."""
     ctx = await res.context_of(request)
     written = await subnets.delete_subnet(
-        ctx, request.app[STORE], request.match_info["ref"], expect=res.if_match(request)
+        ctx,
+        request.app[STORE],
+        request.match_info["ref"],
+        expect=res.if_match(request),
+        directory=request.app[DIRECTORY],
     )
     return res.reply(request, written)

@@ -77,11 +77,9 @@ async def _network(ctx: Context, store: Store, ref: str, directory: Directory | 
     if own is not None:
         return own
     try:
-        network = await external_network(ctx, store, ref)
+        return await external_network(ctx, store, ref)
     except errors.NotFound:
         raise crud.not_found(NETWORK, ref, ctx.project) from None
-    await _require_admin(ctx, directory, "admin:networks:attach")
-    return network
 
 
 async def resolve(
@@ -95,8 +93,8 @@ async def resolve(
     directory: Directory | None = None,
 ) -> Wanted:
     """Validate one NIC request: exactly one of ``subnet`` / ``network`` (422), both of the caller's project (404),
-    except an external network given by ``network``, which only cluster administrators may attach to for now
-    (403); ``ip`` an IPv4 address (422; whether it is in the subnet and free is checked on allocation); the
+    except an external network given by ``network``; a NIC on an external network (named by network or by
+    subnet) only cluster administrators may make for now (403); ``ip`` an IPv4 address (422; whether it is in the subnet and free is checked on allocation); the
     security groups of the project (404), default: the project's ``default`` group (made on first use)."""
     if (subnet is None) == (network is None):
         raise ipam.bad("nics", "give a NIC either a subnet or a network (subnet=S or network=N), not both or neither")
@@ -112,6 +110,11 @@ async def resolve(
     else:
         assert network is not None
         net = await _network(ctx, store, network, directory)
+    if net.spec.external:
+        # A NIC on the provider LAN (and an address of the operator's choosing there) is the operator's to give,
+        # whichever project holds the external network and whether it is named by network or by subnet.
+        await _require_admin(ctx, directory, "admin:networks:attach")
+    if network is not None:
         if not net.spec.subnets:
             raise errors.Conflict(f"network '{net.name}' has no subnet; create one with `minicloud subnet create`")
         chosen = None

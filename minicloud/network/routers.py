@@ -124,6 +124,12 @@ async def add_subnet(ctx: Context, store: Store, ref: str, body: RouterSubnet) -
     async def step(_: int) -> Written:
         router = await crud.get(ctx, store, ROUTER, ref)
         subnet = await crud.get(ctx, store, SUBNET, body.subnet)
+        parent = await store.get(NETWORK.name, subnet.spec.network)
+        if parent is not None and NETWORK.load(parent).spec.external:
+            raise errors.Conflict(
+                f"subnet '{subnet.name}' belongs to an external network: a router reaches it as its external gateway "
+                "(`minicloud router create … --external-network NET`), not as one of its subnets"
+            )
         if subnet.spec.router:
             where = "this router" if subnet.spec.router == router.id else f"router {subnet.spec.router}"
             raise errors.Conflict(f"subnet '{subnet.name}' is already attached to {where}")
@@ -185,6 +191,10 @@ async def _reachable(store: Store, router: Router, hop: ipaddress.IPv4Address) -
     return False
 
 
+#: Static routes per router (a subnet's bound too).
+MAX_ROUTES = 64
+
+
 async def add_route(ctx: Context, store: Store, ref: str, body: Route) -> Written:
     """Add a static route; its next hop must be in a subnet the router has (422), its destination new (409)."""
     dest = str(ipam.parse_route_destination(body.destination))
@@ -197,6 +207,8 @@ async def add_route(ctx: Context, store: Store, ref: str, body: Route) -> Writte
     def mutate(r: Router) -> Router:
         if any(x.destination == dest for x in r.spec.routes):
             raise errors.Conflict(f"router '{r.name}' already has a route to {dest}; remove it first")
+        if len(r.spec.routes) >= MAX_ROUTES:
+            raise errors.Conflict(f"router '{r.name}' already has {MAX_ROUTES} static routes, the most it may have")
         return r.replace(spec=msgspec.structs.replace(r.spec, routes=[*r.spec.routes, route]))
 
     return await crud.update(ctx, store, ROUTER, router.id, mutate)

@@ -159,6 +159,10 @@ async def create_group(ctx: Context, store: Store, body: SecurityGroupCreate) ->
     return await ipam.retrying(step)
 
 
+#: Rules per group (the create body's bound too): every node compiles every group its ports use.
+MAX_RULES = 100
+
+
 async def add_rule(
     ctx: Context, store: Store, ref: str, body: SecurityGroupRuleCreate, *, expect: int | None = None
 ) -> Written:
@@ -174,6 +178,11 @@ async def add_rule(
             remote_id = remote.id if remote is not None else None
         rule = rule_spec(body, remote_id)
         _check_new(group.spec.rules, rule, group.name)
+        if len(group.spec.rules) >= MAX_RULES:
+            raise errors.Conflict(
+                f"security group '{group.name}' already has {MAX_RULES} rules, the most a group may have; "
+                "remove one or split the group"
+            )
 
         def mutate(g: Group) -> Group:
             return g.replace(spec=SecurityGroupSpec(description=g.spec.description, rules=[*g.spec.rules, rule]))

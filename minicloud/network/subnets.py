@@ -20,6 +20,7 @@ from minicloud.core import crud
 from minicloud.core.context import Context
 from minicloud.core.kinds import Obj
 from minicloud.core.write import Written
+from minicloud.iam.directory import Directory
 from minicloud.model.network import SubnetCreate
 from minicloud.network import ipam
 from minicloud.network.kinds import NETWORK, SUBNET, NetworkSpec, RouteSpec, SubnetSpec
@@ -125,10 +126,18 @@ async def create_subnet(ctx: Context, store: Store, body: SubnetCreate) -> Writt
     return await ipam.retrying(step)
 
 
-async def delete_subnet(ctx: Context, store: Store, ref: str, *, expect: int | None = None) -> Written:
+async def delete_subnet(
+    ctx: Context, store: Store, ref: str, *, expect: int | None = None, directory: Directory | None = None
+) -> Written:
     """Delete a subnet no router is attached to and no one holds an address of but its gateway (409 naming them);
-    releases the gateway and updates the network in the same transaction."""
+    releases the gateway and updates the network in the same transaction. A subnet of an external network is the
+    cluster administrator's (``admin:networks:delete``), like the network itself."""
     subnet = await crud.get(ctx, store, SUBNET, ref)
+    parent = await store.get(NETWORK.name, subnet.spec.network)
+    if parent is not None and NETWORK.load(parent).spec.external:
+        from minicloud.network.networks import _require_admin  # networks imports this module
+
+        await _require_admin(ctx, directory, "admin:networks:delete")
     if expect is not None and expect != subnet.revision:
         raise errors.PreconditionFailed(
             "the subnet was changed since the revision you sent in If-Match; read it again and retry"

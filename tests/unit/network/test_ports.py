@@ -16,7 +16,7 @@ from minicloud.iam.kinds import PROJECT, ProjectSpec
 from minicloud.model.compute import InstanceCreate, NicCreate
 from minicloud.model.network import NetworkCreate, SecurityGroupCreate, SubnetCreate
 from minicloud.network import ipam, ports
-from minicloud.network.kinds import IPALLOC, PORT, SECURITY_GROUP
+from minicloud.network.kinds import IPALLOC, PORT, SECURITY_GROUP, SUBNET
 from minicloud.network.networks import create_network
 from minicloud.network.security_groups import create_group
 from minicloud.network.subnets import create_subnet, delete_subnet
@@ -170,3 +170,24 @@ async def test_concurrent_creates_never_get_one_address_twice(ctx, world):
     refused = [r for r in results if isinstance(r, BaseException)]
     assert len(made) == 3 and all(isinstance(r, errors.Conflict) for r in refused), results
     assert sorted(v.nics[0].ip for v in made) == ["10.0.1.10", "10.0.1.11", "10.0.1.12"]
+
+
+async def test_a_member_of_the_external_networks_own_project_cannot_plug_into_it_either(ctx, world):
+    """Regression (review): the admin check ran only for an external network of another project, and never for one
+    named by its subnet; a member of the network's project could put a NIC (and any address) on the provider LAN."""
+    store = world
+    body = NetworkCreate(
+        name="public", cidr="192.0.2.0/24", external=True, provider="lan", gateway="192.0.2.1",
+        pool="192.0.2.100-192.0.2.110",
+    )  # fmt: skip
+    await create_network(ctx, store, body)  # in `default`, the member's own project
+    public_subnet = (await crud.list_objects(ctx, store, SUBNET, limit=10)).items
+    subnet_name = next(s.name for s in public_subnet if s.spec.cidr == "192.0.2.0/24")
+    member = Context(principal=SystemCaller("bob", admin=False), project="default", action="compute:instances:create")
+    with pytest.raises(errors.Forbidden):
+        await create(member, store, "by-network", NicCreate(network="public"))
+    with pytest.raises(errors.Forbidden):
+        await create(member, store, "by-subnet", NicCreate(subnet=subnet_name, ip="192.0.2.1"))
+    with pytest.raises(errors.Forbidden):  # nor delete the external network's subnet
+        await delete_subnet(member, store, subnet_name)
+    assert await store.list(PORT.name, project="default") == []
