@@ -222,10 +222,16 @@ async def test_every_public_kind_is_streamed_rendered_and_internal_kinds_never(a
         ("POST", "/v1/networks", {"name": "vpc", "cidr": "10.0.0.0/16"}),  # + the default security group
         ("POST", "/v1/subnets", {"name": "sn", "network": "vpc", "cidr": "10.0.1.0/24"}),
         ("POST", "/v1/routers", {"name": "r"}),
+        (
+            "POST",
+            "/v1/networks",
+            {"name": "lan", "cidr": "192.0.2.0/24", "external": True, "provider": "lan", "gateway": "192.0.2.1"},
+        ),
+        ("POST", "/v1/floating-ips", {"network": "lan"}),
         ("POST", "/v1/admin/backups", None),  # an operation
     ]
-    for method, path, body in steps:
-        resp = await api.request(method, path, json=body, headers={"Idempotency-Key": path})
+    for i, (method, path, body) in enumerate(steps):
+        resp = await api.request(method, path, json=body, headers={"Idempotency-Key": f"{path}#{i}"})
         assert resp.status in (201, 202), (path, await resp.text())
     # Every kind the API exposes: declared public kinds, and any still registered only the old way (none should be).
     exposed = set(public_kinds()) | set(getattr(res, "KINDS", {}))
