@@ -109,7 +109,7 @@ def underlay_addresses(
     address; this node's configured address wins for itself; 127.0.0.1 when nothing says."""
     out: dict[str, ipaddress.IPv4Address] = {}
     for r in nodes:
-        addr = parse_address(r.labels.get(UNDERLAY_LABEL, "")) or parse_address(str(r.spec.get("address", "")))
+        addr = parse_address(r.labels.get(UNDERLAY_LABEL, "")) or parse_address(NODE.load(r).spec.address)
         if addr is not None:
             out[r.name] = addr
     local = parse_address(configured) if configured else None
@@ -389,12 +389,12 @@ class NetworkReconciler:
     def keys_for(self, change: Change) -> Iterable[str]:
         rec = change.record
         if change.kind == PORT.name:
-            yield str(rec.spec.get("network", ""))
+            yield PORT.load(rec).spec.network
             yield NODE_KEY
         elif change.kind == NETWORK.name:
             yield change.id
         elif change.kind == SUBNET.name:
-            yield str(rec.spec.get("network", ""))
+            yield SUBNET.load(rec).spec.network
         elif change.kind == SECURITY_GROUP.name:
             yield NODE_KEY
         elif change.kind == NODE.name:
@@ -405,7 +405,7 @@ class NetworkReconciler:
 
     async def all_keys(self) -> list[str]:
         ports = await list_all(self.store, PORT.name, where={"node": self.node})
-        nets = {str(r.spec.get("network", "")) for r in ports}
+        nets = {PORT.load(r).spec.network for r in ports}
         return [*sorted(nets | set(self._vnis)), NODE_KEY]
 
     async def reconcile(self, key: str) -> Result:
@@ -638,11 +638,12 @@ class NetworkReconciler:
         wanted: set[int] = set()
         vni_of: dict[int, str] = {}
         for r in await list_all(self.store, PORT.name, where={"node": self.node}):
-            nid = str(r.spec.get("network", ""))
-            net = await self.store.get(NETWORK.name, nid)
-            if net is not None and net.spec.get("vni") is not None:
-                wanted.add(int(net.spec["vni"]))
-                vni_of[int(net.spec["vni"])] = nid
+            nid = PORT.load(r).spec.network
+            rec = await self.store.get(NETWORK.name, nid)
+            vni = NETWORK.load(rec).spec.vni if rec is not None else None
+            if vni is not None:
+                wanted.add(vni)
+                vni_of[vni] = nid
         wanted_ids = set(vni_of.values())
         if await asyncio.to_thread(self.state_dir.is_dir):
             for entry in await asyncio.to_thread(lambda: sorted(self.state_dir.iterdir())):

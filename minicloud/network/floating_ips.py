@@ -104,7 +104,7 @@ async def associate(ctx: Context, store: Store, ref: str, body: FloatingIpAssoci
             "floating IP's network; `minicloud router add-subnet ROUTER SUBNET` first"
         )
     for other in await list_all(store, FLOATING_IP.name, project=ctx.project):
-        if other.id != fip.id and other.spec.get("port") == chosen.port:
+        if other.id != fip.id and FLOATING_IP.load(other).spec.port == chosen.port:
             raise errors.Conflict(f"that NIC of instance '{inst.name}' already has floating IP {other.name}")
     port, fixed, network = chosen.port, chosen.ip, chosen.network
 
