@@ -131,6 +131,19 @@ class ImageSpec(msgspec.Struct, kw_only=True):
     #: The path, URL or kernel it was imported from.
     source: str = ""
     description: str = ""
+    #: The storage pool (:data:`minicloud.storage.kinds.POOL` id) the disk is copied into, and its driver; "" for
+    #: images made before pools existed and kernel images (files in ``node``'s image store only). An image in a
+    #: ``ceph`` pool is usable from every node once its status says ``ready``; a ``local`` one only on ``node``.
+    pool: str = ""
+    pool_driver: str = ""
+
+
+class ImageStatus(msgspec.Struct, kw_only=True):
+    """What the node holding the files reports of the copy into the pool (the node's storage reconciler)."""
+
+    #: ``""`` (no pool), ``importing``, ``ready`` or ``error``.
+    pool_state: str = ""
+    reason: str = ""
 
 
 def _render_image(obj) -> Image:  # type: ignore[no-untyped-def]
@@ -149,6 +162,9 @@ def _render_image(obj) -> Image:  # type: ignore[no-untyped-def]
         node=s.node,
         source=s.source,
         description=s.description,
+        pool=s.pool or None,
+        pool_state=obj.status.pool_state or None,
+        pool_reason=obj.status.reason,
     )
 
 
@@ -160,6 +176,7 @@ IMAGE = declare(
         plural="images",
         prefix="img",
         spec=ImageSpec,
+        status=ImageStatus,
         action="compute:images",
         view=Image,
         render=_render_image,
@@ -230,6 +247,12 @@ class InstanceSpec(msgspec.Struct, kw_only=True):
     #: NICs on VPC/external networks (ports), in guest order; empty: one NIC on the node's ``default`` bridge.
     nics: list[InstanceNicSpec] = []
     description: str = ""
+    #: The storage pool of the root disk (:data:`minicloud.storage.kinds.POOL` id) and its driver; "" in records made
+    #: before pools: a qcow2 overlay in the node's ``instances`` directory (the ``local`` driver's layout).
+    pool: str = ""
+    pool_driver: str = ""
+    #: ``--boot-volume``: the volume that is the root disk (then no disk is made from the image).
+    root_volume: str = ""
 
     @property
     def vcpu_limit(self) -> int:
@@ -279,6 +302,8 @@ def _render_instance(obj) -> Instance:  # type: ignore[no-untyped-def]
             for n in s.nics
         ],
         description=s.description,
+        pool=s.pool or None,
+        root_volume=s.root_volume or None,
         status=InstanceStatus(
             state=st.state,
             reason=st.reason,

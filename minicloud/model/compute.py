@@ -42,6 +42,11 @@ class Image(Resource, kw_only=True):
     node: str
     source: str = ""
     description: str = ""
+    #: The storage pool id the disk is copied into (null: only the node's image store), and how that copy stands:
+    #: ``importing``, ``ready`` (usable from every node of a ``ceph`` pool) or ``error`` (``pool_reason`` says why).
+    pool: str | None = None
+    pool_state: str | None = None
+    pool_reason: str = ""
 
 
 class ImageImport(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -157,6 +162,10 @@ class Instance(Resource, kw_only=True):
     #: NICs on VPC or external networks (empty: the node's ``default`` bridge network, see ``status.addresses``).
     nics: list[Nic] = []
     description: str = ""
+    #: The storage pool id of the root disk (null: the node's instance directory, as before pools existed), and the
+    #: volume that is the root disk when it was created with ``--boot-volume``.
+    pool: str | None = None
+    root_volume: str | None = None
     status: InstanceStatus
 
 
