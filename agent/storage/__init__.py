@@ -1,0 +1,1 @@
+"""Storage on the node: the Ceph cluster minicloud runs (``ceph``) and the volume drivers (RBD, local qcow2)."""
