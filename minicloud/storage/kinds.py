@@ -252,6 +252,9 @@ class VolumeSpec(msgspec.Struct, kw_only=True):
     #: The node that managed it before the last attach moved it (a ceph volume): the new node fences it.
     previous_node: str = ""
     attachment: Attachment | None = None
+    #: The attachment a ``volume detach`` removed (its ``force`` says how): the instance's node unplugs the volume
+    #: from that domain. Replaced by the next detach; informational once the volume is ``available``.
+    detached_from: Attachment | None = None
     qos: Qos = msgspec.field(default_factory=Qos)
     revert: RevertRequest = msgspec.field(default_factory=RevertRequest)
     #: Delete asked: the node removes the data (and its snapshots'), then the record.

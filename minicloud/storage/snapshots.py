@@ -1,0 +1,122 @@
+"""Snapshots: create (of a volume, in its pool, made by the volume's node), delete (refused while volumes cloned from
+it exist) and revert (the volume goes back to it). List, show and the description/labels patch are generic.
+
+Race-free: a create commits with a CAS on its volume (which lists its snapshots) and on the project's
+``storageusage`` (quota); a delete with a CAS on the snapshot (which lists its clones: a clone create CASes it too)
+and on the volume."""
+
+from __future__ import annotations
+
+from minicloud import errors
+from minicloud.compute.kinds import INSTANCE
+from minicloud.core import crud
+from minicloud.core.context import Context
+from minicloud.core.write import Written, commit
+from minicloud.model.storage import SnapshotCreate
+from minicloud.state import Op, Store
+from minicloud.storage import common
+from minicloud.storage.kinds import SNAPSHOT, VOLUME, RevertRequest, SnapshotSpec
+from minicloud.storage.quotas import DEFAULT_QUOTAS, Quotas, charge
+from minicloud.storage.volumes import cas, changed, live_clones, load, names
+
+
+async def create_snapshot(
+    ctx: Context, store: Store, body: SnapshotCreate, *, quotas: Quotas = DEFAULT_QUOTAS
+) -> Written:
+    """Snapshot a volume of ``ctx``'s project (state ``creating``; the volume's node takes it). 409 while the volume
+    is not available or in use, is being deleted, past the snapshot quota, or for a taken name. One transaction."""
+    volume = await crud.get(ctx, store, VOLUME, body.volume)
+    snap = SNAPSHOT.new(
+        project=ctx.project,
+        name=body.name,
+        spec=SnapshotSpec(
+            volume=volume.id,
+            volume_name=volume.name,
+            pool=volume.spec.pool,
+            node=volume.spec.node,
+            size_gib=volume.spec.size_gib,
+            description=body.description,
+        ),
+        labels=body.labels,
+        stamp=ctx.clock(),
+    )
+
+    async def step(_: int) -> Written:
+        vol = await crud.get(ctx, store, VOLUME, volume.id)
+        if vol.spec.deleted:
+            raise errors.Conflict(f"volume '{vol.name}' is being deleted")
+        if vol.status.state not in ("available", "in-use"):
+            raise errors.Conflict(f"volume '{vol.name}' is {vol.status.state}; snapshot it once available or in use")
+        ops: list[Op] = await charge(ctx, store, ctx.project, snapshots=1, quotas=quotas)
+        ops.append(cas(VOLUME, changed(vol, ctx, snapshots=[*vol.spec.snapshots, snap.id])))
+        spec = changed(snap, ctx, node=vol.spec.node, size_gib=vol.spec.size_gib)
+        return await crud.create(ctx, store, SNAPSHOT, spec, extra=ops)
+
+    return await common.retrying(step)
+
+
+async def delete_snapshot(ctx: Context, store: Store, ref: str, *, expect: int | None = None) -> Written:
+    """Delete a snapshot: 409 while volumes made from it exist (naming them). Marks it ``deleted`` (its node
+    removes it, then the record) and answers 202 with it; releases the quota and drops it from its volume's list in
+    the same transaction. Deleting a snapshot being deleted answers it again."""
+
+    async def step(_: int) -> Written:
+        snap = await crud.get(ctx, store, SNAPSHOT, ref)
+        if expect is not None and expect != snap.revision:
+            raise errors.PreconditionFailed(
+                "the snapshot was changed since the revision you sent in If-Match; read it again and retry"
+            )
+        if snap.spec.deleted:
+            return Written(SNAPSHOT.to_view(snap), 202, snap.revision)
+        if clones := await live_clones(store, snap):
+            raise errors.InUse(f"snapshot '{snap.name}' has volumes made from it: {names(clones)}; delete them first")
+        ops: list[Op] = await charge(ctx, store, snap.project, snapshots=-1)
+        vol = await load(store, VOLUME, snap.spec.volume)
+        if vol is not None and snap.id in vol.spec.snapshots:
+            ops.append(cas(VOLUME, changed(vol, ctx, snapshots=[s for s in vol.spec.snapshots if s != snap.id])))
+        marked = changed(snap, ctx, deleted=True)
+        return await commit(
+            ctx,
+            store,
+            [cas(SNAPSHOT, marked), *ops],
+            status=202,
+            label=SNAPSHOT.label,
+            respond=lambda rev: SNAPSHOT.to_view(marked.replace(revision=rev)),
+        )
+
+    return await (step(0) if expect is not None else common.retrying(step))
+
+
+async def revert_snapshot(ctx: Context, store: Store, ref: str) -> Written:
+    """Revert the snapshot's volume to it: the volume's ``spec.revert`` becomes this snapshot with the next
+    sequence number, and its node rolls it back once. 409 unless the snapshot is available and the volume is
+    detached or its instance stopped (a running guest would see its disk change under it). Answers the volume."""
+
+    async def step(_: int) -> Written:
+        snap = await crud.get(ctx, store, SNAPSHOT, ref)
+        if snap.spec.deleted or snap.status.state != "available":
+            state = "being deleted" if snap.spec.deleted else snap.status.state
+            raise errors.Conflict(f"snapshot '{snap.name}' is {state}; only an available snapshot can be reverted to")
+        vol = await load(store, VOLUME, snap.spec.volume)
+        if vol is None or vol.spec.deleted:
+            raise errors.Conflict(f"the volume of snapshot '{snap.name}' is gone or being deleted")
+        if (att := vol.spec.attachment) is not None:
+            inst = await load(store, INSTANCE, att.instance)
+            if inst is not None and not (inst.spec.power == "stopped" and inst.status.state == "stopped"):
+                raise errors.Conflict(
+                    f"volume '{vol.name}' is attached to instance '{inst.name}', which is {inst.status.state}; stop "
+                    f"the instance (`minicloud instance stop {inst.name}`) or detach the volume first"
+                )
+        if vol.status.state not in ("available", "in-use"):
+            raise errors.Conflict(f"volume '{vol.name}' is {vol.status.state}; revert it once available")
+        reverted = changed(vol, ctx, revert=RevertRequest(snapshot=snap.id, seq=vol.spec.revert.seq + 1))
+        return await commit(
+            ctx,
+            store,
+            [cas(VOLUME, reverted)],
+            status=200,
+            label=VOLUME.label,
+            respond=lambda rev: VOLUME.to_view(reverted.replace(revision=rev)),
+        )
+
+    return await common.retrying(step)
