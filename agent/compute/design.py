@@ -9,7 +9,10 @@ The guest, in short:
   QEMU's ``max`` CPU model (``mode='maximum'``), which emulates x86-64-v2+ so distributions that require it boot;
 - boot: direct kernel boot when ``kernel`` is set (``console=ttyS0`` is added to the command line if missing), else from
   the root disk, with SeaBIOS or UEFI (OVMF, a per-guest NVRAM copied from the OVMF variables template);
-- root disk: ``vda`` on virtio (discard passed down, so a thin qcow2 gives space back);
+- root disk: ``vda`` on virtio (discard passed down, so a thin qcow2 gives space back): a file on the host, or any
+  ``DiskSource`` a volume driver gives (an RBD image: a network disk through librbd);
+- volumes: ``vdb``… on virtio after it, each from a ``DiskSource`` with the volume id as its serial number and optional
+  I/O limits (``disk_xml`` renders one for hot-plug);
 - NoCloud seed: a read-only CD-ROM ``sda`` on SATA (AHCI), found by the guest by its ISO label ``cidata``;
 - NICs: virtio, each plugged into its host bridge;
 - serial port 0 written to ``console_log`` (appended across restarts), which is also the libvirt console;
@@ -20,6 +23,7 @@ The guest, in short:
 from __future__ import annotations
 
 import hashlib
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,15 +39,18 @@ from agent.compute.xml import (
     Features,
     InstanceMetadata,
     Interface,
+    IoTune,
     Loader,
     MemBalloon,
     Nvram,
     Os,
+    RbdDisk,
     Rng,
     Serial,
     Timer,
     Vcpu,
 )
+from agent.storage.driver import DiskSource
 
 # Debian 12's `ovmf` package: the 4 MiB flash layout without Secure Boot (no SMM needed, so it runs under TCG).
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
@@ -64,6 +71,19 @@ class Nic:
     tap: str | None = None
 
 
+@dataclass(frozen=True)
+class AttachedDisk:
+    """A volume as a guest gets it: where its data is (``source``, from the pool's driver), the device it appears as
+    (``target_dev``, ``vdb``… on ``bus``), the serial number the guest sees (the volume id: virtio shows its first 20
+    characters in ``/dev/disk/by-id/virtio-…``) and optional I/O limits."""
+
+    source: DiskSource
+    target_dev: str
+    serial: str = ""
+    iotune: IoTune | None = None
+    bus: Literal["virtio", "sata", "scsi"] = "virtio"
+
+
 @dataclass(frozen=True, kw_only=True)
 class GuestSpec:
     """Everything ``domain_for`` needs to design a guest; paths are on the host and must exist when it starts.
@@ -71,6 +91,9 @@ class GuestSpec:
     ``kernel``/``initrd``/``cmdline`` select direct kernel boot. ``firmware='uefi'`` needs ``nvram``: the per-guest
     variable store, which libvirt creates from the OVMF template on first start and removes on undefine with
     ``VIR_DOMAIN_UNDEFINE_NVRAM``.
+
+    ``root_disk`` is a file (a ``Path`` in ``root_format``) or a ``DiskSource`` from a volume driver (its own format);
+    ``root_serial`` and ``root_iotune`` apply to either. ``volumes`` follow it, each on its own target device.
     """
 
     uuid: str
@@ -80,8 +103,11 @@ class GuestSpec:
     #: vCPUs the guest may be given while it runs (CPU hot-plug); None or <= ``vcpus``: no hot-plug.
     max_vcpus: int | None = None
     memory_mib: int
-    root_disk: Path
+    root_disk: Path | DiskSource
     root_format: Literal["qcow2", "raw"] = "qcow2"
+    root_serial: str = ""
+    root_iotune: IoTune | None = None
+    volumes: tuple[AttachedDisk, ...] = ()
     seed_iso: Path | None
     console_log: Path
     kernel: Path | None = None
@@ -121,10 +147,64 @@ def _os_for(spec: GuestSpec) -> Os:
     return Os(loader=loader, nvram=nvram, boot=("hd",))
 
 
+def disk_for(disk: AttachedDisk) -> Disk | RbdDisk:
+    """The ``<disk>`` element of a volume (or a root disk from a driver): an RBD network disk or a file disk."""
+    src, serial = disk.source, disk.serial or None
+    if src.kind == "rbd":
+        if not (src.pool and src.image and src.hosts and src.user and src.secret_uuid):
+            raise ValueError(f"{disk.target_dev}: an RBD disk needs a pool, an image, MON hosts, a user and a secret")
+        return RbdDisk(
+            src.pool,
+            src.image,
+            src.hosts,
+            disk.target_dev,
+            username=src.user,
+            secret_uuid=src.secret_uuid,
+            target_bus=disk.bus,
+            serial=serial,
+            iotune=disk.iotune,
+        )
+    if src.kind == "file":
+        if not src.path or src.format not in ("qcow2", "raw"):
+            raise ValueError(f"{disk.target_dev}: a file disk needs a path and the format qcow2 or raw")
+        return Disk(
+            src.path,
+            disk.target_dev,
+            disk.bus,
+            driver_type=src.format,  # type: ignore[arg-type]
+            discard="unmap",
+            serial=serial,
+            iotune=disk.iotune,
+        )
+    raise ValueError(f"{disk.target_dev}: no disk of kind {src.kind!r}")
+
+
+def disk_xml(disk: AttachedDisk) -> str:
+    """One ``<disk>`` element as ``domain_for`` designs it, for hot-plug (``attach_device``/``detach_device``)."""
+    return ET.tostring(disk_for(disk).to_element(), encoding="unicode")
+
+
+def _root_disk(spec: GuestSpec) -> Disk | RbdDisk:
+    if isinstance(spec.root_disk, DiskSource):
+        return disk_for(AttachedDisk(spec.root_disk, "vda", spec.root_serial, spec.root_iotune))
+    return Disk(
+        str(spec.root_disk),
+        "vda",
+        "virtio",
+        driver_type=spec.root_format,
+        discard="unmap",
+        serial=spec.root_serial or None,
+        iotune=spec.root_iotune,
+    )
+
+
 def _devices_for(spec: GuestSpec) -> tuple[Device, ...]:
-    devices: list[Device] = [
-        Disk(str(spec.root_disk), "vda", "virtio", driver_type=spec.root_format, discard="unmap"),
-    ]
+    targets = ["vda", *(v.target_dev for v in spec.volumes)]
+    if spec.seed_iso is not None:
+        targets.append("sda")
+    if dupes := sorted({t for t in targets if targets.count(t) > 1}):
+        raise ValueError(f"{spec.domain_name}: more than one disk on {', '.join(dupes)}")
+    devices: list[Device] = [_root_disk(spec), *(disk_for(v) for v in spec.volumes)]
     if spec.seed_iso is not None:
         devices.append(Disk(str(spec.seed_iso), "sda", "sata", device="cdrom", driver_type="raw", readonly=True))
     devices += [Interface(nic.mac, nic.bridge, model="virtio", target_dev=nic.tap) for nic in spec.nics]
@@ -142,7 +222,7 @@ def domain_for(spec: GuestSpec) -> Domain:
     """The libvirt domain for ``spec`` (see the module docstring for what it contains). Pure and deterministic.
 
     Raises ``ValueError`` for specs that cannot be honoured: fewer than one vCPU or 1 MiB of memory, UEFI without an
-    nvram path, or an initrd/cmdline without a kernel.
+    nvram path, an initrd/cmdline without a kernel, two disks on one target device, or an incomplete disk source.
     """
     if spec.vcpus < 1:
         raise ValueError(f"{spec.domain_name}: vcpus must be at least 1, not {spec.vcpus}")

@@ -65,14 +65,29 @@ class ComputeDriver(Protocol):
     async def detach_device(self, uuid: str, device_xml: str) -> None:
         """Unplug a device from a running domain, live and from its definition (done if it is not there)."""
 
+    async def block_resize(self, uuid: str, target_dev: str, size_bytes: int) -> None:
+        """Grow disk ``target_dev`` of a running domain to ``size_bytes`` and tell the guest. For an RBD disk, call it
+        after the volume driver grew the image (QEMU only learns the new size); for a file disk QEMU grows the file
+        itself (``qemu-img resize`` cannot while the guest has it open). A stopped guest sees the new size at start."""
+
+    async def define_secret(self, uuid: str, usage: str, value: bytes) -> None:
+        """Create or update the persistent, private libvirt secret ``uuid`` of usage type ``ceph`` named ``usage``
+        with ``value`` (a cephx key's raw bytes); another secret with that usage name is replaced. Idempotent."""
+
+    async def undefine_secret(self, uuid: str) -> None:
+        """Remove secret ``uuid`` (done if it is not there)."""
+
 
 class FakeDriver:
     """Domains in memory. Semantics: ``start`` makes a defined domain ``running``; ``shutdown`` and ``destroy`` make it
     ``shutoff`` at once (a fake guest always obeys ACPI); ``reboot`` counts in ``reboots``; every change notifies.
-    ``fail_next`` makes the next call of that method name raise :class:`DriverError` (tests of rollback)."""
+    ``fail_next`` makes the next call of that method name raise :class:`DriverError` (tests of rollback).
+    ``secrets`` maps uuid → (usage, value); ``block_sizes`` records ``block_resize`` by (uuid, target dev)."""
 
     def __init__(self) -> None:
         self.doms: dict[str, DomainInfo] = {}
+        self.secrets: dict[str, tuple[str, bytes]] = {}
+        self.block_sizes: dict[tuple[str, str], int] = {}
         self.reboots: dict[str, int] = {}
         self.fail_next: set[str] = set()
         self._notify: Callable[[str], None] = lambda uuid: None
@@ -163,12 +178,40 @@ class FakeDriver:
         import xml.etree.ElementTree as ET
 
         dom, root, devices = self._devices(uuid)
-        mac = ET.fromstring(device_xml).find("mac")
+        gone = ET.fromstring(device_xml)
+        if gone.tag == "disk":
+            dev, serial = _disk_target(gone), gone.findtext("serial")
+            for disk in devices.findall("disk"):
+                if (dev and _disk_target(disk) == dev) or (serial and disk.findtext("serial") == serial):
+                    devices.remove(disk)
+        mac = gone.find("mac")
         for iface in devices.findall("interface"):
             found = iface.find("mac")
             if mac is not None and found is not None and found.get("address") == mac.get("address"):
                 devices.remove(iface)
         self.doms[uuid] = replace(dom, xml=ET.tostring(root, encoding="unicode"))
+
+    async def block_resize(self, uuid: str, target_dev: str, size_bytes: int) -> None:
+        self._maybe_fail("block_resize")
+        _dom, _root, devices = self._devices(uuid)
+        if not any(_disk_target(d) == target_dev for d in devices.findall("disk")):
+            raise DriverError(f"the domain has no disk {target_dev}")
+        self.block_sizes[(uuid, target_dev)] = size_bytes
+
+    async def define_secret(self, uuid: str, usage: str, value: bytes) -> None:
+        self._maybe_fail("define_secret")
+        for other, (other_usage, _) in list(self.secrets.items()):
+            if other_usage == usage and other != uuid:
+                del self.secrets[other]
+        self.secrets[uuid] = (usage, bytes(value))
+
+    async def undefine_secret(self, uuid: str) -> None:
+        self.secrets.pop(uuid, None)
+
+
+def _disk_target(disk: Any) -> str | None:
+    target = disk.find("target")
+    return None if target is None else target.get("dev")
 
 
 def make_driver(name: str, uri: str) -> ComputeDriver:

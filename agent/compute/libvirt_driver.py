@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -243,3 +244,39 @@ class LibvirtDriver:
                     raise
 
         await self._call(_detach)
+
+    async def block_resize(self, uuid: str, target_dev: str, size_bytes: int) -> None:
+        def _resize() -> None:
+            dom = self._lookup(uuid)
+            if dom is None or not dom.isActive():
+                raise DriverError("the domain is not running")
+            dom.blockResize(target_dev, size_bytes, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+
+        await self._call(_resize)
+
+    async def define_secret(self, uuid: str, usage: str, value: bytes) -> None:
+        def _define() -> None:
+            conn = self._connection()
+            try:  # libvirt refuses a second secret with the same usage: the one we replace goes first
+                other = conn.secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_CEPH, usage)
+                if other.UUIDString() != uuid:
+                    other.undefine()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_SECRET:
+                    raise
+            secret = ET.Element("secret", {"ephemeral": "no", "private": "yes"})
+            ET.SubElement(secret, "uuid").text = uuid
+            ET.SubElement(ET.SubElement(secret, "usage", {"type": "ceph"}), "name").text = usage
+            conn.secretDefineXML(ET.tostring(secret, encoding="unicode")).setValue(value)
+
+        await self._call(_define)
+
+    async def undefine_secret(self, uuid: str) -> None:
+        def _undefine() -> None:
+            try:
+                self._connection().secretLookupByUUIDString(uuid).undefine()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_SECRET:
+                    raise
+
+        await self._call(_undefine)

@@ -226,8 +226,59 @@ class Clock:
 
 
 @dataclass(frozen=True)
+class IoTune:
+    """``<iotune>``: per-disk I/O limits enforced by QEMU (bytes or operations per second; None or 0: no limit).
+
+    libvirt refuses a total limit together with a read or write limit of the same unit; so does this class."""
+
+    total_bytes_sec: int | None = None
+    read_bytes_sec: int | None = None
+    write_bytes_sec: int | None = None
+    total_iops_sec: int | None = None
+    read_iops_sec: int | None = None
+    write_iops_sec: int | None = None
+
+    _FIELDS = ("total_bytes_sec", "read_bytes_sec", "write_bytes_sec", "total_iops_sec", "read_iops_sec",
+               "write_iops_sec")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        for unit in ("bytes", "iops"):
+            total = getattr(self, f"total_{unit}_sec")
+            if total and (getattr(self, f"read_{unit}_sec") or getattr(self, f"write_{unit}_sec")):
+                raise ValueError(f"iotune: total_{unit}_sec cannot be combined with read_{unit}_sec/write_{unit}_sec")
+        for f in self._FIELDS:
+            value = getattr(self, f)
+            if value is not None and value < 0:
+                raise ValueError(f"iotune: {f} must be >= 0, not {value}")
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f) for f in self._FIELDS)
+
+    def to_element(self) -> ET.Element:
+        children = [_element(f, text=str(getattr(self, f))) for f in self._FIELDS if getattr(self, f)]
+        return _element("iotune", children=children)
+
+
+def _disk_tail(
+    target_dev: str, target_bus: str, iotune: IoTune | None, readonly: bool, serial: str | None
+) -> list[ET.Element]:
+    """The children every ``<disk>`` ends with, in libvirt's own order: target, iotune, readonly, serial."""
+    children = [_element("target", {"dev": target_dev, "bus": target_bus})]
+    if iotune:
+        children.append(iotune.to_element())
+    if readonly:
+        children.append(_element("readonly"))
+    if serial:
+        children.append(_element("serial", text=serial))
+    return children
+
+
+@dataclass(frozen=True)
 class Disk:
-    """``<disk type='file'>``: a disk or CD-ROM backed by a file on the host."""
+    """``<disk type='file'>``: a disk or CD-ROM backed by a file on the host.
+
+    ``serial`` is what the guest sees as the disk's serial number (virtio-blk shows its first 20 characters, e.g. in
+    ``/dev/disk/by-id/virtio-…``); ``iotune`` limits its I/O."""
 
     source: str
     target_dev: str
@@ -236,16 +287,50 @@ class Disk:
     driver_type: Literal["qcow2", "raw"] = "qcow2"
     readonly: bool = False
     discard: Literal["unmap", "ignore"] | None = None
+    cache: Literal["none", "writeback", "writethrough", "directsync", "unsafe"] | None = None
+    serial: str | None = None
+    iotune: IoTune | None = None
 
     def to_element(self) -> ET.Element:
-        children = [
-            _element("driver", {"name": "qemu", "type": self.driver_type, "discard": self.discard}),
-            _element("source", {"file": self.source}),
-            _element("target", {"dev": self.target_dev, "bus": self.target_bus}),
-        ]
-        if self.readonly:
-            children.append(_element("readonly"))
+        driver = {"name": "qemu", "type": self.driver_type, "cache": self.cache, "discard": self.discard}
+        children = [_element("driver", driver), _element("source", {"file": self.source})]
+        children += _disk_tail(self.target_dev, self.target_bus, self.iotune, self.readonly, self.serial)
         return _element("disk", {"type": "file", "device": self.device}, children=children)
+
+
+@dataclass(frozen=True)
+class RbdDisk:
+    """``<disk type='network'>`` on Ceph RBD: QEMU opens ``pool/image`` through librbd (no kernel module), reaching
+    the MONs ``hosts`` (address, port) as cephx ``username`` whose key is the libvirt secret ``secret_uuid`` (of
+    usage type ``ceph``, defined before the domain starts). Always raw; ``cache='none'`` (librbd's own cache then
+    runs write-through, safe for live migration) and ``discard='unmap'`` (trim frees RADOS objects)."""
+
+    pool: str
+    image: str
+    hosts: tuple[tuple[str, int], ...]
+    target_dev: str
+    username: str
+    secret_uuid: str
+    target_bus: Literal["virtio", "sata", "scsi"] = "virtio"
+    cache: Literal["none", "writeback", "writethrough", "directsync", "unsafe"] = "none"
+    discard: Literal["unmap", "ignore"] | None = "unmap"
+    readonly: bool = False
+    serial: str | None = None
+    iotune: IoTune | None = None
+
+    def to_element(self) -> ET.Element:
+        hosts = [_element("host", {"name": name, "port": str(port)}) for name, port in self.hosts]
+        children = [
+            _element("driver", {"name": "qemu", "type": "raw", "cache": self.cache, "discard": self.discard}),
+            _element("source", {"protocol": "rbd", "name": f"{self.pool}/{self.image}"}, children=hosts),
+            _element(
+                "auth",
+                {"username": self.username},
+                children=[_element("secret", {"type": "ceph", "uuid": self.secret_uuid})],
+            ),
+        ]
+        children += _disk_tail(self.target_dev, self.target_bus, self.iotune, self.readonly, self.serial)
+        return _element("disk", {"type": "network", "device": "disk"}, children=children)
 
 
 @dataclass(frozen=True)
@@ -333,7 +418,7 @@ class Rng:
         return _element("rng", {"model": self.model}, children=[_element("backend", {"model": "random"}, self.backend)])
 
 
-Device = Disk | Interface | Serial | Console | Controller | MemBalloon | Rng
+Device = Disk | RbdDisk | Interface | Serial | Console | Controller | MemBalloon | Rng
 
 
 # --- the domain ----------------------------------------------------------------------------------------------------
