@@ -32,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--initrd", metavar="FILE", help="direct-kernel boot: the initramfs")
     v.add_argument("--cmdline", default="", help="direct-kernel boot: the kernel command line")
     v.add_argument("--firmware", choices=["bios", "uefi"], default="bios", help="disk images: how they boot")
+    v.add_argument(
+        "--pool",
+        help="disk images: the storage pool to copy the disk into (`minicloud pool list`; default: the default pool)",
+    )
     v.add_argument("--os-distro", default="", help="e.g. debian")
     v.add_argument("--os-version", default="", help="e.g. 12")
     v.add_argument("--description", default="")
@@ -59,6 +63,7 @@ def import_(args: argparse.Namespace) -> int:
         "initrd": _abs(args.initrd),
         "cmdline": args.cmdline,
         "firmware": args.firmware,
+        "pool": args.pool,
         "os_distro": args.os_distro,
         "os_version": args.os_version,
         "description": args.description,

@@ -27,9 +27,19 @@ def _wait_flag(p: argparse.ArgumentParser, what: str) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("instance", help="virtual machines")
     verbs = p.add_subparsers(dest="verb", metavar="<verb>", required=True)
-    v = verbs.add_parser("create", help="create an instance from an image")
+    v = verbs.add_parser("create", help="create an instance from an image (or boot it from a volume)")
     v.add_argument("name")
-    v.add_argument("--image", required=True, help="image name or id (`minicloud image list`)")
+    root = v.add_mutually_exclusive_group(required=True)
+    root.add_argument("--image", help="image name or id (`minicloud image list`)")
+    root.add_argument(
+        "--boot-volume",
+        metavar="VOLUME",
+        help="boot from this volume (available, unattached): it is the root disk and outlives the instance",
+    )
+    v.add_argument(
+        "--pool",
+        help="storage pool of the root disk (`minicloud pool list`); default: the image's Ceph pool, else local",
+    )
     v.add_argument("--type", required=True, help="instance type (`minicloud type list`), e.g. m1.tiny")
     v.add_argument("--keypair", help="SSH key pair to put into the guest (`minicloud keypair list`)")
     v.add_argument("--user-data", metavar="FILE", help="cloud-init user-data: a #! script or #cloud-config")
@@ -151,6 +161,8 @@ def create(args: argparse.Namespace) -> int:
     inst = c.instances.create(
         name=args.name,
         image=args.image,
+        boot_volume=args.boot_volume,
+        pool=args.pool,
         type=args.type,
         keypair=args.keypair,
         user_data=user_data,

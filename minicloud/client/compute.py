@@ -75,11 +75,21 @@ class Instances(Collection[Instance]):
         super().__init__(client, INSTANCE)
 
     def create(
-        self, *, name: str, image: str, type: str, idempotency_key: str | None = None, **fields: Any
+        self,
+        *,
+        name: str,
+        type: str,
+        image: str | None = None,
+        boot_volume: str | None = None,
+        pool: str | None = None,
+        idempotency_key: str | None = None,
+        **fields: Any,
     ) -> Instance:
-        """Create an instance (``keypair``, ``user_data``, ``disk_gib``, ``start``, ``description``, ``labels``,
-        ``nics``: a list of ``{"subnet"|"network": …, "ip": …, "security_groups": [...]}``)."""
-        body = {"name": name, "image": image, "type": type, **{k: v for k, v in fields.items() if v is not None}}
+        """Create an instance from ``image`` or booting ``boot_volume`` (the root disk in ``pool``: default, the
+        image's Ceph pool, else local) (``keypair``, ``user_data``, ``disk_gib``, ``start``, ``description``,
+        ``labels``, ``nics``: a list of ``{"subnet"|"network": …, "ip": …, "security_groups": [...]}``)."""
+        given = {"image": image, "boot_volume": boot_volume, "pool": pool, **fields}
+        body = {"name": name, "type": type, **{k: v for k, v in given.items() if v is not None}}
         return self._create(body, idempotency_key)
 
     def _verb(self, ref: str, verb: str, body: dict[str, Any] | None = None) -> Instance:

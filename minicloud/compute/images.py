@@ -6,6 +6,11 @@ record a URL import commits when its download has finished: it is written with t
 captured when the import started, so the audit entry names the requester and ``compute:images:create`` and the
 project's guards apply as for any create. The files live in the node's image store (:mod:`image_files`); a failed
 import or record keeps nothing.
+
+Pools: a disk image is recorded in a storage pool (``--pool``, else the default pool) with ``status.pool_state =
+importing``; the storage reconciler of the image's node copies the disk into the pool and says ``ready`` (an RBD
+image with a protected ``base`` snapshot on Ceph, which instances on every node clone). Kernel images stay files on
+their node. :func:`pool_for` and :func:`default_pool` are the lookups the instance services share.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from minicloud import errors, ids
 from minicloud.compute import image_download, image_files
-from minicloud.compute.kinds import IMAGE, INSTANCE, ImageFileSpec, ImageSpec
+from minicloud.compute.kinds import IMAGE, INSTANCE, ImageFileSpec, ImageSpec, ImageStatus
 from minicloud.compute.url_policy import UrlPolicy
 from minicloud.core import crud
 from minicloud.core.context import Context
@@ -29,13 +34,16 @@ from minicloud.core.operation import OPERATION
 from minicloud.core.write import Written, replay
 from minicloud.model.compute import ImageImport
 from minicloud.state import Store, list_all
+from minicloud.storage.kinds import LOCAL_POOL_NAME, POOL, VOLUME, PoolSpec
 
 if TYPE_CHECKING:
     from minicloud.config import Config
     from minicloud.operations import Operations, Reporter, Work
     from minicloud.state import Record
 
-__all__ = ["NodeImages", "delete_image", "import_image"]
+__all__ = ["NodeImages", "default_pool", "delete_image", "import_image", "pool_for"]
+
+Pool = Obj[PoolSpec, Any]
 
 #: The operation action of a URL import (what ``GET /v1/operations`` shows).
 IMPORT_ACTION = "image.import"
@@ -67,7 +75,30 @@ class NodeImages:
         )
 
 
-def _spec(node: NodeImages, body: ImageImport, result: image_files.ImportResult) -> ImageSpec:
+async def default_pool(store: Store) -> Pool | None:
+    """The pool marked default, else the ``local`` pool, else None (storage was never set up: no pool records)."""
+    pools = [POOL.load(r) for r in await list_all(store, POOL.name)]  # a handful: cluster-wide pools
+    for pool in sorted(pools, key=lambda p: p.name):
+        if pool.spec.default:
+            return pool
+    return next((p for p in pools if p.name == LOCAL_POOL_NAME), None)
+
+
+async def pool_for(ctx: Context, store: Store, ref: str | None, *, param: str = "pool") -> Pool | None:
+    """The pool ``ref`` names (404 when there is none), or the default one when ``ref`` is None."""
+    if ref is None:
+        return await default_pool(store)
+    pool = await crud.find(ctx, store, POOL, ref)
+    if pool is None:
+        raise errors.NotFound(
+            f"there is no storage pool '{ref[:64]}'; see `minicloud pool list`",
+            invalid_params=[{"name": param, "reason": "unknown pool"}],
+        )
+    return pool
+
+
+def _spec(node: NodeImages, body: ImageImport, result: image_files.ImportResult, pool: Pool | None) -> ImageSpec:
+    in_pool = pool is not None and result.boot == "disk"
     return ImageSpec(
         boot=result.boot,
         format=result.format,
@@ -81,16 +112,28 @@ def _spec(node: NodeImages, body: ImageImport, result: image_files.ImportResult)
         node=node.node,
         source=body.url or body.path or body.kernel or "",
         description=body.description,
+        pool=pool.id if in_pool and pool is not None else "",
+        pool_driver=pool.spec.driver if in_pool and pool is not None else "",
     )
 
 
-def _new(ctx: Context, node: NodeImages, body: ImageImport, image_id: str, result: image_files.ImportResult) -> Obj:
+def _new(
+    ctx: Context,
+    node: NodeImages,
+    body: ImageImport,
+    image_id: str,
+    result: image_files.ImportResult,
+    pool: Pool | None,
+) -> Obj:
+    spec = _spec(node, body, result, pool)
     return IMAGE.new(
         project=ctx.project,
         name=body.name,
         labels=body.labels,
         id=image_id,
-        spec=_spec(node, body, result),
+        spec=spec,
+        # the image's node copies the disk into the pool and says ``ready`` (agent.reconcilers.storage)
+        status=ImageStatus(pool_state="importing" if spec.pool else ""),
         stamp=ctx.clock(),
     )
 
@@ -104,8 +147,14 @@ async def import_image(ctx: Context, store: Store, node: NodeImages, body: Image
         return first
     if await store.get_by_name(IMAGE.name, ctx.project, body.name) is not None:
         raise errors.AlreadyExists(f"an image named '{body.name}' already exists in project '{ctx.project}'")
+    if body.pool is not None and body.kernel is not None:
+        raise errors.ValidationFailed(
+            "kernel images stay files on their node: --pool is for disk images",
+            invalid_params=[{"name": "pool", "reason": "not for kernel images"}],
+        )
+    pool = await pool_for(ctx, store, body.pool)  # checked before anything is copied or downloaded
     if body.url is not None:
-        return await _start_url_import(ctx, store, node, body)
+        return await _start_url_import(ctx, store, node, body, pool)
     image_id = ids.new_id(IMAGE.prefix)
     result = await asyncio.to_thread(
         image_files.import_files,
@@ -119,13 +168,15 @@ async def import_image(ctx: Context, store: Store, node: NodeImages, body: Image
         initrd=body.initrd,
     )
     try:
-        return await crud.create(ctx, store, IMAGE, _new(ctx, node, body, image_id, result))
+        return await crud.create(ctx, store, IMAGE, _new(ctx, node, body, image_id, result, pool))
     except BaseException:
         await asyncio.to_thread(image_files.remove, node.root, image_id)
         raise
 
 
-async def _start_url_import(ctx: Context, store: Store, node: NodeImages, body: ImageImport) -> Written:
+async def _start_url_import(
+    ctx: Context, store: Store, node: NodeImages, body: ImageImport, pool: Pool | None
+) -> Written:
     """Commit the import's operation (202) and start it. A refused address in the URL itself is refused here, before
     anything is written."""
     assert body.url is not None and node.operations is not None
@@ -139,7 +190,7 @@ async def _start_url_import(ctx: Context, store: Store, node: NodeImages, body: 
 
     def work(record: Record) -> Work:
         async def download(report: Reporter) -> dict[str, Any]:
-            return await _download_and_record(requester, store, node, body, image_id, policy, report)
+            return await _download_and_record(requester, store, node, body, image_id, policy, pool, report)
 
         return download
 
@@ -154,6 +205,7 @@ async def _download_and_record(
     body: ImageImport,
     image_id: str,
     policy: UrlPolicy,
+    pool: Pool | None,
     report: Reporter,
 ) -> dict[str, Any]:
     """The URL import operation: download into a staging directory, check, move into place, record. A failure at any
@@ -187,7 +239,7 @@ async def _download_and_record(
     disk = image_files.StoredFile(got.size_bytes, got.sha256)
     result = image_files.ImportResult(boot="disk", format=fmt, virtual_size_bytes=vsize, files={"disk": disk})
     try:
-        await crud.create(ctx, store, IMAGE, _new(ctx, node, body, image_id, result))
+        await crud.create(ctx, store, IMAGE, _new(ctx, node, body, image_id, result, pool))
     except BaseException as exc:
         await asyncio.to_thread(image_files.remove, root, image_id)
         if isinstance(exc, errors.AlreadyExists):
@@ -201,7 +253,7 @@ async def _download_and_record(
 
 async def delete_image(ctx: Context, store: Store, node: NodeImages, ref: str, *, expect: int | None = None) -> Written:
     """Delete the image ``ref`` names (204); 409 while instances use it (looked up by the instances' ``image_id``
-    index). Its files are removed here when this node holds them; otherwise the image's node removes them (its
+    index) or volumes were made from its pool copy. Its files are removed here when this node holds them; otherwise the image's node removes them (its
     compute reconciler collects files no record names)."""
     obj = await crud.get(ctx, store, IMAGE, ref)
     users = [r.name for r in await list_all(store, INSTANCE.name, where={"image_id": obj.id})]
@@ -210,6 +262,19 @@ async def delete_image(ctx: Context, store: Store, node: NodeImages, ref: str, *
         raise errors.InUse(
             f"image '{obj.name}' is used by {len(users)} instance(s) ({shown}); delete them first",
             instances=len(users),
+        )
+    # Volumes made from the image are clones of its pool copy (RBD children of its ``base`` snapshot): the copy
+    # cannot go while they exist. A project's volumes are bounded by its quota.
+    clones = [
+        v.name
+        for r in await list_all(store, VOLUME.name, project=obj.project)
+        if (v := VOLUME.load(r)).spec.source.type == "image" and v.spec.source.id == obj.id and not v.spec.deleted
+    ]
+    if clones and obj.spec.pool:
+        shown = ", ".join(sorted(clones)[:5]) + (f" and {len(clones) - 5} more" if len(clones) > 5 else "")
+        raise errors.InUse(
+            f"image '{obj.name}' has {len(clones)} volume(s) made from it ({shown}); delete them first",
+            volumes=len(clones),
         )
     written = await crud.delete_obj(ctx, store, IMAGE, obj, expect=expect)
     if obj.spec.node == node.node:

@@ -12,6 +12,15 @@ in ``error``: the scheduler's pure :func:`~minicloud.compute.scheduler.place` pi
 committed together with a compare-and-swap on that node's ``placement`` record, so two concurrent creates (on any
 nodes of the cluster) cannot both take the last free slot. :class:`NodeLocks` serialises the placements of one
 process per node so that many creates arriving together do not waste rounds on that compare-and-swap.
+
+Root disks and pools (:func:`root_disk`): a disk image in a ``ceph`` pool whose copy is ``ready`` gives an RBD clone
+that any node may run (the scheduler picks the node with the most free memory among all of them); a local image, a
+kernel image or a local volume pins the instance to its node (``local`` pool: today's qcow2 overlay). ``--boot-volume``
+makes an available, unattached volume of the project the root disk: it is attached as ``vda`` in the instance's own
+transaction and outlives the instance. Volumes attached to an instance are released (attachment cleared, state
+``available``) in the transaction that removes the instance's record, i.e. only after its node destroyed the guest:
+releasing them at the delete request would let another instance (on another node) attach a volume the dying guest
+may still be writing.
 """
 
 from __future__ import annotations
@@ -20,14 +29,16 @@ import asyncio
 import math
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from minicloud import errors
+from minicloud import errors, ids
 from minicloud.compute import types
+from minicloud.compute.images import Pool, default_pool, pool_for
 from minicloud.compute.kinds import (
     HYPERVISOR,
     IMAGE,
@@ -35,6 +46,8 @@ from minicloud.compute.kinds import (
     KEYPAIR,
     PLACEMENT,
     HypervisorSpec,
+    ImageSpec,
+    ImageStatus,
     InstanceNicSpec,
     InstanceObserved,
     InstanceSpec,
@@ -50,9 +63,23 @@ from minicloud.iam.directory import Directory
 from minicloud.model.compute import InstanceCreate, NicCreate
 from minicloud.network import ipam, ports
 from minicloud.network.kinds import PORT
-from minicloud.state import Create, Op, Store, Update, list_all
+from minicloud.state import Create, Delete, Op, Store, Update, list_all
+from minicloud.storage.kinds import (
+    DISK_SLOTS,
+    LOCAL_POOL_NAME,
+    POOL,
+    VOLUME,
+    Attachment,
+    VolumeObserved,
+    VolumeSpec,
+    slots_id,
+)
 
 Instance = Obj[InstanceSpec, InstanceObserved]
+Image = Obj[ImageSpec, ImageStatus]
+Volume = Obj[VolumeSpec, VolumeObserved]
+#: The lock of placements that may go to any node (an image or volume on Ceph).
+_ANY_NODE = "*"
 _PLACEMENT_ATTEMPTS = 8
 _UPDATE_ATTEMPTS = 5
 
@@ -165,6 +192,139 @@ async def _release_ops(store: Store, obj: Instance) -> list[Op]:
     return ops
 
 
+@dataclass(frozen=True)
+class RootDisk:
+    """Where an instance's root disk comes from, and so where it may run."""
+
+    image: Image | None
+    #: ``--boot-volume``: the volume that is the root disk.
+    volume: Volume | None
+    #: The pool of the root disk (None: no pool records yet, the node's ``instances`` directory).
+    pool: Pool | None
+    #: The only node it may run on (its image's or volume's), or None: any node with compute capacity.
+    node: str | None
+
+    @property
+    def pool_driver(self) -> str:
+        if self.volume is not None:
+            return self.volume.spec.driver
+        return self.pool.spec.driver if self.pool is not None else ""
+
+
+def _pool_label(pool: Pool | None) -> str:
+    return f"pool '{pool.name}'" if pool is not None else "the node's local disk"
+
+
+async def _local_pool(store: Store) -> Pool | None:
+    record = await store.get_by_name(POOL.name, "", LOCAL_POOL_NAME)
+    return POOL.load(record) if record is not None else None
+
+
+async def root_disk(ctx: Context, store: Store, body: InstanceCreate) -> RootDisk:
+    """Resolve ``body``'s image or boot volume and pool (404 for unknown ones, 409 when they cannot be used now).
+
+    - a boot volume: its own pool; runs anywhere when it is on Ceph, else on the volume's node;
+    - a disk image in a ``ceph`` pool: a clone in that pool (``--pool`` must name it), once the copy is ``ready``
+      (409 while it is being copied); runs on any node;
+    - otherwise (a local image, or ``--pool`` naming a local pool): a qcow2 overlay on the image's node;
+    - a kernel image: a blank root disk in ``--pool`` or the default pool, on the image's node (the kernel is there).
+    """
+    if (body.image is None) == (body.boot_volume is None):
+        raise errors.ValidationFailed(
+            "give the image to make the root disk from (--image), or a volume to boot from (--boot-volume)",
+            invalid_params=[{"name": "image", "reason": "exactly one of image and boot_volume is required"}],
+        )
+    explicit = await pool_for(ctx, store, body.pool) if body.pool is not None else None
+    if body.boot_volume is not None:
+        volume = await crud.find(ctx, store, VOLUME, body.boot_volume)
+        if volume is None:
+            raise errors.NotFound(
+                f"there is no volume '{body.boot_volume[:64]}' in project '{ctx.project}'; see `minicloud volume list`",
+                invalid_params=[{"name": "boot_volume", "reason": "unknown volume"}],
+            )
+        _bootable(volume)
+        if explicit is not None and explicit.id != volume.spec.pool:
+            raise errors.ValidationFailed(
+                f"volume '{volume.name}' is in pool '{volume.spec.pool_name or volume.spec.pool}', not "
+                f"'{explicit.name}': the root disk is the volume itself; leave out --pool",
+                invalid_params=[{"name": "pool", "reason": "not the boot volume's pool"}],
+            )
+        record = await store.get(POOL.name, volume.spec.pool)
+        pool = POOL.load(record) if record is not None else None
+        node = None if volume.spec.driver == "ceph" else volume.spec.node
+        return RootDisk(image=None, volume=volume, pool=pool, node=node)
+    assert body.image is not None
+    image = await crud.find(ctx, store, IMAGE, body.image)
+    if image is None:
+        raise _unknown("image", "image", body.image, ctx.project, "image")
+    if image.spec.boot != "disk":
+        pool = explicit if explicit is not None else await default_pool(store)
+        return RootDisk(image=image, volume=None, pool=pool, node=image.spec.node)
+    in_ceph = image.spec.pool_driver == "ceph"
+    if explicit is not None and explicit.spec.driver == "ceph" and explicit.id != image.spec.pool:
+        raise errors.Conflict(
+            f"image '{image.name}' is not in {_pool_label(explicit)} (its disk is on node {image.spec.node}"
+            + (f" and in pool {image.spec.pool}" if image.spec.pool else "")
+            + f"); import it again with `--pool {explicit.name}`, or leave out --pool"
+        )
+    wanted = explicit if explicit is not None else None
+    if wanted is None:
+        wanted = await _pool_of(store, image) if in_ceph else await _local_pool(store)
+    if wanted is not None and wanted.spec.driver == "ceph":
+        state = image.status.pool_state
+        if state != "ready":
+            why = (
+                f"copying it into pool '{wanted.name}' failed: {image.status.reason or 'see the node log'}; "
+                "delete the image and import it again"
+                if state == "error"
+                else f"image '{image.name}' is still being copied into pool '{wanted.name}', retry in a moment"
+            )
+            raise errors.Conflict(why if state != "error" else f"image '{image.name}' cannot be used: {why}")
+        return RootDisk(image=image, volume=None, pool=wanted, node=None)
+    return RootDisk(image=image, volume=None, pool=wanted, node=image.spec.node)
+
+
+async def _pool_of(store: Store, image: Image) -> Pool | None:
+    record = await store.get(POOL.name, image.spec.pool)
+    if record is None:
+        raise errors.Conflict(f"the pool of image '{image.name}' ({image.spec.pool}) no longer exists")
+    return POOL.load(record)
+
+
+def _bootable(volume: Volume) -> None:
+    """409 unless ``volume`` can become a root disk now: available, unattached, not being deleted, with data."""
+    att = volume.spec.attachment
+    if att is not None:
+        raise errors.Conflict(
+            f"volume '{volume.name}' is attached to instance '{att.instance_name or att.instance}'; detach it first"
+        )
+    if volume.spec.deleted:
+        raise errors.Conflict(f"volume '{volume.name}' is being deleted")
+    if volume.status.state != "available" or volume.status.size_gib < 1:
+        raise errors.Conflict(f"volume '{volume.name}' is {volume.status.state}, not available; wait for it")
+
+
+async def _boot_volume_ops(store: Store, obj: Instance) -> list[Op]:
+    """Attach the boot volume as ``vda`` of ``obj`` (read fresh, checked again): the op for the instance's
+    transaction, a compare-and-swap on the volume."""
+    record = await store.get(VOLUME.name, obj.spec.root_volume)
+    if record is None:
+        raise errors.NotFound(f"volume {obj.spec.root_volume} no longer exists")
+    volume = VOLUME.load(record)
+    _bootable(volume)
+    node = obj.spec.node
+    spec = msgspec.structs.replace(
+        volume.spec,
+        attachment=Attachment(instance=obj.id, instance_name=obj.name, node=node, device="vda"),
+        root_of=obj.id,
+        node=node if volume.spec.driver == "ceph" else volume.spec.node,
+        previous_node=volume.spec.node if volume.spec.node not in ("", node) else volume.spec.previous_node,
+    )
+    status = msgspec.structs.replace(volume.status, state="attaching", reason="")
+    updated = volume.replace(spec=spec, status=status, updated_at=obj.updated_at)
+    return [Update(VOLUME.dump(updated), expect_revision=record.revision)]
+
+
 async def create_instance(
     ctx: Context,
     store: Store,
@@ -173,18 +333,17 @@ async def create_instance(
     locks: NodeLocks | None = None,
     directory: Directory | None = None,
 ) -> Written:
-    """Create an instance in ``ctx``'s project: check the image, type and key pair (and each NIC's subnet or
-    network and security groups), place it on the image's node if it has room (409 saying what is short
-    otherwise), record it (201) with its ports and their addresses in the same transaction (409 for an address
-    already used or an exhausted subnet). The node then builds and starts it (``status.state`` pending →
-    building → running). Idempotent under ``ctx.idempotency``."""
+    """Create an instance in ``ctx``'s project: check the image or boot volume and pool (:func:`root_disk`), type
+    and key pair (and each NIC's subnet or network and security groups), place it on a node that may run it and
+    has room (409 saying what is short otherwise), record it (201) with its ports and their addresses (and the boot
+    volume's attachment) in the same transaction (409 for an address already used or an exhausted subnet). The node
+    then builds and starts it (``status.state`` pending → building → running). Idempotent under
+    ``ctx.idempotency``."""
     if (first := await replay(ctx, store)) is not None:
         return first
     if await store.get_by_name(INSTANCE.name, ctx.project, body.name) is not None:
         raise errors.AlreadyExists(f"an instance named '{body.name}' already exists in project '{ctx.project}'")
-    image = await crud.find(ctx, store, IMAGE, body.image)
-    if image is None:
-        raise _unknown("image", "image", body.image, ctx.project, "image")
+    root = await root_disk(ctx, store, body)
     itype = await types.lookup(ctx, store, body.type)
     public_keys: list[str] = []
     if body.keypair is not None:
@@ -192,20 +351,29 @@ async def create_instance(
         if keypair is None:
             raise _unknown("keypair", "key pair", body.keypair, ctx.project, "keypair")
         public_keys.append(keypair.spec.public_key)
-    disk_gib = body.disk_gib or itype.disk_gib
-    image_gib = math.ceil((image.spec.virtual_size_bytes or 0) / (1 << 30))
-    if disk_gib < image_gib:
-        raise errors.ValidationFailed(
-            f"the root disk ({disk_gib} GiB) would be smaller than the image ({image_gib} GiB); give "
-            f"--disk-size {image_gib} or more, or a larger type",
-            invalid_params=[{"name": "disk_gib", "reason": f"smaller than the image ({image_gib} GiB)"}],
-        )
+    if root.volume is not None:
+        disk_gib = root.volume.spec.size_gib
+        if body.disk_gib is not None and body.disk_gib != disk_gib:
+            raise errors.ValidationFailed(
+                f"the root disk is volume '{root.volume.name}' ({disk_gib} GiB); leave out --disk-size (grow the "
+                "volume with `minicloud volume extend`)",
+                invalid_params=[{"name": "disk_gib", "reason": "the boot volume's size is the root disk's"}],
+            )
+    else:
+        assert root.image is not None
+        disk_gib = body.disk_gib or itype.disk_gib
+        image_gib = math.ceil((root.image.spec.virtual_size_bytes or 0) / (1 << 30))
+        if disk_gib < image_gib:
+            raise errors.ValidationFailed(
+                f"the root disk ({disk_gib} GiB) would be smaller than the image ({image_gib} GiB); give "
+                f"--disk-size {image_gib} or more, or a larger type",
+                invalid_params=[{"name": "disk_gib", "reason": f"smaller than the image ({image_gib} GiB)"}],
+            )
     wanted = await _wanted_nics(ctx, store, body.nics, directory) if body.nics else []
-    node = image.spec.node
     spec = InstanceSpec(
         uuid=str(uuid.uuid4()),
-        image_id=image.id,
-        image_name=image.name,
+        image_id=root.image.id if root.image is not None else "",
+        image_name=root.image.name if root.image is not None else "",
         type=itype.name,
         vcpus=itype.vcpus,
         memory_mib=itype.memory_mib,
@@ -214,31 +382,57 @@ async def create_instance(
         public_keys=public_keys,
         user_data=body.user_data,
         power="running" if body.start else "stopped",
-        node=node,
+        node=root.node or "",
         description=body.description,
+        pool=root.pool.id if root.pool is not None else "",
+        pool_driver=root.pool_driver,
+        root_volume=root.volume.id if root.volume is not None else "",
     )
     obj = INSTANCE.new(project=ctx.project, name=body.name, spec=spec, labels=body.labels, stamp=ctx.clock())
+    extra = _boot_volume_ops if root.volume is not None else None
     if locks is None:
-        return await _place_and_commit(ctx, store, obj, wanted)
-    async with locks.get(node):
-        return await _place_and_commit(ctx, store, obj, wanted)
+        return await _place_and_commit(ctx, store, obj, wanted, root.node, extra)
+    async with locks.get(root.node or _ANY_NODE):
+        return await _place_and_commit(ctx, store, obj, wanted, root.node, extra)
 
 
-async def _place_and_commit(ctx: Context, store: Store, obj: Instance, wanted: list[ports.Wanted]) -> Written:
+async def _candidates(store: Store, node: str | None) -> tuple[list[NodeCapacity], dict[str, Demand], dict[str, int]]:
+    """The nodes that may take the instance (``node`` only, or every node that published its capacity), what the
+    instances on them take, and their CPU counts."""
+    if node is not None:
+        hv = await hypervisor(store, node)
+        hvs = [hv] if hv is not None else []
+    else:
+        hvs = [HYPERVISOR.load(r) for r in await list_all(store, HYPERVISOR.name)]
+    used: dict[str, Demand] = {}
+    for h in hvs:
+        used.update(await node_usage(store, h.name))
+    return [NodeCapacity.of(h.name, h.spec) for h in hvs], used, {h.name: h.spec.cpus for h in hvs}
+
+
+async def _place_and_commit(
+    ctx: Context,
+    store: Store,
+    obj: Instance,
+    wanted: list[ports.Wanted],
+    pinned: str | None,
+    extra: Callable[[Store, Instance], Awaitable[list[Op]]] | None = None,
+) -> Written:
     """Decide on fresh figures and commit the instance with a compare-and-swap on its node's placement record and
-    its ports (``port.node`` = the placement) with their addresses; another placement on that node committing first,
-    or another port taking an address first, means: back off, decide again."""
-    node = obj.spec.node
+    its ports (``port.node`` = the placement) with their addresses, and ``extra``'s ops (the boot volume's
+    attachment); another placement on that node committing first, or another port taking an address first, means:
+    back off, decide again."""
     demand = demand_of(obj.spec)
     for attempt in range(_PLACEMENT_ATTEMPTS):
         if attempt:
             await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))
-        hv = await hypervisor(store, node)
-        candidates = [NodeCapacity.of(node, hv.spec)] if hv is not None else []
-        if hv is not None:  # CPU hot-plug up to the node's CPUs (`instance resize` while running)
-            obj = obj.replace(spec=msgspec.structs.replace(obj.spec, max_vcpus=max(obj.spec.vcpus, hv.spec.cpus)))
+        candidates, used, cpus = await _candidates(store, pinned)
+        node = place(demand, candidates, used)
+        # CPU hot-plug up to the node's CPUs (`instance resize` while running)
+        obj = obj.replace(
+            spec=msgspec.structs.replace(obj.spec, node=node, max_vcpus=max(obj.spec.vcpus, cpus.get(node, 0)))
+        )
         token_record = await store.get(PLACEMENT.name, placement_id(node))
-        place(demand, candidates, await node_usage(store, node))
         token_op: Op
         if token_record is None:
             token = PLACEMENT.new(
@@ -251,10 +445,11 @@ async def _place_and_commit(ctx: Context, store: Store, obj: Instance, wanted: l
             token_op = Update(PLACEMENT.dump(token), expect_revision=token_record.revision)
         nics, port_ops = await _port_ops(ctx, store, obj, wanted, spread=min(attempt, 8))
         obj = obj.replace(spec=msgspec.structs.replace(obj.spec, nics=nics))
+        extra_ops = await extra(store, obj) if extra is not None else []
         try:
-            return await crud.create(ctx, store, INSTANCE, obj, extra=[token_op, *port_ops])
+            return await crud.create(ctx, store, INSTANCE, obj, extra=[token_op, *port_ops, *extra_ops])
         except errors.PreconditionFailed:
-            continue  # another placement on this node committed first (or a subnet changed)
+            continue  # another placement on this node committed first (or a subnet or the boot volume changed)
         except errors.AlreadyExists as exc:
             if ipam.lost_race(exc):
                 continue  # another port took an address first
@@ -394,7 +589,8 @@ async def delete_instance(ctx: Context, store: Store, ref: str, *, expect: int |
     compute has nothing to clean up: its record goes at once (204)."""
     obj = await get_instance(ctx, store, ref)
     if await hypervisor(store, obj.spec.node) is None:
-        return await crud.delete_obj(ctx, store, INSTANCE, obj, expect=expect, extra=await _release_ops(store, obj))
+        extra = [*await _release_ops(store, obj), *await volume_release_ops(store, obj)]
+        return await crud.delete_obj(ctx, store, INSTANCE, obj, expect=expect, extra=extra)
 
     def mutate(current: Instance) -> Instance:
         return current.replace(
@@ -407,9 +603,42 @@ async def delete_instance(ctx: Context, store: Store, ref: str, *, expect: int |
 
 # -- NICs ----------------------------------------------------------------------------------------------------------
 async def record_removal_ops(store: Store, obj: Instance) -> list[Op]:
-    """What removes the instance's record for good, its ports and their addresses included: the node's teardown
-    commits these once the guest is gone."""
-    return [crud.delete_op(obj), *await _release_ops(store, obj)]
+    """What removes the instance's record for good, its ports and their addresses included, and its volumes'
+    attachments: the node's teardown commits these once the guest is gone."""
+    return [crud.delete_op(obj), *await _release_ops(store, obj), *await volume_release_ops(store, obj)]
+
+
+async def attached_volumes(store: Store, obj: Instance) -> list[tuple[Volume, int]]:
+    """The volumes attached to ``obj`` (its boot volume included), with their revisions. A volume's ``spec.node``
+    follows its attachment, so they are among the volumes of the instance's node (indexed)."""
+    out: dict[str, tuple[Volume, int]] = {}
+    for record in await list_all(store, VOLUME.name, where={"node": obj.spec.node}) if obj.spec.node else []:
+        volume = VOLUME.load(record)
+        if volume.spec.attachment is not None and volume.spec.attachment.instance == obj.id:
+            out[volume.id] = (volume, record.revision)
+    if obj.spec.root_volume and obj.spec.root_volume not in out:
+        record = await store.get(VOLUME.name, obj.spec.root_volume)
+        if record is not None and (att := VOLUME.load(record).spec.attachment) is not None and att.instance == obj.id:
+            out[record.id] = (VOLUME.load(record), record.revision)
+    return list(out.values())
+
+
+async def volume_release_ops(store: Store, obj: Instance) -> list[Op]:
+    """The ops that detach every volume of ``obj`` (attachment and ``root_of`` cleared, state ``available``; a boot
+    volume is kept) and remove its ``diskslots`` record: commit them with the record's removal, once the guest is
+    gone (compare-and-swap on each volume)."""
+    ops: list[Op] = []
+    stamp = ids.now()
+    for volume, revision in await attached_volumes(store, obj):
+        spec = msgspec.structs.replace(volume.spec, attachment=None, root_of="")
+        state = volume.status.state if volume.status.state in ("creating", "error") else "available"
+        status = msgspec.structs.replace(volume.status, state=state, device="", reason="")
+        updated = volume.replace(spec=spec, status=status, updated_at=stamp)
+        ops.append(Update(VOLUME.dump(updated), expect_revision=revision))
+    slots = await store.get(DISK_SLOTS.name, slots_id(obj.id))
+    if slots is not None:
+        ops.append(Delete(kind=DISK_SLOTS.name, id=slots.id, expect_revision=slots.revision))
+    return ops
 
 
 async def add_nic(

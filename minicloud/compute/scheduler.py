@@ -5,6 +5,10 @@ Capacity per node comes from the ``hypervisor`` record each agent publishes (hos
 node's allocation ratios); usage is the sum of the instances assigned to the node, whatever their power state (a
 stopped instance keeps its place, as on AWS and OpenStack). vCPUs are over-committed by ``cpu_allocation_ratio``,
 memory by ``ram_allocation_ratio`` (1.0 by default: none), disk never: root disks are counted at their full size.
+
+Which nodes are candidates is the instance service's decision (:func:`minicloud.compute.instances.candidate_nodes`):
+an image in a ``ceph`` pool (or a Ceph boot volume) can run on every node, a local image or volume only on its node.
+A root disk in a ``ceph`` pool or a boot volume takes nothing of the node's own disk.
 """
 
 from __future__ import annotations
@@ -53,8 +57,10 @@ class NodeCapacity:
 
 
 def demand_of(spec: InstanceSpec) -> Demand:
-    """What an instance takes of its node."""
-    return Demand(spec.vcpus, spec.memory_mib, spec.disk_gib)
+    """What an instance takes of its node: its vCPUs and memory, and its root disk when that is a file in the node's
+    ``instances`` directory (not an RBD clone, not a volume)."""
+    on_node = spec.pool_driver in ("", "local") and not spec.root_volume
+    return Demand(spec.vcpus, spec.memory_mib, spec.disk_gib if on_node else 0)
 
 
 def usage(instances: Iterable[tuple[str, Demand]]) -> dict[str, Demand]:
@@ -84,8 +90,8 @@ def place(demand: Demand, candidates: list[NodeCapacity], used: dict[str, Demand
     candidate was refused otherwise."""
     if not candidates:
         raise errors.InsufficientCapacity(
-            "no node can run this instance: the node holding the image has not registered its compute capacity "
-            "(is its agent running with compute enabled?)"
+            "no node can run this instance: the node holding its image or disk has not registered its compute "
+            "capacity (is its agent running with compute enabled?)"
         )
     fitting = []
     reasons = []

@@ -68,6 +68,8 @@ class ImageImport(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     firmware: Firmware = "bios"
     os_distro: Annotated[str, Meta(max_length=64, pattern=r"^[A-Za-z0-9._-]*$")] = ""
     os_version: Annotated[str, Meta(max_length=64, pattern=r"^[A-Za-z0-9._-]*$")] = ""
+    #: The storage pool (name or id) the disk is copied into; default: the default pool. Kernel images stay files.
+    pool: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
     description: Description = ""
     labels: Labels = {}
 
@@ -171,7 +173,8 @@ class Instance(Resource, kw_only=True):
 
 class InstanceCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Name
-    image: Annotated[str, Meta(min_length=1, max_length=255)]
+    #: The image the root disk is made from; give it or ``boot_volume``.
+    image: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
     type: Annotated[str, Meta(min_length=1, max_length=255)]
     keypair: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
     #: cloud-init user-data (a ``#!`` script or ``#cloud-config``), at most 64 KiB.
@@ -182,6 +185,11 @@ class InstanceCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     start: bool = True
     #: NICs, in order (the first is the guest's first interface). None: the node's ``default`` bridge network.
     nics: Annotated[list[NicCreate], Meta(max_length=8)] | None = None
+    #: The storage pool (name or id) of the root disk; default: the default pool (``local`` when there is none).
+    pool: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    #: A volume (name or id) of the project, available and unattached, to boot from: it is the root disk (no disk
+    #: is made from an image) and outlives the instance.
+    boot_volume: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
     description: Description = ""
     labels: Labels = {}
 

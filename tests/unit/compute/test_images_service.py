@@ -174,3 +174,53 @@ async def test_an_image_in_use_is_not_deleted_and_a_deleted_image_loses_its_file
         "compute:images:create",
         "compute:images:delete",
     ]
+
+
+async def _pools(store, *, default: str) -> None:
+    from minicloud.storage.kinds import POOL, PoolSpec
+
+    ops = []
+    for name, driver in (("local", "local"), ("ceph", "ceph")):
+        spec = PoolSpec(driver=driver, ceph_pool="minicloud" if driver == "ceph" else "", default=name == default)
+        ops.append(Create(POOL.dump(POOL.new(project="", name=name, id=f"pool-{name}", spec=spec))))
+    await store.commit(Txn(ops))
+
+
+async def test_a_disk_image_goes_into_the_default_pool_or_the_one_asked_and_a_kernel_image_stays_a_file(
+    store, node, tmp_path
+):
+    await _pools(store, default="ceph")
+    async with Server(b"x" * 100) as server:
+        server.release.set()
+        for name, pool in (("web", None), ("web-local", "local")):
+            started = await images.import_image(ctx(), store, node, ImageImport(name=name, url=server.url, pool=pool))
+            status = await finished(node, started.body.id)
+            assert status["state"] == "succeeded", status
+            image = IMAGE.load(await store.get(IMAGE.name, status["result"]["image_id"]))
+            # the image's node copies it into the pool (agent.reconcilers.storage) and says `ready`
+            want = ("pool-ceph", "ceph") if pool is None else ("pool-local", "local")
+            assert (image.spec.pool, image.spec.pool_driver, image.status.pool_state) == (*want, "importing")
+            assert IMAGE.to_view(image).pool_state == "importing"
+    written = await images.import_image(ctx(), store, node, ImageImport(name="k", kernel=kernel(tmp_path)))
+    image = IMAGE.load(await store.get(IMAGE.name, written.body.id))
+    assert (image.spec.pool, image.status.pool_state) == ("", "")
+    with pytest.raises(errors.ValidationFailed, match="kernel images stay files"):
+        await images.import_image(ctx(), store, node, ImageImport(name="k2", kernel=kernel(tmp_path), pool="ceph"))
+    with pytest.raises(errors.NotFound, match="no storage pool 'nope'"):
+        await images.import_image(ctx(), store, node, ImageImport(name="k2", url="http://127.0.0.1:1/x", pool="nope"))
+
+
+async def test_an_image_with_volumes_made_from_it_is_not_deleted(store, node, tmp_path):
+    from minicloud.storage.kinds import VOLUME, VolumeSource, VolumeSpec
+
+    await _pools(store, default="ceph")
+    async with Server(b"x" * 100) as server:
+        server.release.set()
+        started = await images.import_image(ctx(), store, node, ImageImport(name="web", url=server.url))
+        image_id = (await finished(node, started.body.id))["result"]["image_id"]
+    spec = VolumeSpec(size_gib=1, pool="pool-ceph", source=VolumeSource(type="image", id=image_id, name="web"))
+    vol = VOLUME.new(project="default", name="data", spec=spec)
+    await store.commit(Txn([Create(VOLUME.dump(vol))]))
+    delete = ctx(action="compute:images:delete", method="DELETE", path="/v1/images/web")
+    with pytest.raises(errors.InUse, match=r"volume\(s\) made from it \(data\)"):
+        await images.delete_image(delete, store, node, "web")
