@@ -27,6 +27,22 @@ def write(path: Path, byte: int, offset: int = 0, length: int = 64 * 1024, fmt: 
     qemu_io(path, f"write -P {byte} {offset} {length}", fmt=fmt)
 
 
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, timeout=60)
+
+
+def open_in_background(path: Path) -> subprocess.Popen[str]:
+    """A ``qemu-io`` holding ``path`` open with QEMU's image lock (standing for a running guest), once it has it."""
+    holder = subprocess.Popen(
+        ["qemu-io", "-f", "qcow2", str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    holder.stdin.write("read 0 512\n")  # answered once the image is open (and locked)
+    holder.stdin.flush()
+    holder.stdout.readline()
+    return holder
+
+
 def holds(path: Path, byte: int, offset: int = 0, length: int = 64 * 1024) -> bool:
     out = qemu_io(path, f"read -P {byte} {offset} {length}")
     return "Pattern verification failed" not in out
@@ -81,7 +97,7 @@ async def test_image_import_protect_clone_children_and_in_use(drv: LocalDriver, 
     raw.write_bytes(b"\0" * (8 * MiB))
     write(raw, 0x5A, fmt="raw")
     src = tmp_path / "src.qcow2"
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(src)], check=True)
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(src))
 
     assert await drv.import_file(src, "img-1") == 8 * MiB
     assert await drv.import_file(src, "img-1") == 8 * MiB  # done already
@@ -153,14 +169,8 @@ async def test_a_volume_open_by_qemu_is_in_use(drv: LocalDriver) -> None:
     """A process holding QEMU's image lock (here ``qemu-io`` in the background) stands for a running guest."""
     await drv.create("vol-a", 16 * MiB)
     path = drv.root / "vol-a.qcow2"
-    holder = subprocess.Popen(
-        ["qemu-io", "-f", "qcow2", str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    holder = open_in_background(path)
     try:
-        assert holder.stdin is not None and holder.stdout is not None
-        holder.stdin.write("read 0 512\n")  # answered once the image is open (and locked)
-        holder.stdin.flush()
-        holder.stdout.readline()
         with pytest.raises(InUse, match="running guest"):
             await drv.delete("vol-a")
         with pytest.raises(InUse):
@@ -175,11 +185,9 @@ async def test_a_volume_open_by_qemu_is_in_use(drv: LocalDriver) -> None:
 
 async def test_an_overlay_upload_is_refused(drv: LocalDriver, tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "1M")
     overlay = tmp_path / "overlay.qcow2"
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)], check=True
-    )
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay))
     with pytest.raises(StorageError, match="overlay"):
         await drv.import_file(overlay, "img-x")
     assert not await drv.exists("img-x")
