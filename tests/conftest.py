@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Generator
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -35,6 +36,42 @@ def make_ssh_key(comment: str = "test@minicloud") -> str:
 @pytest.fixture(scope="session")
 def ssh_key() -> str:
     return make_ssh_key()
+
+
+# -- the shared Ceph cluster (tests/ceph.py) ---------------------------------------------------------------------------
+
+
+def _shared_tmp(config: pytest.Config) -> Path:
+    """The run's temporary directory that every xdist worker and the controller share."""
+    base = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    return base.parent if hasattr(config, "workerinput") else base
+
+
+def _made_shared_tmp(config: pytest.Config) -> Path | None:
+    """The shared temporary directory if this process made one (no new directory just to look)."""
+    return None if config._tmp_path_factory._basetemp is None else _shared_tmp(config)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster(request: pytest.FixtureRequest):
+    """The run's real Ceph cluster (one for all workers; see tests/ceph.py): a ``CephHandle``."""
+    from tests import ceph
+
+    if not ceph.ceph_installed():
+        pytest.skip(ceph.SKIP_REASON)
+    if os.geteuid() != 0:
+        pytest.skip("Ceph's daemons need root here")
+    return ceph.shared_cluster(_shared_tmp(request.config), ceph.owner_pid(request.config))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if hasattr(session.config, "workerinput"):
+        return  # the controller (or the only process) tears the shared cluster down
+    from tests import ceph
+
+    shared = _made_shared_tmp(session.config)
+    if shared is not None:
+        ceph.teardown_shared_cluster(shared)
 
 
 # -- strict mode -----------------------------------------------------------------------------------------------------

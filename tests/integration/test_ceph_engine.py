@@ -1,0 +1,161 @@
+"""The Ceph engine against real Ceph daemons: the run's shared cluster (tests/ceph.py) where a test leaves it as it
+found it, one small private cluster where a test must create or destroy one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from agent.storage.ceph import CephEngine, CephError
+from tests import ceph
+from tests.ceph import CephHandle
+
+pytestmark = pytest.mark.skipif(not ceph.ceph_installed(), reason=ceph.SKIP_REASON)
+
+
+async def _gone(pid: int, timeout: float = 10) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while "Z" not in _state(pid):
+        assert loop.time() < deadline, f"pid {pid} still exists after SIGKILL"
+        await asyncio.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
+async def test_shared_cluster_is_ready_and_healthy(ceph_cluster: CephHandle) -> None:
+    engine = ceph_cluster.engine()
+    st = await engine.wait_ready(120)
+    assert st.health == "HEALTH_OK", st.checks
+    assert st.summary.startswith("Healthy: 3 OSDs on 1 node"), st.summary
+    assert [(o.node, o.up, o.in_) for o in st.osds] == [(ceph_cluster.node, True, True)] * 3
+    assert st.capacity_bytes >= 3 * ceph.OSD_SIZE * 0.9 and 0 < st.used_bytes < st.capacity_bytes
+    assert set(st.pgs) == {"active+clean"}
+    assert [(m.name, m.address, m.in_quorum) for m in st.mons] == [
+        (ceph_cluster.node, f"127.0.0.1:{ceph_cluster.mon_port}", True)
+    ]
+    pool = (await engine.pools())[ceph_cluster.pool]
+    assert (pool["size"], pool["min_size"], pool["pg_num"]) == (2, 1, 32)
+    assert "rbd" in pool["application_metadata"]
+    assert (ceph_cluster.root / "client.admin.keyring").stat().st_mode & 0o077 == 0
+
+
+async def test_sigkill_of_each_daemon_restarts_exactly_that_one(ceph_cluster: CephHandle) -> None:
+    engine = ceph_cluster.engine()
+    await engine.wait_ready(120)
+    for name in ("osd.1", "mgr." + ceph_cluster.node, "mon." + ceph_cluster.node):
+        before = engine.pids()
+        assert len(before) == 5, before
+        os.kill(before[name], signal.SIGKILL)
+        await _gone(before[name])
+        assert name not in engine.pids()
+        assert await ceph_cluster.engine().ensure_running() == [name]
+        after = engine.pids()
+        assert {n: p for n, p in after.items() if n != name} == {n: p for n, p in before.items() if n != name}
+        assert after[name] != before[name]
+        await engine.wait_ready(120)
+
+
+async def test_a_new_engine_adopts_the_running_daemons(ceph_cluster: CephHandle) -> None:
+    before = ceph_cluster.engine().pids()
+    engine = CephEngine(ceph_cluster.settings())
+    assert await engine.ensure_running() == []
+    assert engine.pids() == before
+
+
+async def test_file_osd_is_added_then_drained_and_removed(ceph_cluster: CephHandle) -> None:
+    engine = ceph_cluster.engine()
+    osd_id = await engine.add_osd_file(2 << 30)
+    st = await engine.status()
+    new = next(o for o in st.osds if o.id == osd_id)
+    assert (new.node, new.up, new.in_, new.size_bytes) == (ceph_cluster.node, True, True, 2 << 30)
+    assert (ceph_cluster.root / "osd" / str(osd_id) / "block").stat().st_blocks * 512 < 2 << 30  # sparse
+    await engine.wait_ready(120)
+
+    await engine.remove_osd(osd_id, timeout=120)
+    st = await engine.wait_ready(120)
+    assert osd_id not in [o.id for o in st.osds]
+    assert len(st.osds) == 3
+    assert not (ceph_cluster.root / "osd" / str(osd_id)).exists()
+    assert f"osd.{osd_id}" not in engine.pids()
+    await engine.remove_osd(osd_id)  # gone already: success
+
+
+async def test_blocklisted_address_shows_in_the_blocklist(ceph_cluster: CephHandle) -> None:
+    engine = ceph_cluster.engine()
+    await engine.blocklist_add("192.0.2.10", expire_seconds=600)
+    assert "192.0.2.10:0/0" in await engine.blocklist_ls()
+    await engine.blocklist_rm("192.0.2.10")
+    assert "192.0.2.10:0/0" not in await engine.blocklist_ls()
+
+
+def _listening(pids: set[int]) -> list[tuple[int, str]]:
+    """(pid, local address) of every TCP socket in LISTEN state owned by ``pids`` (from /proc)."""
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes[target[8:-1]] = pid
+    out = []
+    for table, family in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
+                hexaddr = fields[1].split(":")[0]
+                addr = ".".join(str(b) for b in bytes.fromhex(hexaddr)[::-1]) if family == 4 else hexaddr
+                out.append((inodes[fields[9]], addr))
+    return out
+
+
+async def test_daemons_listen_on_the_configured_address_only(ceph_cluster: CephHandle) -> None:
+    pids = ceph_cluster.engine().pids()
+    sockets = _listening(set(pids.values()))
+    assert {p for p, _ in sockets} == set(pids.values())  # every daemon listens (mon, mgr, osds)
+    assert {a for _, a in sockets} == {"127.0.0.1"}, sockets
+
+
+async def test_private_cluster_bootstraps_from_nothing_and_is_destroyed(tmp_path: Path) -> None:
+    """A long root (pytest's) puts admin sockets in /run/mcceph-*; one OSD, one copy; destroy leaves nothing."""
+    if os.geteuid() != 0:
+        pytest.skip("Ceph's daemons need root here")
+    handle = ceph.new_handle(tmp_path / ("x" * 80) / "ceph", node="solo")
+    engine = handle.engine()
+    assert str(engine.settings.socket_dir).startswith("/run/mcceph-")
+    try:
+        keys = await engine.bootstrap()
+        assert set(keys.entities()) == {"mon.", "client.admin", "client.bootstrap-osd"}
+        with pytest.raises(CephError, match="already has a monitor"):
+            await engine.bootstrap()
+        await engine.add_osd_file(2 << 30)
+        await engine.set_replicas(1)
+        await engine.ensure_pool("p1")
+        st = await engine.wait_ready(120)
+        assert st.ready and st.health == "HEALTH_OK", st
+        assert "keep one copy" in st.summary
+        assert {(p["pool_name"], p["size"]) for p in (await engine.pools()).values()} >= {("p1", 1)}
+        assert sorted(engine.pids()) == ["mgr.solo", "mon.solo", "osd.0"]
+        assert any(engine.settings.socket_dir.glob("*.asok"))
+        conf = engine.conf_path.read_text()
+        assert "mgr_initial_modules = prometheus" in conf
+        mgr = (await engine.ceph("mgr", "services")) or {}
+        assert mgr.get("prometheus", "").startswith(f"http://127.0.0.1:{handle.prometheus_port}")
+    finally:
+        pids = list(engine.pids().values())
+        await engine.destroy()
+    for pid in pids:
+        await _gone(pid)
+    assert not handle.root.exists()
+    assert not engine.settings.socket_dir.exists()
