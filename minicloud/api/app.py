@@ -29,12 +29,16 @@ from minicloud.api import (
     networks,
     openapi,
     operations,
+    pools,
     projects,
     routers,
     security_groups,
+    snapshots,
+    storage,
     subnets,
     system,
     users,
+    volumes,
     whoami,
 )
 from minicloud.api.auth import DIRECTORY, LAST_USED, RATE_LIMITER, VERIFIED_KEYS
@@ -84,6 +88,10 @@ ROUTE_TABLES = [
     security_groups.routes,
     routers.routes,
     floating_ips.routes,
+    storage.routes,
+    pools.routes,
+    volumes.routes,
+    snapshots.routes,
     whoami.routes,
 ]
 HOUSEKEEPING_INTERVAL = 60.0

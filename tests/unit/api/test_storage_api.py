@@ -1,0 +1,97 @@
+"""The storage API through the test client: enable/show/disks for administrators, pools readable by members,
+volumes and snapshots end to end (the node's status writes done by hand), problems for bad input, idempotent
+creates."""
+
+from __future__ import annotations
+
+from minicloud.api.keys import STORE
+from minicloud.storage.kinds import SNAPSHOT, VOLUME
+from tests.unit.api.test_network_api import _member, _ok, _problem
+from tests.unit.storage.conftest import put_instance, set_status
+
+
+async def test_enable_show_and_disks(api):
+    shown = await _ok(await api.get("/v1/storage"))
+    assert (shown["enabled"], shown["state"]) == (False, "disabled")
+    p = await _problem(await api.post("/v1/storage/disks", json={"device": "/dev/vdb"}), 409)
+    assert "storage enable" in p["detail"]
+    s = await _ok(await api.post("/v1/storage/enable", json={"file_size_bytes": 2 << 30}), 201)
+    assert (s["state"], s["bootstrap_node"], s["mons"]) == ("bootstrapping", "n1", {"n1": "127.0.0.1"})
+    assert [(p["name"], p["default"]) for p in s["pools"]] == [("ceph", True), ("local", False)]
+    await _problem(await api.post("/v1/storage/enable", json={}), 409)
+    disk = await _ok(await api.post("/v1/storage/disks", json={"device": "/dev/vdc"}), 201)
+    assert [d["name"] for d in await _ok(await api.get("/v1/storage/disks"))] == sorted(
+        ["n1-vdc", s["disks"][0]["name"]]
+    )
+    gone = await _ok(await api.delete(f"/v1/storage/disks/{disk['name']}"))
+    assert gone["state"] == "draining"
+    await _problem(await api.post("/v1/storage/disks", json={"file_size_bytes": 1 << 20}), 422)  # under 1 GiB
+    await _problem(await api.post("/v1/storage/disks", json={"device": "sdb"}), 422)
+
+
+async def test_members_read_pools_but_do_not_administer_storage(api):
+    member = await _member(api)
+    await _ok(await api.post("/v1/pools", json={"name": "scratch", "driver": "local"}), 201)
+    listed = await _ok(await api.client.get("/v1/pools?project=p1", headers=member))
+    assert {p["name"] for p in listed["items"]} == {"local", "scratch"}
+    await _problem(await api.client.post("/v1/storage/enable?project=p1", json={}, headers=member), 403)
+    await _problem(await api.client.post("/v1/pools?project=p1", json={"name": "x", "driver": "local"},
+                                         headers=member), 403)  # fmt: skip
+    await _problem(await api.client.delete("/v1/pools/scratch?project=p1", headers=member), 403)
+    await _ok(await api.delete("/v1/pools/scratch"), 204)
+
+
+async def test_volume_and_snapshot_end_to_end(api):
+    store = api.app[STORE]
+    await put_instance(store, "web")
+    v = await _ok(await api.post("/v1/volumes", json={"name": "data", "size_gib": 2, "labels": {"a": "b"}}), 201)
+    assert (v["pool"], v["status"]["state"], v["node"]) == ("local", "creating", "n1")
+    await set_status(store, VOLUME, v["id"], state="available", size_gib=2)
+    a = await _ok(await api.post("/v1/volumes/data/attach", json={"instance": "web"}))
+    assert (a["attachment"]["device"], a["attachment"]["instance_name"]) == ("vdb", "web")
+    p = await _problem(await api.delete("/v1/volumes/data"), 409)
+    assert "attached to instance 'web'" in p["detail"]
+    await set_status(store, VOLUME, v["id"], state="in-use")
+    grown = await _ok(await api.post("/v1/volumes/data/extend", json={"size_gib": 3}))
+    assert grown["size_gib"] == 3
+    await _problem(await api.post("/v1/volumes/data/extend", json={"size_gib": 1}), 422)
+    s = await _ok(await api.post("/v1/snapshots", json={"name": "s1", "volume": "data"}), 201)
+    await set_status(store, SNAPSHOT, s["id"], state="available")
+    p = await _problem(await api.post("/v1/snapshots/s1/revert"), 409)
+    assert "stop the instance" in p["detail"]
+    d = await _ok(await api.post("/v1/volumes/data/detach", json={}))
+    assert d["attachment"] is None and d["status"]["state"] == "detaching"
+    await set_status(store, VOLUME, v["id"], state="available")
+    await _ok(await api.post("/v1/snapshots/s1/revert"))
+    listed = await _ok(await api.get("/v1/volumes?label=a=b"))
+    assert [x["name"] for x in listed["items"]] == ["data"]
+    gone = await _ok(await api.delete("/v1/volumes/data"), 202)
+    assert gone["status"]["state"] == "deleting"
+    assert (await _ok(await api.get("/v1/snapshots/s1")))["status"]["state"] == "deleting"
+
+
+async def test_bad_volume_input_is_a_problem(api):
+    for body in (
+        {"name": "v", "size_gib": 0},
+        {"name": "v", "size_gib": -1},
+        {"name": "v", "size_gib": 65537},
+        {"name": "bad name", "size_gib": 1},
+        {"name": "v", "size_gib": 1, "description": "x" * 2000},
+        {"name": "v", "size_gib": 1, "qos": {"read_iops_sec": -5}},
+        {"name": "v", "size_gib": 1, "extra": 1},
+    ):
+        await _problem(await api.post("/v1/volumes", json=body), 422)
+    await _problem(await api.post("/v1/volumes", json={"name": "v", "size_gib": 1, "pool": "nope"}), 404)
+    await _problem(await api.post("/v1/volumes/nope/attach", json={"instance": "x"}), 404)
+    await _ok(await api.post("/v1/volumes", json={"name": "v", "size_gib": 1}), 201)
+    await _problem(await api.post("/v1/volumes/v/attach", json={"instance": "x", "device": "vda"}), 422)
+    await _ok(await api.delete("/v1/volumes/v?force=true"), 204)  # an administrator's: the record goes at once
+
+
+async def test_volume_create_is_idempotent_under_a_key(api):
+    key = {"Idempotency-Key": "k-1"}
+    first = await _ok(await api.post("/v1/volumes", json={"name": "v", "size_gib": 1}, headers=key), 201)
+    again = await api.post("/v1/volumes", json={"name": "v", "size_gib": 1}, headers=key)
+    assert again.status == 201 and again.headers.get("Idempotent-Replayed") == "true"
+    assert (await again.json())["id"] == first["id"]
+    assert len((await _ok(await api.get("/v1/volumes")))["items"]) == 1
