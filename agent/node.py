@@ -22,6 +22,8 @@ from agent.net.nodenetworks import NodeNetworks
 from agent.reconcile import Controller
 from agent.reconcilers.compute import ComputeReconciler
 from agent.reconcilers.network import NetworkReconciler
+from agent.reconcilers.storage import StorageReconciler
+from agent.storage.node import NodeStorage
 from minicloud.api.keys import CONFIG, HOST, STORE
 from minicloud.config import Config
 
@@ -35,6 +37,12 @@ COMPUTE_WORKERS = 4
 NETWORK = web.AppKey("network", NetworkReconciler)
 #: How many networks the network reconciler converges at once.
 NETWORK_WORKERS = 4
+#: This node's storage reconciler (Ceph engine, pools, volumes, snapshots, images in pools).
+STORAGE = web.AppKey("storage", StorageReconciler)
+#: Which storage pools this node can use: the storage reconciler fills it, the compute reconciler reads it.
+NODE_STORAGE = web.AppKey("node_storage", NodeStorage)
+#: How many storage records the storage reconciler converges at once (each key is still one at a time).
+STORAGE_WORKERS = 4
 
 
 def attach_node_services(app: web.Application) -> web.Application:
@@ -47,6 +55,10 @@ def attach_node_services(app: web.Application) -> web.Application:
         app[HOST] = HostFacts(config.node_name, virt_setting=config.compute.virt_type)
     if NODE_NETWORKS not in app:
         app[NODE_NETWORKS] = NodeNetworks()
+    if NODE_STORAGE not in app:
+        app[NODE_STORAGE] = NodeStorage()
+    # storage first, whatever the compute driver: it fills NODE_STORAGE, which the compute reconciler reads
+    app.cleanup_ctx.append(_storage_ctx)
     if config.compute.driver != "none":
         # the network reconciler first: it fills NODE_NETWORKS, which the compute reconciler waits on
         app.cleanup_ctx.append(_network_ctx)
@@ -84,6 +96,22 @@ def network_reconciler(config: Config, store: Any, node_networks: NodeNetworks) 
         routers=FakeRouterPlumbing() if fake else RouterPlumbing(),
         providers=config.network.providers,
     )
+
+
+async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    # The ``local`` pool record is made by the storage services on first use (``ensure_local_pool``), not here: a
+    # node that never stores anything writes nothing.
+    from minicloud.api.accesskeys import KEYSTORE
+
+    config = app[CONFIG]
+    reconciler = StorageReconciler(store=app[STORE], config=config, storage=app[NODE_STORAGE], keystore=app[KEYSTORE])
+    controller = Controller(
+        app[STORE], reconciler, workers=STORAGE_WORKERS, resync_interval=config.compute.resync_interval
+    )
+    await controller.start()
+    app[STORAGE] = reconciler
+    yield
+    await controller.close()
 
 
 async def _network_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -155,6 +155,20 @@ class NetworkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     providers: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], IfName] = {}
 
 
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
+class StorageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[storage]``: how this node runs its part of the Ceph cluster (``minicloud storage enable``; see
+    docs/storage.md). The MON ports must be the same on every node."""
+
+    #: The port a MON on this node listens on (msgr2), and the older protocol's (msgr1). Related: ``ceph_mon_port_v1``.
+    ceph_mon_port: Port = 3300
+    ceph_mon_port_v1: Port = 6789
+    #: The MGR's Prometheus exporter, bound to the node's cluster address only.
+    ceph_prometheus_port: Port = 9283
+
+
 class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``[retention]``: how long records that accumulate are kept (see docs/operations.md, "Retention"). The leader
     deletes what expired in bounded batches; idempotency records keep ``api.idempotency_ttl``."""
@@ -185,6 +199,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     compute: ComputeConfig = msgspec.field(default_factory=ComputeConfig)
     network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
 
     # -- derived -----------------------------------------------------------------------------------------------
     @property
