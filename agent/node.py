@@ -151,6 +151,7 @@ async def _compute_ctx(app: web.Application) -> AsyncIterator[None]:
         virt_type=virt_type,
         virt_reason=reason,
         networks=app[NODE_NETWORKS],
+        storage=app[NODE_STORAGE],
     )
     controller = Controller(
         app[STORE], reconciler, workers=COMPUTE_WORKERS, resync_interval=config.compute.resync_interval

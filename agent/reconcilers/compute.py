@@ -19,6 +19,19 @@ framework retries the key with backoff.
 
 Files per instance, in ``<data_dir>/instances/<id>/``: ``root.qcow2`` (an overlay on the image, or a blank disk for
 kernel images), ``seed.iso`` (NoCloud), ``console.log`` (serial port, appended across restarts), ``nvram.fd`` (UEFI).
+
+Storage (pools, :class:`~agent.storage.node.NodeStorage`): an instance whose ``spec.pool_driver`` is ``ceph`` has no
+``root.qcow2``: its root disk is ``<id>-root`` in the pool, a clone of the image's protected ``base`` snapshot (a
+blank volume for kernel images), reached through librbd with the node's cephx secret (defined in libvirt before the
+domain); teardown deletes it after the domain is gone. ``--boot-volume`` instances boot from that volume (kept when
+the instance goes). Volumes attached to the instance (``volume`` records whose ``attachment.instance`` is it) are in
+its definition (``vdb``…, serial = volume id, ``<iotune>`` from the volume's QoS) and hot-plugged into / unplugged
+from a running domain by difference, like NICs; the reconciler moves them ``attaching → in-use`` once the disk is in
+the domain and ``detaching → available`` once it is gone from the running guest (a guest that does not let go keeps
+it ``detaching`` with the reason, unless the detach was forced: then the domain is powered off and started without
+it). A grown volume (``status.size_gib``, which the storage reconciler wrote after growing the data) is announced to a
+running guest with ``block_resize``. Anything a pool is needed for waits, with the reason in the instance's status,
+until the storage reconciler publishes the pool's driver on this node (``NodeStorage.on_change`` queues it again).
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ import subprocess
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +56,12 @@ import psutil
 from agent import faults
 from agent.compute import design, seed
 from agent.compute.driver import ComputeDriver, DomainInfo, DriverError
-from agent.compute.xml import InstanceMetadata, Interface, read_metadata
+from agent.compute.xml import InstanceMetadata, Interface, IoTune, read_metadata
 from agent.net.default import NetworkDriver, NetworkError
 from agent.net.nodenetworks import NodeNetworks, tap_name
 from agent.reconcile import Result, update_record
+from agent.storage.driver import DiskSource, StorageError, VolumeDriver
+from agent.storage.node import NodeStorage
 from minicloud import errors, ids
 from minicloud.compute import image_files
 from minicloud.compute.instances import record_removal_ops
@@ -62,10 +78,12 @@ from minicloud.config import Config
 from minicloud.core.kinds import Obj
 from minicloud.model.compute import Address
 from minicloud.state import Change, Create, Record, Store, Txn, TxnFailed, Update, list_all
+from minicloud.storage.kinds import VOLUME, Attachment, Qos, VolumeObserved, VolumeSpec
 
 log = logging.getLogger("minicloud.compute")
 Instance = Obj[InstanceSpec, InstanceObserved]
 Image = Obj[ImageSpec, Any]
+Volume = Obj[VolumeSpec, VolumeObserved]
 NETWORK_NAME = "default"
 #: The key of the node-wide work (hypervisor connection, network, capacity, garbage); no record id looks like it.
 NODE_KEY = ":node"
@@ -75,10 +93,58 @@ _STRAY_IMAGE_IDLE = 600.0
 _POLL = 1.0
 #: How soon to retry while the hypervisor or the network cannot be used.
 _UNAVAILABLE_RETRY = 5.0
+#: How long a running guest gets to let go of a volume being detached before the detach is called refused (or, when
+#: forced, the domain is powered off).
+_DETACH_TIMEOUT = 30.0
+_GIB = 1 << 30
 
 
 class BuildError(Exception):
     """A build step failed; the message is for the instance's ``status.reason``."""
+
+
+class WaitingForStorage(Exception):
+    """A pool (or the cephx secret) the instance needs is not usable on this node yet; the message says which. The
+    instance is queued again when the node's storage changes."""
+
+
+def root_volume_name(instance_id: str) -> str:
+    """The root disk of an instance in a pool (a clone of its image, or blank for kernel images)."""
+    return f"{instance_id}-root"
+
+
+@dataclass(frozen=True)
+class Disks:
+    """An instance's disks as this node can give them now: the root disk (a file or a pool's ``DiskSource``) and the
+    attached volumes that can be plugged (their pool usable here), with the volume records behind them."""
+
+    root: Path | DiskSource
+    root_serial: str = ""
+    root_iotune: IoTune | None = None
+    #: The boot volume, when there is one.
+    root_volume: Volume | None = None
+    volumes: tuple[design.AttachedDisk, ...] = ()
+    #: Volume id → record, of ``volumes``.
+    attached: dict[str, Volume] = field(default_factory=dict)
+    #: Volumes being detached from this instance (``status.state == detaching``).
+    detaching: tuple[Volume, ...] = ()
+    #: Attached volumes whose pool is not usable here yet (not plugged; the instance waits for storage).
+    unplugged: tuple[Volume, ...] = ()
+
+    @property
+    def sources(self) -> list[DiskSource]:
+        root = [self.root] if isinstance(self.root, DiskSource) else []
+        return [*root, *(v.source for v in self.volumes)]
+
+
+def _iotune(qos: Qos) -> IoTune | None:
+    tune = IoTune(
+        read_iops_sec=qos.read_iops_sec or None,
+        write_iops_sec=qos.write_iops_sec or None,
+        read_bytes_sec=qos.read_bytes_sec or None,
+        write_bytes_sec=qos.write_bytes_sec or None,
+    )
+    return tune if tune else None
 
 
 def _qemu_img(*args: str) -> None:
@@ -95,7 +161,7 @@ class ComputeReconciler:
     """See the module docstring. Construct it, then run it with ``Controller(store, reconciler).start()``."""
 
     name = "compute"
-    kinds = frozenset({INSTANCE.name, IMAGE.name})
+    kinds = frozenset({INSTANCE.name, IMAGE.name, VOLUME.name})
 
     def __init__(
         self,
@@ -107,8 +173,21 @@ class ComputeReconciler:
         virt_type: str,
         virt_reason: str,
         networks: NodeNetworks | None = None,
+        storage: NodeStorage | None = None,
     ) -> None:
         self.store = store
+        #: The pools usable on this node and the cephx secret (filled by the storage reconciler); None: no storage.
+        self.storage = storage
+        #: Instances waiting for a pool or the cephx secret on this node (queued again when storage changes).
+        self._storage_waiting: set[str] = set()
+        #: The cephx secret last defined in libvirt (uuid, usage, key), so it is defined once per agent run.
+        self._secret_defined: tuple[str, str, bytes] | None = None
+        #: (domain uuid, guest disk) → the size in bytes the running guest was last given (online extend).
+        self._disk_sizes: dict[tuple[str, str], int] = {}
+        #: (instance id, volume id) → when its detach from the running guest was first asked (monotonic).
+        self._detach_since: dict[tuple[str, str], float] = {}
+        #: Instances powered off here to force a volume's detach (not "the guest shut itself down": started again).
+        self._forced_off: dict[str, bool] = {}
         #: Which VPC networks are built on this node (filled by the network reconciler); None: no VPC NICs here.
         self.networks = networks
         #: Instances waiting for a network to be built here, by network id (queued again when it is).
@@ -141,6 +220,8 @@ class ComputeReconciler:
         self._enqueue = enqueue
         if self.networks is not None:
             self.networks.on_change(self._network_changed)
+        if self.storage is not None:
+            self.storage.on_change(self._storage_changed)
         self.instances_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.prepare()
 
@@ -151,6 +232,11 @@ class ComputeReconciler:
         if change.kind == INSTANCE.name:
             if INSTANCE.load(change.record).spec.node == self.node:
                 yield change.id
+        elif change.kind == VOLUME.name:  # attached, detached, grown: the instance it belongs to plugs the difference
+            vol = VOLUME.load(change.record)
+            for att in {a.instance: a for a in (vol.spec.attachment, vol.spec.detached_from) if a}.values():
+                if att.node == self.node or vol.spec.node == self.node:
+                    yield att.instance
         else:  # an image: its files may have become strays
             yield NODE_KEY
 
@@ -167,6 +253,11 @@ class ComputeReconciler:
 
     def _network_changed(self, network_id: str) -> None:
         for instance_id in self._waiting.pop(network_id, set()):
+            self._enqueue(instance_id)
+
+    def _storage_changed(self, pool_id: str) -> None:
+        waiting, self._storage_waiting = self._storage_waiting, set()
+        for instance_id in waiting:
             self._enqueue(instance_id)
 
     def nics_of(self, inst: Instance) -> tuple[design.Nic, ...] | None:
@@ -226,6 +317,7 @@ class ComputeReconciler:
         records = await self._records()
         ours = {d.uuid: d for d in await self.driver.domains() if self._is_ours(d)}
         await self._collect_orphans(records, ours)
+        await self._collect_pool_roots()
         return Result()
 
     # -- capacity --------------------------------------------------------------------------------------------------
@@ -285,7 +377,11 @@ class ComputeReconciler:
             return await self.converge(inst, dom, leases)
         except (asyncio.CancelledError, TxnFailed, errors.MinicloudError):
             raise  # cancelled, or the store failed us: not the instance's fault; the framework retries with backoff
-        except (DriverError, BuildError, OSError) as exc:
+        except WaitingForStorage as exc:
+            self._storage_waiting.add(inst.id)
+            await self._set_status(inst.id, reason=str(exc))
+            return Result(requeue_after=_UNAVAILABLE_RETRY)
+        except (DriverError, BuildError, StorageError, OSError) as exc:
             log.warning("instance step failed", extra={"instance": inst.id, "error": str(exc)})
             await self._set_status(inst.id, state="error", reason=str(exc), error_spec=_spec_fingerprint(inst.spec))
         except Exception as exc:
@@ -300,6 +396,11 @@ class ComputeReconciler:
         uuid = self._uuids.pop(instance_id, None)
         self._stop_requested.pop(instance_id, None)
         self._lease_wait_since.pop(instance_id, None)
+        self._storage_waiting.discard(instance_id)
+        for key in [k for k in self._detach_since if k[0] == instance_id]:
+            del self._detach_since[key]
+        for key in [k for k in self._disk_sizes if k[0] == uuid]:
+            del self._disk_sizes[key]
         if uuid is not None:
             self._ids.pop(uuid, None)
             dom = await self.driver.domain(uuid)
@@ -321,11 +422,12 @@ class ComputeReconciler:
         spec, status = inst.spec, inst.status
         uuid = spec.uuid
         if spec.deleted:
-            await self._teardown(inst.id, uuid)
+            await self._teardown(inst.id, uuid, inst)
             self._stop_requested.pop(inst.id, None)
             self._lease_wait_since.pop(inst.id, None)
             # The node removes the record once its resources are gone: the user's delete was audited when asked.
-            # Its ports and their addresses go in the same transaction.
+            # Its ports and their addresses go in the same transaction, and its volumes are released (attachments
+            # cleared; a boot volume is kept) now that no guest has them open.
             removal = await record_removal_ops(self.store, inst)
             with contextlib.suppress(TxnFailed):  # changed meanwhile: that change queues us again
                 await self.store.commit(Txn(removal))
@@ -341,30 +443,47 @@ class ComputeReconciler:
             names = sorted({n.network_name for n in spec.nics})
             await self._set_status(inst.id, reason=f"waiting for network {', '.join(names)} on node {self.node}")
             return Result(requeue_after=_UNAVAILABLE_RETRY)
+        disks = await self.disks_of(inst)  # WaitingForStorage while the root disk's pool is not usable here
+        if disks.unplugged:
+            self._storage_waiting.add(inst.id)  # queued again when their pool is published here
         if dom is None:
             await self._set_status(inst.id, state="building", reason="")
             try:
-                await self._build(inst, nics or ())
+                xml = await self._build(inst, nics or (), disks)
             except BaseException:
-                await self._teardown(inst.id, uuid)  # a failed build leaves nothing behind
+                with contextlib.suppress(WaitingForStorage, StorageError, DriverError):
+                    await self._teardown(inst.id, uuid, inst)  # a failed build leaves nothing behind
                 raise
+            await self._sync_volumes(inst, disks, _disks(xml))
             dom = DomainInfo(uuid=uuid, name=self.domain_name(inst), state="shutoff", xml="")
         elif dom.state == "shutoff" and nics is not None:
-            xml = design.domain_for(self._guest_spec(inst, await self._image(inst), nics)).to_xml()
-            if _shape(dom.xml) != _shape(xml) or _interfaces(dom.xml) != _interfaces(xml):
-                await self.driver.define(xml)  # resized, or NICs added or removed, while stopped
+            xml = design.domain_for(self._guest_spec(inst, await self._image(inst), nics, disks)).to_xml()
+            if (
+                _shape(dom.xml) != _shape(xml)
+                or _interfaces(dom.xml) != _interfaces(xml)
+                or _disks(dom.xml) != _disks(xml)
+            ):
+                await self._ensure_secret(disks)
+                await self.driver.define(xml)  # resized, NICs or volumes added or removed, while stopped
+            await self._sync_volumes(inst, disks, _disks(xml))
         if spec.power == "running":
-            return await self._converge_running(inst, dom, leases, nics)
+            return await self._converge_running(inst, dom, leases, nics, disks)
         return await self._converge_stopped(inst, dom)
 
     async def _converge_running(
-        self, inst: Instance, dom: DomainInfo, leases: dict[str, str], nics: tuple[design.Nic, ...] | None = None
+        self,
+        inst: Instance,
+        dom: DomainInfo,
+        leases: dict[str, str],
+        nics: tuple[design.Nic, ...] | None = None,
+        disks: Disks | None = None,
     ) -> Result:
         spec, status = inst.spec, inst.status
         uuid = spec.uuid
         self._stop_requested.pop(inst.id, None)
+        forced = self._forced_off.pop(inst.id, False)
         if dom.state in ("shutoff", "crashed"):
-            if status.state == "running" and dom.state == "shutoff":
+            if status.state == "running" and dom.state == "shutoff" and not forced:
                 # The guest powered itself off: like EC2, the instance is now stopped (not restarted behind its back).
                 await self._update(
                     inst.id,
@@ -372,12 +491,19 @@ class ComputeReconciler:
                     observed={"state": "stopped", "reason": "the guest shut itself down", "stopped_at": ids.now()},
                 )
                 return Result()
+            if disks is not None:
+                await self._ensure_secret(disks)
             await self.driver.start(uuid)
             self._lease_wait_since.pop(inst.id, None)
         if dom.xml and _current_vcpus(dom.xml) not in (0, spec.vcpus):
             await self.driver.set_vcpus(uuid, spec.vcpus)  # resized while running: CPU hot-plug
         if dom.xml and dom.state == "running" and nics is not None:
             await self._plug(uuid, dom.xml, nics)  # NICs added or removed while running: hot-plug
+        disk_wait: float | None = None
+        if dom.state == "running" and disks is not None:
+            disk_wait = await self._plug_disks(inst, dom, disks)  # volumes attached or detached while running
+            if self._forced_off.get(inst.id):
+                return Result(requeue_after=_POLL)  # powered off to force a detach: started again next pass
         changes: dict[str, Any] = {}
         if spec.reboot.seq > status.reboot_seq:
             await self.driver.reboot(uuid, force=spec.reboot.force)
@@ -394,6 +520,8 @@ class ComputeReconciler:
                 result = Result(requeue_after=_POLL)
         else:
             self._lease_wait_since.pop(inst.id, None)
+        if disk_wait is not None and (result.requeue_after is None or disk_wait < result.requeue_after):
+            result = Result(requeue_after=disk_wait)
         await self._set_status(
             inst.id,
             state="running",
@@ -439,12 +567,14 @@ class ComputeReconciler:
             if have.get(mac) != nic.bridge:
                 await self.driver.attach_device(uuid, _interface_xml(nic))
 
-    def _guest_spec(self, inst: Instance, image: Image, nics: tuple[design.Nic, ...]) -> design.GuestSpec:
+    def _guest_spec(
+        self, inst: Instance, image: Image | None, nics: tuple[design.Nic, ...], disks: Disks
+    ) -> design.GuestSpec:
         spec = inst.spec
         d = self.instances_dir / inst.id
-        files = self.images_dir / image.id
-        kernel_boot = image.spec.boot == "kernel"
-        uefi = image.spec.firmware == "uefi"
+        files = self.images_dir / image.id if image is not None else d
+        kernel_boot = image is not None and image.spec.boot == "kernel"
+        uefi = image is not None and image.spec.firmware == "uefi"
         return design.GuestSpec(
             uuid=spec.uuid,
             domain_name=self.domain_name(inst),
@@ -452,12 +582,15 @@ class ComputeReconciler:
             vcpus=spec.vcpus,
             max_vcpus=spec.max_vcpus,
             memory_mib=spec.memory_mib,
-            root_disk=d / "root.qcow2",
+            root_disk=disks.root,
+            root_serial=disks.root_serial,
+            root_iotune=disks.root_iotune,
+            volumes=disks.volumes,
             seed_iso=d / "seed.iso",
             console_log=d / "console.log",
             kernel=files / "kernel" if kernel_boot else None,
             initrd=files / "initrd" if kernel_boot and (files / "initrd").exists() else None,
-            cmdline=image.spec.cmdline if kernel_boot else "",
+            cmdline=image.spec.cmdline if image is not None and kernel_boot else "",
             firmware="uefi" if uefi and not kernel_boot else "bios",
             nvram=d / "nvram.fd" if uefi and not kernel_boot else None,
             nics=nics,
@@ -466,33 +599,133 @@ class ComputeReconciler:
                 project=inst.project,
                 name=inst.name,
                 node=self.node,
-                image=image.id,
+                image=image.id if image is not None else "",
                 type=spec.type,
                 created=inst.created_at,
             ),
         )
 
-    async def _image(self, inst: Instance) -> Image:
+    async def _image(self, inst: Instance) -> Image | None:
+        """The instance's image (None for a boot-volume instance). A disk image cloned in a ``ceph`` pool may live
+        on any node; otherwise its files must be on this one."""
+        if not inst.spec.image_id:
+            return None
         record = await self.store.get(IMAGE.name, inst.spec.image_id)
         if record is None:
             raise BuildError(f"image {inst.spec.image_name} ({inst.spec.image_id}) no longer exists")
         image = IMAGE.load(record)
-        if image.spec.node != self.node:
+        in_pool = inst.spec.pool_driver == "ceph" and image.spec.boot == "disk" and not inst.spec.root_volume
+        if image.spec.node != self.node and not in_pool:
             raise BuildError(f"image {image.name} is stored on node {image.spec.node}, not on {self.node}")
         return image
 
-    async def _build(self, inst: Instance, nics: tuple[design.Nic, ...]) -> None:
+    # -- disks and volumes -------------------------------------------------------------------------------------------
+    def _pool(self, pool_id: str, what: str) -> VolumeDriver:
+        """The driver of ``pool_id`` on this node; WaitingForStorage (naming ``what`` needs it) while there is none."""
+        driver = self.storage.driver(pool_id) if self.storage is not None else None
+        if driver is None:
+            raise WaitingForStorage(f"waiting for storage pool {pool_id} on node {self.node} ({what})")
+        return driver
+
+    async def disks_of(self, inst: Instance) -> Disks:
+        """The instance's disks as this node can give them now (see :class:`Disks`): the root disk (WaitingForStorage
+        while its pool is not usable here) and its volumes, read from the volume records of this node."""
+        spec = inst.spec
+        root: Path | DiskSource = self.instances_dir / inst.id / "root.qcow2"
+        root_serial, root_iotune, root_volume = "", None, None
+        if spec.root_volume:
+            record = await self.store.get(VOLUME.name, spec.root_volume)
+            if record is None:
+                raise BuildError(f"boot volume {spec.root_volume} no longer exists")
+            root_volume = VOLUME.load(record)
+            root = self._pool(root_volume.spec.pool, f"boot volume {root_volume.name}").source(root_volume.id)
+            root_serial, root_iotune = root_volume.id, _iotune(root_volume.spec.qos)
+        elif spec.pool_driver == "ceph":
+            root = self._pool(spec.pool, "the root disk").source(root_volume_name(inst.id))
+        volumes: list[design.AttachedDisk] = []
+        attached: dict[str, Volume] = {}
+        detaching: list[Volume] = []
+        unplugged: list[Volume] = []
+        for record in await list_all(self.store, VOLUME.name, where={"node": self.node}):
+            vol = VOLUME.load(record)
+            att, gone = vol.spec.attachment, vol.spec.detached_from
+            if vol.id == spec.root_volume:
+                continue
+            if att is not None and att.instance == inst.id:
+                if vol.status.state == "creating" or (vol.status.state == "error" and not vol.status.device):
+                    continue  # no data yet, or never plugged and failed
+                driver = self.storage.driver(vol.spec.pool) if self.storage is not None else None
+                if driver is None:
+                    unplugged.append(vol)
+                    continue
+                source = driver.source(vol.id)
+                volumes.append(design.AttachedDisk(source, att.device, serial=vol.id, iotune=_iotune(vol.spec.qos)))
+                attached[vol.id] = vol
+            elif att is None and gone is not None and gone.instance == inst.id and vol.status.state == "detaching":
+                detaching.append(vol)
+        volumes.sort(key=lambda v: (len(v.target_dev), v.target_dev))
+        return Disks(
+            root=root,
+            root_serial=root_serial,
+            root_iotune=root_iotune,
+            root_volume=root_volume,
+            volumes=tuple(volumes),
+            attached=attached,
+            detaching=tuple(detaching),
+            unplugged=tuple(unplugged),
+        )
+
+    async def _ensure_secret(self, disks: Disks) -> None:
+        """Define the node's cephx secret in libvirt (once per agent run, and whenever it changes) when a disk is on
+        RBD: QEMU reads it when it opens the disk."""
+        if not any(src.kind == "rbd" for src in disks.sources):
+            return
+        secret = self.storage.ceph_secret() if self.storage is not None else None
+        if secret is None:
+            raise WaitingForStorage(f"waiting for the Ceph key on node {self.node}")
+        wanted = (secret.uuid, secret.usage, secret.key)
+        if self._secret_defined != wanted:
+            await self.driver.define_secret(secret.uuid, secret.usage, secret.key)
+            self._secret_defined = wanted
+
+    async def _ensure_root(self, inst: Instance, image: Image | None) -> None:
+        """The root disk in the instance's ``ceph`` pool: a clone of the image's ``base`` snapshot (a blank volume
+        for a kernel image), of the instance's disk size. Idempotent."""
+        spec = inst.spec
+        driver = self._pool(spec.pool, "the root disk")
+        name, size = root_volume_name(inst.id), spec.disk_gib * _GIB
+        try:
+            if image is not None and image.spec.boot == "disk":
+                if image.spec.pool != spec.pool:
+                    raise BuildError(f"image {image.name} is not in pool {spec.pool}")
+                await driver.clone(image.id, "base", name, size)
+            else:
+                await driver.create(name, size)
+        except StorageError as exc:
+            raise BuildError(f"making the root disk in pool {spec.pool} failed: {exc}") from None
+        faults.point("compute.build.after_root")
+
+    async def _build(self, inst: Instance, nics: tuple[design.Nic, ...], disks: Disks) -> str:
+        """Make the root disk and the seed, define the domain; returns its XML."""
         image = await self._image(inst)
+        await self._ensure_secret(disks)  # before anything is made: a missing key only waits
+        if inst.spec.pool_driver == "ceph" and not inst.spec.root_volume:
+            await self._ensure_root(inst, image)
         d = self.instances_dir / inst.id
         await asyncio.to_thread(self._write_files, inst, image, d)
-        await self.driver.define(design.domain_for(self._guest_spec(inst, image, nics)).to_xml())
+        xml = design.domain_for(self._guest_spec(inst, image, nics, disks)).to_xml()
+        await self.driver.define(xml)
         faults.point("compute.build.after_define")
+        return xml
 
-    def _write_files(self, inst: Instance, image: Image, d: Path) -> None:
+    def _write_files(self, inst: Instance, image: Image | None, d: Path) -> None:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         spec = inst.spec
         root = d / "root.qcow2"
-        if not root.exists():
+        local_root = not spec.root_volume and spec.pool_driver != "ceph"
+        if local_root and not root.exists():
+            if image is None:
+                raise BuildError("the instance names neither an image nor a boot volume")
             tmp = d / "root.qcow2.tmp"
             size = f"{spec.disk_gib}G"
             if image.spec.boot == "disk":
@@ -516,12 +749,178 @@ class ComputeReconciler:
                 ),
             )
 
-    async def _teardown(self, instance_id: str, uuid: str) -> None:
-        """Destroy and undefine the domain, remove its files. Idempotent."""
+    async def _plug_disks(self, inst: Instance, dom: DomainInfo, disks: Disks) -> float | None:
+        """Make the running domain's volumes exactly ``disks.volumes`` (hot-plug the missing, unplug the others,
+        matched by guest disk and serial), announce grown volumes (``block_resize``) and move the volumes' states.
+        Returns how soon to look again (a guest still holding a volume being detached), or None."""
+        uuid = inst.spec.uuid
+        live = await self._live_xml(uuid, dom)
+        have = _disks(live)
+        want = {d.target_dev: d for d in disks.volumes}
+        errors_by_volume: dict[str, str] = {}
+        unplugged = False
+        for target, serial in have.items():
+            if target == "vda" or target in _cdroms(live) or (target in want and want[target].serial == serial):
+                continue
+            # a volume detached (or moved to another guest disk), or a disk no attachment names any more
+            self._detach_since.setdefault((inst.id, serial or target), time.monotonic())
+            unplugged = True
+            try:
+                await self.driver.detach_device(uuid, _disk_elements(live)[target])
+            except DriverError as exc:
+                errors_by_volume[serial] = str(exc)
+        if unplugged:  # what the guest let go of (a live detach may finish later, or never)
+            live = await self._live_xml(uuid, await self.driver.domain(uuid) or dom)
+            have = _disks(live)
+        for target, disk in want.items():
+            if have.get(target) == disk.serial or target in have:
+                continue  # plugged, or its guest disk is still taken by a disk being unplugged
+            try:
+                await self._ensure_secret(Disks(root=Path(), volumes=(disk,)))
+                await self.driver.attach_device(uuid, design.disk_xml(disk))
+            except DriverError as exc:
+                errors_by_volume[disk.serial] = f"plugging it into the guest failed: {exc}"
+                continue
+            have[target] = disk.serial
+            self._disk_sizes[(uuid, target)] = disks.attached[disk.serial].status.size_gib * _GIB
+        await self._grow(inst, disks, have, errors_by_volume)
+        requeue = await self._sync_volumes(inst, disks, have, errors_by_volume)
+        if errors_by_volume and requeue is None:
+            requeue = _UNAVAILABLE_RETRY
+        return requeue
+
+    async def _grow(self, inst: Instance, disks: Disks, have: dict[str, str], errs: dict[str, str]) -> None:
+        """Tell the running guest about volumes the storage reconciler grew (``status.size_gib`` above what it was
+        given). After an agent restart each plugged volume is announced once at its current size (a no-op)."""
+        uuid = inst.spec.uuid
+        plugged = [(att.device, v) for v in disks.attached.values() if (att := v.spec.attachment) is not None]
+        if disks.root_volume is not None:
+            plugged.append(("vda", disks.root_volume))
+        for target, vol in plugged:
+            size = vol.status.size_gib * _GIB
+            if have.get(target) != vol.id or size <= self._disk_sizes.get((uuid, target), 0):
+                continue
+            try:
+                await self.driver.block_resize(uuid, target, size)
+            except DriverError as exc:
+                errs[vol.id] = f"telling the guest its new size failed: {exc}"
+                continue
+            self._disk_sizes[(uuid, target)] = size
+
+    async def _sync_volumes(
+        self, inst: Instance, disks: Disks, present: dict[str, str], errs: dict[str, str] | None = None
+    ) -> float | None:
+        """Move the volumes' states to what the domain now has (``present``: guest disk → serial): ``attaching →
+        in-use`` for those in it, ``detaching → available`` for those gone. A volume still in a running guest past
+        :data:`_DETACH_TIMEOUT` is refused (the reason says so) or, when its detach was forced, the domain is
+        powered off (it starts again without it). Returns how soon to look again, or None."""
+        errs = errs or {}
+        requeue: float | None = None
+        serials = set(present.values())
+        if disks.root_volume is not None and present.get("vda") == disks.root_volume.id:
+            await self._set_volume(disks.root_volume.id, inst.id, state="in-use", device="vda", reason="")
+        for vol in disks.attached.values():
+            att = vol.spec.attachment
+            assert att is not None
+            if present.get(att.device) == vol.id:
+                await self._set_volume(vol.id, inst.id, state="in-use", device=att.device, reason="")
+                self._detach_since.pop((inst.id, vol.id), None)
+            elif vol.id in errs:
+                await self._set_volume(vol.id, inst.id, reason=errs[vol.id])
+        for vol in disks.detaching:
+            if vol.id not in serials:
+                await self._set_volume(vol.id, None, state="available", device="", reason="")
+                self._detach_since.pop((inst.id, vol.id), None)
+                continue
+            since = self._detach_since.setdefault((inst.id, vol.id), time.monotonic())
+            gone = vol.spec.detached_from
+            if time.monotonic() - since < _DETACH_TIMEOUT:
+                requeue = _POLL
+                continue
+            if gone is not None and gone.force:
+                log.warning("powering off a guest that holds a force-detached volume", extra={"instance": inst.id})
+                await self.driver.destroy(inst.spec.uuid)
+                self._forced_off[inst.id] = True
+                return _POLL
+            why = errs.get(vol.id) or "it may still be mounted"
+            await self._set_volume(
+                vol.id,
+                None,
+                reason=f"the guest of instance {inst.name} has not released it ({why}); unmount it in the guest, or "
+                "detach it with --force (the instance is powered off and started without it)",
+            )
+            requeue = _UNAVAILABLE_RETRY * 6
+        return requeue
+
+    async def _set_volume(self, volume_id: str, instance_id: str | None, **fields: Any) -> None:
+        """Set these status fields of a volume (compare-and-swap; nothing written when nothing changes). With
+        ``instance_id``: only while it is still attached to that instance; None: only while it is detaching. The
+        storage reconciler's own states (``creating``, ``extending``, ``reverting``, ``error``) are not replaced."""
+
+        def merge(record: Record) -> Record | None:
+            current = VOLUME.load(record)
+            att: Attachment | None = current.spec.attachment
+            if instance_id is not None and (att is None or att.instance != instance_id):
+                return None
+            if instance_id is None and (att is not None or current.status.state != "detaching"):
+                return None
+            changes = dict(fields)
+            if "state" in changes and current.status.state not in ("attaching", "in-use", "detaching"):
+                changes.pop("state")
+                changes.pop("device", None)
+            new = current.replace(status=msgspec.structs.replace(current.status, **changes))
+            if new == current:
+                return None
+            status = {**record.status, **msgspec.to_builtins(new.status)}
+            return msgspec.structs.replace(record, status=status)
+
+        await update_record(self.store, VOLUME.name, volume_id, merge)
+
+    async def _live_xml(self, uuid: str, dom: DomainInfo) -> str:
+        """The running domain's live XML when the driver can give it (a disk the guest has not let go of is still
+        there), else its definition."""
+        live = getattr(self.driver, "live_xml", None)
+        if live is None:
+            return dom.xml
+        return await live(uuid) or dom.xml
+
+    async def _teardown(self, instance_id: str, uuid: str, inst: Instance | None = None) -> None:
+        """Destroy and undefine the domain, remove its files and (``inst`` given) its root disk in a pool.
+        Idempotent; a crash between two steps is finished by the next pass."""
         await self.driver.destroy(uuid)
         faults.point("compute.teardown.after_destroy")
         await self.driver.undefine(uuid)
+        if inst is not None and inst.spec.pool_driver == "ceph" and not inst.spec.root_volume:
+            faults.point("compute.teardown.after_undefine")
+            driver = self._pool(inst.spec.pool, "to delete the root disk")
+            try:
+                await driver.delete(root_volume_name(instance_id))
+            except StorageError as exc:
+                raise WaitingForStorage(f"deleting the root disk from pool {inst.spec.pool} failed: {exc}") from None
+            faults.point("compute.teardown.after_root")
         await asyncio.to_thread(shutil.rmtree, self.instances_dir / instance_id, True)
+
+    async def _collect_pool_roots(self) -> None:
+        """Root disks in this node's ``ceph`` pools whose instance record is gone (deleted while no agent tore it
+        down): removed. A record is committed before its root disk is made and removed after it is deleted, so a
+        root disk without one is garbage whichever node made it."""
+        if self.storage is None:
+            return
+        for pool_id, driver in sorted(self.storage.pools().items()):
+            if driver.name != "ceph":
+                continue
+            try:
+                names = await driver.list()
+            except StorageError:
+                continue
+            for name in names:
+                instance_id = name.removesuffix("-root")
+                if instance_id == name or not instance_id.startswith(f"{INSTANCE.prefix}-"):
+                    continue
+                if await self.store.get(INSTANCE.name, instance_id) is None:
+                    log.warning("removing a root disk no instance record names", extra={"pool": pool_id, "disk": name})
+                    with contextlib.suppress(StorageError):
+                        await driver.delete(name)
 
     async def _collect_orphans(self, instances: list[Instance], ours: dict[str, DomainInfo]) -> None:
         """Domains and instance directories of ours that no record names any more (e.g. a record deleted while the
@@ -629,3 +1028,38 @@ def _current_vcpus(xml: str) -> int:
     if vcpu is None:
         return 0
     return int(vcpu.get("current") or vcpu.text or 0)
+
+
+def _disk_elements(xml: str) -> dict[str, str]:
+    """The ``<disk>`` elements of a domain by guest disk (target dev), as XML (what ``detach_device`` is given)."""
+    if not xml:
+        return {}
+    out: dict[str, str] = {}
+    for disk in ET.fromstring(xml).iter("disk"):
+        target = disk.find("target")
+        if target is not None and target.get("dev"):
+            out[target.get("dev") or ""] = ET.tostring(disk, encoding="unicode")
+    return out
+
+
+def _disks(xml: str) -> dict[str, str]:
+    """A domain's disks: guest disk (target dev) → serial ("" when none), read the same way from libvirt's XML and
+    ours."""
+    if not xml:
+        return {}
+    out: dict[str, str] = {}
+    for disk in ET.fromstring(xml).iter("disk"):
+        target = disk.find("target")
+        if target is not None and target.get("dev"):
+            out[target.get("dev") or ""] = (disk.findtext("serial") or "").strip()
+    return out
+
+
+def _cdroms(xml: str) -> set[str]:
+    if not xml:
+        return set()
+    return {
+        t.get("dev") or ""
+        for disk in ET.fromstring(xml).iter("disk")
+        if disk.get("device") == "cdrom" and (t := disk.find("target")) is not None
+    }
