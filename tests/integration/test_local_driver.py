@@ -43,6 +43,17 @@ def open_in_background(path: Path) -> subprocess.Popen[str]:
     return holder
 
 
+def close(holder: subprocess.Popen[str]) -> None:
+    """End the holder cleanly (a killed client's RBD watch would linger until the OSDs time it out, 30 s)."""
+    assert holder.stdin is not None
+    holder.stdin.close()
+    try:
+        holder.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        holder.kill()
+        holder.wait()
+
+
 def holds(path: Path, byte: int, offset: int = 0, length: int = 64 * 1024) -> bool:
     out = qemu_io(path, f"read -P {byte} {offset} {length}")
     return "Pattern verification failed" not in out
@@ -177,8 +188,7 @@ async def test_a_volume_open_by_qemu_is_in_use(drv: LocalDriver) -> None:
             await drv.snapshot("vol-a", "snap-1")
         assert await drv.snapshots("vol-a") == []  # reading still works
     finally:
-        holder.kill()
-        holder.wait()
+        close(holder)
     await drv.delete("vol-a")
     assert not await drv.exists("vol-a")
 
