@@ -1,0 +1,143 @@
+"""The storage reconciler in a real agent on a private Ceph: ``storage enable`` bootstraps a cluster through the
+records (one sparse 3 GiB file OSD), ``storage show`` says ready, a volume on RBD is made and deleted without leaving an RBD
+image, and an imported image is copied into the pool with its protected ``base`` snapshot.
+
+One module-scoped agent: the cluster it bootstraps is its own (the engine's own path, not the shared test cluster),
+on free ports, torn down with the agent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+
+import pytest
+
+from minicloud.client import Client
+from tests import ceph
+from tests.integration.conftest import Agent
+
+pytestmark = pytest.mark.skipif(not ceph.ceph_installed(), reason=ceph.SKIP_REASON)
+
+OSD_BYTES = 3 << 30  # sparse; what a 1 GiB volume needs free, with BlueStore's own share
+
+
+def _wait(what: str, check, timeout: float = 180.0, agent: Agent | None = None):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.25)
+    log = agent.log.read_text()[-3000:] if agent is not None else ""
+    raise AssertionError(f"{what}: not after {timeout:.0f} s (last: {last!r})\n{log}")
+
+
+def _rbd(agent: Agent, *args: str) -> subprocess.CompletedProcess[str]:
+    root = agent.data_dir / "ceph"
+    return subprocess.run(
+        ["rbd", "--conf", str(root / "ceph.conf"), "--keyring", str(root / "client.admin.keyring"), *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    root = tmp_path_factory.mktemp("storage-node")
+    (root / "minicloud.toml").write_text(
+        '[compute]\ndriver = "none"\n'
+        f"[storage]\nceph_mon_port = {ceph.free_port()}\nceph_mon_port_v1 = {ceph.free_port()}\n"
+        f"ceph_prometheus_port = {ceph.free_port()}\n"
+    )
+    a = Agent(root).start()
+    try:
+        yield a
+    finally:
+        if a.proc is not None:
+            a.proc.terminate()
+            a.proc.wait(timeout=30)
+        # the daemons outlive the agent on purpose: take them down with the cluster's own engine
+        from agent.storage.ceph import CephEngine, CephSettings
+
+        conf = (a.data_dir / "ceph" / "ceph.conf").read_text() if (a.data_dir / "ceph" / "ceph.conf").exists() else ""
+        fsid = next((ln.split("=", 1)[1].strip() for ln in conf.splitlines() if ln.startswith("fsid")), "")
+        if fsid:
+            engine = CephEngine(CephSettings(root=a.data_dir / "ceph", fsid=fsid, node="", address="127.0.0.1"))
+            asyncio.run(_destroy(engine))
+
+
+async def _destroy(engine) -> None:
+    # every daemon of this root (the node name is not needed to find OSDs; MON/MGR are named after the node)
+    import socket
+
+    engine.settings.node = socket.gethostname()
+    await engine.destroy()
+
+
+def _client(agent: Agent) -> Client:
+    return agent.client()
+
+
+def test_enable_bootstraps_a_ready_cluster_through_the_records(agent):
+    c = _client(agent)
+    c.call("POST", "/v1/storage/enable", json={"file_size_bytes": OSD_BYTES})
+
+    def ready():
+        st = c.call("GET", "/v1/storage")
+        return st if st["state"] == "ready" else None
+
+    st = _wait("storage ready", ready, agent=agent)
+    assert st["health"] and st["summary"]
+    assert [o["up"] for o in st["osds"]] == [True]
+    assert [d["state"] for d in st["disks"]] == ["up"]
+    shown = agent.cli("storage", "show")
+    assert shown.returncode == 0 and "ready" in shown.stdout
+
+
+def test_a_volume_on_rbd_is_made_and_deleted_without_leaving_an_image(agent):
+    c = _client(agent)
+    vol = c.call("POST", "/v1/volumes", json={"name": "data", "size_gib": 1})
+    vid = vol["id"]
+
+    def available():
+        v = c.call("GET", f"/v1/volumes/{vid}")
+        assert v["status"]["state"] != "error", v["status"]
+        return v if v["status"]["state"] == "available" else None
+
+    v = _wait("volume available", available, agent=agent)
+    assert v["status"]["size_gib"] == 1
+    listed = _rbd(agent, "ls", "minicloud")
+    assert vid in listed.stdout.split(), listed.stderr
+    c.call("DELETE", f"/v1/volumes/{vid}")
+    _wait("volume record gone", lambda: c.raw("GET", f"/v1/volumes/{vid}").status == 404, agent=agent)
+    assert vid not in _rbd(agent, "ls", "minicloud").stdout.split()
+
+
+def test_an_imported_image_is_copied_into_the_pool(agent):
+    src = agent.data_dir / "import" / "small.qcow2"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "64M"], check=True, timeout=60)
+    image = agent.json("image", "import", "small", str(src))
+    iid = image["id"]
+    c = _client(agent)
+
+    def ready():
+        img = c.call("GET", f"/v1/images/{iid}")
+        assert img.get("pool_state", img.get("status", {}).get("pool_state")) != "error", img
+        return img if "ready" in json.dumps(img) else None
+
+    _wait("image ready in the pool", ready, agent=agent)
+    snaps = _rbd(agent, "snap", "ls", "--format", "json", f"minicloud/{iid}")
+    assert snaps.returncode == 0, snaps.stderr
+    assert [s["name"] for s in json.loads(snaps.stdout)] == ["base"]
+    # a volume from it is a clone of that snapshot
+    vol = c.call("POST", "/v1/volumes", json={"name": "from-image", "size_gib": 1, "image": iid})
+    _wait(
+        "clone available",
+        lambda: c.call("GET", f"/v1/volumes/{vol['id']}")["status"]["state"] == "available",
+        agent=agent,
+    )
+    info = json.loads(_rbd(agent, "info", "--format", "json", f"minicloud/{vol['id']}").stdout)
+    assert info["parent"]["image"] == iid and info["parent"]["snapshot"] == "base"
