@@ -167,6 +167,11 @@ class StorageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ceph_mon_port_v1: Port = 6789
     #: The MGR's Prometheus exporter, bound to the node's cluster address only.
     ceph_prometheus_port: Port = 9283
+    #: Per-project quotas, read where volumes and snapshots are created (keep them equal on every node): volumes,
+    #: GiB of volumes and snapshots a project may hold; 0 = unlimited. Related: ``quota_volume_gib``.
+    quota_volumes: Annotated[int, msgspec.Meta(ge=0)] = 50
+    quota_volume_gib: Annotated[int, msgspec.Meta(ge=0)] = 2048
+    quota_snapshots: Annotated[int, msgspec.Meta(ge=0)] = 100
 
 
 class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -149,6 +149,12 @@ class Client:
         from minicloud.client.floating_ip import FloatingIps
 
         self.floating_ips = FloatingIps(self)
+        from minicloud.client.storage import Pools, Snapshots, StorageApi, Volumes
+
+        self.volumes = Volumes(self)
+        self.snapshots = Snapshots(self)
+        self.pools = Pools(self)
+        self.storage = StorageApi(self)
 
     # -- construction ----------------------------------------------------------------------------------------------
     @classmethod

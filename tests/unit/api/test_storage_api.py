@@ -4,10 +4,39 @@ creates."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+from collections.abc import Awaitable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from minicloud.api.app import create_app
 from minicloud.api.keys import STORE
+from minicloud.cli.main import main
+from minicloud.iam import apikeys
+from minicloud.state import Create, Txn
 from minicloud.storage.kinds import SNAPSHOT, VOLUME
+from tests.unit.api.conftest import Api, FakeHost, make_config
 from tests.unit.api.test_network_api import _member, _ok, _problem
 from tests.unit.storage.conftest import put_instance, set_status
+
+
+@pytest.fixture
+async def api(tmp_path):
+    """The API alone: no node services, so no reconciler answers for the node (the tests write the status a node
+    would, and `storage enable` bootstraps nothing)."""
+    client = TestClient(TestServer(create_app(make_config(tmp_path), host=FakeHost())))
+    await client.start_server()
+    record, token = apikeys.new_key("default", "test-admin", "", None, {}, principal="user:usr-admin")
+    await client.server.app[STORE].commit(Txn([Create(record)]))
+    yield Api(client, token)
+    await client.close()
 
 
 async def test_enable_show_and_disks(api):
@@ -95,3 +124,62 @@ async def test_volume_create_is_idempotent_under_a_key(api):
     assert again.status == 201 and again.headers.get("Idempotent-Replayed") == "true"
     assert (await again.json())["id"] == first["id"]
     assert len((await _ok(await api.get("/v1/volumes")))["items"]) == 1
+
+
+async def test_the_cli_nouns_through_the_sdk(tmp_path):
+    """``storage``, ``storage disk``, ``pool``, ``volume`` and ``snapshot`` through the real CLI parser, the SDK and
+    the API on a Unix socket."""
+    app = create_app(make_config(tmp_path), host=FakeHost())
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = str(tmp_path / "api.sock")
+    await web.UnixSite(runner, sock).start()
+    store = app[STORE]
+    try:
+
+        def cli(*argv: str) -> Any:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                assert main(["--socket", sock, "-o", "json", *argv]) == 0
+            return json.loads(out.getvalue()) if out.getvalue().strip() else {}
+
+        def run(*argv: str) -> Awaitable[Any]:
+            return asyncio.to_thread(cli, *argv)
+
+        s = await run("storage", "enable", "--file-size", "2G")
+        assert s["state"] == "bootstrapping" and s["disks"][0]["size_bytes"] == 2 << 30
+        assert (await run("storage", "disk", "add", "--file", "1T"))["size_bytes"] == 1 << 40
+        disks = await run("storage", "disk", "list")
+        assert len(disks) == 2
+        assert (await run("storage", "disk", "remove", disks[0]["name"]))["state"] == "draining"
+        assert (await run("storage", "show"))["enabled"] is True
+        assert (await run("pool", "create", "scratch", "--driver", "local"))["default"] is False
+        assert {p["name"] for p in await run("pool", "list")} == {"ceph", "local", "scratch"}
+        vol = await run("volume", "create", "data", "--size", "2", "--pool", "scratch", "--read-iops", "100")
+        assert (vol["pool"], vol["qos"]["read_iops_sec"]) == ("scratch", 100)
+        await set_status(store, VOLUME, vol["id"], state="available")
+        await put_instance(store, "web")
+        assert (await run("volume", "attach", "data", "--instance", "web"))["attachment"]["device"] == "vdb"
+        await set_status(store, VOLUME, vol["id"], state="in-use")
+        assert (await run("volume", "extend", "data", "--size", "3"))["size_gib"] == 3
+        snap = await run("snapshot", "create", "s1", "--volume", "data")
+        assert [x["name"] for x in await run("snapshot", "list")] == ["s1"]
+        await run("volume", "detach", "data", "--force")
+        await set_status(store, VOLUME, vol["id"], state="available")
+        await set_status(store, SNAPSHOT, snap["id"], state="available")
+        assert (await run("snapshot", "revert", "s1"))["name"] == "data"
+        await run("snapshot", "delete", "s1")
+        assert (await run("volume", "delete", "data"))["status"]["state"] == "deleting"
+        await run("volume", "delete", "data", "--force")
+        assert await run("volume", "list") == []
+    finally:
+        await runner.cleanup()
+
+
+def test_sizes_parse_in_binary_units():
+    from minicloud.cli.storage import parse_size
+
+    assert parse_size("10G") == parse_size("10GiB") == parse_size("10") == 10 << 30
+    assert parse_size("500M") == 500 << 20 and parse_size("1t") == 1 << 40
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_size("ten")
