@@ -218,6 +218,7 @@ class StorageReconciler:
         self._leading = False
         self._replicas: int | None = None
         self._caps_pools: tuple[str, ...] | None = None
+        self._pools_ensured: tuple[int, tuple[str, ...]] | None = None
         self._status_written = 0.0
         #: pool id → (settings, driver) of the drivers made, so a resync does not replace an unchanged one.
         self._drivers: dict[str, tuple[tuple[Any, ...], VolumeDriver]] = {}
@@ -495,8 +496,10 @@ class StorageReconciler:
     async def _lead(self, ceph: Any, engine: Any) -> None:
         spec: CephSpec = ceph.spec
         pools = tuple(spec.pools or [DEFAULT_CEPH_POOL])
-        for pool in pools:
-            await engine.ensure_pool(pool)
+        if self._pools_ensured != (id(engine), pools):  # once per set of pools: each costs `ceph` commands
+            for pool in pools:
+                await engine.ensure_pool(pool)
+            self._pools_ensured = (id(engine), pools)
         if self._caps_pools != pools:
             await engine.ceph("auth", "caps", CLIENT, *self._client_caps(pools))
             self._caps_pools = pools

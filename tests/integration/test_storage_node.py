@@ -8,6 +8,7 @@ on free ports, torn down with the agent."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import time
@@ -66,6 +67,25 @@ def agent(tmp_path_factory):
         if fsid:
             engine = CephEngine(CephSettings(root=a.data_dir / "ceph", fsid=fsid, node="", address="127.0.0.1"))
             asyncio.run(_destroy(engine))
+        _kill_clients(str(a.data_dir / "ceph"))
+
+
+def _kill_clients(root: str) -> None:
+    """``ceph`` commands the stopped agent left waiting for the monitors it no longer runs."""
+    import os
+    import signal
+    from pathlib import Path
+
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if root in argv and os.getpid() != int(entry.name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 async def _destroy(engine) -> None:
