@@ -92,8 +92,12 @@ class Watch:
                     if (rendered := self._render(change)) is not None:
                         yield rendered
                 self.last = upper
+            # Changes up to ``replayed`` came from the log; later ones are live. One transaction is several changes
+            # with the same revision: skip by the replayed mark, not by the last change yielded, or all but the
+            # first change of a multi-record transaction would be lost.
+            replayed = self.last
             async for change in self._sub:
-                if change.revision <= self.last:
+                if change.revision <= replayed:
                     continue
                 self.last = change.revision
                 if (rendered := self._render(change)) is not None:

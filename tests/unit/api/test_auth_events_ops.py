@@ -13,6 +13,8 @@ from minicloud.api.app import create_app
 from minicloud.api.keys import CONFIG, STORE
 from minicloud.api.openapi import app_specs
 from minicloud.api.routing import AUTHENTICATED, PUBLIC, Action, Routes, undeclared_routes
+from minicloud.compute.kinds import KEYPAIR, KeyPairSpec
+from minicloud.core.context import Context
 from minicloud.iam import apikeys
 from minicloud.state import Create, Txn, Update
 from tests.conftest import make_ssh_key
@@ -157,6 +159,27 @@ async def test_events_resume_from_a_revision_without_gaps_or_duplicates(api):
     assert revisions == sorted(set(revisions))
     assert [e["object"]["name"] for e in replayed] == [f"e{i}" for i in range(5)]
     assert live["object"]["name"] == "after"
+    await ws.close()
+
+
+async def test_every_change_of_a_live_multi_record_transaction_is_streamed(api):
+    # One transaction writes several records with one revision: a live watcher gets each of them, not the first only.
+    ws = await api.ws("/v1/events?kind=keypair")
+    store = api.app[STORE]
+    ctx = Context.system("test")
+    objs = [
+        KEYPAIR.new(
+            project="default",
+            name=f"txn{i}",
+            spec=KeyPairSpec(type="ssh-ed25519", fingerprint=f"SHA256:{i}", public_key="ssh-ed25519 AAAA"),
+            stamp=ctx.clock(),
+        )
+        for i in range(3)
+    ]
+    await store.commit(Txn([Create(KEYPAIR.dump(o)) for o in objs]))
+    seen = [await _next_event(ws) for _ in range(3)]
+    assert sorted(e["object"]["name"] for e in seen) == ["txn0", "txn1", "txn2"]
+    assert len({e["revision"] for e in seen}) == 1
     await ws.close()
 
 
