@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,6 +76,24 @@ class CephHandle:
         for k in ("root", "conf", "keyring"):
             d[k] = Path(d[k])
         return cls(**d)
+
+
+@contextlib.contextmanager
+def exclusive(handle: CephHandle) -> Iterator[CephHandle]:
+    """Hold the shared cluster alone among the tests that take this too (those that count, kill or add daemons);
+    other tests may still use its pools meanwhile. Restarts any daemon of it that is down on the way out."""
+    with open(handle.root.parent / "ceph.exclusive.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield handle
+        finally:
+            engine = handle.engine()
+
+            async def restore() -> None:
+                await engine.ensure_running()
+                await engine.wait_ready(120)
+
+            asyncio.run(restore())
 
 
 def free_port() -> int:

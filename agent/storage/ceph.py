@@ -478,7 +478,8 @@ class CephEngine:
 
     # -- OSDs ------------------------------------------------------------------------------------------------------
     async def add_osd_file(self, size_bytes: int) -> int:
-        """Create an OSD on a sparse file of ``size_bytes`` under ``root/osd/<id>/block`` and start it; its id.
+        """Create an OSD on a sparse file of ``size_bytes`` under ``root/osd/<id>/block``, start it and wait until the
+        MONs see it up; its id.
 
         Several may run at once. A failure removes what it made (the OSD id included)."""
         if size_bytes < 1 << 30:
@@ -518,6 +519,7 @@ class CephEngine:
                 "--setuser", "root", "--setgroup", "root", *extra, timeout=self.settings.start_timeout,
             )  # fmt: skip
             await self._start(Daemon("osd", str(osd_id)))
+            await self._wait_osd_up(osd_id)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self._signal_all(signal.SIGKILL, [Daemon("osd", str(osd_id))], 10)
@@ -525,6 +527,17 @@ class CephEngine:
             shutil.rmtree(d, ignore_errors=True)
             raise
         return osd_id
+
+    async def _wait_osd_up(self, osd_id: int) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.start_timeout
+        while True:
+            dump = await self.ceph("osd", "dump")
+            if any(o["osd"] == osd_id and o["up"] for o in dump.get("osds", [])):
+                return
+            if loop.time() > deadline:
+                raise CephError(f"osd.{osd_id} started but did not come up; see {self.root / 'log'}/osd.{osd_id}.log")
+            await asyncio.sleep(0.2)
 
     async def remove_osd(self, osd_id: int, *, timeout: float = 3600) -> None:
         """Drain OSD ``osd_id`` (mark it out, wait until its data has moved: it is safe to destroy, or it is down and
@@ -638,7 +651,11 @@ class CephEngine:
         await self.ceph("osd", "blocklist", "rm", addr)
 
     async def blocklist_ls(self) -> list[str]:
+        """The fenced addresses (``IP:port/nonce``; ``IP:0/0`` fences every client on the IP)."""
         out = await self.ceph("osd", "blocklist", "ls")
+        # Pacific prints two JSON lists back to back (addresses, then ranges): take the first.
+        if isinstance(out, str):
+            out = json.JSONDecoder().raw_decode(out)[0]
         return [e["addr"] for e in out or []]
 
 

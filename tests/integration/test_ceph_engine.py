@@ -6,15 +6,24 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.storage.ceph import CephEngine, CephError
+from agent.storage.ceph_status import OsdInfo
 from tests import ceph
 from tests.ceph import CephHandle
 
 pytestmark = pytest.mark.skipif(not ceph.ceph_installed(), reason=ceph.SKIP_REASON)
+
+
+@pytest.fixture
+def cluster(ceph_cluster: CephHandle) -> Iterator[CephHandle]:
+    """The shared cluster, held alone: these tests count, kill and add its daemons (xdist runs tests in parallel)."""
+    with ceph.exclusive(ceph_cluster) as handle:
+        yield handle
 
 
 async def _gone(pid: int, timeout: float = 10) -> None:
@@ -32,66 +41,77 @@ def _state(pid: int) -> str:
         return "Z"
 
 
-async def test_shared_cluster_is_ready_and_healthy(ceph_cluster: CephHandle) -> None:
-    engine = ceph_cluster.engine()
+async def _osd_reported(engine: CephEngine, osd_id: int, timeout: float = 60) -> OsdInfo:
+    """The OSD once the MGR reports its size (its statistics lag its start by a few seconds)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        osd = next((o for o in (await engine.status()).osds if o.id == osd_id), None)
+        if osd is not None and osd.size_bytes:
+            return osd
+        assert loop.time() < deadline, f"osd.{osd_id} not reported in {timeout} s"
+        await asyncio.sleep(0.5)
+
+
+async def test_shared_cluster_is_ready_and_healthy(cluster: CephHandle) -> None:
+    engine = cluster.engine()
     st = await engine.wait_ready(120)
     assert st.health == "HEALTH_OK", st.checks
     assert st.summary.startswith("Healthy: 3 OSDs on 1 node"), st.summary
-    assert [(o.node, o.up, o.in_) for o in st.osds] == [(ceph_cluster.node, True, True)] * 3
+    assert [(o.node, o.up, o.in_) for o in st.osds] == [(cluster.node, True, True)] * 3
     assert st.capacity_bytes >= 3 * ceph.OSD_SIZE * 0.9 and 0 < st.used_bytes < st.capacity_bytes
     assert set(st.pgs) == {"active+clean"}
     assert [(m.name, m.address, m.in_quorum) for m in st.mons] == [
-        (ceph_cluster.node, f"127.0.0.1:{ceph_cluster.mon_port}", True)
+        (cluster.node, f"127.0.0.1:{cluster.mon_port}", True)
     ]
-    pool = (await engine.pools())[ceph_cluster.pool]
+    pool = (await engine.pools())[cluster.pool]
     assert (pool["size"], pool["min_size"], pool["pg_num"]) == (2, 1, 32)
     assert "rbd" in pool["application_metadata"]
-    assert (ceph_cluster.root / "client.admin.keyring").stat().st_mode & 0o077 == 0
+    assert (cluster.root / "client.admin.keyring").stat().st_mode & 0o077 == 0
 
 
-async def test_sigkill_of_each_daemon_restarts_exactly_that_one(ceph_cluster: CephHandle) -> None:
-    engine = ceph_cluster.engine()
+async def test_sigkill_of_each_daemon_restarts_exactly_that_one(cluster: CephHandle) -> None:
+    engine = cluster.engine()
     await engine.wait_ready(120)
-    for name in ("osd.1", "mgr." + ceph_cluster.node, "mon." + ceph_cluster.node):
+    for name in ("osd.1", "mgr." + cluster.node, "mon." + cluster.node):
         before = engine.pids()
         assert len(before) == 5, before
         os.kill(before[name], signal.SIGKILL)
         await _gone(before[name])
         assert name not in engine.pids()
-        assert await ceph_cluster.engine().ensure_running() == [name]
+        assert await cluster.engine().ensure_running() == [name]
         after = engine.pids()
         assert {n: p for n, p in after.items() if n != name} == {n: p for n, p in before.items() if n != name}
         assert after[name] != before[name]
         await engine.wait_ready(120)
 
 
-async def test_a_new_engine_adopts_the_running_daemons(ceph_cluster: CephHandle) -> None:
-    before = ceph_cluster.engine().pids()
-    engine = CephEngine(ceph_cluster.settings())
+async def test_a_new_engine_adopts_the_running_daemons(cluster: CephHandle) -> None:
+    before = cluster.engine().pids()
+    engine = CephEngine(cluster.settings())
     assert await engine.ensure_running() == []
     assert engine.pids() == before
 
 
-async def test_file_osd_is_added_then_drained_and_removed(ceph_cluster: CephHandle) -> None:
-    engine = ceph_cluster.engine()
+async def test_file_osd_is_added_then_drained_and_removed(cluster: CephHandle) -> None:
+    engine = cluster.engine()
     osd_id = await engine.add_osd_file(2 << 30)
-    st = await engine.status()
-    new = next(o for o in st.osds if o.id == osd_id)
-    assert (new.node, new.up, new.in_, new.size_bytes) == (ceph_cluster.node, True, True, 2 << 30)
-    assert (ceph_cluster.root / "osd" / str(osd_id) / "block").stat().st_blocks * 512 < 2 << 30  # sparse
+    new = await _osd_reported(engine, osd_id)
+    assert (new.node, new.up, new.in_, new.size_bytes) == (cluster.node, True, True, 2 << 30)
+    assert (cluster.root / "osd" / str(osd_id) / "block").stat().st_blocks * 512 < 2 << 30  # sparse
     await engine.wait_ready(120)
 
     await engine.remove_osd(osd_id, timeout=120)
     st = await engine.wait_ready(120)
     assert osd_id not in [o.id for o in st.osds]
     assert len(st.osds) == 3
-    assert not (ceph_cluster.root / "osd" / str(osd_id)).exists()
+    assert not (cluster.root / "osd" / str(osd_id)).exists()
     assert f"osd.{osd_id}" not in engine.pids()
     await engine.remove_osd(osd_id)  # gone already: success
 
 
-async def test_blocklisted_address_shows_in_the_blocklist(ceph_cluster: CephHandle) -> None:
-    engine = ceph_cluster.engine()
+async def test_blocklisted_address_shows_in_the_blocklist(cluster: CephHandle) -> None:
+    engine = cluster.engine()
     await engine.blocklist_add("192.0.2.10", expire_seconds=600)
     assert "192.0.2.10:0/0" in await engine.blocklist_ls()
     await engine.blocklist_rm("192.0.2.10")
@@ -120,8 +140,8 @@ def _listening(pids: set[int]) -> list[tuple[int, str]]:
     return out
 
 
-async def test_daemons_listen_on_the_configured_address_only(ceph_cluster: CephHandle) -> None:
-    pids = ceph_cluster.engine().pids()
+async def test_daemons_listen_on_the_configured_address_only(cluster: CephHandle) -> None:
+    pids = cluster.engine().pids()
     sockets = _listening(set(pids.values()))
     assert {p for p, _ in sockets} == set(pids.values())  # every daemon listens (mon, mgr, osds)
     assert {a for _, a in sockets} == {"127.0.0.1"}, sockets
