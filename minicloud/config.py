@@ -174,6 +174,31 @@ class StorageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     quota_snapshots: Annotated[int, msgspec.Meta(ge=0)] = 100
 
 
+class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[metrics]``: the agent's ``/metrics``, the time-series database it runs (VictoriaMetrics, on voting nodes and
+    single nodes) and the query API's limits (see docs/observability.md)."""
+
+    #: Collect and serve ``/metrics``, run the TSDB and answer ``/v1/metrics/*``. Related: ``tsdb``.
+    enabled: bool = True
+    #: Run the TSDB on this node: ``auto`` = a single node or a voting member (not with the fake hypervisor, which
+    #: the unit tests use), ``on``, ``off``. Related: ``tsdb_port``.
+    tsdb: Literal["auto", "on", "off"] = "auto"
+    #: The TSDB's HTTP port, bound to 127.0.0.1 only (the agent is its only client, with a password).
+    tsdb_port: Port = 8428
+    #: Days of history kept. Related: ``query_max_range_days``.
+    retention_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 15
+    #: Seconds between two scrapes of every agent (and between two collections of node and instance figures).
+    scrape_interval: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 10.0
+    #: A file holding the bearer token scrapers (ours and yours) present to ``GET /metrics``; the same on every
+    #: node. Empty: a token derived from the cluster's session key, written to ``DATA_DIR/metrics/token`` (0600).
+    token_file: str = ""
+    #: Limits of ``/v1/metrics/query_range``: the longest range in days, the most points per series, the smallest
+    #: step in seconds. Related: ``retention_days``.
+    query_max_range_days: Annotated[float, msgspec.Meta(gt=0, le=3650)] = 15.0
+    query_max_points: Annotated[int, msgspec.Meta(ge=10, le=100_000)] = 11_000
+    query_min_step: Annotated[float, msgspec.Meta(ge=0.001, le=86400)] = 1.0
+
+
 class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``[retention]``: how long records that accumulate are kept (see docs/operations.md, "Retention"). The leader
     deletes what expired in bounded batches; idempotency records keep ``api.idempotency_ttl``."""
@@ -202,6 +227,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     compute: ComputeConfig = msgspec.field(default_factory=ComputeConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
