@@ -167,6 +167,12 @@ class StorageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ceph_mon_port_v1: Port = 6789
     #: The MGR's Prometheus exporter, bound to the node's cluster address only.
     ceph_prometheus_port: Port = 9283
+    #: Bytes of memory each OSD of this node aims to use (``osd_memory_target``; caches shrink to fit). An idle OSD
+    #: needs ~100 MiB, a busy one grows toward this. Default 1 GiB.
+    ceph_osd_memory_target: Annotated[int, msgspec.Meta(ge=512 << 20)] = 1 << 30
+    #: Size in bytes of the sparse file an OSD gets from ``storage disk add --file`` without ``--size``
+    #: (under ``<data_dir>/ceph/osd/``; it takes disk space as data is written). Default 10 GiB.
+    ceph_file_osd_size: Annotated[int, msgspec.Meta(ge=1 << 30)] = 10 << 30
     #: Per-project quotas, read where volumes and snapshots are created (keep them equal on every node): volumes,
     #: GiB of volumes and snapshots a project may hold; 0 = unlimited. Related: ``quota_volume_gib``.
     quota_volumes: Annotated[int, msgspec.Meta(ge=0)] = 50

@@ -24,7 +24,7 @@ import shutil
 import signal
 import stat
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,15 +175,22 @@ ADMIN_CAPS = {"mon": "allow *", "osd": "allow *", "mds": "allow *", "mgr": "allo
 BOOTSTRAP_OSD_CAPS = {"mon": "profile bootstrap-osd", "mgr": "allow r"}
 
 
-def check_block_device(path: str, *, mounts: str | None = None, sys_block: Path = Path("/sys/class/block")) -> str:
-    """Refuse what must not become an OSD; returns the resolved device path. ``mounts`` (``/proc/self/mounts``'s
-    text) and ``sys_block`` are parameters for tests."""
+def check_block_device(
+    path: str,
+    *,
+    mounts: str | None = None,
+    sys_block: Path = Path("/sys/class/block"),
+    mode_of: Callable[[str], int] = lambda p: os.stat(p).st_mode,
+) -> str:
+    """Refuse what must not become an OSD: not a block device, a partition, a disk with partitions or holders (LVM,
+    RAID, dm-crypt), a mounted one. Returns the resolved device path. ``mounts`` (``/proc/self/mounts``'s text),
+    ``sys_block`` and ``mode_of`` are parameters for tests."""
     real = os.path.realpath(path)
     try:
-        st = os.stat(real)
+        mode = mode_of(real)
     except OSError as exc:
         raise CephError(f"{path}: {exc.strerror}; give the path of a whole disk such as /dev/sdb") from None
-    if not stat.S_ISBLK(st.st_mode):
+    if not stat.S_ISBLK(mode):
         raise CephError(f"{path} is not a block device; give a whole disk such as /dev/sdb (or use --file)")
     name = Path(real).name
     dev = sys_block / name

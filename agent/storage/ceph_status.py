@@ -114,7 +114,7 @@ def status_from_json(
     out_of_quorum = [m for m in mons if not m.in_quorum]
     if out_of_quorum:
         handled.add("MON_DOWN")
-        names = ", ".join(f"{m.name} ({m.address})" for m in out_of_quorum)
+        names = ", ".join(f"{m.name} at {m.address}" for m in out_of_quorum)
         words.append(
             f"{len(out_of_quorum)} of {len(mons)} monitors {'is' if len(out_of_quorum) == 1 else 'are'}"
             f" out of quorum ({names}): its daemon is not running or cannot reach the others; the agent on that"
