@@ -39,6 +39,10 @@ class ComputeDriver(Protocol):
     async def domain(self, uuid: str) -> DomainInfo | None:
         """The domain with this uuid, or None if the hypervisor has none."""
 
+    async def live_xml(self, uuid: str) -> str | None:
+        """The running domain's live definition (what the guest has now: a disk it has not let go of is still in
+        it), or None when the domain is not running."""
+
     async def define(self, xml: str) -> None:
         """Create or replace the persistent definition (by its uuid)."""
 
@@ -114,6 +118,10 @@ class FakeDriver:
 
     async def domain(self, uuid: str) -> DomainInfo | None:
         return self.doms.get(uuid)
+
+    async def live_xml(self, uuid: str) -> str | None:
+        dom = self.doms.get(uuid)
+        return dom.xml if dom is not None and dom.state == "running" else None
 
     async def define(self, xml: str) -> None:
         import xml.etree.ElementTree as ET

@@ -155,6 +155,20 @@ class LibvirtDriver:
 
         return await self._call(_get)
 
+    async def live_xml(self, uuid: str) -> str | None:
+        def _live() -> str | None:
+            dom = self._lookup(uuid)
+            try:
+                if dom is None or not dom.isActive():
+                    return None
+                return dom.XMLDesc(0)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+
+        return await self._call(_live)
+
     async def define(self, xml: str) -> None:
         await self._call(lambda: self._connection().defineXML(xml))
 

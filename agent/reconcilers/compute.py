@@ -877,12 +877,9 @@ class ComputeReconciler:
         await update_record(self.store, VOLUME.name, volume_id, merge)
 
     async def _live_xml(self, uuid: str, dom: DomainInfo) -> str:
-        """The running domain's live XML when the driver can give it (a disk the guest has not let go of is still
-        there), else its definition."""
-        live = getattr(self.driver, "live_xml", None)
-        if live is None:
-            return dom.xml
-        return await live(uuid) or dom.xml
+        """The running domain's live XML (a disk the guest has not let go of is still there), else its
+        definition."""
+        return await self.driver.live_xml(uuid) or dom.xml
 
     async def _teardown(self, instance_id: str, uuid: str, inst: Instance | None = None) -> None:
         """Destroy and undefine the domain, remove its files and (``inst`` given) its root disk in a pool.

@@ -147,7 +147,10 @@ async def test_qemu_opens_grows_and_hot_plugs_rbd_volumes(  # type: ignore[no-un
         plugged = disk_xml(AttachedDisk(rbd.source(extra), "vdc", serial=extra))
         await compute.attach_device(spec.uuid, plugged)
         assert dom.blockInfo("vdc")[0] == 16 * MiB
+        live = await compute.live_xml(spec.uuid)
+        assert live is not None and f"<serial>{extra}</serial>" in live  # the live domain has the plugged disk
         await compute.detach_device(spec.uuid, plugged)
     finally:
         await compute.destroy(spec.uuid)
+        assert await compute.live_xml(spec.uuid) is None  # not running: no live definition
         await compute.undefine(spec.uuid)
