@@ -19,6 +19,10 @@ from minicloud.storage.kinds import SNAPSHOT, VOLUME, RevertRequest, SnapshotSpe
 from minicloud.storage.quotas import DEFAULT_QUOTAS, Quotas, charge
 from minicloud.storage.volumes import cas, changed, live_clones, load, names
 
+#: A volume lists its snapshots in its record (and RBD keeps each in the image's header): bounded whatever the
+#: project's quota says (``quota_snapshots = 0`` is unlimited).
+MAX_SNAPSHOTS_PER_VOLUME = 256
+
 
 async def create_snapshot(
     ctx: Context, store: Store, body: SnapshotCreate, *, quotas: Quotas = DEFAULT_QUOTAS
@@ -47,6 +51,11 @@ async def create_snapshot(
             raise errors.Conflict(f"volume '{vol.name}' is being deleted")
         if vol.status.state not in ("available", "in-use"):
             raise errors.Conflict(f"volume '{vol.name}' is {vol.status.state}; snapshot it once available or in use")
+        if len(vol.spec.snapshots) >= MAX_SNAPSHOTS_PER_VOLUME:
+            raise errors.Conflict(
+                f"volume '{vol.name}' has {len(vol.spec.snapshots)} snapshots, the most a volume may have; delete "
+                "some first"
+            )
         ops: list[Op] = await charge(ctx, store, ctx.project, snapshots=1, quotas=quotas)
         ops.append(cas(VOLUME, changed(vol, ctx, snapshots=[*vol.spec.snapshots, snap.id])))
         spec = changed(snap, ctx, node=vol.spec.node, size_gib=vol.spec.size_gib)
@@ -58,7 +67,8 @@ async def create_snapshot(
 async def delete_snapshot(ctx: Context, store: Store, ref: str, *, expect: int | None = None) -> Written:
     """Delete a snapshot: 409 while volumes made from it exist (naming them). Marks it ``deleted`` (its node
     removes it, then the record) and answers 202 with it; releases the quota and drops it from its volume's list in
-    the same transaction. Deleting a snapshot being deleted answers it again."""
+    the same transaction. Deleting a snapshot being deleted answers it again. When its node has left the cluster, a
+    ceph snapshot is handed to its volume's node and any other goes at once (204)."""
 
     async def step(_: int) -> Written:
         snap = await crud.get(ctx, store, SNAPSHOT, ref)
@@ -66,15 +76,24 @@ async def delete_snapshot(ctx: Context, store: Store, ref: str, *, expect: int |
             raise errors.PreconditionFailed(
                 "the snapshot was changed since the revision you sent in If-Match; read it again and retry"
             )
-        if snap.spec.deleted:
+        vol = await load(store, VOLUME, snap.spec.volume)
+        node = snap.spec.node
+        if await common.node_gone(store, node):
+            # The node that took it left the cluster: no node would ever remove it. A ceph snapshot is the volume's
+            # current node's to remove (the pool is reachable from there); otherwise the record goes at once (its
+            # data went with the node, or goes with the volume).
+            live = vol is not None and vol.spec.driver == "ceph" and not await common.node_gone(store, vol.spec.node)
+            node = vol.spec.node if live and vol is not None else ""
+        if snap.spec.deleted and node == snap.spec.node:
             return Written(SNAPSHOT.to_view(snap), 202, snap.revision)
         if clones := await live_clones(store, snap):
             raise errors.InUse(f"snapshot '{snap.name}' has volumes made from it: {names(clones)}; delete them first")
-        ops: list[Op] = await charge(ctx, store, snap.project, snapshots=-1)
-        vol = await load(store, VOLUME, snap.spec.volume)
+        ops: list[Op] = [] if snap.spec.deleted else await charge(ctx, store, snap.project, snapshots=-1)
         if vol is not None and snap.id in vol.spec.snapshots:
             ops.append(cas(VOLUME, changed(vol, ctx, snapshots=[s for s in vol.spec.snapshots if s != snap.id])))
-        marked = changed(snap, ctx, deleted=True)
+        if not node:
+            return await crud.delete_obj(ctx, store, SNAPSHOT, snap, expect=snap.revision, extra=ops)
+        marked = changed(snap, ctx, deleted=True, node=node)
         return await commit(
             ctx,
             store,

@@ -25,7 +25,7 @@ from minicloud.core.kinds import Obj
 from minicloud.core.write import Written, commit
 from minicloud.iam.directory import Directory
 from minicloud.model.storage import VolumeAttach, VolumeCreate, VolumeDetach, VolumeExtend
-from minicloud.state import Create, Delete, Op, Store, Update
+from minicloud.state import Check, Create, Delete, Op, Store, Update
 from minicloud.storage import common, pools
 from minicloud.storage.kinds import (
     DEVICES,
@@ -47,6 +47,9 @@ from minicloud.storage.quotas import DEFAULT_QUOTAS, Quotas, charge
 
 Volume = Obj[VolumeSpec, Any]
 Snapshot = Obj[SnapshotSpec, Any]
+#: A snapshot lists the volumes made from it in its record: bounded whatever the project's quota says
+#: (``quota_volumes = 0`` is unlimited).
+MAX_CLONES_PER_SNAPSHOT = 1024
 
 
 def changed(obj: Obj[Any, Any], ctx: Context, status: Any = None, **spec: Any) -> Obj[Any, Any]:
@@ -164,16 +167,34 @@ async def create_volume(
     async def step(_: int) -> Written:
         await _check_space(store, pool, body.size_gib)
         ops: list[Op] = await charge(ctx, store, ctx.project, volumes=1, gib=body.size_gib, quotas=quotas)
+        # The pool and the image must still be there when the volume is: a delete of either that commits first
+        # fails this transaction's Check (the retry answers 404); one that reads the volumes after sees it.
+        ops.append(await _still(store, POOL, pool.id, f"pool '{pool.name}'"))
+        if source.type == "image":
+            ops.append(await _still(store, IMAGE, source.id, f"image '{source.name}'"))
         if snapshot is not None:
             snap = await crud.get(ctx, store, SNAPSHOT, snapshot.id)
             if snap.spec.deleted:
                 raise errors.Conflict(f"snapshot '{snap.name}' is being deleted")
             if snap.status.state != "available":
                 raise errors.Conflict(f"snapshot '{snap.name}' is {snap.status.state}; wait until it is available")
+            if len(snap.spec.clones) >= MAX_CLONES_PER_SNAPSHOT:
+                raise errors.Conflict(
+                    f"snapshot '{snap.name}' has {len(snap.spec.clones)} volumes made from it, the most a snapshot "
+                    "may have; make a volume from one of them, or snapshot one of them"
+                )
             ops.append(cas(SNAPSHOT, changed(snap, ctx, clones=[*snap.spec.clones, vol.id])))
         return await crud.create(ctx, store, VOLUME, vol, extra=ops)
 
     return await common.retrying(step)
+
+
+async def _still(store: Store, kind: Any, id_: str, what: str) -> Check:
+    """A Check that the record ``id_`` is, at commit, what was just read (404 when it is gone already)."""
+    record = await store.get(kind.name, id_)
+    if record is None:
+        raise errors.NotFound(f"{what} was deleted while this request ran")
+    return Check(kind=kind.name, id=id_, expect_revision=record.revision)
 
 
 async def load(store: Store, kind: Any, id_: str) -> Obj[Any, Any] | None:
@@ -345,7 +366,13 @@ async def attach_volume(ctx: Context, store: Store, ref: str, body: VolumeAttach
         return await commit(
             ctx,
             store,
-            [cas(VOLUME, attached), *_slots_op(ctx, slots, inst.id, devices)],
+            # The Check on the instance: a delete (or any change) of it since it was read fails this attach, which
+            # reads it again — so a volume is never attached to an instance whose teardown did not see it.
+            [
+                cas(VOLUME, attached),
+                *_slots_op(ctx, slots, inst.id, devices),
+                Check(kind=INSTANCE.name, id=inst.id, expect_revision=inst.revision),
+            ],
             status=200,
             label=VOLUME.label,
             respond=lambda rev: VOLUME.to_view(attached.replace(revision=rev)),
