@@ -36,6 +36,7 @@ import ipaddress
 import logging
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,6 +354,8 @@ class NetworkReconciler:
         metadata_factory: Callable[[str, Any], Any] | None = None,
         routers: RouterPlumbing | Any | None = None,
         providers: Mapping[str, str] | None = None,
+        drift_repair_interval: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.node = node
@@ -369,7 +372,13 @@ class NetworkReconciler:
         self._vnis: dict[str, int] = {}
         self._dhcp: dict[str, Any] = {}
         self._metadata: dict[str, Any] = {}
-        self._ruleset: str | None = None
+        #: The security-group ruleset in the kernel as this process applied it: None (not known yet: start-up), ""
+        #: (our tables are absent) or what was applied last (changes are applied as deltas from it).
+        self._ruleset: sgc.Ruleset | str | None = None
+        self._ruleset_full_at = 0.0
+        #: How often (seconds) the whole ruleset is replaced even without a change, repairing drift.
+        self.drift_repair_interval = drift_repair_interval
+        self.clock = clock
         #: The routers' side of the service namespaces, and this node's ``[network.providers]``.
         self.routers = routers or FakeRouterPlumbing()  # the agent passes the real one (agent/node.py)
         self.providers = dict(providers or {})
@@ -625,13 +634,27 @@ class NetworkReconciler:
             await self.firewall.delete_tables(tables)
             self._ruleset = ""
             return
-        script = sgc.compile_rules(g, p)
-        if script != self._ruleset:
-            # The stateful rules are in the inet family and see bridged IPv4 only through br_netfilter: make sure
-            # it is on in this namespace (the kernel's default, but a host may have turned it off).
-            await self.firewall.enable_bridge_netfilter()
-            await self.firewall.apply(script)
-            self._ruleset = script
+        model = sgc.build(g, p)
+        now = self.clock()
+        if isinstance(self._ruleset, sgc.Ruleset) and now - self._ruleset_full_at < self.drift_repair_interval:
+            # Incremental: one transaction touching only the changed ports' chains, groups' chains and elements.
+            script = sgc.delta_script(self._ruleset, model)
+            if not script:
+                return
+            try:
+                await self.firewall.apply(script)
+            except NetworkError as exc:  # the kernel's tables are not what we applied last (drift): rebuild them
+                log.warning("security-group change refused; replacing the whole ruleset", extra={"error": str(exc)})
+            else:
+                self._ruleset = model
+                return
+        # The whole ruleset: at start-up (adopting whatever is there), after a refused change, and every
+        # drift_repair_interval (someone's `nft flush ruleset`, a sysctl turned off). The stateful rules are in the
+        # inet family and see bridged IPv4 only through br_netfilter: make sure it is on in this namespace (the
+        # kernel's default, but a host may have turned it off).
+        await self.firewall.enable_bridge_netfilter()
+        await self.firewall.apply(sgc.full_script(model))
+        self._ruleset, self._ruleset_full_at = model, now
 
     async def _sweep(self) -> None:
         """Remove networks built here that no record wants here any more (e.g. deleted while the agent was down)."""

@@ -35,6 +35,7 @@ invalid ruleset (``ValueError``) and otherwise trusts them (the API validated th
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -81,6 +82,7 @@ class Port:
     bridge: str = ""
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _ident(text: str) -> str:
     """An nft identifier from an id (``sg-ab12`` → ``sg_ab12``)."""
     out = re.sub(r"[^A-Za-z0-9_]", "_", text)
@@ -89,8 +91,14 @@ def _ident(text: str) -> str:
     return out
 
 
-def _sorted_ips(ips: Iterable[str]) -> list[str]:
-    return [str(a) for a in sorted({ipaddress.IPv4Address(a) for a in ips})]
+def _sorted_ips(ips: Iterable[str]) -> tuple[str, ...]:
+    return _sorted_tuple(tuple(ips))
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _sorted_tuple(ips: tuple[str, ...]) -> tuple[str, ...]:
+    # cached: the node rebuilds the whole ruleset on every change, and parsing addresses was most of its cost
+    return tuple(str(a) for a in sorted({ipaddress.IPv4Address(a) for a in ips}))
 
 
 def _ports(rule: Rule) -> str:
@@ -112,11 +120,16 @@ def _ports(rule: Rule) -> str:
 
 def _rule(rule: Rule, known: set[str], verdict: str) -> str:
     """One nft statement for ``rule``; ingress matches the source address, egress the destination."""
+    if rule.remote_group is not None and rule.remote_group not in known:
+        raise ValueError(f"rule names group {rule.remote_group}, which is not among the groups given")
+    return _statement(rule, verdict)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _statement(rule: Rule, verdict: str) -> str:
     side = "saddr" if rule.direction == "ingress" else "daddr"
     parts = []
     if rule.remote_group is not None:
-        if rule.remote_group not in known:
-            raise ValueError(f"rule names group {rule.remote_group}, which is not among the groups given")
         parts.append(f"ip {side} @g_{_ident(rule.remote_group)}")
     elif rule.remote_cidr is not None and ipaddress.IPv4Network(rule.remote_cidr).prefixlen > 0:
         parts.append(f"ip {side} {ipaddress.IPv4Network(rule.remote_cidr)}")
@@ -128,31 +141,67 @@ def _rule(rule: Rule, known: set[str], verdict: str) -> str:
     return " ".join([*parts, verdict])
 
 
-def _stateful(rules: Iterable[Rule], direction: str, known: set[str]) -> list[str]:
-    """DHCP, conntrack, one statement per distinct rule of ``direction``, then the default drop. Only IPv4 reaches
-    these chains (the verdict maps key on IPv4 addresses)."""
-    verdict = "accept" if direction == "ingress" else "return"
-    dhcp = "udp sport 67 udp dport 68" if direction == "ingress" else "udp sport 68 udp dport 67"
-    statements = list(dict.fromkeys(_rule(r, known, verdict) for r in rules if r.direction == direction))
-    return [
-        f"\t\t{dhcp} {verdict}",
-        f"\t\tct state established,related {verdict}",
-        "\t\tct state invalid drop",
-        *(f"\t\t{s}" for s in statements),
-        "\t\tdrop",
-    ]
+#: The inet chain an allowed egress packet continues in: the receiver's ingress chain when it is a port of this node
+#: (the ``into`` map), else accept.
+EGRESS_OK = "egress_ok"
 
 
-def _vmap(key: str, entries: list[str]) -> list[str]:
-    if not entries:
-        return []
-    if len(entries) == 1:
-        return [f"\t\t{key} vmap {{ {entries[0]} }}"]
-    return [f"\t\t{key} vmap {{", *(f"\t\t\t{e}," for e in entries[:-1]), f"\t\t\t{entries[-1]}", "\t\t}"]
+def _port_chain(groups: Sequence[str], direction: str) -> tuple[str, ...]:
+    """A port's stateful chain: DHCP, conntrack, a jump to each of its groups' chains of ``direction``, then the
+    default drop. Only IPv4 reaches these chains (the verdict maps key on IPv4 addresses)."""
+    if direction == "ingress":
+        verdict, dhcp, prefix = "accept", "udp sport 67 udp dport 68", "gi_"
+    else:
+        verdict, dhcp, prefix = f"goto {EGRESS_OK}", "udp sport 68 udp dport 67", "ge_"
+    return (
+        f"{dhcp} {verdict}",
+        f"ct state established,related {verdict}",
+        "ct state invalid drop",
+        *(f"jump {prefix}{_ident(g)}" for g in groups),
+        "drop",
+    )
 
 
-def compile_rules(groups: Sequence[Group], ports: Sequence[Port]) -> str:
-    """The nft script for ``ports`` under ``groups`` (see the module docstring). Pure and deterministic; raises
+def _group_chain(group: Group, direction: str, known: set[str]) -> tuple[str, ...]:
+    """One statement per distinct rule of ``direction``; what matches none returns to the port's chain."""
+    verdict = "accept" if direction == "ingress" else f"goto {EGRESS_OK}"
+    return tuple(dict.fromkeys(_rule(r, known, verdict) for r in group.rules if r.direction == direction))
+
+
+def _spoof_chain(p: Port) -> tuple[str, ...]:
+    ips = _sorted_ips(p.ips)
+    own = f"{{ {', '.join(ips)} }}" if ips else ""
+    lines = [f"ether saddr != {p.mac} drop", f"ether type arp arp saddr ether != {p.mac} drop"]
+    if own:
+        lines += [f"ether type arp arp saddr ip != {own} drop", "ether type arp accept"]
+    else:
+        lines.append("ether type arp drop")
+    lines += ["ether type != ip drop", "ip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 udp dport 67 accept"]
+    lines.append(f"ip saddr != {own} drop" if own else "drop")  # no address yet: nothing but DHCP discovery leaves
+    return tuple(lines)
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """The compiled ruleset as named pieces, what :func:`delta_script` diffs: chains (name -> rule lines) of both
+    tables, the group sets (name -> elements), and the elements of the maps and sets that dispatch to the chains
+    (key -> verdict). Dicts keep the deterministic order :func:`build` gave them."""
+
+    #: ``bridge``: the anti-spoofing chain of each port (``o_<port>``).
+    bridge_chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: ``bridge`` map ``spoof``: ``"<tap>"`` -> ``jump o_<port>`` (set ``taps`` holds the same keys).
+    spoof: dict[str, str] = field(default_factory=dict)
+    #: ``inet``: ``g_<group>`` -> member addresses, for the groups a rule here names as remote.
+    sets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: ``inet`` maps ``out``/``into``: ``"<bridge>" . <ip>`` -> ``jump o_<port>`` / ``jump i_<port>``.
+    out: dict[str, str] = field(default_factory=dict)
+    into: dict[str, str] = field(default_factory=dict)
+    #: ``inet``: ``egress_ok``, then ``ge_``/``gi_<group>`` of the groups of this node's ports, then ``o_``/``i_<port>``.
+    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def build(groups: Sequence[Group], ports: Sequence[Port]) -> Ruleset:
+    """The ruleset for ``ports`` under ``groups`` (see the module docstring). Pure and deterministic; raises
     ``ValueError`` for a port naming an unknown group, a bad MAC, device, bridge or address, or an impossible
     rule."""
     by_id = {g.id: g for g in groups}
@@ -180,6 +229,42 @@ def compile_rules(groups: Sequence[Group], ports: Sequence[Port]) -> str:
             if other != p.id:
                 raise ValueError(f"ports {other} and {p.id} both have {ip} on {p.bridge}")
 
+    out = Ruleset()
+    for p in ordered:
+        out.bridge_chains[f"o_{_ident(p.id)}"] = _spoof_chain(p)
+        out.spoof[f'"{p.device}"'] = f"jump o_{_ident(p.id)}"
+    addressed = [p for p in ordered if p.ips]
+    used = sorted({g for p in addressed for g in p.groups})
+    remote = {r.remote_group for g in used for r in by_id[g].rules if r.remote_group is not None}
+    for gid in sorted(remote):
+        out.sets[f"g_{_ident(gid)}"] = _sorted_ips(by_id[gid].members)
+    out.chains[EGRESS_OK] = ("oifname . ip daddr vmap @into", "accept")
+    for gid in used:
+        out.chains[f"ge_{_ident(gid)}"] = _group_chain(by_id[gid], "egress", known)
+        out.chains[f"gi_{_ident(gid)}"] = _group_chain(by_id[gid], "ingress", known)
+    for p in addressed:
+        mine = tuple(dict.fromkeys(p.groups))
+        out.chains[f"o_{_ident(p.id)}"] = _port_chain(mine, "egress")
+        out.chains[f"i_{_ident(p.id)}"] = _port_chain(mine, "ingress")
+        for ip in _sorted_ips(p.ips):
+            out.out[f'"{p.bridge}" . {ip}'] = f"jump o_{_ident(p.id)}"
+            out.into[f'"{p.bridge}" . {ip}'] = f"jump i_{_ident(p.id)}"
+    return out
+
+
+def _elements(items: Iterable[str]) -> str:
+    return f"{{ {', '.join(items)} }}"
+
+
+def _body(kind: str, name: str, head: Sequence[str], elements: Sequence[str]) -> list[str]:
+    lines = [f"\t{kind} {name} {{", *(f"\t\t{h}" for h in head)]
+    if elements:
+        lines.append(f"\t\telements = {_elements(elements)}")
+    return [*lines, "\t}"]
+
+
+def full_script(rs: Ruleset) -> str:
+    """The ``nft -f`` script replacing both tables with ``rs`` in one transaction (start-up, drift repair)."""
     lines = [
         f"table bridge {TABLE} {{}}",
         f"delete table bridge {TABLE}",
@@ -187,58 +272,81 @@ def compile_rules(groups: Sequence[Group], ports: Sequence[Port]) -> str:
         f"delete table inet {TABLE}",
         # -- stateless anti-spoofing on the taps
         f"table bridge {TABLE} {{",
-        "\tchain prerouting {",
-        "\t\ttype filter hook prerouting priority -300; policy accept;",
-        *(f'\t\tiifname "{p.device}" jump o_{_ident(p.id)}' for p in ordered),
-        "\t}",
-        "\tchain forward {",
-        "\t\ttype filter hook forward priority 0; policy accept;",
-        *(f'\t\toifname "{p.device}" ether type != {{ ip, arp }} drop' for p in ordered),
-        "\t}",
-    ]
-    for p in ordered:
-        ips = _sorted_ips(p.ips)
-        own = f"{{ {', '.join(ips)} }}" if ips else ""
-        lines.append(f"\tchain o_{_ident(p.id)} {{")
-        lines.append(f"\t\tether saddr != {p.mac} drop")
-        lines.append(f"\t\tether type arp arp saddr ether != {p.mac} drop")
-        if own:
-            lines.append(f"\t\tether type arp arp saddr ip != {own} drop")
-            lines.append("\t\tether type arp accept")
-        else:
-            lines.append("\t\tether type arp drop")
-        lines.append("\t\tether type != ip drop")
-        lines.append("\t\tip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 udp dport 67 accept")
-        if own:
-            lines.append(f"\t\tip saddr != {own} drop")
-        else:  # no address yet: nothing but DHCP discovery leaves it
-            lines.append("\t\tdrop")
-        lines.append("\t}")
+        *_body("map", "spoof", ["type ifname : verdict"], [f"{k} : {v}" for k, v in rs.spoof.items()]),
+        *_body("set", "taps", ["type ifname"], list(rs.spoof)),
+        *_body("chain", "prerouting", ["type filter hook prerouting priority -300; policy accept;",
+                                       "iifname vmap @spoof"], []),
+        *_body("chain", "forward", ["type filter hook forward priority 0; policy accept;",
+                                    "oifname @taps ether type != { ip, arp } drop"], []),
+    ]  # fmt: skip
+    for name, body in rs.bridge_chains.items():
+        lines += _body("chain", name, body, [])
     lines.append("}")
     # -- the stateful group rules, reached through br_netfilter
     lines.append(f"table inet {TABLE} {{")
-    for g in sorted(groups, key=lambda g: g.id):
-        lines.append(f"\tset g_{_ident(g.id)} {{")
-        lines.append("\t\ttype ipv4_addr")
-        members = _sorted_ips(g.members)
-        if members:
-            lines.append(f"\t\telements = {{ {', '.join(members)} }}")
-        lines.append("\t}")
-    addressed = [p for p in ordered if p.ips]
-    lines.append("\tchain forward {")
-    lines.append("\t\ttype filter hook forward priority 0; policy accept;")
-    out = [f'"{p.bridge}" . {ip} : jump o_{_ident(p.id)}' for p in addressed for ip in _sorted_ips(p.ips)]
-    into = [f'"{p.bridge}" . {ip} : jump i_{_ident(p.id)}' for p in addressed for ip in _sorted_ips(p.ips)]
-    lines.extend(_vmap("iifname . ip saddr", out))
-    lines.extend(_vmap("oifname . ip daddr", into))
-    lines.append("\t}")
-    for p in addressed:
-        rules = [r for gid in p.groups for r in by_id[gid].rules]
-        lines.append(f"\tchain o_{_ident(p.id)} {{")
-        lines.extend(_stateful(rules, "egress", known))
-        lines.append("\t}")
-        lines.append(f"\tchain i_{_ident(p.id)} {{")
-        lines.extend(_stateful(rules, "ingress", known))
-        lines.append("\t}")
+    for name, members in rs.sets.items():
+        lines += _body("set", name, ["type ipv4_addr"], members)
+    for name, entries in (("out", rs.out), ("into", rs.into)):
+        lines += _body("map", name, ["type ifname . ipv4_addr : verdict"], [f"{k} : {v}" for k, v in entries.items()])
+    lines += _body("chain", "forward", ["type filter hook forward priority 0; policy accept;",
+                                        "iifname . ip saddr vmap @out", "oifname . ip daddr vmap @into"], [])  # fmt: skip
+    for name, body in rs.chains.items():
+        lines += _body("chain", name, body, [])
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _element_delta(table: str, name: str, old: dict[str, str], new: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(delete, add) commands turning map (or set: values "") ``old`` into ``new``; a changed value is both."""
+    gone = [k for k, v in old.items() if new.get(k) != v]
+    came = [f"{k} : {v}" if v else k for k, v in new.items() if old.get(k) != v]
+    delete = [f"delete element {table} {name} {_elements(gone)}"] if gone else []
+    add = [f"add element {table} {name} {_elements(came)}"] if came else []
+    return delete, add
+
+
+def delta_script(old: Ruleset, new: Ruleset) -> str:
+    """The ``nft -f`` script that turns the kernel's ``old`` ruleset into ``new`` in one transaction, touching only
+    what differs: set elements added/deleted, new chains declared, changed chains flushed and refilled, map elements
+    added/deleted, then chains and sets no longer referenced deleted. "" when nothing differs. Applying it to tables
+    that do not hold exactly ``old`` fails (nft refuses an unknown chain/element) or leaves drift: the caller then
+    applies :func:`full_script`."""
+    br, inet = f"bridge {TABLE}", f"inet {TABLE}"
+    cmds: list[str] = []
+    for name, members in new.sets.items():
+        have = old.sets.get(name)
+        if have is None:
+            cmds.append(f"add set {inet} {name} {{ type ipv4_addr; }}")
+        dele, add = _element_delta(inet, name, dict.fromkeys(have or (), ""), dict.fromkeys(members, ""))
+        cmds += dele + add
+    pairs = ((br, old.bridge_chains, new.bridge_chains), (inet, old.chains, new.chains))
+    for table, have, want in pairs:
+        cmds += [f"add chain {table} {name}" for name in want if name not in have]
+    for table, have, want in pairs:
+        for name, body in want.items():
+            if have.get(name) == body:
+                continue
+            if name in have:
+                cmds.append(f"flush chain {table} {name}")
+            cmds += [f"add rule {table} {name} {line}" for line in body]
+    deletes: list[str] = []
+    adds: list[str] = []
+    for table, name, have_map, want_map in (
+        (br, "spoof", old.spoof, new.spoof),
+        (br, "taps", dict.fromkeys(old.spoof, ""), dict.fromkeys(new.spoof, "")),
+        (inet, "out", old.out, new.out),
+        (inet, "into", old.into, new.into),
+    ):
+        dele, add = _element_delta(table, name, have_map, want_map)
+        deletes += dele
+        adds += add
+    cmds += deletes + adds
+    for table, have, want in pairs:  # port chains before the group chains they jump to (reverse of building)
+        cmds += [f"delete chain {table} {name}" for name in reversed(have) if name not in want]
+    cmds += [f"delete set {inet} {name}" for name in old.sets if name not in new.sets]
+    return "".join(f"{c}\n" for c in cmds)
+
+
+def compile_rules(groups: Sequence[Group], ports: Sequence[Port]) -> str:
+    """The full ``nft -f`` script for ``ports`` under ``groups``: ``full_script(build(groups, ports))``."""
+    return full_script(build(groups, ports))

@@ -198,8 +198,13 @@ class FakeFirewall:
     def __init__(self) -> None:
         self.scripts: list[str] = []
         self.deleted: list[Any] = []
+        self.refuse: str | None = None  # a script containing this fails, as nft refuses a change on drifted tables
 
     async def apply(self, script: str) -> None:
+        from agent.net.common import NetworkError
+
+        if self.refuse is not None and self.refuse in script:
+            raise NetworkError("nftables: could not apply the ruleset: No such file or directory")
         self.scripts.append(script)
 
     async def enable_bridge_netfilter(self) -> None:
@@ -324,7 +329,7 @@ async def test_a_local_port_builds_the_network_and_a_second_pass_changes_nothing
     assert [h.name for h in dhcp.hosts] == ["web"] and {r.name for r in dhcp.records} == {"web", "db"}
     assert world.metadata[0].running and world.metadata[0].netns.endswith("mcs-00002a")
     script = world.firewall.scripts[-1]
-    assert f'iifname "{tap_name("port-1")}"' in script and tap_name("port-2") not in script
+    assert f'"{tap_name("port-1")}" : jump o_port_1' in script and tap_name("port-2") not in script
     assert "elements = { 10.0.1.10, 10.0.1.11 }" in script  # members cluster-wide
     assert '"mcb-00002a" . 10.0.1.10 : jump i_port_1' in script and world.firewall.bridge_netfilter
     changes, scripts = world.overlay.changes, len(world.firewall.scripts)
@@ -333,6 +338,51 @@ async def test_a_local_port_builds_the_network_and_a_second_pass_changes_nothing
     assert world.overlay.changes == changes and len(world.firewall.scripts) == scripts
     assert (world.overlay.networks[42].bridge_index, world.overlay.networks[42].vxlan_index) == indexes
     assert len(world.metadata) == 1
+
+
+async def test_security_group_changes_are_applied_as_deltas_and_the_whole_ruleset_on_start_drift_and_refusal(world):
+    now = [1000.0]
+    world.r.clock = lambda: now[0]
+    await _add_port(world, "port-1", "10.0.1.10", "52:54:00:00:00:01", "n1", "i-1")
+    await world.r.reconcile(NODE_KEY)
+    assert world.firewall.scripts[-1].startswith("table bridge minicloud_sg {}\ndelete table")  # start-up: whole
+    await _add_port(world, "port-3", "10.0.1.12", "52:54:00:00:00:03", "n1", "i-2")
+    await world.r.reconcile(NODE_KEY)
+    delta = world.firewall.scripts[-1]  # only the new port: its chains, its map and set elements, the group's set
+    assert "delete table" not in delta and "port_1" not in delta and "flush" not in delta
+    assert f'add element bridge minicloud_sg spoof {{ "{tap_name("port-3")}" : jump o_port_3 }}' in delta
+    assert 'add element inet minicloud_sg into { "mcb-00002a" . 10.0.1.12 : jump i_port_3 }' in delta
+    assert "add element inet minicloud_sg g_sg_1 { 10.0.1.12 }" in delta
+    # a rule change touches that group's chains only
+    rec = await world.store.get(SECURITY_GROUP.name, "sg-1")
+    spec = SECURITY_GROUP.load(rec).spec
+    rules = [*spec.rules, RuleSpec(id="r9", direction="ingress", protocol="tcp", port_min=22)]
+    changed = msgspec.structs.replace(rec, spec=msgspec.to_builtins(msgspec.structs.replace(spec, rules=rules)))
+    await world.store.commit(Txn([Update(changed, expect_revision=rec.revision)]))
+    await world.r.reconcile(NODE_KEY)
+    assert world.firewall.scripts[-1] == (
+        "flush chain inet minicloud_sg gi_sg_1\n"
+        "add rule inet minicloud_sg gi_sg_1 ip saddr @g_sg_1 accept\n"
+        "add rule inet minicloud_sg gi_sg_1 tcp dport 22 accept\n"
+    )
+    scripts = len(world.firewall.scripts)
+    await world.r.reconcile(NODE_KEY)  # nothing changed: nothing applied
+    assert len(world.firewall.scripts) == scripts
+    # a change nft refuses (our tables were flushed by hand, say) is followed by the whole ruleset
+    world.firewall.refuse = "add element"
+    spec4 = _port("10.0.1.13", "52:54:00:00:00:04", "n1", "i-2", index=1, groups=["sg-1"])
+    await world.create(PORT, PORT.new(project="p", name="i-2/1", id="port-4", spec=spec4))
+    await world.r.reconcile(NODE_KEY)
+    world.firewall.refuse = None
+    assert world.firewall.scripts[-1].startswith("table bridge") and "jump o_port_4" in world.firewall.scripts[-1]
+    # and without any change, every drift_repair_interval
+    scripts = len(world.firewall.scripts)
+    now[0] += world.r.drift_repair_interval - 1
+    await world.r.reconcile(NODE_KEY)
+    assert len(world.firewall.scripts) == scripts
+    now[0] += 1
+    await world.r.reconcile(NODE_KEY)
+    assert len(world.firewall.scripts) == scripts + 1 and world.firewall.scripts[-1].startswith("table bridge")
 
 
 async def test_the_metadata_lookup_answers_only_for_a_local_port_of_the_network(world):

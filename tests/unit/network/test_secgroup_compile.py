@@ -1,11 +1,14 @@
 """The security-group compiler: golden nft output (the exact text the node applies with ``nft -f``): stateless
-anti-spoofing in ``bridge minicloud_sg``, the stateful group rules in ``inet minicloud_sg``."""
+anti-spoofing in ``bridge minicloud_sg``, the stateful group rules in ``inet minicloud_sg``; the whole ruleset
+(start-up, drift repair) and the incremental transactions (``delta_script``) of each kind of change.
+``tests/integration/test_security_groups.py`` checks in a namespace that the deltas leave the kernel exactly where
+the whole ruleset would."""
 
 from __future__ import annotations
 
 import pytest
 
-from minicloud.network.secgroup_compile import Group, Port, Rule, compile_rules
+from minicloud.network.secgroup_compile import Group, Port, Rule, build, compile_rules, delta_script
 
 DEFAULT = Group(
     "sg-default",
@@ -35,13 +38,21 @@ delete table bridge minicloud_sg
 table inet minicloud_sg {}
 delete table inet minicloud_sg
 table bridge minicloud_sg {
+\tmap spoof {
+\t\ttype ifname : verdict
+\t\telements = { "tap1" : jump o_nic_1 }
+\t}
+\tset taps {
+\t\ttype ifname
+\t\telements = { "tap1" }
+\t}
 \tchain prerouting {
 \t\ttype filter hook prerouting priority -300; policy accept;
-\t\tiifname "tap1" jump o_nic_1
+\t\tiifname vmap @spoof
 \t}
 \tchain forward {
 \t\ttype filter hook forward priority 0; policy accept;
-\t\toifname "tap1" ether type != { ip, arp } drop
+\t\toifname @taps ether type != { ip, arp } drop
 \t}
 \tchain o_nic_1 {
 \t\tether saddr != 52:54:00:12:34:56 drop
@@ -58,31 +69,52 @@ table inet minicloud_sg {
 \t\ttype ipv4_addr
 \t\telements = { 10.0.0.5, 10.0.0.9, 10.0.0.12 }
 \t}
-\tset g_sg_web {
-\t\ttype ipv4_addr
-\t\telements = { 10.0.0.5 }
+\tmap out {
+\t\ttype ifname . ipv4_addr : verdict
+\t\telements = { "mcb-00002a" . 10.0.0.5 : jump o_nic_1 }
+\t}
+\tmap into {
+\t\ttype ifname . ipv4_addr : verdict
+\t\telements = { "mcb-00002a" . 10.0.0.5 : jump i_nic_1 }
 \t}
 \tchain forward {
 \t\ttype filter hook forward priority 0; policy accept;
-\t\tiifname . ip saddr vmap { "mcb-00002a" . 10.0.0.5 : jump o_nic_1 }
-\t\toifname . ip daddr vmap { "mcb-00002a" . 10.0.0.5 : jump i_nic_1 }
+\t\tiifname . ip saddr vmap @out
+\t\toifname . ip daddr vmap @into
+\t}
+\tchain egress_ok {
+\t\toifname . ip daddr vmap @into
+\t\taccept
+\t}
+\tchain ge_sg_default {
+\t\tgoto egress_ok
+\t}
+\tchain gi_sg_default {
+\t\tip saddr @g_sg_default accept
+\t}
+\tchain ge_sg_web {
+\t\tgoto egress_ok
+\t}
+\tchain gi_sg_web {
+\t\ttcp dport 80 accept
+\t\tip saddr 192.168.0.0/16 tcp dport 8000-8080 accept
+\t\tip protocol icmp accept
+\t\tip saddr @g_sg_default ip protocol udp accept
 \t}
 \tchain o_nic_1 {
-\t\tudp sport 68 udp dport 67 return
-\t\tct state established,related return
+\t\tudp sport 68 udp dport 67 goto egress_ok
+\t\tct state established,related goto egress_ok
 \t\tct state invalid drop
-\t\treturn
+\t\tjump ge_sg_default
+\t\tjump ge_sg_web
 \t\tdrop
 \t}
 \tchain i_nic_1 {
 \t\tudp sport 67 udp dport 68 accept
 \t\tct state established,related accept
 \t\tct state invalid drop
-\t\tip saddr @g_sg_default accept
-\t\ttcp dport 80 accept
-\t\tip saddr 192.168.0.0/16 tcp dport 8000-8080 accept
-\t\tip protocol icmp accept
-\t\tip saddr @g_sg_default ip protocol udp accept
+\t\tjump gi_sg_default
+\t\tjump gi_sg_web
 \t\tdrop
 \t}
 }
@@ -101,13 +133,21 @@ delete table bridge minicloud_sg
 table inet minicloud_sg {}
 delete table inet minicloud_sg
 table bridge minicloud_sg {
+\tmap spoof {
+\t\ttype ifname : verdict
+\t\telements = { "tap2" : jump o_nic_2 }
+\t}
+\tset taps {
+\t\ttype ifname
+\t\telements = { "tap2" }
+\t}
 \tchain prerouting {
 \t\ttype filter hook prerouting priority -300; policy accept;
-\t\tiifname "tap2" jump o_nic_2
+\t\tiifname vmap @spoof
 \t}
 \tchain forward {
 \t\ttype filter hook forward priority 0; policy accept;
-\t\toifname "tap2" ether type != { ip, arp } drop
+\t\toifname @taps ether type != { ip, arp } drop
 \t}
 \tchain o_nic_2 {
 \t\tether saddr != 52:54:00:00:00:02 drop
@@ -119,15 +159,121 @@ table bridge minicloud_sg {
 \t}
 }
 table inet minicloud_sg {
-\tset g_sg_empty {
-\t\ttype ipv4_addr
+\tmap out {
+\t\ttype ifname . ipv4_addr : verdict
+\t}
+\tmap into {
+\t\ttype ifname . ipv4_addr : verdict
 \t}
 \tchain forward {
 \t\ttype filter hook forward priority 0; policy accept;
+\t\tiifname . ip saddr vmap @out
+\t\toifname . ip daddr vmap @into
+\t}
+\tchain egress_ok {
+\t\toifname . ip daddr vmap @into
+\t\taccept
 \t}
 }
 """
     )
+
+
+# -- incremental changes: one transaction touching only what differs ----------------------------------------------
+NIC2 = Port("nic-2", "tap2", "52:54:00:00:00:02", ("10.0.0.9",), ("sg-default",), "mcb-00002a")
+
+
+def test_golden_delta_a_port_added_gets_its_chains_and_elements_and_nothing_else():
+    old = build([WEB, DEFAULT], [NIC1])
+    assert delta_script(old, build([WEB, DEFAULT], [NIC1, NIC2])) == (
+        "add chain bridge minicloud_sg o_nic_2\n"
+        "add chain inet minicloud_sg o_nic_2\n"
+        "add chain inet minicloud_sg i_nic_2\n"
+        "add rule bridge minicloud_sg o_nic_2 ether saddr != 52:54:00:00:00:02 drop\n"
+        "add rule bridge minicloud_sg o_nic_2 ether type arp arp saddr ether != 52:54:00:00:00:02 drop\n"
+        "add rule bridge minicloud_sg o_nic_2 ether type arp arp saddr ip != { 10.0.0.9 } drop\n"
+        "add rule bridge minicloud_sg o_nic_2 ether type arp accept\n"
+        "add rule bridge minicloud_sg o_nic_2 ether type != ip drop\n"
+        "add rule bridge minicloud_sg o_nic_2 ip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 udp dport 67 accept\n"
+        "add rule bridge minicloud_sg o_nic_2 ip saddr != { 10.0.0.9 } drop\n"
+        "add rule inet minicloud_sg o_nic_2 udp sport 68 udp dport 67 goto egress_ok\n"
+        "add rule inet minicloud_sg o_nic_2 ct state established,related goto egress_ok\n"
+        "add rule inet minicloud_sg o_nic_2 ct state invalid drop\n"
+        "add rule inet minicloud_sg o_nic_2 jump ge_sg_default\n"
+        "add rule inet minicloud_sg o_nic_2 drop\n"
+        "add rule inet minicloud_sg i_nic_2 udp sport 67 udp dport 68 accept\n"
+        "add rule inet minicloud_sg i_nic_2 ct state established,related accept\n"
+        "add rule inet minicloud_sg i_nic_2 ct state invalid drop\n"
+        "add rule inet minicloud_sg i_nic_2 jump gi_sg_default\n"
+        "add rule inet minicloud_sg i_nic_2 drop\n"
+        'add element bridge minicloud_sg spoof { "tap2" : jump o_nic_2 }\n'
+        'add element bridge minicloud_sg taps { "tap2" }\n'
+        'add element inet minicloud_sg out { "mcb-00002a" . 10.0.0.9 : jump o_nic_2 }\n'
+        'add element inet minicloud_sg into { "mcb-00002a" . 10.0.0.9 : jump i_nic_2 }\n'
+    )
+
+
+def test_golden_delta_a_rule_change_rewrites_its_groups_chain_and_a_member_change_one_element():
+    old = build([WEB, DEFAULT], [NIC1, NIC2])
+    web = Group("sg-web", (*WEB.rules, Rule("ingress", "tcp", 443)), WEB.members)
+    default = Group("sg-default", DEFAULT.rules, ("10.0.0.12", "10.0.0.5", "10.0.0.9", "10.0.0.77"))
+    assert delta_script(old, build([web, default], [NIC1, NIC2])) == (
+        "add element inet minicloud_sg g_sg_default { 10.0.0.77 }\n"
+        "flush chain inet minicloud_sg gi_sg_web\n"
+        "add rule inet minicloud_sg gi_sg_web tcp dport 80 accept\n"
+        "add rule inet minicloud_sg gi_sg_web ip saddr 192.168.0.0/16 tcp dport 8000-8080 accept\n"
+        "add rule inet minicloud_sg gi_sg_web ip protocol icmp accept\n"
+        "add rule inet minicloud_sg gi_sg_web ip saddr @g_sg_default ip protocol udp accept\n"
+        "add rule inet minicloud_sg gi_sg_web tcp dport 443 accept\n"
+    )
+    assert delta_script(old, old) == ""
+
+
+def test_golden_delta_a_port_removed_loses_its_elements_before_its_chains_and_unused_groups_go_last():
+    old = build([WEB, DEFAULT], [NIC1, NIC2])
+    assert delta_script(old, build([WEB, DEFAULT], [NIC2])) == (
+        'delete element bridge minicloud_sg spoof { "tap1" }\n'
+        'delete element bridge minicloud_sg taps { "tap1" }\n'
+        'delete element inet minicloud_sg out { "mcb-00002a" . 10.0.0.5 }\n'
+        'delete element inet minicloud_sg into { "mcb-00002a" . 10.0.0.5 }\n'
+        "delete chain bridge minicloud_sg o_nic_1\n"
+        "delete chain inet minicloud_sg i_nic_1\n"
+        "delete chain inet minicloud_sg o_nic_1\n"
+        "delete chain inet minicloud_sg gi_sg_web\n"
+        "delete chain inet minicloud_sg ge_sg_web\n"
+    )
+
+
+def test_golden_delta_a_moved_address_replaces_its_map_elements_and_rewrites_its_spoofing_chain():
+    old = build([DEFAULT], [NIC2])
+    moved = Port("nic-2", "tap2", "52:54:00:00:00:02", ("10.0.0.10",), ("sg-default",), "mcb-00002a")
+    assert delta_script(old, build([DEFAULT], [moved])) == (
+        "flush chain bridge minicloud_sg o_nic_2\n"
+        "add rule bridge minicloud_sg o_nic_2 ether saddr != 52:54:00:00:00:02 drop\n"
+        "add rule bridge minicloud_sg o_nic_2 ether type arp arp saddr ether != 52:54:00:00:00:02 drop\n"
+        "add rule bridge minicloud_sg o_nic_2 ether type arp arp saddr ip != { 10.0.0.10 } drop\n"
+        "add rule bridge minicloud_sg o_nic_2 ether type arp accept\n"
+        "add rule bridge minicloud_sg o_nic_2 ether type != ip drop\n"
+        "add rule bridge minicloud_sg o_nic_2 ip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 udp dport 67 accept\n"
+        "add rule bridge minicloud_sg o_nic_2 ip saddr != { 10.0.0.10 } drop\n"
+        'delete element inet minicloud_sg out { "mcb-00002a" . 10.0.0.9 }\n'
+        'delete element inet minicloud_sg into { "mcb-00002a" . 10.0.0.9 }\n'
+        'add element inet minicloud_sg out { "mcb-00002a" . 10.0.0.10 : jump o_nic_2 }\n'
+        'add element inet minicloud_sg into { "mcb-00002a" . 10.0.0.10 : jump i_nic_2 }\n'
+    )
+
+
+def test_a_delta_from_an_empty_ruleset_declares_new_sets_before_the_chains_that_name_them():
+    old = build([DEFAULT], [])
+    script = delta_script(old, build([DEFAULT], [NIC2]))
+    assert script.startswith(
+        "add set inet minicloud_sg g_sg_default { type ipv4_addr; }\n"
+        "add element inet minicloud_sg g_sg_default { 10.0.0.5, 10.0.0.9, 10.0.0.12 }\n"
+        "add chain bridge minicloud_sg o_nic_2\n"
+    )
+    assert script.index("add chain inet minicloud_sg gi_sg_default") < script.index("jump gi_sg_default")
+    back = delta_script(build([DEFAULT], [NIC2]), old)
+    assert back.endswith("delete chain inet minicloud_sg ge_sg_default\ndelete set inet minicloud_sg g_sg_default\n")
 
 
 def test_output_is_deterministic_whatever_the_input_order():
