@@ -205,6 +205,22 @@ class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     query_min_step: Annotated[float, msgspec.Meta(ge=0.001, le=86400)] = 1.0
 
 
+class ObjectsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[objects]``: the S3 endpoint, an RGW on every node with Ceph (see docs/object-storage.md)."""
+
+    #: Run the S3 gateway on this node once storage is enabled. Related: ``port``.
+    enabled: bool = True
+    #: The gateway's HTTPS port, on the node's cluster address (the same on every node).
+    port: Port = 8444
+    #: ``DOMAIN`` for virtual-hosted-style addressing (``BUCKET.s3.DOMAIN``); "" : path style only.
+    domain: Annotated[
+        str, msgspec.Meta(pattern=r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*)?$")
+    ] = ""
+    #: Per-project quota on everything its buckets hold, bytes and objects; 0 = unlimited. Related: ``quota_objects``.
+    quota_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
+    quota_objects: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
 class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``[retention]``: how long records that accumulate are kept (see docs/operations.md, "Retention"). The leader
     deletes what expired in bounded batches; idempotency records keep ``api.idempotency_ttl``."""
@@ -235,6 +251,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     compute: ComputeConfig = msgspec.field(default_factory=ComputeConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
+    objects: ObjectsConfig = msgspec.field(default_factory=ObjectsConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
 
