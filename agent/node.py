@@ -16,6 +16,7 @@ from aiohttp import web
 
 from agent.compute.driver import make_driver
 from agent.host import HostFacts, choose_virt, detect_virt
+from agent.metrics import NodeMetrics
 from agent.net.default import DRIVERS as NETWORK_DRIVERS
 from agent.net.default import NetworkDriver, NetworkSpec
 from agent.net.nodenetworks import NodeNetworks
@@ -43,6 +44,8 @@ STORAGE = web.AppKey("storage", StorageReconciler)
 NODE_STORAGE = web.AppKey("node_storage", NodeStorage)
 #: How many storage records the storage reconciler converges at once (each key is still one at a time).
 STORAGE_WORKERS = 4
+#: This node's collectors (``/metrics``); reconcile passes are reported to it.
+NODE_METRICS = web.AppKey("node_metrics", NodeMetrics)
 
 
 def attach_node_services(app: web.Application) -> web.Application:
@@ -57,12 +60,28 @@ def attach_node_services(app: web.Application) -> web.Application:
         app[NODE_NETWORKS] = NodeNetworks()
     if NODE_STORAGE not in app:
         app[NODE_STORAGE] = NodeStorage()
+    if config.metrics.enabled and NODE_METRICS not in app:
+        from agent.metrics.instances import LibvirtStats
+        from agent.metrics.serve import instance_labels, running_operations
+        from minicloud.api.metrics import REGISTRY
+
+        stats = LibvirtStats(config.compute.libvirt_uri) if config.compute.driver == "libvirt" else None
+        app[NODE_METRICS] = NodeMetrics(
+            app[REGISTRY],
+            config.node_name,
+            stats=stats,
+            instances=lambda: instance_labels(app),
+            operations=lambda: running_operations(app),
+        )
+        app.cleanup_ctx.append(_metrics_ctx)
     # storage first, whatever the compute driver: it fills NODE_STORAGE, which the compute reconciler reads
     app.cleanup_ctx.append(_storage_ctx)
     if config.compute.driver != "none":
         # the network reconciler first: it fills NODE_NETWORKS, which the compute reconciler waits on
         app.cleanup_ctx.append(_network_ctx)
         app.cleanup_ctx.append(_compute_ctx)
+    if config.objects.enabled:
+        app.cleanup_ctx.append(_objects_ctx)  # after storage: the gateway needs the cluster's keys
     return app
 
 
@@ -106,10 +125,28 @@ async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     reconciler = StorageReconciler(store=app[STORE], config=config, storage=app[NODE_STORAGE], keystore=app[KEYSTORE])
     controller = Controller(
-        app[STORE], reconciler, workers=STORAGE_WORKERS, resync_interval=config.compute.resync_interval
+        app[STORE],
+        reconciler,
+        workers=STORAGE_WORKERS,
+        resync_interval=config.compute.resync_interval,
+        observe=_observer(app),
     )
     await controller.start()
     app[STORAGE] = reconciler
+    yield
+    await controller.close()
+
+
+async def _objects_ctx(app: web.Application) -> AsyncIterator[None]:
+    """This node's S3 gateway and, on the node that leads, RGW's users, keys and buckets made to match IAM."""
+    from agent.reconcilers.objects import ObjectsReconciler
+    from minicloud.api.accesskeys import KEYSTORE
+    from minicloud.api.auth import DIRECTORY
+
+    config = app[CONFIG]
+    reconciler = ObjectsReconciler(store=app[STORE], config=config, keystore=app[KEYSTORE], directory=app[DIRECTORY])
+    controller = Controller(app[STORE], reconciler, workers=4, resync_interval=config.compute.resync_interval)
+    await controller.start()
     yield
     await controller.close()
 
@@ -118,7 +155,11 @@ async def _network_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     reconciler = network_reconciler(config, app[STORE], app[NODE_NETWORKS])
     controller = Controller(
-        app[STORE], reconciler, workers=NETWORK_WORKERS, resync_interval=config.compute.resync_interval
+        app[STORE],
+        reconciler,
+        workers=NETWORK_WORKERS,
+        resync_interval=config.compute.resync_interval,
+        observe=_observer(app),
     )
     await controller.start()
     app[NETWORK] = reconciler
@@ -154,9 +195,25 @@ async def _compute_ctx(app: web.Application) -> AsyncIterator[None]:
         storage=app[NODE_STORAGE],
     )
     controller = Controller(
-        app[STORE], reconciler, workers=COMPUTE_WORKERS, resync_interval=config.compute.resync_interval
+        app[STORE],
+        reconciler,
+        workers=COMPUTE_WORKERS,
+        resync_interval=config.compute.resync_interval,
+        observe=_observer(app),
     )
     await controller.start()
     app[COMPUTE] = reconciler
     yield
     await controller.close()
+
+
+def _observer(app: web.Application) -> Any:
+    """What a Controller reports its reconcile passes to (None when metrics are off)."""
+    metrics = app.get(NODE_METRICS)
+    return metrics.observe_reconcile if metrics is not None else None
+
+
+def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    from agent.metrics.serve import metrics_ctx
+
+    return metrics_ctx(app, app[NODE_METRICS])

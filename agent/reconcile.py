@@ -30,6 +30,7 @@ import asyncio
 import collections
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -196,6 +197,7 @@ class Controller:
         backoff: Backoff = Backoff(),
         max_pending: int = 10_000,
         rand: Callable[[], float] = random.random,
+        observe: Callable[[str, float, bool], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("a controller needs at least one worker")
@@ -208,6 +210,8 @@ class Controller:
         self.max_pending = max_pending
         self.queue = WorkQueue()
         self._rand = rand
+        #: Told of every reconcile pass: ``observe(reconciler name, seconds, succeeded)`` (the node's metrics).
+        self._observe = observe
         self._failures: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: Any = None
@@ -299,13 +303,22 @@ class Controller:
             except Exception:
                 log.exception("resync failed; will retry", extra={"reconciler": self.name})
 
+    def _observed(self, started: float, *, ok: bool) -> None:
+        if self._observe is not None:
+            try:
+                self._observe(self.name, time.perf_counter() - started, ok)
+            except Exception:
+                log.exception("reconcile observer failed", extra={"reconciler": self.name})
+
     async def _worker(self) -> None:
         while (key := await self.queue.get()) is not None:
+            started = time.perf_counter()
             try:
                 result = await self.reconciler.reconcile(key)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self._observed(started, ok=False)
                 failures = self._failures[key] = self._failures.get(key, 0) + 1
                 delay = self.backoff.delay(failures, self._rand())
                 log.warning(
@@ -321,6 +334,7 @@ class Controller:
                 )
                 self.queue.add_after(key, delay)
             else:
+                self._observed(started, ok=True)
                 self._failures.pop(key, None)
                 if result.requeue_after is not None:
                     self.queue.add_after(key, result.requeue_after)

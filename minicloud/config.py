@@ -189,8 +189,9 @@ class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Run the TSDB on this node: ``auto`` = a single node or a voting member (not with the fake hypervisor, which
     #: the unit tests use), ``on``, ``off``. Related: ``tsdb_port``.
     tsdb: Literal["auto", "on", "off"] = "auto"
-    #: The TSDB's HTTP port, bound to 127.0.0.1 only (the agent is its only client, with a password).
-    tsdb_port: Port = 8428
+    #: The TSDB's HTTP port, bound to 127.0.0.1 only (the agent is its only client, with a password); 0: a free port
+    #: chosen at each start.
+    tsdb_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     #: Days of history kept. Related: ``query_max_range_days``.
     retention_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 15
     #: Seconds between two scrapes of every agent (and between two collections of node and instance figures).

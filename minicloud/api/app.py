@@ -26,6 +26,7 @@ from minicloud.api import (
     instances,
     keypairs,
     login,
+    metrics,
     networks,
     openapi,
     operations,
@@ -93,6 +94,7 @@ ROUTE_TABLES = [
     volumes.routes,
     snapshots.routes,
     whoami.routes,
+    metrics.routes,
 ]
 HOUSEKEEPING_INTERVAL = 60.0
 
@@ -103,7 +105,7 @@ def create_app(config: Config, *, host: HostFactsSource | None = None) -> web.Ap
     (host facts, drivers, reconcilers) are not the API's: ``agent.node.attach_node_services(app)`` adds them; ``host``
     sets stand-in host facts (tests)."""
     app = web.Application(
-        middlewares=[audit_middleware, problem_middleware, auth_middleware],
+        middlewares=[metrics.metrics_middleware, audit_middleware, problem_middleware, auth_middleware],
         client_max_size=config.api.max_body_bytes,
     )
     app[CONFIG] = config
@@ -122,6 +124,7 @@ def create_app(config: Config, *, host: HostFactsSource | None = None) -> web.Ap
     app[VERIFIED_KEYS] = {}
     app[instances.PLACEMENT_LOCKS] = instances.NodeLocks()
     app[BACKUP_GATE] = BackupGate()
+    metrics.install(app)  # the registry /metrics serves; agent.node adds the node's collectors
     openapi.install(app)
     for table in ROUTE_TABLES:
         table.register(app)

@@ -89,6 +89,11 @@ async def authenticate(request: web.Request, *, unix: bool) -> Principal | None:
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthenticated("the Authorization header must be 'Bearer <api key>'")
     token = token.strip()
+    if request.path == "/metrics":  # the metrics token opens /metrics and nothing else
+        from minicloud.api.metrics import scraper_principal  # metrics imports this module
+
+        if (scraper := scraper_principal(request, token)) is not None:
+            return scraper
     if token.startswith(SESSION_PREFIX):
         return await _session_principal(request, token)
     store = request.app[STORE]

@@ -155,6 +155,9 @@ class Client:
         self.snapshots = Snapshots(self)
         self.pools = Pools(self)
         self.storage = StorageApi(self)
+        from minicloud.client.metrics import Metrics
+
+        self.metrics = Metrics(self)
 
     # -- construction ----------------------------------------------------------------------------------------------
     @classmethod

@@ -67,12 +67,12 @@ is given says otherwise. "Reads of S" means every action of two to four segments
 |            |         |                                              | cluster-level); any service not listed here    |
 +------------+---------+----------------------------------------------+------------------------------------------------+
 | ``member`` | project | ``compute:*``, ``storage:*``, ``network:*``, | every other ``iam:`` action (no API keys, no   |
-|            |         | ``operations:*``, ``events:*``; reads of     | bindings); ``audit:*``; cluster-level actions; |
-|            |         | ``iam``                                      | any service not listed here                    |
+|            |         | ``operations:*``, ``events:*``,              | bindings); ``audit:*``; cluster-level actions; |
+|            |         | ``metrics:*``; reads of ``iam``              | any service not listed here                    |
 +------------+---------+----------------------------------------------+------------------------------------------------+
 | ``viewer`` | project | reads of ``compute``, ``storage``,           | any action whose verb is not ``get``, ``list`` |
-|            |         | ``network``, ``operations``, ``events`` and  | or ``watch``; ``audit:*``; cluster-level       |
-|            |         | ``iam``                                      | actions                                        |
+|            |         | ``network``, ``operations``, ``events``,     | or ``watch``; ``audit:*``; cluster-level       |
+|            |         | ``metrics`` and ``iam``                      | actions                                        |
 +------------+---------+----------------------------------------------+------------------------------------------------+
 
 A service added later (say ``lb``) is granted to ``owner``, ``member`` and ``viewer`` only once it is added to
@@ -128,7 +128,7 @@ Scope = Literal["cluster", "project"]
 #: Verbs that only read; an action ending in one of them changes nothing.
 READ_VERBS: Final = ("get", "list", "watch")
 #: Services whose resources live inside projects, granted to the built-in project roles.
-PROJECT_SERVICES: Final = ("compute", "storage", "network", "operations", "events")
+PROJECT_SERVICES: Final = ("compute", "storage", "network", "operations", "events", "metrics")
 #: Principal kinds a binding may name (``user:alice``, ``serviceaccount:ci``).
 PRINCIPAL_KINDS: Final = ("user", "serviceaccount")
 

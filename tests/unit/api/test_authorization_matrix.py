@@ -15,7 +15,7 @@ from minicloud.api.routing import Action, Authenticated
 from minicloud.iam import apikeys
 from minicloud.state import Create, Txn
 
-PROJECT_SERVICES = {"compute", "storage", "network", "operations", "events"}
+PROJECT_SERVICES = {"compute", "storage", "network", "operations", "events", "metrics"}
 PROJECT_IAM = ("iam:apikeys:", "iam:bindings:", "iam:accesskeys:", "iam:serviceaccounts:")
 READS = {"get", "list", "watch"}
 

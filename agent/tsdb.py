@@ -1,0 +1,294 @@
+"""The node's time-series database: VictoriaMetrics (Debian's ``victoria-metrics``), run and supervised by the agent.
+
+Why VictoriaMetrics rather than Prometheus (both are in Debian): one static binary and one process that stores,
+scrapes (``-promscrape.config``, Prometheus' own scrape format) and answers PromQL (MetricsQL, a superset); ~24 MiB
+idle; and ``extra_label`` enforces a label on every selector of a query server-side, which is exactly the project
+scoping the query API needs (Prometheus needs prom-label-proxy in front for that, which Debian does not ship).
+
+Why it **scrapes** rather than agents pushing: the agents already serve ``/metrics`` for users' own Prometheus, so
+the TSDB reads the same endpoint with the same token; scraping records ``up`` and ``scrape_duration_seconds`` per
+target, so a dead agent shows as ``up == 0`` instead of silence; and each voting node's TSDB scraping every agent is
+the redundancy the design asks for (losing a node loses no history) with no fan-out code in the agent.
+
+Exposure: the HTTP listener is bound to ``127.0.0.1`` only and needs HTTP basic auth with a password made at each
+start and handed over in the environment (``-envflag.enable``), never on the command line, which every local user can
+read in ``/proc``. The agent's query service is its only client.
+
+Supervision is like etcd's (``agent/etcd.py``): a pid file next to the data, an orphan left by a SIGKILLed agent is
+killed and replaced (and the process asks the kernel for SIGTERM when the agent dies, so orphans are rare), and :class:`TsdbSupervisor` restarts a process that exits (with backoff) and rewrites the scrape
+configuration when the set of agents changes (VictoriaMetrics re-reads it on SIGHUP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import aiohttp
+import yaml
+
+from minicloud.observe.query import basic_auth
+
+log = logging.getLogger("minicloud.tsdb")
+TSDB_BINARY = "victoria-metrics"
+USERNAME = "minicloud"
+
+
+@dataclass
+class TsdbConfig:
+    data_dir: Path  # DATA_DIR/metrics/tsdb; the pid file, scrape config and log live beside it
+    #: 0: a free loopback port, chosen at each (re)start.
+    port: int = 0
+    retention_days: int = 15
+    scrape_interval: float = 10.0
+    #: Samples newer than this are not yet visible to instant queries (VictoriaMetrics' default, 30 s, hides two
+    #: scrapes; one interval is enough for one TSDB).
+    latency_offset: float = 10.0
+    #: Where scrapers read the bearer token for ``/metrics`` and the CA that signed every agent's certificate.
+    token_file: Path | None = None
+    ca_file: Path | None = None
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def base(self) -> Path:
+        return self.data_dir.parent
+
+    @property
+    def scrape_file(self) -> Path:
+        return self.base / "scrape.yml"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.base / "tsdb.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.base / "tsdb.log"
+
+    def command(self, port: int) -> list[str]:
+        return [
+            shutil.which(TSDB_BINARY) or TSDB_BINARY,
+            f"-storageDataPath={self.data_dir}",
+            f"-httpListenAddr=127.0.0.1:{port}",
+            f"-retentionPeriod={self.retention_days}d",
+            f"-search.latencyOffset={self.latency_offset:g}s",
+            f"-promscrape.config={self.scrape_file}",
+            "-promscrape.suppressScrapeErrors",  # a node down is `up == 0`, not a log line every scrape
+            "-envflag.enable",  # the password comes from the environment (httpAuth_password), not argv
+            f"-httpAuth.username={USERNAME}",
+            "-loggerLevel=WARN",
+            *self.extra_args,
+        ]
+
+    def scrape_config(self, targets: list[str]) -> dict[str, object]:
+        """The ``-promscrape.config`` document: every agent's ``/metrics`` over HTTPS with the metrics token."""
+        job: dict[str, object] = {
+            "job_name": "minicloud",
+            "scheme": "https",
+            "metrics_path": "/metrics",
+            "static_configs": [{"targets": sorted(set(targets))}],
+        }
+        if self.token_file is not None:
+            job["bearer_token_file"] = str(self.token_file)
+        if self.ca_file is not None:
+            job["tls_config"] = {"ca_file": str(self.ca_file)}
+        return {"global": {"scrape_interval": f"{self.scrape_interval:g}s"}, "scrape_configs": [job]}
+
+
+class Tsdb:
+    """One VictoriaMetrics process. ``start`` returns once it answers ``/health``."""
+
+    def __init__(self, config: TsdbConfig) -> None:
+        self.config = config
+        self.password = secrets.token_urlsafe(24)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.port = config.port
+
+    @property
+    def url(self) -> str:
+        """Where it listens now (the port may change at a restart when ``config.port`` is 0)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def auth(self) -> tuple[str, str]:
+        return USERNAME, self.password
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def write_scrape_config(self, targets: list[str]) -> bool:
+        """Write the scrape configuration (atomically); True when it changed. A running process re-reads it on
+        SIGHUP (:meth:`reload`)."""
+        text = yaml.safe_dump(self.config.scrape_config(targets), sort_keys=True)
+        path = self.config.scrape_file
+        with contextlib.suppress(OSError):
+            if path.read_text() == text:
+                return False
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return True
+
+    def reload(self) -> None:
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGHUP)
+
+    def _kill_orphan(self) -> None:
+        """An agent killed with SIGKILL leaves its TSDB running (own session); the next agent replaces it."""
+        try:
+            pid = int(self.config.pid_file.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if f"-storageDataPath={self.config.data_dir}".encode() in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                if not Path(f"/proc/{pid}").exists():
+                    break
+                time.sleep(0.05)
+
+    async def spawn(self) -> None:
+        """Start the process without waiting for it. The scrape configuration must exist (an empty target list is
+        fine)."""
+        self._kill_orphan()
+        self.config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.config.scrape_file.exists():
+            self.write_scrape_config([])
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "httpAuth_password": self.password}
+        self.port = self.config.port or _free_port()
+        logf = _open_log(self.config.log_file)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.config.command(self.port), stdout=logf, stderr=logf, stdin=asyncio.subprocess.DEVNULL,
+                env=env, start_new_session=True, preexec_fn=_die_with_parent,
+            )  # fmt: skip
+        finally:
+            logf.close()
+        self.config.pid_file.write_text(str(self.proc.pid))
+
+    async def wait_ready(self, timeout: float = 30) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        async with aiohttp.ClientSession(headers={"Authorization": basic_auth(*self.auth)}) as http:
+            while True:
+                if self.proc is not None and self.proc.returncode is not None:
+                    raise RuntimeError(
+                        f"victoria-metrics exited with {self.proc.returncode}; see {self.config.log_file}"
+                    )
+                with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                    async with http.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                        if r.status == 200:
+                            return
+                if asyncio.get_running_loop().time() > deadline:
+                    raise TimeoutError(f"victoria-metrics did not answer in {timeout} s; see {self.config.log_file}")
+                await asyncio.sleep(0.05)
+
+    async def start(self, timeout: float = 30) -> None:
+        await self.spawn()
+        await self.wait_ready(timeout)
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+        if not self.running:
+            return
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+        with contextlib.suppress(OSError):
+            self.config.pid_file.unlink()
+
+
+class TsdbSupervisor:
+    """Keeps the TSDB running and its targets current: every ``interval`` seconds it restarts a process that exited
+    (waiting longer after each quick failure, up to a minute) and rewrites the scrape configuration from
+    ``targets()`` (reloading the process when it changed). ``start`` does not wait for the TSDB to be ready: the agent
+    serves without it, and the query API answers 503 until it is."""
+
+    def __init__(self, tsdb: Tsdb, targets: Callable[[], Awaitable[list[str]]], *, interval: float = 10.0) -> None:
+        self.tsdb = tsdb
+        self.targets = targets
+        self.interval = interval
+        self.restarts = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._refresh_targets()
+        try:
+            await self.tsdb.spawn()
+        except OSError as exc:  # the binary is missing: log it, keep trying (the package may be installed later)
+            log.warning("time-series database not started", extra={"error": str(exc)})
+        self._task = asyncio.create_task(self._loop(), name="tsdb-supervisor")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.tsdb.stop()
+
+    async def _refresh_targets(self) -> None:
+        try:
+            targets = await self.targets()
+        except Exception:
+            log.warning("listing scrape targets failed; keeping the last ones", exc_info=True)
+            return
+        if self.tsdb.write_scrape_config(targets):
+            log.info("scrape targets", extra={"targets": targets})
+            self.tsdb.reload()
+
+    async def _loop(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(self.interval if failures == 0 else min(60.0, self.interval * 2**failures))
+            await self._refresh_targets()
+            if self.tsdb.running:
+                failures = 0
+                continue
+            failures += 1
+            code = self.tsdb.proc.returncode if self.tsdb.proc is not None else None
+            log.warning(
+                "time-series database is not running; restarting",
+                extra={"exit_code": code, "log": str(self.tsdb.config.log_file), "failures": failures},
+            )
+            try:
+                await self.tsdb.spawn()
+                self.restarts += 1
+            except OSError as exc:
+                log.warning("time-series database not started", extra={"error": str(exc)})
+
+
+def _open_log(path: Path) -> BinaryIO:
+    return open(path, "ab")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the agent dies, even by SIGKILL (PR_SET_PDEATHSIG), so no TSDB
+    outlives its agent; the pid file covers the race where the agent died before this ran."""
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1

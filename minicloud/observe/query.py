@@ -1,0 +1,268 @@
+"""The query service: PromQL from a caller, answered by the node's time-series database for the caller's project only.
+
+Enforcement is the TSDB's, server-side: every query is sent with ``extra_label=project=<project>``, which
+VictoriaMetrics adds as a matcher to **every** series selector of the expression after parsing it (the way
+prom-label-proxy rewrites the AST), so ``{project="B"}``, ``or`` branches, regex matchers and subqueries all select
+only the caller's series; the project in the query text is never trusted. Expressions that *make* series without
+selecting any (``label_replace(vector(1), "project", "B", "", "")``, ``absent(x{project="B"})``) carry no stored
+data, but to keep "no series of another project in an answer" true whatever the expression, answers are filtered
+once more: a series labelled with another project is dropped.
+
+Limits (so one query cannot hold the TSDB): the range of a range query (``metrics.query_max_range_days``), points per
+series (``metrics.query_max_points``) and the smallest step (``metrics.query_min_step``); a query that breaks one is a
+422 naming the limit. Invalid PromQL is a 422 carrying the parser's own message. The TSDB being unreachable is 503.
+
+Cluster scope (``project=None``) sends no label: every series, for cluster administrators (the API checks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import re
+import time as _time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+
+from minicloud import errors
+from minicloud.model.metrics import MetricsResult
+from minicloud.observe.names import PROJECT_LABEL
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 365 * 86400.0}
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)?$")
+
+
+def parse_duration(text: str, what: str = "step") -> float:
+    """``15``, ``15s``, ``5m``, ``1h``, ``2d``, ``1w`` → seconds. Raises a 422 naming ``what``."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise errors.ValidationFailed(
+            f"{what} {text!r} is not a duration; use seconds or a number with a unit: 15s, 5m, 1h, 2d, 1w",
+            invalid_params=[{"name": what, "reason": "not a duration"}],
+        )
+    return float(m[1]) * _UNITS[m[2] or "s"]
+
+
+def parse_time(text: str | None, now: float, what: str = "time") -> float:
+    """Unix seconds, RFC 3339, ``now``, ``now-1h`` or ``-1h`` → Unix seconds. None → ``now``."""
+    if text is None:
+        return now
+    t = text.strip()
+    if t == "now":
+        return now
+    rel = t.removeprefix("now")
+    if rel.startswith("-") and rel[1:2].isdigit() and not rel[1:].replace(".", "").isdigit():
+        return now - parse_duration(rel[1:], what)
+    try:
+        value = float(t)
+        if math.isfinite(value):
+            return value
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(t.replace("Z", "+00:00"))
+    except ValueError:
+        raise errors.ValidationFailed(
+            f"{what} {text!r} is not a time; use Unix seconds, RFC 3339 (2026-01-02T15:04:05Z), 'now' or '-1h'",
+            invalid_params=[{"name": what, "reason": "not a time"}],
+        ) from None
+    if parsed.tzinfo is None:
+        raise errors.ValidationFailed(
+            f"{what} {text!r} has no time zone; add one (Z or +01:00)",
+            invalid_params=[{"name": what, "reason": "no time zone"}],
+        )
+    return parsed.timestamp()
+
+
+@dataclass(frozen=True)
+class Limits:
+    #: The longest ``end - start`` of a range query, in seconds.
+    max_range: float = 15 * 86400.0
+    #: The most points per series a range query may return (``(end - start) / step``).
+    max_points: int = 11_000
+    #: The smallest step, in seconds.
+    min_step: float = 1.0
+
+
+@dataclass(frozen=True)
+class RangeWindow:
+    start: float
+    end: float
+    step: float
+
+
+def range_window(start: str | None, end: str | None, step: str | None, limits: Limits, now: float) -> RangeWindow:
+    """Check a range query's window against ``limits`` (pure). Default: the last hour, ~240 points."""
+    t_end = parse_time(end, now, "end")
+    t_start = parse_time(start, now, "start") if start is not None else t_end - 3600.0
+    if t_start > t_end:
+        raise errors.ValidationFailed(
+            "start is after end; give an earlier start (or leave it out: the last hour)",
+            invalid_params=[{"name": "start", "reason": "after end"}],
+        )
+    span = t_end - t_start
+    if span > limits.max_range:
+        raise errors.ValidationFailed(
+            f"the range is {_human(span)}; the limit is {_human(limits.max_range)} (metrics.query_max_range_days): "
+            "query a shorter range",
+            invalid_params=[{"name": "start", "reason": "range too long"}],
+        )
+    if step is None:
+        t_step = max(limits.min_step, math.ceil(span / 240) if span else limits.min_step)
+    else:
+        t_step = parse_duration(step, "step")
+    if t_step < limits.min_step:
+        raise errors.ValidationFailed(
+            f"step {step} is below the smallest allowed, {limits.min_step:g} s (metrics.query_min_step)",
+            invalid_params=[{"name": "step", "reason": "step too small"}],
+        )
+    points = span / t_step + 1
+    if points > limits.max_points:
+        smallest = math.ceil(span / (limits.max_points - 1))
+        raise errors.ValidationFailed(
+            f"{int(points)} points per series is over the limit of {limits.max_points} (metrics.query_max_points): "
+            f"use a step of at least {smallest} s for this range, or a shorter range",
+            invalid_params=[{"name": "step", "reason": "too many points"}],
+        )
+    return RangeWindow(t_start, t_end, t_step)
+
+
+def _human(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:g} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} h"
+    return f"{seconds:g} s"
+
+
+def only_project(result_type: str, result: Any, project: str) -> Any:
+    """Drop series labelled with a project other than ``project`` (pure; see the module docstring)."""
+    if result_type not in ("vector", "matrix") or not isinstance(result, list):
+        return result
+    return [s for s in result if (s.get("metric") or {}).get(PROJECT_LABEL, project) == project]
+
+
+class QueryService:
+    """Queries one VictoriaMetrics (``base_url``, with HTTP basic auth when ``auth`` is given). ``project=None`` is
+    cluster scope. Opens its HTTP session on first use; :meth:`close` it."""
+
+    def __init__(
+        self,
+        base_url: str | Callable[[], str],
+        *,
+        auth: tuple[str, str] | None = None,
+        limits: Limits = Limits(),
+        timeout: float = 30.0,
+        nocache: bool = False,
+        clock: Callable[[], float] = _time.time,
+    ) -> None:
+        #: The TSDB's URL, or a function giving it now (its port may change when it restarts).
+        self._base_url = base_url
+        self._headers = {"Authorization": basic_auth(*auth)} if auth else {}
+        self.limits = limits
+        self.timeout = timeout
+        #: Ask the TSDB to bypass its response cache (tests; instant queries always do).
+        self.nocache = nocache
+        self.clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def base_url(self) -> str:
+        url = self._base_url() if callable(self._base_url) else self._base_url
+        return url.rstrip("/")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def query(self, promql: str, *, time: str | None = None, project: str | None) -> MetricsResult:
+        """An instant query at ``time`` (default now) for ``project`` (None: cluster scope)."""
+        params = {"query": promql, "time": f"{parse_time(time, self.clock()):.3f}", "nocache": "1"}
+        data = await self._get("/api/v1/query", params, project)
+        return self._result(data, project)
+
+    async def query_range(
+        self,
+        promql: str,
+        *,
+        start: str | None = None,
+        end: str | None = None,
+        step: str | None = None,
+        project: str | None,
+    ) -> MetricsResult:
+        """A range query for ``project`` (None: cluster scope), its window checked against the limits first."""
+        w = range_window(start, end, step, self.limits, self.clock())
+        params = {"query": promql, "start": f"{w.start:.3f}", "end": f"{w.end:.3f}", "step": f"{w.step:g}s"}
+        if self.nocache:
+            params["nocache"] = "1"
+        data = await self._get("/api/v1/query_range", params, project)
+        result = self._result(data, project)
+        result.start, result.end, result.step = w.start, w.end, w.step
+        return result
+
+    async def series(self, match: str, *, project: str | None, start: float, end: float) -> list[dict[str, str]]:
+        """``/api/v1/series`` for one matcher (label sets), scoped like the queries."""
+        params = {"match[]": match, "start": f"{start:.3f}", "end": f"{end:.3f}"}
+        data = await self._get("/api/v1/series", params, project)
+        found = data if isinstance(data, list) else []
+        return [s for s in found if project is None or s.get(PROJECT_LABEL, project) == project]
+
+    # -- plumbing --------------------------------------------------------------------------------------------------
+    def _result(self, data: Any, project: str | None) -> MetricsResult:
+        rtype = str(data.get("resultType", "")) if isinstance(data, dict) else ""
+        result = data.get("result", []) if isinstance(data, dict) else []
+        if project is not None:
+            result = only_project(rtype, result, project)
+        return MetricsResult(result_type=rtype, result=result)
+
+    async def _http(self) -> aiohttp.ClientSession:
+        async with self._lock:
+            if self._session is None or self._session.closed:
+                self._session = aiohttp.ClientSession(
+                    headers=self._headers, timeout=aiohttp.ClientTimeout(total=self.timeout)
+                )
+            return self._session
+
+    async def _get(self, path: str, params: dict[str, str], project: str | None) -> Any:
+        query: list[tuple[str, str]] = list(params.items())
+        if project is not None:
+            query.append(("extra_label", f"{PROJECT_LABEL}={project}"))
+        http = await self._http()
+        try:
+            async with http.get(self.base_url + path, params=query) as resp:
+                body = await resp.json(content_type=None)
+                status = resp.status
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            raise errors.Unavailable(
+                f"the metrics database on this node did not answer ({type(exc).__name__}); retry, or ask an "
+                "administrator to check `minicloud metrics status` and the agent log",
+                headers={"Retry-After": "5"},
+            ) from None
+        if status == 200 and isinstance(body, dict) and body.get("status") == "success":
+            return body.get("data")
+        message = str(body.get("error", "")) if isinstance(body, dict) else ""
+        if 400 <= status < 500:
+            raise errors.ValidationFailed(
+                f"the query was refused: {_parser_message(message)}",
+                invalid_params=[{"name": "query", "reason": _parser_message(message)}],
+            )
+        raise errors.Unavailable(f"the metrics database failed ({status}): {message[:500]}")
+
+
+def basic_auth(user: str, password: str) -> str:
+    """An HTTP basic ``Authorization`` header value."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def _parser_message(message: str) -> str:
+    """VictoriaMetrics says ``error when executing query="…" for (time=…, step=…): <reason>`` (or ``cannot parse
+    …: <reason>``): keep the reason, which is the parser's own words."""
+    m = re.search(r"\): (.*)$", message, re.S) or re.search(r"cannot parse [^:]*: (.*)$", message, re.S)
+    return (m[1] if m else message).strip()[:1000] or "invalid query"

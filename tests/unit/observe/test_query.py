@@ -1,0 +1,82 @@
+"""The query service's own rules: time and duration parsing, range limits, the answer filter, and how the TSDB's
+refusals become problems (invalid PromQL with the parser's message)."""
+
+from __future__ import annotations
+
+import pytest
+
+from minicloud import errors
+from minicloud.observe.query import Limits, QueryService, only_project, parse_duration, parse_time, range_window
+
+NOW = 1_800_000_000.0
+
+
+def test_durations_and_times():
+    assert parse_duration("15s") == 15
+    assert parse_duration("5m") == 300
+    assert parse_duration("2d") == 172800
+    assert parse_duration("30") == 30
+    assert parse_time(None, NOW) == NOW
+    assert parse_time("now", NOW) == NOW
+    assert parse_time("-1h", NOW) == NOW - 3600
+    assert parse_time("now-10m", NOW) == NOW - 600
+    assert parse_time("1700000000.5", NOW) == 1700000000.5
+    assert parse_time("2026-01-02T03:04:05Z", NOW) == 1767323045.0
+    with pytest.raises(errors.ValidationFailed, match="no time zone"):
+        parse_time("2026-01-02T03:04:05", NOW)
+    with pytest.raises(errors.ValidationFailed, match="not a duration"):
+        parse_duration("5 minutes")
+
+
+def test_the_range_defaults_to_the_last_hour():
+    w = range_window(None, None, None, Limits(), NOW)
+    assert (w.start, w.end, w.step) == (NOW - 3600, NOW, 15)
+
+
+def test_a_range_too_long_is_refused_naming_the_limit():
+    with pytest.raises(errors.ValidationFailed, match="query_max_range_days"):
+        range_window("-16d", None, "1h", Limits(max_range=15 * 86400), NOW)
+
+
+def test_a_step_too_small_is_refused():
+    with pytest.raises(errors.ValidationFailed, match="query_min_step"):
+        range_window("-1h", None, "100ms", Limits(min_step=1), NOW)
+    with pytest.raises(errors.ValidationFailed, match="at least 10 s"):
+        range_window("-1d", None, "1s", Limits(max_points=8641), NOW)
+    assert range_window("-1d", None, "10s", Limits(max_points=8641), NOW).step == 10
+
+
+def test_start_after_end_is_refused():
+    with pytest.raises(errors.ValidationFailed, match="after end"):
+        range_window("now", "-1h", None, Limits(), NOW)
+
+
+def test_the_answer_filter_drops_other_projects_and_keeps_unlabelled_series():
+    result = [{"metric": {"project": "b"}}, {"metric": {"project": "a"}}, {"metric": {}}]
+    assert only_project("vector", result, "a") == [{"metric": {"project": "a"}}, {"metric": {}}]
+    assert only_project("scalar", [1, "2"], "a") == [1, "2"]
+
+
+@pytest.mark.parametrize(
+    "promql",
+    ["sum(rate(x[5m]", "x{", "1 +", "foo bar"],
+)
+async def test_invalid_promql_is_a_422_with_the_parsers_message(victoria, promql):
+    service = QueryService(victoria.url, auth=victoria.auth)
+    try:
+        with pytest.raises(errors.ValidationFailed) as info:
+            await service.query(promql, project="pa")
+    finally:
+        await service.close()
+    reason = info.value.invalid_params[0]["reason"]
+    assert "error when executing" not in reason and reason  # the parser's words, not the wrapper
+    assert info.value.detail.startswith("the query was refused: ")
+
+
+async def test_an_unreachable_tsdb_is_503():
+    service = QueryService("http://127.0.0.1:9", timeout=2)
+    try:
+        with pytest.raises(errors.Unavailable):
+            await service.query("up", project="pa")
+    finally:
+        await service.close()

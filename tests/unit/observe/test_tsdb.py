@@ -1,0 +1,141 @@
+"""The TSDB the agent runs (``agent/tsdb.py``): a real agent starts VictoriaMetrics, which scrapes the agent's
+``/metrics`` over HTTPS with the metrics token; the TSDB refuses callers without its password; a killed TSDB is
+restarted; an orphan left by an earlier agent is replaced; stopping the agent stops it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from agent.daemon import serve
+from agent.tsdb import Tsdb, TsdbConfig, TsdbSupervisor
+from tests.unit.api.conftest import make_config
+
+DEADLINE = 60.0  # generous: conditions below are polled until true, never timed
+
+
+async def _eventually(check, what: str):
+    loop = asyncio.get_running_loop()
+    end = loop.time() + DEADLINE
+    while True:
+        value = await check()
+        if value:
+            return value
+        assert loop.time() < end, f"never happened: {what}"
+        await asyncio.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+async def test_the_agent_runs_a_tsdb_that_scrapes_its_own_metrics(tmp_path):
+    import msgspec
+
+    cfg = make_config(tmp_path)
+    cfg = msgspec.structs.replace(cfg, metrics=msgspec.structs.replace(cfg.metrics, tsdb="on", scrape_interval=1.0))
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(cfg, stop))
+    sock = cfg.agent.socket
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sock)) as http:
+
+            async def query(promql: str):
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with http.get(
+                        "http://agent/v1/metrics/query", params={"query": promql, "scope": "cluster"}
+                    ) as r:
+                        if r.status == 200:
+                            return (await r.json())["result"]
+                return None
+
+            up = await _eventually(lambda: query('up{job="minicloud"} == 1'), "the agent scraped (up == 1)")
+            assert up[0]["metric"]["instance"].startswith("127.0.0.1:")
+            series = await _eventually(
+                lambda: query('minicloud_api_requests_total{route="/v1/metrics/query"}'), "API requests counted"
+            )
+            assert series[0]["metric"]["node"] == "n1"
+            node = await _eventually(lambda: query("minicloud_node_memory_total_bytes"), "node figures")
+            assert float(node[0]["value"][1]) > 0
+        pid = _check_the_running_tsdb(cfg.data_path / "metrics")
+    finally:
+        stop.set()
+        await task
+    assert not _alive(pid)
+
+
+def _check_the_running_tsdb(base: Path) -> int:
+    """The token file is private, the password is not on the command line, and the TSDB refuses a caller without
+    it. Returns the TSDB's pid."""
+    assert (base / "token").stat().st_mode & 0o077 == 0
+    pid = int((base / "tsdb.pid").read_text())
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert not any(a.lower().startswith(b"-httpauth.password") for a in argv)
+    port = next(a for a in argv if a.startswith(b"-httpListenAddr=")).split(b":")[-1].decode()
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?query=up", timeout=5)
+    assert info.value.code == 401
+    return pid
+
+
+@pytest.fixture
+def tsdb_config(tmp_path):
+    return TsdbConfig(data_dir=tmp_path / "metrics" / "tsdb", scrape_interval=1.0)
+
+
+async def test_the_supervisor_restarts_a_tsdb_that_died_and_keeps_targets_current(tsdb_config):
+    targets = ["10.0.0.1:8443"]
+
+    async def listing():
+        return list(targets)
+
+    tsdb = Tsdb(tsdb_config)
+    supervisor = TsdbSupervisor(tsdb, listing, interval=0.2)
+    await supervisor.start()
+    try:
+        await tsdb.wait_ready()
+        assert "10.0.0.1:8443" in tsdb_config.scrape_file.read_text()
+        first = tsdb.proc.pid
+        os.kill(first, signal.SIGKILL)
+
+        async def restarted():
+            return tsdb.running and tsdb.proc.pid != first
+
+        await _eventually(restarted, "the TSDB restarted")
+        await tsdb.wait_ready()
+        targets.append("10.0.0.2:8443")
+
+        async def rewritten():
+            return "10.0.0.2:8443" in tsdb_config.scrape_file.read_text()
+
+        await _eventually(rewritten, "the scrape configuration follows the targets")
+        assert supervisor.restarts >= 1
+    finally:
+        await supervisor.close()
+    assert not tsdb.running
+
+
+async def test_an_orphan_tsdb_is_replaced_by_the_next_start(tsdb_config):
+    old = Tsdb(tsdb_config)
+    await old.start()
+    orphan = old.proc.pid
+    new = Tsdb(tsdb_config)
+    try:
+        await new.start()
+        assert not _alive(orphan)
+        assert new.proc.pid != orphan
+    finally:
+        await new.stop()
+        await old.stop()
