@@ -74,6 +74,7 @@ from minicloud.storage.kinds import (
     VolumeSpec,
     slots_id,
 )
+from minicloud.storage.volumes import snapshots_follow
 
 Instance = Obj[InstanceSpec, InstanceObserved]
 Image = Obj[ImageSpec, ImageStatus]
@@ -322,7 +323,9 @@ async def _boot_volume_ops(store: Store, obj: Instance) -> list[Op]:
     )
     status = msgspec.structs.replace(volume.status, state="attaching", reason="")
     updated = volume.replace(spec=spec, status=status, updated_at=obj.updated_at)
-    return [Update(VOLUME.dump(updated), expect_revision=record.revision)]
+    # a ceph volume's snapshots follow it to the instance's node (its old node may be gone for good)
+    follow = await snapshots_follow(store, volume, spec.node, obj.updated_at)
+    return [Update(VOLUME.dump(updated), expect_revision=record.revision), *follow]
 
 
 async def create_instance(

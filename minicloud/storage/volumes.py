@@ -25,7 +25,7 @@ from minicloud.core.kinds import Obj
 from minicloud.core.write import Written, commit
 from minicloud.iam.directory import Directory
 from minicloud.model.storage import VolumeAttach, VolumeCreate, VolumeDetach, VolumeExtend
-from minicloud.state import Check, Create, Delete, Op, Store, Update
+from minicloud.state import Check, Create, Delete, Op, Store, Update, list_all
 from minicloud.storage import common, pools
 from minicloud.storage.kinds import (
     DEVICES,
@@ -309,13 +309,36 @@ async def _release_slot_ops(ctx: Context, store: Store, vol: Volume) -> list[Op]
     return _slots_op(ctx, slots, att.instance, {d: v for d, v in slots.spec.devices.items() if v != vol.id})
 
 
+async def snapshots_follow(store: Store, vol: Volume, node: str, stamp: str) -> list[Op]:
+    """The CAS writes that hand a ceph volume's snapshots to ``node``, the node the volume moves to: commit them
+    with the move. Any node with the pool can take or remove a ceph snapshot, and the old node may be gone for
+    good (a snapshot left with it would stay ``creating`` or ``deleting``). Snapshots being deleted are no longer
+    in the volume's list: they are found among the old node's (indexed). Nothing for a local volume (it does not
+    move)."""
+    if vol.spec.driver != "ceph" or not node or vol.spec.node == node:
+        return []
+    found = {sid: None for sid in vol.spec.snapshots}
+    if vol.spec.node:
+        for record in await list_all(store, SNAPSHOT.name, where={"node": vol.spec.node}):
+            if record.spec.get("volume") == vol.id:
+                found[record.id] = None
+    ops: list[Op] = []
+    for sid in found:
+        snap = await load(store, SNAPSHOT, sid)
+        if snap is not None and snap.spec.volume == vol.id and snap.spec.node != node:
+            moved = snap.replace(spec=msgspec.structs.replace(snap.spec, node=node), updated_at=stamp)
+            ops.append(cas(SNAPSHOT, moved))
+    return ops
+
+
 async def attach_volume(ctx: Context, store: Store, ref: str, body: VolumeAttach) -> Written:
     """Attach an ``available`` volume to an instance of ``ctx``'s project (404 otherwise) as ``body.device`` or the
     instance's next free guest disk (``vdb`` … ``vdz``), unique per instance (a CAS on its ``diskslots``). 409 when
     the volume is attached already (naming the instance) or not available, the instance is being deleted or not
     placed yet, the device is taken or none is free, or a local volume's node is not the instance's (naming both).
     Sets ``spec.attachment``, moves ``spec.node`` to the instance's node (keeping the old one in
-    ``previous_node``, which the new node fences) and the status to ``attaching``."""
+    ``previous_node``, which the new node fences; the volume's snapshots move with it) and the status to
+    ``attaching``."""
 
     async def step(_: int) -> Written:
         vol = await crud.get(ctx, store, VOLUME, ref)
@@ -370,6 +393,7 @@ async def attach_volume(ctx: Context, store: Store, ref: str, body: VolumeAttach
             # reads it again — so a volume is never attached to an instance whose teardown did not see it.
             [
                 cas(VOLUME, attached),
+                *await snapshots_follow(store, vol, target, ctx.clock()),
                 *_slots_op(ctx, slots, inst.id, devices),
                 Check(kind=INSTANCE.name, id=inst.id, expect_revision=inst.revision),
             ],
@@ -384,12 +408,34 @@ async def attach_volume(ctx: Context, store: Store, ref: str, body: VolumeAttach
 async def detach_volume(ctx: Context, store: Store, ref: str, body: VolumeDetach) -> Written:
     """Detach a volume from its instance (409 when it is not attached, or is the instance's root disk): the
     attachment moves to ``detached_from`` (with ``force``: unplug without waiting for the guest), its guest disk is
-    free again, the status is ``detaching`` until the instance's node has unplugged it."""
+    free again, the status is ``detaching`` until the instance's node has unplugged it. A volume still
+    ``detaching`` (the guest has not let go: its reason says so) takes a second detach with ``force``: the
+    detach becomes forced (the instance's node powers the guest off and starts it without the disk)."""
 
     async def step(_: int) -> Written:
         vol = await crud.get(ctx, store, VOLUME, ref)
         att = vol.spec.attachment
+        gone = vol.spec.detached_from
+        if att is None and gone is not None and vol.status.state == "detaching" and body.force:
+            if gone.force:
+                return Written(VOLUME.to_view(vol), 200, vol.revision)  # forced already
+            forced = changed(
+                vol, ctx, status=_status(vol, reason=""), detached_from=msgspec.structs.replace(gone, force=True)
+            )
+            return await commit(
+                ctx,
+                store,
+                [cas(VOLUME, forced)],
+                status=200,
+                label=VOLUME.label,
+                respond=lambda rev: VOLUME.to_view(forced.replace(revision=rev)),
+            )
         if att is None:
+            if gone is not None and vol.status.state == "detaching":
+                raise errors.Conflict(
+                    f"volume '{vol.name}' is being detached from instance '{gone.instance_name or gone.instance}'; "
+                    f"if its guest does not let go, force it (`minicloud volume detach {vol.name} --force`)"
+                )
             raise errors.Conflict(f"volume '{vol.name}' is not attached")
         if vol.spec.root_of:
             raise errors.Conflict(
@@ -498,4 +544,5 @@ __all__ = [
     "free_gib",
     "live_clones",
     "release_instance",
+    "snapshots_follow",
 ]
