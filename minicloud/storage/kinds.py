@@ -178,6 +178,10 @@ class PoolSpec(msgspec.Struct, kw_only=True):
     ceph_pool: str = ""
     default: bool = False
     description: str = ""
+    #: A delete is checking that nothing uses the pool (set before its last look, so a volume create that commits
+    #: after the mark fails its condition on the pool and one before it is seen); cleared when the delete is
+    #: refused. Creates refuse a pool so marked.
+    deleting: bool = False
 
 
 #: Cluster-scoped: every authenticated caller may list and show them (``storage:pools:list|get``); create and

@@ -5,6 +5,7 @@ pool) and delete unused ones. List and show are generic (every caller with a rol
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
@@ -17,7 +18,7 @@ from minicloud.core.kinds import Obj
 from minicloud.core.write import Written, commit
 from minicloud.iam.directory import Directory
 from minicloud.model.storage import PoolCreate
-from minicloud.state import Create, Op, Store, Update
+from minicloud.state import Create, Op, Store, Txn, TxnFailed, Update
 from minicloud.storage import common
 from minicloud.storage.kinds import CEPH, LOCAL_POOL_NAME, POOL, VOLUME, PoolSpec
 
@@ -128,6 +129,37 @@ async def pool_users(store: Store, pool: Pool, limit: int = 5) -> list[str]:
     return found
 
 
+async def _refuse_users(store: Store, pool: Pool) -> None:
+    if users := await pool_users(store, pool):
+        raise errors.InUse(f"pool '{pool.name}' is still used by {', '.join(users)}; delete them first")
+
+
+async def _mark(ctx: Context, store: Store, pool: Pool) -> Pool:
+    """Set the pool's ``deleting`` mark with a CAS on the revision read (a lost race is retried by the caller); not
+    audited: the delete that follows, or its refusal, is. Returns the marked pool."""
+    marked = pool.replace(spec=msgspec.structs.replace(pool.spec, deleting=True), updated_at=ctx.clock())
+    try:
+        rev, _ = await store.commit(Txn([Update(POOL.dump(marked), expect_revision=pool.revision)]))
+    except TxnFailed as exc:
+        raise errors.Conflict("the pool changed while it was being deleted; retry") from exc
+    return marked.replace(revision=rev)
+
+
+async def _unmark(ctx: Context, store: Store, pool_id: str) -> None:
+    """Clear the ``deleting`` mark (read, CAS, again on a lost race); nothing when it is not set or the pool is
+    gone."""
+    for _ in range(common.ATTEMPTS):
+        record = await store.get(POOL.name, pool_id)
+        if record is None or not (pool := POOL.load(record)).spec.deleting:
+            return
+        clear = pool.replace(spec=msgspec.structs.replace(pool.spec, deleting=False), updated_at=ctx.clock())
+        try:
+            await store.commit(Txn([Update(POOL.dump(clear), expect_revision=pool.revision)]))
+            return
+        except TxnFailed:
+            continue
+
+
 async def delete_pool(
     ctx: Context, store: Store, ref: str, *, expect: int | None = None, directory: Directory | None = None
 ) -> Written:
@@ -147,21 +179,33 @@ async def delete_pool(
                 f"pool '{pool.name}' is the default; make another pool the default first "
                 "(`minicloud pool create NAME --driver … --default`)"
             )
-        if users := await pool_users(store, pool):
-            raise errors.InUse(f"pool '{pool.name}' is still used by {', '.join(users)}; delete them first")
-        extra: list[Op] = []
-        ceph = await common.ceph_record(store)
-        if pool.spec.driver == "ceph" and ceph is not None and pool.spec.ceph_pool in ceph.spec.pools:
-            shared = {
-                POOL.load(r).spec.ceph_pool
-                for r in await store.list(POOL.name, project="", limit=10_000)
-                if r.id != pool.id
-            }
-            still = [p for p in ceph.spec.pools if p != pool.spec.ceph_pool or p in shared]
-            spec = msgspec.structs.replace(ceph.spec, pools=still)
-            extra.append(
-                Update(CEPH.dump(ceph.replace(spec=spec, updated_at=ctx.clock())), expect_revision=ceph.revision)
-            )
-        return await crud.delete_obj(ctx, store, POOL, pool, expect=pool.revision, extra=extra)
+        # Race-free against creates: mark the pool (a volume create that commits after the mark fails its Check on
+        # the pool, reads the mark and is refused), then look (what committed before the mark is seen now). The
+        # mark goes again when the delete does not happen; one a crash left is taken over by the next delete.
+        if not pool.spec.deleting:
+            await _refuse_users(store, pool)  # the common refusal, without a write
+            pool = await _mark(ctx, store, pool)
+        try:
+            await _refuse_users(store, pool)
+            return await _delete(ctx, store, pool)
+        except BaseException:
+            await asyncio.shield(_unmark(ctx, store, pool.id))
+            raise
 
     return await (step(0) if expect is not None else common.retrying(step))
+
+
+async def _delete(ctx: Context, store: Store, pool: Pool) -> Written:
+    """The audited delete of the marked ``pool`` (CAS on the mark), and its RADOS pool out of the ``ceph`` record."""
+    extra: list[Op] = []
+    ceph = await common.ceph_record(store)
+    if pool.spec.driver == "ceph" and ceph is not None and pool.spec.ceph_pool in ceph.spec.pools:
+        shared = {
+            POOL.load(r).spec.ceph_pool
+            for r in await store.list(POOL.name, project="", limit=10_000)
+            if r.id != pool.id
+        }
+        still = [p for p in ceph.spec.pools if p != pool.spec.ceph_pool or p in shared]
+        spec = msgspec.structs.replace(ceph.spec, pools=still)
+        extra.append(Update(CEPH.dump(ceph.replace(spec=spec, updated_at=ctx.clock())), expect_revision=ceph.revision))
+    return await crud.delete_obj(ctx, store, POOL, pool, expect=pool.revision, extra=extra)

@@ -190,10 +190,13 @@ async def create_volume(
 
 
 async def _still(store: Store, kind: Any, id_: str, what: str) -> Check:
-    """A Check that the record ``id_`` is, at commit, what was just read (404 when it is gone already)."""
+    """A Check that the record ``id_`` is, at commit, what was just read (404 when it is gone already, 409 while a
+    delete of it is looking for its users: ``spec.deleting``)."""
     record = await store.get(kind.name, id_)
     if record is None:
         raise errors.NotFound(f"{what} was deleted while this request ran")
+    if record.spec.get("deleting"):
+        raise errors.Conflict(f"{what} is being deleted")
     return Check(kind=kind.name, id=id_, expect_revision=record.revision)
 
 

@@ -12,10 +12,10 @@ from minicloud import errors
 from minicloud.compute import instances
 from minicloud.compute.kinds import HYPERVISOR, INSTANCE, HypervisorSpec
 from minicloud.model.compute import InstanceCreate
-from minicloud.model.storage import SnapshotCreate, StorageEnable, VolumeAttach, VolumeCreate, VolumeDetach
+from minicloud.model.storage import PoolCreate, SnapshotCreate, StorageEnable, VolumeAttach, VolumeCreate, VolumeDetach
 from minicloud.state import Create, Txn
-from minicloud.storage import engine, snapshots, volumes
-from minicloud.storage.kinds import SNAPSHOT, VOLUME
+from minicloud.storage import engine, pools, snapshots, volumes
+from minicloud.storage.kinds import POOL, SNAPSHOT, VOLUME
 from tests.unit.storage.conftest import NODE, put_instance, set_status
 
 
@@ -115,3 +115,60 @@ async def test_a_local_volumes_snapshots_stay(store, ctx):
     snap = await _snapshot(ctx, store, "s")
     await volumes.attach_volume(ctx, store, "v", VolumeAttach(instance="web"))
     assert SNAPSHOT.load(await store.get(SNAPSHOT.name, snap.id)).spec.node == NODE
+
+
+# -- a pool's delete vs a volume create ----------------------------------------------------------------------------
+def _after_call(monkeypatch, module, name: str, call: int, concurrent) -> None:
+    """Replace ``module.name`` so that its ``call``-th call (1-based) runs ``concurrent()`` after it has answered
+    (what it answered is stale by then)."""
+    real = getattr(module, name)
+    seen = {"n": 0}
+
+    async def wrapped(*args, **kwargs):
+        result = await real(*args, **kwargs)
+        seen["n"] += 1
+        if seen["n"] == call:
+            await concurrent()
+        return result
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+async def test_a_volume_created_while_its_pool_is_checked_keeps_the_pool(store, ctx, monkeypatch):
+    """The delete listed the pool's users, a create committed, and the delete went on: a volume in no pool."""
+    await pools.create_pool(ctx, store, PoolCreate(name="scratch", driver="local"))
+
+    async def create() -> None:
+        await volumes.create_volume(ctx, store, VolumeCreate(name="v", size_gib=1, pool="scratch"), node=NODE)
+
+    _after_call(monkeypatch, pools, "pool_users", 1, create)
+    with pytest.raises(errors.InUse, match="volume 'v'"):
+        await pools.delete_pool(ctx, store, "scratch")
+    pool = POOL.load(await store.get_by_name(POOL.name, "", "scratch"))
+    assert not pool.spec.deleting  # the mark went with the refusal: creates work again
+    await volumes.create_volume(ctx, store, VolumeCreate(name="w", size_gib=1, pool="scratch"), node=NODE)
+
+
+async def test_a_volume_create_after_the_pool_is_marked_is_refused(store, ctx, monkeypatch):
+    await pools.create_pool(ctx, store, PoolCreate(name="scratch", driver="local"))
+    refused: list[Exception] = []
+
+    async def create() -> None:
+        try:
+            await volumes.create_volume(ctx, store, VolumeCreate(name="v", size_gib=1, pool="scratch"), node=NODE)
+        except errors.MinicloudError as exc:
+            refused.append(exc)
+
+    _after_call(monkeypatch, pools, "pool_users", 2, create)  # the look after the mark
+    assert (await pools.delete_pool(ctx, store, "scratch")).status == 204
+    assert len(refused) == 1 and "pool 'scratch' is being deleted" in str(refused[0])
+    assert await store.list(VOLUME.name) == [] and await store.get_by_name(POOL.name, "", "scratch") is None
+
+
+async def test_a_pool_mark_a_crash_left_is_taken_over_by_the_next_delete(store, ctx):
+    await pools.create_pool(ctx, store, PoolCreate(name="scratch", driver="local"))
+    pool = POOL.load(await store.get_by_name(POOL.name, "", "scratch"))
+    await pools._mark(ctx, store, pool)  # the delete crashed here
+    with pytest.raises(errors.Conflict, match="being deleted"):
+        await volumes.create_volume(ctx, store, VolumeCreate(name="v", size_gib=1, pool="scratch"), node=NODE)
+    assert (await pools.delete_pool(ctx, store, "scratch")).status == 204
