@@ -1,5 +1,6 @@
 """Instance figures from libvirt's bulk domain statistics: **one** ``virConnect.getAllDomainStats`` call per interval
-for every domain of the node (not one call per domain), rendered with the instance's id, name and project.
+for every domain of the node (not one call per domain), rendered with the instance's id, name, project id and project
+name (the query API enforces the id; the name is for display).
 
 :class:`LibvirtStats` makes the call (blocking, on its own read-only connection and thread); :func:`instance_families`
 renders a list of ``(uuid, stats)`` pairs (pure: tested with a fake stats list). Stats keys are libvirt's
@@ -30,7 +31,9 @@ STATE_NAMES = ("running", "paused", "shutoff", "crashed", "other")
 class InstanceLabels:
     instance_id: str
     name: str
+    #: The project's name (display) and id (what the query API enforces).
     project: str
+    project_id: str
 
 
 class LibvirtStats:
@@ -107,7 +110,7 @@ def instance_families(
         inst = instances.get(uuid.lower())
         if inst is None:
             continue
-        base = [inst.instance_id, inst.name, inst.project, node]
+        base = [inst.instance_id, inst.name, inst.project_id, inst.project, node]
         state = STATES.get(int(s.get("state.state", 0)), "other")
         for name in STATE_NAMES:
             fams[n.INSTANCE_STATE.name].add_metric([*base, name], 1.0 if name == state else 0.0)

@@ -13,15 +13,28 @@ from minicloud.api.keys import CONFIG, PKI, STORE
 
 
 async def instance_labels(app: web.Application) -> dict[str, Any]:
-    """This node's instances by domain uuid, with the labels their series carry (one indexed read)."""
+    """This node's instances by domain uuid, with the labels their series carry (one indexed read, and one read per
+    project they are in for its id: ``default`` has a fixed id and no record)."""
     from agent.metrics.instances import InstanceLabels
     from minicloud.compute.kinds import INSTANCE
+    from minicloud.iam.kinds import PROJECT
+    from minicloud.iam.principals import DEFAULT_PROJECT, DEFAULT_PROJECT_ID
     from minicloud.state import list_all
 
+    store = app[STORE]
+    project_ids: dict[str, str | None] = {DEFAULT_PROJECT: DEFAULT_PROJECT_ID}
     out: dict[str, Any] = {}
-    for record in await list_all(app[STORE], INSTANCE.name, where={"node": app[CONFIG].node_name}):
+    for record in await list_all(store, INSTANCE.name, where={"node": app[CONFIG].node_name}):
+        if record.project not in project_ids:
+            found = await store.get_by_name(PROJECT.name, "", record.project)
+            project_ids[record.project] = found.id if found is not None else None
+        project_id = project_ids[record.project]
+        if project_id is None:
+            continue  # its project is gone (being torn down): no series nobody could read
         inst = INSTANCE.load(record)
-        out[inst.spec.uuid.lower()] = InstanceLabels(instance_id=record.id, name=record.name, project=record.project)
+        out[inst.spec.uuid.lower()] = InstanceLabels(
+            instance_id=record.id, name=record.name, project=record.project, project_id=project_id
+        )
     return out
 
 

@@ -7,7 +7,7 @@ the Unix socket). The token is the content of ``metrics.token_file`` or, by defa
 session signing key (the same on every node, copied at join), so every node accepts every scraper without a shared
 file to distribute; the agent writes it to ``DATA_DIR/metrics/token`` (0600) for the local TSDB and for operators.
 
-The query API answers for ``?project=`` only, enforced by the TSDB (``minicloud.observe.query``); ``?scope=cluster``
+The query API answers for ``?project=`` only, enforced by the TSDB on the project's id (``minicloud.observe.query``); ``?scope=cluster``
 queries every series and needs ``cluster:metrics:get`` cluster-wide (``admin``).
 """
 
@@ -25,12 +25,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from minicloud import errors
 from minicloud.api import auth
-from minicloud.api.keys import CONFIG, SESSION_KEY
+from minicloud.api.keys import CONFIG, SESSION_KEY, STORE
 from minicloud.api.resources import project_of
 from minicloud.api.routing import AUTHENTICATED, Action, Routes
 from minicloud.model.metrics import MetricsQuery, MetricsRangeQuery, MetricsResult
 from minicloud.observe import names
-from minicloud.observe.query import QueryService
+from minicloud.observe.query import ProjectScope, QueryService
+from minicloud.observe.scope import project_scope
 
 routes = Routes("metrics")
 
@@ -174,12 +175,13 @@ async def scrape(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def _scope(request: web.Request, scope: str) -> str | None:
-    """The project to enforce, or None for cluster scope (after checking the caller may use it)."""
+async def _scope(request: web.Request, scope: str) -> ProjectScope | None:
+    """The project to enforce (its id; its name for display), or None for cluster scope (after checking the caller
+    may use it)."""
     if scope == "cluster":
         await auth.authorize(request, auth.principal_of(request), CLUSTER_ACTION, project_of(request), cluster=True)
         return None
-    return project_of(request)
+    return await project_scope(request.app[STORE], project_of(request))
 
 
 def _service(request: web.Request) -> QueryService:

@@ -6,9 +6,12 @@ Naming follows Prometheus' conventions as Incus's ``/1.0/metrics`` and the libvi
 (``_bytes``, ``_seconds``), ``_total`` on counters. Labels:
 
 - ``node`` on every series (the node that collected it; set by the collector, not the scraper);
-- ``project`` only on series that belong to a project (instances): the query API enforces it, so a series without it
-  is visible to cluster administrators only (``?scope=cluster``);
-- instance series carry ``instance_id`` (stable), ``name`` (may be reused after a delete) and ``project``.
+- ``project_id`` and ``project`` only on series that belong to a project (instances): the query API enforces
+  ``project_id`` (the project's id: a project re-created under an old name is a new id and sees none of the old one's
+  history), so a series without it is visible to cluster administrators only (``?scope=cluster``); ``project`` is
+  the project's name, for display;
+- instance series carry ``instance_id`` (stable), ``name`` (may be reused after a delete), ``project_id`` and
+  ``project``.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from typing import Literal
 
 MetricType = Literal["counter", "gauge", "histogram"]
 
-#: The label the query service enforces (``extra_label=project=<caller's project>``).
+#: The label the query service enforces (``extra_label=project_id=<caller's project id>``).
+PROJECT_ID_LABEL = "project_id"
+#: The project's name: shown, never enforced on (a name can be reused after a project is deleted).
 PROJECT_LABEL = "project"
 NODE_LABEL = "node"
-INSTANCE_LABELS = ("instance_id", "name", "project", "node")
+INSTANCE_LABELS = ("instance_id", "name", "project_id", "project", "node")
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,14 @@
 """The query service: PromQL from a caller, answered by the node's time-series database for the caller's project only.
 
-Enforcement is the TSDB's, server-side: every query is sent with ``extra_label=project=<project>``, which
+Enforcement is the TSDB's, server-side: every query is sent with ``extra_label=project_id=<project id>``, which
 VictoriaMetrics adds as a matcher to **every** series selector of the expression after parsing it (the way
-prom-label-proxy rewrites the AST), so ``{project="B"}``, ``or`` branches, regex matchers and subqueries all select
-only the caller's series; the project in the query text is never trusted. Expressions that *make* series without
-selecting any (``label_replace(vector(1), "project", "B", "", "")``, ``absent(x{project="B"})``) carry no stored
-data, but to keep "no series of another project in an answer" true whatever the expression, answers are filtered
-once more: a series labelled with another project is dropped.
+prom-label-proxy rewrites the AST), so ``{project="B"}``, ``{project_id="prj-…"}``, ``or`` branches, regex matchers
+and subqueries all select only the caller's series; the project in the query text is never trusted. The id, not the
+name, is enforced: a project deleted and re-created under the same name is a new id and sees none of the old one's
+series. Expressions that *make* series without selecting any (``label_replace(vector(1), "project", "B", "", "")``,
+``absent(x{project="B"})``) carry no stored data, but to keep "no series of another project in an answer" true
+whatever the expression, answers are filtered once more: a series labelled with another project id, or another
+project name, is dropped.
 
 Limits (so one query cannot hold the TSDB): the range of a range query (``metrics.query_max_range_days``), points per
 series (``metrics.query_max_points``) and the smallest step (``metrics.query_min_step``); a query that breaks one is a
@@ -31,7 +33,7 @@ import aiohttp
 
 from minicloud import errors
 from minicloud.model.metrics import MetricsResult
-from minicloud.observe.names import PROJECT_LABEL
+from minicloud.observe.names import PROJECT_ID_LABEL, PROJECT_LABEL
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 365 * 86400.0}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)?$")
@@ -140,11 +142,23 @@ def _human(seconds: float) -> str:
     return f"{seconds:g} s"
 
 
-def only_project(result_type: str, result: Any, project: str) -> Any:
+@dataclass(frozen=True)
+class ProjectScope:
+    """The project a query answers for: its ``id`` (enforced) and its ``name`` (the display label, filtered too)."""
+
+    id: str
+    name: str
+
+    def owns(self, labels: dict[str, str]) -> bool:
+        """False when ``labels`` name another project, by id or by name (a series naming none is kept)."""
+        return labels.get(PROJECT_ID_LABEL, self.id) == self.id and labels.get(PROJECT_LABEL, self.name) == self.name
+
+
+def only_project(result_type: str, result: Any, project: ProjectScope) -> Any:
     """Drop series labelled with a project other than ``project`` (pure; see the module docstring)."""
     if result_type not in ("vector", "matrix") or not isinstance(result, list):
         return result
-    return [s for s in result if (s.get("metric") or {}).get(PROJECT_LABEL, project) == project]
+    return [s for s in result if project.owns(s.get("metric") or {})]
 
 
 class QueryService:
@@ -182,7 +196,7 @@ class QueryService:
             await self._session.close()
             self._session = None
 
-    async def query(self, promql: str, *, time: str | None = None, project: str | None) -> MetricsResult:
+    async def query(self, promql: str, *, time: str | None = None, project: ProjectScope | None) -> MetricsResult:
         """An instant query at ``time`` (default now) for ``project`` (None: cluster scope)."""
         params = {"query": promql, "time": f"{parse_time(time, self.clock()):.3f}", "nocache": "1"}
         data = await self._get("/api/v1/query", params, project)
@@ -195,7 +209,7 @@ class QueryService:
         start: str | None = None,
         end: str | None = None,
         step: str | None = None,
-        project: str | None,
+        project: ProjectScope | None,
     ) -> MetricsResult:
         """A range query for ``project`` (None: cluster scope), its window checked against the limits first."""
         w = range_window(start, end, step, self.limits, self.clock())
@@ -207,15 +221,17 @@ class QueryService:
         result.start, result.end, result.step = w.start, w.end, w.step
         return result
 
-    async def series(self, match: str, *, project: str | None, start: float, end: float) -> list[dict[str, str]]:
+    async def series(
+        self, match: str, *, project: ProjectScope | None, start: float, end: float
+    ) -> list[dict[str, str]]:
         """``/api/v1/series`` for one matcher (label sets), scoped like the queries."""
         params = {"match[]": match, "start": f"{start:.3f}", "end": f"{end:.3f}"}
         data = await self._get("/api/v1/series", params, project)
         found = data if isinstance(data, list) else []
-        return [s for s in found if project is None or s.get(PROJECT_LABEL, project) == project]
+        return [s for s in found if project is None or project.owns(s)]
 
     # -- plumbing --------------------------------------------------------------------------------------------------
-    def _result(self, data: Any, project: str | None) -> MetricsResult:
+    def _result(self, data: Any, project: ProjectScope | None) -> MetricsResult:
         rtype = str(data.get("resultType", "")) if isinstance(data, dict) else ""
         result = data.get("result", []) if isinstance(data, dict) else []
         if project is not None:
@@ -230,10 +246,10 @@ class QueryService:
                 )
             return self._session
 
-    async def _get(self, path: str, params: dict[str, str], project: str | None) -> Any:
+    async def _get(self, path: str, params: dict[str, str], project: ProjectScope | None) -> Any:
         query: list[tuple[str, str]] = list(params.items())
         if project is not None:
-            query.append(("extra_label", f"{PROJECT_LABEL}={project}"))
+            query.append(("extra_label", f"{PROJECT_ID_LABEL}={project.id}"))
         http = await self._http()
         try:
             async with http.get(self.base_url + path, params=query) as resp:

@@ -52,7 +52,7 @@ def test_a_running_guests_cpu_series_rises_and_a_stopped_guests_series_stop(metr
     first = wait_until("the guest's CPU series", cpu, timeout=120)
     wait_until("the guest's CPU time to rise", lambda: (cpu() or 0) > first, timeout=120)
     series = _query(a, f"minicloud_instance_cpu_seconds_total{selector}")[0]["metric"]
-    assert (series["name"], series["project"]) == ("busy", "default")
+    assert (series["name"], series["project"], series["project_id"]) == ("busy", "default", "prj-default")
     assert series["node"] == a.info["node"]
 
     def table() -> str | None:

@@ -1,6 +1,6 @@
 """A real VictoriaMetrics for the metrics tests: one per test session (per xdist worker), started from the same
 command line the agent uses (``agent.tsdb.TsdbConfig``) with a small latency offset, and loaded with series of two
-projects through ``/api/v1/import/prometheus``."""
+projects, and of an earlier project deleted and re-created under pa's name, through ``/api/v1/import/prometheus``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ from agent.tsdb import TsdbConfig, _free_port
 #: Series the enforcement tests look for: project ``pa`` has small values, ``pb`` has values no ``pa`` series has.
 PA_VALUES = {"1", "2"}
 PB_VALUES = {"777", "778"}
+#: The projects' ids (enforced) and an earlier project named ``pa``, deleted: its series have other values again.
+PA_ID, PB_ID, OLD_PA_ID = "prj-pa", "prj-pb", "prj-pa-old"
+OLD_PA_VALUES = {"555"}
 
 
 @dataclass
@@ -48,17 +51,25 @@ class Victoria:
         self.get("/internal/force_flush")
 
 
-def _series(now: float) -> str:
+def project_series(now: float, pa_id: str = PA_ID, pb_id: str = PB_ID, *, node_and_old: bool = True) -> str:
+    """Prometheus text lines of pa and pb (with these project ids) at now-120 s, now-60 s and now; with
+    ``node_and_old``, a node series and the deleted earlier pa's series too."""
     lines = []
     for ago in (120, 60, 0):
         ms = int((now - ago) * 1000)
+        a, b = f'project_id="{pa_id}",project="pa"', f'project_id="{pb_id}",project="pb"'
         lines += [
-            f'minicloud_instance_cpu_seconds_total{{instance_id="i-a1",name="vm1",project="pa",node="n1"}} 1 {ms}',
-            f'minicloud_instance_cpu_seconds_total{{instance_id="i-a2",name="vm2",project="pa",node="n1"}} 2 {ms}',
-            f'minicloud_instance_cpu_seconds_total{{instance_id="i-b1",name="vm1",project="pb",node="n1"}} 777 {ms}',
-            f'minicloud_instance_memory_bytes{{instance_id="i-b1",name="vm1",project="pb",node="n1"}} 778 {ms}',
-            f'minicloud_node_load1{{node="n1"}} 5 {ms}',
+            f'minicloud_instance_cpu_seconds_total{{instance_id="i-a1",name="vm1",{a},node="n1"}} 1 {ms}',
+            f'minicloud_instance_cpu_seconds_total{{instance_id="i-a2",name="vm2",{a},node="n1"}} 2 {ms}',
+            f'minicloud_instance_cpu_seconds_total{{instance_id="i-b1",name="vm1",{b},node="n1"}} 777 {ms}',
+            f'minicloud_instance_memory_bytes{{instance_id="i-b1",name="vm1",{b},node="n1"}} 778 {ms}',
         ]
+        if node_and_old:
+            old = f'project_id="{OLD_PA_ID}",project="pa"'
+            lines += [
+                f'minicloud_node_load1{{node="n1"}} 5 {ms}',
+                f'minicloud_instance_memory_bytes{{instance_id="i-old",name="vm1",{old},node="n1"}} 555 {ms}',
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -84,7 +95,7 @@ def victoria(tmp_path_factory: pytest.TempPathFactory):
             assert proc.poll() is None, (base / "tsdb.log").read_text()
             assert time.monotonic() < deadline, "victoria-metrics did not start"
             time.sleep(0.05)
-        vm.import_text(_series(vm.now))
+        vm.import_text(project_series(vm.now))
         yield vm
     finally:
         proc.terminate()

@@ -90,14 +90,14 @@ STATS = [
     (FOREIGN, {"state.state": 1, "cpu.time": 1}),  # not an instance of ours
 ]
 LABELS = {
-    UUID_A: InstanceLabels("i-a", "web", "pa"),
-    UUID_B: InstanceLabels("i-b", "db", "pb"),
+    UUID_A: InstanceLabels("i-a", "web", "pa", "prj-a"),
+    UUID_B: InstanceLabels("i-b", "db", "pb", "prj-b"),
 }
 
 
 def test_instance_series_from_one_bulk_stats_list():
     got = _samples(instance_families(STATS, LABELS, "n1"))
-    a = {("instance_id", "i-a"), ("name", "web"), ("project", "pa"), ("node", "n1")}
+    a = {("instance_id", "i-a"), ("name", "web"), ("project_id", "prj-a"), ("project", "pa"), ("node", "n1")}
     assert got[("minicloud_instance_cpu_seconds_total", frozenset(a))] == 2.5
     assert got[("minicloud_instance_vcpus", frozenset(a))] == 2
     assert got[("minicloud_instance_memory_bytes", frozenset(a))] == 1 << 30
@@ -106,7 +106,7 @@ def test_instance_series_from_one_bulk_stats_list():
     assert got[("minicloud_instance_network_transmit_bytes_total", frozenset(a | {("interface", "tap1")}))] == 200
     assert got[("minicloud_instance_state", frozenset(a | {("state", "running")}))] == 1
     assert got[("minicloud_instance_state", frozenset(a | {("state", "shutoff")}))] == 0
-    b = {("instance_id", "i-b"), ("name", "db"), ("project", "pb"), ("node", "n1")}
+    b = {("instance_id", "i-b"), ("name", "db"), ("project_id", "prj-b"), ("project", "pb"), ("node", "n1")}
     assert got[("minicloud_instance_state", frozenset(b | {("state", "shutoff")}))] == 1
     # a stopped guest has no usage series; a foreign domain has none at all
     assert not any(

@@ -1,5 +1,7 @@
 """A member of project A cannot read project B's series, whatever the query: crafted queries against a real
-VictoriaMetrics through the query service (``extra_label`` plus the answer filter)."""
+VictoriaMetrics through the query service (``extra_label=project_id=…`` plus the answer filter). They attack both
+labels: ``project`` (the name) and ``project_id`` (what is enforced), and an earlier project deleted and re-created
+under A's name (same ``project`` label, another id) stays invisible too."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import json
 import pytest
 
 from minicloud import errors
-from minicloud.observe.query import QueryService
-from tests.unit.observe.conftest import PB_VALUES
+from minicloud.observe.query import ProjectScope, QueryService
+from tests.unit.observe.conftest import OLD_PA_ID, OLD_PA_VALUES, PA_ID, PB_ID, PB_VALUES
+
+PA = ProjectScope(id=PA_ID, name="pa")
 
 CRAFTED = [
     '{project="pb"}',
@@ -37,7 +41,21 @@ CRAFTED = [
     'WITH (x = {project="pb"}) x',
     'minicloud_instance_memory_bytes{project="pb"} or vector(0)',
     'group_left_thing = 1 or {project="pb"}',
+    # the enforced label itself
+    f'{{project_id="{PB_ID}"}}',
+    f'{{project_id="{OLD_PA_ID}"}}',
+    '{project_id=~"prj-.*"}',
+    f'{{project_id!="{PA_ID}"}}',
+    f'minicloud_instance_memory_bytes{{project="pa",project_id="{OLD_PA_ID}"}}',
+    f'minicloud_instance_memory_bytes{{project="pa"}} or {{project_id="{PB_ID}"}}',
+    f'label_replace({{project_id="{PB_ID}"}}, "project_id", "{PA_ID}", "", "")',
+    f'label_replace(vector(1), "project_id", "{PB_ID}", "", "")',
+    f'label_replace(minicloud_instance_cpu_seconds_total, "project_id", "{PB_ID}", "", "")',
+    f'absent(minicloud_instance_memory_bytes{{project_id="{PB_ID}"}})',
+    "sum by (project_id) (minicloud_instance_memory_bytes)",
+    f'WITH (x = {{project_id="{OLD_PA_ID}"}}) x',
 ]
+FOREIGN = PB_VALUES | OLD_PA_VALUES
 
 
 def _values(result) -> set[str]:
@@ -66,44 +84,66 @@ async def test_a_crafted_query_as_project_a_returns_no_series_of_b(service, prom
         if answer is None:
             continue
         text = json.dumps(answer.result)
-        assert '"pb"' not in text, (promql, text)
-        assert not (_values(answer) & PB_VALUES), (promql, text)
+        for foreign in ('"pb"', PB_ID, OLD_PA_ID):
+            assert foreign not in text, (promql, text)
+        assert not (_values(answer) & FOREIGN), (promql, text)
 
 
 async def _instant(service, promql):
     try:
-        return await service.query(promql, project="pa")
+        return await service.query(promql, project=PA)
     except errors.ValidationFailed:
         return None  # refused by the parser: nothing answered
 
 
 async def _range(service, promql):
     try:
-        return await service.query_range(promql, start="-5m", step="30s", project="pa")
+        return await service.query_range(promql, start="-5m", step="30s", project=PA)
     except errors.ValidationFailed:
         return None
 
 
 async def test_project_a_sees_its_own_series_and_sums_only_them(service):
-    own = await service.query("minicloud_instance_cpu_seconds_total", project="pa")
+    own = await service.query("minicloud_instance_cpu_seconds_total", project=PA)
     assert sorted(s["metric"]["instance_id"] for s in own.result) == ["i-a1", "i-a2"]
-    total = await service.query("sum(minicloud_instance_cpu_seconds_total)", project="pa")
+    assert {s["metric"]["project_id"] for s in own.result} == {PA_ID}
+    total = await service.query("sum(minicloud_instance_cpu_seconds_total)", project=PA)
     assert total.result[0]["value"][1] == "3"  # 1 + 2: B's 777 is not in the sum
 
 
+async def test_a_project_re_created_under_an_old_name_sees_none_of_the_old_ones_history(service):
+    # the deleted earlier "pa" has a memory series labelled project="pa"; the new pa (another id) does not see it
+    assert (await service.query('minicloud_instance_memory_bytes{project="pa"}', project=PA)).result == []
+    old = ProjectScope(id=OLD_PA_ID, name="pa")
+    assert [s["value"][1] for s in (await service.query("minicloud_instance_memory_bytes", project=old)).result] == [
+        "555"
+    ]
+
+
 async def test_node_series_are_invisible_to_projects_and_visible_to_cluster_scope(service):
-    assert (await service.query("minicloud_node_load1", project="pa")).result == []
+    assert (await service.query("minicloud_node_load1", project=PA)).result == []
     cluster = await service.query("minicloud_node_load1", project=None)
     assert [s["metric"]["node"] for s in cluster.result] == ["n1"]
     every = await service.query("minicloud_instance_memory_bytes", project=None)
-    assert [s["metric"]["project"] for s in every.result] == ["pb"]
+    assert sorted(s["metric"]["project_id"] for s in every.result) == [OLD_PA_ID, PB_ID]
 
 
 async def test_the_series_api_is_scoped_too(service, victoria):
-    for match in ('{project="pb"}', '{__name__=~".+"}', "minicloud_instance_memory_bytes"):
-        found = await service.series(match, project="pa", start=victoria.now - 600, end=victoria.now)
-        assert all(s.get("project") in (None, "pa") for s in found), (match, found)
+    for match in (
+        '{project="pb"}',
+        f'{{project_id="{OLD_PA_ID}"}}',
+        '{__name__=~".+"}',
+        "minicloud_instance_memory_bytes",
+    ):
+        found = await service.series(match, project=PA, start=victoria.now - 600, end=victoria.now)
+        assert all(s.get("project_id") in (None, PA_ID) for s in found), (match, found)
         assert not any(s.get("project") == "pb" for s in found)
     # and the TSDB itself, asked directly with the label, agrees (not only our filter)
-    raw = json.loads(victoria.get("/api/v1/series", **{"match[]": '{project="pb"}', "extra_label": "project=pa"}))
+    raw = json.loads(
+        victoria.get("/api/v1/series", **{"match[]": '{project="pb"}', "extra_label": f"project_id={PA_ID}"})
+    )
     assert raw["data"] == []
+    raw = json.loads(
+        victoria.get("/api/v1/series", **{"match[]": '{project="pa"}', "extra_label": f"project_id={PA_ID}"})
+    )
+    assert {s["instance_id"] for s in raw["data"]} == {"i-a1", "i-a2"}  # not the old pa's i-old

@@ -15,6 +15,7 @@ from minicloud.iam import apikeys
 from minicloud.observe.query import QueryService
 from minicloud.state import Create, Txn
 from tests.unit.api.conftest import Api, FakeHost, make_config
+from tests.unit.observe.conftest import project_series
 
 
 @pytest.fixture
@@ -27,8 +28,13 @@ async def api(tmp_path, victoria):
     record, token = apikeys.new_key("default", "test-admin", "", None, {}, principal="user:usr-admin")
     await app[STORE].commit(Txn([Create(record)]))
     a = Api(client, token)
+    ids = []
     for project in ("pa", "pb"):
-        assert (await a.post("/v1/projects", json={"name": project})).status == 201
+        r = await a.post("/v1/projects", json={"name": project})
+        assert r.status == 201
+        ids.append((await r.json())["id"])
+    # series of these projects (their ids are new each test); the session's data has an older "pa" too
+    victoria.import_text(project_series(victoria.now, *ids, node_and_old=False))
     yield a
     await client.close()
 
@@ -53,6 +59,12 @@ async def test_a_member_queries_only_their_projects_series(api):
     body = await r.json()
     assert body["resultType"] == "vector"
     assert sorted(s["metric"]["project"] for s in body["result"]) == ["pa", "pa"]
+    # the deleted earlier "pa" (same name, another id) is not this pa: its memory series stays out
+    r = await api.get(
+        "/v1/metrics/query", params={"query": 'minicloud_instance_memory_bytes{project="pa"}', "project": "pa"},
+        headers=alice,
+    )  # fmt: skip
+    assert (await r.json())["result"] == []
     r = await api.get(
         "/v1/metrics/query_range",
         params={

@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 
 from minicloud import errors
-from minicloud.observe.query import Limits, QueryService, only_project, parse_duration, parse_time, range_window
+from minicloud.observe.query import (
+    Limits,
+    ProjectScope,
+    QueryService,
+    only_project,
+    parse_duration,
+    parse_time,
+    range_window,
+)
 
 NOW = 1_800_000_000.0
 
@@ -51,10 +59,18 @@ def test_start_after_end_is_refused():
         range_window("now", "-1h", None, Limits(), NOW)
 
 
-def test_the_answer_filter_drops_other_projects_and_keeps_unlabelled_series():
-    result = [{"metric": {"project": "b"}}, {"metric": {"project": "a"}}, {"metric": {}}]
-    assert only_project("vector", result, "a") == [{"metric": {"project": "a"}}, {"metric": {}}]
-    assert only_project("scalar", [1, "2"], "a") == [1, "2"]
+def test_the_answer_filter_drops_other_projects_by_id_or_name_and_keeps_unlabelled_series():
+    a = ProjectScope(id="prj-a", name="a")
+    result = [
+        {"metric": {"project": "b", "project_id": "prj-b"}},
+        {"metric": {"project": "a", "project_id": "prj-a"}},
+        {"metric": {"project": "a", "project_id": "prj-a-old"}},  # an earlier project of the same name
+        {"metric": {"project": "b", "project_id": "prj-a"}},  # made by label_replace: another name shown
+        {"metric": {"project_id": "prj-b"}},
+        {"metric": {}},
+    ]
+    assert only_project("vector", result, a) == [{"metric": {"project": "a", "project_id": "prj-a"}}, {"metric": {}}]
+    assert only_project("scalar", [1, "2"], a) == [1, "2"]
 
 
 @pytest.mark.parametrize(
@@ -65,7 +81,7 @@ async def test_invalid_promql_is_a_422_with_the_parsers_message(victoria, promql
     service = QueryService(victoria.url, auth=victoria.auth)
     try:
         with pytest.raises(errors.ValidationFailed) as info:
-            await service.query(promql, project="pa")
+            await service.query(promql, project=ProjectScope(id="prj-pa", name="pa"))
     finally:
         await service.close()
     reason = info.value.invalid_params[0]["reason"]
@@ -77,6 +93,6 @@ async def test_an_unreachable_tsdb_is_503():
     service = QueryService("http://127.0.0.1:9", timeout=2)
     try:
         with pytest.raises(errors.Unavailable):
-            await service.query("up", project="pa")
+            await service.query("up", project=ProjectScope(id="prj-pa", name="pa"))
     finally:
         await service.close()
