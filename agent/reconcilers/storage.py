@@ -169,6 +169,7 @@ def real_engine_factory(config: Config) -> Callable[..., Any]:
                 mon_port=cfg.ceph_mon_port,
                 mon_port_v1=cfg.ceph_mon_port_v1,
                 prometheus_port=cfg.ceph_prometheus_port,
+                osd_memory_target=cfg.ceph_osd_memory_target,
             )
         )
 
@@ -359,6 +360,10 @@ class StorageReconciler:
                 log.warning("restarted Ceph daemons", extra={"daemons": started})
         except CephError as exc:
             log.error("Ceph daemons do not start", extra={"error": str(exc)})
+        try:
+            await self._converge_mon(ceph, engine, sealed)
+        except (CephError, errors.MinicloudError) as exc:
+            log.error("this node's monitor does not follow the storage cluster record", extra={"error": str(exc)})
         self._leading = await self._leads(ceph.spec)
         if self._leading:
             try:
@@ -371,6 +376,22 @@ class StorageReconciler:
                     observed_at=ids.now(),
                 )
         return Result(requeue_after=SUPERVISE)
+
+    async def _converge_mon(self, ceph: Any, engine: Any, sealed: dict[str, str]) -> None:
+        """This node runs a MON exactly when the record's ``mons`` names it (the services leader places them:
+        :mod:`minicloud.storage.mons`): a new one joins the running MONs (:meth:`CephEngine.add_mon`, with a standby
+        MGR), one no longer named leaves the monmap and stops (:meth:`CephEngine.remove_mon`). ``mon_host`` of every
+        node's ``ceph.conf`` follows the record through the engine's settings (:meth:`_engine_for`)."""
+        from agent.storage.ceph import CephKeys
+
+        mons = ceph.spec.mons
+        if self.node in mons and not engine.has_mon():
+            log.warning("this node becomes a Ceph monitor", extra={"mons": sorted(mons)})
+            entities = {e: self.keystore.decrypt(token, e.encode()).decode() for e, token in sealed.items()}
+            await engine.add_mon(CephKeys.from_entities(entities))
+        elif mons and self.node not in mons and engine.has_mon():
+            log.warning("this node stops being a Ceph monitor", extra={"mons": sorted(mons)})
+            await engine.remove_mon(self.node)
 
     async def _bootstrap(self, ceph: Any, engine: Any) -> dict[str, str]:
         """Bootstrap (or, after a crash between bootstrap and recording, read back) the cluster's keys, create the
@@ -504,13 +525,21 @@ class StorageReconciler:
             await engine.ceph("auth", "caps", CLIENT, *self._client_caps(pools))
             self._caps_pools = pools
         st = await engine.status()
+        # MONs the record no longer names (a removed node's, which cannot take its own out) leave the monmap.
+        in_map = [m.name for m in getattr(st, "mons", [])]
+        if spec.mons and any(m in spec.mons for m in in_map):
+            for name in [m for m in in_map if m not in spec.mons]:
+                log.warning("removing a monitor the storage cluster record no longer names", extra={"mon": name})
+                await engine.remove_mon(name)
         osds = [_osd_info(o) for o in getattr(st, "osds", [])]
-        hosts = {o.node for o in osds if o.up}
+        # Replicas follow the hosts holding data: OSDs that are in (a node down for less than the down-out interval
+        # keeps its share; once its OSDs are marked out, the copies are made on the others).
+        hosts = {o.node for o in osds if o.in_cluster}
         replicas = min(3, max(1, len(hosts)))
         if replicas != self._replicas:
             await engine.set_replicas(replicas)
             self._replicas = replicas
-        ready = bool(getattr(st, "ready", False)) and bool(hosts)
+        ready = bool(getattr(st, "ready", False)) and any(o.up for o in osds)
         current = ceph.status
         if ready:
             state = "ready"
@@ -519,6 +548,9 @@ class StorageReconciler:
         else:
             state = "error"
         summary = str(getattr(st, "summary", ""))
+        lost = await self._lost_words(st, spec)
+        if lost:
+            summary = f"{lost[0].upper()}{lost[1:]}; {summary}" if summary else f"{lost[0].upper()}{lost[1:]}."
         if not hosts and not summary:
             summary = "no OSD is up yet: add a disk with `minicloud storage disk add`"
         fields: dict[str, Any] = {
@@ -538,6 +570,18 @@ class StorageReconciler:
             return
         await self._set_ceph_status(spec={"replicas": replicas}, observed_at=ids.now(), **fields)
         self._status_written = time.monotonic()
+
+    async def _lost_words(self, st: Any, spec: CephSpec) -> str:
+        """What the lost nodes among the MON and OSD nodes mean, in plain words ("" when none is lost)."""
+        from agent.storage.ceph_status import CephStatus as EngineStatus
+        from agent.storage.ceph_status import lost_nodes_words
+
+        if not isinstance(st, EngineStatus):
+            return ""
+        nodes = {m.name for m in st.mons} | {o.node for o in st.osds if o.node}
+        lost = {n for n in nodes if await self._node_lost(n)}
+        interval = int(getattr(self._engine.engine.settings, "down_out_interval", 60)) if self._engine else 60
+        return lost_nodes_words(st, lost, interval) if lost else ""
 
     async def _set_ceph_status(self, *, spec: dict[str, Any] | None = None, **fields: Any) -> None:
         record = await self.store.get_by_name(CEPH.name, "", CEPH_NAME)

@@ -82,6 +82,9 @@ class CephSettings:
     mon_port: int = 3300  # msgr2
     mon_port_v1: int = 6789  # msgr1 (older clients; QEMU's librbd speaks v2 too)
     osd_memory_target: int = 1 << 30
+    #: Seconds an OSD may be down before the MONs mark it out and its data is copied elsewhere (Ceph's default is
+    #: 600; a rack's nodes are few, so a lost one is re-replicated sooner). A node back within it just catches up.
+    down_out_interval: int = 60
     prometheus_port: int = 9283  # the MGR's metrics exporter, bound to ``address`` only
     cli_timeout: float = 30.0  # seconds a ``ceph`` command may take
     start_timeout: float = 120.0  # seconds a daemon may take to initialise
@@ -125,6 +128,8 @@ def render_conf(s: CephSettings) -> str:
         "mon_data_avail_warn = 10",
         "mon_allow_pool_delete = true",
         "mon_allow_pool_size_one = true",
+        # A lost node's OSDs are marked out after this many seconds and their data re-replicates on the others.
+        f"mon_osd_down_out_interval = {s.down_out_interval}",
         # minicloud picks the replica count from the number of hosts on purpose; `status()` says when it is 1.
         "mon_warn_on_pool_no_redundancy = false",
         # The default CRUSH rule (made at MON mkfs) places replicas on OSDs, so one host can keep several copies;
@@ -350,17 +355,105 @@ class CephEngine:
         self.write_conf()
         self._write_keyrings(keys)
 
+    # -- more MONs ---------------------------------------------------------------------------------------------------
+    def has_mon(self) -> bool:
+        """Whether this node has MON data (it runs a MON)."""
+        return (self.mon_dir() / "store.db").exists()
+
+    async def mon_names(self) -> list[str]:
+        """The MONs of the cluster's monmap, by name (each is a node)."""
+        dump = await self.ceph("mon", "dump")
+        return [m["name"] for m in (dump or {}).get("mons", [])]
+
+    async def quorum(self) -> list[str]:
+        """The MONs in quorum now."""
+        out = await self.ceph("quorum_status")
+        return list((out or {}).get("quorum_names", []))
+
+    async def add_mon(self, keys: CephKeys, *, timeout: float | None = None) -> None:
+        """Make this node a MON of the running cluster (its conf must name the MONs that run): fetch the monmap from
+        them, ``ceph-mon --mkfs`` with it and the shared ``mon.`` key, start it (bound to this node's address; it
+        joins the monmap by itself) and wait until it is in the quorum; then a standby MGR here too.
+
+        Idempotent: MON data already here is only started and waited for. The MON's data directory appears at once
+        (made under another name, then renamed), so a crash half-way leaves nothing :meth:`daemons` would start."""
+        s = self.settings
+        d = Daemon("mon", s.node)
+        if not self.has_mon():
+            self.write_conf()
+            self._write_keyrings(keys)
+            tmp = self.root / "run" / "add-mon"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(mode=0o700)
+            try:
+                keyring = tmp / "mon.keyring"
+                _write_atomic(keyring, keyring_text("mon.", keys.mon, {"mon": "allow *"}), 0o600)
+                monmap = tmp / "monmap"
+                await self.ceph("mon", "getmap", "-o", str(monmap))
+                new = self.root / "mon" / f".new-ceph-{s.node}"
+                shutil.rmtree(new, ignore_errors=True)
+                await self._run(
+                    "ceph-mon", "--conf", str(self.conf_path), "--mkfs", "-i", s.node, "--mon-data", str(new),
+                    "--monmap", str(monmap), "--keyring", str(keyring), "--setuser", "root", "--setgroup", "root",
+                    timeout=s.start_timeout,
+                )  # fmt: skip
+                shutil.rmtree(self.mon_dir(), ignore_errors=True)
+                os.rename(new, self.mon_dir())
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        if self._find(d) is None:
+            await self._start(d)
+        await self._wait_quorum(s.node, timeout or s.start_timeout)
+        await self.ensure_mgr()
+
+    async def _wait_quorum(self, name: str, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last = ""
+        while True:
+            try:
+                if name in await self.quorum():
+                    return
+            except CephError as exc:
+                last = f": {exc}"
+            if loop.time() > deadline:
+                raise CephError(
+                    f"mon.{name} started but did not join the quorum in {timeout:.0f} s{last}; see "
+                    f"{self.root / 'log'}/mon.{name}.log"
+                )
+            await asyncio.sleep(0.5)
+
+    async def remove_mon(self, name: str) -> None:
+        """Take MON ``name`` out of the monmap (the others keep quorum); when it is this node's, stop it and its MGR and
+        delete their data. Idempotent. Refuses to remove the last MON."""
+        names = await self.mon_names()
+        if name in names:
+            if len(names) == 1:
+                raise CephError(f"mon.{name} is the cluster's only monitor; it cannot be removed")
+            await self.ceph("mon", "remove", name)
+        if name == self.settings.node:
+            # Its MGR goes too (MGRs run where MONs do): the other MON nodes' MGRs stand by.
+            mgr = Daemon("mgr", name)
+            await self._signal_all(signal.SIGTERM, [Daemon("mon", name), mgr], 30)
+            shutil.rmtree(self.mon_dir(), ignore_errors=True)
+            if self.mgr_dir().exists():
+                with contextlib.suppress(CephError):
+                    await self.ceph("auth", "del", mgr.name)
+                shutil.rmtree(self.mgr_dir(), ignore_errors=True)
+
     async def ensure_mgr(self) -> None:
         """Create this node's MGR (its key from the MONs) unless it exists, and make sure it runs."""
         d = self.mgr_dir()
         keyring = d / "keyring"
         if not keyring.exists():
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # The metrics exporter binds every interface until told otherwise. (--force: the MONs learn a module's
-            # options from a running MGR only.)
+            # The metrics exporter binds every interface until told otherwise: this MGR's own address (the module's
+            # "localized" option, per MGR: a standby on another node binds its own). (--force: the MONs learn a
+            # module's options from a running MGR only.)
+            node = self.settings.node
             for opt, value in (("server_addr", self.settings.address), ("server_port", self.settings.prometheus_port)):
-                await self.ceph("config", "set", "mgr", f"mgr/prometheus/{opt}", str(value), "--force")
-            entity = f"mgr.{self.settings.node}"
+                await self.ceph("config", "set", "mgr", f"mgr/prometheus/{node}/{opt}", str(value), "--force")
+            entity = f"mgr.{node}"
             out = await self.ceph(
                 "auth", "get-or-create", entity, "mon", "allow profile mgr", "osd", "allow *", "mds", "allow *"
             )  # fmt: skip
@@ -415,9 +508,12 @@ class CephEngine:
         return out
 
     async def _start(self, d: Daemon, *extra: str) -> None:
-        """Start ``d`` (it daemonizes; returns once it has initialised)."""
+        """Start ``d`` (it daemonizes; returns once it has initialised). A MON is told its address: one that is not
+        in the monmap yet (joining) binds it and announces it (ignored once the monmap names it)."""
         with contextlib.suppress(FileNotFoundError):
             self.pid_file(d).unlink()
+        if d.type == "mon":
+            extra = ("--public-addrv", self.settings.mon_addrs(self.settings.address), *extra)
         await self._run(
             f"ceph-{d.type}", "--conf", str(self.conf_path), "-i", d.id, "--setuser", "root", "--setgroup", "root",
             *extra, timeout=self.settings.start_timeout,

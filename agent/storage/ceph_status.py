@@ -213,3 +213,47 @@ def status_from_json(
         mgr_available=mgr,
         checks=checks,
     )
+
+
+def lost_nodes_words(st: CephStatus, lost: set[str], down_out_interval: int) -> str:
+    """What a lost node (``lost``: the nodes the cluster says are offline or removed) means for Ceph, in plain words:
+    its MON is out of quorum (do the others keep it?), its OSDs are down and when their data is copied elsewhere.
+    "" when no MON or OSD of Ceph is on a lost node. Pure."""
+    words = []
+    for node in sorted(lost):
+        mon = next((m for m in st.mons if m.name == node), None)
+        osds = [o for o in st.osds if o.node == node]
+        if mon is None and not osds:
+            continue
+        parts = []
+        if mon is not None and not mon.in_quorum:
+            others = [m for m in st.mons if m.name != node]
+            kept = sum(1 for m in others if m.in_quorum)
+            if kept > len(st.mons) // 2:
+                parts.append(f"its monitor is out of quorum ({kept} of {len(st.mons)} monitors keep the quorum)")
+            else:
+                parts.append(
+                    f"its monitor is out of quorum and only {kept} of {len(st.mons)} monitors are left: no quorum, "
+                    "bring a monitor node back"
+                )
+        down = [o for o in osds if not o.up]
+        if down:
+            still_in = [o for o in down if o.in_]
+            names = " ".join(f"osd.{o.id}" for o in down)
+            if still_in:
+                parts.append(
+                    f"{names} {'is' if len(down) == 1 else 'are'} down; Ceph marks {'it' if len(down) == 1 else 'them'}"
+                    f" out {down_out_interval} s after {'it' if len(down) == 1 else 'they'} went down and copies the "
+                    "data to the other nodes"
+                )
+            else:
+                one = len(down) == 1
+                parts.append(
+                    f"{names} {'is' if one else 'are'} down and out: {'its' if one else 'their'} data is copied elsewhere"
+                )
+        if parts:
+            words.append(
+                f"node {node} is lost (offline): " + "; ".join(parts) + f"; when it is gone for good, remove it "
+                f"(`minicloud cluster remove {node}`), or start it again"
+            )
+    return "; ".join(words)

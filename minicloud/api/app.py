@@ -8,7 +8,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -63,6 +63,7 @@ from minicloud.retention import retention_loops
 from minicloud.state import Store
 from minicloud.state.handle import StoreHandle
 from minicloud.state.sqlite import SQLiteStore
+from minicloud.storage.mons import MonPlacement
 
 if TYPE_CHECKING:
     from minicloud.api.keys import HostFactsSource
@@ -212,6 +213,14 @@ def leader_loops(app: web.Application) -> LeaderLoops:
         settle=lambda: float(LEADER_TTL) if cluster.enabled else 0.0,
     )
     loops.register(*retention_loops(app[STORE], app[CONFIG]))
+
+    async def etcd_members() -> list[dict[str, Any]] | None:
+        """The etcd members (who votes), or None on a node that is not clustered."""
+        if not cluster.enabled or cluster.client is None:
+            return None
+        return await cluster.client.member_list()
+
+    loops.register(MonPlacement(app[STORE], etcd_members))  # Ceph MONs on voting nodes (docs/storage.md)
     return loops
 
 

@@ -19,7 +19,15 @@ from agent.storage.ceph import (
     keyring_text,
     render_conf,
 )
-from agent.storage.ceph_status import parse_mons, parse_osds, status_from_json
+from agent.storage.ceph_status import (
+    CephStatus,
+    MonInfo,
+    OsdInfo,
+    lost_nodes_words,
+    parse_mons,
+    parse_osds,
+    status_from_json,
+)
 
 GOLDEN = Path(__file__).parent / "ceph_json"
 
@@ -57,6 +65,7 @@ osd_pool_default_pg_autoscale_mode = off
 mon_data_avail_warn = 10
 mon_allow_pool_delete = true
 mon_allow_pool_size_one = true
+mon_osd_down_out_interval = 60
 mon_warn_on_pool_no_redundancy = false
 osd_crush_chooseleaf_type = 0
 mgr_initial_modules = prometheus
@@ -286,3 +295,38 @@ def test_no_osds_says_to_add_a_disk() -> None:
     st = status_from_json(status, tree, load("mon_dump"), [])
     assert not st.ready and st.osds == []
     assert "There are no disks (OSDs): add one with `minicloud storage disk add`" in st.summary
+
+
+def _lost_status(*, quorum: tuple[str, ...], osd3_in: bool = True) -> CephStatus:
+    return CephStatus(
+        health="HEALTH_WARN",
+        summary="",
+        ready=False,
+        mons=[MonInfo(name=n, address="", in_quorum=n in quorum) for n in ("n1", "n2", "n3")],
+        osds=[
+            OsdInfo(id=0, node="n1", up=True, in_=True),
+            OsdInfo(id=1, node="n2", up=True, in_=True),
+            OsdInfo(id=2, node="n3", up=False, in_=osd3_in),
+        ],
+    )
+
+
+def test_a_lost_node_is_named_with_what_ceph_does_about_it() -> None:
+    st = _lost_status(quorum=("n1", "n2"))
+    assert lost_nodes_words(st, {"n3"}, 60) == (
+        "node n3 is lost (offline): its monitor is out of quorum (2 of 3 monitors keep the quorum); osd.2 is down; "
+        "Ceph marks it out 60 s after it went down and copies the data to the other nodes; when it is gone for good, "
+        "remove it (`minicloud cluster remove n3`), or start it again"
+    )
+    out = lost_nodes_words(_lost_status(quorum=("n1", "n2"), osd3_in=False), {"n3"}, 60)
+    assert "osd.2 is down and out: its data is copied elsewhere" in out
+
+
+def test_losing_two_of_three_monitors_says_there_is_no_quorum() -> None:
+    out = lost_nodes_words(_lost_status(quorum=("n1",)), {"n2", "n3"}, 60)
+    assert "only 1 of 3 monitors are left: no quorum" in out and "node n2 is lost" in out
+
+
+def test_nodes_without_ceph_daemons_or_none_lost_say_nothing() -> None:
+    st = _lost_status(quorum=("n1", "n2", "n3"))
+    assert lost_nodes_words(st, set(), 60) == "" and lost_nodes_words(st, {"n9"}, 60) == ""

@@ -7,6 +7,7 @@ tests/integration/test_storage_node.py."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 
 import msgspec
@@ -15,7 +16,7 @@ import pytest
 from agent.reconcile import Controller
 from agent.reconcilers.storage import CLIENT, ENGINE_KEY, NODE_KEY, StorageReconciler
 from agent.storage.ceph import CephError, CephKeys
-from agent.storage.ceph_status import CephStatus, OsdInfo
+from agent.storage.ceph_status import CephStatus, MonInfo, OsdInfo
 from agent.storage.driver import FakeVolumeDriver
 from agent.storage.node import NodeStorage
 from minicloud import config as cfgmod
@@ -90,8 +91,26 @@ class FakeEngine:
         (self.mon_dir() / "keyring").write_text(f"[mon.]\n\tkey = {keys.mon}\n")
         await self.install_keys(keys)
         self.cluster["bootstrapped"] = self.cluster.get("bootstrapped", 0) + 1
+        self.cluster.setdefault("monmap", {})[self.node] = True
         self.running.add("mon")
         return keys
+
+    def has_mon(self) -> bool:
+        return self.mon_dir().exists()
+
+    async def add_mon(self, keys: CephKeys) -> None:
+        self._check("add_mon")
+        assert keys.mon == "bW9u"  # the shared mon. key, unsealed from the record
+        self.mon_dir().mkdir(parents=True, exist_ok=True)
+        self.cluster.setdefault("monmap", {})[self.node] = True
+        self.running.add(f"mon.{self.node}")
+
+    async def remove_mon(self, name: str) -> None:
+        self._check("remove_mon")
+        self.cluster.get("monmap", {}).pop(name, None)
+        if name == self.node:
+            shutil.rmtree(self.mon_dir(), ignore_errors=True)
+            self.running.discard(f"mon.{name}")
 
     async def install_keys(self, keys: CephKeys) -> None:
         self._check("install_keys")
@@ -146,7 +165,9 @@ class FakeEngine:
     async def status(self):
         self._check("status")
         osds = list(self.cluster.get("osds", {}).values())
-        return CephStatus(health="HEALTH_OK", summary="fake", ready=bool(osds) and all(o.up for o in osds), osds=osds)
+        mons = [MonInfo(name=n, address="", in_quorum=up) for n, up in self.cluster.get("monmap", {}).items()]
+        ready = bool(osds) and all(o.up for o in osds) and all(m.in_quorum for m in mons)
+        return CephStatus(health="HEALTH_OK", summary="fake", ready=ready, osds=osds, mons=mons)
 
     async def blocklist_add(self, addr: str, **_) -> None:
         self._check("blocklist_add")
@@ -289,6 +310,65 @@ async def test_a_second_node_installs_the_keys_from_the_record_and_never_bootstr
     await other.pass_(rounds=1)
     assert ("status",) in other.engine.calls  # n1 is lost: n2, the next MON node, writes the status
     await other.r.close()
+
+
+async def test_a_node_named_in_the_records_mons_becomes_a_mon_and_stops_being_one_when_it_is_no_longer(tmp_path, world):
+    await enable(world.store)
+    await world.pass_()
+    other = World(tmp_path, world.store, world.cluster, node="n2")
+    await other.r.start(other.enqueued.append)
+    await other.pass_()
+    assert ("add_mon",) not in other.engine.calls and not other.engine.has_mon()
+    ceph = await world.store.get_by_name(CEPH.name, "", CEPH_NAME)
+    await change(world.store, CEPH, ceph.id, mons={ME: "127.0.0.1", "n2": "127.0.0.2"})
+    await other.pass_(rounds=1)
+    assert other.engine.has_mon() and set(world.cluster["monmap"]) == {ME, "n2"}
+    # every node's ceph.conf names the record's MONs (the engine is made again with them)
+    assert other.engine.settings.mon_hosts == {ME: "127.0.0.1", "n2": "127.0.0.2"}
+    await other.pass_(rounds=1)
+    assert other.engine.calls.count(("add_mon",)) == 1  # once
+    ceph = await world.store.get_by_name(CEPH.name, "", CEPH_NAME)
+    await change(world.store, CEPH, ceph.id, mons={ME: "127.0.0.1"})
+    await other.pass_(rounds=1)
+    assert not other.engine.has_mon() and set(world.cluster["monmap"]) == {ME}
+    await other.r.close()
+
+
+async def test_the_leading_node_takes_out_the_mon_of_a_node_that_cannot(world):
+    await enable(world.store)
+    await world.pass_()
+    world.cluster["monmap"]["n3"] = False  # a removed node's MON, out of quorum; the record names n1 only
+    await world.pass_(rounds=1)
+    assert set(world.cluster["monmap"]) == {ME} and ("remove_mon",) in world.engine.calls
+
+
+async def test_replicas_follow_the_hosts_holding_data_and_a_lost_node_is_explained(world):
+    await enable(world.store)
+    for name, state in ((ME, "online"), ("n2", "online"), ("n3", "offline")):
+        await create(world.store, NODE, name, NodeSpec(address=f"10.0.0.{name[1]}"), status=NodeStatus(state=state))
+    await world.pass_()
+    osds = world.cluster["osds"]
+    osds[1] = OsdInfo(id=1, node="n2", up=True, in_=True)
+    osds[2] = OsdInfo(id=2, node="n3", up=True, in_=True)
+    world.cluster["monmap"].update({"n2": True, "n3": True})
+    ceph = await world.store.get_by_name(CEPH.name, "", CEPH_NAME)
+    await change(world.store, CEPH, ceph.id, mons={ME: "10.0.0.1", "n2": "10.0.0.2", "n3": "10.0.0.3"})
+    await world.pass_(rounds=1)
+    assert world.cluster["replicas"] == 3
+    # n3 is lost: its OSD is down but still in (for the down-out interval), its MON out of quorum
+    osds[2] = OsdInfo(id=2, node="n3", up=False, in_=True)
+    world.cluster["monmap"]["n3"] = False
+    await world.pass_(rounds=1)
+    ceph = CEPH.load(await world.store.get_by_name(CEPH.name, "", CEPH_NAME))
+    assert world.cluster["replicas"] == 3 and ceph.status.state == "error"
+    assert ceph.status.summary.startswith(
+        "Node n3 is lost (offline): its monitor is out of quorum (2 of 3 monitors keep the quorum); osd.2 is down; "
+        "Ceph marks it out 60 s after it went down"
+    )
+    # marked out: two hosts hold the data, two copies
+    osds[2] = OsdInfo(id=2, node="n3", up=False, in_=False)
+    await world.pass_(rounds=1)
+    assert world.cluster["replicas"] == 2
 
 
 async def test_a_restarted_agent_adopts_the_cluster_and_restarts_a_dead_daemon(tmp_path, world):
