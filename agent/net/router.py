@@ -5,6 +5,8 @@ the VNI's MAC, the same on every node. A network with a subnet attached to a rou
 
 - **forwarding** on (``net.ipv4.ip_forward = 1``, ICMP redirects off): traffic between the router's subnets of the
   network is routed on the node it comes from;
+- the routers' **static routes** (``router route add``) whose next hop is on one of their subnets of this network,
+  in the main table with protocol :data:`ROUTE_PROTO` (netlink, pyroute2), removed with the route;
 - with an **external gateway** (the router's address on an external network): ``mce0``, a macvlan (bridge mode) on
   the node's **provider interface** for that network (``[network.providers] PHYSNET = "ifname"``), with the router's
   external address and a MAC derived from the router (the same on every node), a default route via the external
@@ -20,19 +22,24 @@ namespace going (the network leaving the node) takes all of it along.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import ipaddress
 import json
 import logging
 import os
 import shutil
+import socket
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from pyroute2 import NetlinkError
 
 from agent.net.common import NetworkError, netns_argv
 from agent.net.firewall import NftFirewall, NftTable
 from agent.net.overlay import vxlan_name
-from agent.net.service import INNER_NAME, service_mac
+from agent.net.service import INNER_NAME, _collect, _ns_socket, service_mac
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,9 @@ _SYSCTLS = (
     "net.ipv4.conf.all.arp_ignore=1",
 )
 FLOATING_PREFIX = "mcf-"
+#: The routing protocol number marking the routers' static routes in a service namespace (``ip route show proto
+#: 77``): what is ours to converge, apart from the kernel's and the external leg's routes.
+ROUTE_PROTO = 77
 
 #: Sends one gratuitous ARP request (argv: interface, address, MAC) on an AF_PACKET socket.
 _GARP = """
@@ -110,6 +120,14 @@ class FloatingLeg:
         return floating_name(self.fip_id)
 
 
+@dataclass(frozen=True, order=True)
+class StaticRoute:
+    """A router's static route: ``destination`` via ``nexthop``, an address on one of its subnets of this network."""
+
+    destination: ipaddress.IPv4Network
+    nexthop: ipaddress.IPv4Address
+
+
 @dataclass(frozen=True)
 class RouterPlan:
     """What the routers need in one network's service namespace: forwarding, at most one external leg, and the
@@ -122,6 +140,8 @@ class RouterPlan:
     routed_mac: str = ""
     #: The service namespace's own addresses (gateways, metadata): what it sends itself never crosses VXLAN.
     own: tuple[str, ...] = ()
+    #: The routers' static routes whose next hop is on one of their subnets of this network, sorted.
+    routes: tuple[StaticRoute, ...] = ()
 
 
 def routed_mac(vni: int, local: str) -> str:
@@ -237,10 +257,12 @@ class RouterPlumbing:
         forwarding = (await self._inside(path, self._sysctl, "-n", "net.ipv4.ip_forward", what="read")).strip()
         if plan is None:
             await self._remove_external(path, fw)
+            await ensure_routes(path, ())
             if forwarding == "1":
                 await self._inside(path, self._sysctl, "-qw", "net.ipv4.ip_forward=0", what="stop forwarding")
             return
         await self._inside(path, self._sysctl, "-qw", *_SYSCTLS, what="turn forwarding on")
+        await ensure_routes(path, plan.routes)
         if plan.external is None:
             await self._remove_external(path, fw)
             return
@@ -357,6 +379,53 @@ class RouterPlumbing:
         if TABLE in await fw.list_tables():
             await fw.delete_tables([TABLE])
         self._tables.pop(path, None)
+
+
+def route_changes(
+    have: Iterable[StaticRoute], want: Iterable[StaticRoute]
+) -> tuple[list[StaticRoute], list[StaticRoute]]:
+    """(to delete, to add) turning the static routes ``have`` into ``want``; a destination whose next hop changed is
+    replaced in place (listed in add only). Pure."""
+    have_by = {r.destination: r for r in have}
+    want_by = {r.destination: r for r in want}
+    delete = sorted(r for d, r in have_by.items() if d not in want_by)
+    add = sorted(r for d, r in want_by.items() if have_by.get(d) != r)
+    return delete, add
+
+
+async def read_routes(path: str) -> list[StaticRoute]:
+    """The static routes a router programmed in the namespace at ``path`` (protocol :data:`ROUTE_PROTO`)."""
+    async with _ns_socket(path) as inside:
+        found = []
+        for m in await _collect(inside.route("dump", family=socket.AF_INET)):
+            if m["proto"] != ROUTE_PROTO or m["table"] != 254 or not m.get("gateway"):
+                continue
+            dst = ipaddress.IPv4Network(f"{m.get('dst') or '0.0.0.0'}/{m['dst_len']}")
+            found.append(StaticRoute(dst, ipaddress.IPv4Address(m.get("gateway"))))
+        return sorted(found)
+
+
+async def ensure_routes(path: str, want: Iterable[StaticRoute]) -> tuple[list[StaticRoute], list[StaticRoute]]:
+    """Converge the static routes in the service namespace at ``path`` (main table, marked with protocol
+    :data:`ROUTE_PROTO`, so the leg's default route and the kernel's connected routes are never touched) to exactly
+    ``want``, by netlink. Idempotent; returns (deleted, added). A next hop that is not on-link raises
+    :class:`NetworkError`."""
+    delete, add = route_changes(await read_routes(path), want)
+    if not (delete or add):
+        return delete, add
+    async with _ns_socket(path) as inside:
+        for r in delete:
+            try:
+                await inside.route("del", dst=str(r.destination), gateway=str(r.nexthop), proto=ROUTE_PROTO)
+            except NetlinkError as e:
+                if e.code != errno.ESRCH:
+                    raise NetworkError(f"router: could not delete route {r.destination}: {e}") from e
+        for r in add:
+            try:
+                await inside.route("replace", dst=str(r.destination), gateway=str(r.nexthop), proto=ROUTE_PROTO)
+            except NetlinkError as e:
+                raise NetworkError(f"router: could not route {r.destination} via {r.nexthop}: {e}") from e
+    return delete, add
 
 
 class FakeRouterPlumbing:

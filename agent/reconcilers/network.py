@@ -52,7 +52,15 @@ from agent.net.firewall import NftFirewall, NftTable
 from agent.net.metadata import InstanceMetadata, MetadataServer
 from agent.net.nodenetworks import NodeNetworks, tap_name
 from agent.net.overlay import FdbEntry, Neighbour, OverlayDriver, OverlaySpec, bridge_name
-from agent.net.router import ExternalLeg, FakeRouterPlumbing, FloatingLeg, RouterPlan, RouterPlumbing, routed_mac
+from agent.net.router import (
+    ExternalLeg,
+    FakeRouterPlumbing,
+    FloatingLeg,
+    RouterPlan,
+    RouterPlumbing,
+    StaticRoute,
+    routed_mac,
+)
 from agent.net.service import INNER_NAME, ServiceSpec, service_mac
 from agent.reconcile import Result, update_record
 from minicloud.cluster.kinds import NODE
@@ -236,23 +244,37 @@ def desired_router(
     leg is missing or None). ``subnets``: the network's subnets by id; ``routers``: the routers they name, by id;
     ``externals``: external network id -> (its spec, the subnet the routers' addresses are in); ``providers``: this
     node's ``[network.providers]``. One external leg per network: the first router (by id) with an external
-    gateway; it SNATs that router's subnets of this network. ``floating``: (id, spec) of the floating IPs
+    gateway; it SNATs that router's subnets of this network. Static routes: each router's whose next hop is in one
+    of its subnets of this network (a route via another network's subnet is not reachable from here yet).
+    ``floating``: (id, spec) of the floating IPs
     associated with this node's NICs of the network; those on the leg's external network whose NIC address is in
     one of the leg's subnets are NATed 1:1 here. Pure."""
     attached = {sid: s.router for sid, s in subnets.items() if s.router and not s.deleting and s.router in routers}
     if not attached:
         return None, None
+    # static routes: those whose next hop is on one of the router's subnets of this network (one per destination,
+    # the first router by id wins)
+    by_destination: dict[ipaddress.IPv4Network, StaticRoute] = {}
+    for rid in sorted(set(attached.values())):
+        nets = [ipaddress.IPv4Network(subnets[sid].cidr) for sid, owner in attached.items() if owner == rid]
+        for rt in routers[rid].routes:
+            route = StaticRoute(ipaddress.IPv4Network(rt.destination), ipaddress.IPv4Address(rt.nexthop))
+            if any(route.nexthop in net for net in nets):
+                by_destination.setdefault(route.destination, route)
+    routes = tuple(sorted(by_destination.values()))
     for rid in sorted(set(attached.values())):
         r = routers[rid]
         if not (r.external_network and r.external_address):
             continue
         ext = externals.get(r.external_network)
         if ext is None:
-            return RouterPlan(vni), f"external network {r.external_network} of router {rid} is gone"
+            return RouterPlan(vni, routes=routes), f"external network {r.external_network} of router {rid} is gone"
         net, sub = ext
         interface = providers.get(net.provider)
         if interface is None:
-            return RouterPlan(vni), f"no [network.providers] {net.provider!r} on this node (router {rid})"
+            return RouterPlan(
+                vni, routes=routes
+            ), f"no [network.providers] {net.provider!r} on this node (router {rid})"
         sources = tuple(
             sorted(ipaddress.IPv4Network(subnets[sid].cidr) for sid, owner in attached.items() if owner == rid)
         )
@@ -270,8 +292,8 @@ def desired_router(
             and f.fixed_address
             and any(ipaddress.IPv4Address(f.fixed_address) in net for net in sources)
         )
-        return RouterPlan(vni, leg, fips), None
-    return RouterPlan(vni), None
+        return RouterPlan(vni, leg, fips, routes=routes), None
+    return RouterPlan(vni, routes=routes), None
 
 
 def _host_name(port_id: str, p: PortSpec, names: dict[str, str]) -> str:

@@ -10,6 +10,7 @@ all are deleted afterwards, with any dnsmasq of the test. Needs root, iproute2, 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import secrets
 import shutil
@@ -26,6 +27,7 @@ from agent.net.dhcp import DhcpServer
 from agent.net.firewall import NftFirewall
 from agent.net.nodenetworks import NodeNetworks
 from agent.net.overlay import LinuxOverlay, bridge_name, vxlan_name
+from agent.net.router import RouterPlan, RouterPlumbing, StaticRoute, ensure_routes
 from agent.net.service import INNER_NAME, ServiceNamespaces, service_mac, veth_name
 from agent.reconcilers.network import NODE_KEY, NetworkReconciler, tap_name
 from minicloud.compute.kinds import INSTANCE, InstanceSpec
@@ -499,4 +501,51 @@ async def test_two_nodes_carry_one_network_guests_reach_and_resolve_each_other(t
         for d in [*(tmp_path / "na").glob("*"), *(tmp_path / "nb").glob("*")]:
             await DhcpServer(_any_spec(), d).stop()
         for ns in [*created, f"mcs{tag}a-{VNI:06x}", f"mcs{tag}b-{VNI:06x}"]:
+            sh("ip", "netns", "del", ns, check=False)
+
+
+async def test_router_static_routes_are_programmed_in_the_service_namespace_by_netlink_and_removed():
+    """``router route add`` on a node: the route in the network's service namespace (protocol 77, next to the
+    kernel's connected routes, which stay), unchanged by a second ensure or a restarted agent, its next hop replaced
+    in place, gone with ``route remove`` and with the router; an off-link next hop is refused."""
+    tag = secrets.token_hex(2)
+    vni = 0x5A5A
+    node, svc = f"mcr{tag}n", f"mcr{tag}s-{vni:06x}"
+    path = f"/run/netns/{svc}"
+
+    def r(dst: str, via: str) -> StaticRoute:
+        return StaticRoute(ipaddress.IPv4Network(dst), ipaddress.IPv4Address(via))
+
+    def ours() -> list[str]:
+        return [line.strip() for line in ns_run(svc, "ip", "route", "show", "proto", "77").stdout.splitlines()]
+
+    try:
+        for ns in (node, svc):
+            sh("ip", "netns", "add", ns)
+        ns_run(svc, "ip", "link", "add", INNER_NAME, "type", "veth", "peer", "name", "peer0")
+        ns_run(svc, "ip", "link", "set", "peer0", "up")
+        ns_run(svc, "ip", "addr", "add", "10.0.1.1/24", "dev", INNER_NAME)
+        ns_run(svc, "ip", "link", "set", INNER_NAME, "up")
+        plumbing = RouterPlumbing(netns=node)
+        await plumbing.ensure(path, RouterPlan(vni, routes=(r("10.9.0.0/16", "10.0.1.254"),)))
+        assert ours() == ["10.9.0.0/16 via 10.0.1.254 dev mcs0"]
+        assert ns_run(svc, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
+        assert await ensure_routes(path, [r("10.9.0.0/16", "10.0.1.254")]) == ([], [])  # a restarted agent
+
+        await plumbing.ensure(
+            path, RouterPlan(vni, routes=(r("10.9.0.0/16", "10.0.1.253"), r("192.0.2.0/24", "10.0.1.9")))
+        )
+        assert ours() == ["10.9.0.0/16 via 10.0.1.253 dev mcs0", "192.0.2.0/24 via 10.0.1.9 dev mcs0"]
+        await plumbing.ensure(path, RouterPlan(vni, routes=(r("192.0.2.0/24", "10.0.1.9"),)))
+        assert ours() == ["192.0.2.0/24 via 10.0.1.9 dev mcs0"]
+        connected = ns_run(svc, "ip", "route", "show", "proto", "kernel").stdout
+        assert "10.0.1.0/24 dev mcs0" in connected
+
+        with pytest.raises(NetworkError, match=r"10\.6\.0\.0/16 via 10\.5\.0\.1"):
+            await ensure_routes(path, [r("10.6.0.0/16", "10.5.0.1")])
+        await plumbing.ensure(path, None)  # no router any more
+        assert ours() == [] and "10.0.1.0/24 dev mcs0" in ns_run(svc, "ip", "route").stdout
+        assert ns_run(svc, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "0"
+    finally:
+        for ns in (node, svc):
             sh("ip", "netns", "del", ns, check=False)

@@ -1,4 +1,5 @@
-"""The routers' plan for one network's service namespace on a node (pure), and the provider config."""
+"""The routers' plan for one network's service namespace on a node (pure: legs, floating IPs, static routes), and
+the provider config."""
 
 from __future__ import annotations
 
@@ -7,10 +8,18 @@ import ipaddress
 import msgspec
 import pytest
 
-from agent.net.router import ExternalLeg, FakeRouterPlumbing, RouterPlan, external_mac, nft_body
+from agent.net.router import (
+    ExternalLeg,
+    FakeRouterPlumbing,
+    RouterPlan,
+    StaticRoute,
+    external_mac,
+    nft_body,
+    route_changes,
+)
 from agent.reconcilers.network import desired_router
 from minicloud.config import NetworkConfig
-from minicloud.network.kinds import NetworkSpec, RouterSpec, SubnetSpec
+from minicloud.network.kinds import NetworkSpec, RouterSpec, RouteSpec, SubnetSpec
 
 
 def subnet(cidr: str, router: str = "", **kw: object) -> SubnetSpec:
@@ -124,3 +133,48 @@ def test_routed_frames_leave_for_other_nodes_with_a_mac_of_the_node_not_the_gate
         f"ether saddr set {mac}",
         "\t}",
     ]
+
+
+def test_static_routes_are_those_whose_next_hop_is_on_the_routers_subnets_of_this_network():
+    subnets = {"sub-a": subnet("10.0.1.0/24", "rtr-1"), "sub-c": subnet("10.0.3.0/24", "rtr-2")}
+    routers = {
+        "rtr-1": RouterSpec(
+            subnets=["sub-a", "sub-b"],
+            routes=[
+                RouteSpec(destination="10.9.0.0/16", nexthop="10.0.1.254"),
+                RouteSpec(destination="10.8.0.0/16", nexthop="10.0.2.254"),  # via sub-b, another network's
+                RouteSpec(destination="192.0.2.0/24", nexthop="10.0.1.253"),
+            ],
+        ),
+        "rtr-2": RouterSpec(
+            subnets=["sub-c"],
+            routes=[
+                RouteSpec(destination="10.9.0.0/16", nexthop="10.0.3.254"),  # the same destination: rtr-1's wins
+                RouteSpec(destination="10.7.0.0/16", nexthop="10.0.1.9"),  # not on rtr-2's own subnet
+            ],
+        ),
+    }
+    plan, missing = desired_router(42, subnets, routers, EXT, {})
+    assert missing is None and plan is not None
+    assert plan.routes == (
+        StaticRoute(ipaddress.IPv4Network("10.9.0.0/16"), ipaddress.IPv4Address("10.0.1.254")),
+        StaticRoute(ipaddress.IPv4Network("192.0.2.0/24"), ipaddress.IPv4Address("10.0.1.253")),
+    )
+    # with an external gateway too (and when its provider is missing here)
+    edge = msgspec.structs.replace(EDGE, routes=routers["rtr-1"].routes)
+    for providers in ({"lan": "eth1"}, {}):
+        plan, _ = desired_router(42, {"sub-a": subnet("10.0.1.0/24", "rtr-1")}, {"rtr-1": edge}, EXT, providers)
+        assert plan is not None and [str(r.destination) for r in plan.routes] == ["10.9.0.0/16", "192.0.2.0/24"]
+
+
+def test_route_changes_delete_what_is_no_longer_wanted_and_replace_a_changed_next_hop():
+    def r(dst: str, via: str) -> StaticRoute:
+        return StaticRoute(ipaddress.IPv4Network(dst), ipaddress.IPv4Address(via))
+
+    have = [r("10.9.0.0/16", "10.0.1.254"), r("10.8.0.0/16", "10.0.1.254")]
+    want = [r("10.9.0.0/16", "10.0.1.253"), r("10.7.0.0/16", "10.0.1.254")]
+    assert route_changes(have, want) == (
+        [r("10.8.0.0/16", "10.0.1.254")],
+        [r("10.7.0.0/16", "10.0.1.254"), r("10.9.0.0/16", "10.0.1.253")],
+    )
+    assert route_changes(want, want) == ([], [])
