@@ -317,6 +317,8 @@ class ComputeReconciler:
         records = await self._records()
         ours = {d.uuid: d for d in await self.driver.domains() if self._is_ours(d)}
         await self._collect_orphans(records, ours)
+        if self.storage is not None:
+            self.storage.set_guests_checked()  # no guest of an instance placed elsewhere is left: unfencing is safe
         await self._collect_pool_roots()
         return Result()
 

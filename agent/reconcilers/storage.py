@@ -78,6 +78,7 @@ from minicloud.storage.kinds import (
     STORAGE_DISK,
     VOLUME,
     CephSpec,
+    Fence,
 )
 
 log = logging.getLogger("minicloud.storage.node")
@@ -99,6 +100,10 @@ DISK_REFRESH = 30.0
 #: The cephx identity of guests and volume drivers, limited to RBD on the record's pools.
 CLIENT = "client.minicloud"
 CLIENT_USER = CLIENT.removeprefix("client.")
+#: How long a lost node stays fenced (``ceph osd blocklist add`` expiry): as good as for ever — the fence is lifted
+#: by the node itself once it is back and its stale guests are gone (:meth:`StorageReconciler._unfence`), not by
+#: a clock (the engine's default hour would let a half-dead node that lives longer write a moved volume again).
+FENCE_SECONDS = 10 * 365 * 24 * 3600
 #: The transient volume states this reconciler sets (the others belong to the compute reconciler and the services).
 _MINE = frozenset({"creating", "extending", "reverting", "error"})
 
@@ -360,6 +365,10 @@ class StorageReconciler:
                 log.warning("restarted Ceph daemons", extra={"daemons": started})
         except CephError as exc:
             log.error("Ceph daemons do not start", extra={"error": str(exc)})
+        try:
+            await self._unfence(ceph, engine)
+        except CephError as exc:
+            log.error("the fence on this node cannot be lifted yet", extra={"error": str(exc)})
         try:
             await self._converge_mon(ceph, engine, sealed)
         except (CephError, errors.MinicloudError) as exc:
@@ -828,7 +837,8 @@ class StorageReconciler:
                 raise _Refused(f"node {previous} is lost and its address is unknown: it cannot be fenced")
             if self._engine is None or address in (self._my_address, self._engine.signature[2]):
                 raise _Refused(f"node {previous} shares this node's address {address}: it cannot be fenced")
-            await self._engine.engine.blocklist_add(address)
+            await self._engine.engine.blocklist_add(address, expire_seconds=FENCE_SECONDS)
+            await self._record_fence(previous, address)
             log.warning("fenced a lost node's Ceph clients", extra={"node": previous, "address": address})
 
         def clear(record: Record) -> Record | None:
@@ -838,6 +848,54 @@ class StorageReconciler:
             return VOLUME.dump(current.replace(spec=msgspec.structs.replace(current.spec, previous_node="")))
 
         await update_record(self.store, VOLUME.name, vol.id, clear)
+
+    async def _record_fence(self, node: str, address: str) -> None:
+        """Write the fence into the ``cephcluster`` record (``fenced``), so the node lifts it when it is back."""
+        fence = Fence(address=address, since=ids.now(), by=self.node)
+
+        def add(record: Record) -> Record | None:
+            current = CEPH.load(record)
+            if (old := current.spec.fenced.get(node)) is not None and old.address == address:
+                return None
+            fenced = {**current.spec.fenced, node: fence}
+            return CEPH.dump(current.replace(spec=msgspec.structs.replace(current.spec, fenced=fenced)))
+
+        record = await self.store.get_by_name(CEPH.name, "", CEPH_NAME)
+        if record is None:
+            raise _Refused("the storage cluster record is gone: the fence cannot be recorded")
+        await update_record(self.store, CEPH.name, record.id, add)
+
+    async def _unfence(self, ceph: Any, engine: Any) -> None:
+        """This node is back: lift the fences on it (its own name; or its address, fenced under the name of a node
+        the cluster no longer has) — only once no stale guest is left here (the compute reconciler has swept the
+        node's domains since this agent started; none can exist where compute is off). ``blocklist rm`` first, then
+        the entry goes (only the entry read: a fence written meanwhile stays and is lifted on the next pass)."""
+        fenced: dict[str, Fence] = ceph.spec.fenced
+        if not fenced:
+            return
+        mine = {self._my_address, _ip(ceph.spec.mons.get(self.node, ""))} - {""}
+        lifts = {}
+        for node, fence in fenced.items():
+            gone = fence.address in mine and await self.store.get_by_name(NODE.name, "", node) is None
+            if node == self.node or gone:
+                lifts[node] = fence
+        if not lifts:
+            return
+        if self.config.compute.driver != "none" and not self.storage.guests_checked:
+            log.info("this node is fenced; lifting it once its stale guests are gone", extra={"fences": sorted(lifts)})
+            return
+        for node, fence in sorted(lifts.items()):
+            await engine.blocklist_rm(fence.address)
+
+            def drop(record: Record, node: str = node, fence: Fence = fence) -> Record | None:
+                current = CEPH.load(record)
+                if current.spec.fenced.get(node) != fence:
+                    return None
+                fenced = {n: f for n, f in current.spec.fenced.items() if n != node}
+                return CEPH.dump(current.replace(spec=msgspec.structs.replace(current.spec, fenced=fenced)))
+
+            await update_record(self.store, CEPH.name, ceph.id, drop)
+            log.warning("lifted the fence on this node's Ceph clients", extra={"node": node, "address": fence.address})
 
     # -- snapshots ---------------------------------------------------------------------------------------------------
     async def _reconcile_snapshot(self, snap: Any) -> Result:

@@ -55,6 +55,7 @@ class NodeStorage:
         self._drivers: dict[str, VolumeDriver] = {}
         self._secret: CephSecret | None = None
         self._listeners: list[Callable[[str], None]] = []
+        self._guests_checked = False
 
     # -- readers (the compute reconciler) -------------------------------------------------------------------------
     def driver(self, pool_id: str) -> VolumeDriver | None:
@@ -70,6 +71,17 @@ class NodeStorage:
     def pools(self) -> dict[str, VolumeDriver]:
         """A copy of what is usable: pool id → driver."""
         return dict(self._drivers)
+
+    @property
+    def guests_checked(self) -> bool:
+        """Whether this agent's compute reconciler has swept the node's domains since it started (those of
+        instances placed elsewhere, or deleted, are destroyed): no guest of a moved instance is left here. The
+        storage reconciler lifts this node's fence only then."""
+        return self._guests_checked
+
+    def set_guests_checked(self) -> None:
+        """Called by the compute reconciler once its first sweep of the node's domains is done."""
+        self._guests_checked = True
 
     def on_change(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(pool_id)`` whenever a pool's driver is published, replaced or withdrawn here (and, with

@@ -61,6 +61,18 @@ GIB = 1 << 30
 
 
 # -- the Ceph cluster ----------------------------------------------------------------------------------------------
+class Fence(msgspec.Struct, kw_only=True):
+    """A lost node's Ceph clients are blocklisted (by its address) so that, half-dead, it can never write a volume
+    that moved away from it again. Kept until the node is back and its stale guests are gone: then that node lifts
+    it (``blocklist rm``) and removes the entry."""
+
+    #: What was blocklisted: the node's IP (every client on it).
+    address: str
+    #: When, and by which node.
+    since: str = ""
+    by: str = ""
+
+
 class CephSpec(msgspec.Struct, kw_only=True):
     fsid: str
     #: The node that bootstraps the first MON and MGR.
@@ -73,6 +85,8 @@ class CephSpec(msgspec.Struct, kw_only=True):
     replicas: int = 1
     #: RADOS pools every node ensures exist.
     pools: list[str] = []
+    #: Node → its fence, for each lost node whose clients are blocklisted (written by the node reconcilers).
+    fenced: dict[str, Fence] = {}
 
 
 class CephStatus(msgspec.Struct, kw_only=True):
@@ -452,6 +466,7 @@ __all__ = [
     "CephSpec",
     "CephStatus",
     "DiskSlotsSpec",
+    "Fence",
     "OsdInfo",
     "PoolSpec",
     "Qos",
