@@ -149,6 +149,10 @@ class Client:
         from minicloud.client.floating_ip import FloatingIps
 
         self.floating_ips = FloatingIps(self)
+        from minicloud.client.objects import Buckets, S3Api
+
+        self.buckets = Buckets(self)
+        self.s3 = S3Api(self)
         from minicloud.client.storage import Pools, Snapshots, StorageApi, Volumes
 
         self.volumes = Volumes(self)
