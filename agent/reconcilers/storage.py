@@ -31,7 +31,8 @@ It runs on the framework (:mod:`agent.reconcile`), one key per record, plus two 
 - **images** (``spec.pool`` set, ``spec.node`` = this node, not ``ready`` in the pool): import the disk file into the
   pool (``importing → ready``) and protect its ``base`` snapshot (what clones start from).
 - :data:`NODE_KEY`: sweep pool copies of images and volumes no record names (a record deleted while this node was
-  down): this node's local pools, and the ceph pools on the leading node. ``<instance>-root`` disks are the compute
+  down): this node's local pools, and the ceph pools on the leading node; and the temporary leftovers
+  (``….part``) of imports a crash interrupted, when no record names them or nothing wrote them for :data:`PART_IDLE`. ``<instance>-root`` disks are the compute
   reconciler's and never touched here.
 
 Every step is idempotent and the reconcile level-triggered: a crash between two steps (the fault points
@@ -100,6 +101,9 @@ DISK_REFRESH = 30.0
 #: The cephx identity of guests and volume drivers, limited to RBD on the record's pools.
 CLIENT = "client.minicloud"
 CLIENT_USER = CLIENT.removeprefix("client.")
+#: Temporary import leftovers (``….part``) nothing has written for this long are removed by the sweep, even when
+#: their record exists (an import in progress writes; one interrupted is started afresh when retried).
+PART_IDLE = 3600.0
 #: How long a lost node stays fenced (``ceph osd blocklist add`` expiry): as good as for ever — the fence is lifted
 #: by the node itself once it is back and its stale guests are gone (:meth:`StorageReconciler._unfence`), not by
 #: a clock (the engine's default hour would let a half-dead node that lives longer write a moved volume again).
@@ -989,7 +993,30 @@ class StorageReconciler:
                         "cannot remove pool data no record names",
                         extra={"pool": pool_id, "volume": name, "error": str(exc)},
                     )
+            await self._sweep_partials(pool_id, driver)
         return Result()
+
+    async def _sweep_partials(self, pool_id: str, driver: VolumeDriver) -> None:
+        """Temporary leftovers of creates and imports a crash interrupted (``img-….part``: :meth:`VolumeDriver.list`
+        hides them): removed when no record names them, or once nothing has written them for
+        :data:`PART_IDLE` seconds (an import in progress writes, and the RBD driver refuses to remove one still open;
+        an image whose copy is retried starts a fresh one)."""
+        try:
+            parts = await driver.partials()
+        except StorageError as exc:
+            log.warning("cannot list a pool's leftovers", extra={"pool": pool_id, "error": str(exc)})
+            return
+        for name, idle in parts.items():
+            if not name.startswith((f"{IMAGE.prefix}-", f"{VOLUME.prefix}-")):
+                continue
+            kind = IMAGE if name.startswith(f"{IMAGE.prefix}-") else VOLUME
+            if idle < PART_IDLE and await self.store.get(kind.name, name) is not None:
+                continue
+            try:
+                await driver.delete_partial(name)
+                log.warning("removed an interrupted import's leftover", extra={"pool": pool_id, "volume": name})
+            except StorageError as exc:
+                log.info("a leftover stays for now", extra={"pool": pool_id, "volume": name, "error": str(exc)})
 
     # -- store writes ------------------------------------------------------------------------------------------------
     async def _set_status(

@@ -107,6 +107,13 @@ class VolumeDriver(Protocol):
     async def snapshots(self, vol: str) -> list[str]:
         """``vol``'s snapshots, sorted (NotFound if ``vol`` does not exist)."""
 
+    async def partials(self) -> dict[str, float]:
+        """What interrupted creates or imports left under their temporary names (which :meth:`list` hides): volume
+        name → seconds since it was last written (0 when unknown)."""
+
+    async def delete_partial(self, vol: str) -> None:
+        """Remove ``vol``'s temporary leftover (done if missing); InUse while a writer still has it open."""
+
     def source(self, vol: str) -> DiskSource:
         """How a guest reaches ``vol`` (no I/O)."""
 
@@ -237,6 +244,8 @@ class FakeVolumeDriver:
         self.in_use: set[str] = set()
         self.fail_next: set[str] = set()
         self.calls: list[tuple[Any, ...]] = []
+        #: Temporary leftovers of interrupted imports: volume name → seconds since last written.
+        self.parts: dict[str, float] = {}
 
     def _enter(self, method: str, *args: Any) -> None:
         self.calls.append((method, *args))
@@ -351,6 +360,15 @@ class FakeVolumeDriver:
 
     async def snapshots(self, vol: str) -> list[str]:
         return sorted(self._vol(vol).snaps)
+
+    async def partials(self) -> dict[str, float]:
+        return dict(self.parts)
+
+    async def delete_partial(self, vol: str) -> None:
+        self._enter("delete_partial", vol)
+        if vol in self.in_use:
+            raise InUse(f"the import into {vol} is still writing")
+        self.parts.pop(vol, None)
 
     def source(self, vol: str) -> DiskSource:
         return DiskSource(kind="file", path=f"/fake/{self.name}/{vol}.qcow2", format="qcow2")

@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 from agent.storage.driver import (
@@ -288,6 +289,18 @@ class LocalDriver:
 
     async def snapshots(self, vol: str) -> list[str]:
         return await self._snapshot_names(vol)
+
+    async def partials(self) -> dict[str, float]:
+        now = time.time()
+        found: dict[str, float] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for f in self.root.glob(f"*{PART}"):
+                with contextlib.suppress(FileNotFoundError):
+                    found[f.name.removesuffix(PART)] = max(0.0, now - f.stat().st_mtime)
+        return dict(sorted(found.items()))
+
+    async def delete_partial(self, vol: str) -> None:
+        self._part(_check_name(vol)).unlink(missing_ok=True)
 
     def source(self, vol: str) -> DiskSource:
         return DiskSource(kind="file", path=str(self.path(vol)), format="qcow2")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,22 @@ def _check_name(name: str, what: str = "volume") -> str:
     if not _NAME.fullmatch(name) or name.endswith(PART):
         raise StorageError(f"{what} name {name!r} is not valid (letters, digits, '.', '_', '-')")
     return name
+
+
+def _written_at(info: dict[str, Any]) -> float | None:
+    """When the image was last written (epoch seconds), from ``rbd info``'s ``modify_timestamp``, else its
+    creation (ctime text in the cluster's local time, e.g. ``Tue Apr  2 10:00:00 2024``); None when neither reads."""
+    for key in ("modify_timestamp", "create_timestamp"):
+        text = " ".join(str(info.get(key) or "").split())
+        with contextlib.suppress(ValueError, OverflowError):
+            return time.mktime(time.strptime(text, "%a %b %d %H:%M:%S %Y"))
+    return None
+
+
+def _idle(info: dict[str, Any]) -> float:
+    """Seconds since the image was last written (0 when unknown)."""
+    at = _written_at(info)
+    return 0.0 if at is None else max(0.0, time.time() - at)
 
 
 def _reason(result: Completed) -> str:
@@ -320,6 +337,18 @@ class RbdDriver:
     async def list(self) -> list[str]:
         names = await self._json(["ls", self.pool], f"listing pool {self.pool}") or []
         return sorted(n for n in names if not n.endswith(PART))
+
+    async def partials(self) -> dict[str, float]:
+        names = await self._json(["ls", self.pool], f"listing pool {self.pool}") or []
+        found: dict[str, float] = {}
+        for name in sorted(n for n in names if n.endswith(PART)):
+            info = await self._info(name)
+            if info is not None:
+                found[name.removesuffix(PART)] = _idle(info)
+        return found
+
+    async def delete_partial(self, vol: str) -> None:
+        await self._delete(_check_name(vol) + PART)  # InUse while qemu-img still writes it (a watcher)
 
     async def snapshots(self, vol: str) -> list[str]:
         if await self._info(_check_name(vol)) is None:
