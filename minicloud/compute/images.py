@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from minicloud import errors, ids
 from minicloud.compute import image_download, image_files
 from minicloud.compute.kinds import IMAGE, INSTANCE, ImageFileSpec, ImageSpec, ImageStatus
@@ -33,7 +35,8 @@ from minicloud.core.kinds import Obj
 from minicloud.core.operation import OPERATION
 from minicloud.core.write import Written, replay
 from minicloud.model.compute import ImageImport
-from minicloud.state import Store, list_all
+from minicloud.state import Store, Txn, TxnFailed, Update, list_all
+from minicloud.storage import common
 from minicloud.storage.kinds import LOCAL_POOL_NAME, POOL, VOLUME, PoolSpec
 
 if TYPE_CHECKING:
@@ -253,30 +256,88 @@ async def _download_and_record(
 
 async def delete_image(ctx: Context, store: Store, node: NodeImages, ref: str, *, expect: int | None = None) -> Written:
     """Delete the image ``ref`` names (204); 409 while instances use it (looked up by the instances' ``image_id``
-    index) or volumes were made from its pool copy. Its files are removed here when this node holds them; otherwise the image's node removes them (its
-    compute reconciler collects files no record names)."""
+    index) or volumes were made from its pool copy, in any project (the volumes' ``image_id`` index; another
+    project's are named by id). Race-free against volume creates: the image is marked ``deleting`` (CAS) before the
+    last look for volumes, so a create that commits after the mark fails its Check on the image and is refused, and
+    one before it is seen; the mark goes with a refusal, and one a crash left is taken over by the next delete. Its
+    files are removed here when this node holds them; otherwise the image's node removes them (its compute
+    reconciler collects files no record names)."""
+
+    async def step(_: int) -> Written:
+        obj = await crud.get(ctx, store, IMAGE, ref)
+        if expect is not None and expect != obj.revision:
+            raise errors.PreconditionFailed(
+                "the image was changed since the revision you sent in If-Match; read it again and retry"
+            )
+        users = [r.name for r in await list_all(store, INSTANCE.name, where={"image_id": obj.id})]
+        if users:
+            shown = ", ".join(sorted(users)[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+            raise errors.InUse(
+                f"image '{obj.name}' is used by {len(users)} instance(s) ({shown}); delete them first",
+                instances=len(users),
+            )
+        if not obj.spec.pool:
+            return await crud.delete_obj(ctx, store, IMAGE, obj, expect=obj.revision)
+        # Volumes made from the image are clones of its pool copy (RBD children of its ``base`` snapshot): the copy
+        # cannot go while they exist.
+        if not obj.spec.deleting:
+            await _refuse_clones(ctx, store, obj)  # the common refusal, without a write
+            obj = await _mark(ctx, store, obj)
+        try:
+            await _refuse_clones(ctx, store, obj)
+            return await crud.delete_obj(ctx, store, IMAGE, obj, expect=obj.revision)
+        except BaseException:
+            await asyncio.shield(_unmark(ctx, store, obj.id))
+            raise
+
     obj = await crud.get(ctx, store, IMAGE, ref)
-    users = [r.name for r in await list_all(store, INSTANCE.name, where={"image_id": obj.id})]
-    if users:
-        shown = ", ".join(sorted(users)[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
-        raise errors.InUse(
-            f"image '{obj.name}' is used by {len(users)} instance(s) ({shown}); delete them first",
-            instances=len(users),
-        )
-    # Volumes made from the image are clones of its pool copy (RBD children of its ``base`` snapshot): the copy
-    # cannot go while they exist. A project's volumes are bounded by its quota.
-    clones = [
-        v.name
-        for r in await list_all(store, VOLUME.name, project=obj.project)
-        if (v := VOLUME.load(r)).spec.source.type == "image" and v.spec.source.id == obj.id and not v.spec.deleted
-    ]
-    if clones and obj.spec.pool:
-        shown = ", ".join(sorted(clones)[:5]) + (f" and {len(clones) - 5} more" if len(clones) > 5 else "")
-        raise errors.InUse(
-            f"image '{obj.name}' has {len(clones)} volume(s) made from it ({shown}); delete them first",
-            volumes=len(clones),
-        )
-    written = await crud.delete_obj(ctx, store, IMAGE, obj, expect=expect)
+    written = await (step(0) if expect is not None else common.retrying(step))
     if obj.spec.node == node.node:
         await asyncio.to_thread(image_files.remove, node.root, obj.id)
     return written
+
+
+async def _refuse_clones(ctx: Context, store: Store, image: Obj) -> None:
+    """409 naming the volumes made from ``image`` that are not being deleted, in every project: the caller's by
+    name, others' by id."""
+    found = {r.id: r for r in await list_all(store, VOLUME.name, where={"image_id": image.id})}
+    # volumes recorded before ``image_id`` existed: the image's project, by their source
+    found.update({r.id: r for r in await list_all(store, VOLUME.name, project=image.project)})
+    clones = [
+        v
+        for r in found.values()
+        if (v := VOLUME.load(r)).spec.source.type == "image" and v.spec.source.id == image.id and not v.spec.deleted
+    ]
+    if clones:
+        shown = sorted(v.name if v.project == ctx.project else v.id for v in clones)
+        listed = ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+        raise errors.InUse(
+            f"image '{image.name}' has {len(clones)} volume(s) made from it ({listed}); delete them first",
+            volumes=len(clones),
+        )
+
+
+async def _mark(ctx: Context, store: Store, image: Obj) -> Obj:
+    """Set the image's ``deleting`` mark with a CAS on the revision read (a lost race is retried by the caller); not
+    audited: the delete that follows, or its refusal, is. Returns the marked image."""
+    marked = image.replace(spec=msgspec.structs.replace(image.spec, deleting=True), updated_at=ctx.clock())
+    try:
+        rev, _ = await store.commit(Txn([Update(IMAGE.dump(marked), expect_revision=image.revision)]))
+    except TxnFailed as exc:
+        raise errors.Conflict("the image changed while it was being deleted; retry") from exc
+    return marked.replace(revision=rev)
+
+
+async def _unmark(ctx: Context, store: Store, image_id: str) -> None:
+    """Clear the ``deleting`` mark (read, CAS, again on a lost race); nothing when it is not set or the image is
+    gone."""
+    for _ in range(common.ATTEMPTS):
+        record = await store.get(IMAGE.name, image_id)
+        if record is None or not (image := IMAGE.load(record)).spec.deleting:
+            return
+        clear = image.replace(spec=msgspec.structs.replace(image.spec, deleting=False), updated_at=ctx.clock())
+        try:
+            await store.commit(Txn([Update(IMAGE.dump(clear), expect_revision=image.revision)]))
+            return
+        except TxnFailed:
+            continue

@@ -136,6 +136,10 @@ class ImageSpec(msgspec.Struct, kw_only=True):
     #: ``ceph`` pool is usable from every node once its status says ``ready``; a ``local`` one only on ``node``.
     pool: str = ""
     pool_driver: str = ""
+    #: A delete is looking for volumes made from it (set before its last look, so a volume create that commits
+    #: after the mark fails its condition on the image and one before it is seen); cleared when the delete is
+    #: refused. Volume creates refuse an image so marked.
+    deleting: bool = False
 
 
 class ImageStatus(msgspec.Struct, kw_only=True):

@@ -264,6 +264,9 @@ class VolumeSpec(msgspec.Struct, kw_only=True):
     pool_name: str = ""
     driver: Literal["ceph", "local"] = "ceph"
     source: VolumeSource = msgspec.field(default_factory=VolumeSource)
+    #: The image it was made from ("" otherwise): ``source.id`` at the top level, where the store indexes it, so an
+    #: image's delete finds its volumes in every project.
+    image_id: str = ""
     #: The node that manages it (indexed: ``where={"node": …}``): local → where its file is; ceph → the attached
     #: instance's node, else the node chosen at create.
     node: str = ""

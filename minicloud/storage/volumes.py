@@ -151,6 +151,7 @@ async def create_volume(
             pool_name=pool.name,
             driver=pool.spec.driver,
             source=source,
+            image_id=source.id if source.type == "image" else "",
             node=where,
             qos=Qos(
                 read_iops_sec=q.read_iops_sec,

@@ -9,14 +9,16 @@ import dataclasses
 import pytest
 
 from minicloud import errors
-from minicloud.compute import instances
-from minicloud.compute.kinds import HYPERVISOR, INSTANCE, HypervisorSpec
+from minicloud.compute import images, instances
+from minicloud.compute.kinds import HYPERVISOR, IMAGE, INSTANCE, HypervisorSpec
 from minicloud.model.compute import InstanceCreate
 from minicloud.model.storage import PoolCreate, SnapshotCreate, StorageEnable, VolumeAttach, VolumeCreate, VolumeDetach
 from minicloud.state import Create, Txn
 from minicloud.storage import engine, pools, snapshots, volumes
-from minicloud.storage.kinds import POOL, SNAPSHOT, VOLUME
-from tests.unit.storage.conftest import NODE, put_instance, set_status
+from minicloud.storage.kinds import POOL, SNAPSHOT, VOLUME, VolumeSource, VolumeSpec
+from tests.unit.storage.conftest import NODE, put_image, put_instance, set_status
+
+GIB = 1 << 30
 
 
 async def _ceph_volume(ctx, store, name: str = "v") -> object:
@@ -172,3 +174,65 @@ async def test_a_pool_mark_a_crash_left_is_taken_over_by_the_next_delete(store, 
     with pytest.raises(errors.Conflict, match="being deleted"):
         await volumes.create_volume(ctx, store, VolumeCreate(name="v", size_gib=1, pool="scratch"), node=NODE)
     assert (await pools.delete_pool(ctx, store, "scratch")).status == 204
+
+
+# -- an image's delete vs a volume create --------------------------------------------------------------------------
+async def _pool_image(store, name: str = "deb"):
+    await pools.ensure_local_pool(store)
+    return await put_image(store, name, virtual=GIB, pool=pools.LOCAL_POOL_ID, pool_driver="local")
+
+
+def _node_images(tmp_path) -> images.NodeImages:
+    return images.NodeImages(node="elsewhere", root=tmp_path / "images", import_dirs=[], url_allow=[],
+                             url_max_bytes=0)  # fmt: skip
+
+
+async def test_a_volume_created_while_its_image_is_checked_keeps_the_image(store, ctx, monkeypatch, tmp_path):
+    """The delete listed the image's volumes, a create from the image committed (its Check on the image held: the
+    delete had not written it yet), and the delete went on: a clone of an image that no longer existed."""
+    image = await _pool_image(store)
+
+    async def create() -> None:
+        await volumes.create_volume(ctx, store, VolumeCreate(name="v", size_gib=1, image="deb"), node=NODE)
+
+    _after_call(monkeypatch, images, "_refuse_clones", 1, create)
+    with pytest.raises(errors.InUse, match=r"1 volume\(s\) made from it \(v\)"):
+        await images.delete_image(ctx, store, _node_images(tmp_path), "deb")
+    kept = IMAGE.load(await store.get(IMAGE.name, image.id))
+    assert not kept.spec.deleting  # the mark went with the refusal
+    await volumes.create_volume(ctx, store, VolumeCreate(name="w", size_gib=1, image="deb"), node=NODE)
+
+
+async def test_a_volume_create_after_the_image_is_marked_is_refused(store, ctx, monkeypatch, tmp_path):
+    await _pool_image(store)
+    refused: list[Exception] = []
+
+    async def create() -> None:
+        try:
+            await volumes.create_volume(ctx, store, VolumeCreate(name="v", size_gib=1, image="deb"), node=NODE)
+        except errors.MinicloudError as exc:
+            refused.append(exc)
+
+    _after_call(monkeypatch, images, "_refuse_clones", 2, create)  # the look after the mark
+    assert (await images.delete_image(ctx, store, _node_images(tmp_path), "deb")).status == 204
+    assert len(refused) == 1 and "image 'deb' is being deleted" in str(refused[0])
+    assert await store.list(VOLUME.name) == []
+
+
+async def test_an_images_volumes_in_other_projects_block_its_delete_and_are_named_by_id(store, ctx, tmp_path):
+    """Only the image's own project was looked in: a clone in another project (a shared image's) did not count."""
+    image = await _pool_image(store)
+    mine = (await volumes.create_volume(ctx, store, VolumeCreate(name="mine", size_gib=1, image="deb"), node=NODE)).body
+    theirs = VOLUME.new(
+        project="other",
+        name="secret-name",
+        spec=VolumeSpec(size_gib=1, pool=pools.LOCAL_POOL_ID, driver="local", node=NODE,
+                        source=VolumeSource(type="image", id=image.id, name="deb"), image_id=image.id),
+    )  # fmt: skip
+    await store.commit(Txn([Create(VOLUME.dump(theirs))]))
+    await volumes.delete_volume(ctx, store, mine.id)  # being deleted: no longer counts
+    with pytest.raises(errors.InUse) as refused:
+        await images.delete_image(ctx, store, _node_images(tmp_path), "deb")
+    assert theirs.id in str(refused.value) and "secret-name" not in str(refused.value)
+    assert "mine" not in str(refused.value)
+    assert not IMAGE.load(await store.get(IMAGE.name, image.id)).spec.deleting
