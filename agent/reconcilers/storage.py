@@ -398,13 +398,21 @@ class StorageReconciler:
         from agent.storage.ceph import CephKeys
 
         mons = ceph.spec.mons
+        # A MON taken out of the monmap never starts again ("must have been removed"): make it anew.
+        gone = self.node in mons and engine.has_mon() and not engine.mon_running()
+        if gone and self.node not in await engine.mon_names():
+            log.warning("this node's monitor was taken out of the monitor map; making it again")
+            await engine.remove_mon(self.node)
         if self.node in mons and not engine.has_mon():
             log.warning("this node becomes a Ceph monitor", extra={"mons": sorted(mons)})
             entities = {e: self.keystore.decrypt(token, e.encode()).decode() for e, token in sealed.items()}
             await engine.add_mon(CephKeys.from_entities(entities))
         elif mons and self.node not in mons and engine.has_mon():
-            log.warning("this node stops being a Ceph monitor", extra={"mons": sorted(mons)})
-            await engine.remove_mon(self.node)
+            record = await self.store.get_by_name(CEPH.name, "", CEPH_NAME)  # afresh: never on a stale read
+            mons = CEPH.load(record).spec.mons if record is not None else {}
+            if mons and self.node not in mons:
+                log.warning("this node stops being a Ceph monitor", extra={"mons": sorted(mons)})
+                await engine.remove_mon(self.node)
 
     async def _bootstrap(self, ceph: Any, engine: Any) -> dict[str, str]:
         """Bootstrap (or, after a crash between bootstrap and recording, read back) the cluster's keys, create the
@@ -538,12 +546,7 @@ class StorageReconciler:
             await engine.ceph("auth", "caps", CLIENT, *self._client_caps(pools))
             self._caps_pools = pools
         st = await engine.status()
-        # MONs the record no longer names (a removed node's, which cannot take its own out) leave the monmap.
-        in_map = [m.name for m in getattr(st, "mons", [])]
-        if spec.mons and any(m in spec.mons for m in in_map):
-            for name in [m for m in in_map if m not in spec.mons]:
-                log.warning("removing a monitor the storage cluster record no longer names", extra={"mon": name})
-                await engine.remove_mon(name)
+        await self._remove_stray_mons(st, engine)
         osds = [_osd_info(o) for o in getattr(st, "osds", [])]
         # Replicas follow the hosts holding data: OSDs that are in (a node down for less than the down-out interval
         # keeps its share; once its OSDs are marked out, the copies are made on the others).
@@ -583,6 +586,21 @@ class StorageReconciler:
             return
         await self._set_ceph_status(spec={"replicas": replicas}, observed_at=ids.now(), **fields)
         self._status_written = time.monotonic()
+
+    async def _remove_stray_mons(self, st: Any, engine: Any) -> None:
+        """Take out of the monmap the MONs the record no longer names whose node cannot do it itself: out of quorum,
+        and lost (offline, or removed from the cluster). A MON that runs takes itself out (:meth:`_converge_mon`); the
+        record is read afresh, so a MON that joined since this pass read it is never taken for a stray."""
+        record = await self.store.get_by_name(CEPH.name, "", CEPH_NAME)
+        mons = CEPH.load(record).spec.mons if record is not None else {}
+        if not mons:
+            return
+        for m in getattr(st, "mons", []):
+            if m.name in mons or m.in_quorum or not await self._node_lost(m.name):
+                continue
+            log.warning("removing the monitor of a lost node the storage cluster record no longer names",
+                        extra={"mon": m.name})  # fmt: skip
+            await engine.remove_mon(m.name)
 
     async def _lost_words(self, st: Any, spec: CephSpec) -> str:
         """What the lost nodes among the MON and OSD nodes mean, in plain words ("" when none is lost)."""

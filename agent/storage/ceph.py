@@ -360,6 +360,10 @@ class CephEngine:
         """Whether this node has MON data (it runs a MON)."""
         return (self.mon_dir() / "store.db").exists()
 
+    def mon_running(self) -> bool:
+        """Whether this node's MON daemon runs."""
+        return self._find(Daemon("mon", self.settings.node)) is not None
+
     async def mon_names(self) -> list[str]:
         """The MONs of the cluster's monmap, by name (each is a node)."""
         dump = await self.ceph("mon", "dump")

@@ -98,6 +98,12 @@ class FakeEngine:
     def has_mon(self) -> bool:
         return self.mon_dir().exists()
 
+    def mon_running(self) -> bool:
+        return f"mon.{self.node}" in self.running or "mon" in self.running
+
+    async def mon_names(self) -> list[str]:
+        return list(self.cluster.get("monmap", {}))
+
     async def add_mon(self, keys: CephKeys) -> None:
         self._check("add_mon")
         assert keys.mon == "bW9u"  # the shared mon. key, unsealed from the record
@@ -334,12 +340,19 @@ async def test_a_node_named_in_the_records_mons_becomes_a_mon_and_stops_being_on
     await other.r.close()
 
 
-async def test_the_leading_node_takes_out_the_mon_of_a_node_that_cannot(world):
+async def test_the_leading_node_takes_out_the_mon_of_a_lost_node_the_record_no_longer_names(world):
     await enable(world.store)
+    for name in (ME, "n2"):
+        await create(world.store, NODE, name, NodeSpec(address="10.0.0.1"), status=NodeStatus(state="online"))
     await world.pass_()
-    world.cluster["monmap"]["n3"] = False  # a removed node's MON, out of quorum; the record names n1 only
+    # n2's MON joined (in quorum) and the record this pass read does not name it yet: it stays
+    world.cluster["monmap"]["n2"] = True
     await world.pass_(rounds=1)
-    assert set(world.cluster["monmap"]) == {ME} and ("remove_mon",) in world.engine.calls
+    assert set(world.cluster["monmap"]) == {ME, "n2"} and ("remove_mon",) not in world.engine.calls
+    # n3 left the cluster (no node record) and its MON is out of quorum: the leading node takes it out
+    world.cluster["monmap"]["n3"] = False
+    await world.pass_(rounds=1)
+    assert set(world.cluster["monmap"]) == {ME, "n2"} and ("remove_mon",) in world.engine.calls
 
 
 async def test_replicas_follow_the_hosts_holding_data_and_a_lost_node_is_explained(world):
