@@ -10,7 +10,10 @@ app with a request handler that closes such connections:
   an idle connection is left to ``keepalive_timeout``;
 - **body**: once the headers are complete, the whole body must arrive within ``body_timeout`` seconds.
 
-WebSockets are not affected once upgraded (their heartbeat governs). The check is one timer per connection; it costs
+WebSockets are not affected once upgraded (their heartbeat governs). A route that streams a large body on purpose
+(image upload, ``PUT /v1/images/{name}/file``) takes the body deadline over once the caller is authenticated and
+authorised: it calls :meth:`GuardedRequestHandler.release_body_deadline` (found as ``request.protocol``) and bounds the
+body itself (an idle timeout and a minimum rate, see ``minicloud/compute/image_upload.py``). The check is one timer per connection; it costs
 nothing per byte beyond a counter comparison. It relies on two private attributes of aiohttp's ``RequestHandler``
 (``_request_count``, ``_messages``); ``tests/unit/agent/test_http_server.py`` fails if an aiohttp release moves them.
 """
@@ -70,6 +73,14 @@ class GuardedRequestHandler(RequestHandler):
             },
         )
         self.force_close()
+
+    def release_body_deadline(self) -> bool:
+        """Stop the ``body_timeout`` clock of the request being read: its handler bounds the body itself from now
+        on. Returns whether a body deadline was running. The next request on the connection is guarded as usual."""
+        if self._phase != _BODY:
+            return False
+        self._disarm()  # self._payload stays: data_received sees the rest of the body as body, not a new request
+        return True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

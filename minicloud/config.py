@@ -48,7 +48,8 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``[api]``: limits applied to every request."""
 
-    #: Largest accepted request body in bytes (images are uploaded by path or URL, not in bodies).
+    #: Largest accepted request body in bytes (image uploads are streamed and have their own bound,
+    #: ``compute.image_upload_max_bytes``).
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     #: How long an ``Idempotency-Key`` is remembered, in seconds.
     idempotency_ttl: Annotated[int, msgspec.Meta(ge=60)] = 24 * 3600
@@ -67,7 +68,8 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Seconds a connection may take to send a request's headers (from its first byte; for a new connection, from
     #: the TLS handshake) before it is closed. Related: ``body_timeout``.
     header_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
-    #: Seconds a request body may take to arrive after its headers before the connection is closed.
+    #: Seconds a request body may take to arrive after its headers before the connection is closed (image uploads
+    #: are bounded by ``compute.image_upload_idle_timeout`` and ``image_upload_min_rate`` instead).
     #: Related: ``max_body_bytes``, ``header_timeout``.
     body_timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 60.0
 
@@ -119,6 +121,17 @@ class ComputeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     image_url_allow: list[str] = msgspec.field(default_factory=list)
     #: The largest image a URL import downloads, in bytes (default 20 GiB). Related: ``image_url_allow``.
     image_url_max_bytes: Annotated[int, msgspec.Meta(ge=1)] = 20 << 30
+    #: The largest image ``PUT /v1/images/{name}/file`` (``image import NAME ./disk.qcow2`` over a remote) accepts, in
+    #: bytes (default 20 GiB); a larger ``Content-Length`` is refused (413) before a byte is read.
+    #: Related: ``image_upload_min_rate``.
+    image_upload_max_bytes: Annotated[int, msgspec.Meta(ge=1)] = 20 << 30
+    #: An upload's body is not bound by ``api.body_timeout``: it may take ``image_upload_idle_timeout`` +
+    #: size / ``image_upload_min_rate`` seconds (bytes per second; default 128 KiB/s, about 1 Mbit/s), and is cut
+    #: off, keeping nothing, when no byte arrives for ``image_upload_idle_timeout`` seconds.
+    image_upload_min_rate: Annotated[int, msgspec.Meta(ge=1024)] = 128 << 10
+    #: Seconds an upload may send nothing before it is cut off (under the 10 minutes after which abandoned image
+    #: files are collected). Related: ``image_upload_min_rate``.
+    image_upload_idle_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 60.0
     #: Seconds a graceful stop (ACPI power button) may take before the guest is powered off.
     stop_timeout: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 60.0
     #: How often the reconciler re-checks every instance even when nothing changed, in seconds.

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import http.client
+import io
+import os
+import select
+import ssl
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from minicloud.client.collection import Collection
 from minicloud.compute.kinds import IMAGE, INSTANCE
@@ -17,6 +24,13 @@ if TYPE_CHECKING:
 
 #: States an instance rests in; ``wait`` returns at one of these (or when the instance is gone).
 SETTLED = frozenset({"running", "stopped", "error"})
+#: Bytes read (hashed, sent) at a time by :meth:`Images.upload`.
+UPLOAD_CHUNK = 1 << 20
+#: How long :meth:`Images.upload` waits for the answer once the body is sent: the node checks the disk with
+#: qemu-img (``qemu-img check`` of a large qcow2 takes a while) before it answers.
+UPLOAD_ANSWER_TIMEOUT = 600.0
+#: ``progress(phase, done, total)``: phase ``hashing`` (reading the file for its SHA-256) or ``uploading``.
+Progress = Callable[[str, int, int], None]
 
 
 def _q(ref: str) -> str:
@@ -41,6 +55,199 @@ class Images(Collection[Image]):
         The node refuses internal addresses unless its ``compute.image_url_allow`` lists them."""
         body = {"name": name, "url": url, "sha256": sha256, **fields}
         return self._c.call("POST", self.path, Operation, json={k: v for k, v in body.items() if v is not None})
+
+    def upload(
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        *,
+        sha256: str | None = None,
+        format: str | None = None,
+        firmware: str | None = None,
+        pool: str | None = None,
+        os_distro: str | None = None,
+        os_version: str | None = None,
+        description: str | None = None,
+        labels: dict[str, str] | None = None,
+        progress: Progress | None = None,
+        idempotency_key: str | None = None,
+    ) -> Image:
+        """Upload the disk image (qcow2 or raw) at ``path`` on this machine as image ``name``
+        (``PUT /v1/images/{name}/file``) and return it (201).
+
+        The file is read twice and never held in memory: once for its SHA-256 (skipped when ``sha256=`` is given,
+        which then makes another file fail the upload), once to stream it. The node checks the SHA-256, then the
+        disk as for a node-path import, and keeps nothing when anything fails. ``progress(phase, done, total)`` is
+        called as the file is hashed (``hashing``) and sent (``uploading``). ``labels`` values may not contain
+        commas. With ``idempotency_key``, a retry after a lost answer gets the first answer (the body is sent
+        again, and not read)."""
+        with open(path, "rb") as f:
+            total = os.fstat(f.fileno()).st_size
+            digest = sha256.lower() if sha256 else _sha256_of(f, total, progress)
+            f.seek(0)
+            fields = {
+                "format": format,
+                "firmware": firmware,
+                "pool": pool,
+                "os_distro": os_distro,
+                "os_version": os_version,
+                "description": description,
+                "labels": ",".join(f"{k}={v}" for k, v in (labels or {}).items()) or None,
+            }
+            headers = {
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(total),
+                "X-Checksum-Sha256": digest,
+            }
+            if idempotency_key:
+                headers["Idempotency-Key"] = idempotency_key
+            return self._put_file(f"{self.path}/{_q(name)}/file", fields, headers, f, total, progress)
+
+    def _put_file(
+        self,
+        path: str,
+        query: dict[str, Any],
+        headers: dict[str, str],
+        f: BinaryIO,
+        total: int,
+        progress: Progress | None,
+    ) -> Image:
+        """Send one streamed PUT on a fresh connection (never retried: the body cannot be sent twice). The node
+        answers a refusal (a taken name, too large, no permission…) before it reads the body: the answer is looked
+        for between chunks, and sending stops as soon as it has come."""
+        import msgspec
+
+        from minicloud.client import ApiError, ConnectError, _problem
+
+        c = self._c
+        query = {**query, "project": c.project} if c.project else query
+        clean = {k: v for k, v in query.items() if v is not None}
+        if clean:
+            path += "?" + urllib.parse.urlencode(clean)
+        headers = {"Accept": "application/json", **headers}
+        if c.token:
+            headers["Authorization"] = f"Bearer {c.token}"
+        c.close()  # a fresh connection: a kept-alive one the server closed would fail mid-body
+        conn = c._connection()
+        conn.timeout = max(conn.timeout or 0, UPLOAD_ANSWER_TIMEOUT)
+        try:
+            early = _EarlyAnswer(conn)
+            # A server that refuses early (taken name, too large…) answers and closes: its answer may still be read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                conn.request("PUT", path, body=_chunks(f, total, progress, early), headers=headers)
+            try:
+                if early.head:  # the first bytes of the answer were read while looking for it: parse them first
+                    resp = http.client.HTTPResponse(_Prefixed(early.head, conn.sock), method="PUT")  # type: ignore[arg-type]
+                    resp.begin()
+                else:
+                    resp = conn.getresponse()
+                data = resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                raise ConnectError(f"the upload to {c.endpoint} failed: the connection closed ({exc})") from None
+        except ConnectError:
+            raise
+        except OSError as exc:
+            raise ConnectError(f"cannot reach the minicloud agent at {c.endpoint}: {exc.strerror or exc}") from None
+        finally:
+            c.close()
+        from minicloud.client import Response
+
+        answer = Response(status=resp.status, headers={k.lower(): v for k, v in resp.getheaders()}, body=data)
+        if answer.status >= 400:
+            raise ApiError(_problem(answer))
+        return msgspec.json.decode(answer.body, type=Image)
+
+
+def _sha256_of(f: BinaryIO, total: int, progress: Progress | None) -> str:
+    digest = hashlib.sha256()
+    done = 0
+    if progress:
+        progress("hashing", 0, total)
+    while chunk := f.read(UPLOAD_CHUNK):
+        digest.update(chunk)
+        done += len(chunk)
+        if progress:
+            progress("hashing", done, total)
+    return digest.hexdigest()
+
+
+class _EarlyAnswer:
+    """``answered()`` for :func:`_chunks`: whether the server has answered (a refusal) before the body is all sent.
+
+    On a plain socket, readable means the answer is there (left for ``getresponse``). TLS 1.3 servers also send
+    session tickets after the handshake, which make the socket readable without any answer: a non-blocking read
+    tells them apart — nothing (``SSLWantReadError``) after the tickets are processed, or the answer's first bytes,
+    kept in :attr:`head` for the response parser."""
+
+    def __init__(self, conn: http.client.HTTPConnection) -> None:
+        self.conn = conn
+        self.head = b""
+        self.answered = False
+
+    def __call__(self) -> bool:
+        sock = self.conn.sock
+        if self.answered or sock is None:
+            return self.answered
+        tls = isinstance(sock, ssl.SSLSocket)
+        if not (tls and sock.pending()) and not select.select([sock], [], [], 0)[0]:
+            return False
+        if tls:
+            timeout = sock.gettimeout()
+            sock.setblocking(False)
+            try:
+                self.head = sock.recv(65536)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return False  # only TLS housekeeping
+            except OSError:
+                pass  # the connection broke: stop sending, the answer (if any) is read next
+            finally:
+                sock.settimeout(timeout)
+        self.answered = True
+        return True
+
+
+class _Prefixed:
+    """A socket for :class:`http.client.HTTPResponse` whose stream starts with ``head``, then the socket's bytes."""
+
+    def __init__(self, head: bytes, sock: Any) -> None:
+        self._raw = _PrefixedRaw(head, sock)
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(self._raw)
+
+
+class _PrefixedRaw(io.RawIOBase):
+    def __init__(self, head: bytes, sock: Any) -> None:
+        self._head = head
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        return self._sock.recv_into(buffer)
+
+
+def _chunks(
+    f: BinaryIO, total: int, progress: Progress | None, answered: Callable[[], bool] = lambda: False
+) -> Iterator[bytes]:
+    """The file's first ``total`` bytes (what Content-Length announced), chunk by chunk, reporting progress; stops
+    early when ``answered()`` (the server refused the upload without reading it)."""
+    sent = 0
+    if progress:
+        progress("uploading", 0, total)
+    while sent < total and not answered() and (chunk := f.read(min(UPLOAD_CHUNK, total - sent))):
+        sent += len(chunk)
+        yield chunk
+        if progress:
+            progress("uploading", sent, total)
+    if sent < total and not answered():  # the connection is closed unanswered: the node keeps nothing
+        raise ValueError(f"the file shrank to {sent} bytes while it was uploaded ({total} announced)")
 
 
 class InstanceTypes:

@@ -5,7 +5,7 @@ Layout: ``<data_dir>/images/<image id>/`` holds ``disk`` (qcow2 or raw) or ``ker
 staged in ``<data_dir>/images/.staging-<id>`` and renamed into place only once every check passed, so a failed import
 leaves nothing behind; the caller commits the image record afterwards and removes the directory again if that fails.
 The format is what ``qemu-img info`` finds, never what the user says; disks with a backing file are refused (they
-would let an image read any file on the node).
+would let an image read any file on the node), and so are qcow2 disks with an external data file.
 
 Everything here is blocking: call it through ``asyncio.to_thread``.
 """
@@ -103,6 +103,12 @@ def check_disk(path: Path, expected: str | None) -> tuple[str, int]:
         raise _invalid("format", f"you said the image is {expected}, but qemu-img finds {fmt}; fix --format or omit it")
     if info.get("backing-filename") or info.get("full-backing-filename"):
         raise _invalid("path", "the image has a backing file; flatten it first (`qemu-img convert -O qcow2 IN OUT`)")
+    if ((info.get("format-specific") or {}).get("data") or {}).get("data-file"):
+        # Like a backing file, an external data file names another file on the node: the image would read it.
+        raise _invalid(
+            "path", "the qcow2 image keeps its data in an external file; make a self-contained copy first "
+            "(`qemu-img convert -O qcow2 IN OUT`)"
+        )  # fmt: skip
     if fmt == "qcow2":
         check = subprocess.run(
             ["qemu-img", "check", "--output=json", "-f", "qcow2", str(path)],

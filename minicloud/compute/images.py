@@ -65,6 +65,12 @@ class NodeImages:
     url_allow: list[str]
     url_max_bytes: int
     operations: Operations | None = None
+    #: Uploads (``PUT /v1/images/{name}/file``, :mod:`minicloud.compute.image_upload`): the largest, the slowest
+    #: average rate and the longest silence they may have, and the free space they leave on the image store's disk.
+    upload_max_bytes: int = 20 << 30
+    upload_min_rate: int = 128 << 10
+    upload_idle_timeout: float = 60.0
+    reserved_bytes: int = 1 << 30
 
     @classmethod
     def from_config(cls, config: Config, operations: Operations | None = None) -> NodeImages:
@@ -75,6 +81,10 @@ class NodeImages:
             url_allow=list(config.compute.image_url_allow),
             url_max_bytes=config.compute.image_url_max_bytes,
             operations=operations,
+            upload_max_bytes=config.compute.image_upload_max_bytes,
+            upload_min_rate=config.compute.image_upload_min_rate,
+            upload_idle_timeout=config.compute.image_upload_idle_timeout,
+            reserved_bytes=config.compute.reserved_disk_gib << 30,
         )
 
 
@@ -100,7 +110,9 @@ async def pool_for(ctx: Context, store: Store, ref: str | None, *, param: str = 
     return pool
 
 
-def _spec(node: NodeImages, body: ImageImport, result: image_files.ImportResult, pool: Pool | None) -> ImageSpec:
+def _spec(
+    node: NodeImages, body: ImageImport, result: image_files.ImportResult, pool: Pool | None, source: str | None = None
+) -> ImageSpec:
     in_pool = pool is not None and result.boot == "disk"
     return ImageSpec(
         boot=result.boot,
@@ -113,7 +125,7 @@ def _spec(node: NodeImages, body: ImageImport, result: image_files.ImportResult,
         firmware=body.firmware,
         os={k: v for k, v in {"distro": body.os_distro, "version": body.os_version}.items() if v},
         node=node.node,
-        source=body.url or body.path or body.kernel or "",
+        source=source if source is not None else body.url or body.path or body.kernel or "",
         description=body.description,
         pool=pool.id if in_pool and pool is not None else "",
         pool_driver=pool.spec.driver if in_pool and pool is not None else "",
@@ -127,8 +139,10 @@ def _new(
     image_id: str,
     result: image_files.ImportResult,
     pool: Pool | None,
+    *,
+    source: str | None = None,
 ) -> Obj:
-    spec = _spec(node, body, result, pool)
+    spec = _spec(node, body, result, pool, source)
     return IMAGE.new(
         project=ctx.project,
         name=body.name,

@@ -74,6 +74,22 @@ class ImageImport(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     labels: Labels = {}
 
 
+class ImageUploadQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The query string of ``PUT /v1/images/{name}/file``: what ``ImageImport`` says about a disk, the disk itself
+    being the request body (``Content-Length`` and ``X-Checksum-Sha256`` required)."""
+
+    #: The format you expect; the upload fails, keeping nothing, if ``qemu-img info`` finds another.
+    format: ImageFormat | None = None
+    firmware: Firmware = "bios"
+    os_distro: Annotated[str, Meta(max_length=64, pattern=r"^[A-Za-z0-9._-]*$")] = ""
+    os_version: Annotated[str, Meta(max_length=64, pattern=r"^[A-Za-z0-9._-]*$")] = ""
+    #: The storage pool (name or id) the disk is copied into; default: the default pool.
+    pool: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    description: Description = ""
+    #: Labels as ``k=v[,k2=v2]`` (values without commas; set others with ``PATCH /v1/images/{ref}``).
+    labels: Annotated[str, Meta(max_length=8192)] = ""
+
+
 class ImageUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     description: Description | UnsetType = UNSET
     labels: Labels | UnsetType = UNSET

@@ -29,11 +29,18 @@ async def _ws(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def _released(request: web.Request) -> web.Response:
+    """A route that bounds its body itself (as image upload does): it takes the body deadline over."""
+    released = request.protocol.release_body_deadline()  # type: ignore[union-attr]
+    return web.Response(text=f"{released} {len(await request.read())}")
+
+
 @pytest.fixture
 async def server():
     app = web.Application()
     app.router.add_get("/", _echo)
     app.router.add_post("/", _echo)
+    app.router.add_post("/released", _released)
     app.router.add_get("/ws", _ws)
     runner = GuardedRunner(app, header_timeout=HEADER_TIMEOUT, body_timeout=BODY_TIMEOUT)
     await runner.setup()
@@ -90,6 +97,19 @@ async def test_a_slow_body_is_closed(server):
     reader, writer = await asyncio.open_connection(*server)
     writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly part of it")
     assert await closed_by_server(reader)
+    writer.close()
+
+
+async def test_a_route_that_takes_the_body_deadline_over_may_read_slowly_and_the_next_request_is_guarded(server):
+    reader, writer = await asyncio.open_connection(*server)
+    writer.write(b"POST /released HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+    await writer.drain()
+    await asyncio.sleep(BODY_TIMEOUT * 3)  # past the body deadline: not closed, the route released it
+    writer.write(b"world")
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    assert await reader.readexactly(len(b"True 10")) == b"True 10"
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly part of it")
+    assert await closed_by_server(reader)  # the next request's body is bounded again
     writer.close()
 
 
