@@ -823,6 +823,8 @@ class StorageReconciler:
                     raise _Refused(f"image {image.name} could not be copied into the pool: {image.status.reason}")
                 raise _Waiting()
             await driver.clone(image.id, "base", vol.id, size)
+        elif source.type == "backup":
+            raise _Waiting()  # the backups reconciler restores the chain and puts the image in place
         elif source.type == "snapshot":
             record = await self.store.get(SNAPSHOT.name, source.id)
             if record is None:

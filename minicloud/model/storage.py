@@ -140,8 +140,8 @@ class Storage(msgspec.Struct, kw_only=True):
 
 # -- volumes -------------------------------------------------------------------------------------------------------
 class VolumeSourceView(msgspec.Struct, kw_only=True):
-    #: ``blank``, ``image`` or ``snapshot``.
-    type: Literal["blank", "image", "snapshot"] = "blank"
+    #: ``blank``, ``image``, ``snapshot`` or ``backup`` (restored from a volume backup).
+    type: Literal["blank", "image", "snapshot", "backup"] = "blank"
     id: str = ""
     name: str = ""
 

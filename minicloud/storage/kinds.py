@@ -225,8 +225,8 @@ POOL = declare(
 
 # -- volumes -------------------------------------------------------------------------------------------------------
 class VolumeSource(msgspec.Struct, kw_only=True):
-    type: Literal["blank", "image", "snapshot"] = "blank"
-    #: The image's or snapshot's id ("" for blank).
+    type: Literal["blank", "image", "snapshot", "backup"] = "blank"
+    #: The image's, snapshot's or volume backup's id ("" for blank).
     id: str = ""
     name: str = ""
 
