@@ -235,6 +235,30 @@ class ObjectsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     quota_objects: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
+class AlarmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[alarms]``: how the services leader evaluates alarms and sends their webhooks (see docs/observability.md,
+    "Alarms")."""
+
+    #: Seconds between two evaluations of every alarm (and two delivery rounds). Related: ``batch``.
+    interval: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 10.0
+    #: The most alarms evaluated per cycle (the next cycle goes on from there).
+    batch: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 500
+    #: The most alarms a project may have.
+    quota_per_project: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100
+    #: Addresses webhooks may be sent to although loopback, private, link-local or the node's own (CIDRs, or host
+    #: names as written in the URL): the rule of ``compute.image_url_allow``.
+    webhook_allow: list[str] = msgspec.field(default_factory=list)
+    #: Seconds a webhook receiver has to answer one attempt.
+    webhook_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    #: Attempts per notification before it is marked failed. Related: ``webhook_backoff``.
+    webhook_attempts: Annotated[int, msgspec.Meta(ge=1, le=50)] = 6
+    #: Seconds before the first retry, doubling after each failed attempt up to ``webhook_backoff_max``.
+    webhook_backoff: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 10.0
+    webhook_backoff_max: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 600.0
+    #: Days an alarm's history entries (state changes, delivery attempts) are kept.
+    history_days: Annotated[float, msgspec.Meta(gt=0)] = 14.0
+
+
 class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``[retention]``: how long records that accumulate are kept (see docs/operations.md, "Retention"). The leader
     deletes what expired in bounded batches; idempotency records keep ``api.idempotency_ttl``."""
@@ -260,6 +284,7 @@ class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
+    alarms: AlarmsConfig = msgspec.field(default_factory=AlarmsConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     compute: ComputeConfig = msgspec.field(default_factory=ComputeConfig)
@@ -320,6 +345,10 @@ def _check(cfg: Config) -> None:
         parse_allow(cfg.compute.image_url_allow)
     except ValueError as exc:
         raise ConfigError(f"compute.image_url_allow: {exc}") from None
+    try:
+        parse_allow(cfg.alarms.webhook_allow)
+    except ValueError as exc:
+        raise ConfigError(f"alarms.webhook_allow: {exc}") from None
     for d in cfg.compute.image_dirs:
         if not os.path.isabs(d):
             raise ConfigError(f"compute.image_dirs entry {d!r} must be an absolute path")

@@ -16,6 +16,7 @@ from minicloud import errors, ids
 from minicloud.api import (
     accesskeys,
     admin,
+    alarms,
     apikeys,
     audit,
     buckets,
@@ -59,6 +60,7 @@ from minicloud.iam.keystore import KeyStore
 from minicloud.iam.principals import upgrade_refs
 from minicloud.iam.ratelimit import LoginThrottle, RateLimiter
 from minicloud.iam.sessions import SessionKey
+from minicloud.observe.alarm_loop import alarm_loops
 from minicloud.operations import Operations
 from minicloud.pki import NodePKI, ensure_node_pki, write_private
 from minicloud.retention import retention_loops
@@ -100,6 +102,7 @@ ROUTE_TABLES = [
     snapshots.routes,
     whoami.routes,
     metrics.routes,
+    alarms.routes,
 ]
 HOUSEKEEPING_INTERVAL = 60.0
 
@@ -225,6 +228,8 @@ def leader_loops(app: web.Application) -> LeaderLoops:
         return await cluster.client.member_list()
 
     loops.register(MonPlacement(app[STORE], etcd_members))  # Ceph MONs on voting nodes (docs/storage.md)
+    # alarms (docs/observability.md): evaluated through this node's TSDB, whose query service agent.node adds
+    loops.register(*alarm_loops(app[STORE], app[CONFIG], lambda: app.get(metrics.QUERY), app[accesskeys.KEYSTORE]))
     return loops
 
 

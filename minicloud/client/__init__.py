@@ -162,6 +162,9 @@ class Client:
         from minicloud.client.metrics import Metrics
 
         self.metrics = Metrics(self)
+        from minicloud.client.alarms import Alarms
+
+        self.alarms = Alarms(self)
 
     # -- construction ----------------------------------------------------------------------------------------------
     @classmethod
