@@ -255,6 +255,7 @@ async def test_every_public_kind_is_streamed_rendered_and_internal_kinds_never(a
         ("POST", "/v1/storage/enable", {"node": "n9", "no_disk": True}),  # + the ceph pool
         ("POST", "/v1/storage/disks", {"node": "n9", "device": "/dev/vdb"}),
         ("POST", "/v1/volumes", {"name": "vol", "size_gib": 1}),
+        ("POST", "/v1/buckets", {"name": "bkt"}),
     ]
     for i, (method, path, body) in enumerate(steps):
         resp = await api.request(method, path, json=body, headers={"Idempotency-Key": f"{path}#{i}"})
