@@ -76,6 +76,7 @@ def attach_node_services(app: web.Application) -> web.Application:
         app.cleanup_ctx.append(_metrics_ctx)
     # storage first, whatever the compute driver: it fills NODE_STORAGE, which the compute reconciler reads
     app.cleanup_ctx.append(_storage_ctx)
+    app.cleanup_ctx.append(_backups_ctx)  # volume backups and restores: reads NODE_STORAGE's drivers
     if config.compute.driver != "none":
         # the network reconciler first: it fills NODE_NETWORKS, which the compute reconciler waits on
         app.cleanup_ctx.append(_network_ctx)
@@ -133,6 +134,19 @@ async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await controller.start()
     app[STORAGE] = reconciler
+    yield
+    await controller.close()
+
+
+async def _backups_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Volume backups into buckets and restores from them, for the volumes this node manages."""
+    from agent.storage.backup import BackupReconciler
+    from minicloud.api.accesskeys import KEYSTORE
+
+    config = app[CONFIG]
+    reconciler = BackupReconciler(store=app[STORE], config=config, storage=app[NODE_STORAGE], keystore=app[KEYSTORE])
+    controller = Controller(app[STORE], reconciler, workers=2, resync_interval=config.compute.resync_interval)
+    await controller.start()
     yield
     await controller.close()
 

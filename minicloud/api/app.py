@@ -42,6 +42,7 @@ from minicloud.api import (
     subnets,
     system,
     users,
+    volume_backups,
     volumes,
     whoami,
 )
@@ -100,6 +101,7 @@ ROUTE_TABLES = [
     pools.routes,
     volumes.routes,
     snapshots.routes,
+    volume_backups.routes,
     whoami.routes,
     metrics.routes,
     alarms.routes,

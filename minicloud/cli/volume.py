@@ -61,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--force", action="store_true", help="administrators: drop the record even if no node removes it")
     _wait_flag(v, "is gone")
     v.set_defaults(func=delete)
+    from minicloud.cli import backup
+
+    backup.register_volume_verb(verbs)
 
 
 def _finish(c: Client, args: argparse.Namespace, vol: Volume | None, states: tuple[str, ...]) -> int:

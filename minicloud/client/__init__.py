@@ -159,6 +159,11 @@ class Client:
         self.snapshots = Snapshots(self)
         self.pools = Pools(self)
         self.storage = StorageApi(self)
+        from minicloud.client.backups import BackupSchedules, BackupTargets, VolumeBackups
+
+        self.volume_backups = VolumeBackups(self)
+        self.backup_targets = BackupTargets(self)
+        self.backup_schedules = BackupSchedules(self)
         from minicloud.client.metrics import Metrics
 
         self.metrics = Metrics(self)
