@@ -555,6 +555,7 @@ class StorageReconciler:
         if replicas != self._replicas:
             await engine.set_replicas(replicas)
             self._replicas = replicas
+            st = await engine.status()  # the pools' new size, and their PGs peering again: not the status before
         ready = bool(getattr(st, "ready", False)) and any(o.up for o in osds)
         current = ceph.status
         if ready:
