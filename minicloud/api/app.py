@@ -232,6 +232,9 @@ def leader_loops(app: web.Application) -> LeaderLoops:
     loops.register(MonPlacement(app[STORE], etcd_members))  # Ceph MONs on voting nodes (docs/storage.md)
     # alarms (docs/observability.md): evaluated through this node's TSDB, whose query service agent.node adds
     loops.register(*alarm_loops(app[STORE], app[CONFIG], lambda: app.get(metrics.QUERY), app[accesskeys.KEYSTORE]))
+    from minicloud.storage.backup_schedules import BackupScheduler
+
+    loops.register(BackupScheduler(app[STORE], app[CONFIG], app[accesskeys.KEYSTORE]))  # backups on a schedule
     return loops
 
 

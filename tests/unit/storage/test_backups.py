@@ -311,3 +311,35 @@ async def test_an_exact_multiple_of_the_part_size_has_no_empty_last_part(tmp_pat
 
     parts = await node_backup.upload_parts(s3, "k", "u", read, tmp_path / "s", part_bytes=100, progress=progress)
     assert [p.size for p in parts] == [100, 100] and s3.objects["k"] == b"a" * 100 + b"b" * 100
+
+
+# -- schedules ---------------------------------------------------------------------------------------------------------
+def _sched(last_run: str | None, backups: tuple[bk.BackupFacts, ...] = (), **spec: Any) -> Any:
+    from minicloud.storage.backup_kinds import BackupScheduleSpec
+    from minicloud.storage.backup_schedules import ScheduleFacts
+
+    s = BackupScheduleSpec(**({"volume": "vol-1", "bucket": "b", "every_seconds": 3600, "keep": 2} | spec))
+    return ScheduleFacts(id="bks-1", project="default", name="s", revision=1, spec=s, last_run=last_run,
+                         backups=backups)  # fmt: skip
+
+
+def test_a_schedule_backs_up_when_due_incrementally_and_prunes_whole_chains():
+    from minicloud.storage.backup_schedules import plan_schedules
+
+    now = _dt.datetime(2026, 1, 1, 2, tzinfo=_dt.UTC)
+    a, b = facts("a", 1), facts("b", 2, chain=("a", "b"))
+    plan = plan_schedules([_sched("2026-01-01T00:30:00Z", (a, b), full_every=3)], now)
+    assert [(s.id, inc) for s, inc in plan.create] == [("bks-1", True)] and plan.prune == []
+    plan = plan_schedules([_sched("2026-01-01T01:30:00Z", (a, b))], now)
+    assert not plan  # not due, nothing beyond keep
+    c = facts("c", 3, chain=("a", "b", "c"))
+    d = facts("d", 4)
+    e = facts("e", 5, chain=("d", "e"))
+    plan = plan_schedules([_sched(None, (a, b, c, d, e))], now)
+    assert plan.create[0][1] is False  # the chain d ← e has keep (2) backups: a new full one
+    assert sorted(x for _, x in plan.prune) == ["a", "b", "c"]
+    busy = facts("f", 6, state="uploading", chain=("d", "e", "f"))
+    assert not plan_schedules([_sched(None, (d, e, busy))], now).create  # one at a time
+    assert not plan_schedules([_sched(None, (a,), paused=True)], now)
+    state = plan_schedules([_sched(None, (), volume="", state=True)], now)
+    assert [s.id for s in state.state] == ["bks-1"] and not state.create
