@@ -66,6 +66,9 @@ class Settings:
     timeout: float = 10.0
     #: The most deliveries attempted per cycle.
     deliveries: int = 200
+    #: Seconds behind now that evaluation ends: the TSDB shows no sample newer than its latency offset (one scrape
+    #: interval), so the newest period ends there (plus a second of slack).
+    lag: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,7 @@ class AlarmLoop(LeaderLoop[Snapshot, Plan]):
             if alarms:
                 log.warning("alarms not evaluated: this node runs no metrics database", extra={"alarms": len(alarms)})
         else:
-            end = self.clock()
+            end = self.clock() - self.settings.lag
             limit = asyncio.Semaphore(CONCURRENCY)
 
             async def one(alarm: Obj[Any, Any]) -> Evaluated:
@@ -214,7 +217,7 @@ class AlarmLoop(LeaderLoop[Snapshot, Plan]):
         scope = ProjectScope(id=s.project_id, name=alarm.project)
         try:
             answer = await service.query_range(
-                s.expression, start=f"{start:.3f}", end=f"{end:.3f}", step=f"{s.period}s", project=scope
+                s.expression, start=f"{start:.3f}", end=f"{end:.3f}", step=f"{s.period}s", project=scope, exact=True
             )
         except errors.MinicloudError as exc:
             log.warning("alarm not evaluated: its query failed", extra={"alarm": alarm.id, "error": exc.detail})
@@ -406,6 +409,7 @@ def alarm_loops(
         backoff=a.webhook_backoff,
         backoff_max=a.webhook_backoff_max,
         timeout=a.webhook_timeout,
+        lag=config.metrics.scrape_interval + 1.0,
     )
     sender = WebhookSender(UrlPolicy.from_config(a.webhook_allow), a.webhook_timeout)
     keep = _dt.timedelta(days=a.history_days)

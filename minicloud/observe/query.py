@@ -210,11 +210,14 @@ class QueryService:
         end: str | None = None,
         step: str | None = None,
         project: ProjectScope | None,
+        exact: bool = False,
     ) -> MetricsResult:
-        """A range query for ``project`` (None: cluster scope), its window checked against the limits first."""
+        """A range query for ``project`` (None: cluster scope), its window checked against the limits first.
+        ``exact``: points at exactly ``start + k * step`` (the TSDB's cache, which aligns the window to the step, is
+        bypassed; alarms need it)."""
         w = range_window(start, end, step, self.limits, self.clock())
         params = {"query": promql, "start": f"{w.start:.3f}", "end": f"{w.end:.3f}", "step": f"{w.step:g}s"}
-        if self.nocache:
+        if self.nocache or exact:
             params["nocache"] = "1"
         data = await self._get("/api/v1/query_range", params, project)
         result = self._result(data, project)

@@ -140,7 +140,7 @@ class FakeTsdb:
         self.points: list[float | None] = []
         self.scopes: list[object] = []
 
-    async def query_range(self, promql, *, start, end, step, project):
+    async def query_range(self, promql, *, start, end, step, project, exact=False):
         self.scopes.append(project)
         if end == "now":  # the check at create
             return MetricsResult(result_type="matrix", result=[])
