@@ -351,6 +351,35 @@ echo "$after" >"$STAMP"
 step "minicloud init"
 "$MINICLOUD" --socket "$SOCKET" init
 
+# ---- 6b. storage: Ceph on this node (a file OSD under the data directory) when the node has room for it ----------
+# MINICLOUD_STORAGE=auto (default) | on | off. auto: only a single node that has no storage yet, with at least
+# 4 GiB of RAM and MINICLOUD_STORAGE_FILE_SIZE (default 10G) + 10 GiB free under the data directory. Ceph idles at
+# ~0.75 GiB RSS; add real disks later with `minicloud storage disk add /dev/sdX`.
+STORAGE=${MINICLOUD_STORAGE:-auto}
+STORAGE_FILE_SIZE=${MINICLOUD_STORAGE_FILE_SIZE:-10G}
+step "Storage (Ceph)"
+if [ "$STORAGE" = off ]; then
+    info "skipped (MINICLOUD_STORAGE=off); later: minicloud storage enable --wait"
+elif "$MINICLOUD" --socket "$SOCKET" -o json storage show 2>/dev/null | grep -q '"enabled": *true'; then
+    info "already enabled (minicloud storage show)"
+else
+    mem_kib=$(awk '/MemTotal/ { print $2 }' /proc/meminfo)
+    size_gib=$("$VENV/bin/python" -c 'import sys; from minicloud.cli.storage import parse_size; print(parse_size(sys.argv[1]) >> 30)' "$STORAGE_FILE_SIZE" 2>/dev/null || echo 10)
+    free_gib=$(df -P -BG "$DATA_DIR" 2>/dev/null | awk 'NR == 2 { sub("G", "", $4); print $4 }')
+    # A node that enabled or joined a cluster has cluster.json: storage there is the operator's decision.
+    single=yes
+    [ ! -e "$DATA_DIR/cluster.json" ] || single=no
+    if [ "$STORAGE" = on ] || { [ "${mem_kib:-0}" -ge $((4 << 20)) ] && [ "${free_gib:-0}" -ge $((size_gib + 10)) ] && [ "$single" = yes ]; }; then
+        if "$MINICLOUD" --socket "$SOCKET" storage enable --file-size "$STORAGE_FILE_SIZE" --wait --timeout 300 >/dev/null; then
+            info "Ceph is ready: one monitor, one manager and a $STORAGE_FILE_SIZE file OSD (minicloud storage show)"
+        else
+            warn "storage enable did not finish; see minicloud storage show"
+        fi
+    else
+        info "skipped: needs 4 GiB of RAM and $((size_gib + 10)) GiB free in $DATA_DIR (MINICLOUD_STORAGE=on forces it)"
+    fi
+fi
+
 # ---- 7. the default image: the small test guest, so a first `instance create` works offline ----------------------
 step "Default image 'guest'"
 if "$MINICLOUD" --socket "$SOCKET" image show guest >/dev/null 2>&1; then

@@ -243,7 +243,7 @@ else
     info "libvirt is not running: no domains to remove"
 fi
 
-# ---- 4. daemons the agent started (dnsmasq, etcd, Ceph, a leftover QEMU) with the data directory in their command line
+# ---- 4. daemons the agent started (dnsmasq, etcd, Ceph, RGW, VictoriaMetrics, a leftover QEMU) with the data directory in their command line
 step "Processes started by the agent"
 bridges=("$BRIDGE")
 found=no
@@ -251,7 +251,7 @@ for proc in /proc/[0-9]*; do
     pid=${proc#/proc/}
     [ "$pid" != "$$" ] || continue
     # Daemons only (an operator's `tail -f $DATA_DIR/etcd.log` is not ours to stop).
-    case $(cat "$proc/comm" 2>/dev/null) in dnsmasq | etcd | ceph-* | radosgw | qemu-*) ;; *) continue ;; esac
+    case $(cat "$proc/comm" 2>/dev/null) in dnsmasq | etcd | ceph-* | radosgw | victoria-metric* | qemu-*) ;; *) continue ;; esac
     cmd=$(tr '\0' ' ' <"$proc/cmdline" 2>/dev/null) || continue
     case $cmd in *"$DATA_DIR/"*) ;; *) continue ;; esac
     # A dnsmasq of one of this node's networks names its bridge: that bridge and its table go too.
