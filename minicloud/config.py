@@ -259,6 +259,35 @@ class AlarmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     history_days: Annotated[float, msgspec.Meta(gt=0)] = 14.0
 
 
+class LogsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[logs]``: the logs each node keeps (its agent's, its instances' consoles, the daemons it runs), how long, and
+    where they are forwarded (see docs/observability.md, "Logs")."""
+
+    #: A log file is rotated once it passes this size (the agent's own log by its handler; consoles and daemons' logs
+    #: by copy-truncate every ``rotate_interval``). Related: ``backups``.
+    max_bytes: Annotated[int, msgspec.Meta(ge=65536, le=1 << 34)] = 10 * 1024 * 1024
+    #: Rotated copies kept per file (``agent.log.1`` … ``agent.log.N``); the oldest is removed.
+    backups: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    #: Days a rotated copy is kept, whatever ``backups`` allows.
+    max_age_days: Annotated[float, msgspec.Meta(gt=0, le=3650)] = 14.0
+    #: Seconds between two passes of the node's log retention (rotation by size, removal by age) and between two
+    #: time stamps of the consoles (a console line's time is when the agent first saw it, within this interval).
+    rotate_interval: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 5.0
+    #: The most lines one ``GET /v1/logs`` answers (the newest ones). Related: ``grep_timeout``.
+    query_max_lines: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
+    #: Seconds a ``grep`` filter may take on one node before the query is refused (422).
+    grep_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
+    #: Forward this node's lines to a syslog collector (RFC 5424, octet-counted, over TCP): ``tcp://HOST:PORT`` or
+    #: ``tls://HOST:PORT``; empty: no forwarding. Related: ``forward_ca_file``, ``forward_services``.
+    forward: Annotated[str, msgspec.Meta(pattern=r"^((tcp|tls)://\S+:\d{1,5})?$")] = ""
+    #: The CA file the collector's certificate is checked against (``tls://``); empty: the system's CAs.
+    forward_ca_file: str = ""
+    #: Services forwarded (agent, etcd, tsdb, ceph, rgw, dnsmasq, console); empty: all of them.
+    forward_services: list[str] = msgspec.field(default_factory=list)
+    #: Lines waiting for the collector at most; beyond it the oldest are dropped (and counted in the agent's log).
+    forward_queue: Annotated[int, msgspec.Meta(ge=100, le=10_000_000)] = 100_000
+
+
 class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``[retention]``: how long records that accumulate are kept (see docs/operations.md, "Retention"). The leader
     deletes what expired in bounded batches; idempotency records keep ``api.idempotency_ttl``."""
@@ -288,6 +317,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     compute: ComputeConfig = msgspec.field(default_factory=ComputeConfig)
+    logs: LogsConfig = msgspec.field(default_factory=LogsConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
     objects: ObjectsConfig = msgspec.field(default_factory=ObjectsConfig)
