@@ -81,6 +81,11 @@ def floating_name(fip_id: str) -> str:
     return FLOATING_PREFIX + hashlib.sha256(fip_id.encode()).hexdigest()[:8]
 
 
+def veth_peer_name(path: str, name: str) -> str:
+    """The node-side end of a leg on a bridge provider (``mcp`` + 10 hex digits of the namespace path and leg)."""
+    return "mcp" + hashlib.sha256(f"{path}/{name}".encode()).hexdigest()[:10]
+
+
 def temp_name(vni: int) -> str:
     """The macvlan's name in the node's namespace while it is created (then it moves into the service namespace)."""
     return f"mce-{vni:06x}"
@@ -316,28 +321,39 @@ class RouterPlumbing:
                 what="set the default route",
             )  # fmt: skip
 
+    async def _is_bridge(self, interface: str) -> bool:
+        out = await self._run(
+            [*netns_argv(self.netns), self._ip, "-j", "-d", "link", "show", "dev", interface],
+            f"read provider interface {interface}",
+            check=False,
+        )
+        links = json.loads(out or "[]")
+        return bool(links) and links[0].get("linkinfo", {}).get("info_kind") == "bridge"
+
     async def _macvlan(self, path: str, tmp: str, name: str, interface: str, mac: str) -> None:
-        """A macvlan (bridge mode) on the node's ``interface`` with ``mac``, moved into ``path`` as ``name``."""
+        """A macvlan (bridge mode) on the node's ``interface`` with ``mac``, moved into ``path`` as ``name``. On a
+        Linux bridge (the ``host`` provider: the node's default bridge, which holds the external gateway address
+        itself), a veth pair instead, its peer a port of the bridge: a macvlan on a bridge cannot reach the
+        bridge's own address (the bridge drops unicast to its own MAC sent down from an upper device)."""
         node = netns_argv(self.netns)
         await self._run([*node, self._ip, "link", "del", tmp], "clean up", check=False)
-        await self._run(
-            [
-                *node,
-                self._ip,
-                "link",
-                "add",
-                tmp,
-                "link",
-                interface,
-                "address",
-                mac,
-                "type",
-                "macvlan",
-                "mode",
-                "bridge",
-            ],
-            f"create a macvlan on provider interface {interface}",
-        )
+        if await self._is_bridge(interface):
+            peer = veth_peer_name(path, name)
+            await self._run([*node, self._ip, "link", "del", peer], "clean up", check=False)
+            await self._run(
+                [*node, self._ip, "link", "add", tmp, "address", mac, "type", "veth", "peer", "name", peer],
+                f"create a veth pair for bridge {interface}",
+            )
+            await self._run([*node, self._ip, "link", "set", peer, "addrgenmode", "none"], "no IPv6", check=False)
+            await self._run(
+                [*node, self._ip, "link", "set", peer, "master", interface, "up"], f"plug the leg into {interface}"
+            )
+        else:
+            await self._run(
+                [*node, self._ip, "link", "add", tmp, "link", interface, "address", mac, "type", "macvlan", "mode",
+                 "bridge"],
+                f"create a macvlan on provider interface {interface}",
+            )  # fmt: skip
         try:
             await self._run([*node, self._ip, "link", "set", tmp, "netns", path], "move the macvlan")
         except NetworkError:
