@@ -8,9 +8,13 @@ It runs on the framework (:mod:`agent.reconcile`), one key per record, plus two 
   write them into the record (compare-and-swap). Every node (this one after a restart too) installs the keys from the
   record (``ceph.conf``, keyrings) and publishes the cephx secret in :class:`~agent.storage.node.NodeStorage`; then
   :meth:`CephEngine.ensure_running` restarts whichever of this node's daemons is not running — **supervision**:
-  the key is looked at again every :data:`SUPERVISE` seconds. One node *leads* (the bootstrap node, or the first
-  MON node by name that is not offline): it ensures the record's RADOS pools and the key's caps on them, keeps the
-  replica count at ``min(3, hosts with an OSD up)`` and writes the record's status from :meth:`CephEngine.status`
+  the key is looked at again every :data:`SUPERVISE` seconds. A node the record's ``mons`` names (the services
+  leader writes them: :mod:`minicloud.storage.mons`) makes its MON, which joins the quorum, and a standby MGR
+  (:meth:`CephEngine.add_mon`); one no longer named takes its MON out (:meth:`CephEngine.remove_mon`). One node
+  *leads* (the bootstrap node, or the first MON node by name that is not offline): it ensures the record's RADOS
+  pools and the key's caps on them, keeps the replica count at ``min(3, hosts whose OSDs are in)``, takes the MONs
+  of lost nodes the record no longer names out of the monmap, and writes the record's status from
+  :meth:`CephEngine.status`
   (``ready`` once every PG is active+clean; a write only when something but the time changed, or each minute).
 - **disks** (``storagedisk`` of this node): create the OSD once and record its id; ``remove``: drain and purge it,
   then delete the record. Crash-safe without two OSDs for one disk: an *intent* file
