@@ -8,8 +8,12 @@ open before a reconciler starts and still open after it stops.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import json
+import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -18,7 +22,7 @@ from agent.compute.driver import make_driver
 from agent.host import HostFacts, choose_virt, detect_virt
 from agent.metrics import NodeMetrics
 from agent.net.default import DRIVERS as NETWORK_DRIVERS
-from agent.net.default import NetworkDriver, NetworkSpec
+from agent.net.default import NetworkDriver, NetworkSpec, parse_leases
 from agent.net.nodenetworks import NodeNetworks
 from agent.reconcile import Controller
 from agent.reconcilers.compute import ComputeReconciler
@@ -27,6 +31,10 @@ from agent.reconcilers.storage import StorageReconciler
 from agent.storage.node import NodeStorage
 from minicloud.api.keys import CONFIG, HOST, STORE
 from minicloud.config import Config
+from minicloud.errors import MinicloudError
+from minicloud.network import default_vpc
+
+log = logging.getLogger(__name__)
 
 #: This node's compute reconciler (absent with ``compute.driver = none``); tests reach the fake hypervisor through it.
 COMPUTE = web.AppKey("compute", ComputeReconciler)
@@ -78,6 +86,8 @@ def attach_node_services(app: web.Application) -> web.Application:
     app.cleanup_ctx.append(_storage_ctx)
     app.cleanup_ctx.append(_backups_ctx)  # volume backups and restores: reads NODE_STORAGE's drivers
     if config.compute.driver != "none":
+        if default_vpc_on(config):
+            app.cleanup_ctx.append(_default_vpc_ctx)  # before either reconciler: the host network, DHCP pins
         # the network reconciler first: it fills NODE_NETWORKS, which the compute reconciler waits on
         app.cleanup_ctx.append(_network_ctx)
         app.cleanup_ctx.append(_compute_ctx)
@@ -114,7 +124,7 @@ def network_reconciler(config: Config, store: Any, node_networks: NodeNetworks) 
         ),
         metadata_factory=(lambda ns, lookup: (FakeMetadataServer if fake else MetadataServer)(ns, lookup)),
         routers=FakeRouterPlumbing() if fake else RouterPlumbing(),
-        providers=config.network.providers,
+        providers=node_providers(config),
     )
 
 
@@ -181,15 +191,82 @@ async def _network_ctx(app: web.Application) -> AsyncIterator[None]:
     await controller.close()
 
 
+def default_vpc_on(config: Config) -> bool:
+    """Whether this node takes part in default VPCs: ``[network] default_vpc`` with its default bridge built for
+    real guests (not with the network off or the fake hypervisor: no host network there)."""
+    return config.network.default_vpc and config.network.enabled and config.compute.driver not in ("none", "fake")
+
+
+def node_providers(config: Config) -> dict[str, str]:
+    """``[network.providers]``, with ``host`` (the default bridges' external network) mapped to this node's default
+    bridge unless the operator mapped it."""
+    providers = dict(config.network.providers)
+    if default_vpc_on(config):
+        providers.setdefault(default_vpc.HOST_PROVIDER, config.network.bridge)
+    return providers
+
+
+def _default_dir(config: Config) -> Path:
+    return config.data_path / "networks" / "default"
+
+
+def default_bridge_pins(config: Config) -> dict[str, str]:
+    """MAC -> address of the guests whose lease was in the ``host`` pool when this node first turned default VPCs
+    on (read from the lease file then and kept in ``pinned.json``): dnsmasq keeps giving them that address though
+    its range now ends below the pool, so no running guest changes address."""
+    pinned = _default_dir(config) / "pinned.json"
+    try:
+        return dict(json.loads(pinned.read_text()))
+    except FileNotFoundError:
+        pass
+    try:
+        leases = parse_leases((_default_dir(config) / "leases").read_text(errors="replace"))
+    except FileNotFoundError:
+        leases = {}
+    pins = {mac: ip for mac, ip in sorted(leases.items()) if default_vpc.in_pool(config.network.cidr, ip)}
+    pinned.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pinned.with_suffix(".tmp")
+    tmp.write_text(json.dumps(pins, indent=1) + "\n")
+    tmp.replace(pinned)
+    return pins
+
+
+async def _default_vpc_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The migration of the default bridge into the default-VPC model (every start; idempotent): the ``host``
+    external network exists, and the pinned guests' addresses are held in its pool so no router takes them."""
+    config = app[CONFIG]
+    try:
+        pins = await asyncio.to_thread(default_bridge_pins, config)
+        await default_vpc.ensure_host_network(app[STORE], config.network.cidr)
+        for mac, ip in pins.items():
+            if not await default_vpc.reserve_lease(app[STORE], config.node_name, mac, ip):
+                log.warning(
+                    "guest %s keeps %s on the default bridge, but the host network's pool gave that address to "
+                    "something else: a router's SNAT through this node may clash with it",
+                    mac,
+                    ip,
+                )
+    except (OSError, ValueError, MinicloudError) as exc:
+        log.error("default VPCs: migrating the default bridge failed: %s", exc)
+    yield
+
+
 def default_network(config: Config) -> NetworkDriver | None:
-    """The node's default network driver (a fake one with the fake hypervisor), or None when it is disabled."""
+    """The node's default network driver (a fake one with the fake hypervisor), or None when it is disabled. With
+    default VPCs on, DHCP ends below the ``host`` network's pool and pinned guests keep their addresses."""
     if not config.network.enabled:
         return None
+    extra: dict[str, Any] = {}
+    if default_vpc_on(config):
+        start, end = default_vpc.dhcp_range(config.network.cidr)
+        pins = default_bridge_pins(config)
+        extra = {"dhcp_start": start, "dhcp_end": end, "static_hosts": tuple(pins.items())}
     spec = NetworkSpec(
         name="default",
         bridge=config.network.bridge,
         cidr=ipaddress.IPv4Network(config.network.cidr),
         masquerade=config.network.masquerade,
+        **extra,
     )
     kind = "fake" if config.compute.driver == "fake" else "bridge"
     return NETWORK_DRIVERS[kind](spec, config.data_path / "networks" / "default")

@@ -152,6 +152,11 @@ class NetworkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cidr: str = "10.213.0.0/24"
     #: NAT (masquerade) traffic from the subnet to the node's other interfaces.
     masquerade: bool = True
+    #: Instances created without ``--nic`` get their project's default VPC (network, subnet and router ``default``,
+    #: SNAT through the ``host`` external network: this bridge). At start the agent makes the ``host`` network,
+    #: maps provider ``host`` to ``bridge`` and keeps DHCP below ``host``'s pool (docs/networking.md, "Default
+    #: VPC"). False: they sit on this bridge. Related: ``providers``.
+    default_vpc: bool = False
     #: The MTU of the links between nodes; VPC networks get 50 bytes less (VXLAN headers). Read where a network is
     #: created, so keep it equal on every node.
     underlay_mtu: Annotated[int, msgspec.Meta(ge=1280, le=9216)] = 1500

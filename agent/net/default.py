@@ -90,6 +90,9 @@ class NetworkSpec:
     #: Upstream DNS servers for names dnsmasq cannot answer; None: the host's /etc/resolv.conf; (): none at all.
     upstream_dns: tuple[str, ...] | None = None
     lease_seconds: int = DEFAULT_LEASE_SECONDS
+    #: (MAC, address) pairs dnsmasq keeps giving those MACs even outside the DHCP range (``--dhcp-host``): guests
+    #: whose lease the default VPC's migration found above a range it shrank (docs/networking.md, "Default VPC").
+    static_hosts: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -120,6 +123,12 @@ class NetworkSpec:
             tuple(str(ipaddress.ip_address(s)) for s in self.upstream_dns) if self.upstream_dns is not None else None
         )
         object.__setattr__(self, "upstream_dns", upstream)
+        hosts = []
+        for mac, ip in self.static_hosts:
+            if not _MAC_RE.match(mac.lower()) or ipaddress.IPv4Address(ip) not in cidr:
+                raise ValueError(f"static host {mac} {ip}: a MAC and an address of {cidr}")
+            hosts.append((mac.lower(), str(ipaddress.IPv4Address(ip))))
+        object.__setattr__(self, "static_hosts", tuple(sorted(hosts)))
         if not 120 <= self.lease_seconds <= 365 * 86400:
             raise ValueError(f"lease time {self.lease_seconds} s: use 120 s (dnsmasq's minimum) to one year")
 
@@ -169,6 +178,7 @@ def dnsmasq_argv(spec: NetworkSpec, state_dir: Path, binary: str = DNSMASQ_BINAR
         "--no-ping",
         f"--dhcp-option=option:router,{gw}",
         "--no-hosts",
+        *(f"--dhcp-host={mac},{ip}" for mac, ip in spec.static_hosts),
     ]
     if not spec.dns:
         return [*argv, "--port=0"]

@@ -61,7 +61,7 @@ from minicloud.core.kinds import Obj
 from minicloud.core.write import Written, commit, replay
 from minicloud.iam.directory import Directory
 from minicloud.model.compute import InstanceCreate, NicCreate
-from minicloud.network import ipam, ports
+from minicloud.network import default_vpc, ipam, ports
 from minicloud.network.kinds import PORT
 from minicloud.state import Create, Delete, Op, Store, Update, list_all
 from minicloud.storage.kinds import (
@@ -126,8 +126,15 @@ def _unknown(param: str, what: str, ref: str, project: str, command: str) -> err
 
 
 async def _wanted_nics(
-    ctx: Context, store: Store, nics: list[NicCreate], directory: Directory | None
+    ctx: Context, store: Store, nics: list[NicCreate] | None, directory: Directory | None
 ) -> list[ports.Wanted]:
+    """The NICs asked for, resolved; none asked for: one on the project's default VPC (made on first use) when the
+    cluster has the ``host`` network (:mod:`minicloud.network.default_vpc`), else none (the node's default bridge)."""
+    if not nics:
+        subnet = await default_vpc.ensure_default_vpc(ctx, store)
+        if subnet is None:
+            return []
+        nics = [NicCreate(subnet=subnet.id)]
     return [
         await ports.resolve(
             ctx,
@@ -372,7 +379,7 @@ async def create_instance(
                 f"--disk-size {image_gib} or more, or a larger type",
                 invalid_params=[{"name": "disk_gib", "reason": f"smaller than the image ({image_gib} GiB)"}],
             )
-    wanted = await _wanted_nics(ctx, store, body.nics, directory) if body.nics else []
+    wanted = await _wanted_nics(ctx, store, body.nics, directory)
     spec = InstanceSpec(
         uuid=str(uuid.uuid4()),
         image_id=root.image.id if root.image is not None else "",
