@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import logging.handlers
 import sys
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -28,11 +30,19 @@ class JsonFormatter(logging.Formatter):
         return msgspec.json.encode(out, enc_hook=str).decode()
 
 
-def setup(level: str = "info") -> None:
+def setup(level: str = "info", *, file: Path | None = None, max_bytes: int = 10 << 20, backups: int = 3) -> None:
+    """JSON lines on stdout and, with ``file``, in that file too (rotated past ``max_bytes``, ``backups`` copies
+    kept: ``minicloud logs`` reads it)."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
+    handlers: list[logging.Handler] = [handler]
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        rotating = logging.handlers.RotatingFileHandler(file, maxBytes=max_bytes, backupCount=backups, delay=True)
+        rotating.setFormatter(JsonFormatter())
+        handlers.append(rotating)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(level.upper())
     quiet_libraries()
 

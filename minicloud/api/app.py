@@ -28,6 +28,7 @@ from minicloud.api import (
     instances,
     keypairs,
     login,
+    logs,
     metrics,
     networks,
     openapi,
@@ -105,6 +106,7 @@ ROUTE_TABLES = [
     whoami.routes,
     metrics.routes,
     alarms.routes,
+    logs.routes,
 ]
 HOUSEKEEPING_INTERVAL = 60.0
 
@@ -144,6 +146,7 @@ def create_app(config: Config, *, host: HostFactsSource | None = None) -> web.Ap
     app.cleanup_ctx.append(_bootstrap_ctx)
     app.cleanup_ctx.append(_operations_ctx)
     app.cleanup_ctx.append(_housekeeping_ctx)
+    app.cleanup_ctx.append(logs.logs_ctx)  # this node's log retention and forwarding (docs/observability.md)
     return app
 
 
@@ -186,6 +189,10 @@ def server_ssl_context(pki: NodePKI) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(pki.server_cert, pki.server_key)
+    # Node-to-node mutual TLS: a client may present a certificate of the cluster CA (other nodes do, asking for their
+    # logs); clients without one are served as before. Joining a cluster loads its CA here too.
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.load_verify_locations(cafile=str(pki.ca_cert))
     return ctx
 
 

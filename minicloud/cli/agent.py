@@ -68,7 +68,14 @@ def run_agent(args: argparse.Namespace) -> int:
     from minicloud import config, logs
 
     cfg = config.load(args.config, overrides=agent_overrides(args))
-    logs.setup(cfg.agent.log_level)
+    # JSON lines on stdout (journald) and in DATA_DIR/logs/agent.log, which `minicloud logs` reads
+    cfg.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)  # before the log's directory: the data dir is 0700
+    logs.setup(
+        cfg.agent.log_level,
+        file=cfg.data_path / "logs" / "agent.log",
+        max_bytes=cfg.logs.max_bytes,
+        backups=cfg.logs.backups,
+    )
     run(cfg)
     return 0
 

@@ -170,6 +170,9 @@ class Client:
         from minicloud.client.alarms import Alarms
 
         self.alarms = Alarms(self)
+        from minicloud.client.logs import Logs
+
+        self.logs = Logs(self)
 
     # -- construction ----------------------------------------------------------------------------------------------
     @classmethod

@@ -440,6 +440,7 @@ class ClusterNode:
             _atomic_write(self.pki.server_cert, reply["certificate"].encode() + reply["ca_certificate"].encode())
             if self.https_ssl is not None:
                 self.https_ssl.load_cert_chain(self.pki.server_cert, self.pki.server_key)
+                self.https_ssl.load_verify_locations(cafile=str(self.pki.ca_cert))  # other nodes' client certificates
             state = ClusterState(
                 node=self.name,
                 address=address,
