@@ -265,6 +265,12 @@ else
 # etcd's client and peer ports (mutual TLS, cluster CA only); used once `minicloud cluster enable` or `join` ran.
 #etcd_client_port = 2379
 #etcd_peer_port = 2380
+
+[network]
+# Instances created without --nic get their project's default VPC (network, subnet and router "default", SNAT out
+# through the "host" network: this node's default bridge). Set it on every node of a cluster. Off: such instances
+# get a NIC on the node's default bridge (the built-in default, kept for existing setups).
+default_vpc = true
 EOF
     chmod 0644 "$CONFIG"
     info "written with commented defaults"
