@@ -36,7 +36,15 @@ def run_bench(name: str, *args: str, timeout: float) -> subprocess.CompletedProc
 
 
 def test_every_bench_has_a_quick_mode_tested_here() -> None:
-    tested = {"api_bench.py", "auth_bench.py", "state_bench.py", "instance_launch.py", "network_bench.py"}
+    tested = {
+        "api_bench.py",
+        "auth_bench.py",
+        "state_bench.py",
+        "instance_launch.py",
+        "network_bench.py",
+        "storage_bench.py",
+        "s3_bench.py",
+    }
     assert {p.name for p in BENCH.glob("*.py")} == tested
 
 
@@ -88,3 +96,47 @@ def test_instance_launch_quick() -> None:
         pytest.skip(f"instance_launch.py needs libvirtd (scripts/start-libvirtd): {exc}")
     done = run_bench("instance_launch.py", timeout=840)
     assert "agent" in done.stdout and "floor" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_storage_bench_quick() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("storage_bench.py needs root (Ceph daemons, libvirt domains)")
+    sys.path.insert(0, str(ROOT))
+    from tests import ceph
+
+    if not ceph.ceph_installed():
+        pytest.skip(f"storage_bench.py: {ceph.SKIP_REASON}")
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static")):
+        if shutil.which(tool) is None and not Path(f"/bin/{tool}").exists():
+            pytest.skip(f"storage_bench.py needs {tool} (Debian package {package})")
+    libvirt = pytest.importorskip("libvirt", reason="storage_bench.py needs libvirt-python")
+    try:
+        libvirt.open("qemu:///system").close()
+    except libvirt.libvirtError as exc:
+        pytest.skip(f"storage_bench.py needs libvirtd (scripts/start-libvirtd): {exc}")
+    done = run_bench("storage_bench.py", timeout=840)
+    out = done.stdout
+    # every part measured something: the create ratio, an attach seen by the guest, the guest's I/O against its
+    # floor, and the Ceph daemons
+    assert "ratio big/tiny on ceph" in out and "guest sees the disk" in out, out
+    assert "as the guest sends" in out and "osd.0" in out and "rand write" in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_s3_bench_quick() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("s3_bench.py needs root (Ceph daemons)")
+    sys.path.insert(0, str(ROOT))
+    from tests import ceph
+
+    if not ceph.ceph_installed() or shutil.which("radosgw") is None:
+        pytest.skip(f"s3_bench.py: {ceph.SKIP_REASON}")
+    done = run_bench("s3_bench.py", timeout=840)
+    out = done.stdout
+    # every scenario measured on both sides, with its ratio
+    for scenario in ("PUT 1 MiB", "GET 1 MiB", "PUT 8 MiB", "GET 8 MiB", "PUT 4 KiB ops", "GET 4 KiB ops"):
+        assert f"{scenario:16} minicloud" in out and f"{scenario:16} floor" in out, out
+    assert "ratio minicloud/floor" in out, out
