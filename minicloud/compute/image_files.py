@@ -68,13 +68,19 @@ def allowed_source(param: str, path: str, allowed_dirs: list[Path]) -> Path:
 
 
 def _copy_hashing(src: Path, dst: Path) -> StoredFile:
+    """Copy ``src`` to ``dst`` hashing it; all-zero chunks become holes, so a thin (sparse) image stays thin."""
     digest = hashlib.sha256()
     size = 0
+    zeros = bytes(CHUNK)
     with src.open("rb") as fin, dst.open("wb") as fout:
         while chunk := fin.read(CHUNK):
             digest.update(chunk)
-            fout.write(chunk)
+            if chunk == zeros[: len(chunk)]:
+                fout.seek(len(chunk), os.SEEK_CUR)
+            else:
+                fout.write(chunk)
             size += len(chunk)
+        fout.truncate(size)  # a file ending in a hole gets its length
         fout.flush()
         os.fsync(fout.fileno())
     return StoredFile(size, digest.hexdigest())
