@@ -293,6 +293,22 @@ class LogsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     forward_queue: Annotated[int, msgspec.Meta(ge=100, le=10_000_000)] = 100_000
 
 
+class BillingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[billing]``: metering and charging by the services leader (see docs/billing.md)."""
+
+    enabled: bool = True
+    #: Seconds between two cycles of the meter (fold the change log) and of the hour closing.
+    interval: Annotated[float, msgspec.Meta(ge=1, le=600)] = 30.0
+    #: Change-log entries folded per cycle (the next cycle follows after a second while behind).
+    batch: Annotated[int, msgspec.Meta(ge=100, le=100_000)] = 2000
+    #: Meter states closed per cycle.
+    close_batch: Annotated[int, msgspec.Meta(ge=10, le=100_000)] = 500
+    #: Seconds after an hour ends before it is closed (later transitions of it become correction records).
+    close_delay: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 300
+    #: The currency of ``price set`` without ``--currency`` (ISO 4217).
+    currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")] = "EUR"
+
+
 class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``[retention]``: how long records that accumulate are kept (see docs/operations.md, "Retention"). The leader
     deletes what expired in bounded batches; idempotency records keep ``api.idempotency_ttl``."""
@@ -320,6 +336,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
     alarms: AlarmsConfig = msgspec.field(default_factory=AlarmsConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    billing: BillingConfig = msgspec.field(default_factory=BillingConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     compute: ComputeConfig = msgspec.field(default_factory=ComputeConfig)
     logs: LogsConfig = msgspec.field(default_factory=LogsConfig)
