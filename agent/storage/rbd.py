@@ -193,7 +193,26 @@ class RbdDriver:
     async def clone(self, parent: str, snap: str, vol: str, size_bytes: int) -> None:
         _check_name(parent)
         _check_name(snap, "snapshot")
-        info = await self._info(_check_name(vol))
+        _check_name(vol)
+        # The common case first, in two commands (each `rbd` run connects to the MONs: ~0.1-0.3 s): clone a
+        # protected snapshot into a new image and grow it. Anything else (the clone exists, the snapshot is missing
+        # or unprotected) takes the checked path below.
+        try:
+            await self._rbd(
+                ["clone", "--image-feature", FEATURES, self._spec(parent, snap), self._spec(vol)],
+                f"cloning {parent}@{snap} to {vol}",
+            )
+        except StorageError:
+            pass
+        else:
+            try:
+                await self._rbd(
+                    ["resize", "--no-progress", "--size", f"{size_bytes}B", self._spec(vol)], f"resizing volume {vol}"
+                )
+                return
+            except StorageError:
+                pass  # smaller than the parent (rbd refuses to shrink): the checked path keeps the parent's size
+        info = await self._info(vol)
         if info is None:
             snaps = {s["name"]: s for s in await self._snaps(parent)} if await self._info(parent) else None
             if snaps is None or snap not in snaps:
