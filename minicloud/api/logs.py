@@ -36,6 +36,7 @@ from minicloud.api import resources as res
 from minicloud.api.keys import CLUSTER, CONFIG, PKI, STORE
 from minicloud.api.routing import PUBLIC, Action, Routes
 from minicloud.model.logs import LogLine, LogsAnswer, LogsQuery, NodeAnswer, NodeLogsQuery
+from minicloud.observe import log_access
 from minicloud.observe import logs as nodelogs
 
 log = logging.getLogger("minicloud.logs")
@@ -95,8 +96,6 @@ async def _pattern(pattern: str | None) -> str | None:
 async def _scope(request: web.Request, query: LogsQuery) -> tuple[set[str] | None, set[str] | None]:
     """``(services, instances)`` the caller may read and asked for (instances None: any)."""
     from minicloud.compute.instances import get_instance
-    from minicloud.compute.kinds import INSTANCE
-    from minicloud.state import list_all
 
     services = _services(query.service)
     if query.instance is not None:
@@ -111,8 +110,7 @@ async def _scope(request: web.Request, query: LogsQuery) -> tuple[set[str] | Non
     if services is not None and services != {"console"}:
         # not an administrator: name the missing action (403), as for any other refused request
         await auth.authorize(request, auth.principal_of(request), CLUSTER_ACTION, res.project_of(request), cluster=True)
-    records = await list_all(request.app[STORE], INSTANCE.name, project=res.project_of(request))
-    return {"console"}, {r.id for r in records}
+    return {"console"}, await log_access.project_instance_ids(request.app[STORE], res.project_of(request))
 
 
 # -- the node endpoint ----------------------------------------------------------------------------------------------
@@ -184,11 +182,9 @@ async def node_logs(request: web.Request, query: NodeLogsQuery) -> web.StreamRes
 
 
 async def _known_node(request: web.Request, name: str) -> bool:
-    from minicloud.cluster.kinds import NODE
-
     if name == request.app[CONFIG].node_name:
         return True
-    return await request.app[STORE].get_by_name(NODE.name, "", name) is not None
+    return await log_access.is_node(request.app[STORE], name)
 
 
 async def _ndjson(request: web.Request) -> web.StreamResponse:
@@ -220,17 +216,11 @@ def client_ssl_context(request: web.Request) -> ssl.SSLContext:
 
 async def _peers(request: web.Request, only: str | None) -> list[tuple[str, str]]:
     """``(name, https base URL)`` of every other node (or just ``only``); 404 for an unknown ``only``."""
-    from minicloud.cluster.kinds import NODE
-    from minicloud.state import list_all
-
     me = request.app[CONFIG].node_name
     cluster = request.app.get(CLUSTER)
     peers: list[tuple[str, str]] = []
     if cluster is not None and cluster.enabled:
-        for record in await list_all(request.app[STORE], NODE.name):
-            node = NODE.load(record)
-            if node.name != me:
-                peers.append((node.name, node.spec.https))
+        peers = await log_access.other_nodes(request.app[STORE], me)
     if only is not None:
         if only != me and only not in {n for n, _ in peers}:
             raise errors.NotFound(f"no node named '{only}' in this cluster", node=only)
