@@ -31,13 +31,11 @@ What RGW refuses for a bucket goes into its status; other errors propagate and t
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import ipaddress
 import json
 import logging
 import os
-import secrets
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -50,7 +48,8 @@ from minicloud.cluster.kinds import NODE
 from minicloud.config import Config
 from minicloud.iam.kinds import ACCESSKEY, PROJECT, ROLE, ROLEBINDING
 from minicloud.iam.principals import DEFAULT_PROJECT, DEFAULT_PROJECT_ID
-from minicloud.objects.kinds import BUCKET, S3TENANT, BucketSpec, S3TenantSpec, tenant_of, tenant_record_id
+from minicloud.objects.buckets import PROJECT_USER, SERVICE_PREFIX, ensure_tenant_record, quota_in_force
+from minicloud.objects.kinds import BUCKET, S3TENANT, BucketSpec, S3TenantSpec, tenant_record_id
 from minicloud.objects.rgwclient import RgwClient, S3Error, ssl_context
 from minicloud.state import Change, Create, Delete, Record, Store, Txn, TxnFailed, list_all
 from minicloud.storage.kinds import CEPH, CEPH_NAME, CephSpec
@@ -67,15 +66,11 @@ SYNC = 30.0
 RETRY = 5.0
 #: Seconds a bucket marked ``deleted`` is left to the service that marked it before this node deletes it.
 DELETE_GRACE = 20.0
-#: The RGW user of a tenant that owns the project's buckets, and its read-only subuser.
-PROJECT_USER = "project"
+#: The read-only subuser of a tenant's RGW user.
 READONLY_SUBUSER = "ro"
-#: Service keys (minicloud's own, one per tenant) start so; IAM's access keys with ``MCAK``.
-SERVICE_PREFIX = "MCSV"
 #: What a principal needs in the project for a read-write key, and for a read-only one.
 WRITE_ACTION = "storage:buckets:create"
 READ_ACTION = "storage:buckets:get"
-_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
 
 
@@ -109,6 +104,14 @@ def wanted_mode(*, may_write: bool, may_read: bool, disabled: bool = False, expi
     if may_write:
         return "rw"
     return "ro" if may_read else None
+
+
+def project_granted(principal: str, action: str, project: str, bindings: Iterable[Any], roles: Any) -> bool:
+    """``action`` in ``project`` granted by the principal's bindings *on the project* (cluster-wide ones ignored)."""
+    from minicloud.iam import policy
+
+    own = [b for b in bindings if b.project is not None]
+    return policy.evaluate(principal, action, project, own, roles).allowed
 
 
 def _ip(address: str) -> str:
@@ -185,6 +188,8 @@ class ObjectsReconciler:
             return [KEYS_KEY]
         if kind == PROJECT.name and change.type == "deleted":
             return [tenant_record_id(change.id)]
+        if kind == S3TENANT.name:
+            return [change.id]
         return []
 
     async def all_keys(self) -> list[str]:
@@ -313,25 +318,9 @@ class ObjectsReconciler:
         pid = await self._project_id(project)
         if pid is None:
             return None
-        rid = tenant_record_id(pid)
-        record = await self.store.get(S3TENANT.name, rid)
+        record = await ensure_tenant_record(self.store, self.keystore, project, pid)
         if record is None:
-            tenant = tenant_of(pid)
-            access = SERVICE_PREFIX + "".join(secrets.choice(_ALPHABET) for _ in range(16))
-            secret = base64.b64encode(os.urandom(30)).decode()
-            spec = S3TenantSpec(
-                project_id=pid, project=project, tenant=tenant, uid=uid_of(tenant), access_key=access,
-                secret=self.keystore.encrypt(secret.encode(), access.encode()),
-            )  # fmt: skip
-            obj = S3TENANT.new(project="", name=pid, spec=spec, id=rid)
-            try:
-                await self.store.commit(Txn([Create(S3TENANT.dump(obj))]))
-            except TxnFailed as exc:
-                if exc.reason not in ("exists", "name-taken"):
-                    raise
-            record = await self.store.get(S3TENANT.name, rid)
-            if record is None:
-                return None
+            return None
         spec = S3TENANT.load(record).spec
         await self._ensure_user(spec)
         return spec
@@ -359,13 +348,15 @@ class ObjectsReconciler:
         return dict(info or {})
 
     async def _project_quota(self, t: S3TenantSpec) -> None:
+        """The tenant user's quota: the project's own (``s3 quota set``) or the configuration's."""
         assert self._admin is not None
         cfg = self.config.objects
-        enabled = bool(cfg.quota_bytes or cfg.quota_objects)
+        qb, qo, _ = quota_in_force(t, cfg.quota_bytes, cfg.quota_objects)
+        enabled = bool(qb or qo)
         await self._admin.admin(
             "PUT", "user",
             [("quota", ""), ("uid", t.uid), ("quota-type", "user"), ("enabled", "true" if enabled else "false"),
-             ("max-objects", str(cfg.quota_objects or -1)), ("max-size", str(cfg.quota_bytes or -1))],
+             ("max-objects", str(qo or -1)), ("max-size", str(qb or -1))],
         )  # fmt: skip
 
     async def _reconcile_tenant(self, rid: str) -> Result:
@@ -373,9 +364,11 @@ class ObjectsReconciler:
         if record is None:
             return Result()
         t = S3TENANT.load(record).spec
-        if t.project_id == DEFAULT_PROJECT_ID or await self.store.get(PROJECT.name, t.project_id) is not None:
-            return Result()
         assert self._admin is not None
+        if t.project_id == DEFAULT_PROJECT_ID or await self.store.get(PROJECT.name, t.project_id) is not None:
+            await self._ensure_user(t)
+            await self._project_quota(t)  # a quota set or changed
+            return Result()
         with contextlib.suppress(S3Error):
             await self._admin.admin("DELETE", "user", {"uid": t.uid, "purge-data": "true"}, ok=(404,))
         with contextlib.suppress(TxnFailed):
@@ -391,14 +384,26 @@ class ObjectsReconciler:
         spec = key.spec
         expires_at = getattr(spec, "expires_at", None) or record.spec.get("expires_at")
         disabled = bool(getattr(spec, "disabled", False) or record.spec.get("disabled"))
-        may_write = (await self.directory.decide(spec.principal, WRITE_ACTION, project)).allowed
-        may_read = may_write or (await self.directory.decide(spec.principal, READ_ACTION, project)).allowed
+        may_write = await self._may(spec.principal, WRITE_ACTION, project)
+        may_read = may_write or await self._may(spec.principal, READ_ACTION, project)
         mode = wanted_mode(may_write=may_write, may_read=may_read, disabled=disabled, expired=_expired(expires_at))
         again = None
         if expires_at and mode is not None:
             with contextlib.suppress(ValueError):
                 again = max(0.5, ids.parse_time(str(expires_at)).timestamp() - time.time())
         return mode, again
+
+    async def _may(self, principal: str, action: str, project: str) -> bool:
+        """Whether the key's principal may ``action`` in ``project`` *through a binding on that project*: outside the
+        default project, a cluster-wide role (``admin``) gives no S3 access by itself — a project's buckets are
+        opened to an administrator's key only by an explicit role binding on the project (the grant)."""
+        if not (await self.directory.decide(principal, action, project)).allowed:
+            return False
+        load = getattr(self.directory, "load", None)
+        if project == DEFAULT_PROJECT or load is None:
+            return True
+        bindings, roles = await load()
+        return project_granted(principal, action, project, bindings, roles)
 
     async def _remove_key(self, access_key: str) -> None:
         assert self._admin is not None
@@ -555,11 +560,17 @@ class ObjectsReconciler:
         assert self._admin is not None
         stats = await self._admin.admin("GET", "bucket", {"uid": t.uid, "stats": "true"}) or []
         records = {BUCKET.load(r).name: r for r in await list_all(self.store, BUCKET.name, project=t.project)}
+        since = {name: ids.parse_time(r.created_at).timestamp() for name, r in records.items()}
+        usage = await self._admin.admin(
+            "GET", "usage", {"uid": t.uid, "show-entries": "true", "show-summary": "false"}, ok=(404,)
+        )
+        meters = metering(usage or {}, since)
         now = ids.now()
         for entry in stats:
             name = str(entry.get("bucket", ""))
-            usage = (entry.get("usage") or {}).get("rgw.main") or {}
-            size, objects = int(usage.get("size", 0)), int(usage.get("num_objects", 0))
+            main = (entry.get("usage") or {}).get("rgw.main") or {}
+            size, objects = int(main.get("size", 0)), int(main.get("num_objects", 0))
+            requests, bytes_out, bytes_in = meters.get(name, (0, 0, 0))
             record = records.get(name)
             if record is None:
                 obj = BUCKET.new(project=t.project, name=name, spec=BucketSpec(adopted=True))
@@ -568,7 +579,33 @@ class ObjectsReconciler:
                 with contextlib.suppress(TxnFailed):
                     await self.store.commit(Txn([Create(BUCKET.dump(obj))]))
                 continue
-            await self._set_bucket_status(record.id, size_bytes=size, objects=objects, observed_at=now)
+            await self._set_bucket_status(
+                record.id, size_bytes=size, objects=objects, observed_at=now, requests=requests, bytes_out=bytes_out,
+                bytes_in=bytes_in,
+            )  # fmt: skip
+
+
+def metering(usage: dict[str, Any], since: dict[str, float]) -> dict[str, tuple[int, int, int]]:
+    """Per bucket, ``(requests, bytes out, bytes in)`` from an ``/admin/usage?show-entries=true`` answer: RGW's
+    usage log (hourly bins per bucket and category, logged against the bucket's owner — anonymous GETs of a public
+    bucket count too), summed over the bins from the hour the bucket was made (``since``: its creation time; a
+    bucket made again under an old name does not inherit the old one's figures). Buckets not in ``since`` and
+    requests naming no bucket (ListBuckets) are left out."""
+    out: dict[str, list[int]] = {}
+    for user in usage.get("entries") or []:
+        for entry in user.get("buckets") or []:
+            name = str(entry.get("bucket", ""))
+            if name not in since:
+                continue
+            epoch = int(entry.get("epoch", 0) or 0)
+            if epoch and epoch + 3600 <= since[name]:
+                continue  # a bin that closed before the bucket was made
+            acc = out.setdefault(name, [0, 0, 0])
+            for cat in entry.get("categories") or []:
+                acc[0] += int(cat.get("ops", 0) or 0)
+                acc[1] += int(cat.get("bytes_sent", 0) or 0)
+                acc[2] += int(cat.get("bytes_received", 0) or 0)
+    return {k: (v[0], v[1], v[2]) for k, v in out.items()}
 
 
 def _versioning_xml(status: str) -> bytes:
@@ -586,4 +623,13 @@ def _real_rgw(engine: Any, settings: Any) -> Any:
     return Rgw(engine, settings)
 
 
-__all__ = ["GATEWAY_KEY", "KEYS_KEY", "SYNC_KEY", "ObjectsReconciler", "public_read_policy", "wanted_mode"]
+__all__ = [
+    "GATEWAY_KEY",
+    "KEYS_KEY",
+    "SYNC_KEY",
+    "ObjectsReconciler",
+    "metering",
+    "project_granted",
+    "public_read_policy",
+    "wanted_mode",
+]

@@ -86,6 +86,16 @@ DEFAULT_OPTIONS: tuple[tuple[str, str], ...] = (
 )
 
 
+#: Tests only: ``k=v,k=v`` RGW settings added to every gateway this agent starts (e.g. ``rgw_lc_debug_interval=10``
+#: so that a lifecycle "day" lasts 10 s, or a usage log flushed every second).
+OPTIONS_ENV = "MINICLOUD_RGW_OPTIONS"
+
+
+def env_options() -> dict[str, str]:
+    text = os.environ.get(OPTIONS_ENV, "")
+    return dict(item.split("=", 1) for item in text.split(",") if "=" in item)
+
+
 class Rgw:
     """One node's gateway, over a :class:`agent.storage.ceph.CephEngine` (its conf and admin keyring)."""
 
@@ -121,7 +131,7 @@ class Rgw:
     def argv(self) -> list[str]:
         s = self.settings
         frontend = f"beast ssl_endpoint={_bind(s.address)}:{s.port} ssl_certificate={s.cert} ssl_private_key={s.key}"
-        options = dict(DEFAULT_OPTIONS) | dict(s.options)
+        options = dict(DEFAULT_OPTIONS) | dict(s.options) | env_options()
         if s.dns_name:
             options["rgw_dns_name"] = s.dns_name
         socket_dir = Path(self.engine.settings.socket_dir)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from minicloud.client.collection import Collection, quote
-from minicloud.model.objects import Bucket, S3Endpoint
+from minicloud.model.objects import Bucket, S3Endpoint, S3Usage
 from minicloud.objects.kinds import BUCKET
 
 if TYPE_CHECKING:
@@ -55,3 +55,12 @@ class S3Api:
     def endpoint(self, *, key: str | None = None) -> S3Endpoint:
         """The S3 endpoint (URLs, CA bundle, client settings; ``key``: an access key id to put in them)."""
         return self._c.call("GET", "/v1/s3/endpoint", S3Endpoint, query={"key": key} if key else None)
+
+    def usage(self) -> S3Usage:
+        """The project's quota in force and its buckets' usage and metering (requests, bytes out and in)."""
+        return self._c.call("GET", "/v1/s3/usage", S3Usage)
+
+    def set_quota(self, *, quota_bytes: Any = ..., quota_objects: Any = ...) -> S3Usage:
+        """Set the project's quota (administrators): an int (0 unlimited), None (the configuration's), or leave out."""
+        body = {k: v for k, v in {"quota_bytes": quota_bytes, "quota_objects": quota_objects}.items() if v is not ...}
+        return self._c.call("POST", "/v1/s3/quota", S3Usage, json=body)

@@ -22,6 +22,11 @@ class BucketStatus(msgspec.Struct, kw_only=True):
     size_bytes: int = 0
     objects: int = 0
     observed_at: str | None = None
+    #: Metering from RGW's usage log since the bucket was made: requests (anonymous ones too), bytes sent to clients
+    #: and received from them. Refreshed with the usage above.
+    requests: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
 
 
 class Bucket(Resource, kw_only=True):
@@ -86,4 +91,52 @@ class S3Endpoint(msgspec.Struct, kw_only=True):
     enabled: bool = True
 
 
-__all__ = ["Bucket", "BucketConfigure", "BucketCreate", "BucketStatus", "BucketUpdate", "S3Endpoint"]
+class S3QuotaSet(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``s3 quota set``: the project's quota on everything its buckets hold (only the fields given change); 0:
+    unlimited, null: back to the configuration's ``[objects] quota_bytes``/``quota_objects``."""
+
+    quota_bytes: Quota | UnsetType | None = UNSET
+    quota_objects: Quota | UnsetType | None = UNSET
+
+
+class S3BucketUsage(msgspec.Struct, kw_only=True):
+    name: str
+    size_bytes: int = 0
+    objects: int = 0
+    requests: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    observed_at: str | None = None
+
+
+class S3Usage(msgspec.Struct, kw_only=True):
+    """A project's object storage: its quota and what its buckets hold and served (sums of the buckets' figures,
+    as RGW last reported them, about every 30 s)."""
+
+    project: str
+    #: The project's RGW tenant ("" until the project has a key or bucket).
+    tenant: str = ""
+    #: The quota in force (0: unlimited) and where it comes from: ``project`` (``s3 quota set``) or ``config``.
+    quota_bytes: int = 0
+    quota_objects: int = 0
+    quota_source: Literal["project", "config"] = "config"
+    buckets: int = 0
+    size_bytes: int = 0
+    objects: int = 0
+    requests: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    by_bucket: list[S3BucketUsage] = []
+
+
+__all__ = [
+    "Bucket",
+    "BucketConfigure",
+    "BucketCreate",
+    "BucketStatus",
+    "BucketUpdate",
+    "S3BucketUsage",
+    "S3Endpoint",
+    "S3QuotaSet",
+    "S3Usage",
+]

@@ -24,16 +24,21 @@ from minicloud.cluster.kinds import NODE
 from minicloud.core import crud
 from minicloud.core.context import Context, Sealer
 from minicloud.core.kinds import Obj
-from minicloud.core.write import Written
+from minicloud.core.write import Written, audit_record
 from minicloud.iam.kinds import PROJECT
 from minicloud.iam.principals import DEFAULT_PROJECT, DEFAULT_PROJECT_ID
-from minicloud.model.objects import BucketConfigure, BucketCreate, S3Endpoint
-from minicloud.objects.kinds import BUCKET, S3TENANT, BucketSpec, tenant_of, tenant_record_id
-from minicloud.state import Store, Txn, TxnFailed, Update
+from minicloud.model.objects import BucketConfigure, BucketCreate, S3BucketUsage, S3Endpoint, S3QuotaSet, S3Usage
+from minicloud.objects.kinds import BUCKET, S3TENANT, BucketSpec, S3TenantSpec, tenant_of, tenant_record_id
+from minicloud.state import Create, Record, Store, Txn, TxnFailed, Update, list_all
 from minicloud.storage import common
 
 Bucket = Obj[BucketSpec, Any]
 LOOPBACK = "127.0.0.1"
+#: The RGW user of a tenant that owns the project's buckets (read-only keys are its subuser ``project:ro``).
+PROJECT_USER = "project"
+#: Service keys (minicloud's own, one per tenant) start so; IAM's access keys with ``MCAK``.
+SERVICE_PREFIX = "MCSV"
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 
 
@@ -98,6 +103,94 @@ async def configure_bucket(ctx: Context, store: Store, ref: str, body: BucketCon
         return obj.replace(spec=msgspec.structs.replace(obj.spec, **changes))
 
     return await crud.update(ctx, store, BUCKET, ref, mutate)
+
+
+async def ensure_tenant_record(store: Store, sealer: Sealer, project: str, pid: str) -> Record | None:
+    """The project's ``s3tenant`` record, written when missing (a fresh service key, its secret sealed); the
+    objects reconciler makes the RGW user from it. None only if it vanished right after being written."""
+    import base64
+    import os
+    import secrets
+
+    rid = tenant_record_id(pid)
+    record = await store.get(S3TENANT.name, rid)
+    if record is not None:
+        return record
+    tenant = tenant_of(pid)
+    access = SERVICE_PREFIX + "".join(secrets.choice(_ALPHABET) for _ in range(16))
+    secret = base64.b64encode(os.urandom(30)).decode()
+    spec = S3TenantSpec(
+        project_id=pid, project=project, tenant=tenant, uid=f"{tenant}${PROJECT_USER}", access_key=access,
+        secret=sealer.encrypt(secret.encode(), access.encode()),
+    )  # fmt: skip
+    obj = S3TENANT.new(project="", name=pid, spec=spec, id=rid)
+    try:
+        await store.commit(Txn([Create(S3TENANT.dump(obj))]))
+    except TxnFailed as exc:
+        if exc.reason not in ("exists", "name-taken"):
+            raise
+    return await store.get(S3TENANT.name, rid)
+
+
+def quota_in_force(tenant: S3TenantSpec | None, default_bytes: int, default_objects: int) -> tuple[int, int, str]:
+    """``(bytes, objects, source)``: the project's own quota where set, else the configuration's (0: unlimited)."""
+    if tenant is None or (tenant.quota_bytes is None and tenant.quota_objects is None):
+        return default_bytes, default_objects, "config"
+    qb = default_bytes if tenant.quota_bytes is None else tenant.quota_bytes
+    qo = default_objects if tenant.quota_objects is None else tenant.quota_objects
+    return qb, qo, "project"
+
+
+async def set_project_quota(
+    ctx: Context, store: Store, sealer: Sealer, body: S3QuotaSet, *, default_bytes: int, default_objects: int
+) -> S3Usage:
+    """An administrator sets ``ctx``'s project quota (bytes, objects; 0 unlimited, None the configuration's): kept
+    in the project's ``s3tenant`` record (made if missing), applied by the objects reconciler through RGW's admin
+    API as the tenant user's quota — beyond it, S3 answers ``QuotaExceeded``."""
+    pid = await project_id(store, ctx.project)
+    changes = {k: v for k, v in msgspec.structs.asdict(body).items() if v is not msgspec.UNSET}
+    for _ in range(8):
+        record = await ensure_tenant_record(store, sealer, ctx.project, pid)
+        if record is None:
+            continue
+        current = S3TENANT.load(record)
+        new = current.replace(spec=msgspec.structs.replace(current.spec, **changes), updated_at=ctx.clock())
+        if new.spec == current.spec:
+            break
+        try:
+            target = {"kind": S3TENANT.name, "id": record.id, "name": record.name}
+            await store.commit(Txn([
+                Update(S3TENANT.dump(new), expect_revision=record.revision),
+                Create(audit_record(ctx, "allowed", 200, target)),
+            ]))  # fmt: skip
+            break
+        except TxnFailed:
+            continue
+    else:
+        raise errors.Conflict("the project's object storage settings changed meanwhile; retry")
+    return await project_usage(ctx, store, default_bytes=default_bytes, default_objects=default_objects)
+
+
+async def project_usage(ctx: Context, store: Store, *, default_bytes: int, default_objects: int) -> S3Usage:
+    """``ctx``'s project: the quota in force and its buckets' usage and metering (from their records)."""
+    pid = await project_id(store, ctx.project)
+    record = await store.get(S3TENANT.name, tenant_record_id(pid))
+    tenant = S3TENANT.load(record).spec if record is not None else None
+    qb, qo, source = quota_in_force(tenant, default_bytes, default_objects)
+    rows = []
+    for r in await list_all(store, BUCKET.name, project=ctx.project):
+        b = BUCKET.load(r)
+        st = b.status
+        rows.append(S3BucketUsage(
+            name=b.name, size_bytes=st.size_bytes, objects=st.objects, requests=st.requests, bytes_out=st.bytes_out,
+            bytes_in=st.bytes_in, observed_at=st.observed_at,
+        ))  # fmt: skip
+    return S3Usage(
+        project=ctx.project, tenant=tenant.tenant if tenant is not None else "", quota_bytes=qb, quota_objects=qo,
+        quota_source=source, buckets=len(rows), size_bytes=sum(x.size_bytes for x in rows),
+        objects=sum(x.objects for x in rows), requests=sum(x.requests for x in rows),
+        bytes_out=sum(x.bytes_out for x in rows), bytes_in=sum(x.bytes_in for x in rows), by_bucket=rows,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -240,6 +333,10 @@ __all__ = [
     "create_bucket",
     "delete_bucket",
     "endpoint",
+    "ensure_tenant_record",
     "local_gateway",
     "project_id",
+    "project_usage",
+    "quota_in_force",
+    "set_project_quota",
 ]

@@ -8,8 +8,8 @@ project to its RGW tenant.
   S3 directly (``aws s3 mb``) are adopted: the reconciler writes a record for them.
 - ``s3tenant`` (internal, cluster-scoped, id ``s3t-<project id>``, name the project id): the project's RGW tenant and
   user and the *service key* minicloud acts as in that tenant (its secret sealed with the node key store, the access
-  key id as associated data). Made by the reconciler when a project first has a key or a bucket; deleted (with the
-  RGW user) after the project.
+  key id as associated data), and the project's quota when an administrator set one. Made by the reconciler when a
+  project first has a key or a bucket (or by ``s3 quota set``); deleted (with the RGW user) after the project.
 
 Growth: buckets are bounded by what users make; one ``s3tenant`` per project that uses the object store.
 """
@@ -44,6 +44,10 @@ class BucketObserved(msgspec.Struct, kw_only=True):
     #: What RGW has now (so a change is applied once).
     versioning: str = ""  # "" | Enabled | Suspended
     observed_at: str | None = None
+    #: Metering, from RGW's usage log since the bucket was made (its hour): requests, bytes sent and received.
+    requests: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
 
 
 def tenant_of(project_id: str) -> str:
@@ -66,6 +70,9 @@ def _render_bucket(obj: Obj[BucketSpec, BucketObserved]) -> Bucket:
             size_bytes=st.size_bytes,
             objects=st.objects,
             observed_at=st.observed_at,
+            requests=st.requests,
+            bytes_out=st.bytes_out,
+            bytes_in=st.bytes_in,
         ),
     )
 
@@ -87,6 +94,7 @@ BUCKET = declare(
             Column("state", "status.state"),
             Column("objects", "status.objects"),
             Column("bytes", "status.size_bytes"),
+            Column("requests", "status.requests"),
             Column("versioning", "versioning"),
             Column("public", "public_read"),
             Column("id", "id"),
@@ -106,6 +114,10 @@ class S3TenantSpec(msgspec.Struct, kw_only=True):
     #: The service key minicloud acts as in the tenant (bucket create/delete): id, and secret sealed.
     access_key: str
     secret: str
+    #: The project's quota on everything its buckets hold (``s3 quota set``, administrators); None: ``[objects]
+    #: quota_bytes``/``quota_objects`` of the configuration; 0: unlimited.
+    quota_bytes: int | None = None
+    quota_objects: int | None = None
 
 
 S3TENANT = declare(

@@ -2,6 +2,11 @@
 key works with boto3 (buckets, put/get, multipart, ranged GET, prefix/delimiter listing, presigned GET), the AWS CLI
 and rclone when installed; a viewer's key reads only; a revoked key is refused; project B's key cannot read project
 A's bucket; a bucket quota ends in ``QuotaExceeded``; bad bucket names and non-empty deletes are refused clearly.
+Compatibility people will try: anonymous GET of a public-read bucket (``TENANT:BUCKET``), presigned PUT, a bucket
+policy that denies a principal (and one that opens a bucket to another project), lifecycle expiration, 100 MiB
+multipart uploads (AWS CLI and boto3), versioned listing, restic. Administrators' keys need a grant outside the
+default project; a project quota set by an administrator ends in ``QuotaExceeded``; requests and bytes out are
+metered per bucket and project.
 
 One module-scoped agent, like ``test_storage_node``: the cluster and its gateway are its own, on free ports, torn
 down with it."""
@@ -56,7 +61,9 @@ def agent(tmp_path_factory):
         f"ceph_prometheus_port = {ceph.free_port()}\n"
         f"[objects]\nport = {ceph.free_port()}\n"
     )
-    a = Agent(root).start()
+    # a lifecycle "day" of 10 s; the usage log flushed at once (metering shows in the next sync)
+    options = "rgw_lc_debug_interval=10,rgw_usage_log_tick_interval=1,rgw_usage_log_flush_threshold=1"
+    a = Agent(root, extra_env={"MINICLOUD_RGW_OPTIONS": options}).start()
     try:
         c = a.client()
         c.call("POST", "/v1/storage/enable", json={"file_size_bytes": OSD_BYTES})
@@ -126,6 +133,14 @@ def _code(exc: ClientError) -> str:
 def _key(agent, name: str, project: str = "default", user: str | None = None) -> dict:
     body = {"name": name} | ({"user": user} if user else {})
     return agent.client().call("POST", f"/v1/accesskeys?project={project}", json=body)
+
+
+def _member_key(agent, name: str, project: str, user: str) -> dict:
+    """A key of a member of ``project`` (an administrator's own key there needs a grant: see the admin test)."""
+    c = agent.client()
+    c.call("POST", "/v1/users", json={"name": user})
+    c.call("POST", "/v1/rolebindings", json={"role": "member", "principal": f"user:{user}", "scope_project": project})
+    return _key(agent, name, project=project, user=user)
 
 
 def _usable(endpoint, key) -> object:
@@ -253,7 +268,7 @@ def test_project_b_cannot_read_project_a(agent, endpoint):
     a = _usable(endpoint, _key(agent, "k-a"))
     _bucket(agent, "private-a")
     a.put_object(Bucket="private-a", Key="secret.txt", Body=b"a's")
-    key_b = _key(agent, "k-b", project="proj-b")
+    key_b = _member_key(agent, "k-b", "proj-b", "bob")
     b = _usable(endpoint, key_b)
     with pytest.raises(ClientError) as exc:  # path style resolves in B's own tenant
         b.get_object(Bucket="private-a", Key="secret.txt")
@@ -335,3 +350,310 @@ def test_usage_is_reported_and_s3_buckets_are_adopted(agent, endpoint):
     assert b["status"]["size_bytes"] == 5
     out = agent.cli("s3", "endpoint", "--key", "MCAKEXAMPLE", check=True).stdout
     assert endpoint["url"] in out and "aws_access_key_id = MCAKEXAMPLE" in out
+
+
+def _ssl(endpoint) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=endpoint["ca_path"])
+    ctx.check_hostname = False
+    return ctx
+
+
+def _http(endpoint, method: str, url: str, data: bytes | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, context=_ssl(endpoint), timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _tenant(agent, project: str = "default") -> str:
+    return agent.client().call("GET", f"/v1/s3/endpoint?project={project}")["tenant"]
+
+
+def _signed(endpoint, key: dict, method: str, path: str, body: bytes = b""):
+    """One request with our own signer (boto3 refuses ``TENANT:BUCKET`` names); ``(status, body)`` or S3Error."""
+    from minicloud.objects.rgwclient import RgwClient, ssl_context
+
+    async def go():
+        async with RgwClient(endpoint["url"], key["id"], key["secret_access_key"],
+                             ssl_ctx=ssl_context(endpoint["ca_path"])) as client:  # fmt: skip
+            status, _, data = await client.request(method, path, body=body)
+            return status, data
+
+    return asyncio.run(go())
+
+
+def _refused(s3, code: str = "InvalidAccessKeyId"):
+    def check():
+        try:
+            s3.list_buckets()
+        except ClientError as exc:
+            return _code(exc) == code
+        return False
+
+    return check
+
+
+def test_public_read_is_anonymous_get_by_tenant(agent, endpoint):
+    s3 = _usable(endpoint, _key(agent, "k-public"))
+    _bucket(agent, "site-1", public_read=True)
+    s3.put_object(Bucket="site-1", Key="index.html", Body=b"<h1>hi</h1>")
+    tenant = _tenant(agent)
+    status, body = _http(endpoint, "GET", f"{endpoint['url']}/{tenant}:site-1/index.html")
+    assert (status, body) == (200, b"<h1>hi</h1>")
+    status, body = _http(endpoint, "GET", f"{endpoint['url']}/{tenant}:site-1")  # listing stays private
+    assert status == 403 and b"AccessDenied" in body
+    _bucket(agent, "closed-1")
+    s3.put_object(Bucket="closed-1", Key="x", Body=b"x")
+    assert _http(endpoint, "GET", f"{endpoint['url']}/{tenant}:closed-1/x")[0] == 403
+
+
+def test_presigned_put(agent, endpoint):
+    key = _key(agent, "k-presign")
+    s3 = _usable(endpoint, key)
+    _bucket(agent, "drop-1")
+    # SigV4 query signing (boto3's default for presigning is SigV2, whose signature covers the Content-Type header
+    # the uploader sends: a PUT from a client that adds one, as urllib does, is then SignatureDoesNotMatch)
+    v4 = boto3.client(
+        "s3", endpoint_url=endpoint["url"], aws_access_key_id=key["id"], aws_secret_access_key=key["secret_access_key"],
+        region_name="us-east-1", verify=endpoint["ca_path"],
+        config=BotoConfig(signature_version="s3v4", s3={"addressing_style": "path"}),
+    )  # fmt: skip
+    url = v4.generate_presigned_url("put_object", Params={"Bucket": "drop-1", "Key": "in/upload.bin"}, ExpiresIn=300)
+    assert "X-Amz-Signature=" in url
+    payload = os.urandom(4096)
+    status, body = _http(endpoint, "PUT", url, payload)
+    assert status == 200, (url, body)
+    assert s3.get_object(Bucket="drop-1", Key="in/upload.bin")["Body"].read() == payload
+    # the signature covers the key: another key with the same URL's query is refused
+    status, body = _http(endpoint, "PUT", url.replace("in/upload.bin", "in/other.bin"), b"x")
+    assert status == 403 and b"SignatureDoesNotMatch" in body
+
+
+def test_a_bucket_policy_opens_a_bucket_to_another_project_and_denies_a_principal(agent, endpoint):
+    c = agent.client()
+    c.call("POST", "/v1/projects", json={"name": "proj-pol"})
+    owner = _usable(endpoint, _key(agent, "k-pol-owner"))
+    other_key = _member_key(agent, "k-pol-other", "proj-pol", "polly")
+    _usable(endpoint, other_key)
+    tenant, other_tenant = _tenant(agent), _tenant(agent, "proj-pol")
+    _bucket(agent, "shared-pol")
+    for key in ("pub/a.txt", "secret/b.txt"):
+        owner.put_object(Bucket="shared-pol", Key=key, Body=key.encode())
+    with pytest.raises(Exception) as exc:  # no policy yet: another project's key is refused
+        _signed(endpoint, other_key, "GET", f"/{tenant}:shared-pol/pub/a.txt")
+    assert getattr(exc.value, "code", "") == "AccessDenied"
+    other = f"arn:aws:iam::{other_tenant}:user/project"
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Principal": {"AWS": [other]}, "Action": ["s3:GetObject"],
+             "Resource": [f"arn:aws:s3::{tenant}:shared-pol/*"]},
+            {"Effect": "Deny", "Principal": {"AWS": [other]}, "Action": ["s3:GetObject"],
+             "Resource": [f"arn:aws:s3::{tenant}:shared-pol/secret/*"]},
+        ],
+    }  # fmt: skip
+    import json
+
+    owner.put_bucket_policy(Bucket="shared-pol", Policy=json.dumps(policy))
+    assert _signed(endpoint, other_key, "GET", f"/{tenant}:shared-pol/pub/a.txt") == (200, b"pub/a.txt")
+    with pytest.raises(Exception) as exc:
+        _signed(endpoint, other_key, "GET", f"/{tenant}:shared-pol/secret/b.txt")
+    assert getattr(exc.value, "code", "") == "AccessDenied"
+    with pytest.raises(Exception) as exc:  # GetObject only: no writes
+        _signed(endpoint, other_key, "PUT", f"/{tenant}:shared-pol/pub/new.txt", b"x")
+    assert getattr(exc.value, "code", "") == "AccessDenied"
+    assert owner.get_object(Bucket="shared-pol", Key="secret/b.txt")["Body"].read() == b"secret/b.txt"
+
+
+def test_lifecycle_expiration(agent, endpoint):
+    s3 = _usable(endpoint, _key(agent, "k-lc"))
+    _bucket(agent, "lc-1")
+    rules = [{"ID": "tmp-1d", "Status": "Enabled", "Filter": {"Prefix": "tmp/"}, "Expiration": {"Days": 1}}]
+    s3.put_bucket_lifecycle_configuration(Bucket="lc-1", LifecycleConfiguration={"Rules": rules})
+    got = s3.get_bucket_lifecycle_configuration(Bucket="lc-1")["Rules"]
+    assert [(r["ID"], r["Expiration"]["Days"]) for r in got] == [("tmp-1d", 1)]
+    s3.put_object(Bucket="lc-1", Key="tmp/scratch", Body=b"old")
+    s3.put_object(Bucket="lc-1", Key="keep/this", Body=b"kept")
+
+    def expired():
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="lc-1").get("Contents", [])]
+        return keys == ["keep/this"]
+
+    # rgw_lc_debug_interval=10: a lifecycle day is 10 s, and the lifecycle thread looks every 10 s
+    _wait("the lifecycle rule expires tmp/", expired, timeout=300, agent=agent)
+
+
+def test_100_mib_multipart_with_the_aws_cli_and_boto3(agent, endpoint, tmp_path):
+    import hashlib
+
+    from boto3.s3.transfer import TransferConfig
+
+    key = _key(agent, "k-big")
+    s3 = _usable(endpoint, key)
+    _bucket(agent, "big-1")
+    src = tmp_path / "100mib.bin"
+    digest = hashlib.sha256()
+    with src.open("wb") as f:
+        block = os.urandom(1 << 20)
+        for i in range(100):
+            chunk = block[:-4] + i.to_bytes(4, "big")
+            digest.update(chunk)
+            f.write(chunk)
+    s3.upload_file(str(src), "big-1", "boto3.bin", Config=TransferConfig(multipart_threshold=8 << 20))
+    names = ["boto3.bin"]
+    if shutil.which("aws"):
+        env = {
+            **os.environ, "AWS_ACCESS_KEY_ID": key["id"], "AWS_SECRET_ACCESS_KEY": key["secret_access_key"],
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+            "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+        }  # fmt: skip
+        env.pop("AWS_CA_BUNDLE", None)
+        cp = subprocess.run(
+            ["aws", "--endpoint-url", endpoint["url"], "--ca-bundle", endpoint["ca_path"], "s3", "cp", str(src),
+             "s3://big-1/cli.bin"], env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert cp.returncode == 0, cp.stderr
+        names.append("cli.bin")
+    for name in names:
+        head = s3.head_object(Bucket="big-1", Key=name)
+        assert head["ContentLength"] == 100 << 20
+        assert "-" in head["ETag"], head["ETag"]  # a multipart upload's ETag: "<md5 of md5s>-<parts>"
+    out = tmp_path / "back.bin"
+    s3.download_file("big-1", names[-1], str(out))
+    back = hashlib.sha256()
+    with out.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            back.update(chunk)
+    assert back.hexdigest() == digest.hexdigest()
+
+
+def test_versioned_listing(agent, endpoint):
+    s3 = _usable(endpoint, _key(agent, "k-versions"))
+    _bucket(agent, "versions-1", versioning=True)
+    v1 = s3.put_object(Bucket="versions-1", Key="doc.txt", Body=b"one")["VersionId"]
+    v2 = s3.put_object(Bucket="versions-1", Key="doc.txt", Body=b"two")["VersionId"]
+    s3.delete_object(Bucket="versions-1", Key="doc.txt")
+    listed = s3.list_object_versions(Bucket="versions-1", Prefix="doc.txt")
+    assert {v["VersionId"] for v in listed["Versions"]} == {v1, v2}
+    assert [m["IsLatest"] for m in listed["DeleteMarkers"]] == [True]
+    assert s3.get_object(Bucket="versions-1", Key="doc.txt", VersionId=v1)["Body"].read() == b"one"
+    with pytest.raises(ClientError):
+        s3.get_object(Bucket="versions-1", Key="doc.txt")  # deleted: a delete marker on top
+
+
+@pytest.mark.skipif(not shutil.which("restic"), reason="restic is not installed (Debian package restic)")
+def test_restic_backup_and_restore(agent, endpoint, tmp_path):
+    key = _key(agent, "k-restic")
+    _usable(endpoint, key)
+    _bucket(agent, "restic-1")
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    files = {"etc/a.conf": b"a = 1\n", "etc/b.bin": os.urandom(300_000), "top.txt": b"top"}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    env = {
+        **os.environ, "AWS_ACCESS_KEY_ID": key["id"], "AWS_SECRET_ACCESS_KEY": key["secret_access_key"],
+        "RESTIC_PASSWORD": "correct horse", "RESTIC_REPOSITORY": f"s3:{endpoint['url']}/restic-1",
+        "RESTIC_CACHE_DIR": str(tmp_path / "cache"),
+    }  # fmt: skip
+    env.pop("AWS_CA_BUNDLE", None)
+
+    def restic(*args: str) -> str:
+        r = subprocess.run(["restic", "--cacert", endpoint["ca_path"], *args], env=env, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, f"restic {args[0]}: {r.stderr}"
+        return r.stdout
+
+    restic("init")
+    restic("backup", str(src))
+    restic("restore", "latest", "--target", str(tmp_path / "out"))
+    for name, data in files.items():
+        assert (tmp_path / "out" / str(src).lstrip("/") / name).read_bytes() == data
+
+
+def test_an_admin_key_reads_another_project_only_when_granted(agent, endpoint):
+    c = agent.client()
+    c.call("POST", "/v1/projects", json={"name": "proj-c"})
+    admin = _s3(endpoint, **_pair(_key(agent, "k-admin-c", project="proj-c")))
+    carol = _usable(endpoint, _member_key(agent, "k-carol", "proj-c", "carol"))
+    _bucket(agent, "grant-c", project="proj-c")
+    carol.put_object(Bucket="grant-c", Key="report.txt", Body=b"carol's")
+    # the admin's key was made before carol's, which works: the admin's is refused (no grant on proj-c)
+    with pytest.raises(ClientError) as exc:
+        admin.get_object(Bucket="grant-c", Key="report.txt")
+    assert _code(exc.value) == "InvalidAccessKeyId"
+    # the grant: a role binding on the project
+    grant = c.call(
+        "POST", "/v1/rolebindings", json={"role": "viewer", "principal": "user:admin", "scope_project": "proj-c"}
+    )
+    _wait("the granted admin key reads", lambda: admin.get_object(Bucket="grant-c", Key="report.txt"), timeout=60)
+    assert admin.get_object(Bucket="grant-c", Key="report.txt")["Body"].read() == b"carol's"
+    with pytest.raises(ClientError) as exc:  # viewer: read-only
+        admin.put_object(Bucket="grant-c", Key="report.txt", Body=b"admin's")
+    assert _code(exc.value) == "AccessDenied"
+    c.raw("DELETE", f"/v1/rolebindings/{grant['id']}")
+    _wait("the admin key is refused once the grant is gone", _refused(admin), timeout=30)
+
+
+def _pair(key: dict) -> dict:
+    return {"key": key["id"], "secret": key["secret_access_key"]}
+
+
+def test_a_project_quota_set_by_an_admin_is_quota_exceeded(agent, endpoint):
+    c = agent.client()
+    c.call("POST", "/v1/projects", json={"name": "proj-q"})
+    s3 = _usable(endpoint, _member_key(agent, "k-quinn", "proj-q", "quinn"))
+    _bucket(agent, "quota-q", project="proj-q")
+    out = agent.cli("--project", "proj-q", "s3", "quota", "set", "--max-bytes", str(1 << 20), check=True).stdout
+    assert "Quota:     1.0 MiB (from the project)" in out, out
+    usage = c.call("GET", "/v1/s3/usage?project=proj-q")
+    assert (usage["quota_bytes"], usage["quota_source"]) == (1 << 20, "project")
+    big = os.urandom(2 << 20)
+    tries = iter(range(1000))
+
+    def quota_exceeded():
+        name = f"big-{next(tries)}"
+        try:
+            s3.put_object(Bucket="quota-q", Key=name, Body=big)
+        except ClientError as exc:
+            return name if _code(exc) == "QuotaExceeded" else None
+        return None
+
+    refused = _wait("a 2 MiB PUT over a 1 MiB project quota is QuotaExceeded", quota_exceeded, timeout=60)
+    with pytest.raises(ClientError):
+        s3.head_object(Bucket="quota-q", Key=refused)  # nothing half-written
+    c.call("POST", "/v1/s3/quota?project=proj-q", json={"quota_bytes": None, "quota_objects": None})
+
+    def accepted():
+        try:
+            s3.put_object(Bucket="quota-q", Key="after", Body=big)
+        except ClientError:
+            return False
+        return True
+
+    _wait("the quota is lifted", accepted, timeout=60)
+
+
+def test_requests_and_bytes_out_are_metered(agent, endpoint):
+    s3 = _usable(endpoint, _key(agent, "k-meter"))
+    _bucket(agent, "meter-1")
+    body = os.urandom(10_000)
+    for i in range(3):
+        s3.put_object(Bucket="meter-1", Key=f"o{i}", Body=body)
+    for _ in range(2):
+        for i in range(3):
+            assert s3.get_object(Bucket="meter-1", Key=f"o{i}")["Body"].read() == body
+    c = agent.client()
+
+    def metered():
+        b = c.call("GET", "/v1/buckets?name=meter-1")["items"][0]["status"]
+        return b if b["requests"] >= 9 and b["bytes_out"] >= 60_000 and b["bytes_in"] >= 30_000 else None
+
+    status = _wait("the usage log reaches the bucket's status", metered, timeout=180, agent=agent)
+    usage = c.call("GET", "/v1/s3/usage")
+    row = next(b for b in usage["by_bucket"] if b["name"] == "meter-1")
+    assert row["requests"] >= status["requests"] and usage["bytes_out"] >= row["bytes_out"] >= 60_000
+    out = agent.cli("s3", "usage", check=True).stdout
+    assert "Metering:" in out and "meter-1" in out, out
