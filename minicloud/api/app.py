@@ -19,6 +19,7 @@ from minicloud.api import (
     alarms,
     apikeys,
     audit,
+    billing,
     buckets,
     cluster,
     events,
@@ -107,6 +108,7 @@ ROUTE_TABLES = [
     metrics.routes,
     alarms.routes,
     logs.routes,
+    billing.routes,
 ]
 HOUSEKEEPING_INTERVAL = 60.0
 
@@ -242,6 +244,9 @@ def leader_loops(app: web.Application) -> LeaderLoops:
     from minicloud.storage.backup_schedules import BackupScheduler
 
     loops.register(BackupScheduler(app[STORE], app[CONFIG], app[accesskeys.KEYSTORE]))  # backups on a schedule
+    from minicloud.billing.metering import billing_loops
+
+    loops.register(*billing_loops(app[STORE], app[CONFIG]))  # metering and hourly usage (docs/billing.md)
     return loops
 
 

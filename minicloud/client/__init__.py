@@ -173,6 +173,9 @@ class Client:
         from minicloud.client.logs import Logs
 
         self.logs = Logs(self)
+        from minicloud.client.billing import Billing
+
+        self.billing = Billing(self)
 
     # -- construction ----------------------------------------------------------------------------------------------
     @classmethod

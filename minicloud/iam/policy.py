@@ -68,11 +68,12 @@ is given says otherwise. "Reads of S" means every action of two to four segments
 +------------+---------+----------------------------------------------+------------------------------------------------+
 | ``member`` | project | ``compute:*``, ``storage:*``, ``network:*``, | every other ``iam:`` action (no API keys, no   |
 |            |         | ``operations:*``, ``events:*``,              | bindings); ``audit:*``; cluster-level actions; |
-|            |         | ``metrics:*``; reads of ``iam``              | any service not listed here                    |
+|            |         | ``metrics:*``; reads of ``iam`` and          | ``billing:`` changes (prices, closing          |
+|            |         | ``billing``                                  | invoices); any service not listed here         |
 +------------+---------+----------------------------------------------+------------------------------------------------+
 | ``viewer`` | project | reads of ``compute``, ``storage``,           | any action whose verb is not ``get``, ``list`` |
 |            |         | ``network``, ``operations``, ``events``,     | or ``watch``; ``audit:*``; cluster-level       |
-|            |         | ``metrics`` and ``iam``                      | actions                                        |
+|            |         | ``metrics``, ``billing`` and ``iam``         | actions                                        |
 +------------+---------+----------------------------------------------+------------------------------------------------+
 
 A service added later (say ``lb``) is granted to ``owner``, ``member`` and ``viewer`` only once it is added to
@@ -128,7 +129,9 @@ Scope = Literal["cluster", "project"]
 #: Verbs that only read; an action ending in one of them changes nothing.
 READ_VERBS: Final = ("get", "list", "watch")
 #: Services whose resources live inside projects, granted to the built-in project roles.
-PROJECT_SERVICES: Final = ("compute", "storage", "network", "operations", "events", "metrics")
+PROJECT_SERVICES: Final = ("compute", "storage", "network", "operations", "events", "metrics", "billing")
+#: Project services the built-in project roles only read (their changes are admins': prices, closing invoices).
+READ_ONLY_SERVICES: Final = ("billing",)
 #: Principal kinds a binding may name (``user:alice``, ``serviceaccount:ci``).
 PRINCIPAL_KINDS: Final = ("user", "serviceaccount")
 
@@ -256,7 +259,11 @@ def _reads(service: str) -> tuple[str, ...]:
     return tuple(":".join((service, *("*",) * n, verb)) for verb in READ_VERBS for n in range(3))
 
 
-_MEMBER_ACTIONS: tuple[str, ...] = (*(f"{s}:*" for s in PROJECT_SERVICES), *_reads("iam"))
+_MEMBER_ACTIONS: tuple[str, ...] = (
+    *(f"{s}:*" for s in PROJECT_SERVICES if s not in READ_ONLY_SERVICES),
+    *(p for s in READ_ONLY_SERVICES for p in _reads(s)),
+    *_reads("iam"),
+)
 _VIEWER_ACTIONS: tuple[str, ...] = tuple(p for s in (*PROJECT_SERVICES, "iam") for p in _reads(s))
 _OWNER_ACTIONS: tuple[str, ...] = (
     *_MEMBER_ACTIONS,

@@ -15,7 +15,10 @@ from minicloud.api.routing import Action, Authenticated
 from minicloud.iam import apikeys
 from minicloud.state import Create, Txn
 
-PROJECT_SERVICES = {"compute", "storage", "network", "operations", "events", "metrics"}
+#: Services members change; ``billing`` is a project service they (and owners) only read: prices and invoice
+#: close are admins'.
+MEMBER_SERVICES = {"compute", "storage", "network", "operations", "events", "metrics"}
+PROJECT_SERVICES = {*MEMBER_SERVICES, "billing"}
 PROJECT_IAM = ("iam:apikeys:", "iam:bindings:", "iam:accesskeys:", "iam:serviceaccounts:")
 READS = {"get", "list", "watch"}
 
@@ -38,7 +41,7 @@ def expected(persona: str, action: str) -> str:
     if persona == "viewer":
         return "allowed" if verb in READS else "denied"
     assert persona == "member"
-    if service in PROJECT_SERVICES:
+    if service in MEMBER_SERVICES:
         return "allowed"
     return "allowed" if verb in READS else "denied"
 

@@ -86,7 +86,10 @@ cluster:join                     - - -
 cluster:tokens:create            - - -
 cluster:members:promote          - - -
 cluster:members:delete           - - -
-billing:invoices:list            - - -
+billing:invoices:list            O M V
+billing:invoices:get             O M V
+billing:invoices:close           - - -
+billing:prices:create            - - -
 lb:balancers:get                 - - -
 keypairs:create                  - - -
 """
