@@ -270,6 +270,37 @@ async def test_every_public_kind_is_streamed_rendered_and_internal_kinds_never(a
 
     alarm = ALARM.new(project="default", name="hot", spec=AlarmSpec(comparison=">", threshold=1.0, query="up"))
     await store.commit(Txn([Create(ALARM.dump(alarm))]))
+    # Backups, their targets and schedules are made by nodes and checked against S3: the records alone are enough.
+    from minicloud.storage.backup_kinds import (
+        BACKUP_SCHEDULE,
+        BACKUP_TARGET,
+        VOLUME_BACKUP,
+        BackupScheduleSpec,
+        BackupTargetSpec,
+        VolumeBackupSpec,
+    )
+
+    backup_objs = [
+        VOLUME_BACKUP.new(project="default", name="b1", spec=VolumeBackupSpec(volume="vol-x", bucket="bkt")),
+        BACKUP_TARGET.new(
+            project="default",
+            name="site2",
+            spec=BackupTargetSpec(endpoint="https://s3.example.org", access_key="AK", secret="v1.sealed"),
+        ),
+        BACKUP_SCHEDULE.new(
+            project="default",
+            name="nightly",
+            spec=BackupScheduleSpec(volume="vol-x", bucket="bkt", every_seconds=86400, keep=7),
+        ),
+    ]
+    await store.commit(
+        Txn(
+            [
+                Create(k.dump(o))
+                for k, o in zip((VOLUME_BACKUP, BACKUP_TARGET, BACKUP_SCHEDULE), backup_objs, strict=True)
+            ]
+        )
+    )
     # Every kind the API exposes: declared public kinds, and any still registered only the old way (none should be).
     exposed = set(public_kinds()) | set(getattr(res, "KINDS", {}))
     seen: dict[str, dict] = {}
