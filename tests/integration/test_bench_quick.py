@@ -43,6 +43,7 @@ def test_every_bench_has_a_quick_mode_tested_here() -> None:
         "instance_launch.py",
         "network_bench.py",
         "storage_bench.py",
+        "s3_bench.py",
     }
     assert {p.name for p in BENCH.glob("*.py")} == tested
 
@@ -121,3 +122,21 @@ def test_storage_bench_quick() -> None:
     # floor, and the Ceph daemons
     assert "ratio big/tiny on ceph" in out and "guest sees the disk" in out, out
     assert "as the guest sends" in out and "osd.0" in out and "rand write" in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_s3_bench_quick() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("s3_bench.py needs root (Ceph daemons)")
+    sys.path.insert(0, str(ROOT))
+    from tests import ceph
+
+    if not ceph.ceph_installed() or shutil.which("radosgw") is None:
+        pytest.skip(f"s3_bench.py: {ceph.SKIP_REASON}")
+    done = run_bench("s3_bench.py", timeout=840)
+    out = done.stdout
+    # every scenario measured on both sides, with its ratio
+    for scenario in ("PUT 1 MiB", "GET 1 MiB", "PUT 8 MiB", "GET 8 MiB", "PUT 4 KiB ops", "GET 4 KiB ops"):
+        assert f"{scenario:16} minicloud" in out and f"{scenario:16} floor" in out, out
+    assert "ratio minicloud/floor" in out, out
