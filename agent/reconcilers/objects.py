@@ -14,7 +14,9 @@ Keys (on the framework of :mod:`agent.reconcile`):
   - an access key id (``MCAK…``): the key belongs to RGW user ``<tenant>$project`` (read-write: the principal may
     ``storage:buckets:create`` in the project, i.e. ``member``/``owner``) or to its subuser ``project:ro``
     (read-only: it may only read, ``viewer``), or to none (no role there any more, disabled, expired, or the record
-    deleted: the key is removed from RGW). The tenant of project ``P`` is ``P``'s id with ``_`` for ``-``
+    deleted: the key is removed from RGW). Outside the default project the role must come from a binding *on the
+    project*: a cluster-wide role (``admin``) alone opens no project's buckets (the grant is such a binding). The
+    tenant of project ``P`` is ``P``'s id with ``_`` for ``-``
     (:func:`~minicloud.objects.kinds.tenant_of`), made on first need with an ``s3tenant`` record holding the sealed
     *service key* minicloud acts as in it. A revoked key is refused by every gateway as soon as the admin call
     returns (RGW's metadata cache is invalidated cluster-wide by watch/notify).
@@ -22,8 +24,10 @@ Keys (on the framework of :mod:`agent.reconcile`):
   - a bucket id: make the RGW bucket as the service key, apply versioning, the public-read policy and the bucket
     quota; a bucket marked ``deleted`` is deleted (``BucketNotEmpty``: unmarked, with the reason).
   - ``s3t-<project id>``: a project that is gone takes its RGW user (purged) and tenant record with it.
-  - :data:`SYNC_KEY`, every :data:`SYNC` seconds: per tenant, the project quota from ``[objects]``, the buckets' usage
-    into their status, buckets made through S3 adopted as records, RGW keys no record names removed.
+  - :data:`SYNC_KEY`, every :data:`SYNC` seconds: per tenant, the project quota (its own from ``s3 quota set``, else
+    ``[objects]``), the buckets' usage and metering (RGW's usage log: requests, bytes out and in) into their status,
+    buckets made through S3 adopted as records, RGW keys no record names removed. An ``s3tenant`` change (a quota
+    set) is applied at once.
 
 What RGW refuses for a bucket goes into its status; other errors propagate and the framework retries with backoff.
 """
