@@ -13,12 +13,13 @@ import os
 import shutil
 import signal
 import ssl
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import aiohttp
+
+from agent.process import kill_orphan, terminate
 
 ETCD_BINARY = "etcd"
 
@@ -102,18 +103,7 @@ class EtcdMember:
 
     def _kill_orphan(self) -> None:
         """An agent killed with SIGKILL leaves its etcd running; the next agent takes over by replacing it."""
-        try:
-            pid = int(self.pid_file.read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            return
-        if str(self.config.data_dir).encode() in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            for _ in range(100):
-                if not Path(f"/proc/{pid}").exists():
-                    break
-                time.sleep(0.05)
+        kill_orphan(self.pid_file, str(self.config.data_dir))
 
     async def spawn(self) -> None:
         """Start the etcd process without waiting for it (a member of an existing cluster that may lack quorum)."""
@@ -149,12 +139,7 @@ class EtcdMember:
         if not self.running:
             return
         assert self.proc is not None
-        self.proc.send_signal(sig)
-        try:
-            await asyncio.wait_for(self.proc.wait(), timeout)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
+        await terminate(self.proc, sig, timeout)
 
     async def kill(self) -> None:
         await self.stop(signal.SIGKILL)

@@ -29,7 +29,6 @@ import secrets
 import shutil
 import signal
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import BinaryIO
 import aiohttp
 import yaml
 
+from agent.process import kill_orphan, terminate
 from minicloud.observe.query import basic_auth
 
 log = logging.getLogger("minicloud.tsdb")
@@ -149,18 +149,7 @@ class Tsdb:
 
     def _kill_orphan(self) -> None:
         """An agent killed with SIGKILL leaves its TSDB running (own session); the next agent replaces it."""
-        try:
-            pid = int(self.config.pid_file.read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            return
-        if f"-storageDataPath={self.config.data_dir}".encode() in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            for _ in range(100):
-                if not Path(f"/proc/{pid}").exists():
-                    break
-                time.sleep(0.05)
+        kill_orphan(self.config.pid_file, f"-storageDataPath={self.config.data_dir}")
 
     async def spawn(self) -> None:
         """Start the process without waiting for it. The scrape configuration must exist (an empty target list is
@@ -205,12 +194,7 @@ class Tsdb:
         if not self.running:
             return
         assert self.proc is not None
-        self.proc.send_signal(sig)
-        try:
-            await asyncio.wait_for(self.proc.wait(), timeout)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
+        await terminate(self.proc, sig, timeout)
         with contextlib.suppress(OSError):
             self.config.pid_file.unlink()
 

@@ -53,7 +53,6 @@ import dataclasses
 import ipaddress
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -63,6 +62,7 @@ from typing import Any
 import msgspec
 
 from agent import faults
+from agent.process import write_private
 from agent.reconcile import Result, update_record
 from agent.storage.driver import InUse, StorageError, VolumeDriver, make_volume_driver
 from agent.storage.node import CephSecret, NodeStorage
@@ -155,17 +155,6 @@ def _read_key(path: Path, entity: str) -> str | None:
         elif section == entity and line.startswith("key") and "=" in line:
             return line.split("=", 1)[1].strip()
     return None
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def real_engine_factory(config: Config) -> Callable[..., Any]:
@@ -482,7 +471,7 @@ class StorageReconciler:
             raise StorageError(f"the storage cluster record has no key for {CLIENT}")
         from agent.storage.ceph import keyring_text
 
-        _write_private(self._client_keyring(engine), keyring_text(CLIENT, client))
+        write_private(self._client_keyring(engine), keyring_text(CLIENT, client))
         self._engine.installed = stamp
         fsid = ceph.spec.fsid
         self.storage.set_ceph_secret(
@@ -691,7 +680,7 @@ class StorageReconciler:
                     await self._set_status(STORAGE_DISK, disk_id, state="creating", reason="")
                     osd = await self._add_osd(engine, disk)
                     faults.point("storage.disk.after_add")
-                _write_private(self._intent(disk_id), json.dumps({"osd_id": osd}))
+                write_private(self._intent(disk_id), json.dumps({"osd_id": osd}))
             st = await engine.status()
             up = any(getattr(o, "id", None) == osd and getattr(o, "up", False) for o in getattr(st, "osds", []))
             await self._set_status(
@@ -704,7 +693,7 @@ class StorageReconciler:
         return Result(requeue_after=DISK_REFRESH)
 
     async def _add_osd(self, engine: Any, disk: Any) -> int:
-        _write_private(self._intent(disk.id), json.dumps({"before": sorted(self._local_osds(engine))}))
+        write_private(self._intent(disk.id), json.dumps({"before": sorted(self._local_osds(engine))}))
         if disk.spec.source == "device":
             return int(await engine.add_osd_device(disk.spec.path))
         return int(await engine.add_osd_file(disk.spec.size_bytes))

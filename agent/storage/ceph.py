@@ -31,6 +31,7 @@ from typing import Any
 
 import msgspec
 
+from agent.process import arg, wait_gone
 from agent.storage.ceph_status import CephStatus, status_from_json
 
 __all__ = [
@@ -489,7 +490,7 @@ class CephEngine:
             return False
         if not argv or Path(argv[0]).name != f"ceph-{d.type}" or "--mkfs" in argv:
             return False
-        return _arg(argv, "--conf") == str(self.conf_path) and _arg(argv, "-i") == d.id
+        return arg(argv, "--conf") == str(self.conf_path) and arg(argv, "-i") == d.id
 
     def _find(self, d: Daemon) -> int | None:
         """The pid of the running daemon ``d`` of this cluster, or None."""
@@ -557,15 +558,7 @@ class CephEngine:
                 pids[d.name] = pid
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while any(_alive(p) for p in pids.values()):
-            if loop.time() > deadline:
-                for p in pids.values():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(p, signal.SIGKILL)
-                deadline = loop.time() + 10
-            await asyncio.sleep(0.05)
+        await wait_gone(pids.values(), timeout)
 
     async def stop(self, timeout: float = 30) -> None:
         """Stop this node's daemons (SIGTERM, SIGKILL after ``timeout``): OSDs first, the MON last."""
@@ -776,21 +769,6 @@ def _write_atomic(path: Path, text: str, mode: int) -> None:
         f.write(text)
     os.chmod(tmp, mode)
     os.replace(tmp, path)
-
-
-def _arg(argv: list[str], flag: str) -> str | None:
-    for i, a in enumerate(argv[:-1]):
-        if a == flag:
-            return argv[i + 1]
-    return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def _show(argv: tuple[str, ...] | list[str]) -> str:

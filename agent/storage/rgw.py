@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.process import arg, wait_gone, write_private
+
 __all__ = ["POOLS", "Rgw", "RgwError", "RgwSettings"]
 
 #: The default zone's pools (application ``rgw``), with their placement-group counts.
@@ -125,7 +127,7 @@ class Rgw:
         key = out[0]["key"] if isinstance(out, list) else str(out)
         from agent.storage.ceph import keyring_text
 
-        _write_private(self.keyring, keyring_text(self.settings.entity, key))
+        write_private(self.keyring, keyring_text(self.settings.entity, key))
 
     # -- the process -------------------------------------------------------------------------------------------------
     def argv(self) -> list[str]:
@@ -151,7 +153,7 @@ class Rgw:
             return False
         if not argv or Path(argv[0]).name != "radosgw":
             return False
-        return _arg(argv, "--conf") == str(self.engine.conf_path) and _arg(argv, "--name") == self.settings.entity
+        return arg(argv, "--conf") == str(self.engine.conf_path) and arg(argv, "--name") == self.settings.entity
 
     def pid(self) -> int | None:
         """The running gateway's pid, or None."""
@@ -242,14 +244,7 @@ class Rgw:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while _alive(pid):
-            if loop.time() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                deadline = loop.time() + 10
-            await asyncio.sleep(0.05)
+        await wait_gone([pid], timeout)
 
     # -- radosgw-admin (as client.admin) ------------------------------------------------------------------------------
     async def admin(self, *args: str, timeout: float = 60) -> Any:
@@ -310,27 +305,3 @@ async def _run(argv: list[str], *, timeout: float) -> bytes:
 
 def _bind(address: str) -> str:
     return f"[{address}]" if ":" in address else address
-
-
-def _arg(argv: list[str], flag: str) -> str | None:
-    for i, a in enumerate(argv[:-1]):
-        if a == flag:
-            return argv[i + 1]
-    return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
