@@ -14,20 +14,18 @@ down with it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import ssl
 import subprocess
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from minicloud.client import ApiError
 from tests import ceph
-from tests.integration.conftest import Agent
+from tests.integration.ceph_agent import ceph_agent
+from tests.integration.ceph_agent import wait as _wait
 
 pytestmark = pytest.mark.skipif(not ceph.ceph_installed() or not shutil.which("radosgw"), reason=ceph.SKIP_REASON)
 boto3 = pytest.importorskip("boto3")
@@ -37,64 +35,11 @@ from botocore.exceptions import ClientError  # noqa: E402
 OSD_BYTES = 3 << 30
 
 
-def _wait(what: str, check, timeout: float = 180.0, agent: Agent | None = None):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except Exception as exc:  # the last error is reported
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(0.2)
-    log = agent.log.read_text()[-4000:] if agent is not None else ""
-    raise AssertionError(f"{what}: not after {timeout:.0f} s (last: {last!r})\n{log}")
-
-
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
-    root = tmp_path_factory.mktemp("s3-node")
-    (root / "minicloud.toml").write_text(
-        '[compute]\ndriver = "none"\n'
-        f"[storage]\nceph_mon_port = {ceph.free_port()}\nceph_mon_port_v1 = {ceph.free_port()}\n"
-        f"ceph_prometheus_port = {ceph.free_port()}\n"
-        f"[objects]\nport = {ceph.free_port()}\n"
-    )
     # a lifecycle "day" of 10 s; the usage log flushed at once (metering shows in the next sync)
     options = "rgw_lc_debug_interval=10,rgw_usage_log_tick_interval=1,rgw_usage_log_flush_threshold=1"
-    a = Agent(root, extra_env={"MINICLOUD_RGW_OPTIONS": options}).start()
-    try:
-        c = a.client()
-        c.call("POST", "/v1/storage/enable", json={"file_size_bytes": OSD_BYTES})
-        _wait("storage ready", lambda: c.call("GET", "/v1/storage")["state"] == "ready", agent=a)
-        yield a
-    finally:
-        if a.proc is not None:
-            a.proc.terminate()
-            a.proc.wait(timeout=30)
-        _teardown(a)
-
-
-def _teardown(a: Agent) -> None:
-    from agent.storage.ceph import CephEngine, CephSettings
-
-    root = a.data_dir / "ceph"
-    conf = (root / "ceph.conf").read_text() if (root / "ceph.conf").exists() else ""
-    fsid = next((ln.split("=", 1)[1].strip() for ln in conf.splitlines() if ln.startswith("fsid")), "")
-    # the gateway first (a radosgw naming this cluster's conf), then the cluster's daemons
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().decode(errors="replace")
-            if str(root) in argv and int(entry.name) != os.getpid():
-                os.kill(int(entry.name), 9)
-    if fsid:
-        import socket
-
-        engine = CephEngine(CephSettings(root=root, fsid=fsid, node=socket.gethostname(), address="127.0.0.1"))
-        asyncio.run(engine.destroy())
+    yield from ceph_agent(tmp_path_factory.mktemp("s3-node"), OSD_BYTES, {"MINICLOUD_RGW_OPTIONS": options})
 
 
 @pytest.fixture(scope="module")

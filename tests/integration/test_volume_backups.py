@@ -19,8 +19,10 @@ import pytest
 
 from minicloud.client import ApiError
 from tests import ceph
+from tests.integration.ceph_agent import ceph_agent
+from tests.integration.ceph_agent import wait as _wait
 from tests.integration.conftest import Agent
-from tests.integration.test_s3 import _key, _s3, _teardown, _usable, _wait
+from tests.integration.test_s3 import _key, _s3, _usable
 
 pytestmark = [
     pytest.mark.skipif(not ceph.ceph_installed() or not shutil.which("radosgw"), reason=ceph.SKIP_REASON),
@@ -38,24 +40,7 @@ POOL = "minicloud"
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
-    root = tmp_path_factory.mktemp("backup-node")
-    (root / "minicloud.toml").write_text(
-        '[compute]\ndriver = "none"\n'
-        f"[storage]\nceph_mon_port = {ceph.free_port()}\nceph_mon_port_v1 = {ceph.free_port()}\n"
-        f"ceph_prometheus_port = {ceph.free_port()}\n"
-        f"[objects]\nport = {ceph.free_port()}\n"
-    )
-    a = Agent(root).start()
-    try:
-        c = a.client()
-        c.call("POST", "/v1/storage/enable", json={"file_size_bytes": OSD_BYTES})
-        _wait("storage ready", lambda: c.call("GET", "/v1/storage")["state"] == "ready", agent=a)
-        yield a
-    finally:
-        if a.proc is not None:
-            a.proc.terminate()
-            a.proc.wait(timeout=30)
-        _teardown(a)
+    yield from ceph_agent(tmp_path_factory.mktemp("backup-node"), OSD_BYTES)
 
 
 @pytest.fixture(scope="module")
