@@ -121,6 +121,8 @@ class LeaderLoops:
         #: Counts the leaderships this node has gained; a cycle acts only in the term it started in.
         self.term = 0
         self._leading = False
+        #: Set while the loops of a lost leadership are being cancelled: no act may start.
+        self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._supervisor: asyncio.Task[None] | None = None
 
@@ -137,7 +139,7 @@ class LeaderLoops:
 
     def still_leader(self, term: int) -> bool:
         """True if this node leads now, in the same leadership as ``term`` (checked right before every act)."""
-        return self._leading and term == self.term and self._is_leader()
+        return self._leading and not self._stopping and term == self.term and self._is_leader()
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -173,11 +175,17 @@ class LeaderLoops:
             await asyncio.sleep(self.poll)
 
     async def _stop_loops(self) -> None:
-        self._leading = False
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # No act may start from here on (still_leader), but ``leading`` turns False only once every loop has been
+        # cancelled and awaited: whoever sees it False knows the hand-over is complete.
+        self._stopping = True
+        try:
+            tasks, self._tasks = self._tasks, []
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self._leading = False
+            self._stopping = False
 
     async def _run(self, loop: LeaderLoop[Any, Any], term: int, settle: float) -> None:
         await asyncio.sleep(settle)
