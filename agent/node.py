@@ -9,6 +9,7 @@ open before a reconciler starts and still open after it stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -135,17 +136,9 @@ async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
 
     config = app[CONFIG]
     reconciler = StorageReconciler(store=app[STORE], config=config, storage=app[NODE_STORAGE], keystore=app[KEYSTORE])
-    controller = Controller(
-        app[STORE],
-        reconciler,
-        workers=STORAGE_WORKERS,
-        resync_interval=config.compute.resync_interval,
-        observe=_observer(app),
-    )
-    await controller.start()
-    app[STORAGE] = reconciler
-    yield
-    await controller.close()
+    async with _controlled(app, reconciler, STORAGE_WORKERS):
+        app[STORAGE] = reconciler
+        yield
 
 
 async def _backups_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -155,10 +148,8 @@ async def _backups_ctx(app: web.Application) -> AsyncIterator[None]:
 
     config = app[CONFIG]
     reconciler = BackupReconciler(store=app[STORE], config=config, storage=app[NODE_STORAGE], keystore=app[KEYSTORE])
-    controller = Controller(app[STORE], reconciler, workers=2, resync_interval=config.compute.resync_interval)
-    await controller.start()
-    yield
-    await controller.close()
+    async with _controlled(app, reconciler, 2):
+        yield
 
 
 async def _objects_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -169,26 +160,16 @@ async def _objects_ctx(app: web.Application) -> AsyncIterator[None]:
 
     config = app[CONFIG]
     reconciler = ObjectsReconciler(store=app[STORE], config=config, keystore=app[KEYSTORE], directory=app[DIRECTORY])
-    controller = Controller(app[STORE], reconciler, workers=4, resync_interval=config.compute.resync_interval)
-    await controller.start()
-    yield
-    await controller.close()
+    async with _controlled(app, reconciler, 4):
+        yield
 
 
 async def _network_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     reconciler = network_reconciler(config, app[STORE], app[NODE_NETWORKS])
-    controller = Controller(
-        app[STORE],
-        reconciler,
-        workers=NETWORK_WORKERS,
-        resync_interval=config.compute.resync_interval,
-        observe=_observer(app),
-    )
-    await controller.start()
-    app[NETWORK] = reconciler
-    yield
-    await controller.close()
+    async with _controlled(app, reconciler, NETWORK_WORKERS):
+        app[NETWORK] = reconciler
+        yield
 
 
 def default_vpc_on(config: Config) -> bool:
@@ -285,23 +266,28 @@ async def _compute_ctx(app: web.Application) -> AsyncIterator[None]:
         networks=app[NODE_NETWORKS],
         storage=app[NODE_STORAGE],
     )
+    async with _controlled(app, reconciler, COMPUTE_WORKERS):
+        app[COMPUTE] = reconciler
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _controlled(app: web.Application, reconciler: Any, workers: int) -> AsyncIterator[None]:
+    """A Controller running ``reconciler`` with ``workers`` workers for the duration, its passes reported to the
+    node's metrics when they are on."""
+    metrics = app.get(NODE_METRICS)
     controller = Controller(
         app[STORE],
         reconciler,
-        workers=COMPUTE_WORKERS,
-        resync_interval=config.compute.resync_interval,
-        observe=_observer(app),
+        workers=workers,
+        resync_interval=app[CONFIG].compute.resync_interval,
+        observe=metrics.observe_reconcile if metrics is not None else None,
     )
     await controller.start()
-    app[COMPUTE] = reconciler
-    yield
-    await controller.close()
-
-
-def _observer(app: web.Application) -> Any:
-    """What a Controller reports its reconcile passes to (None when metrics are off)."""
-    metrics = app.get(NODE_METRICS)
-    return metrics.observe_reconcile if metrics is not None else None
+    try:
+        yield
+    finally:
+        await controller.close()
 
 
 def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
