@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from minicloud import errors, ids
 from minicloud.compute import image_download, image_files
 from minicloud.compute.kinds import IMAGE, INSTANCE, ImageFileSpec, ImageSpec, ImageStatus
@@ -35,7 +33,7 @@ from minicloud.core.kinds import Obj
 from minicloud.core.operation import OPERATION
 from minicloud.core.write import Written, replay
 from minicloud.model.compute import ImageImport
-from minicloud.state import Store, Txn, TxnFailed, Update, list_all
+from minicloud.state import Store, list_all
 from minicloud.storage import common
 from minicloud.storage.kinds import LOCAL_POOL_NAME, POOL, VOLUME, PoolSpec
 
@@ -294,15 +292,14 @@ async def delete_image(ctx: Context, store: Store, node: NodeImages, ref: str, *
             return await crud.delete_obj(ctx, store, IMAGE, obj, expect=obj.revision)
         # Volumes made from the image are clones of its pool copy (RBD children of its ``base`` snapshot): the copy
         # cannot go while they exist.
-        if not obj.spec.deleting:
-            await _refuse_clones(ctx, store, obj)  # the common refusal, without a write
-            obj = await _mark(ctx, store, obj)
-        try:
-            await _refuse_clones(ctx, store, obj)
-            return await crud.delete_obj(ctx, store, IMAGE, obj, expect=obj.revision)
-        except BaseException:
-            await asyncio.shield(_unmark(ctx, store, obj.id))
-            raise
+        return await common.delete_marked(
+            ctx,
+            store,
+            IMAGE,
+            obj,
+            lambda o: _refuse_clones(ctx, store, o),
+            lambda o: crud.delete_obj(ctx, store, IMAGE, o, expect=o.revision),
+        )
 
     obj = await crud.get(ctx, store, IMAGE, ref)
     written = await (step(0) if expect is not None else common.retrying(step))
@@ -329,29 +326,3 @@ async def _refuse_clones(ctx: Context, store: Store, image: Obj) -> None:
             f"image '{image.name}' has {len(clones)} volume(s) made from it ({listed}); delete them first",
             volumes=len(clones),
         )
-
-
-async def _mark(ctx: Context, store: Store, image: Obj) -> Obj:
-    """Set the image's ``deleting`` mark with a CAS on the revision read (a lost race is retried by the caller); not
-    audited: the delete that follows, or its refusal, is. Returns the marked image."""
-    marked = image.replace(spec=msgspec.structs.replace(image.spec, deleting=True), updated_at=ctx.clock())
-    try:
-        rev, _ = await store.commit(Txn([Update(IMAGE.dump(marked), expect_revision=image.revision)]))
-    except TxnFailed as exc:
-        raise errors.Conflict("the image changed while it was being deleted; retry") from exc
-    return marked.replace(revision=rev)
-
-
-async def _unmark(ctx: Context, store: Store, image_id: str) -> None:
-    """Clear the ``deleting`` mark (read, CAS, again on a lost race); nothing when it is not set or the image is
-    gone."""
-    for _ in range(common.ATTEMPTS):
-        record = await store.get(IMAGE.name, image_id)
-        if record is None or not (image := IMAGE.load(record)).spec.deleting:
-            return
-        clear = image.replace(spec=msgspec.structs.replace(image.spec, deleting=False), updated_at=ctx.clock())
-        try:
-            await store.commit(Txn([Update(IMAGE.dump(clear), expect_revision=image.revision)]))
-            return
-        except TxnFailed:
-            continue

@@ -1,17 +1,21 @@
-"""What the storage services share: the retry of a lost compare-and-swap, the administrators' check, and the lookups
-of the cluster records (the ``ceph`` record, nodes and their addresses)."""
+"""What the storage services share: the retry of a lost compare-and-swap, the race-free delete by a ``deleting`` mark,
+the administrators' check, and the lookups of the cluster records (the ``ceph`` record, nodes and their addresses)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+
+import msgspec
 
 from minicloud import errors
 from minicloud.cluster.kinds import NODE
 from minicloud.core.context import Context
-from minicloud.core.kinds import Obj
+from minicloud.core.kinds import Kind, Obj
+from minicloud.core.write import Written
 from minicloud.iam.directory import Directory, authorize
-from minicloud.state import Store, TxnFailed
+from minicloud.state import Store, Txn, TxnFailed, Update
 from minicloud.storage.kinds import CEPH, CEPH_NAME, DISK_SLOTS, STORAGE_USAGE, CephSpec, CephStatus
 
 W = TypeVar("W")
@@ -44,6 +48,54 @@ async def retrying(step: Callable[[int], Awaitable[W]], attempts: int = ATTEMPTS
             if attempt == attempts - 1:
                 raise errors.Conflict("the change kept losing to concurrent requests; retry") from None
     raise AssertionError("unreachable")
+
+
+async def delete_marked(
+    ctx: Context,
+    store: Store,
+    kind: Kind,
+    obj: Obj,
+    refuse: Callable[[Obj], Awaitable[None]],
+    delete: Callable[[Obj], Awaitable[Written]],
+) -> Written:
+    """Delete ``obj`` race-free against creates that Check it: ``refuse`` (raises while something uses it) before a
+    write, then set its ``spec.deleting`` mark (CAS; a create that commits after it fails its Check, reads the mark
+    and is refused), ``refuse`` again (what committed before the mark is seen now), then ``delete`` the marked
+    object (CAS on the mark). The mark goes again when the delete does not happen; one a crash left is taken over by
+    the next delete. The mark and unmark are bookkeeping, not audited; the delete, or its refusal, is."""
+    if not obj.spec.deleting:
+        await refuse(obj)  # the common refusal, without a write
+        obj = await _set_deleting(ctx, store, kind, obj)
+    try:
+        await refuse(obj)
+        return await delete(obj)
+    except BaseException:
+        await asyncio.shield(_clear_deleting(ctx, store, kind, obj.id))
+        raise
+
+
+async def _set_deleting(ctx: Context, store: Store, kind: Kind, obj: Obj) -> Obj:
+    marked = obj.replace(spec=msgspec.structs.replace(obj.spec, deleting=True), updated_at=ctx.clock())
+    try:
+        rev, _ = await store.commit(Txn([Update(kind.dump(marked), expect_revision=obj.revision)]))
+    except TxnFailed as exc:  # a lost race: :func:`retrying` reads again
+        raise errors.Conflict(f"the {kind.label} changed while it was being deleted; retry") from exc
+    return marked.replace(revision=rev)
+
+
+async def _clear_deleting(ctx: Context, store: Store, kind: Kind, obj_id: str) -> None:
+    """Clear the ``deleting`` mark (read, CAS, again on a lost race); nothing when it is not set or the object is
+    gone."""
+    for _ in range(ATTEMPTS):
+        record = await store.get(kind.name, obj_id)
+        if record is None or not (obj := kind.load(record)).spec.deleting:
+            return
+        clear = obj.replace(spec=msgspec.structs.replace(obj.spec, deleting=False), updated_at=ctx.clock())
+        try:
+            await store.commit(Txn([Update(kind.dump(clear), expect_revision=obj.revision)]))
+            return
+        except TxnFailed:
+            continue
 
 
 async def require_admin(ctx: Context, directory: Directory | None, action: str, what: str) -> None:

@@ -5,7 +5,6 @@ pool) and delete unused ones. List and show are generic (every caller with a rol
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import msgspec
@@ -18,7 +17,7 @@ from minicloud.core.kinds import Obj
 from minicloud.core.write import Written, commit
 from minicloud.iam.directory import Directory
 from minicloud.model.storage import PoolCreate
-from minicloud.state import Create, Op, Store, Txn, TxnFailed, Update
+from minicloud.state import Create, Op, Store, Update
 from minicloud.storage import common
 from minicloud.storage.kinds import CEPH, LOCAL_POOL_NAME, POOL, VOLUME, PoolSpec
 
@@ -134,32 +133,6 @@ async def _refuse_users(store: Store, pool: Pool) -> None:
         raise errors.InUse(f"pool '{pool.name}' is still used by {', '.join(users)}; delete them first")
 
 
-async def _mark(ctx: Context, store: Store, pool: Pool) -> Pool:
-    """Set the pool's ``deleting`` mark with a CAS on the revision read (a lost race is retried by the caller); not
-    audited: the delete that follows, or its refusal, is. Returns the marked pool."""
-    marked = pool.replace(spec=msgspec.structs.replace(pool.spec, deleting=True), updated_at=ctx.clock())
-    try:
-        rev, _ = await store.commit(Txn([Update(POOL.dump(marked), expect_revision=pool.revision)]))
-    except TxnFailed as exc:
-        raise errors.Conflict("the pool changed while it was being deleted; retry") from exc
-    return marked.replace(revision=rev)
-
-
-async def _unmark(ctx: Context, store: Store, pool_id: str) -> None:
-    """Clear the ``deleting`` mark (read, CAS, again on a lost race); nothing when it is not set or the pool is
-    gone."""
-    for _ in range(common.ATTEMPTS):
-        record = await store.get(POOL.name, pool_id)
-        if record is None or not (pool := POOL.load(record)).spec.deleting:
-            return
-        clear = pool.replace(spec=msgspec.structs.replace(pool.spec, deleting=False), updated_at=ctx.clock())
-        try:
-            await store.commit(Txn([Update(POOL.dump(clear), expect_revision=pool.revision)]))
-            return
-        except TxnFailed:
-            continue
-
-
 async def delete_pool(
     ctx: Context, store: Store, ref: str, *, expect: int | None = None, directory: Directory | None = None
 ) -> Written:
@@ -179,18 +152,10 @@ async def delete_pool(
                 f"pool '{pool.name}' is the default; make another pool the default first "
                 "(`minicloud pool create NAME --driver … --default`)"
             )
-        # Race-free against creates: mark the pool (a volume create that commits after the mark fails its Check on
-        # the pool, reads the mark and is refused), then look (what committed before the mark is seen now). The
-        # mark goes again when the delete does not happen; one a crash left is taken over by the next delete.
-        if not pool.spec.deleting:
-            await _refuse_users(store, pool)  # the common refusal, without a write
-            pool = await _mark(ctx, store, pool)
-        try:
-            await _refuse_users(store, pool)
-            return await _delete(ctx, store, pool)
-        except BaseException:
-            await asyncio.shield(_unmark(ctx, store, pool.id))
-            raise
+        # race-free against volume creates: see common.delete_marked
+        return await common.delete_marked(
+            ctx, store, POOL, pool, lambda p: _refuse_users(store, p), lambda p: _delete(ctx, store, p)
+        )
 
     return await (step(0) if expect is not None else common.retrying(step))
 

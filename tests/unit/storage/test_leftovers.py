@@ -14,7 +14,7 @@ from minicloud.compute.kinds import HYPERVISOR, IMAGE, INSTANCE, HypervisorSpec
 from minicloud.model.compute import InstanceCreate
 from minicloud.model.storage import PoolCreate, SnapshotCreate, StorageEnable, VolumeAttach, VolumeCreate, VolumeDetach
 from minicloud.state import Create, Txn
-from minicloud.storage import engine, pools, snapshots, volumes
+from minicloud.storage import common, engine, pools, snapshots, volumes
 from minicloud.storage.kinds import POOL, SNAPSHOT, VOLUME, VolumeSource, VolumeSpec
 from tests.unit.storage.conftest import NODE, put_image, put_instance, set_status
 
@@ -170,7 +170,7 @@ async def test_a_volume_create_after_the_pool_is_marked_is_refused(store, ctx, m
 async def test_a_pool_mark_a_crash_left_is_taken_over_by_the_next_delete(store, ctx):
     await pools.create_pool(ctx, store, PoolCreate(name="scratch", driver="local"))
     pool = POOL.load(await store.get_by_name(POOL.name, "", "scratch"))
-    await pools._mark(ctx, store, pool)  # the delete crashed here
+    await common._set_deleting(ctx, store, POOL, pool)  # the delete crashed here
     with pytest.raises(errors.Conflict, match="being deleted"):
         await volumes.create_volume(ctx, store, VolumeCreate(name="v", size_gib=1, pool="scratch"), node=NODE)
     assert (await pools.delete_pool(ctx, store, "scratch")).status == 204
