@@ -271,21 +271,20 @@ async def _audit_lines(request: web.Request, since: float | None, pattern: str |
 
     from minicloud.iam import audit
 
+    config = request.app[CONFIG]
     kept: collections.deque[LogLine] = collections.deque(maxlen=limit)
     cursor = None
     since_text = nodelogs.iso(since) if since is not None else "7d"
     for _ in range(100):  # at most 100 pages of 1,000
         entries, cursor = await audit.list_entries(request.app[STORE], since=since_text, limit=1000, cursor=cursor)
-        kept.extend(audit_line(e, request.app[CONFIG].node_name) for e in entries)
+        lines = [audit_line(e, config.node_name) for e in entries]
+        if pattern:  # before the newest `limit` are kept: a match older than them is still a match
+            hits = await asyncio.to_thread(nodelogs.grep, pattern, [ln.line for ln in lines], config.logs.grep_timeout)
+            lines = [ln for ln, hit in zip(lines, hits, strict=True) if hit]
+        kept.extend(ln for ln in lines if since is None or ln.ts >= since)
         if cursor is None:
             break
-    lines = list(kept)
-    if pattern:
-        hits = await asyncio.to_thread(
-            nodelogs.grep, pattern, [ln.line for ln in lines], request.app[CONFIG].logs.grep_timeout
-        )
-        lines = [ln for ln, hit in zip(lines, hits, strict=True) if hit]
-    return [ln for ln in lines if since is None or ln.ts >= since]
+    return list(kept)
 
 
 def audit_line(entry: Any, node: str) -> LogLine:

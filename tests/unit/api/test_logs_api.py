@@ -70,6 +70,13 @@ async def test_an_admin_reads_every_service_and_the_audit_log(api):
     audit = (await r.json())["lines"]
     assert any("POST /v1/projects -> 201 allowed" in ln["line"] for ln in audit)
     assert {ln["service"] for ln in audit} == {"audit"}
+    # grep looks at every entry, not only the newest `limit`: an older match is found behind newer non-matches
+    assert (await api.post("/v1/projects", json={"name": "pz"})).status == 409
+    for name in ("q1", "q2", "q3"):
+        assert (await api.post("/v1/projects", json={"name": name})).status == 201
+    r = await api.get("/v1/logs", params={"service": "audit", "since": "1h", "limit": "1", "grep": "-> 409"})
+    found = (await r.json())["lines"]
+    assert len(found) == 1 and "POST /v1/projects -> 409" in found[0]["line"], found
     # the newest `limit`, with `truncated` saying more matched
     r = await api.get("/v1/logs", params={"service": "agent", "limit": "1", "grep": "n1 at"})
     body = await r.json()
