@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -37,6 +36,7 @@ from typing import Any
 
 from minicloud import errors, ids
 from minicloud.compute import image_files
+from minicloud.compute.image_download import _close, _write  # the node-path download writes the same way
 from minicloud.compute.images import NodeImages, _new, pool_for
 from minicloud.compute.kinds import IMAGE
 from minicloud.core import crud
@@ -135,20 +135,6 @@ async def upload_image(
 
 def _open(path: Path) -> Any:
     return path.open("xb")
-
-
-def _write(fout: Any, digest: Any, data: bytes) -> None:
-    digest.update(data)
-    fout.write(data)
-
-
-def _close(fout: Any, sync: bool) -> None:
-    try:
-        if sync:
-            fout.flush()
-            os.fsync(fout.fileno())
-    finally:
-        fout.close()
 
 
 async def _receive(
