@@ -66,6 +66,26 @@ async def get_link(ipr: AsyncIPRoute, name: str) -> Any | None:
     return msgs[0] if msgs else None
 
 
+async def collect(result: Any) -> list[Any]:
+    """The messages of a pyroute2 dump call (``ipr.link("dump")``), whichever way this pyroute2 returns them."""
+    result = await result
+    return [m async for m in result] if hasattr(result, "__aiter__") else list(result)
+
+
+@contextlib.asynccontextmanager
+async def ns_socket(path: str) -> Any:
+    """A netlink socket inside the network namespace at ``path`` (which must exist), closed on leaving."""
+    try:
+        ipr = AsyncIPRoute(netns=path, flags=0)
+        await ipr.setup_endpoint()
+    except (OSError, NetlinkError) as e:
+        raise NetworkError(f"cannot open a netlink socket in network namespace {path}: {e}") from e
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
 # --- network namespaces ------------------------------------------------------------------------------------------------
 
 

@@ -37,7 +37,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from pyroute2 import AsyncIPRoute, NetlinkError
 
-from agent.net.common import NetworkConflict, NetworkError, get_link, netlink_error
+from agent.net.common import NetworkConflict, NetworkError, collect, get_link, netlink_error
 
 log = logging.getLogger(__name__)
 
@@ -246,11 +246,6 @@ def _attrs(msg: Any, *path: str) -> dict[str, Any]:
     return {k: v for k, v in node.get("attrs", []) if k != "UNKNOWN"}
 
 
-async def _collect(result: Any) -> list[Any]:
-    result = await result
-    return [m async for m in result] if hasattr(result, "__aiter__") else list(result)
-
-
 class LinuxOverlay:
     """:class:`OverlayDriver` on the kernel's bridge and VXLAN devices, in the agent's namespace or in ``netns``.
 
@@ -413,7 +408,7 @@ class LinuxOverlay:
         async with self._lock:
             ipr = await self._sock()
             try:
-                links = await _collect(ipr.link("dump"))
+                links = await collect(ipr.link("dump"))
             except NetlinkError as e:
                 raise netlink_error("listing overlay networks", e) from e
         found: dict[int, dict[str, Any]] = {}
@@ -460,7 +455,7 @@ class LinuxOverlay:
         peers: dict[ipaddress.IPv4Address, None] = {}
         remotes: dict[str, ipaddress.IPv4Address] = {}
         bridge_static: set[str] = set()
-        for m in await _collect(ipr.fdb("dump", ifindex=vxi)):
+        for m in await collect(ipr.fdb("dump", ifindex=vxi)):
             if m["ifindex"] != vxi:
                 continue
             mac = (m.get("lladdr") or "").lower()
@@ -552,7 +547,7 @@ class LinuxOverlay:
             try:
                 bri, _ = await self._indexes(ipr, vni)
                 have: dict[ipaddress.IPv4Address, str] = {}
-                for m in await _collect(ipr.neigh("dump", family=_AF_INET, ifindex=bri)):
+                for m in await collect(ipr.neigh("dump", family=_AF_INET, ifindex=bri)):
                     if m["ifindex"] == bri and m["state"] & _NUD_PERMANENT and m.get("dst") and m.get("lladdr"):
                         have[ipaddress.IPv4Address(m.get("dst"))] = m.get("lladdr").lower()
                 delta = diff(have, want)

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 
 from pyroute2 import NetlinkError
 
-from agent.net.common import NetworkError, netns_argv
+from agent.net.common import NetworkError, collect, netns_argv, ns_socket
 from agent.net.firewall import NftFirewall, NftTable
 from agent.net.overlay import vxlan_name
-from agent.net.service import INNER_NAME, _collect, _ns_socket, service_mac
+from agent.net.service import INNER_NAME, service_mac
 
 log = logging.getLogger(__name__)
 
@@ -411,9 +411,9 @@ def route_changes(
 
 async def read_routes(path: str) -> list[StaticRoute]:
     """The static routes a router programmed in the namespace at ``path`` (protocol :data:`ROUTE_PROTO`)."""
-    async with _ns_socket(path) as inside:
+    async with ns_socket(path) as inside:
         found = []
-        for m in await _collect(inside.route("dump", family=socket.AF_INET)):
+        for m in await collect(inside.route("dump", family=socket.AF_INET)):
             if m["proto"] != ROUTE_PROTO or m["table"] != 254 or not m.get("gateway"):
                 continue
             dst = ipaddress.IPv4Network(f"{m.get('dst') or '0.0.0.0'}/{m['dst_len']}")
@@ -429,7 +429,7 @@ async def ensure_routes(path: str, want: Iterable[StaticRoute]) -> tuple[list[St
     delete, add = route_changes(await read_routes(path), want)
     if not (delete or add):
         return delete, add
-    async with _ns_socket(path) as inside:
+    async with ns_socket(path) as inside:
         for r in delete:
             try:
                 await inside.route("del", dst=str(r.destination), gateway=str(r.nexthop), proto=ROUTE_PROTO)

@@ -28,12 +28,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pyroute2 import AsyncIPRoute, NetlinkError
 from pyroute2 import netns as pyroute2_netns
 
-from agent.net.common import NetworkError, get_link, netlink_error
+from agent.net.common import NetworkError, collect, get_link, netlink_error, ns_socket
 from agent.net.firewall import NftFirewall, NftTable
 from agent.net.overlay import bridge_name, vxlan_name
 
@@ -182,7 +181,7 @@ class ServiceNamespaces:
             raise NetworkError(f"bridge {bridge_name(spec.vni)} does not exist; ensure the network first")
         name = veth_name(spec.vni)
         link = await get_link(ipr, name)
-        async with _ns_socket(path) as inside:
+        async with ns_socket(path) as inside:
             peer = await get_link(inside, INNER_NAME)
             if link is not None and (link.get(("linkinfo", "kind")) != "veth" or peer is None):
                 log.warning("service: %s is not the veth into %s; recreating it", name, path)
@@ -217,7 +216,7 @@ class ServiceNamespaces:
             if peer.get("mtu") != spec.mtu:
                 await inside.link("set", index=pidx, mtu=spec.mtu)
             have: set[ipaddress.IPv4Interface] = set()
-            for m in await _collect(inside.addr("dump", family=_AF_INET, index=pidx)):
+            for m in await collect(inside.addr("dump", family=_AF_INET, index=pidx)):
                 if m.get("index") == pidx:
                     have.add(ipaddress.IPv4Interface(f"{m.get('address')}/{m['prefixlen']}"))
             want = spec.want_addresses
@@ -268,24 +267,6 @@ def _is_netns(path: str) -> bool:
     with contextlib.suppress(OSError):
         Path(path).unlink()
     return False
-
-
-@contextlib.asynccontextmanager
-async def _ns_socket(path: str) -> Any:
-    try:
-        ipr = AsyncIPRoute(netns=path, flags=0)
-        await ipr.setup_endpoint()
-    except (OSError, NetlinkError) as e:
-        raise NetworkError(f"cannot open a netlink socket in network namespace {path}: {e}") from e
-    try:
-        yield ipr
-    finally:
-        ipr.close()
-
-
-async def _collect(result: Any) -> list[Any]:
-    result = await result
-    return [m async for m in result] if hasattr(result, "__aiter__") else list(result)
 
 
 class FakeServiceNamespaces:
