@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from minicloud import errors
 from minicloud.api import generic
 from minicloud.api import resources as res
 from minicloud.api.accesskeys import KEYSTORE
@@ -94,17 +93,9 @@ generic.add_crud_routes(routes, BACKUP_TARGET)
 )  # fmt: skip
 async def create_schedule(request: web.Request, body: BackupScheduleCreate) -> Reply:
     """Back up a volume (or, ``state``, the cluster state: admins) every ``every_seconds``, keeping ``keep``."""
-    ctx = await res.context_of(request)
-    is_admin = False
-    if body.state:
-        from minicloud.storage import common
-
-        try:
-            await common.require_admin(ctx, request.app[DIRECTORY], "admin:backups:create", "a state backup")
-            is_admin = True
-        except errors.Forbidden:
-            is_admin = False
-    written = await backups.create_schedule(ctx, request.app[STORE], body, is_admin=is_admin)
+    written = await backups.create_schedule(
+        await res.context_of(request), request.app[STORE], body, directory=request.app[DIRECTORY]
+    )
     return res.reply(request, written)
 
 

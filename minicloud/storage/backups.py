@@ -38,6 +38,7 @@ from minicloud import errors, ids
 from minicloud.core import crud
 from minicloud.core.context import Context
 from minicloud.core.write import Written, commit
+from minicloud.iam.directory import Directory
 from minicloud.state import Check, Store, list_all
 from minicloud.storage import common
 from minicloud.storage.backup_kinds import (
@@ -516,9 +517,11 @@ async def create_target(ctx: Context, store: Store, keystore: Any, body: BackupT
     return await crud.create(ctx, store, BACKUP_TARGET, obj)
 
 
-async def create_schedule(ctx: Context, store: Store, body: BackupScheduleCreate, *, is_admin: bool) -> Written:
-    """A schedule of volume backups (or, ``state``, of the cluster state: admins only) every ``every_seconds``,
-    keeping the newest ``keep``."""
+async def create_schedule(
+    ctx: Context, store: Store, body: BackupScheduleCreate, *, directory: Directory | None = None
+) -> Written:
+    """A schedule of volume backups (or, ``state``, of the cluster state: admins only, ``admin:backups:create``)
+    every ``every_seconds``, keeping the newest ``keep``."""
     from minicloud.storage.kinds import VOLUME
 
     if body.every_seconds < MIN_EVERY_SECONDS:
@@ -536,8 +539,8 @@ async def create_schedule(ctx: Context, store: Store, body: BackupScheduleCreate
             "a schedule backs up a volume (--volume) or the cluster state (--state), one of the two",
             invalid_params=[{"name": "volume", "reason": "give a volume or state, not both or neither"}],
         )
-    if body.state and not is_admin:
-        raise errors.Forbidden("backing up the cluster state needs admin:backups:create")
+    if body.state:
+        await common.require_admin(ctx, directory, "admin:backups:create", "backing up the cluster state")
     target = await crud.get(ctx, store, BACKUP_TARGET, body.target) if body.target else None
     await _bucket_of(ctx, store, body.bucket, target)
     vol = await crud.get(ctx, store, VOLUME, body.volume) if body.volume is not None else None

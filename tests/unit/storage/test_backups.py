@@ -25,7 +25,7 @@ from minicloud.storage.backup_kinds import (
     VolumeBackupRestore,
 )
 from minicloud.storage.kinds import VOLUME, VolumeObserved, VolumeSpec
-from tests.unit.storage.conftest import set_status
+from tests.unit.storage.conftest import ctx_of, set_status
 
 
 def facts(id_: str, at: int, *, parent: str = "", chain: tuple[str, ...] = (), state: str = "available", **kw: Any):
@@ -211,10 +211,14 @@ async def test_targets_seal_their_secret_and_schedules_check_their_input(store, 
         (BackupScheduleCreate(state=True, bucket="b", every_seconds=3600, keep=3), errors.Forbidden),
     ):
         with pytest.raises(exc):
-            await bk.create_schedule(ctx, store, body, is_admin=False)
-    s = await bk.create_schedule(ctx, store, BackupScheduleCreate(volume="v1", bucket="b", every_seconds=86400,
-                                                                  keep=7), is_admin=False)  # fmt: skip
+            await bk.create_schedule(ctx_of(admin=False), store, body)
+    s = await bk.create_schedule(
+        ctx_of(admin=False), store, BackupScheduleCreate(volume="v1", bucket="b", every_seconds=86400, keep=7)
+    )
     assert s.status == 201
+    state = await bk.create_schedule(ctx, store, BackupScheduleCreate(state=True, bucket="b", every_seconds=3600,
+                                                                      keep=3))  # fmt: skip
+    assert state.status == 201 and state.body.state
 
 
 def _obj(written: Any) -> Any:
