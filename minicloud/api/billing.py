@@ -45,7 +45,9 @@ async def list_prices(request: web.Request, query: PriceQuery) -> list[Price]:
 
 @routes.post("/v1/prices", body=PriceSet, response=Price, status=201, auth=Action("billing:prices:create"))
 async def set_price(request: web.Request, body: PriceSet) -> Reply:
-    """Add a version of a meter's price (in force from the next hour, or a later --effective)."""
+    """Add a version of a meter's price (in force from the next hour, or a later --effective). Prices apply to every
+    project: only a cluster-wide grant allows it, never one bound in a project."""
+    await authorize(request, principal_of(request), "billing:prices:create", "", cluster=True)
     ctx = await res.context_of(request)
     written = await prices.set_price(
         ctx, request.app[STORE], body, currency=request.app[CONFIG].billing.currency, now=invoices.now_utc()

@@ -65,3 +65,15 @@ async def test_members_see_only_their_projects_costs_and_admins_set_prices(api):
     assert (await api.get("/v1/prices?project=pa", headers=alice)).status == 200
     r = await api.post("/v1/invoices/2099-01/close")
     assert r.status == 422 and "has not ended" in (await r.json())["detail"]
+
+
+async def test_prices_are_cluster_wide_so_a_project_grant_cannot_set_them(api):  # noqa: F811
+    """A price applies to every project: a custom role bound in one project (``billing:*``) does not open it."""
+    assert (await api.post("/v1/projects", json={"name": "pa"})).status == 201
+    role = {"name": "pa-billing", "allow": ["billing:*"]}
+    assert (await api.post("/v1/roles", json=role)).status == 201
+    bob = await _member(api, "bob", "pa", role="pa-billing")
+    body = {"meter": "compute.vcpu-hour", "amount": "99", "effective": "2099-01-01"}
+    r = await api.post("/v1/prices?project=pa", json=body, headers=bob)
+    assert r.status == 403, await r.text()
+    assert (await api.get("/v1/prices?project=pa", headers=bob)).status == 200
