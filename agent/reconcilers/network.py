@@ -310,7 +310,7 @@ def compile_inputs(
     me: str,
     bridges: Mapping[str, str] | None = None,
 ) -> tuple[list[sgc.Group], list[sgc.Port]]:
-    """(groups, this node's ports) for :func:`~minicloud.network.secgroup_compile.compile_rules`: each group with
+    """(groups, this node's ports) for :func:`~minicloud.network.secgroup_compile.build`: each group with
     its rules and its members' addresses cluster-wide; each local port with its tap, its network's bridge (from
     ``bridges``: network id -> bridge name), MAC, address and the groups of its that exist (a port naming a deleted
     group just loses that group's rules). A port whose network has no bridge in ``bridges`` gets no address (it

@@ -1,9 +1,12 @@
-"""The security-group compiler: a pure function from groups and a node's ports to the nftables ruleset text.
+"""The security-group compiler: pure functions from groups and a node's ports to the nftables ruleset.
 
-``compile_rules(groups, ports)`` returns one ``nft -f`` script that replaces the two tables ``bridge minicloud_sg``
-and ``inet minicloud_sg`` atomically (``nft -f`` applies a file as one transaction: each table is declared, deleted
-and declared again with its whole content, so no packet ever sees a half-applied ruleset and re-applying the same
-text is a no-op in effect).
+``build(groups, ports)`` returns the ruleset as named pieces (:class:`Ruleset`: chains, sets, map elements);
+``full_script(ruleset)`` the ``nft -f`` script that replaces the two tables ``bridge minicloud_sg`` and ``inet
+minicloud_sg`` atomically (``nft -f`` applies a file as one transaction: each table is declared, deleted and declared
+again with its whole content, so no packet ever sees a half-applied ruleset and re-applying the same text is a no-op
+in effect); ``delta_script(old, new)`` the one transaction that changes only what differs (what the node applies on
+a change; the full script at start-up, after a refused delta and periodically). ``compile_rules`` is
+``full_script(build(...))``.
 
 Two tables, because conntrack is not available in the ``bridge`` family on every kernel (``nf_conntrack_bridge``,
 ``CONFIG_NF_CONNTRACK_BRIDGE``, is unset on this project's CI and dev VMs), while ``br_netfilter`` is: with
@@ -12,18 +15,20 @@ Two tables, because conntrack is not available in the ``bridge`` family on every
 
 - ``bridge minicloud_sg`` — **stateless anti-spoofing** where a tap meets its bridge, on the bridge's prerouting
   hook at priority -300 (before ``br_netfilter`` hands the packet to conntrack and the ``inet`` hooks, so a spoofed
-  packet never creates a conntrack entry). For each port a chain ``o_<port>`` for what the guest sends: only the port's MAC as Ethernet source, ARP only for its own MAC and
+  packet never creates a conntrack entry), dispatched by the verdict map ``spoof`` (tap -> chain). For each port a
+  chain ``o_<port>`` for what the guest sends: only the port's MAC as Ethernet source, ARP only for its own MAC and
   addresses, IPv4 only from its addresses (DHCP discovery from ``0.0.0.0`` excepted), no other EtherType. Towards a
   port only ARP and IPv4 pass (the forward hook). After this, a source address seen on the bridge is trustworthy.
 - ``inet minicloud_sg`` — **the stateful group rules** on the forward hook, reached through ``br_netfilter`` (there
   ``iifname``/``oifname`` are the bridge, not the tap: a port is matched by its bridge and its address):
-  a set per group (``g_<group id>``: the IPv4 addresses of its members cluster-wide, which rules naming the group
-  as remote match against); a verdict map sends traffic *from* a port to ``o_<port>`` (egress) and then traffic
-  *to* a port to ``i_<port>`` (ingress). Both start with DHCP (client to server port 67 out, server to client port
-  68 in: the node's DHCP server answers from its own address), then ``ct state established,related``, ``ct state
-  invalid drop``, one statement per rule of the port's groups in that direction, then **drop** (default deny).
-  An egress chain ends an allowed packet with ``return`` (so a packet between two ports of the node also passes the
-  receiver's ingress chain), an ingress chain with ``accept``.
+  a set per group some rule names as remote (``g_<group id>``: its members' IPv4 addresses cluster-wide, matched
+  by those rules); the verdict map ``out`` sends traffic *from* a port to ``o_<port>`` (egress) and ``into``
+  traffic *to* a port to ``i_<port>`` (ingress). Both start with DHCP (client to server port 67 out, server to
+  client port 68 in: the node's DHCP server answers from its own address), then ``ct state established,related``,
+  ``ct state invalid drop``, a jump to each of the port's groups' chains in that direction (``ge_<group>`` /
+  ``gi_<group>``: one statement per distinct rule), then **drop** (default deny). An allowed egress packet goes to
+  ``egress_ok`` (the receiver's ingress chain when it is a port of this node, so a packet between two ports of the
+  node passes both; else accept), an allowed ingress packet is accepted.
 
 Traffic that enters and leaves through no port (the VXLAN device, a service namespace) passes both base chains;
 a port without an address sends nothing but DHCP discovery. Output is deterministic: groups and ports sorted by id,
