@@ -322,6 +322,13 @@ def parse_file(source: Source, path: Path, node: str, data_path: Path, start: in
     except ValueError:
         rel = str(path)
     notes = read_times(path) if source.fmt == "raw" else []
+
+    def line(ts: float, text: str, level: str) -> LogLine:
+        return LogLine(
+            time=iso(ts), ts=ts, node=node, service=source.service, line=text, source=rel, instance=source.instance,
+            level=level,
+        )  # fmt: skip
+
     note_i = 0
     pending: list[tuple[str, str]] = []
     last: float | None = None
@@ -348,39 +355,12 @@ def parse_file(source: Source, path: Path, node: str, data_path: Path, start: in
             else:
                 ts = parsed
         for p_text, p_level in pending:
-            yield LogLine(
-                time=iso(ts),
-                ts=ts,
-                node=node,
-                service=source.service,
-                line=p_text,
-                source=rel,
-                instance=source.instance,
-                level=p_level,
-            )
+            yield line(ts, p_text, p_level)
         pending.clear()
         last = ts
-        yield LogLine(
-            time=iso(ts),
-            ts=ts,
-            node=node,
-            service=source.service,
-            line=text,
-            source=rel,
-            instance=source.instance,
-            level=level,
-        )
+        yield line(ts, text, level)
     for p_text, p_level in pending:
-        yield LogLine(
-            time=iso(mtime),
-            ts=mtime,
-            node=node,
-            service=source.service,
-            line=p_text,
-            source=rel,
-            instance=source.instance,
-            level=p_level,
-        )
+        yield line(mtime, p_text, p_level)
 
 
 def _apply(flt: Filter, lines: Iterable[LogLine]) -> list[LogLine]:
