@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.process import arg, wait_gone, write_private
+from agent.storage.driver import StorageError, run_tool
 
 __all__ = ["POOLS", "Rgw", "RgwError", "RgwSettings"]
 
@@ -254,7 +255,7 @@ class Rgw:
              "--keyring", str(self.engine.admin_keyring), *args],
             timeout=timeout,
         )  # fmt: skip
-        text = out.decode().strip()
+        text = out.strip()
         return json.loads(text) if text else None
 
     async def ensure_admin_user(self, uid: str = "minicloud-admin") -> tuple[str, str]:
@@ -282,25 +283,17 @@ class Rgw:
 # -- helpers -------------------------------------------------------------------------------------------------------
 
 
-async def _run(argv: list[str], *, timeout: float) -> bytes:
+async def _run(argv: list[str], *, timeout: float) -> str:
+    """``argv``'s stdout; RgwError when it is missing, fails or runs past ``timeout`` (killed, as when cancelled)."""
+    what = f"`{argv[0]} {' '.join(a for a in argv[1:] if not a.startswith('/'))[:120]}`"
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-        )
-    except FileNotFoundError:
-        raise RgwError(f"{argv[0]} is not installed (Debian package radosgw)") from None
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise RgwError(f"`{argv[0]} {' '.join(a for a in argv[1:] if not a.startswith('/'))[:120]}` did not finish "
-                       f"in {timeout:.0f} s") from None  # fmt: skip
-    if proc.returncode != 0:
-        text = (err.decode(errors="replace").strip() or out.decode(errors="replace").strip())[-1500:]
-        raise RgwError(f"`{argv[0]}` failed (exit {proc.returncode}): {text}")
-    return out
+        done = await run_tool(argv, timeout=timeout, what=what)
+    except StorageError as exc:
+        raise RgwError(f"{exc} (Debian package radosgw)" if "not installed" in str(exc) else str(exc)) from None
+    if done.returncode != 0:
+        text = (done.stderr.strip() or done.stdout.strip())[-1500:]
+        raise RgwError(f"`{argv[0]}` failed (exit {done.returncode}): {text}")
+    return done.stdout
 
 
 def _bind(address: str) -> str:
