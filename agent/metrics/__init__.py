@@ -25,7 +25,6 @@ from agent.metrics.node import NodeSnapshot, node_families, read_node
 from minicloud.observe import names as n
 
 log = logging.getLogger("minicloud.metrics")
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 __all__ = ["InstanceLabels", "LibvirtStats", "NodeMetrics"]
 
@@ -63,7 +62,7 @@ class NodeMetrics:
             n.RECONCILE_DURATION.name,
             n.RECONCILE_DURATION.help,
             list(n.RECONCILE_DURATION.labels),
-            buckets=BUCKETS,
+            buckets=n.BUCKETS,
             registry=registry,
         )
         registry.register(self)  # type: ignore[arg-type]

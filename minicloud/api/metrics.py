@@ -45,8 +45,6 @@ _TOKEN = web.AppKey("metrics_token_cache", dict)
 #: What ``?scope=cluster`` and a non-token ``/metrics`` scrape need: cluster-wide (admin only by default).
 CLUSTER_ACTION = "cluster:metrics:get"
 SCRAPER = auth.Principal(kind="metrics", name="scraper", admin=False)
-#: Latency buckets (seconds) of API requests and reconcile passes.
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class ApiMetrics:
@@ -61,7 +59,7 @@ class ApiMetrics:
             names.API_REQUEST_DURATION.name,
             names.API_REQUEST_DURATION.help,
             list(names.API_REQUEST_DURATION.labels),
-            buckets=BUCKETS,
+            buckets=names.BUCKETS,
             registry=registry,
         )
 

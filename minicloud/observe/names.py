@@ -183,6 +183,9 @@ COLLECT_ERRORS = _m(
     "minicloud_metrics_collect_errors_total", "counter", "Collections of a source that failed.", "node", "source"
 )
 
+#: Latency buckets (seconds) of the histograms: API requests and reconcile passes.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
 #: Every metric, in documentation order.
 ALL: tuple[Metric, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Metric))
 BY_NAME: dict[str, Metric] = {m.name: m for m in ALL}
