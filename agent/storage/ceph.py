@@ -290,6 +290,13 @@ class CephEngine:
                 proc.kill()
             await proc.wait()
             raise CephError(f"`{_show(argv)}` did not finish in {timeout:.0f} s") from None
+        except asyncio.CancelledError:
+            # A cancelled caller (an agent stopping, a leader's loop cancelled) must not leave a `ceph` command
+            # waiting on MONs that may be gone.
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
         if proc.returncode != 0:
             text = err.decode(errors="replace").strip() or out.decode(errors="replace").strip()
             raise CephError(f"`{_show(argv)}` failed (exit {proc.returncode}): {_tail(text)}")

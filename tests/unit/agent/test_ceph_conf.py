@@ -330,3 +330,26 @@ def test_losing_two_of_three_monitors_says_there_is_no_quorum() -> None:
 def test_nodes_without_ceph_daemons_or_none_lost_say_nothing() -> None:
     st = _lost_status(quorum=("n1", "n2", "n3"))
     assert lost_nodes_words(st, set(), 60) == "" and lost_nodes_words(st, {"n9"}, 60) == ""
+
+
+async def test_a_cancelled_command_kills_its_process(tmp_path):
+    """An agent stopping (or a leader's loop cancelled) must not leave a `ceph` command behind on dead MONs."""
+    import asyncio
+    import os
+    import sys
+
+    from agent.storage.ceph import CephEngine, CephSettings
+
+    engine = CephEngine(CephSettings(root=tmp_path / "ceph", fsid="f", node="n1", address="127.0.0.1"))
+    pidfile = tmp_path / "pid"
+    code = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(30)"
+    task = asyncio.create_task(engine._run(sys.executable, "-c", code, timeout=60))
+    for _ in range(250):
+        if pidfile.exists() and pidfile.read_text():
+            break
+        await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pidfile.read_text()), 0)
