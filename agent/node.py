@@ -45,6 +45,8 @@ NODE_NETWORKS = web.AppKey("node_networks", NodeNetworks)
 COMPUTE_WORKERS = 4
 #: This node's network reconciler (absent with ``compute.driver = none``).
 NETWORK = web.AppKey("network", NetworkReconciler)
+#: The default bridge's driver (None: no default network), shared by the compute and network reconcilers.
+DEFAULT_NETWORK = web.AppKey("default_network", "NetworkDriver | None")
 #: How many networks the network reconciler converges at once.
 NETWORK_WORKERS = 4
 #: This node's storage reconciler (Ceph engine, pools, volumes, snapshots, images in pools).
@@ -55,6 +57,8 @@ NODE_STORAGE = web.AppKey("node_storage", NodeStorage)
 STORAGE_WORKERS = 4
 #: This node's collectors (``/metrics``); reconcile passes are reported to it.
 NODE_METRICS = web.AppKey("node_metrics", NodeMetrics)
+#: This node's GPU reconciler (``gpu.enabled`` and a compute driver): discovery and the ``gpu`` records.
+GPUS = web.AppKey("gpus", "GpuReconciler")
 
 
 def attach_node_services(app: web.Application) -> web.Application:
@@ -69,6 +73,9 @@ def attach_node_services(app: web.Application) -> web.Application:
         app[NODE_NETWORKS] = NodeNetworks()
     if NODE_STORAGE not in app:
         app[NODE_STORAGE] = NodeStorage()
+    gpus_on = config.gpu.enabled and config.compute.driver != "none"
+    if gpus_on and GPUS not in app:
+        app[GPUS] = gpu_reconciler(app)
     if config.metrics.enabled and NODE_METRICS not in app:
         from agent.metrics.instances import LibvirtStats
         from agent.metrics.serve import instance_labels, running_operations
@@ -81,6 +88,7 @@ def attach_node_services(app: web.Application) -> web.Application:
             stats=stats,
             instances=lambda: instance_labels(app),
             operations=lambda: running_operations(app),
+            gpus=app[GPUS].discover if GPUS in app else None,
         )
         app.cleanup_ctx.append(_metrics_ctx)
     # storage first, whatever the compute driver: it fills NODE_STORAGE, which the compute reconciler reads
@@ -92,6 +100,8 @@ def attach_node_services(app: web.Application) -> web.Application:
         # the network reconciler first: it fills NODE_NETWORKS, which the compute reconciler waits on
         app.cleanup_ctx.append(_network_ctx)
         app.cleanup_ctx.append(_compute_ctx)
+    if GPUS in app:
+        app.cleanup_ctx.append(_gpu_ctx)
     if config.objects.enabled:
         app.cleanup_ctx.append(_objects_ctx)  # after storage: the gateway needs the cluster's keys
     return app
@@ -127,6 +137,31 @@ def network_reconciler(config: Config, store: Any, node_networks: NodeNetworks) 
         routers=FakeRouterPlumbing() if fake else RouterPlumbing(),
         providers=node_providers(config),
     )
+
+
+def gpu_reconciler(app: web.Application) -> Any:
+    """The GPU reconciler with the real NVML and ``gpu.sysfs_root``; each discovery updates ``node show``."""
+    from agent.gpu.inventory import summary
+    from agent.gpu.nvml import PynvmlSource
+    from agent.gpu.sysfs import Sysfs
+    from agent.reconcilers.gpu import GpuReconciler
+
+    config, host = app[CONFIG], app[HOST]
+
+    def on_inventory(inv: Any) -> None:
+        if hasattr(host, "gpus"):
+            host.gpus = summary(inv)
+
+    return GpuReconciler(
+        None, config.node_name, PynvmlSource(), Sysfs(config.gpu.sysfs_root), on_inventory=on_inventory
+    )
+
+
+async def _gpu_ctx(app: web.Application) -> AsyncIterator[None]:
+    reconciler = app[GPUS]
+    reconciler.store = app[STORE]  # opened by the application's own context, after attach_node_services
+    async with _controlled(app, reconciler, 1):
+        yield
 
 
 async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -166,6 +201,11 @@ async def _objects_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _network_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    # The default bridge's driver, made once for both reconcilers (after _default_vpc_ctx: it reads the pins): the
+    # compute side gives its guests their fixed addresses, the network side pins their taps to them.
+    app[DEFAULT_NETWORK] = default = default_network(config)
+    if default is not None:
+        app[NODE_NETWORKS].use_default_bridge(default.spec.bridge, default.assignments)
     reconciler = network_reconciler(config, app[STORE], app[NODE_NETWORKS])
     async with _controlled(app, reconciler, NETWORK_WORKERS):
         app[NETWORK] = reconciler
@@ -212,11 +252,35 @@ def default_bridge_pins(config: Config) -> dict[str, str]:
     return pins
 
 
+def prune_default_bridge_pins(config: Config, live_macs: set[str]) -> dict[str, str]:
+    """Drop the pins of guests no instance of this node has any more (``live_macs``: the default-bridge MACs of
+    this node's instances) from ``pinned.json``; returns the dropped MAC -> address."""
+    pins = default_bridge_pins(config)
+    gone = {mac: ip for mac, ip in pins.items() if mac not in live_macs}
+    if gone:
+        pinned = _default_dir(config) / "pinned.json"
+        tmp = pinned.with_suffix(".tmp")
+        tmp.write_text(json.dumps({m: ip for m, ip in pins.items() if m not in gone}, indent=1) + "\n")
+        tmp.replace(pinned)
+    return gone
+
+
 async def _default_vpc_ctx(app: web.Application) -> AsyncIterator[None]:
     """The migration of the default bridge into the default-VPC model (every start; idempotent): the ``host``
-    external network exists, and the pinned guests' addresses are held in its pool so no router takes them."""
+    external network exists, and the pinned guests' addresses are held in its pool so no router takes them. Pins
+    of guests whose instance has left this node (deleted, moved) are dropped and their addresses given back to the
+    pool, before the default bridge's dnsmasq is configured."""
+    from agent.compute.design import mac_for
+    from minicloud.compute.kinds import INSTANCE
+    from minicloud.state import list_all
+
     config = app[CONFIG]
     try:
+        await asyncio.to_thread(default_bridge_pins, config)  # pinned on the first start with default VPCs
+        live = {mac_for(r.id, 0) for r in await list_all(app[STORE], INSTANCE.name, where={"node": config.node_name})}
+        for mac, ip in (await asyncio.to_thread(prune_default_bridge_pins, config, live)).items():
+            await default_vpc.release_lease(app[STORE], config.node_name, mac, ip)
+            log.info("default bridge: guest %s is gone from this node; %s goes back to the host pool", mac, ip)
         pins = await asyncio.to_thread(default_bridge_pins, config)
         await default_vpc.ensure_host_network(app[STORE], config.network.cidr)
         for mac, ip in pins.items():
@@ -260,7 +324,7 @@ async def _compute_ctx(app: web.Application) -> AsyncIterator[None]:
         store=app[STORE],
         config=config,
         driver=make_driver(config.compute.driver, config.compute.libvirt_uri),
-        network=default_network(config),
+        network=app[DEFAULT_NETWORK] if DEFAULT_NETWORK in app else default_network(config),
         virt_type=virt_type,
         virt_reason=reason,
         networks=app[NODE_NETWORKS],

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -91,8 +92,13 @@ class TsdbConfig:
             *self.extra_args,
         ]
 
-    def scrape_config(self, targets: list[str]) -> dict[str, object]:
-        """The ``-promscrape.config`` document: every agent's ``/metrics`` over HTTPS with the metrics token."""
+    def scrape_config(
+        self, targets: list[str], ceph: list[str] | None = None, ca_path: Path | None = None
+    ) -> dict[str, object]:
+        """The ``-promscrape.config`` document: every agent's ``/metrics`` over HTTPS with the metrics token; and,
+        where the cluster runs Ceph, each MGR's ``prometheus`` module (``ceph``: ``address:port`` of every MGR,
+        plain HTTP on the cluster address it is bound to). Only the active MGR answers with figures: redirects are
+        not followed, so a standby reads ``up == 0`` instead of duplicating the active's series."""
         job: dict[str, object] = {
             "job_name": "minicloud",
             "scheme": "https",
@@ -102,8 +108,20 @@ class TsdbConfig:
         if self.token_file is not None:
             job["bearer_token_file"] = str(self.token_file)
         if self.ca_file is not None:
-            job["tls_config"] = {"ca_file": str(self.ca_file)}
-        return {"global": {"scrape_interval": f"{self.scrape_interval:g}s"}, "scrape_configs": [job]}
+            job["tls_config"] = {"ca_file": str(ca_path or self.ca_file)}
+        jobs = [job]
+        if ceph:
+            jobs.append(
+                {
+                    "job_name": "ceph",
+                    "scheme": "http",
+                    "metrics_path": "/metrics",
+                    "follow_redirects": False,
+                    "honor_labels": True,
+                    "static_configs": [{"targets": sorted(set(ceph))}],
+                }
+            )
+        return {"global": {"scrape_interval": f"{self.scrape_interval:g}s"}, "scrape_configs": jobs}
 
 
 class Tsdb:
@@ -128,19 +146,40 @@ class Tsdb:
     def running(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
-    def write_scrape_config(self, targets: list[str]) -> bool:
+    def write_scrape_config(self, targets: list[str], ceph: list[str] | None = None) -> bool:
         """Write the scrape configuration (atomically); True when it changed. A running process re-reads it on
         SIGHUP (:meth:`reload`)."""
-        text = yaml.safe_dump(self.config.scrape_config(targets), sort_keys=True)
+        ca_copy = self._ca_copy()
+        text = yaml.safe_dump(self.config.scrape_config(targets, ceph, ca_copy), sort_keys=True)
         path = self.config.scrape_file
         with contextlib.suppress(OSError):
             if path.read_text() == text:
                 return False
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        _replace(path, text.encode())
+        for stale in path.parent.glob("ca-*.crt"):  # copies the configuration no longer names
+            if stale != ca_copy:
+                stale.unlink(missing_ok=True)
         return True
+
+    def _ca_copy(self) -> Path | None:
+        """The agents' CA, copied beside the scrape configuration under a name of its content (``ca-<sha256>.crt``).
+        VictoriaMetrics reads a ``ca_file`` when it loads the configuration, and a node that joins a cluster gets
+        the cluster's CA in place of its own at the same path: named by content, a new CA is a new path, so a
+        change of the configuration the supervisor writes and reloads. (With the path itself, the TSDB kept the
+        old CA and could not verify its own agent's new certificate: up == 0 until a restart.) None without a CA
+        file yet (the path is named as it is)."""
+        if self.config.ca_file is None:
+            return None
+        try:
+            data = self.config.ca_file.read_bytes()
+        except OSError:
+            return None
+        copy = self.config.base / f"ca-{hashlib.sha256(data).hexdigest()[:16]}.crt"
+        with contextlib.suppress(OSError):
+            if copy.read_bytes() == data:
+                return copy
+        _replace(copy, data)
+        return copy
 
     def reload(self) -> None:
         if self.running:
@@ -205,9 +244,17 @@ class TsdbSupervisor:
     ``targets()`` (reloading the process when it changed). ``start`` does not wait for the TSDB to be ready: the agent
     serves without it, and the query API answers 503 until it is."""
 
-    def __init__(self, tsdb: Tsdb, targets: Callable[[], Awaitable[list[str]]], *, interval: float = 10.0) -> None:
+    def __init__(
+        self,
+        tsdb: Tsdb,
+        targets: Callable[[], Awaitable[list[str]]],
+        *,
+        interval: float = 10.0,
+        ceph_targets: Callable[[], Awaitable[list[str]]] | None = None,
+    ) -> None:
         self.tsdb = tsdb
         self.targets = targets
+        self.ceph_targets = ceph_targets
         self.interval = interval
         self.restarts = 0
         self._task: asyncio.Task[None] | None = None
@@ -231,11 +278,12 @@ class TsdbSupervisor:
     async def _refresh_targets(self) -> None:
         try:
             targets = await self.targets()
+            ceph = await self.ceph_targets() if self.ceph_targets is not None else []
         except Exception:
             log.warning("listing scrape targets failed; keeping the last ones", exc_info=True)
             return
-        if self.tsdb.write_scrape_config(targets):
-            log.info("scrape targets", extra={"targets": targets})
+        if self.tsdb.write_scrape_config(targets, ceph):
+            log.info("scrape targets", extra={"targets": targets, "ceph": ceph})
             self.tsdb.reload()
 
     async def _loop(self) -> None:
@@ -257,6 +305,14 @@ class TsdbSupervisor:
                 self.restarts += 1
             except OSError as exc:
                 log.warning("time-series database not started", extra={"error": str(exc)})
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically (a reader sees the old or the new file), making its directory (0700) if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _open_log(path: Path) -> BinaryIO:

@@ -246,7 +246,7 @@ def _groups(count: int, rules: int, ports: list[sgc.Port], extra: dict[int, list
                                      remote_cidr=f"10.{100 + r % 50}.{g % 250}.0/24"))  # fmt: skip
         body += extra.get(g, [])
         gid = f"sg{g:03d}"
-        members = tuple(ip for p in ports if gid in p.groups for ip in p.ips)
+        members = tuple((p.bridge, ip) for p in ports if gid in p.groups for ip in p.ips)
         groups.append(sgc.Group(id=gid, rules=tuple(body), members=members))
     return groups
 
@@ -270,6 +270,7 @@ async def plumbing(lab: Lab, nics: int, group_count: int, rules: int, changes: i
             id=f"port{i:05d}", device=tap, mac=f"52:54:01:00:{i >> 8:02x}:{i & 255:02x}",
             ips=(f"10.40.{i >> 8}.{(i & 255) + 1 if (i & 255) < 254 else 1}",),
             groups=(f"sg{i % group_count:03d}", f"sg{(i + 1) % group_count:03d}"), bridge=bridge,
+            zone=sgc.conntrack_zone(300),  # the network's conntrack zone, as the node compiles it
         )  # fmt: skip
         t = time.perf_counter()
         batch = f"tuntap add dev {tap} mode tap\nlink set {tap} master {bridge} up\n"  # one `ip` for both steps

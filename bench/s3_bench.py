@@ -4,13 +4,15 @@ through minicloud's S3 endpoint against a bare RADOS Gateway on the same Ceph (t
 Usage::
 
     .venv/bin/python bench/s3_bench.py [--clients 16] [--rounds 2] [--json FILE] [--keep]
-    .venv/bin/python bench/s3_bench.py --quick   # 1 MiB and 8 MiB objects, 2 s of 4 KiB ops, one round
+    .venv/bin/python bench/s3_bench.py --quick   # 1 MiB and 8 MiB objects, 2 s of 4 KiB ops, one round; 256 MiB backup
+    .venv/bin/python bench/s3_bench.py --phase backup [--backup-mib 2048] [--change-pct 1]
 
-Needs root and Ceph with the gateway (Debian packages ceph-mon ceph-osd ceph-mgr ceph-common radosgw). It starts the
-real agent in a temporary directory (no compute, no networking, Ceph ports picked free) and, through the API,
-``storage enable`` with one sparse file OSD: the agent bootstraps its own cluster and starts its gateway (the
-endpoint: TLS with the node certificate, the agent's RGW settings — usage log on, quota caches, 128 threads). An
-access key and a bucket are made through the API, as a user would.
+Needs root and Ceph with the gateway (Debian packages ceph-mon ceph-osd ceph-mgr ceph-common radosgw; the backup
+phase also qemu-utils). It starts the real agent in a temporary directory (no compute, no networking, Ceph ports
+picked free) and, through the API, ``storage enable`` with one sparse file OSD (``--osd-gib``, 16): the agent
+bootstraps its own cluster and starts its gateway (the endpoint: TLS with the node certificate, the agent's RGW
+settings — usage log on, quota caches, 128 threads). An access key and a bucket are made through the API, as a user
+would.
 
 The floor is a second ``radosgw`` on the same cluster, started by the bench with its own cephx key, on another port
 of the same address, with the same TLS certificate (like with like: both sides pay TLS), and with Ceph's defaults for
@@ -32,9 +34,24 @@ side, alternating which side goes first per round:
 | PUT 4 KiB ops   | for ``--ops-s`` seconds: PUTs of 4 KiB objects (keys cycle over 1,000); ops/s, p50/p99      |
 | GET 4 KiB ops   | for ``--ops-s`` seconds: GETs of those objects                                              |
 
+Then a volume backup phase (after the S3 scenarios; ``--phase backup`` runs it alone), through the CLI as a user
+types it, into the same bucket; the floor is the full backup of the same run:
+
+| step            | what                                                                                       |
+|-----------------|--------------------------------------------------------------------------------------------|
+| fill            | ``volume create`` of 2 GiB, written in full with non-zero data (``--backup-mib`` 2048;     |
+|                 | ``--quick``: 256 MiB at the start of a 1 GiB volume) through QEMU's rbd driver (qemu-io)   |
+| full backup     | ``volume backup create V --bucket B --wait``: wall time, the node's seconds, bytes stored  |
+| change          | ``--change-pct`` (1 %) of the data in 256 KiB blocks spread evenly over it                 |
+| incremental     | ``volume backup create V --bucket B --incremental --wait``; ratio incremental/full for     |
+|                 | time and bytes (the bytes stored in the bucket, from the backup records)                   |
+| restore         | ``volume backup restore INC --name R --wait`` (the chain: full + incremental) into a new   |
+|                 | volume; sha256 of ``rbd export`` of it must equal that of the volume at the incremental    |
+
 Per scenario it prints both sides (the best round), the ratio minicloud/floor with the target (>= 0.9, PASS/MISS),
 and the CPU of each gateway and of the generator (% of one core). Exit status 0 when the bench ran, whatever the
-figures; 1 when a request failed (the figures are then not those of the row); other values when it could not run.
+figures; 1 when a request failed (the figures are then not those of the row) or the restored volume's checksum
+differs; other values when it could not run.
 On two loaded cores the generator, both gateways and the OSD share the CPU: compare the ratio, not the absolutes.
 """
 
@@ -43,6 +60,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -266,6 +284,134 @@ def report(rows: list[tuple[Row, Row]], args: argparse.Namespace, info: dict[str
     return summary
 
 
+# -- the backup phase ---------------------------------------------------------------------------------------------
+
+POOL = "minicloud"  # the RADOS pool ``storage enable`` makes (the default pool)
+FILL_CHUNK = 64 * MIB
+CHANGE_BLOCK = 256 << 10  # the changed blocks' size
+
+
+@dataclass
+class Backup:
+    """One timed backup (or restore): wall time through the CLI (``--wait``), the node's own seconds, bytes stored."""
+
+    name: str
+    wall_s: float = 0.0
+    node_s: float = float("nan")
+    stored_bytes: int = 0
+
+
+class Cli:
+    """``minicloud -o json …`` against the bench's agent, as a user types it."""
+
+    def __init__(self, socket: str, env: dict[str, str]) -> None:
+        self.socket, self.env = socket, env
+
+    def __call__(self, *args: str, timeout: float = 3600) -> Any:
+        argv = [sys.executable, "-m", "minicloud", "--socket", self.socket, "-o", "json", *args]
+        done = subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=timeout)
+        if done.returncode != 0:
+            raise BenchFailure(f"minicloud {' '.join(args)}: {done.stderr.strip() or done.stdout.strip()}")
+        return json.loads(done.stdout)
+
+
+def _ceph_args(data: Path) -> list[str]:
+    root = data / "ceph"
+    return ["--conf", str(root / "ceph.conf"), "--id", "minicloud", "--keyring", str(root / "client.minicloud.keyring")]
+
+
+def _qemu_io(data: Path, image: str, commands: list[str]) -> None:
+    """Write into an RBD image through QEMU's rbd driver (what a guest's writes go through), one process."""
+    root = data / "ceph"
+    target = f"rbd:{POOL}/{image}:id=minicloud:conf={root / 'ceph.conf'}:keyring={root / 'client.minicloud.keyring'}"
+    argv = ["qemu-io", "-f", "raw", *(x for c in commands for x in ("-c", c)), target]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0 or done.stdout.count("wrote") != len(commands):
+        raise BenchFailure(f"qemu-io: {done.stdout[-500:]}{done.stderr[-500:]}")
+
+
+def _sha(data: Path, image: str) -> str:
+    """sha256 of ``rbd export`` of the image (the whole volume, holes as zeros)."""
+    h = hashlib.sha256()
+    argv = ["rbd", *_ceph_args(data), "export", "--no-progress", f"{POOL}/{image}", "-"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as proc:
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read(4 * MIB):
+            h.update(chunk)
+    if proc.returncode != 0:
+        raise BenchFailure(f"rbd export {image}: exit status {proc.returncode}")
+    return h.hexdigest()
+
+
+def backup_phase(args: argparse.Namespace, cli: Cli, data: Path, workdir: Path) -> dict[str, Any]:
+    """A volume written with ``--backup-mib`` of non-zero data, a full backup, 1 % changed, an incremental one, the
+    chain restored into a new volume and compared (sha256 of the exports)."""
+    written = args.backup_mib * MIB
+    size_gib = -(-written // (1 << 30))
+    print(f"backup: a {size_gib} GiB volume, {args.backup_mib} MiB written ...", file=sys.stderr)
+    vol = cli("volume", "create", "bk-vol", "--size", str(size_gib), "--wait")
+    src = workdir / "fill.bin"
+    src.write_bytes(os.urandom(FILL_CHUNK))
+    chunks = [f"write -s {src} {off} {min(FILL_CHUNK, written - off)}" for off in range(0, written, FILL_CHUNK)]
+    t0 = time.perf_counter()
+    _qemu_io(data, vol["id"], chunks)
+    fill_s = time.perf_counter() - t0
+    src.unlink()
+    sha_full = _sha(data, vol["id"])
+
+    def backup(name: str, *extra: str) -> Backup:
+        t0 = time.perf_counter()
+        b = cli("volume", "backup", "create", "bk-vol", "--bucket", BUCKET, "--name", name, *extra, "--wait")
+        wall = time.perf_counter() - t0
+        if b["status"]["state"] != "available":
+            raise BenchFailure(f"backup {name}: {b['status']['state']} {b['status'].get('reason', '')}")
+        return Backup(name, wall, float(b["status"].get("seconds") or "nan"), int(b["status"]["stored_bytes"]))
+
+    print("backup: the full backup ...", file=sys.stderr)
+    full = backup("bk-full")
+    # 1 % of the written span, in blocks spread evenly over it
+    blocks = max(1, round(written * args.change_pct / 100 / CHANGE_BLOCK))
+    stride = written // blocks
+    _qemu_io(data, vol["id"], [f"write -P {i % 255 + 1} {i * stride} {CHANGE_BLOCK}" for i in range(blocks)])
+    sha_inc = _sha(data, vol["id"])
+    if sha_inc == sha_full:
+        raise BenchFailure("the changes did not change the volume")
+    print(f"backup: {blocks} x {CHANGE_BLOCK >> 10} KiB changed; the incremental backup ...", file=sys.stderr)
+    inc = backup("bk-inc", "--incremental")
+    print("backup: restoring the incremental chain into a new volume ...", file=sys.stderr)
+    t0 = time.perf_counter()
+    restored = cli("volume", "backup", "restore", "bk-inc", "--name", "bk-restored", "--wait")
+    restore_s = time.perf_counter() - t0
+    if restored["status"]["state"] != "available":
+        raise BenchFailure(f"restore: {restored['status']['state']} {restored['status'].get('reason', '')}")
+    same = _sha(data, restored["id"]) == sha_inc
+    return {
+        "volume_gib": size_gib,
+        "written_mib": args.backup_mib,
+        "fill_s": fill_s,
+        "changed": {"blocks": blocks, "block_kib": CHANGE_BLOCK >> 10, "pct": blocks * CHANGE_BLOCK * 100 / written},
+        "full": vars(full),
+        "incremental": vars(inc),
+        "ratio": {"time": inc.wall_s / full.wall_s, "bytes": inc.stored_bytes / full.stored_bytes},
+        "restore_s": restore_s,
+        "checksum_equal": same,
+    }
+
+
+def report_backup(b: dict[str, Any]) -> None:
+    ch = b["changed"]
+    print(f"\nBackup: a {b['volume_gib']} GiB volume, {b['written_mib']} MiB written with non-zero data "
+          f"({b['fill_s']:.1f} s); then {ch['blocks']} x {ch['block_kib']} KiB changed ({ch['pct']:.2f} %), "
+          f"spread over it; load {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+    print(f"{'backup':16} {'wall s':>8} {'node s':>8} {'stored MiB':>11}")
+    for k in ("full", "incremental"):
+        r = b[k]
+        print(f"{k:16} {r['wall_s']:8.2f} {r['node_s']:8.2f} {r['stored_bytes'] / MIB:11.2f}")
+    print(f"ratio incremental/full: time {b['ratio']['time']:.3f}, bytes {b['ratio']['bytes']:.4f}")
+    print(f"restore of the incremental chain into a new volume: {b['restore_s']:.2f} s; "
+          f"sha256 of the exports equal: {'yes' if b['checksum_equal'] else 'NO'}")  # fmt: skip
+
+
 # -- the cluster and its gateways ---------------------------------------------------------------------------------
 
 
@@ -355,7 +501,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def run(args: argparse.Namespace, workdir: Path, data: Path, node: str, children: list[Child]) -> int:
     config = workdir / "minicloud.toml"
-    s3_port, floor_port = free_port(), free_port()
+    s3_port = free_port()
     config.write_text(agent_config(node, "info" if args.keep else "warning", s3_port))
     data.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINICLOUD_")}
@@ -387,39 +533,51 @@ def run(args: argparse.Namespace, workdir: Path, data: Path, node: str, children
             agent,
         )
         info["s3_ready_s"] = time.perf_counter() - t0
-        address = URL(ep["url"]).host or "127.0.0.1"
-        print(f"the floor: a bare radosgw on {address}:{floor_port} ...", file=sys.stderr)
-        floor = floor_gateway(data, node, address, floor_port)
-        asyncio.run(floor.ensure_key())
-        asyncio.run(floor.ensure_running())
-        mc_side = Side("minicloud", ep["url"], key["id"], key["secret_access_key"], ep["ca_path"],
-                       gateway_pid(data, f"client.rgw.{node}"))  # fmt: skip
-        fl_side = Side("floor", floor.settings.url, key["id"], key["secret_access_key"], ep["ca_path"],
-                       gateway_pid(data, floor.settings.entity))  # fmt: skip
-
-        async def key_works() -> bool:
-            async with aiohttp.ClientSession() as s:
-                for side in (mc_side, fl_side):
-                    url, headers = side.signed("GET", f"/{BUCKET}")
-                    async with s.get(url, headers=headers, ssl=side.ssl) as r:
-                        if r.status != 200:
-                            return False
-            return True
-
-        wait_for("the key works on both gateways", lambda: asyncio.run(key_works()), agent, timeout=120)
-        print("measuring ...", file=sys.stderr)
-        rows = asyncio.run(measure(args, [mc_side, fl_side]))
-        summary = report(rows, args, info)
+        out: dict[str, Any] = {"info": info, "args": vars(args)}
+        if args.phase in ("all", "s3"):
+            out["scenarios"] = s3_phase(args, client, data, node, ep, key, agent, info)
+        if args.phase in ("all", "backup"):
+            cli = Cli(state["socket"], env)
+            out["backup"] = backup_phase(args, cli, data, workdir)
+            report_backup(out["backup"])
         if args.json:
-            Path(args.json).write_text(json.dumps(json_clean({"info": info, "args": vars(args), "scenarios": summary}),
-                                                  indent=2))  # fmt: skip
+            Path(args.json).write_text(json.dumps(json_clean(out), indent=2))
             print(f"\nwrote {args.json}")
-        return 0
+        return 0 if out.get("backup", {}).get("checksum_equal", True) else 1
     except BenchFailure as exc:
         print(f"\nerrors:\n  {exc}\n{agent.stderr_tail(20)}")
         return 1
     finally:
         client.close()
+
+
+def s3_phase(args: argparse.Namespace, client: Client, data: Path, node: str, ep: dict[str, Any],
+             key: dict[str, Any], agent: Child, info: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The S3 scenarios against the agent's gateway and a bare one started here (the floor)."""
+    floor_port = free_port()
+    address = URL(ep["url"]).host or "127.0.0.1"
+    print(f"the floor: a bare radosgw on {address}:{floor_port} ...", file=sys.stderr)
+    floor = floor_gateway(data, node, address, floor_port)
+    asyncio.run(floor.ensure_key())
+    asyncio.run(floor.ensure_running())
+    mc_side = Side("minicloud", ep["url"], key["id"], key["secret_access_key"], ep["ca_path"],
+                   gateway_pid(data, f"client.rgw.{node}"))  # fmt: skip
+    fl_side = Side("floor", floor.settings.url, key["id"], key["secret_access_key"], ep["ca_path"],
+                   gateway_pid(data, floor.settings.entity))  # fmt: skip
+
+    async def key_works() -> bool:
+        async with aiohttp.ClientSession() as s:
+            for side in (mc_side, fl_side):
+                url, headers = side.signed("GET", f"/{BUCKET}")
+                async with s.get(url, headers=headers, ssl=side.ssl) as r:
+                    if r.status != 200:
+                        return False
+        return True
+
+    wait_for("the key works on both gateways", lambda: asyncio.run(key_works()), agent, timeout=120)
+    print("measuring ...", file=sys.stderr)
+    rows = asyncio.run(measure(args, [mc_side, fl_side]))
+    return report(rows, args, info)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -432,12 +590,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--big-mib", type=int, default=8 if quick else 64, help="the big objects' size (default 64)")
     p.add_argument("--big-count", type=int, default=16, help="big objects (default 16)")
     p.add_argument("--ops-s", type=float, default=2.0 if quick else 10.0, help="seconds per 4 KiB row (default 10)")
-    p.add_argument("--osd-gib", type=int, default=8, help="the file OSD's size, sparse (default 8)")
+    p.add_argument("--osd-gib", type=int, default=16, help="the file OSD's size, sparse (default 16)")
+    p.add_argument("--phase", choices=("all", "s3", "backup"), default="all",
+                   help="the S3 scenarios, the volume backup one, or both (default)")  # fmt: skip
+    p.add_argument("--backup-mib", type=int, default=256 if quick else 2048,
+                   help="the backed-up volume's data, written in full (default 2048: a 2 GiB volume)")  # fmt: skip
+    p.add_argument("--change-pct", type=float, default=1.0, help="%% of that data changed before the incremental")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (agent log level info)")
     args = p.parse_args(argv)
-    if min(args.clients, args.rounds, args.small_count, args.big_mib, args.big_count) < 1 or args.ops_s <= 0:
-        p.error("counts and sizes must be >= 1, --ops-s > 0")
+    if min(args.clients, args.rounds, args.small_count, args.big_mib, args.big_count, args.backup_mib) < 1:
+        p.error("counts and sizes must be >= 1")
+    if args.ops_s <= 0 or not 0 < args.change_pct <= 50:
+        p.error("--ops-s > 0, 0 < --change-pct <= 50")
     return args
 
 
@@ -446,9 +611,13 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0:
         print("run it as root: the agent runs Ceph daemons", file=sys.stderr)
         return 2
-    missing = [t for t in ("ceph-mon", "ceph-osd", "ceph-mgr", "radosgw") if shutil.which(t) is None]
+    tools = ("ceph-mon", "ceph-osd", "ceph-mgr", "radosgw") + (("rbd", "qemu-io") if args.phase != "s3" else ())
+    missing = [t for t in tools if shutil.which(t) is None]
     if missing:
-        print(f"missing {', '.join(missing)} (Debian packages ceph-mon ceph-osd ceph-mgr radosgw)", file=sys.stderr)
+        print(
+            f"missing {', '.join(missing)} (Debian packages ceph-mon ceph-osd ceph-mgr ceph-common radosgw qemu-utils)",
+            file=sys.stderr,
+        )
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="minicloud-s3-bench-", dir="/var/tmp"))
     data = workdir / "agent"

@@ -7,6 +7,11 @@ that node (``GET /v1/admin/backups`` lists the files of the node it is sent to).
   (:func:`to_prune` decides, :func:`prune` deletes);
 - **admission** (:class:`BackupGate`): one backup at a time per node (409 naming the running operation) and at least
   ``retention.backup_min_interval`` seconds between two starts (429 with ``Retry-After``).
+
+With a bucket (``admin backup --bucket B [--target T]``) the file is also uploaded, once made, to
+``minicloud-backups/state/<name>`` of bucket B of the caller's project (or of backup target T: another S3
+endpoint) with its manifest (:func:`to_bucket`), where backup schedules with ``state = true`` put theirs; a plain S3
+GET of that object is the SQLite file ``admin restore`` takes. :func:`bucket_listing` lists them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from minicloud import errors
 from minicloud.iam.ratelimit import too_many_requests
@@ -126,3 +132,93 @@ class BackupGate:
             self.running = None
             if not started:
                 self.last_start = restore
+
+
+@dataclass(frozen=True)
+class BucketPlace:
+    """Where a state backup goes besides the node: ``bucket`` of the caller's project in this cluster's S3, or of
+    backup target ``target`` (its id; another S3 endpoint, reached under the URL allow-list)."""
+
+    project: str
+    bucket: str
+    target: str = ""
+
+
+async def bucket_place(ctx: Any, store: Any, bucket: str, target: str | None) -> BucketPlace:
+    """Check the caller's ``bucket`` (a ready bucket of the project) or ``target`` (a backup target of the project)
+    before any work starts: 404/409 with what to do."""
+    from minicloud.core import crud
+    from minicloud.objects.buckets import bucket_name_problem
+    from minicloud.objects.kinds import BUCKET
+    from minicloud.storage.backup_kinds import BACKUP_TARGET
+
+    if problem := bucket_name_problem(bucket):
+        raise errors.ValidationFailed(problem, invalid_params=[{"name": "bucket", "reason": problem}])
+    if target:
+        t = await crud.get(ctx, store, BACKUP_TARGET, target)
+        return BucketPlace(project=ctx.project, bucket=bucket, target=t.id)
+    found = await crud.find(ctx, store, BUCKET, bucket)
+    if found is None:
+        raise errors.NotFound(
+            f"no bucket '{bucket}' in project '{ctx.project}'; create it with `minicloud bucket create {bucket}`"
+        )
+    if found.spec.deleted or found.status.state != "ready":
+        state = "being deleted" if found.spec.deleted else found.status.state
+        raise errors.Conflict(f"bucket '{bucket}' is {state}; back up into a ready bucket")
+    return BucketPlace(project=ctx.project, bucket=bucket)
+
+
+def _s3(store: Any, keystore: Any, config: Any, place: BucketPlace) -> Any:
+    """An async context manager: the place's bucket as an :class:`agent.storage.backup.S3Bucket`."""
+    from agent.storage.backup import S3Bucket
+    from minicloud.compute.url_policy import UrlPolicy
+    from minicloud.storage import backups as bk
+
+    class _Open:
+        async def __aenter__(self) -> Any:
+            ep = await bk.resolve_endpoint(
+                store, keystore, project=place.project, target=place.target, node=config.node_name,
+                port=config.objects.port, ca_file=config.data_path / "pki" / "ca.crt",
+            )  # fmt: skip
+            policy = UrlPolicy.from_config(config.compute.image_url_allow) if ep.external else None
+            self.s3 = S3Bucket(ep, place.bucket, policy=policy)
+            return self.s3
+
+        async def __aexit__(self, *exc: object) -> None:
+            await self.s3.close()
+
+    return _Open()
+
+
+async def to_bucket(store: Any, keystore: Any, config: Any, place: BucketPlace, path: Path) -> str:
+    """Upload backup file ``path`` into the place's bucket (parts with their sha256, then the manifest); the key."""
+    import aiohttp
+
+    from minicloud.objects.rgwclient import S3Error
+    from minicloud.storage import backups as bk
+    from minicloud.storage.backup_schedules import upload_state_file
+
+    try:
+        async with _s3(store, keystore, config, place) as s3:
+            await upload_state_file(s3, path, path.name)
+    except (S3Error, aiohttp.ClientError, OSError, TimeoutError) as exc:
+        where = f"bucket '{place.bucket}'" + (f" of backup target {place.target}" if place.target else "")
+        raise errors.Unavailable(
+            f"the backup {path.name} was made and is kept on this node, but uploading it to {where} failed: "
+            f"{exc or type(exc).__name__}"
+        ) from None
+    return bk.state_key(path.name)
+
+
+async def bucket_listing(store: Any, keystore: Any, config: Any, place: BucketPlace) -> list[BackupFile]:
+    """The state backups in the place's bucket, newest first (sizes and times from their manifests)."""
+    from minicloud.storage import backups as bk
+    from minicloud.storage.backup_schedules import list_state
+
+    out = []
+    async with _s3(store, keystore, config, place) as s3:
+        for name in await list_state(s3):
+            _, _, data = await s3.request("GET", f"{bk.state_key(name)}.manifest.json")
+            m = bk.decode_manifest(data)
+            out.append(BackupFile(name, m.stored_bytes, m.finished_at or m.created_at))
+    return newest_first(out)

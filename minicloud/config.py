@@ -103,6 +103,11 @@ class ComputeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: ``auto`` uses KVM only when /dev/kvm opens and the CPU shows vmx/svm, TCG emulation (``qemu``) otherwise.
     #: `minicloud node show` says which and why.
     virt_type: Literal["auto", "kvm", "qemu"] = "auto"
+    #: How the scheduler orders the nodes that can take an instance: ``spread`` (the most free memory first: an even
+    #: load, the default) or ``pack`` (the least: fill one node before the next). The cluster setting
+    #: ``scheduler-weigher`` (``minicloud cluster set``) overrides it on every node; while it is not set, the node
+    #: answering a create decides with this value. Related: ``cpu_allocation_ratio``.
+    scheduler_weigher: Literal["spread", "pack"] = "spread"
     #: Virtual CPUs per host CPU the scheduler hands out. Related: ``ram_allocation_ratio``.
     cpu_allocation_ratio: Annotated[float, msgspec.Meta(gt=0, le=64)] = 4.0
     #: Guest memory per byte of host memory (1.0: no over-commit). Related: ``reserved_memory_mib``.
@@ -238,6 +243,8 @@ class ObjectsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Per-project quota on everything its buckets hold, bytes and objects; 0 = unlimited. Related: ``quota_objects``.
     quota_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
     quota_objects: Annotated[int, msgspec.Meta(ge=0)] = 0
+    #: Days of RGW's usage log kept: older hourly bins are folded into each bucket's totals, then trimmed from RGW.
+    usage_keep_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 31
 
 
 class AlarmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -262,6 +269,19 @@ class AlarmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     webhook_backoff_max: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 600.0
     #: Days an alarm's history entries (state changes, delivery attempts) are kept.
     history_days: Annotated[float, msgspec.Meta(gt=0)] = 14.0
+
+
+class GpuConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[gpu]``: GPU discovery and passthrough on this node (see docs/gpus.md)."""
+
+    #: Discover this node's NVIDIA GPUs (NVML and sysfs) and publish them as ``gpu`` records. Related:
+    #: ``manage_binding``.
+    enabled: bool = True
+    #: Let the node bind a GPU's PCI functions to ``vfio-pci`` when an instance gets it and give them back to their
+    #: drivers when the instance is deleted; false: the operator binds them (docs/gpus.md) and the node only checks.
+    manage_binding: bool = False
+    #: Where sysfs is mounted (tests point it at a fake tree).
+    sysfs_root: str = "/sys"
 
 
 class LogsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -307,6 +327,10 @@ class BillingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     close_delay: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 300
     #: The currency of ``price set`` without ``--currency`` (ISO 4217).
     currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")] = "EUR"
+    #: Days an hourly usage record is kept (its charge, with the same figures, stays in the ledger).
+    usage_days: Annotated[float, msgspec.Meta(gt=0)] = 400.0
+    #: Months after which ledger entries settled by closed invoices are pruned (the chain keeps a checkpoint).
+    ledger_months: Annotated[int, msgspec.Meta(ge=1, le=1200)] = 24
 
 
 class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -339,6 +363,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     billing: BillingConfig = msgspec.field(default_factory=BillingConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     compute: ComputeConfig = msgspec.field(default_factory=ComputeConfig)
+    gpu: GpuConfig = msgspec.field(default_factory=GpuConfig)
     logs: LogsConfig = msgspec.field(default_factory=LogsConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)

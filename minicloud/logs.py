@@ -11,11 +11,19 @@ from typing import Any
 
 import msgspec
 
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+#: Where a record keeps its JSON line once formatted.
+_LINE = "_minicloud_json"
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName", _LINE}
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record. A record is formatted once and the line kept on it: the agent's two handlers
+    (stdout and the rotating file, whose size check formats it again) would otherwise format it three times."""
+
     def format(self, record: logging.LogRecord) -> str:
+        line = record.__dict__.get(_LINE)
+        if line is not None:
+            return str(line)
         out: dict[str, Any] = {
             "time": _dt.datetime.fromtimestamp(record.created, _dt.UTC).isoformat(timespec="milliseconds")[:-6] + "Z",
             "level": record.levelname.lower(),
@@ -27,7 +35,9 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return msgspec.json.encode(out, enc_hook=str).decode()
+        line = msgspec.json.encode(out, enc_hook=str).decode()
+        record.__dict__[_LINE] = line
+        return line
 
 
 def setup(level: str = "info", *, file: Path | None = None, max_bytes: int = 10 << 20, backups: int = 3) -> None:
@@ -44,6 +54,11 @@ def setup(level: str = "info", *, file: Path | None = None, max_bytes: int = 10 
     root = logging.getLogger()
     root.handlers[:] = handlers
     root.setLevel(level.upper())
+    # The JSON line says nothing of the source line, thread or process a record came from, so none of it is
+    # collected (the logging HOWTO's "Optimization"): finding the caller walked the stack for every record, and
+    # the access log writes one per API request.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     quiet_libraries()
 
 

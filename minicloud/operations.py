@@ -100,6 +100,11 @@ class Operations:
             self.run(record, work(record))
         return written
 
+    @property
+    def running(self) -> int:
+        """How many operations this node runs now (``minicloud_operations{state="running"}``)."""
+        return len(self._tasks)
+
     def run(self, record: Record, work: Work) -> None:
         """Run ``work`` for an operation record that has been committed."""
         task = asyncio.create_task(self._run(record.id, work), name=f"operation {record.id}")

@@ -154,7 +154,9 @@ def node_certificate(
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
-                key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+                # Set for EC keys too: libvirtd (GnuTLS) refuses a TLS certificate whose critical keyUsage lacks
+                # keyEncipherment, whatever its key type, and live migration authenticates libvirtds with these.
+                key_encipherment=True,
                 content_commitment=False,
                 data_encipherment=False,
                 key_agreement=False,

@@ -7,7 +7,9 @@
 # On a fresh Debian 12: installs the system packages (scripts/packages.txt), creates a virtual environment in
 # $MINICLOUD_PREFIX/venv with this checkout installed (not editable), links /usr/local/bin/minicloud, writes
 # /etc/minicloud/minicloud.toml (commented defaults) if there is none, starts libvirtd, starts the agent (a systemd
-# service where systemd is PID 1, otherwise a background process), waits for it and runs `minicloud init`.
+# service where systemd is PID 1, otherwise a background process), waits for it, gives libvirtd its TLS listener for
+# migrations (scripts/libvirt-tls: a managed block in /etc/libvirt/libvirtd.conf and qemu.conf) and runs
+# `minicloud init`.
 #
 # Running it again is safe: it upgrades the package and restarts the agent when the installed package (or the
 # unit file) changed; an agent that is up to date and healthy is left running. The config file is never
@@ -16,6 +18,7 @@
 # Environment:
 #   MINICLOUD_PREFIX=/opt/minicloud   where the virtual environment goes ($MINICLOUD_PREFIX/venv)
 #   MINICLOUD_SKIP_APT=1              do not run apt-get (the packages are already there; tests)
+#   MINICLOUD_LIBVIRT_TLS=off         leave libvirtd without its TLS listener (no migrations to this node)
 #   MINICLOUD_CONFIG, MINICLOUD_DATA_DIR, MINICLOUD_SOCKET, MINICLOUD_LISTEN, ...
 #                                     honoured as by `minicloud agent` when it is started in the background;
 #                                     the systemd unit does not see them (use `systemctl edit minicloud`).
@@ -187,10 +190,11 @@ else
     apt-get "${apt_opts[@]}" -q -y install --no-install-recommends "${packages[@]}"
     info "installed: ${packages[*]}"
     if [ "$SYSTEMD" = yes ]; then
-        # etcd-server starts a stand-alone etcd.service, and libvirt-daemon-system a NATed 'default' network with
-        # iptables rules. minicloud supervises its own etcd members (in a cluster) and builds its own bridges, so
-        # neither should run behind its back.
+        # etcd-server starts a stand-alone etcd.service, victoria-metrics a stand-alone victoria-metrics.service,
+        # and libvirt-daemon-system a NATed 'default' network with iptables rules. minicloud supervises its own
+        # etcd members and TSDB (agent/tsdb.py) and builds its own bridges, so none should run behind its back.
         systemctl disable --now etcd.service >/dev/null 2>&1 || true
+        systemctl disable --now victoria-metrics.service >/dev/null 2>&1 || true
         virsh -c qemu:///system net-autostart default --disable >/dev/null 2>&1 || true
         virsh -c qemu:///system net-destroy default >/dev/null 2>&1 || true
     fi
@@ -352,6 +356,26 @@ if ! wait_healthy "${pid:-}"; then
 fi
 info "healthy (curl --unix-socket $SOCKET http://localhost/healthz)"
 echo "$after" >"$STAMP"
+
+# ---- 5b. libvirtd's TLS listener: live migration between the nodes' libvirtds (docs/compute.md, "Migration") -------
+# Only now: the agent made the node's certificate (<data_dir>/pki) at start-up, and libvirtd started with a TLS
+# listener whose files are missing would not start at all. The files are laid out in libvirt's and QEMU's names by
+# the agent's own function (it does the same at every compute resync), then scripts/libvirt-tls writes the managed
+# blocks into libvirtd.conf and qemu.conf and scripts/start-libvirtd restarts libvirtd with the listener (guests keep
+# running; the agent reconnects). A re-run changes nothing, or reloads a changed certificate (after `minicloud join`).
+step "libvirtd TLS listener (migrations between nodes)"
+if [ "${MINICLOUD_LIBVIRT_TLS:-on}" = off ]; then
+    info "skipped (MINICLOUD_LIBVIRT_TLS=off): this node cannot be a migration target"
+else
+    tls_dir=$("$VENV/bin/python" -c 'import sys; from pathlib import Path; from agent.compute.migrate import write_tls_files; print(write_tls_files(Path(sys.argv[1])))' "$DATA_DIR") ||
+        die "could not lay out the node's TLS files under $DATA_DIR/pki/libvirt (is $DATA_DIR/pki complete?)"
+    changed=$("$REPO/scripts/libvirt-tls" enable "$DATA_DIR")
+    if [ "$changed" = changed ]; then
+        info "wrote the TLS listener (certificates in $tls_dir) into /etc/libvirt/libvirtd.conf and qemu.conf"
+    fi
+    LIBVIRTD_RESTART=$([ "$changed" = changed ] && echo 1 || echo 0) "$REPO/scripts/start-libvirtd"
+    info "libvirtd listens on TLS port 16514 (cluster CA only: no plain TCP listener)"
+fi
 
 # ---- 6. first-time initialisation -------------------------------------------------------------------------------
 step "minicloud init"

@@ -20,8 +20,11 @@
 #   MINICLOUD_PREFIX=/opt/minicloud, MINICLOUD_CONFIG=/etc/minicloud/minicloud.toml,
 #   MINICLOUD_UNIT_FILE=/etc/systemd/system/minicloud.service, MINICLOUD_BIN_LINK=/usr/local/bin/minicloud,
 #   MINICLOUD_COMPLETION_FILE=/etc/bash_completion.d/minicloud, MINICLOUD_LOG_DIR=/var/log/minicloud,
-#   MINICLOUD_DATA_DIR, MINICLOUD_SOCKET (as the agent reads them), MINICLOUD_LIBVIRT_URI=qemu:///system
+#   MINICLOUD_DATA_DIR, MINICLOUD_SOCKET (as the agent reads them), MINICLOUD_LIBVIRT_URI=qemu:///system,
+#   MINICLOUD_LIBVIRT_CONF_DIR=/etc/libvirt (where install.sh wrote libvirtd's TLS listener: scripts/libvirt-tls)
 set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 PREFIX=${MINICLOUD_PREFIX:-/opt/minicloud}
 VENV=$PREFIX/venv
@@ -241,6 +244,39 @@ if command -v virsh >/dev/null && virsh -c "$LIBVIRT_URI" version >/dev/null 2>&
     done
 else
     info "libvirt is not running: no domains to remove"
+fi
+
+# ---- 3b. libvirtd's TLS listener (install.sh's blocks in libvirtd.conf and qemu.conf) ----------------------------
+step "libvirtd TLS listener"
+LIBVIRT_CONF_DIR=${MINICLOUD_LIBVIRT_CONF_DIR:-/etc/libvirt}
+if [ "$(LIBVIRT_CONF_DIR=$LIBVIRT_CONF_DIR "$REPO/scripts/libvirt-tls" disable)" = changed ]; then
+    info "removed minicloud's blocks from $LIBVIRT_CONF_DIR/libvirtd.conf and qemu.conf"
+    # libvirtd still listens with what it read at start: restart it without the listener (guests keep running).
+    restart=no
+    if under_systemd; then
+        if systemctl is-enabled --quiet libvirtd-tls.socket 2>/dev/null || systemctl is-active --quiet libvirtd-tls.socket; then
+            systemctl stop libvirtd.service >/dev/null 2>&1 || true
+            systemctl disable --now libvirtd-tls.socket >/dev/null 2>&1 || true
+            info "disabled libvirtd-tls.socket"
+            restart=yes
+        fi
+        if [ -e /etc/systemd/system/libvirtd.service.d/minicloud-listen.conf ]; then
+            rm -f /etc/systemd/system/libvirtd.service.d/minicloud-listen.conf
+            systemctl daemon-reload || true
+            restart=yes
+        fi
+    else
+        for comm in /proc/[0-9]*/comm; do
+            [ "$(cat "$comm" 2>/dev/null)" = libvirtd ] || continue
+            if tr '\0' ' ' <"${comm%/comm}/cmdline" 2>/dev/null | grep -q -- ' --listen'; then restart=yes; fi
+        done
+    fi
+    if [ "$restart" = yes ] && [ "$LIBVIRT_CONF_DIR" = /etc/libvirt ]; then
+        LIBVIRTD_RESTART=1 "$REPO/scripts/start-libvirtd" || warn "could not restart libvirtd; restart it yourself"
+        info "restarted libvirtd without its TLS listener"
+    fi
+else
+    info "none configured"
 fi
 
 # ---- 4. daemons the agent started (dnsmasq, etcd, Ceph, RGW, VictoriaMetrics, a leftover QEMU) with the data directory in their command line

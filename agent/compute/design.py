@@ -15,6 +15,7 @@ The guest, in short:
   I/O limits (``disk_xml`` renders one for hot-plug);
 - NoCloud seed: a read-only CD-ROM ``sda`` on SATA (AHCI), found by the guest by its ISO label ``cidata``;
 - NICs: virtio, each plugged into its host bridge;
+- GPUs: one ``<hostdev>`` (VFIO, ``managed='no'``: the node binds them) per PCI function of each GPU it holds;
 - serial port 0 written to ``console_log`` (appended across restarts), which is also the libvirt console;
 - a virtio balloon (memory statistics every 10 s), a virtio RNG from ``/dev/urandom``; no USB, no graphics;
 - power off and crash destroy the domain (the reconciler decides what happens next); reboot restarts it.
@@ -37,6 +38,7 @@ from agent.compute.xml import (
     Disk,
     Domain,
     Features,
+    Hostdev,
     InstanceMetadata,
     Interface,
     IoTune,
@@ -116,6 +118,8 @@ class GuestSpec:
     firmware: Literal["bios", "uefi"] = "bios"
     nvram: Path | None = None
     nics: tuple[Nic, ...] = ()
+    #: Host PCI functions passed through (a GPU's functions, ``0000:3b:00.0``…), bound to ``vfio-pci`` beforehand.
+    hostdevs: tuple[str, ...] = ()
     metadata: InstanceMetadata
 
 
@@ -208,6 +212,7 @@ def _devices_for(spec: GuestSpec) -> tuple[Device, ...]:
     if spec.seed_iso is not None:
         devices.append(Disk(str(spec.seed_iso), "sda", "sata", device="cdrom", driver_type="raw", readonly=True))
     devices += [Interface(nic.mac, nic.bridge, model="virtio", target_dev=nic.tap) for nic in spec.nics]
+    devices += [Hostdev(address, managed=False) for address in spec.hostdevs]
     devices += [
         Serial(str(spec.console_log), port=0, append=True),
         Console(str(spec.console_log), port=0, append=True),

@@ -294,3 +294,120 @@ class LibvirtDriver:
                     raise
 
         await self._call(_undefine)
+
+    # -- migration (agent.reconcilers.migration) ---------------------------------------------------------------------
+    async def migrate(self, uuid: str, dest_uri: str, params: dict[str, Any], flags: int) -> None:
+        """Peer-to-peer migration of a running domain: this node's libvirtd connects to ``dest_uri`` itself and moves
+        it (``virDomainMigrateToURI3``); returns once the guest runs there."""
+
+        def _migrate() -> None:
+            dom = self._lookup(uuid)
+            if dom is None:
+                raise libvirt.libvirtError(f"no domain {uuid} to migrate")
+            dom.migrateToURI3(dest_uri, params, flags)
+
+        await self._call(_migrate)
+
+    async def job_active(self, uuid: str) -> bool:
+        """Whether libvirt runs a job (a migration) on the domain now."""
+
+        def _job() -> bool:
+            dom = self._lookup(uuid)
+            if dom is None:
+                return False
+            try:
+                return dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return False
+                raise
+
+        return await self._call(_job)
+
+    async def resume(self, uuid: str) -> None:
+        """Resume a paused domain (one a failed migration left paused)."""
+
+        def _resume() -> None:
+            dom = self._lookup(uuid)
+            if dom is not None and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+
+        await self._call(_resume)
+
+    async def remote_state(self, uri: str, uuid: str) -> str | None:
+        """The state of domain ``uuid`` on another node's libvirtd (``running``, ``paused``, ``shutoff``…), None if
+        it has none; DriverError when it cannot be reached."""
+
+        def _remote() -> str | None:
+            conn = libvirt.open(uri)
+            try:
+                try:
+                    dom = conn.lookupByUUIDString(uuid)
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                        return None
+                    raise
+                return _STATES.get(dom.state()[0], "other")
+            finally:
+                conn.close()
+
+        return await self._call(_remote)
+
+    async def remote_destroy(self, uri: str, uuid: str) -> None:
+        """Destroy (and undefine) domain ``uuid`` on another node's libvirtd (a half-arrived copy)."""
+
+        def _destroy() -> None:
+            conn = libvirt.open(uri)
+            try:
+                try:
+                    dom = conn.lookupByUUIDString(uuid)
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                        return
+                    raise
+                if dom.isActive():
+                    dom.destroy()
+                if dom.isPersistent():
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+            finally:
+                conn.close()
+
+        await self._call(_destroy)
+
+    async def migratable_xml(self, uuid: str) -> str | None:
+        """The running domain's live definition as a migration sends it (``VIR_DOMAIN_XML_MIGRATABLE``)."""
+
+        def _xml() -> str | None:
+            dom = self._lookup(uuid)
+            if dom is None or not dom.isActive():
+                return None
+            return dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
+
+        return await self._call(_xml)
+
+    async def start_paused(self, uuid: str) -> None:
+        """Start a stopped domain with its vCPUs paused (QEMU at reset, the guest not running): what a cold migration
+        moves, with its disks, and stops again on the target."""
+
+        def _start() -> None:
+            dom = self._lookup(uuid)
+            if dom is None:
+                raise libvirt.libvirtError(f"domain {uuid} is not defined")
+            if not dom.isActive():
+                dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+
+        await self._call(_start)
+
+    async def remote_stop(self, uri: str, uuid: str) -> None:
+        """Power off domain ``uuid`` on another node's libvirtd, keeping its definition (a cold migration's end)."""
+
+        def _stop() -> None:
+            conn = libvirt.open(uri)
+            try:
+                dom = conn.lookupByUUIDString(uuid)
+                if dom.isActive():
+                    dom.destroy()
+            finally:
+                conn.close()
+
+        await self._call(_stop)

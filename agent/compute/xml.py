@@ -418,7 +418,44 @@ class Rng:
         return _element("rng", {"model": self.model}, children=[_element("backend", {"model": "random"}, self.backend)])
 
 
-Device = Disk | RbdDisk | Interface | Serial | Console | Controller | MemBalloon | Rng
+@dataclass(frozen=True)
+class Hostdev:
+    """``<hostdev mode='subsystem' type='pci'>``: one host PCI function passed through with VFIO (a GPU and each of
+    its other functions get one each). ``address`` is sysfs's spelling, ``0000:3b:00.1``. ``managed``: libvirt
+    binds it to ``vfio-pci`` at start and gives it back at stop; minicloud writes ``managed='no'`` and does the
+    binding itself (``agent.gpu.vfio``), so a stopped instance keeps its GPU bound."""
+
+    address: str
+    managed: bool = False
+
+    def to_element(self) -> ET.Element:
+        try:
+            domain, bus, rest = self.address.split(":")
+            slot, function = rest.split(".")
+            parts = (int(domain, 16), int(bus, 16), int(slot, 16), int(function, 16))
+        except ValueError:
+            raise ValueError(f"not a PCI address: {self.address!r} (want DDDD:BB:SS.F)") from None
+        attrs = dict(zip(("domain", "bus", "slot", "function"), parts, strict=True))
+        source = _element(
+            "source",
+            children=[
+                _element(
+                    "address",
+                    {
+                        "domain": f"0x{attrs['domain']:04x}",
+                        "bus": f"0x{attrs['bus']:02x}",
+                        "slot": f"0x{attrs['slot']:02x}",
+                        "function": f"0x{attrs['function']:x}",
+                    },
+                )
+            ],
+        )
+        return _element(
+            "hostdev", {"mode": "subsystem", "type": "pci", "managed": _yes_no(self.managed)}, children=[source]
+        )
+
+
+Device = Disk | RbdDisk | Interface | Serial | Console | Controller | MemBalloon | Rng | Hostdev
 
 
 # --- the domain ----------------------------------------------------------------------------------------------------

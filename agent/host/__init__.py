@@ -16,7 +16,7 @@ from typing import Protocol
 import psutil
 
 from minicloud import __version__
-from minicloud.model import Disk, Node, Virtualization
+from minicloud.model import Disk, Node, NodeGpus, Virtualization
 
 _REAL_FS = {
     "ext2",
@@ -126,6 +126,8 @@ class HostFacts:
         self.virt_type, self.virt_reason = choose_virt(virt_setting, self.virt)
         self._cached: Node | None = None
         self._cached_at = 0.0
+        #: The GPU summary the node's GPU reconciler sets after each discovery (None: none ran).
+        self.gpus: NodeGpus | None = None
 
     def _disks(self) -> list[Disk]:
         disks = []
@@ -167,6 +169,7 @@ class HostFacts:
                 reason=self.virt_reason,
             ),
             version=__version__,
+            gpus=self.gpus,
             **self._static,
         )
         self._cached_at = now

@@ -20,6 +20,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from agent.gpu.inventory import Inventory
+from agent.metrics.gpu import gpu_families
 from agent.metrics.instances import InstanceLabels, LibvirtStats, instance_families
 from agent.metrics.node import NodeSnapshot, node_families, read_node
 from minicloud.observe import names as n
@@ -43,12 +45,16 @@ class NodeMetrics:
         instances: Callable[[], Awaitable[Mapping[str, InstanceLabels]]] | None = None,
         operations: Callable[[], int] | None = None,
         read_node: Callable[[], NodeSnapshot] = read_node,
+        gpus: Callable[[], Inventory] | None = None,
     ) -> None:
         self.node = node
         self.stats = stats
         self.instances = instances
         self.operations = operations
         self._read_node = read_node
+        #: A fresh GPU inventory (blocking: NVML and sysfs), or None without GPU discovery.
+        self.gpus = gpus
+        self.gpu_inventory: Inventory | None = None
         self.node_snapshot: NodeSnapshot | None = None
         self.instance_stats: list[tuple[str, Mapping[str, Any]]] = []
         self.instance_labels: Mapping[str, InstanceLabels] = {}
@@ -84,6 +90,15 @@ class NodeMetrics:
             self.errors["node"] += 1
             log.warning("collecting node figures failed", exc_info=True)
         self.durations["node"] = time.perf_counter() - started
+        if self.gpus is not None:
+            started = time.perf_counter()
+            try:
+                self.gpu_inventory = await loop.run_in_executor(self._pool, self.gpus)
+            except Exception as exc:
+                self.errors["gpus"] = self.errors.get("gpus", 0) + 1
+                self.gpu_inventory = None
+                log.warning("collecting GPU figures failed", extra={"error": str(exc)})
+            self.durations["gpus"] = time.perf_counter() - started
         if self.stats is None:
             return
         started = time.perf_counter()
@@ -117,6 +132,8 @@ class NodeMetrics:
             yield from node_families(self.node_snapshot, self.node)
         if self.stats is not None:
             yield from instance_families(self.instance_stats, self.instance_labels, self.node)
+        if self.gpu_inventory is not None:
+            yield from gpu_families(self.gpu_inventory)
         if self.operations is not None:
             ops = GaugeMetricFamily(n.OPERATIONS.family, n.OPERATIONS.help, labels=list(n.OPERATIONS.labels))
             ops.add_metric([self.node, "running"], self.operations())

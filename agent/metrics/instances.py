@@ -7,7 +7,8 @@ renders a list of ``(uuid, stats)`` pairs (pure: tested with a fake stats list).
 (``virDomainListGetStats``): ``state.state``, ``cpu.time`` (ns), ``vcpu.current``, ``balloon.current`` /
 ``.available`` / ``.unused`` / ``.rss`` (KiB), ``block.<i>.name`` / ``.rd.bytes`` / ``.wr.bytes`` / ``.rd.reqs`` /
 ``.wr.reqs``, ``net.<i>.name`` / ``.rx.bytes`` / ``.tx.bytes`` / ``.rx.pkts`` / ``.tx.pkts`` / ``.rx.drop`` /
-``.tx.drop``. A stopped domain reports only its state, so its usage series stop.
+``.tx.drop``. A stopped domain reports only its state, so its usage series stop. A disk that is an attached volume
+carries the volume's id (``volume_id``; empty for the root disk), so a volume's I/O is queryable by the volume.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -34,6 +35,8 @@ class InstanceLabels:
     #: The project's name (display) and id (what the query API enforces).
     project: str
     project_id: str
+    #: Guest disk (``vdb`` …) → the attached volume's id (the ``diskslots`` record): the disk series' ``volume_id``.
+    volumes: Mapping[str, str] = field(default_factory=dict)
 
 
 class LibvirtStats:
@@ -127,9 +130,10 @@ def instance_families(
             device = s.get(f"block.{i}.name")
             if not device:
                 continue
+            volume = inst.volumes.get(device, "")
             for metric, key in _BLOCK:
                 if (value := s.get(f"block.{i}.{key}")) is not None:
-                    fams[metric.name].add_metric([*base, device], value)
+                    fams[metric.name].add_metric([*base, device, volume], value)
         for i in range(int(s.get("net.count", 0))):
             nic = s.get(f"net.{i}.name")
             if not nic:

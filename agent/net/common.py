@@ -188,3 +188,18 @@ async def run_daemonizing(argv: list[str], what: str, install_hint: str) -> None
     if proc.returncode != 0:
         msg = err.decode(errors="replace").strip()
         raise NetworkError(f"{what} failed to start (exit {proc.returncode}): {msg}")
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Replace ``path`` with ``text`` (mode 0644, atomically: a reader sees the old or the new file) unless it holds
+    that already; True when it was written (the daemon reading it must be told)."""
+    try:
+        if path.read_text() == text:
+            return False
+    except FileNotFoundError:
+        pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+    return True

@@ -21,7 +21,15 @@ What :class:`BridgeNetwork` puts on the host for ``NetworkSpec(name="default", b
 * **nftables** table ``ip minicloud-mcbr0`` (see :func:`nft_script`): with ``masquerade`` (NAT mode) guests reach other
   networks through the node's own address and only replies come back in; without it the network is isolated (guests
   reach each other and the gateway, nothing else). NAT mode also sets ``net.ipv4.ip_forward=1`` (never reset: other
-  users of the host may depend on it).
+  users of the host may depend on it). When the DHCP range ends below the last address (the default VPCs' ``host``
+  pool lies above it), ``bridge minicloud-mcbr0`` drops IPv4 from and ARP for those addresses coming from a guest's
+  tap (pinned guests excepted), so no guest can take a router's or floating IP's address by hand.
+
+* **Fixed addresses**: each guest of the bridge gets one address, chosen once (:meth:`BridgeNetwork.assign`: its pin,
+  its current lease, else the lowest free one of the range) and kept in dnsmasq's ``--dhcp-hostsfile`` (``hosts`` in
+  the state directory, re-read on SIGHUP) until :meth:`BridgeNetwork.release`, so DHCP hands out exactly the address
+  its anti-spoofing rules allow (``bridge minicloud_sg``, built by the network reconciler on the tap
+  :func:`guest_tap` names; see ``docs/networking.md``). Other MACs still get leases from the range.
 
 Host services on the gateway address are reachable from guests (input is not filtered here).
 """
@@ -29,6 +37,7 @@ Host services on the gateway address are reachable from guests (input is not fil
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import ipaddress
@@ -36,15 +45,16 @@ import logging
 import os
 import re
 import shutil
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from pyroute2 import AsyncIPRoute, NetlinkError
 
-from agent.net.common import NetworkConflict, NetworkError, NetworkPermissionError  # re-exported
+from agent.net.common import NetworkConflict, NetworkError, NetworkPermissionError, write_if_changed  # re-exported
 from agent.net.common import cmdline as _cmdline
 from agent.net.common import get_link as _get_link
 from agent.net.common import netlink_error as _netlink_error
@@ -58,6 +68,12 @@ log = logging.getLogger(__name__)
 DNSMASQ_BINARY = "dnsmasq"
 NFT_BINARY = "nft"
 DEFAULT_LEASE_SECONDS = 12 * 3600
+#: The host taps of the default bridge's guests (libvirt names them; VPC ports' taps are ``mct-…``).
+GUEST_TAPS = "vnet*"
+#: The host taps the compute side names for the default bridge's guests (:func:`guest_tap`).
+GUEST_TAP_PREFIX = "mcg-"
+#: dnsmasq's hosts file in the network's state directory: the guests' fixed addresses.
+HOSTS_FILE = "hosts"
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -143,10 +159,24 @@ class NetworkSpec:
         return f"minicloud-{self.bridge}"
 
     @property
+    def reserved(self) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None:
+        """(first, last) of the addresses above the DHCP range, which are not the guests' (the ``host`` network's
+        pool of routers' and floating addresses, when the default VPCs are on); None when DHCP runs to the end."""
+        last = self.cidr.broadcast_address - 1
+        assert self.dhcp_end is not None
+        return (self.dhcp_end + 1, last) if self.dhcp_end < last else None
+
+    @property
     def bridge_mac(self) -> str:
         """A stable, locally administered unicast MAC for the bridge, derived from its name."""
         digest = hashlib.sha256(self.bridge.encode()).digest()
         return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
+def guest_tap(instance_id: str) -> str:
+    """The host tap of a default-bridge guest: ``mcg-`` + 10 hex digits of the instance id's SHA-256 (fits
+    IFNAMSIZ). The compute side names the guest's tap so; its anti-spoofing rules match on it."""
+    return GUEST_TAP_PREFIX + hashlib.sha256(instance_id.encode()).hexdigest()[:10]
 
 
 # --- pure renderers ----------------------------------------------------------------------------------------------------
@@ -172,6 +202,10 @@ def dnsmasq_argv(spec: NetworkSpec, state_dir: Path, binary: str = DNSMASQ_BINAR
         f"--listen-address={gw}",
         f"--dhcp-range={spec.dhcp_start},{spec.dhcp_end},{spec.cidr.netmask},{spec.lease_seconds}",
         f"--dhcp-leasefile={state_dir / 'leases'}",
+        # each guest's fixed address (what its anti-spoofing rules allow), re-read on SIGHUP: as root, because the
+        # data directory is 0700 and dnsmasq's own account could not read it again
+        f"--dhcp-hostsfile={state_dir / HOSTS_FILE}",
+        "--user=root",
         "--dhcp-authoritative",
         # No ICMP probe before each offer: it delays every first lease by ~3 s (a guest's boot by as much), and on
         # this network only our guests take addresses from the range.
@@ -228,16 +262,88 @@ def nft_script(spec: NetworkSpec) -> str:
         "\t}",
         "}",
     ]
+    if spec.reserved is not None:
+        # No guest of the bridge may claim an address above its DHCP range (a router's or floating IP's leg there is
+        # a veth "mcp…", not a libvirt tap): IPv4 from it and ARP for it are dropped where a guest's tap
+        # (libvirt's "vnetN") enters the bridge, before anything else sees them; pinned guests keep their own.
+        first, last = spec.reserved
+        pinned = [(mac, ip) for mac, ip in spec.static_hosts if first <= ipaddress.IPv4Address(ip) <= last]
+        lines += [
+            f"table bridge {spec.table} {{",
+            "\tchain prerouting {",
+            "\t\ttype filter hook prerouting priority -300; policy accept;",
+            f'\t\tiifname != "{GUEST_TAPS}" iifname != "{GUEST_TAP_PREFIX}*" accept',
+            *(f"\t\tether saddr {mac} ip saddr {ip} accept" for mac, ip in pinned),
+            *(f"\t\tether saddr {mac} arp saddr ip {ip} accept" for mac, ip in pinned),
+            f"\t\tip saddr {first}-{last} drop",
+            f"\t\tarp saddr ip {first}-{last} drop",
+            "\t}",
+            "}",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def nft_delete_script(table: str) -> str:
-    """An ``nft -f`` script deleting ``ip table``; succeeds whether or not the table exists."""
+    """An ``nft -f`` script deleting ``ip table`` and ``bridge table``; succeeds whether or not they exist."""
     return "\n".join(_nft_delete_lines(table)) + "\n"
 
 
 def _nft_delete_lines(table: str) -> list[str]:
-    return [f"table ip {table} {{}}", f"delete table ip {table}"]
+    return [
+        f"table ip {table} {{}}",
+        f"delete table ip {table}",
+        f"table bridge {table} {{}}",
+        f"delete table bridge {table}",
+    ]
+
+
+def pick_address(
+    spec: NetworkSpec,
+    mac: str,
+    assigned: Mapping[str, str],
+    leases: Mapping[str, str],
+    prefer: Sequence[str] = (),
+) -> str | None:
+    """The address a default-bridge guest with ``mac`` gets: its pin (``spec.static_hosts``), else the first of its
+    current lease and ``prefer`` that is in the DHCP range and nobody else's (assigned, pinned or leased to another
+    MAC), else the lowest free address of the range; None when the range is exhausted. Pure."""
+    mac = mac.lower()
+    pins = dict(spec.static_hosts)
+    if mac in pins:
+        return pins[mac]
+    taken = {str(spec.gateway)}
+    for table in (assigned, pins, leases):
+        taken.update(ip for m, ip in table.items() if m != mac)
+    start, end = spec.dhcp_start, spec.dhcp_end
+    assert start is not None and end is not None  # filled in by NetworkSpec.__post_init__
+
+    def free(ip: str) -> bool:
+        try:
+            return start <= ipaddress.IPv4Address(ip) <= end and ip not in taken
+        except ValueError:
+            return False
+
+    for ip in (leases.get(mac), *prefer):
+        if ip and free(ip):
+            return str(ipaddress.IPv4Address(ip))
+    return next((str(a) for a in map(ipaddress.IPv4Address, range(int(start), int(end) + 1)) if free(str(a))), None)
+
+
+def hosts_text(assigned: Mapping[str, str]) -> str:
+    """dnsmasq's ``--dhcp-hostsfile``: one ``MAC,address`` line per guest, sorted."""
+    return "".join(f"{mac},{ip}\n" for mac, ip in sorted(assigned.items()))
+
+
+def parse_hosts(text: str) -> dict[str, str]:
+    """MAC -> address from :func:`hosts_text`'s format; malformed lines are skipped."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        mac, _, ip = line.strip().partition(",")
+        try:
+            out[mac.lower()] = str(ipaddress.IPv4Address(ip)) if _MAC_RE.match(mac.lower()) else ""
+        except ValueError:
+            continue
+    return {m: ip for m, ip in out.items() if ip}
 
 
 def parse_leases(text: str, now: float | None = None) -> dict[str, str]:
@@ -291,6 +397,12 @@ class NetworkDriver(Protocol):
 
     def leases(self) -> dict[str, str]: ...
 
+    def assignments(self) -> dict[str, str]: ...
+
+    async def assign(self, mac: str, prefer: Sequence[str] = ()) -> str: ...
+
+    async def release(self, mac: str) -> bool: ...
+
 
 # --- the real driver ---------------------------------------------------------------------------------------------------
 
@@ -317,6 +429,10 @@ class BridgeNetwork:
         self._dnsmasq = dnsmasq or shutil.which(DNSMASQ_BINARY) or DNSMASQ_BINARY
         self._nft = nft or shutil.which(NFT_BINARY) or NFT_BINARY
         self._lock = asyncio.Lock()
+        try:  # the guests' fixed addresses outlive the agent: a restarted one pins the same guests to the same addresses
+            self._assigned = parse_hosts((self.state_dir / HOSTS_FILE).read_text(errors="replace"))
+        except FileNotFoundError:
+            self._assigned = {}
 
     @property
     def spec(self) -> NetworkSpec:
@@ -361,7 +477,52 @@ class BridgeNetwork:
             await self._apply_nft(nft_script(self._spec), "install")
             if self._spec.masquerade:
                 await asyncio.to_thread(_enable_ip_forward)
+            await asyncio.to_thread(self._write_hosts)
             await self._ensure_dnsmasq(ifindex, restart=changed)
+
+    # -- the guests' fixed addresses --
+
+    def assignments(self) -> dict[str, str]:
+        """MAC -> the fixed address of each guest :meth:`assign` gave one (and each pinned guest's pin)."""
+        return {**self._assigned, **dict(self._spec.static_hosts)}
+
+    async def assign(self, mac: str, prefer: Sequence[str] = ()) -> str:
+        """The guest's fixed address, chosen once (:func:`pick_address`: its pin, its current lease, ``prefer``, else
+        the lowest free one) and kept until :meth:`release`: in dnsmasq's hosts file (so DHCP hands out exactly it,
+        SIGHUP) and in memory. Idempotent. Raises :class:`NetworkError` when the DHCP range is exhausted."""
+        mac = mac.lower()
+        have = self.assignments().get(mac)
+        if have is not None:
+            return have
+        async with self._lock:
+            ip = pick_address(self._spec, mac, self._assigned, self.leases(), prefer)
+            if ip is None:
+                spec = self._spec
+                raise NetworkError(
+                    f"network {spec.name}: no free address left in {spec.dhcp_start}-{spec.dhcp_end} for guest {mac}"
+                )
+            self._assigned[mac] = ip
+            await self._hosts_changed()
+        return ip
+
+    async def release(self, mac: str) -> bool:
+        """Forget the guest's fixed address (its instance left this node). Idempotent; True if there was one."""
+        async with self._lock:
+            if self._assigned.pop(mac.lower(), None) is None:
+                return False
+            await self._hosts_changed()
+        return True
+
+    def _write_hosts(self) -> bool:
+        pins = dict(self._spec.static_hosts)  # already on dnsmasq's command line: a second entry would clash
+        text = hosts_text({m: ip for m, ip in self._assigned.items() if m not in pins})
+        return write_if_changed(self.state_dir / HOSTS_FILE, text)
+
+    async def _hosts_changed(self) -> None:
+        await asyncio.to_thread(self.state_dir.mkdir, parents=True, exist_ok=True)
+        if await asyncio.to_thread(self._write_hosts) and (pid := self.dnsmasq_pid()) is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)  # dnsmasq re-reads its hosts file
 
     async def teardown(self) -> None:
         """Remove the network from the host: stop its dnsmasq, delete its nftables table and its bridge.
@@ -382,8 +543,9 @@ class BridgeNetwork:
                     await step()
                 except NetworkError as e:
                     errors.append(e)
-            for path in (self.pid_file, self.lease_file, self._ifindex_file):
+            for path in (self.pid_file, self.lease_file, self._ifindex_file, self.state_dir / HOSTS_FILE):
                 path.unlink(missing_ok=True)
+            self._assigned.clear()
             if errors:
                 raise errors[0]
 
@@ -592,6 +754,7 @@ class FakeNetwork:
     teardown_calls: int = 0
     fail_with: Exception | None = None
     _leases: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _assigned: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def gateway(self) -> str:
@@ -611,6 +774,22 @@ class FakeNetwork:
     def leases(self) -> dict[str, str]:
         return dict(self._leases) if self.present else {}
 
+    def assignments(self) -> dict[str, str]:
+        return {**self._assigned, **dict(self.spec.static_hosts)}
+
+    async def assign(self, mac: str, prefer: Sequence[str] = ()) -> str:
+        mac = mac.lower()
+        if (have := self.assignments().get(mac)) is not None:
+            return have
+        ip = pick_address(self.spec, mac, self._assigned, self._leases, prefer)
+        if ip is None:
+            raise NetworkError(f"network {self.spec.name}: no free address left for guest {mac}")
+        self._assigned[mac] = ip
+        return ip
+
+    async def release(self, mac: str) -> bool:
+        return self._assigned.pop(mac.lower(), None) is not None
+
     def add_lease(self, mac: str, ip: str | None = None) -> str:
         """Lease ``ip`` (default: the lowest free address of the DHCP range) to ``mac``; returns the address.
 
@@ -620,10 +799,15 @@ class FakeNetwork:
         if not self.present:
             raise RuntimeError(f"network {self.spec.name} is not present; call ensure() first")
         mac = mac.lower()
+        fixed = self.assignments().get(mac) if ip is None else None
+        if fixed is not None:  # dnsmasq hands a guest with a fixed address exactly that one
+            self._leases[mac] = fixed
+            return fixed
         taken = {v for k, v in self._leases.items() if k != mac}
         start, end = self.spec.dhcp_start, self.spec.dhcp_end
         assert start is not None and end is not None  # filled in by NetworkSpec.__post_init__
         if ip is None:
+            taken |= {v for k, v in self.assignments().items() if k != mac}
             free = (ipaddress.IPv4Address(n) for n in range(int(start), int(end) + 1))
             chosen = next((str(a) for a in free if str(a) not in taken), None)
             if chosen is None:

@@ -39,6 +39,7 @@ from agent.net.common import (
     run_daemonizing,
     same_command,
     stop_process,
+    write_if_changed,
 )
 from agent.net.default import DNSMASQ_BINARY, parse_leases
 
@@ -84,13 +85,40 @@ class DnsRecord:
         object.__setattr__(self, "ip", ipaddress.IPv4Address(self.ip))
 
 
+def _subnet(server: ipaddress.IPv4Interface, router: ipaddress.IPv4Address | None) -> tuple:
+    server = ipaddress.IPv4Interface(server)
+    if server.network.prefixlen > 30:
+        raise ValueError(f"subnet {server.network}: too small; use /30 or larger")
+    if router is not None:
+        router = ipaddress.IPv4Address(router)
+        if router not in server.network:
+            raise ValueError(f"router {router} is outside the subnet {server.network}")
+    return server, router
+
+
+@dataclass(frozen=True)
+class DhcpSubnet:
+    """One more subnet served by the same dnsmasq (a network with several subnets with ports on this node): its
+    ``server`` address (with the prefix; also on the interface) and the ``router`` handed out there (None: none)."""
+
+    server: ipaddress.IPv4Interface
+    router: ipaddress.IPv4Address | None = None
+
+    def __post_init__(self) -> None:
+        server, router = _subnet(self.server, self.router)
+        object.__setattr__(self, "server", server)
+        object.__setattr__(self, "router", router)
+
+
 @dataclass(frozen=True)
 class DhcpSpec:
     """What a network's dnsmasq is on this node; changing any field restarts it. Validated on construction.
 
     ``server`` is the address (with the subnet's prefix) dnsmasq answers from, already on ``interface``; the subnet
     it serves is ``server.network``. ``router`` is handed out as the default gateway (None: no router option).
-    ``upstream_dns``: None reads the host's /etc/resolv.conf, () forwards nothing.
+    ``more``: further subnets of the network served by the same dnsmasq on the same interface (their server
+    addresses are on the interface too; subnets may not overlap). ``upstream_dns``: None reads the host's
+    /etc/resolv.conf, () forwards nothing.
     """
 
     network: str
@@ -100,20 +128,22 @@ class DhcpSpec:
     router: ipaddress.IPv4Address | None = None
     upstream_dns: tuple[str, ...] | None = None
     lease_seconds: int = 3600
+    more: tuple[DhcpSubnet, ...] = ()
 
     def __post_init__(self) -> None:
         _label(self.network, "network name")
         if not _IFNAME_RE.match(self.interface):
             raise ValueError(f"interface name {self.interface!r}: use 1-15 letters, digits, '_', '.', '-'")
-        server = ipaddress.IPv4Interface(self.server)
-        if server.network.prefixlen > 30:
-            raise ValueError(f"subnet {server.network}: too small; use /30 or larger")
+        server, router = _subnet(self.server, self.router)
         object.__setattr__(self, "server", server)
-        if self.router is not None:
-            router = ipaddress.IPv4Address(self.router)
-            if router not in server.network:
-                raise ValueError(f"router {router} is outside the subnet {server.network}")
-            object.__setattr__(self, "router", router)
+        object.__setattr__(self, "router", router)
+        more = tuple(m if isinstance(m, DhcpSubnet) else DhcpSubnet(*m) for m in self.more)
+        object.__setattr__(self, "more", more)
+        nets = [s.server.network for s in self.subnets]
+        for i, a in enumerate(nets):
+            for b in nets[i + 1 :]:
+                if a.overlaps(b):
+                    raise ValueError(f"subnets {a} and {b} overlap")
         if not 576 <= self.mtu <= 9000:
             raise ValueError(f"MTU {self.mtu}: use 576 to 9000")
         if self.upstream_dns is not None:
@@ -125,6 +155,11 @@ class DhcpSpec:
     def domain(self) -> str:
         return f"{self.network}.internal"
 
+    @property
+    def subnets(self) -> tuple[DhcpSubnet, ...]:
+        """Every subnet served: the first (``server``, ``router``), then ``more``."""
+        return (DhcpSubnet(self.server, self.router), *self.more)
+
 
 # --- pure renderers ----------------------------------------------------------------------------------------------------
 
@@ -134,7 +169,11 @@ def dhcp_argv(spec: DhcpSpec, state_dir: Path, binary: str = DNSMASQ_BINARY, use
     as current. Hosts and DNS records are not in it (they live in files re-read on SIGHUP). ``user``: the account
     dnsmasq drops to (None: its built-in default)."""
     d = Path(os.path.abspath(state_dir))
-    net = spec.server.network
+    subnets = spec.subnets
+    # One subnet: plain options. Several (a network with ports of several subnets on this node): each range sets a
+    # tag and the per-subnet options (router, DNS server) are given for that tag only. dnsmasq serves a static host
+    # from the range its address is in (every server address is on the interface).
+    tags = [f"s{i}" for i in range(len(subnets))] if len(subnets) > 1 else [""] * len(subnets)
     argv = [
         binary,
         "--conf-file=/dev/null",
@@ -144,26 +183,38 @@ def dhcp_argv(spec: DhcpSpec, state_dir: Path, binary: str = DNSMASQ_BINARY, use
         "--bind-interfaces",
         f"--interface={spec.interface}",
         "--except-interface=lo",
-        f"--listen-address={spec.server.ip}",
+        *(f"--listen-address={s.server.ip}" for s in subnets),
+    ]
+    for tag, s in zip(tags, subnets, strict=True):
+        net = s.server.network
         # "static": addresses only for MACs in the hosts file; every other client gets no answer at all.
-        f"--dhcp-range={net.network_address},static,{net.netmask},{spec.lease_seconds}",
+        argv.append(
+            f"--dhcp-range={f'set:{tag},' if tag else ''}{net.network_address},static,{net.netmask},{spec.lease_seconds}"
+        )
+    argv += [
         f"--dhcp-hostsfile={d / 'hosts'}",
         f"--dhcp-leasefile={d / 'leases'}",
         "--dhcp-authoritative",
         "--no-ping",
         f"--dhcp-option=option:mtu,{spec.mtu}",
-        f"--dhcp-option=option:dns-server,{spec.server.ip}",
-        f"--dhcp-option=option:domain-name,{spec.domain}",
     ]
-    if spec.router is not None:
-        argv.append(f"--dhcp-option=option:router,{spec.router}")
-    else:
-        argv.append("--dhcp-option=option:router")  # an empty option: no default route
+    for tag, s in zip(tags, subnets, strict=True):
+        on = f"tag:{tag}," if tag else ""
+        argv.append(f"--dhcp-option={on}option:dns-server,{s.server.ip}")
+        if not tag:
+            argv.append(f"--dhcp-option=option:domain-name,{spec.domain}")
+    if tags[0]:
+        argv.append(f"--dhcp-option=option:domain-name,{spec.domain}")
+    for tag, s in zip(tags, subnets, strict=True):
+        on = f"tag:{tag}," if tag else ""
+        if s.router is not None:
+            argv.append(f"--dhcp-option={on}option:router,{s.router}")
+        else:
+            argv.append(f"--dhcp-option={on}option:router")  # an empty option: no default route
+    argv += ["--no-hosts", f"--addn-hosts={d / 'dns'}"]
+    # Names and reverse lookups of the subnets are ours: answered from the files, never forwarded.
+    argv += [f"--domain={spec.domain},{s.server.network},local" for s in subnets]
     argv += [
-        "--no-hosts",
-        f"--addn-hosts={d / 'dns'}",
-        # Names and reverse lookups of the subnet are ours: answered from the files, never forwarded.
-        f"--domain={spec.domain},{net},local",
         "--port=53",
         "--domain-needed",
         "--bogus-priv",
@@ -181,9 +232,10 @@ def hosts_file(spec: DhcpSpec, hosts: Iterable[DhcpHost]) -> str:
     lines: list[str] = []
     macs: set[str] = set()
     ips: set[ipaddress.IPv4Address] = set()
-    net = spec.server.network
+    nets = [s.server for s in spec.subnets]
     for h in sorted(hosts, key=lambda h: h.mac):
-        if h.ip not in net or h.ip in (net.network_address, net.broadcast_address, spec.server.ip):
+        net = next((s.network for s in nets if h.ip in s.network), nets[0].network)
+        if h.ip not in net or h.ip in (net.network_address, net.broadcast_address, *(s.ip for s in nets)):
             raise ValueError(f"address {h.ip} of {h.mac} is not a usable host address of {net}")
         if h.mac in macs or h.ip in ips:
             raise ValueError(f"MAC {h.mac} or address {h.ip} given twice")
@@ -251,8 +303,8 @@ class DhcpServer:
         dns_text = dns_file(self.spec, records)
         async with self._lock:
             await asyncio.to_thread(self.state_dir.mkdir, mode=0o755, parents=True, exist_ok=True)
-            changed = _write_if_changed(self.state_dir / "hosts", hosts_text)
-            changed |= _write_if_changed(self.state_dir / "dns", dns_text)
+            changed = write_if_changed(self.state_dir / "hosts", hosts_text)
+            changed |= write_if_changed(self.state_dir / "dns", dns_text)
             want = dhcp_argv(self.spec, self.state_dir, self._dnsmasq, self.user)
             ours = await asyncio.to_thread(processes_with_arg, f"--pid-file={self.pid_file}")
             recorded = read_int(self.pid_file)
@@ -287,19 +339,6 @@ class DhcpServer:
                 await stop_process(pid)
             for name in ("dnsmasq.pid", "leases", "hosts", "dns"):
                 (self.state_dir / name).unlink(missing_ok=True)
-
-
-def _write_if_changed(path: Path, text: str) -> bool:
-    try:
-        if path.read_text() == text:
-            return False
-    except FileNotFoundError:
-        pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
-    return True
 
 
 class FakeDhcpServer:

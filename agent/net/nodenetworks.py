@@ -6,6 +6,12 @@ service namespace) exists on this node and :meth:`NodeNetworks.gone` when it rem
 :meth:`NodeNetworks.bridge_for` before plugging a NIC and requeues the instance until the answer is a bridge. A
 change queues the instances waiting for it (:meth:`NodeNetworks.on_change`), so they need not poll fast.
 
+The node's **default bridge** goes through it too: the agent names the bridge and where its guests' fixed addresses
+are (:meth:`NodeNetworks.use_default_bridge`); the compute reconciler says when they changed
+(:meth:`NodeNetworks.guests_changed`, which queues the network reconciler) and starts a guest only once the network
+reconciler has put the anti-spoofing rules of its tap and address in the kernel (:meth:`NodeNetworks.guarded`,
+reported with :meth:`NodeNetworks.set_guarded`; a change queues the waiting instances under :data:`GUARD`).
+
 Plain in-memory state of one agent process: a restarted agent starts empty and the network reconciler's first pass
 fills it again (it adopts existing devices without recreating them).
 """
@@ -13,7 +19,11 @@ fills it again (it adopts existing devices without recreating them).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+
+#: The key under which instances wait for their anti-spoofing rules (:meth:`NodeNetworks.on_change` listeners get it
+#: when :meth:`NodeNetworks.set_guarded` changes what is guarded). No network id looks like it.
+GUARD = ":guard"
 
 
 def tap_name(port_id: str) -> str:
@@ -29,6 +39,46 @@ class NodeNetworks:
     def __init__(self) -> None:
         self._bridges: dict[str, str] = {}
         self._listeners: list[Callable[[str], None]] = []
+        #: The default bridge, and MAC -> fixed address of its guests (None: no default bridge on this node).
+        self.default_bridge: str | None = None
+        self._addresses: Callable[[], Mapping[str, str]] = dict
+        self._guests_listeners: list[Callable[[], None]] = []
+        self._guarded: dict[str, tuple[str, ...]] = {}
+
+    # -- the default bridge's guests ---------------------------------------------------------------------------------
+    def use_default_bridge(self, bridge: str, addresses: Callable[[], Mapping[str, str]]) -> None:
+        """The node has a default bridge ``bridge``; ``addresses()`` gives its guests' fixed addresses (MAC -> IPv4)."""
+        self.default_bridge, self._addresses = bridge, addresses
+
+    def default_addresses(self) -> Mapping[str, str]:
+        """MAC -> fixed address of the default bridge's guests (empty without a default bridge)."""
+        return self._addresses() if self.default_bridge is not None else {}
+
+    def guests_changed(self) -> None:
+        """The default bridge's guests or their addresses changed (the compute reconciler says so)."""
+        for listener in self._guests_listeners:
+            listener()
+
+    def on_guests_changed(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` on :meth:`guests_changed` (the network reconciler queues its ruleset)."""
+        self._guests_listeners.append(listener)
+
+    @property
+    def guarding(self) -> bool:
+        """Whether something puts the default bridge's guests' rules in place (a listener of :meth:`guests_changed`):
+        without it nobody would ever report them guarded, and nobody waits."""
+        return self.default_bridge is not None and bool(self._guests_listeners)
+
+    def set_guarded(self, taps: Mapping[str, tuple[str, ...]]) -> None:
+        """The anti-spoofing rules now in the kernel for the default bridge's guests: tap -> the addresses it may
+        send from. A change queues the instances waiting under :data:`GUARD`."""
+        if dict(taps) != self._guarded:
+            self._guarded = dict(taps)
+            self._notify(GUARD)
+
+    def guarded(self, tap: str, ip: str) -> bool:
+        """Whether the kernel pins ``tap`` to ``ip`` (a guest may be started)."""
+        return self._guarded.get(tap) == (ip,)
 
     def bridge_for(self, network_id: str) -> str | None:
         """The bridge a NIC of ``network_id`` plugs into here, or None while the network is not built here."""

@@ -31,6 +31,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -86,9 +87,17 @@ def veth_peer_name(path: str, name: str) -> str:
     return "mcp" + hashlib.sha256(f"{path}/{name}".encode()).hexdigest()[:10]
 
 
-def temp_name(vni: int) -> str:
+def temp_name(vni: int, index: int = 0) -> str:
     """The macvlan's name in the node's namespace while it is created (then it moves into the service namespace)."""
-    return f"mce-{vni:06x}"
+    return f"mce-{vni:06x}" if index == 0 else f"mce{index}-{vni:06x}"
+
+
+#: Policy-routing rules of the extra external legs (a network whose subnets have routers with different external
+#: gateways): at :data:`RULE_PRIORITY` ``from <a leg's subnet> to <its external subnet> lookup <its table>``, then
+#: the main table without its default route, then ``from <a leg's subnet> lookup <its table>``; tables are
+#: :data:`LEG_TABLE` + the leg's index.
+RULE_PRIORITY = 1000
+LEG_TABLE = 100
 
 
 @dataclass(frozen=True)
@@ -101,10 +110,21 @@ class ExternalLeg:
     gateway: ipaddress.IPv4Address
     #: The CIDRs of the router's subnets in this network (what is SNATed).
     sources: tuple[ipaddress.IPv4Network, ...]
+    #: The leg's index among the network's legs on this node: 0 is ``mce0`` with the main table's default route;
+    #: ``i`` > 0 is ``mce<i>``, routing its sources by policy through table :data:`LEG_TABLE` + ``i``.
+    index: int = 0
 
     @property
     def mac(self) -> str:
         return external_mac(self.router_id)
+
+    @property
+    def name(self) -> str:
+        return f"mce{self.index}"
+
+    @property
+    def table(self) -> int:
+        return LEG_TABLE + self.index if self.index else 0
 
 
 @dataclass(frozen=True)
@@ -115,6 +135,8 @@ class FloatingLeg:
     fip_id: str
     address: ipaddress.IPv4Address
     fixed: ipaddress.IPv4Address
+    #: The index of the external leg (router) it belongs to (:attr:`ExternalLeg.index`).
+    leg: int = 0
 
     @property
     def mac(self) -> str:
@@ -141,12 +163,18 @@ class RouterPlan:
     vni: int
     external: ExternalLeg | None = None
     floating: tuple[FloatingLeg, ...] = ()
+    #: Further external legs (other routers of the network's subnets with an external gateway), indexes 1, 2, …
+    more: tuple[ExternalLeg, ...] = ()
     #: This node's source MAC for frames the router sends across the VXLAN device (see :func:`routed_body`).
     routed_mac: str = ""
     #: The service namespace's own addresses (gateways, metadata): what it sends itself never crosses VXLAN.
     own: tuple[str, ...] = ()
     #: The routers' static routes whose next hop is on one of their subnets of this network, sorted.
     routes: tuple[StaticRoute, ...] = ()
+
+    @property
+    def legs(self) -> tuple[ExternalLeg, ...]:
+        return (self.external, *self.more) if self.external is not None else ()
 
 
 def routed_mac(vni: int, local: str) -> str:
@@ -177,13 +205,24 @@ def routed_body(vni: int, mac: str, own: tuple[str, ...] = ()) -> str:
     )
 
 
-def nft_body(leg: ExternalLeg, floating: tuple[FloatingLeg, ...] = ()) -> str:
-    """SNAT of the router's subnets (a floating IP's NIC leaves as its floating IP), DNAT of each floating IP, and
-    nothing new forwarded from the LAN side but DNATed traffic."""
-    sources = ", ".join(str(s) for s in leg.sources)
+def nft_body(leg: ExternalLeg, floating: tuple[FloatingLeg, ...] = (), more: tuple[ExternalLeg, ...] = ()) -> str:
+    """SNAT of the router's subnets (a floating IP's NIC leaves as its floating IP), DNAT of each floating IP (from
+    the LAN and, hairpinned, from the network's own NICs on this node), and nothing new forwarded from the LAN side
+    but DNATed traffic. ``more``: further legs, each SNATing its own router's subnets out of its own interface."""
+    legs = (leg, *more)
+    # Whatever leg a packet leaves by (routing picks the leg of its router for the default route, but a connected
+    # external subnet of another leg by that leg), it leaves as its router's address: never a private one.
+    out = f'"{leg.name}"' if not more else "{ " + ", ".join(f'"{g.name}"' for g in legs) + " }"
     fips = sorted(floating, key=lambda f: int(f.address))
     return "\n".join(
         [
+            # Egress metering: one named counter per leg of the bytes leaving by it (``nft list counters``), in a
+            # filter chain (a nat chain sees only a connection's first packet); read by :func:`read_egress`.
+            *(f"\tcounter {egress_counter_name(g.name)} {{\n\t}}" for g in legs),
+            "\tchain egress {",
+            "\t\ttype filter hook postrouting priority 300; policy accept;",
+            *(f'\t\toifname "{g.name}" counter name "{egress_counter_name(g.name)}"' for g in legs),
+            "\t}",
             "\tchain prerouting {",
             "\t\ttype nat hook prerouting priority -100; policy accept;",
             *(f"\t\tip daddr {f.address} dnat to {f.fixed}" for f in fips),
@@ -196,11 +235,52 @@ def nft_body(leg: ExternalLeg, floating: tuple[FloatingLeg, ...] = ()) -> str:
             "\t}",
             "\tchain postrouting {",
             "\t\ttype nat hook postrouting priority 100; policy accept;",
-            *(f'\t\toifname "{EXTERNAL_NAME}" ip saddr {f.fixed} snat to {f.address}' for f in fips),
-            f'\t\toifname "{EXTERNAL_NAME}" ip saddr {{ {sources} }} snat to {leg.address.ip}',
+            *(f"\t\toifname {out} ip saddr {f.fixed} snat to {f.address}" for f in fips),
+            *(
+                f"\t\toifname {out} ip saddr {{ {', '.join(str(s) for s in g.sources)} }} snat to {g.address.ip}"
+                for g in legs
+            ),
+            # Hairpin: a NIC of the network reaching a floating IP NATed here is DNATed back inside; it leaves as the
+            # gateway, so the answer comes back through this namespace (and is un-NATed) instead of going straight
+            # to the NIC, which expects it from the floating IP.
+            *([f'\t\tiifname "{INNER_NAME}" oifname "{INNER_NAME}" ct status dnat masquerade'] if fips else []),
             "\t}",
         ]
     )
+
+
+EGRESS_PREFIX = "egress_"
+
+
+def egress_counter_name(leg: str) -> str:
+    """The named nft counter of the bytes leaving by external leg ``leg`` (``egress_mce0``)."""
+    return f"{EGRESS_PREFIX}{leg}"
+
+
+def parse_egress_counters(text: str) -> dict[str, int]:
+    """Pure: ``nft -j list counters table ip minicloud_rtr``'s answer as bytes by leg (``{"mce0": n}``)."""
+    doc = json.loads(text or "{}")
+    out: dict[str, int] = {}
+    for item in doc.get("nftables", []):
+        c = item.get("counter") if isinstance(item, dict) else None
+        if not isinstance(c, dict) or c.get("table") != TABLE.name:
+            continue
+        name = str(c.get("name", ""))
+        if name.startswith(EGRESS_PREFIX) and _is_leg(name[len(EGRESS_PREFIX) :]):
+            out[name[len(EGRESS_PREFIX) :]] = int(c.get("bytes", 0) or 0)
+    return out
+
+
+async def read_egress(path: str) -> dict[str, int]:
+    """Bytes out by external leg in the service namespace at ``path`` (one ``nft`` process; empty without the
+    table)."""
+    fw = NftFirewall(path)
+    try:
+        return parse_egress_counters(
+            await fw._run(["-j", "list", "counters", "table", TABLE.family, TABLE.name], None, "list counters")
+        )
+    except NetworkError:
+        return {}
 
 
 class RouterPlumbing:
@@ -214,6 +294,15 @@ class RouterPlumbing:
         self._sysctl = shutil.which("sysctl") or "sysctl"
         self._tables: dict[str, str] = {}
         self._applied: dict[str, RouterPlan | None] = {}
+        self._egress_since: dict[str, int] = {}
+
+    def egress_since(self, path: str) -> int:
+        """When this process last wrote the nft table of ``path`` (its egress counters count from then; 0: never)."""
+        return self._egress_since.get(path, 0)
+
+    def applied(self) -> dict[str, RouterPlan]:
+        """Namespace path -> the plan this process converged there (a copy; for the metrics collector)."""
+        return {path: plan for path, plan in self._applied.items() if plan is not None}
 
     async def _run(self, argv: list[str], what: str, *, check: bool = True) -> str:
         proc = await asyncio.create_subprocess_exec(
@@ -271,18 +360,56 @@ class RouterPlumbing:
         if plan.external is None:
             await self._remove_external(path, fw)
             return
-        await self._ensure_external(path, plan.vni, plan.external)
-        await self._ensure_floating(path, plan.external, plan.floating)
-        body = nft_body(plan.external, plan.floating)
+        for leg in plan.legs:
+            await self._ensure_external(path, plan.vni, leg)
+        for name in await self._links(path):  # legs no router needs any more (fewer routers than before)
+            if _is_leg(name) and name not in {g.name for g in plan.legs}:
+                await self._inside(path, self._ip, "link", "del", name, what="delete an external leg")
+        await self._ensure_rules(path, plan.more)
+        await self._ensure_floating(path, plan.legs, plan.floating)
+        body = nft_body(plan.external, plan.floating, plan.more)
         if self._tables.get(path) != body:  # once after a restart too: an atomic replace keeps conntrack
             await fw.replace_table(TABLE, body)
             self._tables[path] = body
+            self._egress_since[path] = int(time.time())  # the egress counters start again from 0
 
     async def announce(self, path: str, leg: ExternalLeg) -> None:
         """A gratuitous ARP for the leg's address from the namespace at ``path`` (best effort)."""
         await self._inside(
-            path, sys.executable, "-c", _GARP, EXTERNAL_NAME, str(leg.address.ip), leg.mac, what="announce", check=False
+            path, sys.executable, "-c", _GARP, leg.name, str(leg.address.ip), leg.mac, what="announce", check=False
         )
+
+    async def _ensure_rules(self, path: str, more: tuple[ExternalLeg, ...]) -> None:
+        """The policy rules of the extra legs (none without): a leg's sources to its own external subnet by its
+        table, then the main table without its default route (internal subnets, static routes), then the leg's
+        sources to its table (its default route). Only rules at our three priorities are touched."""
+        want: set[tuple[int, str, str, int]] = set()
+        if more:
+            want.add((RULE_PRIORITY + 1, "", "", 254))
+            for leg in more:
+                for src in leg.sources:
+                    want.add((RULE_PRIORITY, str(src), str(leg.address.network), leg.table))
+                    want.add((RULE_PRIORITY + 2, str(src), "", leg.table))
+        out = await self._inside(path, self._ip, "-j", "-4", "rule", "show", what="read the rules")
+        have: set[tuple[int, str, str, int]] = set()
+        for r in json.loads(out or "[]"):
+            if RULE_PRIORITY <= r.get("priority", -1) <= RULE_PRIORITY + 2:
+                src, dst = r.get("src", "all"), r.get("dst", "all")
+                src = "" if src == "all" else str(ipaddress.IPv4Network(f"{src}/{r.get('srclen', 32)}"))
+                dst = "" if dst == "all" else str(ipaddress.IPv4Network(f"{dst}/{r.get('dstlen', 32)}"))
+                table = {"main": 254, "default": 253, "local": 255}.get(str(r.get("table")), r.get("table"))
+                have.add((r["priority"], src, dst, int(table)))
+        for prio, src, dst, table in sorted(have - want):
+            await self._inside(
+                path, self._ip, "rule", "del", "priority", str(prio), *(("from", src) if src else ()),
+                *(("to", dst) if dst else ()), "lookup", str(table), what="delete a policy rule",
+            )  # fmt: skip
+        for prio, src, dst, table in sorted(want - have):
+            match = ("suppress_prefixlength", "0") if table == 254 else ("from", src, *(("to", dst) if dst else ()))
+            await self._inside(
+                path, self._ip, "rule", "add", "priority", str(prio), *match, "lookup", str(table),
+                what="add a policy rule",
+            )  # fmt: skip
 
     async def _links(self, path: str) -> dict[str, dict]:
         out = await self._inside(path, self._ip, "-j", "-d", "addr", "show", what="list links")
@@ -290,34 +417,46 @@ class RouterPlumbing:
 
     async def _ensure_external(self, path: str, vni: int, leg: ExternalLeg) -> None:
         links = await self._links(path)
-        link = links.get(EXTERNAL_NAME)
+        link = links.get(leg.name)
         if link is not None and (link.get("address", "").lower() != leg.mac):
-            await self._inside(path, self._ip, "link", "del", EXTERNAL_NAME, what="delete the external leg")
+            await self._inside(path, self._ip, "link", "del", leg.name, what="delete the external leg")
             link = None
         if link is None:
-            await self._macvlan(path, temp_name(vni), EXTERNAL_NAME, leg.interface, leg.mac)
+            await self._macvlan(path, temp_name(vni, leg.index), leg.name, leg.interface, leg.mac)
             links = await self._links(path)
-            link = links[EXTERNAL_NAME]
+            link = links[leg.name]
         have = {
             ipaddress.IPv4Interface(f"{a['local']}/{a['prefixlen']}")
             for a in link.get("addr_info", [])
             if a.get("family") == "inet"
         }
         for a in have - {leg.address}:
-            await self._inside(path, self._ip, "addr", "del", str(a), "dev", EXTERNAL_NAME, what="drop an address")
+            await self._inside(path, self._ip, "addr", "del", str(a), "dev", leg.name, what="drop an address")
         if leg.address not in have:
             await self._inside(
-                path, self._ip, "addr", "add", str(leg.address), "dev", EXTERNAL_NAME, what="add the external address"
+                path, self._ip, "addr", "add", str(leg.address), "dev", leg.name, what="add the external address"
             )
         if "UP" not in link.get("flags", []):
-            await self._inside(path, self._ip, "link", "set", EXTERNAL_NAME, "up", what="bring the leg up")
+            await self._inside(path, self._ip, "link", "set", leg.name, "up", what="bring the leg up")
             # tell the LAN where the address is now (the switch and the upstream gateway's ARP cache)
             await self.announce(path, leg)
-        routes = await self._inside(path, self._ip, "-j", "route", "show", "default", what="read the routes")
-        want = {"dst": "default", "gateway": str(leg.gateway), "dev": EXTERNAL_NAME}
-        if not any(all(r.get(k) == v for k, v in want.items()) for r in json.loads(routes or "[]")):
+        table = ("table", str(leg.table)) if leg.table else ()
+        if table:  # the leg's own external subnet in its table too (its sources reach that LAN by this leg)
             await self._inside(
-                path, self._ip, "route", "replace", "default", "via", str(leg.gateway), "dev", EXTERNAL_NAME,
+                path, self._ip, "route", "replace", str(leg.address.network), "dev", leg.name, *table,
+                what="route the leg's subnet",
+            )  # fmt: skip
+        routes = await self._inside(
+            path, self._ip, "-j", "route", "show", "default", *table, what="read the routes", check=not table
+        )
+        want = {"dst": "default", "gateway": str(leg.gateway), "dev": leg.name}
+        try:
+            have = json.loads(routes or "[]")
+        except json.JSONDecodeError:  # a leg's table that does not exist yet ("[" then an error)
+            have = []
+        if not any(all(r.get(k) == v for k, v in want.items()) for r in have):
+            await self._inside(
+                path, self._ip, "route", "replace", "default", "via", str(leg.gateway), "dev", leg.name, *table,
                 what="set the default route",
             )  # fmt: skip
 
@@ -363,7 +502,10 @@ class RouterPlumbing:
             await self._inside(path, self._ip, "link", "set", tmp, "name", name, what="rename")
         await self._inside(path, self._ip, "link", "set", name, "addrgenmode", "none", what="no IPv6")
 
-    async def _ensure_floating(self, path: str, leg: ExternalLeg, floating: tuple[FloatingLeg, ...]) -> None:
+    async def _ensure_floating(
+        self, path: str, legs: tuple[ExternalLeg, ...], floating: tuple[FloatingLeg, ...]
+    ) -> None:
+        interfaces = {g.index: g.interface for g in legs}
         links = await self._links(path)
         want = {f.name: f for f in floating}
         for name, link in links.items():
@@ -375,7 +517,7 @@ class RouterPlumbing:
         for name, f in want.items():
             link = links.get(name)
             if link is None:
-                await self._macvlan(path, name, name, leg.interface, f.mac)
+                await self._macvlan(path, name, name, interfaces.get(f.leg, legs[0].interface), f.mac)
                 link = (await self._links(path))[name]
             have = {a["local"] for a in link.get("addr_info", []) if a.get("family") == "inet"}
             if have != {str(f.address)}:
@@ -390,11 +532,17 @@ class RouterPlumbing:
 
     async def _remove_external(self, path: str, fw: NftFirewall) -> None:
         for name in await self._links(path):
-            if name == EXTERNAL_NAME or name.startswith(FLOATING_PREFIX):
+            if _is_leg(name) or name.startswith(FLOATING_PREFIX):
                 await self._inside(path, self._ip, "link", "del", name, what="delete an external leg")
+        await self._ensure_rules(path, ())
         if TABLE in await fw.list_tables():
             await fw.delete_tables([TABLE])
         self._tables.pop(path, None)
+
+
+def _is_leg(name: str) -> bool:
+    """Whether a link of a service namespace is an external leg (``mce0``, ``mce1``, …)."""
+    return name.startswith("mce") and name[3:].isdigit()
 
 
 def route_changes(
@@ -449,6 +597,9 @@ class FakeRouterPlumbing:
 
     def __init__(self) -> None:
         self.plans: dict[str, RouterPlan] = {}
+
+    def applied(self) -> dict[str, RouterPlan]:
+        return dict(self.plans)
 
     async def ensure(self, path: str, plan: RouterPlan | None) -> None:
         if plan is None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -54,16 +55,17 @@ import msgspec
 import psutil
 
 from agent import faults
-from agent.compute import design, seed
+from agent.compute import design, migrate, seed
 from agent.compute.driver import ComputeDriver, DomainInfo, DriverError
 from agent.compute.xml import InstanceMetadata, Interface, IoTune, read_metadata
-from agent.net.default import NetworkDriver, NetworkError
-from agent.net.nodenetworks import NodeNetworks, tap_name
+from agent.net.default import NetworkDriver, NetworkError, guest_tap
+from agent.net.nodenetworks import GUARD, NodeNetworks, tap_name
 from agent.reconcile import Result, update_record
+from agent.reconcilers import migration as migrating
 from agent.storage.driver import DiskSource, StorageError, VolumeDriver
 from agent.storage.node import NodeStorage
 from minicloud import errors, ids
-from minicloud.compute import image_files
+from minicloud.compute import image_files, migration
 from minicloud.compute.instances import record_removal_ops
 from minicloud.compute.kinds import (
     HYPERVISOR,
@@ -74,6 +76,7 @@ from minicloud.compute.kinds import (
     InstanceObserved,
     InstanceSpec,
 )
+from minicloud.compute.migration import MIGRATION, get_migration
 from minicloud.config import Config
 from minicloud.core.kinds import Obj
 from minicloud.model.compute import Address
@@ -161,7 +164,7 @@ class ComputeReconciler:
     """See the module docstring. Construct it, then run it with ``Controller(store, reconciler).start()``."""
 
     name = "compute"
-    kinds = frozenset({INSTANCE.name, IMAGE.name, VOLUME.name})
+    kinds = frozenset({INSTANCE.name, IMAGE.name, VOLUME.name, MIGRATION.name})
 
     def __init__(
         self,
@@ -237,6 +240,10 @@ class ComputeReconciler:
             for att in {a.instance: a for a in (vol.spec.attachment, vol.spec.detached_from) if a}.values():
                 if att.node == self.node or vol.spec.node == self.node:
                     yield att.instance
+        elif change.kind == MIGRATION.name:  # the target prepares, the source moves the guest
+            mig = MIGRATION.load(change.record).spec
+            if self.node in (mig.source, mig.target):
+                yield mig.instance
         else:  # an image: its files may have become strays
             yield NODE_KEY
 
@@ -268,7 +275,8 @@ class ComputeReconciler:
         if not spec.nics:
             if self.network is None:
                 return ()
-            return (design.Nic(mac=design.mac_for(inst.id, 0), bridge=self.config.network.bridge),)
+            bridge = self.config.network.bridge
+            return (design.Nic(mac=design.mac_for(inst.id, 0), bridge=bridge, tap=guest_tap(inst.id)),)
         out: list[design.Nic] = []
         missing: list[str] = []
         for nic in spec.nics:
@@ -298,6 +306,8 @@ class ComputeReconciler:
             if self.network is not None:
                 await self.network.ensure()
             self._network_checked = now
+            with contextlib.suppress(OSError):  # no node certificate yet: no migrations either
+                await asyncio.to_thread(migrate.write_tls_files, self.config.data_path)
             await self.publish_capacity()
         except (DriverError, NetworkError, OSError) as exc:
             if str(exc) != self.problem:
@@ -317,6 +327,10 @@ class ComputeReconciler:
         records = await self._records()
         ours = {d.uuid: d for d in await self.driver.domains() if self._is_ours(d)}
         await self._collect_orphans(records, ours)
+        if self.network is not None:  # fixed addresses of default-bridge guests no record here names any more
+            live = {design.mac_for(i.id, 0) for i in records if not i.spec.nics}
+            for mac in [m for m in self.network.assignments() if m not in live]:
+                await self._release_default(mac)
         if self.storage is not None:
             self.storage.set_guests_checked()  # no guest of an instance placed elsewhere is left: unfencing is safe
         await self._collect_pool_roots()
@@ -367,8 +381,14 @@ class ComputeReconciler:
             await self._forget(instance_id)
             return Result()
         inst = INSTANCE.load(record)
+        found = await get_migration(self.store, inst.id)
+        mig = found[0].spec if found is not None else None
         if inst.spec.node != self.node:
+            if mig is not None and mig.target == self.node:
+                return await migrating.incoming(self, inst, mig)
             return Result()
+        if mig is not None and mig.source == self.node and mig.phase in ("ready", "migrating"):
+            return await migrating.outgoing(self, inst, mig)  # the guest is on its way: nothing else is done to it
         uuid = inst.spec.uuid
         self._ids[uuid], self._uuids[inst.id] = inst.id, uuid
         dom = await self.driver.domain(uuid)
@@ -395,8 +415,10 @@ class ComputeReconciler:
     async def _forget(self, instance_id: str) -> None:
         """The record is gone. If we tore it down ourselves there is nothing left; if it was deleted behind our back
         (another node, a restore) remove its domain and files now, or leave them to the node key's sweep."""
+        await migration.forget(self.store, instance_id)
         uuid = self._uuids.pop(instance_id, None)
         self._stop_requested.pop(instance_id, None)
+        await self._release_default(design.mac_for(instance_id, 0))
         self._lease_wait_since.pop(instance_id, None)
         self._storage_waiting.discard(instance_id)
         for key in [k for k in self._detach_since if k[0] == instance_id]:
@@ -427,6 +449,7 @@ class ComputeReconciler:
             await self._teardown(inst.id, uuid, inst)
             self._stop_requested.pop(inst.id, None)
             self._lease_wait_since.pop(inst.id, None)
+            await self._release_default(design.mac_for(inst.id, 0))
             # The node removes the record once its resources are gone: the user's delete was audited when asked.
             # Its ports and their addresses go in the same transaction, and its volumes are released (attachments
             # cleared; a boot volume is kept) now that no guest has them open.
@@ -439,6 +462,7 @@ class ComputeReconciler:
             return Result()
         if status.state == "error" and status.error_spec == _spec_fingerprint(spec):
             return Result()  # failed for this very spec: wait for the user to change something (or `instance start`)
+        guest_ip = await self._default_address(inst)
         nics = self.nics_of(inst)
         if nics is None and (dom is None or (dom.state == "shutoff" and spec.power == "running")):
             # A NIC's network is not built on this node yet: nothing to plug it into. Queued again when it is.
@@ -459,17 +483,21 @@ class ComputeReconciler:
             await self._sync_volumes(inst, disks, _disks(xml))
             dom = DomainInfo(uuid=uuid, name=self.domain_name(inst), state="shutoff", xml="")
         elif dom.state == "shutoff" and nics is not None:
-            xml = design.domain_for(self._guest_spec(inst, await self._image(inst), nics, disks)).to_xml()
+            guest = self._guest_spec(inst, await self._image(inst), nics, disks)
+            if inst.spec.gpus:
+                guest = dataclasses.replace(guest, hostdevs=await self._gpu_functions(inst))
+            xml = design.domain_for(guest).to_xml()
             if (
                 _shape(dom.xml) != _shape(xml)
                 or _interfaces(dom.xml) != _interfaces(xml)
+                or _taps(dom.xml) != _taps(xml)  # defined before taps were named (libvirt's vnetN): name them
                 or _disks(dom.xml) != _disks(xml)
             ):
                 await self._ensure_secret(disks)
                 await self.driver.define(xml)  # resized, NICs or volumes added or removed, while stopped
             await self._sync_volumes(inst, disks, _disks(xml))
         if spec.power == "running":
-            return await self._converge_running(inst, dom, leases, nics, disks)
+            return await self._converge_running(inst, dom, leases, nics, disks, guest_ip)
         return await self._converge_stopped(inst, dom)
 
     async def _converge_running(
@@ -479,6 +507,7 @@ class ComputeReconciler:
         leases: dict[str, str],
         nics: tuple[design.Nic, ...] | None = None,
         disks: Disks | None = None,
+        guest_ip: str | None = None,
     ) -> Result:
         spec, status = inst.spec, inst.status
         uuid = spec.uuid
@@ -493,6 +522,9 @@ class ComputeReconciler:
                     observed={"state": "stopped", "reason": "the guest shut itself down", "stopped_at": ids.now()},
                 )
                 return Result()
+            if guest_ip is not None and self._unguarded(inst.id, guest_ip):
+                await self._set_status(inst.id, reason=f"waiting for its anti-spoofing rules on node {self.node}")
+                return Result(requeue_after=_UNAVAILABLE_RETRY)  # and queued again once they are in place
             if disks is not None:
                 await self._ensure_secret(disks)
             await self.driver.start(uuid)
@@ -553,6 +585,39 @@ class ComputeReconciler:
             await self._set_status(inst.id, state="stopped", reason="", addresses=[], stopped_at=ids.now())
         return Result()
 
+    # -- the default bridge's guests: a fixed address each, and anti-spoofing before they start ------------------
+    async def _default_address(self, inst: Instance) -> str | None:
+        """A default-bridge guest's fixed address (chosen once, kept while its record is on this node: its pin, its
+        current lease, the address it had elsewhere, else a free one; ``agent/net/default.py``); None for others.
+        The network reconciler pins the guest's tap to it (told through ``NodeNetworks.guests_changed``)."""
+        if self.network is None or inst.spec.nics:
+            return None
+        mac = design.mac_for(inst.id, 0)
+        have = self.network.assignments().get(mac)
+        if have is not None:
+            return have
+        prefer = [a.ip for a in inst.status.addresses if a.mac == mac and a.ip]
+        try:
+            ip = await self.network.assign(mac, prefer)
+        except NetworkError as exc:
+            raise BuildError(str(exc)) from exc
+        if self.networks is not None:
+            self.networks.guests_changed()
+        return ip
+
+    async def _release_default(self, mac: str) -> None:
+        if self.network is not None and await self.network.release(mac) and self.networks is not None:
+            self.networks.guests_changed()
+
+    def _unguarded(self, instance_id: str, ip: str) -> bool:
+        """Whether the guest must not start yet: the network reconciler has not pinned its tap to ``ip`` in the
+        kernel (it is then queued again under ``GUARD``). Never when nothing puts such rules in place."""
+        nn = self.networks
+        if nn is None or not nn.guarding or nn.guarded(guest_tap(instance_id), ip):
+            return False
+        self._waiting.setdefault(GUARD, set()).add(instance_id)
+        return True
+
     # -- building and tearing down -----------------------------------------------------------------------------------
     def domain_name(self, inst: Instance) -> str:
         return f"mc-{inst.id}"
@@ -606,6 +671,17 @@ class ComputeReconciler:
                 created=inst.created_at,
             ),
         )
+
+    async def _gpu_functions(self, inst: Instance) -> tuple[str, ...]:
+        """The PCI functions of the instance's GPUs, bound to ``vfio-pci`` or checked to be
+        (:mod:`agent.reconcilers.gpu`); a binding problem fails the build with what to do."""
+        from agent.gpu import vfio
+        from agent.reconcilers import gpu
+
+        try:
+            return await gpu.prepare(self.store, self.config, self.node, inst.id, inst.spec.gpus)
+        except vfio.BindingError as exc:
+            raise BuildError(f"GPU passthrough: {exc}") from None
 
     async def _image(self, inst: Instance) -> Image | None:
         """The instance's image (None for a boot-volume instance). A disk image cloned in a ``ceph`` pool may live
@@ -715,7 +791,10 @@ class ComputeReconciler:
             await self._ensure_root(inst, image)
         d = self.instances_dir / inst.id
         await asyncio.to_thread(self._write_files, inst, image, d)
-        xml = design.domain_for(self._guest_spec(inst, image, nics, disks)).to_xml()
+        guest = self._guest_spec(inst, image, nics, disks)
+        if inst.spec.gpus:  # bound to vfio-pci (or checked to be) before the domain names them
+            guest = dataclasses.replace(guest, hostdevs=await self._gpu_functions(inst))
+        xml = design.domain_for(guest).to_xml()
         await self.driver.define(xml)
         faults.point("compute.build.after_define")
         return xml
@@ -889,6 +968,16 @@ class ComputeReconciler:
         await self.driver.destroy(uuid)
         faults.point("compute.teardown.after_destroy")
         await self.driver.undefine(uuid)
+        if inst is not None and inst.spec.gpus:  # the guest is gone: its GPUs go back to their drivers
+            from agent.gpu import vfio
+            from agent.reconcilers import gpu
+
+            try:
+                await gpu.give_back(self.store, self.config, self.node, instance_id)
+            except vfio.BindingError as exc:
+                log.warning(
+                    "giving GPUs back to their drivers failed", extra={"instance": instance_id, "error": str(exc)}
+                )
         if inst is not None and inst.spec.pool_driver == "ceph" and not inst.spec.root_volume:
             faults.point("compute.teardown.after_undefine")
             driver = self._pool(inst.spec.pool, "to delete the root disk")
@@ -929,6 +1018,8 @@ class ComputeReconciler:
         for uuid, dom in ours.items():
             if uuid not in wanted_uuids:
                 meta = read_metadata(dom.xml)
+                if meta is not None and await migrating.incoming_active(self.store, meta.id, self.node):
+                    continue  # arriving by migration: ours once the migration is done
                 log.warning("removing a domain no instance record names", extra={"uuid": uuid, "domain": dom.name})
                 await self._teardown(meta.id if meta else "", uuid)
         live_ids = {m.id for d in ours.values() if (m := read_metadata(d.xml)) is not None}
@@ -1012,6 +1103,18 @@ def _interfaces(xml: str) -> dict[str, str]:
         mac, source = iface.find("mac"), iface.find("source")
         if mac is not None and mac.get("address"):
             out[(mac.get("address") or "").lower()] = source.get("bridge", "") if source is not None else ""
+    return out
+
+
+def _taps(xml: str) -> dict[str, str]:
+    """The host tap each bridge NIC of a domain definition names: MAC → tap ("" when libvirt picks one)."""
+    if not xml:
+        return {}
+    out: dict[str, str] = {}
+    for iface in ET.fromstring(xml).iter("interface"):
+        mac, target = iface.find("mac"), iface.find("target")
+        if mac is not None and mac.get("address"):
+            out[(mac.get("address") or "").lower()] = target.get("dev", "") if target is not None else ""
     return out
 
 

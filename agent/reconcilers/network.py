@@ -24,9 +24,17 @@ Underlay addresses: a node publishes ``network.underlay_address`` (when set) as 
 its ``node`` record; other nodes use that label, else the record's address, else (single node, no record)
 127.0.0.1.
 
-Growth: one listing of every port of the cluster per network reconcile and per node-key reconcile (ports are not
-indexed by network: ~16 ms at 2,000 ports on SQLite); the metadata service reads this node's ports only (indexed).
+Growth: a network reconcile reads that network's ports and floating IPs only (indexed by ``network`` and
+``port_network``); the node key lists every port of the cluster (security groups' members are cluster-wide: ~16 ms
+at 2,000 ports on SQLite); the metadata service reads this node's ports only (indexed by ``node``).
 Security-group changes are applied as deltas of the ruleset last applied (``secgroup_compile.delta_script``).
+
+The node's **default bridge** has no security groups, but its guests (this node's instances without NICs) are ports
+of the same ruleset, anti-spoofing only (``stateful=False``): each one's tap (``agent.net.default.guest_tap``) is
+pinned to its MAC and to the fixed address the compute reconciler gave it (``NodeNetworks.default_addresses``), from
+its creation until it is stopped or its record goes. An instance change queues the node key only when that changes;
+the compute side's ``NodeNetworks.guests_changed`` queues it too, and it reports what the kernel holds
+(``NodeNetworks.set_guarded``) so that a guest is started only once its rules are in place.
 """
 
 from __future__ import annotations
@@ -46,8 +54,10 @@ from typing import Any
 
 import msgspec
 
+from agent.compute.design import mac_for
 from agent.net.common import NetworkError
-from agent.net.dhcp import DhcpHost, DhcpServer, DhcpSpec, DnsRecord
+from agent.net.default import guest_tap
+from agent.net.dhcp import DhcpHost, DhcpServer, DhcpSpec, DhcpSubnet, DnsRecord
 from agent.net.firewall import NftFirewall, NftTable
 from agent.net.metadata import InstanceMetadata, MetadataServer
 from agent.net.nodenetworks import NodeNetworks, tap_name
@@ -191,28 +201,30 @@ def desired_network(
         # the gateway answers locally on every node: its ARP never needs to cross the rack
         neighbours.setdefault(gw.ip, Neighbour(gw.ip, smac))
     net_label = dns_label(network_name) or "net"
-    # DHCP: one dnsmasq per network per node (one DHCP socket per interface); it serves the first subnet (by CIDR)
-    # with a port on this node. Ports of other subnets get no DHCP yet (docs/networking.md, "Not yet").
+    # DHCP: one dnsmasq per network per node (one DHCP socket per interface) serving every subnet with a port on
+    # this node (each gateway address is on the service port): static hosts of this node's ports only.
+    # Upstream name servers: those of every served subnet, in order.
+    local_subnets = {p.subnet for _, p in mine}
+    served = [(gw, sid, s) for gw, (sid, s) in zip(gateways, live, strict=True) if sid in local_subnets]
     dhcp = None
     hosts: list[DhcpHost] = []
-    local_subnets = {p.subnet for _, p in mine}
-    for gw, (sid, s) in zip(gateways, live, strict=True):
-        if sid not in local_subnets:
-            continue
+    if served:
+        first = served[0][0]
         dhcp = DhcpSpec(
             network=net_label,
             interface=INNER_NAME,
-            server=gw,
+            server=first,
             mtu=network.mtu,
-            router=gw.ip,
-            upstream_dns=tuple(s.dns_servers) or None,
+            router=first.ip,
+            upstream_dns=tuple(dict.fromkeys(d for _, _, s in served for d in s.dns_servers)) or None,
+            more=tuple(DhcpSubnet(gw, gw.ip) for gw, _, _ in served[1:]),
         )
+        ids = {sid for _, sid, _ in served}
         hosts = [
             DhcpHost(p.mac, p.address, _host_name(pid, p, names))
             for pid, p in sorted(mine, key=lambda x: x[0])
-            if p.subnet == sid
+            if p.subnet in ids
         ]
-        break
     records = tuple(
         DnsRecord(_host_name(pid, p, names), p.address)
         for pid, p in sorted(ports, key=lambda x: x[0])
@@ -243,8 +255,8 @@ def desired_router(
     """(what the routers of a network's subnets need in its service namespace on this node, a reason the external
     leg is missing or None). ``subnets``: the network's subnets by id; ``routers``: the routers they name, by id;
     ``externals``: external network id -> (its spec, the subnet the routers' addresses are in); ``providers``: this
-    node's ``[network.providers]``. One external leg per network: the first router (by id) with an external
-    gateway; it SNATs that router's subnets of this network. Static routes: each router's whose next hop is in one
+    node's ``[network.providers]``. One external leg per router with an external gateway (by router id:
+    ``mce0``, ``mce1``, …), each SNATing its router's subnets of this network (the extra legs by policy routing). Static routes: each router's whose next hop is in one
     of its subnets of this network (a route via another network's subnet is not reachable from here yet).
     ``floating``: (id, spec) of the floating IPs
     associated with this node's NICs of the network; those on the leg's external network whose NIC address is in
@@ -262,19 +274,22 @@ def desired_router(
             if any(route.nexthop in net for net in nets):
                 by_destination.setdefault(route.destination, route)
     routes = tuple(sorted(by_destination.values()))
+    legs: list[ExternalLeg] = []
+    fips: list[FloatingLeg] = []
+    missing: str | None = None
     for rid in sorted(set(attached.values())):
         r = routers[rid]
         if not (r.external_network and r.external_address):
             continue
         ext = externals.get(r.external_network)
         if ext is None:
-            return RouterPlan(vni, routes=routes), f"external network {r.external_network} of router {rid} is gone"
+            missing = missing or f"external network {r.external_network} of router {rid} is gone"
+            continue
         net, sub = ext
         interface = providers.get(net.provider)
         if interface is None:
-            return RouterPlan(
-                vni, routes=routes
-            ), f"no [network.providers] {net.provider!r} on this node (router {rid})"
+            missing = missing or f"no [network.providers] {net.provider!r} on this node (router {rid})"
+            continue
         sources = tuple(
             sorted(ipaddress.IPv4Network(subnets[sid].cidr) for sid, owner in attached.items() if owner == rid)
         )
@@ -284,16 +299,19 @@ def desired_router(
             address=ipaddress.IPv4Interface(f"{r.external_address}/{ipaddress.IPv4Network(sub.cidr).prefixlen}"),
             gateway=ipaddress.IPv4Address(sub.gateway),
             sources=sources,
+            index=len(legs),
         )
-        fips = tuple(
-            FloatingLeg(fid, ipaddress.IPv4Address(f.address), ipaddress.IPv4Address(f.fixed_address))
+        legs.append(leg)
+        fips += [
+            FloatingLeg(fid, ipaddress.IPv4Address(f.address), ipaddress.IPv4Address(f.fixed_address), leg.index)
             for fid, f in sorted(floating, key=lambda x: x[0])
             if f.network == r.external_network
             and f.fixed_address
             and any(ipaddress.IPv4Address(f.fixed_address) in net for net in sources)
-        )
-        return RouterPlan(vni, leg, fips, routes=routes), None
-    return RouterPlan(vni, routes=routes), None
+        ]
+    if not legs:
+        return RouterPlan(vni, routes=routes), missing
+    return RouterPlan(vni, legs[0], tuple(fips), more=tuple(legs[1:]), routes=routes), missing
 
 
 def _host_name(port_id: str, p: PortSpec, names: dict[str, str]) -> str:
@@ -309,20 +327,28 @@ def compile_inputs(
     ports: Sequence[tuple[str, PortSpec]],
     me: str,
     bridges: Mapping[str, str] | None = None,
+    zones: Mapping[str, int] | None = None,
+    routed: Mapping[str, Iterable[str]] | None = None,
 ) -> tuple[list[sgc.Group], list[sgc.Port]]:
     """(groups, this node's ports) for :func:`~minicloud.network.secgroup_compile.build`: each group with
     its rules and its members' addresses cluster-wide; each local port with its tap, its network's bridge (from
     ``bridges``: network id -> bridge name), MAC, address and the groups of its that exist (a port naming a deleted
     group just loses that group's rules). A port whose network has no bridge in ``bridges`` gets no address (it
-    sends nothing but DHCP discovery until it has). ``groups`` are (id, SecurityGroupSpec). Rules naming a group
-    that no longer exists are dropped. Pure."""
+    sends nothing but DHCP discovery until it has). ``zones``: network id -> its conntrack zone. ``groups`` are (id, SecurityGroupSpec). Rules naming a group
+    that no longer exists are dropped. A member is a (bridge, address) pair, the bridge of its network and of each
+    network ``routed`` (network id -> the networks a router connects it with) names: two networks with the same
+    CIDR must not share members. Pure."""
     bridges = bridges or {}
+    zones = zones or {}
+    routed = routed or {}
     known = {gid for gid, _ in groups}
-    members: dict[str, set[str]] = {gid: set() for gid in known}
+    members: dict[str, set[tuple[str, str]]] = {gid: set() for gid in known}
     for _, p in ports:
+        nets = {p.network, *routed.get(p.network, ())}
+        where = sorted(bridges[n] for n in nets if bridges.get(n))
         for gid in p.security_groups:
-            if gid in members:
-                members[gid].add(p.address)
+            if gid in members and p.address:
+                members[gid].update((b, p.address) for b in where)
     out_groups = []
     for gid, spec in sorted(groups, key=lambda g: g[0]):
         rules = tuple(
@@ -346,6 +372,7 @@ def compile_inputs(
             ips=(p.address,) if bridges.get(p.network) else (),
             groups=tuple(g for g in dict.fromkeys(p.security_groups) if g in known),
             bridge=bridges.get(p.network, ""),
+            zone=zones.get(p.network, 0),
         )
         for pid, p in sorted(ports, key=lambda x: x[0])
         if p.node == me
@@ -360,7 +387,16 @@ class NetworkReconciler:
 
     name = "network"
     kinds = frozenset(
-        {PORT.name, NETWORK.name, SUBNET.name, SECURITY_GROUP.name, NODE.name, ROUTER.name, FLOATING_IP.name}
+        {
+            PORT.name,
+            NETWORK.name,
+            SUBNET.name,
+            SECURITY_GROUP.name,
+            NODE.name,
+            ROUTER.name,
+            FLOATING_IP.name,
+            INSTANCE.name,  # the default bridge's guests: anti-spoofing while they run
+        }
     )
 
     def __init__(
@@ -394,6 +430,12 @@ class NetworkReconciler:
         self._enqueue: Callable[[str], None] = lambda key: None
         #: network id -> VNI of what this process built (so a deleted record's devices can go at once).
         self._vnis: dict[str, int] = {}
+        #: router id -> its spec and labels as last seen: a change of its status alone (the egress counters each node
+        #: reports, agent/reconcilers/egress.py) changes nothing this reconciler builds, so it queues nothing.
+        self._router_seen: dict[str, bytes] = {}
+        #: instance id -> whether its anti-spoofing rules are wanted, for this node's default-bridge guests as last
+        #: seen: an instance change queues the ruleset only when that changes.
+        self._guests_seen: dict[str, bool] = {}
         self._dhcp: dict[str, Any] = {}
         self._metadata: dict[str, Any] = {}
         #: The security-group ruleset in the kernel as this process applied it: None (not known yet: start-up), ""
@@ -408,8 +450,14 @@ class NetworkReconciler:
         self.providers = dict(providers or {})
 
     # -- the framework's side --------------------------------------------------------------------------------------
+    def built_vnis(self) -> dict[str, int]:
+        """Network id -> VNI of every network this process built on the node (a copy; for the metrics collector)."""
+        return dict(self._vnis)
+
     async def start(self, enqueue: Callable[[str], None]) -> None:
         self._enqueue = enqueue
+        if self.node_networks.default_bridge is not None:
+            self.node_networks.on_guests_changed(lambda: self._enqueue(NODE_KEY))
 
     async def close(self) -> None:
         for server in list(self._metadata.values()):
@@ -433,8 +481,66 @@ class NetworkReconciler:
         elif change.kind == NODE.name:
             yield from self._vnis
             yield NODE_KEY
+        elif change.kind == INSTANCE.name:
+            if self._guest_changed(change):
+                yield NODE_KEY
         elif change.kind in (ROUTER.name, FLOATING_IP.name):  # (a subnet change queues its own network)
+            if change.kind == ROUTER.name and not self._router_changed(change):
+                return
             yield from self._vnis
+            if change.kind == ROUTER.name:  # the networks it connects share their groups' members' bridges
+                yield NODE_KEY
+
+    def _guest_changed(self, change: Change) -> bool:
+        if self.node_networks.default_bridge is None:
+            return False
+        wanted = None if change.type == "deleted" else self._guest_wanted(INSTANCE.load(change.record))
+        if wanted is None:
+            return self._guests_seen.pop(change.id, None) is not None
+        if self._guests_seen.get(change.id) == wanted:
+            return False
+        self._guests_seen[change.id] = wanted
+        return True
+
+    def _guest_wanted(self, inst: Any) -> bool | None:
+        """None: not a guest of this node's default bridge; else whether its anti-spoofing rules are wanted: from
+        its creation until it is stopped (its record's removal ends it too)."""
+        if inst.spec.node != self.node or inst.spec.nics:
+            return None
+        return not (inst.spec.power == "stopped" and inst.status.state == "stopped")
+
+    async def _default_guests(self) -> list[sgc.Port]:
+        """The default bridge's guests on this node as ports of the compiler: anti-spoofing only, pinned to the MAC
+        and fixed address the compute side gave them, on the tap it names. A guest without an address here yet is
+        left out: one starting is started only once pinned to its address, and one already running (arrived by
+        live migration, its record just moved here) must not be cut off (pinned to no address: IPv4 dropped) for the
+        moment until the compute side gives it its address — that blackholed a migrated guest for seconds."""
+        bridge = self.node_networks.default_bridge
+        if bridge is None:
+            return []
+        addresses = self.node_networks.default_addresses()
+        out = []
+        for r in await list_all(self.store, INSTANCE.name, where={"node": self.node}):
+            inst = INSTANCE.load(r)
+            if not self._guest_wanted(inst):
+                continue
+            mac = mac_for(inst.id, 0)
+            ip = addresses.get(mac)
+            if ip:
+                out.append(
+                    sgc.Port(id=inst.id, device=guest_tap(inst.id), mac=mac, ips=(ip,), bridge=bridge, stateful=False)
+                )
+        return out
+
+    def _router_changed(self, change: Change) -> bool:
+        if change.type == "deleted":
+            self._router_seen.pop(change.id, None)
+            return True
+        seen = msgspec.json.encode([change.record.spec, change.record.labels])
+        if self._router_seen.get(change.id) == seen:
+            return False
+        self._router_seen[change.id] = seen
+        return True
 
     async def all_keys(self) -> list[str]:
         ports = await list_all(self.store, PORT.name, where={"node": self.node})
@@ -462,7 +568,9 @@ class NetworkReconciler:
         if record is None:
             return None, None
         net = NETWORK.load(record)
-        ports = [(pid, p) for pid, p in await self._ports() if p.network == network_id]
+        ports = [
+            (r.id, PORT.load(r).spec) for r in await list_all(self.store, PORT.name, where={"network": network_id})
+        ]  # indexed: this network's ports only
         subnets: dict[str, SubnetSpec] = {}
         for sid in net.spec.subnets:
             s = await self.store.get(SUBNET.name, sid)
@@ -502,8 +610,7 @@ class NetworkReconciler:
                     externals[r.external_network] = (NETWORK.load(nrec).spec, SUBNET.load(srec).spec)
         floating = []
         if any(r.external_network for r in routers.values()):
-            # Growth: every floating IP of the cluster per network reconcile (no index on port_network yet).
-            for rec in await list_all(self.store, FLOATING_IP.name):
+            for rec in await list_all(self.store, FLOATING_IP.name, where={"port_network": network_id}):  # indexed
                 f = FLOATING_IP.load(rec).spec
                 if f.port_network == network_id and mine.get(f.fixed_address) == f.port:
                     floating.append((rec.id, f))
@@ -614,9 +721,11 @@ class NetworkReconciler:
 
     # -- the node key ----------------------------------------------------------------------------------------------
     async def _reconcile_node(self) -> Result:
-        await self._publish_underlay()
-        await self._sweep()
-        await self._apply_ruleset()  # last: a kernel that refuses the ruleset must not stop the sweep
+        try:
+            await self._publish_underlay()
+            await self._sweep()
+        finally:  # last: a kernel that refuses the ruleset must not stop the sweep, nor a failed sweep the ruleset
+            await self._apply_ruleset()  # (the default bridge's guests wait for it to start)
         return Result()
 
     async def _publish_underlay(self) -> None:
@@ -637,12 +746,25 @@ class NetworkReconciler:
     async def _apply_ruleset(self) -> None:
         ports = [(pid, p) for pid, p in await self._ports()]
         groups = [(r.id, SECURITY_GROUP.load(r).spec) for r in await list_all(self.store, SECURITY_GROUP.name)]
-        bridges = {}
+        bridges, zones = {}, {}
         for r in await list_all(self.store, NETWORK.name):
             vni = NETWORK.load(r).spec.vni
             if vni is not None:
                 bridges[r.id] = bridge_name(vni)
-        g, p = compile_inputs(groups, ports, self.node, bridges)
+                zones[r.id] = sgc.conntrack_zone(vni)
+        subnet_net = {r.id: SUBNET.load(r).spec.network for r in await list_all(self.store, SUBNET.name)}
+        routed: dict[str, set[str]] = {}
+        for r in await list_all(self.store, ROUTER.name):  # a member's routed traffic arrives on the other bridges
+            nets = {subnet_net[s] for s in ROUTER.load(r).spec.subnets if s in subnet_net}
+            for n in nets:
+                routed.setdefault(n, set()).update(nets - {n})
+        g, p = compile_inputs(groups, ports, self.node, bridges, zones, routed)
+        guests = await self._default_guests()
+        await self._converge_ruleset(g, [*p, *guests])
+        # what the kernel now has (an exception above leaves the guests waiting): the compute side starts them
+        self.node_networks.set_guarded({x.device: x.ips for x in guests})
+
+    async def _converge_ruleset(self, g: list[sgc.Group], p: list[sgc.Port]) -> None:
         tables = [NftTable("bridge", sgc.TABLE), NftTable("inet", sgc.TABLE)]
         if not p:
             if self._ruleset == "":
@@ -676,8 +798,10 @@ class NetworkReconciler:
         # The whole ruleset: at start-up (adopting whatever is there), after a refused change, and every
         # drift_repair_interval (someone's `nft flush ruleset`, a sysctl turned off). The stateful rules are in the
         # inet family and see bridged IPv4 only through br_netfilter: make sure it is on in this namespace (the
-        # kernel's default, but a host may have turned it off).
-        await self.firewall.enable_bridge_netfilter()
+        # kernel's default, but a host may have turned it off). The default bridge's guests alone need no stateful
+        # rule, so not br_netfilter either.
+        if any(x.stateful for x in p):
+            await self.firewall.enable_bridge_netfilter()
         await self.firewall.apply(sgc.full_script(model))
         self._ruleset, self._ruleset_full_at = model, now
 

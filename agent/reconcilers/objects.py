@@ -27,7 +27,9 @@ Keys (on the framework of :mod:`agent.reconcile`):
   - :data:`SYNC_KEY`, every :data:`SYNC` seconds: per tenant, the project quota (its own from ``s3 quota set``, else
     ``[objects]``), the buckets' usage and metering (RGW's usage log: requests, bytes out and in) into their status,
     buckets made through S3 adopted as records, RGW keys no record names removed. An ``s3tenant`` change (a quota
-    set) is applied at once.
+    set) is applied at once. Retention of the usage log: bins older than ``objects.usage_keep_days`` are first
+    folded into each bucket's status (``folded``/``folded_before``, written with the totals in one compare-and-swap,
+    so a crash before the trim counts nothing twice), then trimmed from RGW (``DELETE /admin/usage``).
 
 What RGW refuses for a bucket goes into its status; other errors propagate and the framework retries with backoff.
 """
@@ -52,6 +54,7 @@ from minicloud.cluster.kinds import NODE
 from minicloud.config import Config
 from minicloud.iam.kinds import ACCESSKEY, PROJECT, ROLE, ROLEBINDING
 from minicloud.iam.principals import DEFAULT_PROJECT, DEFAULT_PROJECT_ID
+from minicloud.iam.tenancy import project_id_of
 from minicloud.objects.buckets import PROJECT_USER, SERVICE_PREFIX, ensure_tenant_record, quota_in_force
 from minicloud.objects.kinds import BUCKET, S3TENANT, BucketSpec, S3TenantSpec, tenant_record_id
 from minicloud.objects.rgwclient import RgwClient, S3Error, ssl_context
@@ -275,17 +278,12 @@ class ObjectsReconciler:
         return Result(requeue_after=SUPERVISE)
 
     def _settings(self, address: str) -> Any:
-        from agent.storage.rgw import RgwSettings
+        from agent.storage.rgw import RgwSettings, gateway_cert
 
         cfg = self.config.objects
-        return RgwSettings(
-            node=self.node,
-            address=address,
-            port=cfg.port,
-            cert=self.pki / "server.crt",
-            key=self.pki / "server.key",
-            dns_name=f"s3.{cfg.domain}" if cfg.domain else "",
-        )
+        dns_name = f"s3.{cfg.domain}" if cfg.domain else ""
+        cert, key = gateway_cert(self.pki, self.node, dns_name)
+        return RgwSettings(node=self.node, address=address, port=cfg.port, cert=cert, key=key, dns_name=dns_name)
 
     async def _leads(self, spec: CephSpec) -> bool:
         for candidate in [spec.bootstrap_node, *sorted(spec.mons)]:
@@ -311,15 +309,9 @@ class ObjectsReconciler:
                 self._enqueue(key)
 
     # -- tenants -----------------------------------------------------------------------------------------------------
-    async def _project_id(self, project: str) -> str | None:
-        if project == DEFAULT_PROJECT:
-            return DEFAULT_PROJECT_ID
-        record = await self.store.get_by_name(PROJECT.name, "", project)
-        return record.id if record is not None else None
-
     async def _tenant(self, project: str) -> S3TenantSpec | None:
         """The project's tenant, made (record first, then RGW) when missing; None when the project is gone."""
-        pid = await self._project_id(project)
+        pid = await project_id_of(self.store, project)
         if pid is None:
             return None
         record = await ensure_tenant_record(self.store, self.keystore, project, pid)
@@ -342,14 +334,25 @@ class ObjectsReconciler:
                 {"uid": t.uid, "display-name": f"minicloud project {t.project or t.project_id}", "key-type": "s3",
                  "access-key": t.access_key, "secret-key": secret, "max-buckets": "1000"},
             )  # fmt: skip
-            await self._admin.admin(
-                "PUT", "user",
-                {"uid": t.uid, "subuser": f"{PROJECT_USER}:{READONLY_SUBUSER}", "access": "read",
-                 "generate-secret": "false", "key-type": "s3"},
-            )  # fmt: skip
             await self._project_quota(t)
             info = await self._admin.admin("GET", "user", {"uid": t.uid})
-        return dict(info or {})
+        return await self._ensure_readonly_subuser(t, dict(info or {}))
+
+    async def _ensure_readonly_subuser(self, t: S3TenantSpec, info: dict[str, Any]) -> dict[str, Any]:
+        """The tenant's read-only subuser, with ``read`` access, checked on every call and not only when the user is
+        made: a key added for a subuser RGW does not have yet makes one with no permissions, so a ``viewer``'s key
+        added between another task's user and subuser calls would be refused for good (seen once in CI)."""
+        assert self._admin is not None
+        sub = f"{t.uid}:{READONLY_SUBUSER}"
+        perms = {u.get("id"): u.get("permissions") for u in info.get("subusers") or []}
+        if perms.get(sub) == "read":
+            return info
+        await self._admin.admin(
+            "POST" if sub in perms else "PUT", "user",
+            {"uid": t.uid, "subuser": f"{PROJECT_USER}:{READONLY_SUBUSER}", "access": "read",
+             "generate-secret": "false", "key-type": "s3"},
+        )  # fmt: skip
+        return dict(await self._admin.admin("GET", "user", {"uid": t.uid}) or {})
 
     async def _project_quota(self, t: S3TenantSpec) -> None:
         """The tenant user's quota: the project's own (``s3 quota set``) or the configuration's."""
@@ -450,10 +453,14 @@ class ObjectsReconciler:
         secret = self.keystore.decrypt(t.secret, t.access_key.encode()).decode()
         return RgwClient(self._admin.endpoint, t.access_key, secret, ssl_ctx=ssl_context(str(self.pki / "ca.crt")))
 
-    async def _set_bucket_status(self, bucket_id: str, **fields: Any) -> None:
+    async def _set_bucket_status(
+        self, bucket_id: str, compute: Callable[[Any], dict[str, Any]] | None = None, **fields: Any
+    ) -> None:
+        """Set ``fields`` (and what ``compute`` derives from the status read at write time) in the bucket's status."""
+
         def merge(record: Record) -> Record | None:
             current = BUCKET.load(record)
-            new = msgspec.structs.replace(current.status, **fields)
+            new = msgspec.structs.replace(current.status, **fields, **(compute(current.status) if compute else {}))
             if new == current.status:
                 return None
             return msgspec.structs.replace(record, status={**record.status, **msgspec.to_builtins(new)})
@@ -568,13 +575,13 @@ class ObjectsReconciler:
         usage = await self._admin.admin(
             "GET", "usage", {"uid": t.uid, "show-entries": "true", "show-summary": "false"}, ok=(404,)
         )
-        meters = metering(usage or {}, since)
+        usage = usage or {}
+        cutoff = usage_cutoff(time.time(), self.config.objects.usage_keep_days)
         now = ids.now()
         for entry in stats:
             name = str(entry.get("bucket", ""))
             main = (entry.get("usage") or {}).get("rgw.main") or {}
             size, objects = int(main.get("size", 0)), int(main.get("num_objects", 0))
-            requests, bytes_out, bytes_in = meters.get(name, (0, 0, 0))
             record = records.get(name)
             if record is None:
                 obj = BUCKET.new(project=t.project, name=name, spec=BucketSpec(adopted=True))
@@ -583,19 +590,61 @@ class ObjectsReconciler:
                 with contextlib.suppress(TxnFailed):
                     await self.store.commit(Txn([Create(BUCKET.dump(obj))]))
                 continue
-            await self._set_bucket_status(
-                record.id, size_bytes=size, objects=objects, observed_at=now, requests=requests, bytes_out=bytes_out,
-                bytes_in=bytes_in,
-            )  # fmt: skip
+
+            def meter(status: Any, name: str = name, size: int = size, objects: int = objects) -> dict[str, Any]:
+                return {"size_bytes": size, "objects": objects, "observed_at": now,
+                        **fold(usage, name, since[name], status, cutoff)}  # fmt: skip
+
+            await self._set_bucket_status(record.id, meter)
+        # every bucket RGW listed has its bins before the cutoff folded now (a failed write raised above); the others
+        # have none to count (being made, or adopted just now from this hour on)
+        if oldest_bin(usage) < cutoff:
+            await self._admin.admin("DELETE", "usage", {"uid": t.uid, "end": str(cutoff - 1)}, ok=(404,))
+            log.info("trimmed the S3 usage log", extra={"tenant": t.tenant, "before": cutoff})
 
 
-def metering(usage: dict[str, Any], since: dict[str, float]) -> dict[str, tuple[int, int, int]]:
+def usage_cutoff(now: float, keep_days: int) -> int:
+    """The start of the hour ``keep_days`` before ``now``: the usage bins that started before it are folded and
+    trimmed."""
+    return int(now - keep_days * 86400) // 3600 * 3600
+
+
+def oldest_bin(usage: dict[str, Any]) -> float:
+    """The start (epoch) of the oldest bin in a usage answer (infinity when it has none)."""
+    epochs = [int(e.get("epoch", 0) or 0) for u in usage.get("entries") or [] for e in u.get("buckets") or []]
+    return min(epochs, default=float("inf"))
+
+
+def fold(usage: dict[str, Any], name: str, since: float, status: Any, cutoff: int) -> dict[str, Any]:
+    """Pure: bucket ``name``'s metering fields from a usage answer and its status: what was folded before, plus the
+    bins from ``status.folded_before`` on; bins that started before ``cutoff`` are folded now (moved into
+    ``folded``, ``folded_before`` = ``cutoff``) so that trimming them from RGW changes no total."""
+    before = status.folded_before
+    live = metering(usage, {name: since}, {name: before}).get(name, (0, 0, 0))
+    folded = tuple(status.folded)
+    if cutoff > before:
+        old = metering(usage, {name: since}, {name: before}, until=cutoff).get(name, (0, 0, 0))
+        folded, before = tuple(a + b for a, b in zip(folded, old, strict=True)), cutoff
+    total = [a + b for a, b in zip(status.folded, live, strict=True)]
+    return {"requests": total[0], "bytes_out": total[1], "bytes_in": total[2], "folded": folded,
+            "folded_before": before}  # fmt: skip
+
+
+def metering(
+    usage: dict[str, Any],
+    since: dict[str, float],
+    after: dict[str, int] | None = None,
+    *,
+    until: float = float("inf"),
+) -> dict[str, tuple[int, int, int]]:
     """Per bucket, ``(requests, bytes out, bytes in)`` from an ``/admin/usage?show-entries=true`` answer: RGW's
     usage log (hourly bins per bucket and category, logged against the bucket's owner — anonymous GETs of a public
     bucket count too), summed over the bins from the hour the bucket was made (``since``: its creation time; a
     bucket made again under an old name does not inherit the old one's figures). Buckets not in ``since`` and
-    requests naming no bucket (ListBuckets) are left out."""
+    requests naming no bucket (ListBuckets) are left out. Bins that started before ``after[bucket]`` (already
+    folded into its status) or at/after ``until`` are left out too."""
     out: dict[str, list[int]] = {}
+    after = after or {}
     for user in usage.get("entries") or []:
         for entry in user.get("buckets") or []:
             name = str(entry.get("bucket", ""))
@@ -604,6 +653,8 @@ def metering(usage: dict[str, Any], since: dict[str, float]) -> dict[str, tuple[
             epoch = int(entry.get("epoch", 0) or 0)
             if epoch and epoch + 3600 <= since[name]:
                 continue  # a bin that closed before the bucket was made
+            if epoch < after.get(name, 0) or epoch >= until:
+                continue
             acc = out.setdefault(name, [0, 0, 0])
             for cat in entry.get("categories") or []:
                 acc[0] += int(cat.get("ops", 0) or 0)

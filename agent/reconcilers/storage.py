@@ -24,11 +24,13 @@ It runs on the framework (:mod:`agent.reconcile`), one key per record, plus two 
 - **pools** (every ``pool``): make its :class:`~agent.storage.driver.VolumeDriver` (``ceph``: RBD as
   ``client.minicloud``, once this node has the keys; ``local``: qcow2 files under ``<data_dir>/storage/<pool id>``)
   and publish it in ``NodeStorage``; withdraw it when the record goes.
-- **volumes** (``spec.node`` = this node): fencing first (a ``previous_node`` that is lost is blocklisted before
-  anything writes the volume, then the field is cleared), then delete (``spec.deleted``: the data with its
-  snapshots, then the record), create (blank, a clone of the image's ``base`` snapshot, a clone of a snapshot),
+- **volumes** (``spec.node`` = this node): fencing first (a ``previous_node`` that is lost — removed, or offline for
+  :data:`FENCE_GRACE` — is blocklisted before anything writes the volume, then the field is cleared), then delete
+  (``spec.deleted``: the data with its snapshots, then the record), create (blank, a clone of the image's ``base`` snapshot, a clone of a snapshot),
   grow (``size_gib`` above what the pool holds; the compute reconciler makes an attached guest see it), revert
-  (``revert.seq`` above ``status.revert_seq``, only while detached). ``creating → available``; the attachment
+  (``revert.seq`` above ``status.revert_seq``, only while detached), flatten (``spec.flatten`` without
+  ``status.flattened``: :meth:`VolumeDriver.flatten`, then :func:`minicloud.storage.volumes.flattened` releases
+  the snapshot). ``creating → available``; the attachment
   states (``attaching``, ``in-use``, ``detaching``) are the compute reconciler's and left alone.
 - **snapshots** (``spec.node`` = this node): take it, or delete it (``InUse`` while clones depend on it: ``error``
   naming them) and then its record.
@@ -50,9 +52,11 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import datetime as _dt
 import ipaddress
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -68,8 +72,9 @@ from agent.storage.driver import InUse, StorageError, VolumeDriver, make_volume_
 from agent.storage.node import CephSecret, NodeStorage
 from minicloud import errors, ids
 from minicloud.cluster.kinds import NODE
-from minicloud.compute.kinds import IMAGE
+from minicloud.compute.kinds import IMAGE, INSTANCE
 from minicloud.config import Config
+from minicloud.core.context import Context
 from minicloud.core.kinds import Kind
 from minicloud.model.storage import OsdInfo
 from minicloud.state import Change, Delete, Record, Store, Txn, TxnFailed, list_all
@@ -84,7 +89,10 @@ from minicloud.storage.kinds import (
     VOLUME,
     CephSpec,
     Fence,
+    rbd_image,
 )
+from minicloud.storage.snapshots import forget_root_snapshot
+from minicloud.storage.volumes import flattened
 
 log = logging.getLogger("minicloud.storage.node")
 
@@ -98,6 +106,8 @@ SUPERVISE = 10.0
 RETRY = 5.0
 #: How soon a record whose last step the driver refused is tried again.
 ERROR_RETRY = 30.0
+#: How often a root-disk snapshot is looked at again (its instance's delete removes its data: the record goes).
+ROOT_SNAPSHOT_CHECK = 60.0
 #: How often a leading node rewrites an unchanged cluster status (``observed_at``).
 STATUS_REFRESH = 60.0
 #: How often a disk's up/down state is looked at.
@@ -112,6 +122,9 @@ PART_IDLE = 3600.0
 #: by the node itself once it is back and its stale guests are gone (:meth:`StorageReconciler._unfence`), not by
 #: a clock (the engine's default hour would let a half-dead node that lives longer write a moved volume again).
 FENCE_SECONDS = 10 * 365 * 24 * 3600
+#: A node offline for less than this (since its last contact) is not fenced yet: a missed heartbeat (the lease is
+#: 5 s) is not a lost node, and a fence cuts every Ceph client of the node, its running guests' disks included.
+FENCE_GRACE = 30.0
 #: The transient volume states this reconciler sets (the others belong to the compute reconciler and the services).
 _MINE = frozenset({"creating", "extending", "reverting", "error"})
 
@@ -185,6 +198,7 @@ class _EngineState:
     signature: tuple[Any, ...]
     engine: Any
     installed: tuple[str, ...] = ()  # the sealed keys last installed
+    mon_placed: bool = False  # this node's MON was found at the record's address (no re-address to look for)
 
 
 class StorageReconciler:
@@ -231,6 +245,8 @@ class StorageReconciler:
         self._image_tried: dict[str, float] = {}
         #: This node's address from its ``node`` record ("" on a single node without one).
         self._my_address = ""
+        #: This node's zone (its ``node`` record's ``zone`` label): its CRUSH host's zone.
+        self._my_zone = ""
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- the framework's side --------------------------------------------------------------------------------------
@@ -320,18 +336,21 @@ class StorageReconciler:
         spec: CephSpec = ceph.spec
         mons = {n: _ip(a) for n, a in spec.mons.items()}
         address = mons.get(self.node) or self._my_address or "127.0.0.1"
-        signature = (spec.fsid, tuple(sorted(mons.items())), address)
+        signature = (spec.fsid, tuple(sorted(mons.items())), address, self._my_zone)
         if self._engine is None or self._engine.signature != signature:
             engine = self.engine_factory(
-                root=self.ceph_root, fsid=spec.fsid, node=self.node, address=address, mon_hosts=mons
-            )
+                root=self.ceph_root, fsid=spec.fsid, node=self.node, address=address, mon_hosts=mons,
+                zone=self._my_zone,
+            )  # fmt: skip
             self._engine = _EngineState(signature=signature, engine=engine)
             self._drivers = {k: v for k, v in self._drivers.items() if v[1].name != "ceph"}
         return self._engine.engine
 
     async def _learn_address(self) -> None:
         record = await self.store.get_by_name(NODE.name, "", self.node)
-        self._my_address = _ip(NODE.load(record).spec.address) if record is not None else ""
+        node = NODE.load(record) if record is not None else None
+        self._my_address = _ip(node.spec.address) if node is not None else ""
+        self._my_zone = node.labels.get("zone", "") if node is not None else ""
 
     async def _reconcile_engine(self) -> Result:
         record = await self.store.get_by_name(CEPH.name, "", CEPH_NAME)
@@ -391,6 +410,13 @@ class StorageReconciler:
         from agent.storage.ceph import CephKeys
 
         mons = ceph.spec.mons
+        state = self._engine
+        if self.node in mons and len(mons) == 1 and state is not None and not state.mon_placed and engine.has_mon():
+            # The record moved the cluster's only MON (from 127.0.0.1, where a lone node enabled storage before the
+            # cluster was formed, to this node's cluster address: minicloud.storage.mons): move it.
+            if await engine.readdress_mon():
+                log.warning("moved this node's monitor to its cluster address", extra={"mons": mons})
+            state.mon_placed = await engine.mon_bound_address() == engine.settings.address
         # A MON taken out of the monmap never starts again ("must have been removed"): make it anew.
         gone = self.node in mons and engine.has_mon() and not engine.mon_running()
         if gone and self.node not in await engine.mon_names():
@@ -519,6 +545,24 @@ class StorageReconciler:
             if not await self._node_lost(candidate):
                 return False
         return False
+
+    async def _lost_for(self, node: str) -> float | None:
+        """How long ``node`` has been lost (seconds; infinite when removed, or offline since an unknown time), or
+        None while it is not (see :meth:`_node_lost`)."""
+        record = await self.store.get_by_name(NODE.name, "", node)  # one read (not _node_lost's and then ours)
+        if record is None:
+            return math.inf if await self.store.list(NODE.name, project="", limit=1) else None
+        status = NODE.load(record).status
+        if status.state != "offline":
+            return None
+        last = status.last_contact
+        if not last:
+            return math.inf
+        try:
+            since = _dt.datetime.fromisoformat(last.replace("Z", "+00:00"))
+        except ValueError:
+            return math.inf
+        return max(0.0, (_dt.datetime.now(_dt.UTC) - since).total_seconds())
 
     async def _node_lost(self, node: str) -> bool:
         """Whether the cluster says ``node`` is lost: its ``node`` record is offline, or the cluster has node records
@@ -784,6 +828,11 @@ class StorageReconciler:
                 await driver.rollback(vol.id, spec.revert.snapshot)
                 faults.point("storage.volume.after_revert")
                 changes["revert_seq"] = spec.revert.seq
+        if spec.flatten and not status.flattened:
+            # the driver's flatten is done if the volume has no parent: after a crash here it is simply recorded
+            await driver.flatten(vol.id)
+            faults.point("storage.volume.after_flatten")
+            await flattened(Context.system(f"storage@{self.node}", action="storage:volumes"), self.store, vol.id)
         fresh = await self.store.get(VOLUME.name, vol.id)
         current = VOLUME.load(fresh).status.state if fresh is not None else status.state
         if current in _MINE or not current:
@@ -828,7 +877,11 @@ class StorageReconciler:
                 if snap.spec.deleted or snap.status.state == "error":
                     raise _Refused(f"snapshot {snap.name} is not available ({snap.status.state})")
                 raise _Waiting()
-            await driver.clone(snap.spec.volume, snap.id, vol.id, size)
+            await driver.clone(rbd_image(snap.spec), snap.id, vol.id, size)
+            if snap.spec.instance:
+                # a volume from a root-disk snapshot must outlive the instance, whose root disk (and its
+                # snapshots) goes with it: it takes its own copy of the data
+                await driver.flatten(vol.id)
         else:
             await driver.create(vol.id, size)
 
@@ -848,7 +901,12 @@ class StorageReconciler:
         """The volume moved here from ``previous_node``: if that node is lost, blocklist its Ceph clients before
         anything here writes the volume (a half-dead node must never write it again); then forget the field."""
         previous = vol.spec.previous_node
-        if driver.name == "ceph" and await self._node_lost(previous):
+        lost_for = await self._lost_for(previous) if driver.name == "ceph" else None
+        if lost_for is not None and lost_for < FENCE_GRACE:
+            # Offline for a moment only (a heartbeat missed under load, a short partition): fencing it now would
+            # cut every Ceph client of a node that may be fine; look again until it is back or surely lost.
+            raise _Waiting()
+        if lost_for is not None:
             record = await self.store.get_by_name(NODE.name, "", previous)
             address = _ip(NODE.load(record).spec.address) if record is not None else ""
             if not address:
@@ -918,6 +976,12 @@ class StorageReconciler:
     # -- snapshots ---------------------------------------------------------------------------------------------------
     async def _reconcile_snapshot(self, snap: Any) -> Result:
         spec = snap.spec
+        image = rbd_image(spec)
+        if spec.instance and await self.store.get(INSTANCE.name, spec.instance) is None:
+            # a root-disk snapshot whose instance was deleted: its data went with the root disk
+            await forget_root_snapshot(Context.system(f"storage@{self.node}", action="storage:snapshots"), self.store,
+                                       snap.id)  # fmt: skip
+            return Result()
         pool = spec.pool
         if not pool:
             parent = await self.store.get(VOLUME.name, spec.volume)
@@ -930,9 +994,9 @@ class StorageReconciler:
             return self._wait_for_pool(pool, snap.id)
         if spec.deleted:
             try:
-                await driver.delete_snapshot(spec.volume, snap.id)
+                await driver.delete_snapshot(image, snap.id)
             except InUse:
-                kids = await driver.children(spec.volume, snap.id)
+                kids = await driver.children(image, snap.id)
                 reason = f"volumes cloned from it depend on it: {', '.join(kids)}" if kids else "it is in use"
                 await self._set_status(SNAPSHOT, snap.id, state="error", reason=reason)
                 return Result(requeue_after=ERROR_RETRY)
@@ -940,10 +1004,30 @@ class StorageReconciler:
             await self._delete_record(SNAPSHOT, snap.id)
             return Result()
         if snap.status.state != "available":
-            await driver.snapshot(spec.volume, snap.id)
+            await driver.snapshot(image, snap.id)
             faults.point("storage.snapshot.after_create")
             await self._set_status(SNAPSHOT, snap.id, state="available", reason="")
-        return Result()
+        if spec.instance and spec.revert_seq > snap.status.revert_seq:
+            await self._revert_root(snap, driver, image)
+        # a root-disk snapshot is looked at again now and then: its instance's delete is no change of ours
+        return Result(requeue_after=ROOT_SNAPSHOT_CHECK) if spec.instance else Result()
+
+    async def _revert_root(self, snap: Any, driver: VolumeDriver, image: str) -> None:
+        """Roll the instance's root disk back to the snapshot, only while the instance is stopped (the service
+        checked; a start since makes this wait): the driver also refuses an image a client has open."""
+        record = await self.store.get(INSTANCE.name, snap.spec.instance)
+        inst = INSTANCE.load(record) if record is not None else None
+        reason = ""
+        if inst is None or inst.spec.power != "stopped" or inst.status.state != "stopped":
+            reason = "not reverted: the instance was started first; stop it and revert again"
+        else:
+            try:
+                await driver.rollback(image, snap.id)
+            except InUse as exc:
+                reason = f"not reverted: {exc}; stop the instance and revert again"
+            faults.point("storage.snapshot.after_root_revert")
+        # done, or given up with the reason (the snapshot stays available: a revert can be asked again)
+        await self._set_status(SNAPSHOT, snap.id, state="available", reason=reason, revert_seq=snap.spec.revert_seq)
 
     # -- images ------------------------------------------------------------------------------------------------------
     async def _reconcile_image(self, image_id: str) -> Result:

@@ -10,13 +10,16 @@ The reconciler (:class:`BackupReconciler`, on :mod:`agent.reconcile`) works on
   head's stays). Progress (``done_bytes``) is written after each part. ``spec.deleted``: the objects go, then the
   volume's snapshot of it, then the record.
 - ``volume`` records restored from a backup (``source.type = backup``) whose node is this one: read the chain's
-  manifests, create ``rst-<vol id>`` (a name the storage sweep never touches), ``rbd import-diff -`` each link's data
+  manifests, create ``rst-<vol id>`` (a name the storage sweep never touches; the sweep below does), ``rbd import-diff -`` each link's data
   onto it while checking every part's sha256, drop the imported snapshots and rename it to the volume's id; the
   storage reconciler (which waits for the image) then marks the volume available. A qcow2 copy is downloaded to a
   spool file and imported with the pool's driver.
+- :data:`SWEEP_KEY` (on each resync, at most every :data:`SWEEP_EVERY` seconds): ``rst-*`` images in this node's
+  ceph pools whose volume is gone or being deleted (a restore interrupted for good) are removed, snapshots first.
 
-Outbound requests to a ``backuptarget`` (a caller-chosen endpoint) resolve through the allow-list
-(``compute.image_url_allow``, :class:`~minicloud.compute.image_download.GuardedResolver`): the image URL rule.
+Outbound requests to a ``backuptarget`` (a caller-chosen endpoint) go through the allow-list (``compute.image_url_allow``,
+:func:`~minicloud.compute.image_download.guarded_connector`: every resolved address and the exact address each
+socket connects to are checked): the image URL rule.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ RETRY = 5.0
 ERROR_RETRY = 60.0
 CHUNK = 1 << 20
 RESTORE_PREFIX = "rst-"
+#: The reconciler key of the sweep of interrupted restores, and the least seconds between two sweeps.
+SWEEP_KEY = "backups:sweep"
+SWEEP_EVERY = 600.0
 FEATURES = "layering,exclusive-lock,object-map,fast-diff,deep-flatten"
 
 
@@ -106,13 +112,14 @@ class S3Bucket:
 
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None:
-            resolver = None
-            if self._policy is not None:
-                from minicloud.compute.image_download import GuardedResolver
+            tls = self._ssl if self._ssl is not None else False
+            if self._policy is not None:  # another endpoint: every address checked, when resolved and at connect
+                from minicloud.compute.image_download import guarded_connector
 
-                resolver = GuardedResolver(self._policy)
-            connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else False, resolver=resolver)
-            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
+                connector, _ = guarded_connector(self._policy, URL(self.ep.url).host or "", ssl=tls, limit=4)
+            else:
+                connector = aiohttp.TCPConnector(ssl=tls)
+            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector, trust_env=False)
         return self._session
 
     def _url(self, key: str, params: Iterable[tuple[str, str]]) -> str:
@@ -295,6 +302,7 @@ class BackupReconciler:
         self.part_bytes = part_bytes
         self.spool = config.data_path / "storage" / "backup-spool"
         self._policy: Any = None
+        self._swept_at: float | None = None
 
     async def start(self, enqueue: Callable[[str], None]) -> None:
         self._enqueue = enqueue
@@ -314,13 +322,19 @@ class BackupReconciler:
         return [change.id]
 
     async def all_keys(self) -> list[str]:
-        keys = [r.id for r in await list_all(self.store, VOLUME_BACKUP.name, where={"node": self.node})]
+        keys = [SWEEP_KEY, *(r.id for r in await list_all(self.store, VOLUME_BACKUP.name, where={"node": self.node}))]
         for r in await list_all(self.store, VOLUME.name, where={"node": self.node}):
             if (r.spec.get("source") or {}).get("type") == "backup":
                 keys.append(r.id)
         return keys
 
     async def reconcile(self, key: str) -> Result:
+        if key == SWEEP_KEY:
+            now = time.monotonic()
+            if self._swept_at is None or now - self._swept_at >= SWEEP_EVERY:
+                self._swept_at = now
+                await self.sweep_restores()
+            return Result()
         if key.startswith(f"{VOLUME_BACKUP.prefix}-"):
             record = await self.store.get(VOLUME_BACKUP.name, key)
             if record is None:
@@ -541,6 +555,37 @@ class BackupReconciler:
         return Result()
 
     # -- restore ------------------------------------------------------------------------------------------------------
+    async def sweep_restores(self) -> list[str]:
+        """Remove ``rst-<volume id>`` images whose volume record is gone or marked deleted (the restore of a volume
+        still wanted cleans its own leftover when it starts again); the names removed. An image a restore still
+        writes has a watcher and is refused by RBD: tried again at the next sweep."""
+        removed = []
+        for pool_id, driver in self.storage.pools().items():
+            if driver.name != "ceph":
+                continue
+            try:
+                names = await driver.list()
+            except StorageError as exc:
+                log.warning("cannot list a pool for interrupted restores", extra={"pool": pool_id, "error": str(exc)})
+                continue
+            for name in names:
+                if not name.startswith(RESTORE_PREFIX):
+                    continue
+                record = await self.store.get(VOLUME.name, name.removeprefix(RESTORE_PREFIX))
+                if record is not None and not record.spec.get("deleted"):
+                    continue
+                spec = f"{driver.pool}/{name}"
+                try:
+                    with contextlib.suppress(StorageError):
+                        await self._rbd(driver, "snap", "purge", "--no-progress", spec, what="sweeping a restore")
+                    await self._rbd(driver, "rm", "--no-progress", spec, what="sweeping a restore")
+                except StorageError as exc:
+                    log.warning("cannot remove an interrupted restore", extra={"image": spec, "error": str(exc)})
+                    continue
+                log.warning("removed an interrupted restore", extra={"image": spec})
+                removed.append(name)
+        return removed
+
     async def _restore(self, vol: Any) -> Result:
         driver = self.storage.driver(vol.spec.pool)
         if driver is None:
@@ -628,4 +673,4 @@ class BackupReconciler:
         await self._rbd(driver, "rename", spec, f"{driver.pool}/{vol.id}", what=f"restoring {vol.id}")
 
 
-__all__ = ["BackupReconciler", "S3Bucket", "stream_parts", "upload_parts"]
+__all__ = ["SWEEP_KEY", "BackupReconciler", "S3Bucket", "stream_parts", "upload_parts"]

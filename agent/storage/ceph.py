@@ -80,6 +80,7 @@ class CephSettings:
     node: str  # this node's name: the MON/MGR id and the CRUSH host
     address: str  # the IP every daemon binds (the cluster address; 127.0.0.1 on a single node)
     mon_hosts: dict[str, str] = field(default_factory=dict)  # node -> address of every MON (this one included)
+    zone: str = ""  # the node's zone ("" none): its CRUSH host goes under a CRUSH zone of that name
     mon_port: int = 3300  # msgr2
     mon_port_v1: int = 6789  # msgr1 (older clients; QEMU's librbd speaks v2 too)
     osd_memory_target: int = 1 << 30
@@ -165,10 +166,39 @@ def render_conf(s: CephSettings) -> str:
         "osd_objectstore = bluestore",
         "bluestore_block_create = true",
         f"osd_memory_target = {s.osd_memory_target}",
-        f"crush_location = root=default host={s.node}",
+        # An OSD moves itself there when it starts (osd_crush_update_on_start); the zone bucket is made if needed.
+        f"crush_location = root=default{f' zone={s.zone}' if s.zone else ''} host={s.node}",
         "",
     ]
     return "\n".join(lines)
+
+
+def crush_counts(tree: dict[str, Any] | None) -> tuple[int, int, int]:
+    """From ``ceph osd tree``: the hosts with OSDs, the zones with such hosts, and those hosts in no zone. Pure."""
+    nodes = {n.get("id"): n for n in (tree or {}).get("nodes", [])}
+    hosts = {i for i, n in nodes.items() if n.get("type") == "host" and n.get("children")}
+    zoned: set[Any] = set()
+    zones = 0
+    for n in nodes.values():
+        if n.get("type") == "zone":
+            inside = hosts & set(n.get("children", []))
+            zoned |= inside
+            zones += bool(inside)
+    return len(hosts), zones, len(hosts - zoned)
+
+
+def crush_rule(hosts: int, zones: int, unzoned: int, size: int) -> tuple[str, str]:
+    """The CRUSH rule (name, failure domain) for pools of ``size`` copies. Pure.
+
+    - ``mc-zone`` (each copy in another zone) when every host with OSDs is in a zone and there are at least two
+      zones and as many as copies (nodes' zones: ``minicloud cluster join --zone``);
+    - else ``mc-host`` (each copy on another host) from two hosts on;
+    - else ``mc-osd`` (one host: copies on distinct OSDs)."""
+    if zones >= max(2, size) and unzoned == 0:
+        return "mc-zone", "zone"
+    if hosts >= 2:
+        return "mc-host", "host"
+    return "mc-osd", "osd"
 
 
 def keyring_text(entity: str, key: str, caps: dict[str, str] | None = None) -> str:
@@ -453,6 +483,59 @@ class CephEngine:
                     await self.ceph("auth", "del", mgr.name)
                 shutil.rmtree(self.mgr_dir(), ignore_errors=True)
 
+    async def mon_bound_address(self) -> str | None:
+        """The IP this node's running MON has in its monmap (asked over its admin socket, which needs no network:
+        it answers whatever address the MON is on); None when it does not run or does not answer."""
+        s = self.settings
+        if not self.mon_running():
+            return None
+        try:
+            out = await self._run("ceph", "--admin-daemon", str(s.socket_dir / f"mon.{s.node}.asok"), "mon_status")
+            status = json.loads(out.decode() or "{}")
+        except (CephError, ValueError):
+            return None
+        for mon in status.get("monmap", {}).get("mons", []):
+            if mon.get("name") == s.node:
+                for a in mon.get("public_addrs", {}).get("addrvec", []):
+                    return str(a.get("addr", "")).rsplit(":", 1)[0].strip("[]") or None
+        return None
+
+    async def readdress_mon(self) -> bool:
+        """Move this node's MON — the cluster's only one — to ``settings.address`` (storage enabled on a lone node,
+        whose MON is on 127.0.0.1, before the cluster was formed): stop this node's daemons, rewrite the MON's own
+        monmap (``--extract-monmap``, ``monmaptool --rm/--addv``, ``--inject-monmap``), write ``ceph.conf`` with
+        the new address and start them all again (MGR and OSDs bind it too). Whether it moved anything; a MON
+        already there is left alone. Refuses while the cluster has other MONs (they would have to agree)."""
+        s = self.settings
+        bound = await self.mon_bound_address()
+        if bound is None or bound == s.address:
+            return False
+        tmp = self.root / "run" / "readdress"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(mode=0o700)
+        monmap = tmp / "monmap"
+        try:
+            await self.stop()
+            conf = ("--conf", str(self.conf_path), "-i", s.node)
+            await self._run("ceph-mon", *conf, "--extract-monmap", str(monmap), timeout=s.start_timeout)
+            printed = (await self._run("monmaptool", "--print", str(monmap))).decode()
+            others = [ln for ln in printed.splitlines() if ln.strip()[:1].isdigit() and f"mon.{s.node}" not in ln]
+            if others:
+                raise CephError(f"mon.{s.node} is not the only monitor ({len(others) + 1}); it cannot be moved alone")
+            await self._run("monmaptool", "--rm", s.node, str(monmap))
+            await self._run("monmaptool", "--addv", s.node, s.mon_addrs(s.address), str(monmap))
+            await self._run("ceph-mon", *conf, "--inject-monmap", str(monmap), timeout=s.start_timeout)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            await self.ensure_running()  # with the new ceph.conf: every daemon binds the new address
+        if self.mgr_dir().exists():
+            # the MGR's metrics exporter was told the old address (see ensure_mgr): tell it the new one
+            node = s.node
+            await self.ceph("config", "set", "mgr", f"mgr/prometheus/{node}/server_addr", s.address, "--force")
+            await self._signal_all(signal.SIGTERM, [Daemon("mgr", node)], 30)
+            await self._start(Daemon("mgr", node))
+        return True
+
     async def ensure_mgr(self) -> None:
         """Create this node's MGR (its key from the MONs) unless it exists, and make sure it runs."""
         d = self.mgr_dir()
@@ -680,17 +763,11 @@ class CephEngine:
         return st.ready and (osd is None or not osd.up)
 
     # -- pools -----------------------------------------------------------------------------------------------------
-    async def _host_count(self) -> int:
-        tree = await self.ceph("osd", "tree")
-        return sum(1 for n in tree.get("nodes", []) if n.get("type") == "host" and n.get("children"))
-
-    async def _rule(self) -> str:
-        """The CRUSH rule pools use: replicas on distinct hosts once two hosts have OSDs, else on distinct OSDs."""
-        if await self._host_count() >= 2:
-            await self.ceph("osd", "crush", "rule", "create-replicated", "mc-host", "default", "host")
-            return "mc-host"
-        await self.ceph("osd", "crush", "rule", "create-replicated", "mc-osd", "default", "osd")
-        return "mc-osd"
+    async def _rule(self, size: int) -> str:
+        """The CRUSH rule pools of ``size`` copies use (:func:`crush_rule`), created when missing."""
+        name, domain = crush_rule(*crush_counts(await self.ceph("osd", "tree")), size)
+        await self.ceph("osd", "crush", "rule", "create-replicated", name, "default", domain)
+        return name
 
     async def pools(self) -> dict[str, dict[str, Any]]:
         """Pool name → ``ceph osd pool ls detail`` entry."""
@@ -699,8 +776,9 @@ class CephEngine:
     async def ensure_pool(self, name: str, *, application: str = "rbd", pg_num: int = 32) -> None:
         """Create the replicated pool ``name`` unless it exists (with the cluster's replica count and CRUSH rule) and
         enable ``application`` on it."""
-        if name not in await self.pools():
-            rule = await self._rule()
+        existing = await self.pools()
+        if name not in existing:
+            rule = await self._rule(max((int(p.get("size", 1)) for p in existing.values()), default=1))
             await self.ceph("osd", "pool", "create", name, str(pg_num), str(pg_num), "replicated", rule)
         await self.ceph("osd", "pool", "application", "enable", name, application, "--yes-i-really-mean-it")
 
@@ -712,7 +790,7 @@ class CephEngine:
         min_size = max(1, size - 1)
         await self.ceph("config", "set", "global", "osd_pool_default_size", str(size))
         await self.ceph("config", "set", "global", "osd_pool_default_min_size", str(min_size))
-        rule = await self._rule()
+        rule = await self._rule(size)
         for name, p in (await self.pools()).items():
             if p.get("size") != size:
                 args = ["--yes-i-really-mean-it"] if size == 1 else []

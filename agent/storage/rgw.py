@@ -9,7 +9,9 @@ its command line, so the engine's ``ceph.conf`` (rewritten by the engine) stays 
   certificate from the cluster CA (``<data_dir>/pki/server.{crt,key}``, the agent's own HTTPS certificate);
 - its own cephx key ``client.rgw.<node>`` (``mon 'allow rw' osd 'allow rwx'``), in ``<ceph root>/client.rgw.<node>.keyring``;
 - the pid file and log under the Ceph root; the admin socket beside the engine's;
-- ``rgw_dns_name`` when a domain is set (virtual-hosted-style ``BUCKET.s3.DOMAIN``).
+- ``rgw_dns_name`` when a domain is set (virtual-hosted-style ``BUCKET.s3.DOMAIN``), and then a certificate of its
+  own (:func:`gateway_cert`: the node certificate's names plus ``s3.DOMAIN`` and ``*.s3.DOMAIN``, from the cluster CA)
+  so that clients verifying the host name accept ``BUCKET.s3.DOMAIN``.
 
 RGW's pools are created before its first start (:data:`POOLS`): created lazily, the first bucket, PUT and multipart
 upload each took ~2 s. ``radosgw`` daemonizes before it has connected to the cluster, so :meth:`Rgw.ensure_running`
@@ -278,6 +280,45 @@ class Rgw:
             )
             keys = info.get("keys") or []
         return str(keys[0]["access_key"]), str(keys[0]["secret_key"])
+
+
+# -- the gateway's certificate ---------------------------------------------------------------------------------------
+def gateway_cert(pki_dir: Path, node: str, dns_name: str) -> tuple[Path, Path]:
+    """The certificate chain and key the gateway serves: the node's (``server.crt``/``.key``) without a domain; with
+    ``dns_name`` (``s3.DOMAIN``), ``rgw.crt``/``rgw.key`` in ``pki_dir``: the node certificate's names plus
+    ``dns_name`` and ``*.dns_name``, signed by the cluster CA (every node holds its key), made again when missing,
+    when its names or issuer differ, or within the renewal window of its end."""
+    import datetime as _dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from minicloud import pki
+
+    if not dns_name:
+        return pki_dir / "server.crt", pki_dir / "server.key"
+    crt, key = pki_dir / "rgw.crt", pki_dir / "rgw.key"
+    ca_pem = (pki_dir / "ca.crt").read_bytes()
+    ca_cert = x509.load_pem_x509_certificate(ca_pem)
+    server = x509.load_pem_x509_certificate((pki_dir / "server.crt").read_bytes())
+    sans = list(server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    want = [*sans, *(x509.DNSName(n) for n in (dns_name, f"*.{dns_name}") if x509.DNSName(n) not in sans)]
+    if crt.exists() and key.exists():
+        current = x509.load_pem_x509_certificate(crt.read_bytes())
+        names = set(current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+        fresh = current.not_valid_after_utc - _dt.datetime.now(_dt.UTC) > pki.RENEW_BEFORE
+        if names == set(want) and current.issuer == ca_cert.subject and fresh:
+            return crt, key
+    ca_key = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), password=None)
+    private = ec.generate_private_key(ec.SECP256R1())
+    cert = pki.node_certificate(ca_cert, ca_key, private.public_key(), node, want)  # type: ignore[arg-type]
+    pem_key = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    pki.write_private(key, pem_key)
+    pki.write_private(crt, cert.public_bytes(serialization.Encoding.PEM) + ca_pem)
+    return crt, key
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------

@@ -51,3 +51,29 @@ async def delete_access_key(request: web.Request) -> Reply:
         ctx, request.app[STORE], request.app[DIRECTORY], request.match_info["ref"], expect=res.if_match(request)
     )
     return res.reply(request, written)
+
+
+async def _set_disabled(request: web.Request, disabled: bool) -> Reply:
+    ctx = await res.context_of(request)
+    written = await accesskeys.set_access_key_disabled(
+        ctx,
+        request.app[STORE],
+        request.app[DIRECTORY],
+        request.match_info["ref"],
+        disabled,
+        expect=res.if_match(request),
+    )
+    return res.reply(request, written)
+
+
+@routes.post("/v1/accesskeys/{ref}/disable", response=AccessKey, auth=Action("iam:accesskeys:disable"))
+async def disable_access_key(request: web.Request) -> Reply:
+    """Disable an access key: the object store refuses it (within a second) until it is enabled again. Who may is
+    who may delete it."""
+    return await _set_disabled(request, True)
+
+
+@routes.post("/v1/accesskeys/{ref}/enable", response=AccessKey, auth=Action("iam:accesskeys:enable"))
+async def enable_access_key(request: web.Request) -> Reply:
+    """Enable a disabled access key again."""
+    return await _set_disabled(request, False)

@@ -22,8 +22,10 @@ from minicloud.api import (
     billing,
     buckets,
     cluster,
+    cluster_settings,
     events,
     floating_ips,
+    gpus,
     images,
     instance_types,
     instances,
@@ -31,6 +33,7 @@ from minicloud.api import (
     login,
     logs,
     metrics,
+    migration,
     networks,
     openapi,
     operations,
@@ -39,6 +42,7 @@ from minicloud.api import (
     routers,
     s3,
     security_groups,
+    server_groups,
     snapshots,
     storage,
     subnets,
@@ -84,6 +88,7 @@ ROUTE_TABLES = [
     apikeys.routes,
     admin.routes,
     cluster.routes,
+    cluster_settings.routes,
     projects.routes,
     audit.routes,
     users.routes,
@@ -92,12 +97,15 @@ ROUTE_TABLES = [
     images.routes,
     instance_types.routes,
     instances.routes,
+    migration.routes,
+    server_groups.routes,
     networks.routes,
     subnets.routes,
     security_groups.routes,
     routers.routes,
     floating_ips.routes,
     storage.routes,
+    gpus.routes,
     buckets.routes,
     s3.routes,
     pools.routes,
@@ -246,13 +254,16 @@ def leader_loops(app: web.Application) -> LeaderLoops:
     loops.register(BackupScheduler(app[STORE], app[CONFIG], app[accesskeys.KEYSTORE]))  # backups on a schedule
     from minicloud.billing.metering import billing_loops
 
-    loops.register(*billing_loops(app[STORE], app[CONFIG]))  # metering and hourly usage (docs/billing.md)
+    # metering, budgets, auto-stop policies (idleness through this node's TSDB), retention (docs/billing.md)
+    loops.register(*billing_loops(app[STORE], app[CONFIG], lambda: app.get(metrics.QUERY)))
     return loops
 
 
 async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
     """The leader loops (cluster-wide duties: retention) and this node's own periodic work (change-log compaction,
     API key use)."""
+    from minicloud.billing.metering import compaction_hold
+
     store = app[STORE]
     app[LEADER_LOOPS] = leaders = leader_loops(app)
     await leaders.start()
@@ -261,7 +272,8 @@ async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             try:
-                await store.compact()  # this node's own change log
+                # this node's own change log, held back at the billing meter's cursor (docs/billing.md)
+                await store.compact(hold=await compaction_hold(store, app[CONFIG]))
             except Exception:
                 log.exception("housekeeping failed; will retry")
 

@@ -106,6 +106,7 @@ async def admit_node(request: web.Request, body: JoinRequest) -> Reply:
         body.peer_url,
         body.client_url,
         body.address,
+        body.https,
     )
     return _answer(request, written, written.body)
 

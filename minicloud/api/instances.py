@@ -47,7 +47,12 @@ async def create_instance(request: web.Request, body: InstanceCreate) -> Reply:
     builds and starts it; follow ``status.state`` (pending → building → running)."""
     ctx = await res.context_of(request)
     written = await service.create_instance(
-        ctx, request.app[STORE], body, locks=request.app[PLACEMENT_LOCKS], directory=request.app[DIRECTORY]
+        ctx,
+        request.app[STORE],
+        body,
+        locks=request.app[PLACEMENT_LOCKS],
+        directory=request.app[DIRECTORY],
+        weigher=request.app[CONFIG].compute.scheduler_weigher,
     )
     return res.reply(request, written)
 

@@ -19,9 +19,11 @@ object per line; a node that fails is a line ``{"node": …, "error": …}``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,10 @@ routes = Routes("logs")
 CLUSTER_ACTION = "cluster:logs:get"
 #: Seconds between two looks at the files while following.
 FOLLOW_INTERVAL = 0.5
+#: New lines a follow keeps while another node still sends its backlog (the newest; the rest are counted).
+EARLY_MAX = 10_000
+#: Audit entries one request reads at most (newest first, in windows back from now).
+AUDIT_MAX_ENTRIES = 100_000
 #: Seconds another node has to answer a (non-follow) query.
 PEER_TIMEOUT = 30.0
 _enc = msgspec.json.Encoder()
@@ -220,7 +226,8 @@ async def _peers(request: web.Request, only: str | None) -> list[tuple[str, str]
     cluster = request.app.get(CLUSTER)
     peers: list[tuple[str, str]] = []
     if cluster is not None and cluster.enabled:
-        peers = await log_access.other_nodes(request.app[STORE], me)
+        port = log_access.own_https_port(request.app[CONFIG].data_path)
+        peers = await log_access.other_nodes(request.app[STORE], me, port)
     if only is not None:
         if only != me and only not in {n for n, _ in peers}:
             raise errors.NotFound(f"no node named '{only}' in this cluster", node=only)
@@ -266,25 +273,51 @@ async def _ask(
 
 
 async def _audit_lines(request: web.Request, since: float | None, pattern: str | None, limit: int) -> list[LogLine]:
-    """The newest ``limit`` audit entries since ``since`` (the cluster's audit log, read from the store)."""
-    import collections
+    """The newest ``limit`` audit entries since ``since`` (the cluster's audit log, read from the store).
 
-    from minicloud.iam import audit
-
+    The store lists oldest first, so the log is read in windows going back from now (1 min, then each twice the last)
+    and reading stops once ``limit`` lines are found or ``since`` (default 7 days) is reached: the newest entries are
+    never the ones left out. A window holding more than :data:`AUDIT_MAX_ENTRIES` entries is halved (towards now)
+    until it fits; one request keeps at most four times that many entries."""
     config = request.app[CONFIG]
-    kept: collections.deque[LogLine] = collections.deque(maxlen=limit)
-    cursor = None
-    since_text = nodelogs.iso(since) if since is not None else "7d"
-    for _ in range(100):  # at most 100 pages of 1,000
-        entries, cursor = await audit.list_entries(request.app[STORE], since=since_text, limit=1000, cursor=cursor)
-        lines = [audit_line(e, config.node_name) for e in entries]
-        if pattern:  # before the newest `limit` are kept: a match older than them is still a match
+    now = time.time()
+    floor = since if since is not None else now - 7 * 86400
+    found: list[list[LogLine]] = []  # per window, newest window first
+    count, total, narrowed, width, end = 0, 0, 0, 60.0, now + 60
+    while count < limit and end > floor and total < 4 * AUDIT_MAX_ENTRIES:
+        start = max(floor, end - width)
+        lines, complete = await _audit_window(request, start, end, AUDIT_MAX_ENTRIES)
+        if not complete and end - start > 0.002 and narrowed < 40:
+            narrowed += 1
+            width = (end - start) / 2  # too many entries in this window to read them all: a narrower one
+            continue
+        total += len(lines)
+        if pattern:
             hits = await asyncio.to_thread(nodelogs.grep, pattern, [ln.line for ln in lines], config.logs.grep_timeout)
             lines = [ln for ln, hit in zip(lines, hits, strict=True) if hit]
-        kept.extend(ln for ln in lines if since is None or ln.ts >= since)
-        if cursor is None:
-            break
-    return list(kept)
+        kept = lines[-(limit - count) :]
+        found.append(kept)
+        count += len(kept)
+        end, width = start, width * 2
+    return [ln for window in reversed(found) for ln in window]
+
+
+async def _audit_window(request: web.Request, start: float, end: float, cap: int) -> tuple[list[LogLine], bool]:
+    """The audit entries in ``[start, end)``, at most ``cap`` (oldest first), and whether that is all of them."""
+    from minicloud.iam import audit
+
+    node = request.app[CONFIG].node_name
+    out: list[LogLine] = []
+    cursor = None
+    while len(out) < cap:
+        entries, cursor = await audit.list_entries(
+            request.app[STORE], since=nodelogs.iso(start), limit=min(1000, cap - len(out) + 1), cursor=cursor
+        )
+        lines = [audit_line(e, node) for e in entries]
+        out.extend(ln for ln in lines if start <= ln.ts < end)
+        if cursor is None or not lines or lines[-1].ts >= end:
+            return out[:cap], len(out) <= cap
+    return out[:cap], False
 
 
 def audit_line(entry: Any, node: str) -> LogLine:
@@ -427,19 +460,19 @@ async def _follow(
             tasks.append(asyncio.create_task(peer_lines(http, name, url)))
         waiting = len(tasks)
         backlogs: list[list[LogLine]] = []
-        early: list[bytes] = []
+        early = EarlyLines(config.node_name, EARLY_MAX)
         while waiting:
             kind, item = await queue.get()
             if kind == "backlog":
                 backlogs.append(item[1])
                 waiting -= 1
             elif kind == "error":
-                early.append(_enc.encode({"node": item[0], "error": item[1]}) + b"\n")
+                early.error(item[0], item[1])
             else:
-                early.append(_enc.encode(item) + b"\n")
+                early.line(item)
         for line in nodelogs.merge(backlogs, limit):
             await resp.write(_enc.encode(line) + b"\n")
-        for chunk in early:
+        for chunk in early.drain():
             await resp.write(chunk)
         while True:
             kind, item = await queue.get()
@@ -454,6 +487,31 @@ async def _follow(
         if http is not None:
             await http.close()
     return resp
+
+
+class EarlyLines:
+    """What a follow sees while a slow node still sends its backlog: every node error, and the newest ``cap`` new
+    lines (older ones are counted and said in one error line, so a slow peer cannot grow this without bound)."""
+
+    def __init__(self, node: str, cap: int) -> None:
+        self.node = node
+        self.errors: list[bytes] = []
+        self.lines: collections.deque[bytes] = collections.deque(maxlen=cap)
+        self.seen = 0
+
+    def error(self, node: str, message: str) -> None:
+        self.errors.append(_enc.encode({"node": node, "error": message}) + b"\n")
+
+    def line(self, line: LogLine) -> None:
+        self.lines.append(_enc.encode(line) + b"\n")
+        self.seen += 1
+
+    def drain(self) -> list[bytes]:
+        out = list(self.errors)
+        if self.seen > len(self.lines):
+            note = f"{self.seen - len(self.lines)} new lines dropped while waiting for a slow node's backlog"
+            out.append(_enc.encode({"node": self.node, "error": note}) + b"\n")
+        return out + list(self.lines)
 
 
 # -- this node's retention and forwarding ----------------------------------------------------------------------------

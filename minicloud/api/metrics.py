@@ -9,15 +9,22 @@ file to distribute; the agent writes it to ``DATA_DIR/metrics/token`` (0600) for
 
 The query API answers for ``?project=`` only, enforced by the TSDB on the project's id (``minicloud.observe.query``); ``?scope=cluster``
 queries every series and needs ``cluster:metrics:get`` cluster-wide (``admin``).
+
+Any node answers: a node that runs no TSDB (a learner) decides the caller's scope itself, then forwards the query to
+a voting node's ``/v1/metrics/node/query[_range]`` over mutual TLS (its node certificate; the voter's checked
+against the cluster CA and its name), trying the voters in turn; that endpoint answers cluster nodes only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import time
 from pathlib import Path
+from typing import Any
 
+import msgspec
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -27,8 +34,8 @@ from minicloud import errors
 from minicloud.api import auth
 from minicloud.api.keys import CONFIG, SESSION_KEY, STORE
 from minicloud.api.resources import project_of
-from minicloud.api.routing import AUTHENTICATED, Action, Routes
-from minicloud.model.metrics import MetricsQuery, MetricsRangeQuery, MetricsResult
+from minicloud.api.routing import AUTHENTICATED, PUBLIC, Action, Routes
+from minicloud.model.metrics import MetricsQuery, MetricsRangeQuery, MetricsResult, NodeMetricsQuery
 from minicloud.observe import names
 from minicloud.observe.query import ProjectScope, QueryService
 from minicloud.observe.scope import project_scope
@@ -63,9 +70,21 @@ class ApiMetrics:
             registry=registry,
         )
 
+        #: The children of both per (method, route, status): ``labels()`` looked them up on every request.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(self.node, method, route, str(status)).inc()
-        self.duration.labels(self.node, method, route).observe(seconds)
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(self.node, method, route, str(status)),
+                self.duration.labels(self.node, method, route),
+            )
+            if len(self._children) < 4096:  # bounded whatever methods clients invent
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 def install(app: web.Application) -> None:
@@ -182,21 +201,21 @@ async def _scope(request: web.Request, scope: str) -> ProjectScope | None:
     return await project_scope(request.app[STORE], project_of(request))
 
 
-def _service(request: web.Request) -> QueryService:
-    service = request.app.get(QUERY)
-    if service is None:
-        raise errors.Unavailable(
-            "this node runs no metrics database (metrics.enabled / metrics.tsdb, or a non-voting member): "
-            "ask a voting node"
-        )
-    return service
+_NO_TSDB = (
+    "this node runs no metrics database (metrics.enabled / metrics.tsdb) and no voting node answered: ask a voting node"
+)
+#: Seconds a voting node has to answer a forwarded query.
+FORWARD_TIMEOUT = 35.0
 
 
 @routes.get("/v1/metrics/query", query=MetricsQuery, response=MetricsResult, auth=Action("metrics:series:get"))
 async def query(request: web.Request, query: MetricsQuery) -> MetricsResult:
     """Evaluate a PromQL expression at one time, over the project's series."""
     project = await _scope(request, query.scope)
-    return await _service(request).query(query.query, time=query.time, project=project)
+    service = request.app.get(QUERY)
+    if service is None:
+        return await _forward(request, "query", {"query": query.query, "time": query.time}, project)
+    return await service.query(query.query, time=query.time, project=project, passthrough=True)
 
 
 @routes.get(
@@ -205,6 +224,119 @@ async def query(request: web.Request, query: MetricsQuery) -> MetricsResult:
 async def query_range(request: web.Request, query: MetricsRangeQuery) -> MetricsResult:
     """Evaluate a PromQL expression over a time range, over the project's series."""
     project = await _scope(request, query.scope)
-    return await _service(request).query_range(
-        query.query, start=query.start, end=query.end, step=query.step, project=project
+    service = request.app.get(QUERY)
+    if service is None:
+        params = {"query": query.query, "start": query.start, "end": query.end, "step": query.step}
+        return await _forward(request, "query_range", params, project)
+    return await service.query_range(
+        query.query, start=query.start, end=query.end, step=query.step, project=project, passthrough=True
+    )
+
+
+# -- a node without a TSDB asks a voting node ----------------------------------------------------------------------
+async def _voters(request: web.Request) -> list[tuple[str, str]]:
+    """``(name, https base URL)`` of the cluster's voting nodes but this one (registered ones only)."""
+    from minicloud.api.keys import CLUSTER
+    from minicloud.observe.log_access import other_nodes, own_https_port
+
+    cluster = request.app.get(CLUSTER)
+    if cluster is None or not cluster.enabled:
+        return []
+    config = request.app[CONFIG]
+    return await other_nodes(request.app[STORE], config.node_name, own_https_port(config.data_path), voters_only=True)
+
+
+class _Forwarded(msgspec.Struct, kw_only=True, rename={"result_type": "resultType"}):
+    """A voting node's :class:`MetricsResult`, its ``result`` kept as the bytes it sent (passed on unchanged)."""
+
+    result_type: str
+    result: msgspec.Raw
+    start: float | None = None
+    end: float | None = None
+    step: float | None = None
+
+
+async def _forward(
+    request: web.Request, kind: str, params: dict[str, str | None], project: ProjectScope | None
+) -> MetricsResult:
+    """Ask the voting nodes in turn (starting at a random one); the first answer is the answer. A 422 (the query)
+    is the caller's; transport errors and 5xx move on to the next voter; none answering is a 503."""
+    import random
+
+    import aiohttp
+
+    from minicloud.api.logs import client_ssl_context
+
+    voters = await _voters(request)
+    if not voters:
+        raise errors.Unavailable(_NO_TSDB, headers={"Retry-After": "5"})
+    first = random.randrange(len(voters))
+    voters = voters[first:] + voters[:first]
+    sent = {k: v for k, v in params.items() if v is not None}
+    if project is not None:
+        sent.update(project_id=project.id, project_name=project.name)
+    ctx = client_ssl_context(request)
+    failures = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT)) as http:
+        for name, url in voters:
+            try:
+                async with http.get(
+                    f"{url}/v1/metrics/node/{kind}", params=sent, ssl=ctx, server_hostname=name
+                ) as resp:
+                    body = await resp.read()
+                    if resp.status == 200:  # the voter's answer (already in the caller's scope), its series unparsed
+                        got = msgspec.json.decode(body, type=_Forwarded)
+                        return MetricsResult(
+                            result_type=got.result_type, result=got.result, start=got.start, end=got.end, step=got.step
+                        )
+                    problem: dict = {}
+                    with contextlib.suppress(Exception):
+                        problem = msgspec.json.decode(body)
+                    if resp.status == 422:
+                        raise errors.ValidationFailed(
+                            str(problem.get("detail", "the query was refused")),
+                            invalid_params=problem.get("invalid_params") or [],
+                        )
+                    failures.append(f"{name}: HTTP {resp.status} {str(problem.get('detail', ''))[:200]}".strip())
+            except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError) as exc:
+                failures.append(f"{name}: {str(exc)[:200] or type(exc).__name__}")
+    raise errors.Unavailable(
+        f"this node runs no metrics database and no voting node answered ({'; '.join(failures)}); retry",
+        headers={"Retry-After": "5"},
+    )
+
+
+async def _from_node(request: web.Request) -> None:
+    """The caller presented a cluster node's certificate (mutual TLS), else this endpoint is not there (404)."""
+    from minicloud.api.logs import _known_node, peer_node
+
+    node = peer_node(request)
+    if node is None or node == request.app[CONFIG].node_name or not await _known_node(request, node):
+        raise errors.NotFound("GET /v1/metrics/node/* answers the cluster's nodes (their certificates)")
+
+
+def _node_service(request: web.Request, query: NodeMetricsQuery) -> tuple[QueryService, ProjectScope | None]:
+    service = request.app.get(QUERY)
+    if service is None:
+        raise errors.Unavailable("this node runs no metrics database either", headers={"Retry-After": "5"})
+    if query.project_id is None:
+        return service, None
+    return service, ProjectScope(id=query.project_id, name=query.project_name or "")
+
+
+@routes.get("/v1/metrics/node/query", query=NodeMetricsQuery, response=MetricsResult, auth=PUBLIC)
+async def node_query(request: web.Request, query: NodeMetricsQuery) -> MetricsResult:
+    """An instant query forwarded by another node of the cluster, in the scope it decided."""
+    await _from_node(request)
+    service, project = _node_service(request, query)
+    return await service.query(query.query, time=query.time, project=project, passthrough=True)
+
+
+@routes.get("/v1/metrics/node/query_range", query=NodeMetricsQuery, response=MetricsResult, auth=PUBLIC)
+async def node_query_range(request: web.Request, query: NodeMetricsQuery) -> MetricsResult:
+    """A range query forwarded by another node of the cluster, in the scope it decided."""
+    await _from_node(request)
+    service, project = _node_service(request, query)
+    return await service.query_range(
+        query.query, start=query.start, end=query.end, step=query.step, project=project, passthrough=True
     )

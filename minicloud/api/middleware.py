@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 import msgspec
 from aiohttp import web
 
-from minicloud import errors
+from minicloud import errors, ids
 from minicloud.api import auth
 from minicloud.api.keys import CONFIG, STORE
 from minicloud.api.routing import PROBLEM_JSON, SPECS_BY_HANDLER, Action, Authenticated
@@ -254,6 +254,12 @@ async def auth_middleware(request: web.Request, handler: web.RequestHandler) -> 
             await resolve_project(request)
             assert principal is not None
             await auth.authorize(request, principal, spec.auth.name, request[PROJECT])
+            if request.method == "POST":  # an enforced budget that is spent refuses new billable resources (409)
+                from minicloud.billing.budgets import refuse_if_exhausted
+
+                await refuse_if_exhausted(
+                    request.app[STORE], request[PROJECT], spec.auth.name, ids.parse_time(ids.now())
+                )
         return await handler(request)
     except errors.Unauthenticated:  # bad credentials, or a wrong password at login
         if failures is not None:

@@ -21,7 +21,8 @@ routes = Routes("snapshots")
     "/v1/snapshots", body=SnapshotCreate, response=Snapshot, status=201, auth=Action("storage:snapshots:create")
 )
 async def create_snapshot(request: web.Request, body: SnapshotCreate) -> Reply:
-    """Snapshot a volume (its node takes it; poll ``status.state`` until ``available``)."""
+    """Snapshot a volume, or an instance's root disk (``instance``: an RBD root disk, running or not); its node
+    takes it: poll ``status.state`` until ``available``."""
     app = request.app
     written = await snapshots.create_snapshot(
         await res.context_of(request), app[STORE], body, quotas=Quotas.from_config(app[CONFIG])
@@ -43,6 +44,7 @@ async def delete_snapshot(request: web.Request) -> Reply:
 
 @routes.post("/v1/snapshots/{ref}/revert", response=Volume, auth=Action("storage:snapshots:revert"))
 async def revert_snapshot(request: web.Request) -> Reply:
-    """Revert the snapshot's volume to it (the volume detached or its instance stopped). Answers the volume."""
+    """Revert the snapshot's volume to it (the volume detached or its instance stopped): answers the volume. A
+    root-disk snapshot reverts its instance's root disk (the instance stopped): answers the snapshot."""
     ctx = await res.context_of(request)
     return res.reply(request, await snapshots.revert_snapshot(ctx, request.app[STORE], request.match_info["ref"]))

@@ -87,6 +87,17 @@ async def create_target(request: web.Request, body: BackupTargetCreate) -> Reply
 generic.add_crud_routes(routes, BACKUP_TARGET)
 
 
+@routes.delete(
+    "/v1/backup-targets/{ref}", response=BackupTarget, status=204, auth=Action("storage:backuptargets:delete")
+)
+async def delete_target(request: web.Request) -> Reply:
+    """Delete a backup target: 409 while backups or schedules use it (naming them)."""
+    written = await backups.delete_target(
+        await res.context_of(request), request.app[STORE], request.match_info["ref"], expect=res.if_match(request)
+    )
+    return res.reply(request, written)
+
+
 @routes.post(
     "/v1/backup-schedules", body=BackupScheduleCreate, response=BackupSchedule, status=201,
     auth=Action("storage:backupschedules:create"),

@@ -1,4 +1,4 @@
-"""``/v1/volumes``: create, delete, attach, detach and extend call :mod:`minicloud.storage.volumes`; list, show and
+"""``/v1/volumes``: create, delete, attach, detach, extend and flatten call :mod:`minicloud.storage.volumes`; list, show and
 update are generic. Writes answer once recorded; the volume's node converges (poll its ``status.state``)."""
 
 from __future__ import annotations
@@ -74,3 +74,12 @@ async def extend_volume(request: web.Request, body: VolumeExtend) -> Reply:
         quotas=Quotas.from_config(app[CONFIG]),
     )  # fmt: skip
     return res.reply(request, written)
+
+
+@routes.post(f"{_BASE}/flatten", response=Volume, auth=Action("storage:volumes:flatten"))
+async def flatten_volume(request: web.Request) -> Reply:
+    """Copy the data of the snapshot a volume was made from into it, so the snapshot can be deleted: answers the
+    volume (``status.flattening`` until its node is done, then ``status.flattened``); asking again answers it
+    unchanged. 409 for a volume not made from a snapshot, being deleted, or not yet available."""
+    ctx = await res.context_of(request)
+    return res.reply(request, await volumes.flatten_volume(ctx, request.app[STORE], request.match_info["ref"]))

@@ -12,12 +12,17 @@ renders them itself). Declarations import msgspec alone.
 - ``ledgerentry`` (append-only, per project, named by its zero-padded sequence number) and ``ledgerhead`` (one per
   project): the hash chain of charges.
 - ``invoice`` (per project, named by its period ``YYYY-MM``): a closed invoice and its rendered document.
+- ``budget`` (per project, named): an amount per month with thresholds; its status is what the budget loop
+  measured this month (spend, forecast, thresholds crossed, exhausted).
 
-Growth: meter states are bounded by live resources; usage records and ledger entries grow by one per resource, meter
-and hour (the record of what was charged: kept, like invoices, until an operator archives them); prices by versions.
+Growth: meter states are bounded by live resources; budgets by what administrators create; usage records and
+ledger entries grow by one per resource, meter and hour and are pruned by :mod:`minicloud.billing.retention`
+(``billing.usage_days``, ``billing.ledger_months``); invoices by one per project and month; prices by versions.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import msgspec
 
@@ -60,6 +65,8 @@ class MeterStateSpec(msgspec.Struct, kw_only=True):
     pending: dict[str, dict[str, int]] = {}
     #: The resource was deleted; the state goes once its last hour is closed.
     gone: bool = False
+    #: The last cumulative value seen of each counter meter (a bucket's requests, bytes sent).
+    counters: dict[str, int] = {}
 
 
 METER_STATE = declare(Kind(name="meterstate", plural="meterstates", prefix="mst", spec=MeterStateSpec))
@@ -113,6 +120,10 @@ LEDGER_ENTRY = declare(Kind(name="ledgerentry", plural="ledgerentries", prefix="
 class LedgerHeadSpec(msgspec.Struct, kw_only=True):
     seq: int = 0
     hash: str = ""
+    #: The checkpoint of a pruned chain: entries up to ``base_seq`` were removed by retention (settled on closed
+    #: invoices); the first kept entry links to ``base_hash``, the hash of the last removed one.
+    base_seq: int = 0
+    base_hash: str = ""
 
 
 LEDGER_HEAD = declare(Kind(name="ledgerhead", plural="ledgerheads", prefix="lhd", spec=LedgerHeadSpec))
@@ -131,3 +142,63 @@ class InvoiceSpec(msgspec.Struct, kw_only=True):
 
 
 INVOICE = declare(Kind(name="invoice", plural="invoices", prefix="inv", spec=InvoiceSpec))
+
+
+class BudgetSpec(msgspec.Struct, kw_only=True):
+    #: Per calendar month (UTC), a decimal string.
+    amount: str
+    currency: str
+    #: Percentages of ``amount`` that notify, on actual spend (and on the forecast with ``forecast``).
+    thresholds: list[int] = msgspec.field(default_factory=lambda: [50, 80, 100])
+    forecast: bool = True
+    #: The id of an alarm of the project whose webhook actions receive the notifications ("" for none).
+    alarm: str = ""
+    #: Refuse new billable resources (409) once the month's spend reaches ``amount``.
+    enforce: bool = False
+    #: Also stop the project's running instances once the month's spend reaches ``amount`` (the operator's choice;
+    #: implies ``enforce``). Instances started again that month are stopped again.
+    stop_instances: bool = False
+    description: str = ""
+
+
+class BudgetStatus(msgspec.Struct, kw_only=True):
+    #: The month the figures are of (``YYYY-MM``; "" before the first cycle).
+    period: str = ""
+    spent: str = "0"
+    forecast: str = "0"
+    #: The ledger sequence number read up to.
+    through_seq: int = 0
+    #: Thresholds crossed this month: ``actual:80``, ``forecast:100``.
+    crossed: list[str] = []
+    exhausted: bool = False
+    #: The notifications of this month: {key, at, spent, forecast, deliveries}.
+    notifications: list[dict[str, Any]] = []
+    checked_at: str = ""
+    #: Instances stopped by ``stop_instances`` (the last few): {instance_id, name, at}.
+    stopped: list[dict[str, Any]] = []
+
+
+BUDGET = declare(Kind(name="budget", plural="budgets", prefix="bud", spec=BudgetSpec, status=BudgetStatus))
+
+
+class PolicySpec(msgspec.Struct, kw_only=True):
+    #: ``auto-stop``: stop running instances of the selector idle for ``idle`` seconds.
+    type: str
+    #: Label selector: every key=value must match the instance's labels.
+    selector: dict[str, str]
+    idle: int
+    #: Idle means CPU (percent of the instance's vCPUs) stayed under this over the whole window.
+    cpu_percent: float = 5.0
+    #: An alarm of the project whose webhook actions are told of each stop ("" for none).
+    alarm: str = ""
+    description: str = ""
+
+
+class PolicyStatus(msgspec.Struct, kw_only=True):
+    #: The latest stops, newest last (at most 100): {instance_id, name, at, max_cpu_percent}.
+    actions: list[dict[str, Any]] = []
+    checked_at: str = ""
+    last_error: str = ""
+
+
+POLICY = declare(Kind(name="policy", plural="policies", prefix="pol", spec=PolicySpec, status=PolicyStatus))

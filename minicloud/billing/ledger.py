@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any
 
+import msgspec
+
 from minicloud import ids
 from minicloud.billing.kinds import LEDGER_ENTRY, LEDGER_HEAD, PRICE, USAGE, LedgerEntrySpec, LedgerHeadSpec
 from minicloud.billing.meters import METERS, hour_text
 from minicloud.core.kinds import Obj
-from minicloud.state import Create, Op, Store, Update, list_all
+from minicloud.state import Create, Op, Store, Update, list_all, list_span
 
 PLACES = Decimal("0.0000000001")
 _DECIMAL = Context(prec=60)
@@ -117,6 +119,8 @@ def append_ops(
         ops.append(Create(LEDGER_ENTRY.dump(entry)))
         prev = digest
     new_head = LedgerHeadSpec(seq=seq, hash=prev)
+    if head is not None:  # keep a pruned chain's checkpoint
+        new_head = msgspec.structs.replace(head.spec, seq=seq, hash=prev)
     if head is None:
         obj = LEDGER_HEAD.new(project=project, name="head", id=f"lhd-{project}", spec=new_head, stamp=stamp)
         ops.append(Create(LEDGER_HEAD.dump(obj)))
@@ -135,6 +139,19 @@ async def entries(store: Store, project: str) -> list[Obj[LedgerEntrySpec, Any]]
     return [LEDGER_ENTRY.load(r) for r in await list_all(store, LEDGER_ENTRY.name, project=project)]
 
 
+async def entries_in(store: Store, project: str, since: int, until: int) -> list[Obj[LedgerEntrySpec, Any]]:
+    """The project's entries whose charge's hour is in [since, until) (epoch seconds), in (hour, seq) order, read
+    through the ``charge_hour`` range index: what a range costs, not the whole chain. An entry whose charge is not
+    valid JSON (tampered) has no hour and is not among them (``verify`` names it)."""
+    low, high = hour_text(max(since, 0)), hour_text(min(until, _MAX_TIME))
+    records = await list_span(store, LEDGER_ENTRY.name, "charge_hour", low, high, project=project)
+    return [LEDGER_ENTRY.load(r) for r in records]
+
+
+#: 9999-12-31T23:00:00Z: the last hour ``hour_text`` writes with a four-digit year (text order is time order).
+_MAX_TIME = 253402297200
+
+
 @dataclass
 class Verification:
     project: str
@@ -147,9 +164,11 @@ class Verification:
 
 
 def verify_chain(project: str, chain: Sequence[Obj[LedgerEntrySpec, Any]], head: LedgerHeadSpec | None) -> Verification:
-    """Pure: recompute every hash and link of ``chain`` (in sequence order)."""
-    prev = ""
-    for index, entry in enumerate(chain, start=1):
+    """Pure: recompute every hash and link of ``chain`` (in sequence order), from the head's checkpoint when
+    retention pruned the chain's start."""
+    base = head.base_seq if head is not None else 0
+    prev = head.base_hash if head is not None else ""
+    for index, entry in enumerate(chain, start=base + 1):
         s = entry.spec
         problem = ""
         try:
@@ -167,10 +186,10 @@ def verify_chain(project: str, chain: Sequence[Obj[LedgerEntrySpec, Any]], head:
         if problem:
             return Verification(project, len(chain), False, s.seq, entry.id, problem)
         prev = s.hash
-    if head is not None and (head.seq != len(chain) or head.hash != prev):
+    if head is not None and (head.seq != base + len(chain) or head.hash != prev):
         return Verification(
-            project, len(chain), False, len(chain) + 1, None,
-            f"the head says {head.seq} entries ending in {head.hash[:12]}…; the chain has {len(chain)} "
+            project, len(chain), False, base + len(chain) + 1, None,
+            f"the head says {head.seq} entries ending in {head.hash[:12]}…; the chain has {base + len(chain)} "
             "(entries were removed)",
         )  # fmt: skip
     return Verification(project, len(chain), True)

@@ -20,9 +20,9 @@ stopped an hour ago) is not a rewrite: it makes a **correction** record per (met
 (negative when usage is taken back), keyed by the change's revision, charged at that hour's price.
 
 Log retention. The change log keeps the last ``api.retain_changes`` revisions (≥ 1000, default 100,000), compacted
-once a minute by every node. The meter reads ``billing.batch`` changes per cycle every ``billing.interval`` seconds
+once a minute by every node, and is held back at the meter's cursor (:func:`compaction_hold`), at most ten times that. The meter reads ``billing.batch`` changes per cycle every ``billing.interval`` seconds
 and again after one second while behind, so it drains ~``batch`` revisions a second. Should the log still have been
-compacted past the cursor (a replica reset from an etcd snapshot, or a burst beyond retention), the meter
+compacted past the cursor (a replica reset from an etcd snapshot, or a meter held back beyond the bound), the meter
 **resynchronises**: it folds every metered record's current state at its own stamp and ends the states of records
 that are gone at the log's clock, counts it in ``resyncs`` and logs a warning: usage between two transitions lost
 in the gap is attributed to the state that follows it, nothing is counted twice.
@@ -50,7 +50,15 @@ from minicloud.billing.kinds import (
     MeterStateSpec,
     UsageSpec,
 )
-from minicloud.billing.meters import HOUR, METERED_KINDS, consumption, effective_time, hour_floor, seconds
+from minicloud.billing.meters import (
+    HOUR,
+    METERED_KINDS,
+    consumption,
+    counter_meter,
+    effective_time,
+    hour_floor,
+    seconds,
+)
 from minicloud.cluster.leader import LeaderLoop, Outcome
 from minicloud.core.kinds import Obj
 from minicloud.state import Change, Compacted, Create, Delete, Op, Record, Store, Txn, TxnFailed, Update, list_all
@@ -123,6 +131,33 @@ def fold(
         ),
         corrections,
     )
+
+
+def count(state: MeterStateSpec, counters: dict[str, int], t: int) -> tuple[MeterStateSpec, list[Quantity]]:
+    """Pure: ``state`` after its counters (cumulative counts) were observed at ``t``: each increase since the last
+    observation is usage of the hour of ``t`` (a correction if that hour is closed already). A counter that went
+    down restarted: its whole value is the increase. A key ``meter@node@since`` (a router's egress per node) counts
+    for ``meter``; a new ``since`` for a node is a restarted counter, counted from 0, and drops that node's older
+    keys."""
+    seen = dict(state.counters)
+    added: dict[str, int] = {}
+    for key, value in sorted(counters.items()):
+        if "@" in key and key not in seen:  # a node's counter started again: its older keys are done
+            node = key.rsplit("@", 1)[0] + "@"
+            seen = {k: v for k, v in seen.items() if not k.startswith(node)}
+        before = seen.get(key, 0)
+        delta = value - before if value >= before else value
+        seen[key] = value
+        if delta:
+            meter = counter_meter(key)
+            added[meter] = added.get(meter, 0) + delta
+    if seen == state.counters and not added:
+        return state, []
+    hour = hour_floor(t)
+    if not added or hour >= state.closed_until:
+        pending = _add(state.pending, {hour: added}) if added else state.pending
+        return msgspec.structs.replace(state, counters=seen, pending=pending), []
+    return msgspec.structs.replace(state, counters=seen), [(m, hour, q) for m, q in added.items()]
 
 
 def close(state: MeterStateSpec, until: int) -> tuple[MeterStateSpec, list[Quantity], bool]:
@@ -238,10 +273,15 @@ def decide_fold(snap: FoldSnapshot, now: _dt.datetime, *, close_delay: int, stam
         rates = {} if deleted else c.rates
         state = states.get(record.id)
         if state is None:
-            if not rates:
+            if not rates and not c.counters:
                 return
             state = new_state(record, effective_time(record, {}, rates, t), cur.closed_until)
-        elif state.rates == rates and state.attrs == c.attrs and state.resource_name == record.name and not deleted:
+        counted, late = count(state, c.counters, t)
+        if late or counted != state:
+            states[record.id] = state = counted
+            touched[record.id] = (record, deleted)
+            usage.extend(usage_obj(record.project, record.labels, state, q, stamp, correction_of=rev) for q in late)
+        if state.rates == rates and state.attrs == c.attrs and state.resource_name == record.name and not deleted:
             touched[record.id] = (record, False)  # its labels may have changed
             return
         when = effective_time(record, state.rates, rates, t)
@@ -330,6 +370,35 @@ def state_ops(states: Sequence[tuple[Obj[MeterStateSpec, Any], int | None, bool]
     return ops
 
 
+#: Up to this many resources, a fold reads their meter states one get each; beyond, one paged range read.
+GET_EACH = 16
+
+
+async def load_states(store: Store, resource_ids: set[str]) -> dict[str, Obj[MeterStateSpec, Any]]:
+    """The meter states of ``resource_ids``, by resource id. A state is named by its resource id, and listings are
+    ordered by name, so many are read as pages of the name range from the smallest id to the largest (a page of 1000
+    per query) rather than a get per resource."""
+    wanted = sorted(resource_ids)
+    out: dict[str, Obj[MeterStateSpec, Any]] = {}
+    if len(wanted) <= GET_EACH:
+        for rid in wanted:
+            rec = await store.get(METER_STATE.name, state_id(rid))
+            if rec is not None:
+                out[rid] = METER_STATE.load(rec)
+        return out
+    want = set(wanted)
+    after = (wanted[0], "")
+    while True:
+        page = await store.list(METER_STATE.name, after=after, limit=1000)
+        for rec in page:
+            if rec.name in want:
+                state = METER_STATE.load(rec)
+                out[state.spec.resource_id] = state
+        if len(page) < 1000 or page[-1].name >= wanted[-1]:
+            return out
+        after = (page[-1].name, page[-1].id)
+
+
 class MeterLoop(LeaderLoop[FoldSnapshot, FoldPlan | None]):
     """``billing:meter``: folds the change log into the meter states (see the module docstring)."""
 
@@ -366,12 +435,7 @@ class MeterLoop(LeaderLoop[FoldSnapshot, FoldPlan | None]):
             last = changes[-1].revision
             whole = [c for c in changes if c.revision < last]
             changes = whole or changes
-        ids_ = {c.id for c in changes if c.kind in METERED_KINDS}
-        states = {}
-        for rid in sorted(ids_):
-            rec = await self.store.get(METER_STATE.name, state_id(rid))
-            if rec is not None:
-                states[rid] = METER_STATE.load(rec)
+        states = await load_states(self.store, {c.id for c in changes if c.kind in METERED_KINDS})
         return FoldSnapshot(cursor, tuple(changes), False, caught_up, states)
 
     def decide(self, snapshot: FoldSnapshot, now: _dt.datetime) -> FoldPlan | None:
@@ -517,12 +581,34 @@ class CloseLoop(LeaderLoop[CloseSnapshot, ClosePlan | None]):
         )
 
 
-def billing_loops(store: Store, config: Any) -> list[LeaderLoop[Any, Any]]:
-    """The metering loops, configured from ``[billing]`` (registered in ``minicloud.api.app.leader_loops``)."""
+async def compaction_hold(store: Store, config: Any) -> int | None:
+    """The revision the change log should be kept after for the meter (its cursor), None when billing is off or the
+    meter has not started."""
+    if not config.billing.enabled:
+        return None
+    record = await store.get(METER_CURSOR.name, CURSOR_ID)
+    return METER_CURSOR.load(record).spec.revision if record is not None else None
+
+
+def billing_loops(store: Store, config: Any, query: Any = None) -> list[LeaderLoop[Any, Any]]:
+    """The metering loops, configured from ``[billing]`` (registered in ``minicloud.api.app.leader_loops``);
+    ``query``: the node's metrics query service or None (auto-stop policies measure idleness with it)."""
     b = config.billing
     if not b.enabled:
         return []
+    from minicloud.billing.budgets import BudgetLoop
+    from minicloud.billing.policies import PolicyLoop
+    from minicloud.billing.retention import retention_loops
+
     return [
         MeterLoop(store, interval=b.interval, batch=b.batch, close_delay=b.close_delay),
         CloseLoop(store, interval=b.interval, batch=b.close_batch, close_delay=b.close_delay),
+        BudgetLoop(store, interval=b.interval),
+        PolicyLoop(
+            store,
+            query or (lambda: None),
+            interval=max(b.interval, 60.0),
+            scrape_interval=config.metrics.scrape_interval,
+        ),
+        *retention_loops(store, config),
     ]

@@ -7,7 +7,7 @@ address-seconds), so usage adds up exactly; its price is per hour of a pricing u
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from minicloud import ids
@@ -28,6 +28,9 @@ class Meter:
     #: Quantity per pricing unit.
     divisor: int
     description: str
+    #: A count that only grows (requests, bytes): usage is the increase between two observations, in the hour of
+    #: the later one, instead of a rate over time.
+    counter: bool = False
 
 
 METERS: dict[str, Meter] = {
@@ -51,11 +54,24 @@ METERS: dict[str, Meter] = {
             "objects.storage-gib-hour", "objects", "byte-second", "GiB-hour", HOUR * (1 << 30),
             "bytes stored in a bucket (its status' size_bytes)",
         ),
+        Meter("compute.gpu-hour", "compute", "GPU-second", "GPU-hour", HOUR, "GPUs passed through to a running instance"),
+        Meter(
+            "objects.requests", "objects", "request", "1000 requests", 1000,
+            "S3 requests to a bucket (RGW's usage log)", counter=True,
+        ),
+        Meter(
+            "objects.egress-gib", "objects", "byte", "GiB", 1 << 30,
+            "bytes a bucket sent out (RGW's usage log)", counter=True,
+        ),
+        Meter(
+            "network.egress-gib", "network", "byte", "GiB", 1 << 30,
+            "bytes a router sent out of its external legs (nftables counters, every node's)", counter=True,
+        ),
     )
 }  # fmt: skip
 
 #: The kinds whose records are metered.
-METERED_KINDS = frozenset({"instance", "volume", "snapshot", "floatingip", "bucket"})
+METERED_KINDS = frozenset({"instance", "volume", "snapshot", "floatingip", "bucket", "router"})
 
 
 def unknown_meter(name: str) -> str:
@@ -81,6 +97,22 @@ def hour_text(t: int) -> str:
 class Consumption:
     rates: dict[str, int]
     attrs: dict[str, str]
+    #: Cumulative counts by counter meter (a bucket's requests and bytes sent since it was made).
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+def gpu_count(spec: dict[str, Any]) -> int:
+    """How many GPUs an instance has: ``gpus`` as a count, a list of devices or ``{"count": n}`` (tolerant of how
+    the GPU feature records them; 0 when absent or unreadable)."""
+    value = spec.get("gpus", spec.get("gpu_count", 0))
+    if isinstance(value, list | tuple):
+        return len(value)
+    if isinstance(value, dict):
+        value = value.get("count", 0)
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def consumption(record: Record) -> Consumption:
@@ -96,9 +128,12 @@ def consumption(record: Record) -> Consumption:
             "node": str(spec.get("node", "")),
             "pool": spec.get("pool") or "local",
         }
+        if gpu_count(spec):
+            attrs["gpu_model"] = str(spec.get("gpu_model", ""))
         if status.get("state") == "running" and not deleted:
             rates["compute.vcpu-hour"] = int(spec.get("vcpus", 0))
             rates["compute.memory-gib-hour"] = int(spec.get("memory_mib", 0))
+            rates["compute.gpu-hour"] = gpu_count(spec)
         if not deleted and not spec.get("root_volume") and status.get("state") not in ("pending", "scheduling"):
             rates["compute.root-disk-gib-hour"] = int(spec.get("disk_gib", 0))
     elif record.kind == "volume":
@@ -112,9 +147,50 @@ def consumption(record: Record) -> Consumption:
     elif record.kind == "floatingip":
         attrs = {"network": str(spec.get("network", "")), "address": str(spec.get("address", ""))}
         rates["network.floating-ip-hour"] = 1
-    elif record.kind == "bucket" and not deleted:
-        rates["objects.storage-gib-hour"] = int(status.get("size_bytes", 0))
+    elif record.kind == "bucket":
+        if not deleted:
+            rates["objects.storage-gib-hour"] = int(status.get("size_bytes", 0))
+        counters = {"objects.requests": int(status.get("requests", 0) or 0),
+                    "objects.egress-gib": int(status.get("bytes_out", 0) or 0)}  # fmt: skip
+        return Consumption({m: r for m, r in rates.items() if r > 0}, attrs, {m: v for m, v in counters.items() if v})
+    elif record.kind == "router":
+        attrs = {"external_network": str(spec.get("external_network", ""))}
+        return Consumption({}, attrs, egress_counters(status))
     return Consumption({m: r for m, r in rates.items() if r > 0}, attrs)
+
+
+#: A router's egress counters in its status: ``egress`` = {node: {"since": counter epoch, "bytes": cumulative}}.
+EGRESS_FIELD = "egress"
+
+
+def egress_key(node: str, since: int) -> str:
+    """The counter key of one node's egress counter that started at ``since``: ``network.egress-gib@node@since``. A
+    counter that starts again (the agent rewrote its nft table) has a new ``since``: a new key, counted from 0."""
+    return f"network.egress-gib@{node}@{since}"
+
+
+def egress_counters(status: dict[str, Any]) -> dict[str, int]:
+    """Pure: a router status' per-node egress counters as counter keys (:func:`egress_key`); malformed entries are
+    left out."""
+    out: dict[str, int] = {}
+    raw = status.get(EGRESS_FIELD)
+    if not isinstance(raw, dict):
+        return out
+    for node, entry in raw.items():
+        if not isinstance(entry, dict) or "@" in str(node):
+            continue
+        try:
+            since, value = int(entry.get("since", 0) or 0), int(entry.get("bytes", 0) or 0)
+        except (TypeError, ValueError):
+            continue
+        if value > 0:
+            out[egress_key(str(node), since)] = value
+    return out
+
+
+def counter_meter(key: str) -> str:
+    """The meter of a counter key (``meter`` or ``meter@node@since``)."""
+    return key.partition("@")[0]
 
 
 def effective_time(record: Record, before: dict[str, int], after: dict[str, int], stamp: int) -> int:

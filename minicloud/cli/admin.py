@@ -21,12 +21,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     verbs = p.add_subparsers(dest="verb", metavar="<verb>", required=True)
     v = verbs.add_parser(
         "backup",
-        help="back up the whole state to FILE (an operation on the node); `backup list`, `backup delete NAME`",
-        description="`admin backup FILE` makes a backup on the node and downloads it to FILE; `admin backup list` "
-        "lists the backups kept on the node (the newest retention.backups_keep); `admin backup delete NAME` deletes "
-        "one. A file called list or delete is written with a path: ./list.",
+        help="back up the whole state to FILE and/or --bucket B (an operation on the node); `backup list`, "
+        "`backup delete NAME`",
+        description="`admin backup FILE` makes a backup on the node and downloads it to FILE; `admin backup --bucket "
+        "B [--target T]` uploads it into bucket B of the project (or of backup target T) as "
+        "minicloud-backups/state/NAME; `admin backup list [--bucket B]` lists the backups kept on the node (the "
+        "newest retention.backups_keep) or in the bucket; `admin backup delete NAME` deletes one from the node. A "
+        "file called list or delete is written with a path: ./list.",
     )
-    v.add_argument("words", nargs="+", metavar="FILE | list | delete NAME")
+    v.add_argument("words", nargs="*", metavar="FILE | list | delete NAME")
+    v.add_argument("--bucket", help="also upload the backup into this bucket of the project (list: list it)")
+    v.add_argument("--target", help="a backup target (`minicloud backup-target list`) holding the bucket")
     v.set_defaults(func=backup_command)
     v = verbs.add_parser("restore", help="restore a backup into a stopped node's data directory")
     v.add_argument("file")
@@ -40,6 +45,13 @@ BACKUP_COLUMNS = [col("name", "name"), col("size", "size_bytes"), col("created",
 def backup_command(args: argparse.Namespace) -> int:
     """``admin backup FILE | list | delete NAME``."""
     words = args.words
+    if args.target and not args.bucket:
+        raise CommandError("--target needs --bucket: the bucket of that endpoint the backups are in", 2)
+    if not words:
+        if not args.bucket:
+            raise CommandError("usage: minicloud admin backup FILE | --bucket B | list | delete NAME", 2)
+        args.file = None
+        return backup(args)
     if words == ["list"]:
         return backup_list(args)
     if words[0] == "delete":
@@ -52,9 +64,14 @@ def backup_command(args: argparse.Namespace) -> int:
     return backup(args)
 
 
+def _bucket_query(args: argparse.Namespace) -> dict[str, str] | None:
+    return {"bucket": args.bucket, "target": args.target} if args.bucket else None
+
+
 def backup_list(args: argparse.Namespace) -> int:
-    page = client(args).call("GET", "/v1/admin/backups", Page[Backup])
-    emit(page.items, args.output, BACKUP_COLUMNS)
+    page = client(args).call("GET", "/v1/admin/backups", Page[Backup], query=_bucket_query(args))
+    columns = BACKUP_COLUMNS if not args.bucket else [*BACKUP_COLUMNS[:3], col("bucket", "bucket")]
+    emit(page.items, args.output, columns)
     return 0
 
 
@@ -67,9 +84,18 @@ def backup_delete(args: argparse.Namespace, name: str) -> int:
 
 def backup(args: argparse.Namespace) -> int:
     c = client(args)
-    op = c.call("POST", "/v1/admin/backups", Operation)
+    op = c.call("POST", "/v1/admin/backups", Operation, query=_bucket_query(args))
     final = wait_operation(c, op, args.output)
     result = final.result or {}
+    if args.file is None:  # into the bucket only
+        if args.output == "table":
+            print(
+                f"Backed up revision {result['revision']} to s3://{result['bucket']}/{result['object']} "
+                f"({result['size_bytes']} bytes, sha256 {result['sha256']})"
+            )
+        else:
+            emit(result, args.output)
+        return 0
     resp = c.raw("GET", f"/v1/admin/backups/{result['name']}")
     if resp.status != 200:
         raise CommandError(f"could not download the backup (HTTP {resp.status})")
@@ -81,6 +107,8 @@ def backup(args: argparse.Namespace) -> int:
         print(
             f"Backed up revision {result['revision']} to {target} ({len(resp.body)} bytes, sha256 {result['sha256']})"
         )
+        if result.get("bucket"):
+            print(f"Uploaded to s3://{result['bucket']}/{result['object']}")
     else:
         emit({**result, "file": str(target)}, args.output)
     return 0

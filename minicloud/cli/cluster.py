@@ -1,4 +1,4 @@
-"""``minicloud cluster enable|show|list|add|remove|promote`` and ``minicloud join TOKEN``."""
+"""``minicloud cluster enable|show|list|add|remove|promote|settings|set|unset`` and ``minicloud join TOKEN``."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import argparse
 
 from minicloud.cli.common import client
 from minicloud.cli.output import col, emit
-from minicloud.cluster.kinds import NODE
+from minicloud.cluster.kinds import CLUSTER_SETTING, NODE, SETTINGS
 from minicloud.model import ClusterInfo, JoinTokenIssued
 
 #: ``cluster list``/``show``: the node kind's declared columns (rows are ``ClusterMember``s).
 COLUMNS = [col(c.header, c.path) for c in NODE.columns]
+#: ``cluster settings``: the setting kind's declared columns.
+SETTING_COLUMNS = [col(c.header, c.path) for c in CLUSTER_SETTING.columns]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +38,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = verbs.add_parser("promote", help="make a learner a voting member")
     v.add_argument("node")
     v.set_defaults(func=promote)
+
+    verbs.add_parser(
+        "settings", help="cluster-wide settings: the cluster's value, or (never set) this node's configuration's"
+    ).set_defaults(func=settings)
+    v = verbs.add_parser("set", help="set a cluster-wide setting: every node applies it (admin)")
+    v.add_argument("name", help="the setting: " + ", ".join(sorted(SETTINGS)))
+    v.add_argument("value", help="scheduler-weigher: spread or pack")
+    v.set_defaults(func=set_)
+    v = verbs.add_parser("unset", help="unset a cluster-wide setting: each node uses its configuration file's again")
+    v.add_argument("name", help="the setting: " + ", ".join(sorted(SETTINGS)))
+    v.set_defaults(func=unset)
 
     p = sub.add_parser("join", help="join this node to a cluster with a token from `minicloud cluster add`")
     p.add_argument("token")
@@ -115,6 +128,29 @@ def promote(args: argparse.Namespace) -> int:
     client(args).call("POST", f"/v1/cluster/members/{args.node}/promote")
     if args.output == "table":
         print(f"Promoted {args.node} to voter")
+    return 0
+
+
+def settings(args: argparse.Namespace) -> int:
+    emit(client(args).cluster_settings.list(), args.output, SETTING_COLUMNS)
+    return 0
+
+
+def set_(args: argparse.Namespace) -> int:
+    shown = client(args).cluster_settings.set(args.name, args.value)
+    if args.output == "table":
+        print(f"{shown.name} = {shown.value} on every node of the cluster")
+    else:
+        emit(shown, args.output)
+    return 0
+
+
+def unset(args: argparse.Namespace) -> int:
+    c = client(args)
+    c.cluster_settings.unset(args.name)
+    if args.output == "table":
+        shown = c.cluster_settings.get(args.name)
+        print(f"{shown.name} unset: each node uses its {shown.config_key} ({shown.value} on this one)")
     return 0
 
 

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from minicloud.cli import generic
+from minicloud.cli import generic, migrate
 from minicloud.cli.common import CommandError, client
 from minicloud.cli.keypair import parse_labels
 from minicloud.cli.output import col, emit
@@ -53,6 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a NIC (repeat for several, in order): on subnet S, or network=N (its first subnet with room); "
         "ip= a fixed address; security-groups= names joined by + (default: the project's default group). "
         "Without --nic: the node's default network",
+    )
+    v.add_argument("--zone", help="only on nodes of this zone (`minicloud node list`)")
+    v.add_argument("--node", help="only on this node (cluster administrators)")
+    v.add_argument(
+        "--server-group",
+        metavar="GROUP",
+        help="join this server group: the scheduler keeps its members apart or together (`minicloud server-group list`)",
     )
     v.add_argument("--description", default="")
     v.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
@@ -103,6 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("name")
     _wait_flag(v, "is gone")
     v.set_defaults(func=delete)
+    migrate.register(verbs)
 
 
 _NIC_KEYS = {"subnet": "subnet", "network": "network", "ip": "ip", "security-groups": "security_groups"}
@@ -169,6 +177,9 @@ def create(args: argparse.Namespace) -> int:
         disk_gib=args.disk_size,
         start=not args.stopped,
         nics=args.nic,
+        zone=args.zone,
+        node=args.node,
+        server_group=args.server_group,
         description=args.description,
         labels=parse_labels(args.label),
     )

@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--memory", type=int, required=True, metavar="MIB", help="memory in MiB")
     v.add_argument("--disk", type=int, required=True, metavar="GIB", help="root disk in GiB")
     v.add_argument("--description", default="")
+    v.add_argument("--gpus", type=int, default=0, metavar="N", help="GPUs passed through to each instance (VFIO)")
+    v.add_argument(
+        "--gpu-model", default="", metavar="PATTERN", help='only GPUs whose model matches, e.g. "H100*" (with --gpus)'
+    )
     v.set_defaults(func=create)
     v = verbs.add_parser("delete", help="delete a custom instance type")
     v.add_argument("name")
@@ -43,8 +47,9 @@ def show(args: argparse.Namespace) -> int:
 
 def create(args: argparse.Namespace) -> int:
     t = client(args).types.create(
-        name=args.name, vcpus=args.vcpus, memory_mib=args.memory, disk_gib=args.disk, description=args.description
-    )
+        name=args.name, vcpus=args.vcpus, memory_mib=args.memory, disk_gib=args.disk, description=args.description,
+        gpus=args.gpus, gpu_model=args.gpu_model,
+    )  # fmt: skip
     emit(t, args.output)
     return 0
 

@@ -1,16 +1,18 @@
-"""``minicloud metrics show instance NAME`` (a small table of one instance's usage over time) and ``minicloud
-metrics query PROMQL`` (any PromQL over your project's series; ``--cluster`` for administrators)."""
+"""``minicloud metrics show instance NAME`` (a small table of one instance's usage over time), ``minicloud
+metrics query PROMQL`` (any PromQL over your project's series; ``--cluster`` for administrators) and ``minicloud top``
+(live per-instance usage of your project, on one node or the cluster; ``--cluster`` for every project)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import sys
 import time
 from typing import Any
 
 from minicloud.cli.common import CommandError, client
 from minicloud.cli.output import emit, table
-from minicloud.observe.names import INSTANCE_VIEWS
+from minicloud.observe.names import INSTANCE_VIEWS, TOP_COLUMNS, TOP_STATE
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -44,6 +46,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--step", help="the range query's resolution (e.g. 30s, 5m)")
     v.add_argument("--cluster", action="store_true", help="every series, nodes and API included (administrators)")
     v.set_defaults(func=query)
+
+    t = sub.add_parser("top", help="live per-instance usage (CPU, memory, disk, network) on a node or the cluster")
+    t.add_argument("--node", help="only the instances on this node (default: every node)")
+    t.add_argument("--cluster", action="store_true", help="every project's instances (administrators)")
+    t.add_argument("--sort", choices=["cpu", "memory", "disk", "net", "name"], default="cpu", help="(default cpu)")
+    t.add_argument("--limit", type=int, default=0, help="show the first N rows (default all)")
+    t.add_argument("--interval", type=_seconds, default=5, metavar="DURATION", help="refresh every (default 5s)")
+    t.add_argument("--window", type=_seconds, default=60, metavar="DURATION", help="rate window (default 1m)")
+    t.add_argument("--once", action="store_true", help="print once and exit (also with -o json|yaml)")
+    t.set_defaults(func=top)
 
 
 def _when(t: float) -> str:
@@ -117,3 +129,86 @@ def query(args: argparse.Namespace) -> int:
         cols.append(("points", lambda r: str(r["points"])))
     table(items, cols)
     return 0
+
+
+_SORT = {
+    "cpu": ("cpu %",),
+    "memory": ("mem MiB",),
+    "disk": ("disk r B/s", "disk w B/s"),
+    "net": ("net rx B/s", "net tx B/s"),
+}
+
+
+def top_rows(state: list[dict[str, Any]], columns: dict[str, list[dict[str, Any]]], sort: str) -> list[dict[str, Any]]:
+    """One row per instance from instant answers (pure): ``state`` names the instances (the state series: labels
+    and state), ``columns`` maps a column title to its answer (one series per ``instance_id``). Sorted by ``sort``,
+    largest first (``name``: by project and name)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for series in state:
+        m = series.get("metric", {})
+        iid = m.get("instance_id")
+        if iid:
+            rows[iid] = {"instance_id": iid, "name": m.get("name", ""), "project": m.get("project", ""),
+                         "node": m.get("node", ""), "state": m.get("state", "")}  # fmt: skip
+    for title, answer in columns.items():
+        for series in answer:
+            iid = series.get("metric", {}).get("instance_id")
+            if iid in rows:
+                try:
+                    rows[iid][title] = float(series["value"][1])
+                except (KeyError, IndexError, TypeError, ValueError):
+                    continue
+    items = list(rows.values())
+    if sort == "name":
+        return sorted(items, key=lambda r: (r["project"], r["name"], r["instance_id"]))
+    keys = _SORT[sort]
+    return sorted(items, key=lambda r: (-sum(r.get(k, 0.0) for k in keys), r["project"], r["name"]))
+
+
+def _top_once(args: argparse.Namespace, c: Any) -> list[dict[str, Any]]:
+    scope = "cluster" if args.cluster else None
+    sel = '{node="' + args.node.replace("\\", "\\\\").replace('"', '\\"') + '"}' if args.node else ""
+    window = f"{args.window}s"
+    state = c.metrics.query(TOP_STATE.replace("{sel}", sel), scope=scope).result or []
+    answers = {}
+    for title, promql in TOP_COLUMNS:
+        expr = promql.replace("{sel}", sel).replace("{w}", window)
+        answers[title] = c.metrics.query(expr, scope=scope).result or []
+    rows = top_rows(state, answers, args.sort)
+    return rows[: args.limit] if args.limit > 0 else rows
+
+
+def _top_table(rows: list[dict[str, Any]], cluster: bool) -> None:
+    cols: list[tuple[str, Any]] = [("name", lambda r: r["name"])]
+    if cluster:
+        cols.append(("project", lambda r: r["project"]))
+    cols += [("node", lambda r: r["node"]), ("state", lambda r: r["state"])]
+    cols += [(t, lambda r, t=t: _number(str(r[t])) if t in r else "-") for t, _ in TOP_COLUMNS]
+    table(rows, cols)
+
+
+def top(args: argparse.Namespace) -> int:
+    c = client(args)
+    if args.output != "table" or args.once:
+        rows = _top_once(args, c)
+        if args.output != "table":
+            emit(rows, args.output)
+        elif rows:
+            _top_table(rows, args.cluster)
+        else:
+            print("no instances with figures (none running, or not scraped yet)")
+        return 0
+    live = sys.stdout.isatty()
+    try:
+        while True:
+            rows = _top_once(args, c)
+            if live:
+                sys.stdout.write("\x1b[H\x1b[2J")
+            where = f"node {args.node}" if args.node else "all nodes"
+            print(f"minicloud top: {len(rows)} instances, {where}, {_when(time.time())} UTC (Ctrl-C to stop)")
+            if rows:
+                _top_table(rows, args.cluster)
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0

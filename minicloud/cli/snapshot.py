@@ -1,4 +1,5 @@
-"""``minicloud snapshot create|list|show|revert|delete``: point-in-time copies of a volume."""
+"""``minicloud snapshot create|list|show|revert|delete``: point-in-time copies of a volume or of an instance's root
+disk."""
 
 from __future__ import annotations
 
@@ -14,21 +15,27 @@ from minicloud.storage.kinds import SNAPSHOT
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("snapshot", help="volume snapshots")
     verbs = p.add_subparsers(dest="verb", metavar="<verb>", required=True)
-    v = verbs.add_parser("create", help="snapshot a volume")
+    v = verbs.add_parser("create", help="snapshot a volume, or an instance's root disk")
     v.add_argument("name")
-    v.add_argument("--volume", required=True)
+    of = v.add_mutually_exclusive_group(required=True)
+    of.add_argument("--volume", help="the volume to snapshot")
+    of.add_argument("--instance", help="the instance whose root disk to snapshot (a root disk in a ceph pool)")
     v.add_argument("--description", default="")
     v.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     v.set_defaults(func=create)
     generic.add_verbs(verbs, SNAPSHOT, lambda c: c.snapshots)
-    v = verbs.add_parser("revert", help="put the snapshot's volume back to it (detached, or its instance stopped)")
+    v = verbs.add_parser(
+        "revert",
+        help="put the snapshot's volume (detached, or its instance stopped) or root disk (instance stopped) back to it",
+    )
     v.add_argument("name")
     v.set_defaults(func=revert)
 
 
 def create(args: argparse.Namespace) -> int:
+    of = {"volume": args.volume} if args.volume is not None else {"instance": args.instance}
     snap = client(args).snapshots.create(
-        name=args.name, volume=args.volume, description=args.description, labels=parse_labels(args.label)
+        name=args.name, description=args.description, labels=parse_labels(args.label), **of
     )
     emit(snap, args.output)
     return 0

@@ -1,4 +1,4 @@
-"""``minicloud volume create|list|show|attach|detach|extend|delete``: block devices in a pool, attachable to one
+"""``minicloud volume create|list|show|attach|detach|extend|flatten|delete``: block devices in a pool, attachable to one
 instance at a time."""
 
 from __future__ import annotations
@@ -56,6 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("name")
     v.add_argument("--size", type=int, required=True, metavar="GIB", help="the new size in GiB")
     v.set_defaults(func=extend)
+    v = verbs.add_parser(
+        "flatten", help="copy the data of the snapshot a volume was made from into it, so the snapshot can be deleted"
+    )
+    v.add_argument("name")
+    _wait_flag(v, "is flattened")
+    v.set_defaults(func=flatten)
     v = verbs.add_parser("delete", help="delete a volume and its snapshots")
     v.add_argument("name")
     v.add_argument("--force", action="store_true", help="administrators: drop the record even if no node removes it")
@@ -109,6 +115,25 @@ def detach(args: argparse.Namespace) -> int:
 
 def extend(args: argparse.Namespace) -> int:
     emit(client(args).volumes.extend(args.name, size_gib=args.size), args.output)
+    return 0
+
+
+def flatten(args: argparse.Namespace) -> int:
+    c = client(args)
+    vol = c.volumes.flatten(args.name)
+    if args.wait:
+        try:
+            vol = c.volumes.wait(
+                vol.id, until=lambda v: v.status.flattened or v.status.state == "error", timeout=args.timeout
+            )
+        except TimeoutError as exc:
+            raise CommandError(str(exc)) from None
+        if vol is None:
+            raise CommandError(f"volume {args.name} was deleted before it was flattened")
+        if not vol.status.flattened:
+            emit(vol, args.output)
+            raise CommandError(f"volume {vol.name} is in error: {vol.status.reason}")
+    emit(vol, args.output)
     return 0
 
 

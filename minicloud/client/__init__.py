@@ -135,11 +135,13 @@ class Client:
         self.users = Users(self)
         self.projects = Projects(self)
         self.rolebindings = RoleBindings(self)
-        from minicloud.client.compute import Images, Instances, InstanceTypes
+        from minicloud.client.compute import Images, Instances, InstanceTypes, Nodes, ServerGroups
 
         self.images = Images(self)
         self.types = InstanceTypes(self)
         self.instances = Instances(self)
+        self.server_groups = ServerGroups(self)
+        self.nodes = Nodes(self)
         from minicloud.client.network import Networks, Routers, SecurityGroups, Subnets
 
         self.networks = Networks(self)
@@ -158,6 +160,9 @@ class Client:
         self.volumes = Volumes(self)
         self.snapshots = Snapshots(self)
         self.pools = Pools(self)
+        from minicloud.client.gpu import Gpus
+
+        self.gpus = Gpus(self)
         self.storage = StorageApi(self)
         from minicloud.client.backups import BackupSchedules, BackupTargets, VolumeBackups
 
@@ -176,6 +181,9 @@ class Client:
         from minicloud.client.billing import Billing
 
         self.billing = Billing(self)
+        from minicloud.client.cluster import ClusterSettings
+
+        self.cluster_settings = ClusterSettings(self)
 
     # -- construction ----------------------------------------------------------------------------------------------
     @classmethod
@@ -362,13 +370,31 @@ class AccessKeys(Collection[AccessKey]):
         super().__init__(client, ACCESSKEY)
 
     def create(
-        self, *, name: str, user: str | None = None, description: str = "", idempotency_key: str | None = None
+        self,
+        *,
+        name: str,
+        user: str | None = None,
+        description: str = "",
+        expires_in: int | None = None,
+        expires_at: str | None = None,
+        idempotency_key: str | None = None,
     ) -> AccessKeySecret:
         body: dict[str, Any] = {"name": name, "description": description}
         if user is not None:
             body["user"] = user
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        if expires_at is not None:
+            body["expires_at"] = expires_at
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._c.call("POST", self.path, AccessKeySecret, json=body, headers=headers)
+
+    def disable(self, ref: str) -> AccessKey:
+        """The object store refuses the key until :meth:`enable`."""
+        return self._c.call("POST", f"{self.path}/{_q(ref)}/disable", AccessKey)
+
+    def enable(self, ref: str) -> AccessKey:
+        return self._c.call("POST", f"{self.path}/{_q(ref)}/enable", AccessKey)
 
 
 class Users(Collection[User]):

@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from minicloud.client.collection import Collection
-from minicloud.compute.kinds import IMAGE, INSTANCE
+from minicloud.compute.kinds import IMAGE, INSTANCE, SERVERGROUP
 from minicloud.model import Operation, Problem
-from minicloud.model.compute import Image, Instance, InstanceType
+from minicloud.model.compute import ComputeNode, Image, Instance, InstanceType, ServerGroup
 
 if TYPE_CHECKING:
     from minicloud.client import Client
@@ -260,14 +260,21 @@ class InstanceTypes:
     def get(self, name: str) -> InstanceType:
         return self._c.call("GET", f"/v1/instance-types/{_q(name)}", InstanceType)
 
-    def create(self, *, name: str, vcpus: int, memory_mib: int, disk_gib: int, description: str = "") -> InstanceType:
-        body = {
+    def create(
+        self, *, name: str, vcpus: int, memory_mib: int, disk_gib: int, description: str = "", gpus: int = 0,
+        gpu_model: str = "",
+    ) -> InstanceType:  # fmt: skip
+        body: dict[str, object] = {
             "name": name,
             "vcpus": vcpus,
             "memory_mib": memory_mib,
             "disk_gib": disk_gib,
             "description": description,
         }
+        if gpus:
+            body["gpus"] = gpus
+        if gpu_model:
+            body["gpu_model"] = gpu_model
         return self._c.call("POST", "/v1/instance-types", InstanceType, json=body)
 
     def delete(self, name: str) -> None:
@@ -313,6 +320,11 @@ class Instances(Collection[Instance]):
 
     def resize(self, ref: str, *, type: str) -> Instance:
         return self._verb(ref, "resize", {"type": type})
+
+    def migrate(self, ref: str, *, node: str | None = None, cold: bool = False) -> Operation:
+        """Live-migrate the instance to ``node`` (default: the scheduler's pick); an operation follows it."""
+        body: dict[str, Any] = {"cold": cold} if node is None else {"node": node, "cold": cold}
+        return self._c.call("POST", f"{self.path}/{_q(ref)}/migrate", Operation, json=body)
 
     def add_nic(
         self,
@@ -401,3 +413,47 @@ class Instances(Collection[Instance]):
                 yield chunk
         finally:
             self._c.close()
+
+
+class ServerGroups(Collection[ServerGroup]):
+    """``/v1/server-groups``: list and update from the kind's declaration; create, show (with members) and delete
+    (409 while it has members)."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(client, SERVERGROUP)
+
+    def create(
+        self,
+        *,
+        name: str,
+        policy: str,
+        scope: str = "node",
+        description: str = "",
+        labels: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> ServerGroup:
+        """``policy``: ``anti-affinity``, ``affinity`` or ``soft-anti-affinity``; ``scope``: ``node`` or ``zone``."""
+        body = {"name": name, "policy": policy, "scope": scope, "description": description, "labels": labels or {}}
+        return self._create(body, idempotency_key)
+
+
+class Nodes:
+    """``/v1/nodes``: the compute nodes as the scheduler sees them; cordon and uncordon (cluster administrators)."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self) -> list[ComputeNode]:
+        return self._c.call("GET", "/v1/nodes", list[ComputeNode])
+
+    def cordon(self, name: str, *, reason: str = "") -> ComputeNode:
+        """No new instances on ``name`` (those on it stay)."""
+        return self._c.call("POST", f"/v1/nodes/{_q(name)}/cordon", ComputeNode, json={"reason": reason})
+
+    def uncordon(self, name: str) -> ComputeNode:
+        return self._c.call("POST", f"/v1/nodes/{_q(name)}/uncordon", ComputeNode)
+
+    def drain(self, name: str) -> Operation:
+        """Cordon ``name`` and live-migrate what can move off it; the operation's result says what moved and what
+        stays (and why)."""
+        return self._c.call("POST", f"/v1/nodes/{_q(name)}/drain", Operation)

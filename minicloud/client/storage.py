@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from minicloud.client.collection import Collection, quote
 from minicloud.model.storage import Pool, Snapshot, Storage, StorageDisk, Volume
 from minicloud.storage.kinds import POOL, SNAPSHOT, VOLUME
@@ -50,6 +52,11 @@ class Volumes(Collection[Volume]):
     def extend(self, ref: str, *, size_gib: int) -> Volume:
         return self._verb(ref, "extend", {"size_gib": size_gib})
 
+    def flatten(self, ref: str) -> Volume:
+        """Ask for a volume made from a snapshot to stop depending on it (``status.flattened`` once its node copied
+        the data; then the snapshot can be deleted). Asking again answers the volume unchanged."""
+        return self._c.call("POST", f"{self.path}/{quote(ref)}/flatten", Volume)
+
     def wait(
         self,
         ref: str,
@@ -82,15 +89,20 @@ class Snapshots(Collection[Snapshot]):
     def __init__(self, client: Client) -> None:
         super().__init__(client, SNAPSHOT)
 
-    def create(self, *, name: str, volume: str, idempotency_key: str | None = None, **fields: Any) -> Snapshot:
+    def create(
+        self, *, name: str, volume: str | None = None, idempotency_key: str | None = None, **fields: Any
+    ) -> Snapshot:
+        """Of ``volume=``, or of an instance's root disk (``instance=``)."""
         return self._create(_body(name=name, volume=volume, **fields), idempotency_key)
 
     def delete(self, ref: str, *, if_match: int | None = None) -> Snapshot | None:  # type: ignore[override]
         return self._c.call("DELETE", f"{self.path}/{quote(ref)}", Snapshot, headers=_headers(if_match))
 
-    def revert(self, ref: str) -> Volume:
-        """Revert the snapshot's volume to it; answers the volume."""
-        return self._c.call("POST", f"{self.path}/{quote(ref)}/revert", Volume)
+    def revert(self, ref: str) -> Volume | Snapshot:
+        """Revert the snapshot's volume to it (answers the volume), or its instance's root disk (answers the
+        snapshot: ``status.reason`` says when the instance's node could not)."""
+        raw = self._c.call("POST", f"{self.path}/{quote(ref)}/revert")
+        return msgspec.convert(raw, Snapshot if raw.get("instance_id") else Volume)
 
 
 class Pools(Collection[Pool]):

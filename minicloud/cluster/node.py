@@ -100,6 +100,17 @@ def _url(host: str, port: int) -> str:
     return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
 
+def _check_https(https: str, address: str) -> None:
+    """A joining node's HTTPS URL must be ``https://ADDRESS:PORT`` on the address it joins with (other nodes call
+    it with their client certificates: it may not point them anywhere else)."""
+    if not https:
+        return
+    prefix = _url(address, 0)[: -len(":0")] + ":"
+    port = https[len(prefix) :] if https.startswith(prefix) else ""
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise errors.ValidationFailed(f"https must be https://{address}:PORT (this node's own address), not {https!r}")
+
+
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
 
@@ -324,10 +335,13 @@ class ClusterNode:
         peer_url: str,
         client_url: str,
         address: str,
+        https: str = "",
     ) -> Written:
         """Check a join request, consume its token, sign the node's CSR and add it to etcd (the reply,
-        :class:`JoinReply`, carries the cluster's keys: it is never stored, so no ``Idempotency-Key`` applies)."""
+        :class:`JoinReply`, carries the cluster's keys: it is never stored, so no ``Idempotency-Key`` applies).
+        ``https`` is the node's HTTPS URL; it must name ``address``."""
         state = self._require_cluster()
+        _check_https(https, address)
         assert self.client is not None
         ctx = dataclasses.replace(ctx, idempotency=None)
         token = joinlib.parse_token(token_text)
@@ -361,7 +375,7 @@ class ClusterNode:
         joined = NODE.new(
             project="",
             name=node,
-            spec=NodeSpec(address=address, role=role),
+            spec=NodeSpec(address=address, role=role, https=https),
             labels={"zone": zone} if zone else {},
             stamp=ctx.clock(),
         )
@@ -427,7 +441,8 @@ class ClusterNode:
             c = self.config.cluster
             peer_url, client_url = _url(address, c.etcd_peer_port), _url(address, c.etcd_client_port)
             key_pem, csr_pem = joinlib.make_node_key_and_csr(self.name, [address])
-            reply = await self._send_join(token, csr_pem.decode(), peer_url, client_url, address)
+            https = _url(address, self._https_port()) if self.config.listen_address() else ""
+            reply = await self._send_join(token, csr_pem.decode(), peer_url, client_url, address, https)
             # Install the cluster's CA and this node's certificate, then make HTTPS serve it.
             _atomic_write(self.pki.ca_key, reply["ca_key"].encode())
             _atomic_write(self.config.data_path / "pki" / "session.key", reply["session_key"].encode())
@@ -471,7 +486,7 @@ class ClusterNode:
             return state
 
     async def _send_join(
-        self, token: joinlib.JoinToken, csr: str, peer_url: str, client_url: str, address: str
+        self, token: joinlib.JoinToken, csr: str, peer_url: str, client_url: str, address: str, https: str
     ) -> dict[str, Any]:
         errors_seen = []
         for target in token.addresses:
@@ -494,6 +509,7 @@ class ClusterNode:
                         "peer_url": peer_url,
                         "client_url": client_url,
                         "address": address,
+                        "https": https,
                     }
                     async with http.post(
                         f"{base}/v1/cluster/join-requests",

@@ -75,17 +75,38 @@ class GuardedResolver(AbstractResolver):
         await self._inner.close()
 
 
-class _Guard:
-    """The connector's socket factory: the last check, on the exact address a socket is about to connect to."""
+class SocketGuard:
+    """The connector's socket factory: the last check, on the exact address a socket is about to connect to.
+    ``host`` is the host of the URL being fetched (set it before each request; redirects are followed one at a
+    time)."""
 
-    def __init__(self, policy: UrlPolicy) -> None:
+    def __init__(self, policy: UrlPolicy, host: str = "") -> None:
         self.policy = policy
-        self.host = ""  # the host of the URL being fetched (redirects are followed one at a time)
+        self.host = host
 
     def __call__(self, addr_info: Any) -> socket.socket:
         family, type_, proto, _, address = addr_info
         self.policy.check(self.host, str(address[0]))
         return socket.socket(family=family, type=type_, proto=proto)
+
+
+def guarded_connector(
+    policy: UrlPolicy, host: str = "", *, ssl: Any = True, limit: int = 1
+) -> tuple[aiohttp.TCPConnector, SocketGuard]:
+    """A connector for requests to a caller-chosen address under ``policy``: every address a name resolves to is
+    checked (:class:`GuardedResolver`) and so is the exact address each socket connects to (:class:`SocketGuard`,
+    returned so that the caller sets its ``host`` per request); one address tried at a time, no DNS cache. Image
+    downloads, alarm webhooks and backups to another S3 endpoint use it."""
+    guard = SocketGuard(policy, normal_host(host) if host else "")
+    connector = aiohttp.TCPConnector(
+        resolver=GuardedResolver(policy),
+        socket_factory=guard,
+        happy_eyeballs_delay=None,  # one address at a time: a refusal from the socket factory ends the attempt
+        use_dns_cache=False,
+        limit=limit,
+        ssl=ssl,
+    )
+    return connector, guard
 
 
 def check_url(url: str, policy: UrlPolicy) -> URL:
@@ -139,14 +160,7 @@ async def download(
     """Fetch ``url`` into ``dst`` under ``policy`` (see the module docstring). The caller removes ``dst`` on failure."""
     loop = asyncio.get_running_loop()
     target = check_url(url, policy)
-    guard = _Guard(policy)
-    connector = aiohttp.TCPConnector(
-        resolver=GuardedResolver(policy),
-        socket_factory=guard,
-        happy_eyeballs_delay=None,  # one address at a time: a refusal from the socket factory ends the attempt
-        use_dns_cache=False,
-        limit=1,
-    )
+    connector, guard = guarded_connector(policy)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
     headers = {"Accept-Encoding": "identity", "User-Agent": "minicloud-image-import"}
     try:

@@ -269,9 +269,9 @@ async def _download_and_record(
 async def delete_image(ctx: Context, store: Store, node: NodeImages, ref: str, *, expect: int | None = None) -> Written:
     """Delete the image ``ref`` names (204); 409 while instances use it (looked up by the instances' ``image_id``
     index) or volumes were made from its pool copy, in any project (the volumes' ``image_id`` index; another
-    project's are named by id). Race-free against volume creates: the image is marked ``deleting`` (CAS) before the
-    last look for volumes, so a create that commits after the mark fails its Check on the image and is refused, and
-    one before it is seen; the mark goes with a refusal, and one a crash left is taken over by the next delete. Its
+    project's are named by id). Race-free against instance and volume creates: the image is marked ``deleting``
+    (CAS) before the last look for users, so a create that commits after the mark fails its Check on the image and
+    is refused, and one before it is seen; the mark goes with a refusal, and one a crash left is taken over by the next delete. Its
     files are removed here when this node holds them; otherwise the image's node removes them (its compute
     reconciler collects files no record names)."""
 
@@ -281,23 +281,14 @@ async def delete_image(ctx: Context, store: Store, node: NodeImages, ref: str, *
             raise errors.PreconditionFailed(
                 "the image was changed since the revision you sent in If-Match; read it again and retry"
             )
-        users = [r.name for r in await list_all(store, INSTANCE.name, where={"image_id": obj.id})]
-        if users:
-            shown = ", ".join(sorted(users)[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
-            raise errors.InUse(
-                f"image '{obj.name}' is used by {len(users)} instance(s) ({shown}); delete them first",
-                instances=len(users),
-            )
-        if not obj.spec.pool:
-            return await crud.delete_obj(ctx, store, IMAGE, obj, expect=obj.revision)
-        # Volumes made from the image are clones of its pool copy (RBD children of its ``base`` snapshot): the copy
-        # cannot go while they exist.
+        # Instances use it (their creates Check it: marked first, then looked at again), and volumes made from it
+        # are clones of its pool copy (RBD children of its ``base`` snapshot): the copy cannot go while they exist.
         return await common.delete_marked(
             ctx,
             store,
             IMAGE,
             obj,
-            lambda o: _refuse_clones(ctx, store, o),
+            lambda o: _refuse_users(ctx, store, o),
             lambda o: crud.delete_obj(ctx, store, IMAGE, o, expect=o.revision),
         )
 
@@ -306,6 +297,20 @@ async def delete_image(ctx: Context, store: Store, node: NodeImages, ref: str, *
     if obj.spec.node == node.node:
         await asyncio.to_thread(image_files.remove, node.root, obj.id)
     return written
+
+
+async def _refuse_users(ctx: Context, store: Store, image: Obj) -> None:
+    """409 while instances use ``image`` (the instances' ``image_id`` index, every project) or volumes were made
+    from its pool copy."""
+    users = [r.name for r in await list_all(store, INSTANCE.name, where={"image_id": image.id})]
+    if users:
+        shown = ", ".join(sorted(users)[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+        raise errors.InUse(
+            f"image '{image.name}' is used by {len(users)} instance(s) ({shown}); delete them first",
+            instances=len(users),
+        )
+    if image.spec.pool:
+        await _refuse_clones(ctx, store, image)
 
 
 async def _refuse_clones(ctx: Context, store: Store, image: Obj) -> None:

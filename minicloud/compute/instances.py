@@ -26,6 +26,7 @@ may still be writing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 import uuid
@@ -37,7 +38,9 @@ from typing import Any
 import msgspec
 
 from minicloud import errors, ids
-from minicloud.compute import types
+from minicloud.cluster.kinds import SCHEDULER_WEIGHER
+from minicloud.compute import nodes as node_states
+from minicloud.compute import server_groups, types
 from minicloud.compute.images import Pool, default_pool, pool_for
 from minicloud.compute.kinds import (
     HYPERVISOR,
@@ -54,16 +57,19 @@ from minicloud.compute.kinds import (
     PlacementSpec,
     RebootRequest,
 )
-from minicloud.compute.scheduler import Demand, NodeCapacity, demand_of, place, usage
+from minicloud.compute.scheduler import Demand, NodeCapacity, SchedRequest, demand_of, place, schedule, usage
 from minicloud.core import crud
 from minicloud.core.context import Context
 from minicloud.core.kinds import Obj
 from minicloud.core.write import Written, commit, replay
-from minicloud.iam.directory import Directory
+from minicloud.gpu import placement as gpu_placement
+from minicloud.gpu import service as gpus
+from minicloud.iam.directory import Directory, authorize
 from minicloud.model.compute import InstanceCreate, NicCreate
 from minicloud.network import default_vpc, ipam, ports
 from minicloud.network.kinds import PORT
-from minicloud.state import Create, Delete, Op, Store, Update, list_all
+from minicloud.state import Create, Delete, Op, Store, TxnFailed, Update, list_all
+from minicloud.storage import common as storage_common
 from minicloud.storage.kinds import (
     DISK_SLOTS,
     LOCAL_POOL_NAME,
@@ -335,6 +341,35 @@ async def _boot_volume_ops(store: Store, obj: Instance) -> list[Op]:
     return [Update(VOLUME.dump(updated), expect_revision=record.revision), *follow]
 
 
+def _root_ops(root: RootDisk) -> Callable[[Store, Instance], Awaitable[list[Op]]]:
+    """The ops the instance's transaction commits for its root disk: a Check that its image and pool are still
+    there and not being deleted (so a delete of either, which marks it before its last look for users, either sees
+    the instance or makes this create read again and answer 404/409: never an instance of a deleted image or pool),
+    and the boot volume's attachment."""
+
+    async def ops(store: Store, obj: Instance) -> list[Op]:
+        found: list[Op] = []
+        if root.image is not None:
+            found.append(await storage_common.still(store, IMAGE, root.image.id, f"image '{root.image.name}'"))
+        if root.pool is not None:
+            found.append(await storage_common.still(store, POOL, root.pool.id, f"pool '{root.pool.name}'"))
+        if root.volume is not None:
+            found += await _boot_volume_ops(store, obj)
+        return found
+
+    return ops
+
+
+def _root_gone(exc: BaseException) -> bool:
+    """Whether a create failed because its image, pool or boot volume went meanwhile (the next try says so)."""
+    cause = exc.__context__
+    return (
+        isinstance(cause, TxnFailed)
+        and cause.reason == "not-found"
+        and getattr(cause.op, "kind", "") in (IMAGE.name, POOL.name, VOLUME.name)
+    )
+
+
 async def create_instance(
     ctx: Context,
     store: Store,
@@ -342,12 +377,16 @@ async def create_instance(
     *,
     locks: NodeLocks | None = None,
     directory: Directory | None = None,
+    weigher: str = "spread",
 ) -> Written:
     """Create an instance in ``ctx``'s project: check the image or boot volume and pool (:func:`root_disk`), type
-    and key pair (and each NIC's subnet or network and security groups), place it on a node that may run it and
-    has room (409 saying what is short otherwise), record it (201) with its ports and their addresses (and the boot
-    volume's attachment) in the same transaction (409 for an address already used or an exhausted subnet). The node
-    then builds and starts it (``status.state`` pending → building → running). Idempotent under
+    and key pair (and each NIC's subnet or network and security groups), ``--zone``, ``--node`` (admin) and
+    ``--server-group``, place it with the scheduler (:func:`~minicloud.compute.scheduler.schedule`: filters, then
+    the weigher: the cluster setting ``scheduler-weigher`` (``minicloud cluster set``), else ``weigher``, this node's
+    ``compute.scheduler_weigher``; 409 saying why each node was refused otherwise; the reason is recorded in
+    ``spec.placement``),
+    record it (201) with its ports and their addresses (and the boot volume's attachment) in the same transaction
+    (409 for an address already used or an exhausted subnet). The node then builds and starts it (``status.state`` pending → building → running). Idempotent under
     ``ctx.idempotency``."""
     if (first := await replay(ctx, store)) is not None:
         return first
@@ -379,6 +418,7 @@ async def create_instance(
                 f"--disk-size {image_gib} or more, or a larger type",
                 invalid_params=[{"name": "disk_gib", "reason": f"smaller than the image ({image_gib} GiB)"}],
             )
+    group = await _placement_hints(ctx, store, body, directory)
     wanted = await _wanted_nics(ctx, store, body.nics, directory)
     spec = InstanceSpec(
         uuid=str(uuid.uuid4()),
@@ -397,27 +437,53 @@ async def create_instance(
         pool=root.pool.id if root.pool is not None else "",
         pool_driver=root.pool_driver,
         root_volume=root.volume.id if root.volume is not None else "",
+        server_group=group.id if group is not None else "",
+        zone=body.zone or "",
+        gpus=itype.gpus,
+        gpu_model=itype.gpu_model,
     )
     obj = INSTANCE.new(project=ctx.project, name=body.name, spec=spec, labels=body.labels, stamp=ctx.clock())
-    extra = _boot_volume_ops if root.volume is not None else None
+    extra = _root_ops(root)
+    req = SchedRequest(
+        demand=demand_of(spec), pinned=root.node, zone=body.zone, node=body.node, gpus=itype.gpus,
+        gpu_model=itype.gpu_model,
+    )  # fmt: skip
+    lock_name = root.node or body.node or _ANY_NODE
     if locks is None:
-        return await _place_and_commit(ctx, store, obj, wanted, root.node, extra)
-    async with locks.get(root.node or _ANY_NODE):
-        return await _place_and_commit(ctx, store, obj, wanted, root.node, extra)
+        return await _place_and_commit(ctx, store, obj, wanted, req, extra, group=group, weigher=weigher)
+    async with locks.get(lock_name):
+        return await _place_and_commit(ctx, store, obj, wanted, req, extra, group=group, weigher=weigher)
 
 
-async def _candidates(store: Store, node: str | None) -> tuple[list[NodeCapacity], dict[str, Demand], dict[str, int]]:
-    """The nodes that may take the instance (``node`` only, or every node that published its capacity), what the
-    instances on them take, and their CPU counts."""
-    if node is not None:
-        hv = await hypervisor(store, node)
-        hvs = [hv] if hv is not None else []
-    else:
-        hvs = [HYPERVISOR.load(r) for r in await list_all(store, HYPERVISOR.name)]
-    used: dict[str, Demand] = {}
-    for h in hvs:
-        used.update(await node_usage(store, h.name))
-    return [NodeCapacity.of(h.name, h.spec) for h in hvs], used, {h.name: h.spec.cpus for h in hvs}
+async def _placement_hints(
+    ctx: Context, store: Store, body: InstanceCreate, directory: Directory | None
+) -> server_groups.GroupObj | None:
+    """Check ``--node`` (cluster administrators only; a compute node), ``--zone`` (a zone some node has: 400
+    otherwise) and ``--server-group`` (the caller's project's: 404 otherwise); the group."""
+    if body.node is not None:
+        if directory is not None:
+            await authorize(directory, ctx.principal, "admin:instances:place", "", cluster=True)
+        elif not ctx.principal.admin:
+            raise errors.Forbidden(
+                "choosing the node (--node) is for cluster administrators (admin:instances:place); give --zone instead",
+                action="admin:instances:place",
+            )
+        if await hypervisor(store, body.node) is None:
+            raise errors.BadRequest(
+                f"there is no compute node '{body.node}'; see `minicloud node list`",
+                invalid_params=[{"name": "node", "reason": "unknown compute node"}],
+            )
+    if body.zone is not None:
+        known = sorted({z for z in (await node_states.zones(store)).values() if z})
+        if body.zone not in known:
+            raise errors.BadRequest(
+                f"there is no zone '{body.zone}': "
+                + (f"the zones are {', '.join(known)}" if known else "no node has a zone (`cluster add --zone`)"),
+                invalid_params=[{"name": "zone", "reason": "unknown zone"}],
+            )
+    if body.server_group is None:
+        return None
+    return await server_groups.resolve(ctx, store, body.server_group)
 
 
 async def _place_and_commit(
@@ -425,22 +491,40 @@ async def _place_and_commit(
     store: Store,
     obj: Instance,
     wanted: list[ports.Wanted],
-    pinned: str | None,
+    req: SchedRequest,
     extra: Callable[[Store, Instance], Awaitable[list[Op]]] | None = None,
+    *,
+    group: server_groups.GroupObj | None = None,
+    weigher: str = "spread",
 ) -> Written:
-    """Decide on fresh figures and commit the instance with a compare-and-swap on its node's placement record and
-    its ports (``port.node`` = the placement) with their addresses, and ``extra``'s ops (the boot volume's
-    attachment); another placement on that node committing first, or another port taking an address first, means:
-    back off, decide again."""
-    demand = demand_of(obj.spec)
+    """Decide on fresh figures and commit the instance with a compare-and-swap on its node's placement record (and
+    on its server group's record) and its ports (``port.node`` = the placement) with their addresses, and
+    ``extra``'s ops (the boot volume's attachment); another placement on that node (or in that group) committing
+    first, or another port taking an address first, means: back off, decide again."""
     for attempt in range(_PLACEMENT_ATTEMPTS):
         if attempt:
             await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))
-        candidates, used, cpus = await _candidates(store, pinned)
-        node = place(demand, candidates, used)
+        views, cpus = await node_states.sched_nodes(store, only=req.pinned or req.node)
+        group_ops: list[Op] = []
+        if group is not None:
+            zones = {v.name: v.zone for v in views} if not (req.pinned or req.node) else await node_states.zones(store)
+            sg, join = await server_groups.snapshot(store, group, zones)
+            req = dataclasses.replace(req, group=sg)
+            group_ops = [join]
+        node_gpus: dict[str, list[gpus.Gpu]] = {}
+        if req.gpus:
+            node_gpus = await gpus.all_gpus(store)
+            views = [dataclasses.replace(v, gpus=tuple(g.spec for g in node_gpus.get(v.name, []))) for v in views]
+        # The cluster's setting when an administrator set one (the placement cache's copy: no store read), else this
+        # node's configuration: every node weighs alike once it is set.
+        chosen = await node_states.cluster_setting(store, SCHEDULER_WEIGHER) or weigher
+        decision = schedule(req, views, weigher=chosen)
+        node = decision.node
         # CPU hot-plug up to the node's CPUs (`instance resize` while running)
         obj = obj.replace(
-            spec=msgspec.structs.replace(obj.spec, node=node, max_vcpus=max(obj.spec.vcpus, cpus.get(node, 0)))
+            spec=msgspec.structs.replace(
+                obj.spec, node=node, max_vcpus=max(obj.spec.vcpus, cpus.get(node, 0)), placement=decision.reason
+            )
         )
         token_record = await store.get(PLACEMENT.name, placement_id(node))
         token_op: Op
@@ -456,10 +540,11 @@ async def _place_and_commit(
         nics, port_ops = await _port_ops(ctx, store, obj, wanted, spread=min(attempt, 8))
         obj = obj.replace(spec=msgspec.structs.replace(obj.spec, nics=nics))
         extra_ops = await extra(store, obj) if extra is not None else []
+        extra_ops += _gpu_claims(req, node_gpus.get(node, []), obj, ctx.clock())
         try:
-            return await crud.create(ctx, store, INSTANCE, obj, extra=[token_op, *port_ops, *extra_ops])
+            return await crud.create(ctx, store, INSTANCE, obj, extra=[token_op, *group_ops, *port_ops, *extra_ops])
         except errors.PreconditionFailed:
-            continue  # another placement on this node committed first (or a subnet or the boot volume changed)
+            continue  # another placement on this node or in the group committed first (or a subnet or volume changed)
         except errors.AlreadyExists as exc:
             if ipam.lost_race(exc):
                 continue  # another port took an address first
@@ -467,10 +552,26 @@ async def _place_and_commit(
                 continue  # the placement record was created concurrently
             raise
         except errors.MinicloudError as exc:
-            if ipam.lost_race(exc):
-                continue  # a subnet was deleted or changed meanwhile: read again (404/409 then)
+            if ipam.lost_race(exc) or _root_gone(exc) or _gpu_gone(exc):
+                continue  # a subnet, the image, the pool or a GPU was deleted or changed meanwhile: read again
             raise
     raise errors.Conflict("placement kept racing with other creates on the same node; retry")
+
+
+def _gpu_gone(exc: BaseException) -> bool:
+    """Whether a create failed because a GPU it took left its node's inventory meanwhile (decide again)."""
+    cause = exc.__context__
+    record = getattr(cause, "op", None) and getattr(cause.op, "record", None)  # type: ignore[union-attr]
+    return isinstance(cause, TxnFailed) and cause.reason == "not-found" and getattr(record, "kind", "") == gpus.GPU.name
+
+
+def _gpu_claims(req: SchedRequest, here: list[gpus.Gpu], obj: Instance, stamp: str) -> list[Op]:
+    """The compare-and-swap Updates that make the chosen node's GPUs (as read for the decision) the instance's: a
+    GPU taken meanwhile by another create fails the transaction, which then decides again."""
+    if not req.gpus:
+        return []
+    chosen = {s.pci_address for s in gpu_placement.choose([g.spec for g in here], req.gpus, req.gpu_model)}
+    return gpus.claim_ops([g for g in here if g.spec.pci_address in chosen], obj.id, obj.name, stamp)
 
 
 # -- verbs ---------------------------------------------------------------------------------------------------------
@@ -555,7 +656,20 @@ async def resize_instance(ctx: Context, store: Store, ref: str, type_ref: str, *
     obj = await get_instance(ctx, store, ref)
     _not_deleting(obj)
     spec, state = obj.spec, obj.status.state
-    if not (spec.power == "stopped" and state == "stopped"):
+    stopped = spec.power == "stopped" and state == "stopped"
+    if (spec.gpus or itype.gpus) and not stopped:
+        raise errors.Conflict(
+            f"instance '{obj.name}' has GPUs passed through and cannot be resized while it is {state}: stop it first "
+            f"(`minicloud instance stop {obj.name} --wait`)"
+        )
+    if (itype.gpus, itype.gpu_model) != (spec.gpus, spec.gpu_model):
+        have = f"{spec.gpus} GPU(s)" + (f" matching '{spec.gpu_model}'" if spec.gpu_model else "")
+        raise errors.Conflict(
+            f"instance '{obj.name}' has {have} and type {itype.name} asks for {itype.gpus}"
+            + (f" matching '{itype.gpu_model}'" if itype.gpu_model else "")
+            + ": GPUs do not change by resize; create a new instance of that type"
+        )
+    if not stopped:
         why = (
             "its memory would change"
             if itype.memory_mib != spec.memory_mib
@@ -599,7 +713,11 @@ async def delete_instance(ctx: Context, store: Store, ref: str, *, expect: int |
     compute has nothing to clean up: its record goes at once (204)."""
     obj = await get_instance(ctx, store, ref)
     if await hypervisor(store, obj.spec.node) is None:
-        extra = [*await _release_ops(store, obj), *await volume_release_ops(store, obj)]
+        extra = [
+            *await _release_ops(store, obj),
+            *await volume_release_ops(store, obj),
+            *await gpus.release_ops(store, obj.spec.node, obj.id),
+        ]
         return await crud.delete_obj(ctx, store, INSTANCE, obj, expect=expect, extra=extra)
 
     def mutate(current: Instance) -> Instance:
@@ -613,9 +731,16 @@ async def delete_instance(ctx: Context, store: Store, ref: str, *, expect: int |
 
 # -- NICs ----------------------------------------------------------------------------------------------------------
 async def record_removal_ops(store: Store, obj: Instance) -> list[Op]:
-    """What removes the instance's record for good, its ports and their addresses included, and its volumes'
-    attachments: the node's teardown commits these once the guest is gone."""
-    return [crud.delete_op(obj), *await _release_ops(store, obj), *await volume_release_ops(store, obj)]
+    """What removes the instance's record for good, its ports and their addresses included, its volumes'
+    attachments and (a default-bridge guest) its pinned address in the ``host`` pool: the node's teardown commits
+    these once the guest is gone."""
+    return [
+        crud.delete_op(obj),
+        *await _release_ops(store, obj),
+        *await volume_release_ops(store, obj),
+        *await gpus.release_ops(store, obj.spec.node, obj.id),
+        *(await default_vpc.pin_release_ops(store, obj.spec.node, obj.id) if not obj.spec.nics else []),
+    ]
 
 
 async def attached_volumes(store: Store, obj: Instance) -> list[tuple[Volume, int]]:

@@ -20,6 +20,8 @@ from minicloud.model.compute import (
     InstanceType,
     InstanceUpdate,
     Nic,
+    ServerGroup,
+    ServerGroupUpdate,
 )
 
 
@@ -59,6 +61,8 @@ class InstanceTypeSpec(msgspec.Struct, kw_only=True):
     memory_mib: int
     disk_gib: int
     description: str = ""
+    gpus: int = 0
+    gpu_model: str = ""
 
 
 def _render_type(obj) -> InstanceType:  # type: ignore[no-untyped-def]
@@ -70,6 +74,8 @@ def _render_type(obj) -> InstanceType:  # type: ignore[no-untyped-def]
         disk_gib=s.disk_gib,
         builtin=False,
         description=s.description,
+        gpus=s.gpus,
+        gpu_model=s.gpu_model,
         id=obj.id,
         revision=obj.revision,
     )
@@ -95,6 +101,7 @@ INSTANCE_TYPE = declare(
             Column("vcpus", "vcpus"),
             Column("memory_mib", "memory_mib"),
             Column("disk_gib", "disk_gib"),
+            Column("gpus", "gpus"),
             Column("builtin", "builtin"),
         ),
         generic=frozenset(),
@@ -257,6 +264,14 @@ class InstanceSpec(msgspec.Struct, kw_only=True):
     pool_driver: str = ""
     #: ``--boot-volume``: the volume that is the root disk (then no disk is made from the image).
     root_volume: str = ""
+    #: The server group (id) it joined at create, and the zone it was asked for (``--zone``).
+    server_group: str = ""
+    zone: str = ""
+    #: Why the scheduler chose ``node`` (:class:`minicloud.compute.scheduler.Decision`).
+    placement: str = ""
+    #: GPUs it holds (its type's, copied): the ``gpu`` records whose ``instance`` is its id, on its node.
+    gpus: int = 0
+    gpu_model: str = ""
 
     @property
     def vcpu_limit(self) -> int:
@@ -308,6 +323,9 @@ def _render_instance(obj) -> Instance:  # type: ignore[no-untyped-def]
         description=s.description,
         pool=s.pool or None,
         root_volume=s.root_volume or None,
+        server_group=s.server_group or None,
+        zone=s.zone or None,
+        gpus=s.gpus,
         status=InstanceStatus(
             state=st.state,
             reason=st.reason,
@@ -316,6 +334,7 @@ def _render_instance(obj) -> Instance:  # type: ignore[no-untyped-def]
             virt_type=st.virt_type,
             launched_at=st.launched_at,
             stopped_at=st.stopped_at,
+            placement=s.placement,
         ),
     )
 
@@ -381,6 +400,43 @@ class PlacementSpec(msgspec.Struct, kw_only=True):
 #: compare-and-swap on it, so two creates cannot both take the last free slot (internal: no view).
 PLACEMENT = declare(
     Kind(name="placement", plural="placements", prefix="plc", spec=PlacementSpec, scope="cluster", generic=frozenset())
+)
+
+
+# -- server groups -------------------------------------------------------------------------------------------------
+class ServerGroupSpec(msgspec.Struct, kw_only=True):
+    policy: str
+    #: ``node`` or ``zone``: what "together"/"apart" means.
+    scope: str = "node"
+    description: str = ""
+    #: Raised by every instance create that joins the group: the compare-and-swap token that keeps two concurrent
+    #: creates from both taking the last node (or zone) an anti-affinity group allows.
+    seq: int = 0
+
+
+#: Server groups (:mod:`minicloud.compute.server_groups`): members are the instances whose ``spec.server_group``
+#: names the group (none is stored here, so an instance's removal needs no change of its group).
+SERVERGROUP = declare(
+    Kind(
+        name="servergroup",
+        plural="server-groups",
+        prefix="sgrp",
+        spec=ServerGroupSpec,
+        action="compute:server-groups",
+        view=ServerGroup,
+        noun="server-group",
+        title="server group",
+        columns=(
+            Column("name", "name"),
+            Column("policy", "policy"),
+            Column("scope", "scope"),
+            Column("members", "members"),
+            Column("id", "id"),
+        ),
+        patch=ServerGroupUpdate,
+        # list and show add the members (from the placement cache), delete refuses a group with members
+        generic=frozenset({"patch"}),
+    )
 )
 
 INSTANCE_KIND = INSTANCE.name

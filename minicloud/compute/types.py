@@ -54,9 +54,15 @@ async def create_type(ctx: Context, store: Store, body: InstanceTypeCreate) -> W
     """Define a custom type (409 for a built-in's name or a taken one)."""
     if body.name in BUILTIN:
         raise errors.AlreadyExists(f"'{body.name}' is a built-in instance type; choose another name")
+    if body.gpu_model and not body.gpus:
+        raise errors.ValidationFailed(
+            "a GPU model pattern needs GPUs: give --gpus N with --gpu-model",
+            invalid_params=[{"name": "gpu_model", "reason": "given without gpus"}],
+        )
     spec = InstanceTypeSpec(
-        vcpus=body.vcpus, memory_mib=body.memory_mib, disk_gib=body.disk_gib, description=body.description
-    )
+        vcpus=body.vcpus, memory_mib=body.memory_mib, disk_gib=body.disk_gib, description=body.description,
+        gpus=body.gpus, gpu_model=body.gpu_model,
+    )  # fmt: skip
     obj = INSTANCE_TYPE.new(project=ctx.project, name=body.name, spec=spec, stamp=ctx.clock())
     return await crud.create(ctx, store, INSTANCE_TYPE, obj)
 

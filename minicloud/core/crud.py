@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,14 @@ def not_found(kind: Kind[Any, Any], ref: str, scope: str) -> errors.NotFound:
     return errors.NotFound(
         f"no {kind.label} with the name or id '{shown(ref)}'{where}; see `minicloud {kind.noun or kind.name} list`"
     )
+
+
+async def refuse_beyond(store: Store, kind: Kind[Any, Any], project: str, most: int, setting: str = "") -> None:
+    """409 when ``project`` already has ``most`` records of ``kind`` (a per-project cap on a kind members can grow one
+    create at a time); ``setting`` names the configuration that sets it."""
+    if len(await store.list(kind.name, project=project, limit=most)) >= most:
+        allows = f"the most {setting} allows" if setting else "the most a project may have"
+        raise errors.Conflict(f"project '{project}' has {most} {kind.plural}, {allows}; delete one first")
 
 
 async def find(ctx: Context, store: Store, kind: Kind[Any, Any], ref: str) -> Obj[Any, Any] | None:
@@ -202,8 +210,32 @@ async def delete(
     extra: Sequence[Op] = (),
 ) -> Written:
     """Remove the object ``ref`` names (compare-and-swap on ``expect`` or the revision read); 204."""
-    obj = await get(ctx, store, kind, ref)
-    return await delete_obj(ctx, store, kind, obj, expect=expect, extra=extra)
+    return await delete_read(ctx, store, kind, lambda: get(ctx, store, kind, ref), expect=expect, extra=extra)
+
+
+async def delete_read(
+    ctx: Context,
+    store: Store,
+    kind: Kind[Any, Any],
+    read: Callable[[], Awaitable[Obj[Any, Any]]],
+    *,
+    expect: int | None = None,
+    extra: Sequence[Op] = (),
+) -> Written:
+    """Remove the object ``read()`` returns (compare-and-swap on ``expect`` or the revision read); 204. Without
+    ``expect`` (no If-Match) a write that lands between the read and the delete (a reconciler's or a loop's status)
+    makes it read again and retry, so a caller never gets 412 for a revision it did not send."""
+    for attempt in range(_DELETE_TRIES):
+        obj = await read()
+        try:
+            return await delete_obj(ctx, store, kind, obj, expect=expect, extra=extra)
+        except errors.PreconditionFailed:
+            if expect is not None or attempt == _DELETE_TRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+_DELETE_TRIES = 4
 
 
 async def delete_obj(
@@ -226,6 +258,7 @@ __all__ = [
     "create",
     "delete",
     "delete_obj",
+    "delete_read",
     "find",
     "get",
     "list_objects",

@@ -241,6 +241,10 @@ class AccessKeySpec(msgspec.Struct, kw_only=True):
     description: str = ""
     #: The secret access key, sealed with the node key store (the key id as associated data). Never rendered.
     secret: str = ""
+    #: A disabled key is refused by the object store (the agent sets its RGW key's mode to none) until enabled.
+    disabled: bool = False
+    #: RFC 3339 UTC; from then on the object store refuses the key. Empty: no expiry.
+    expires_at: str = ""
 
 
 #: Ids are AWS-shaped (``MCAK`` + 16 characters, no dash), so show (by id or name) and delete (who may revoke) are
@@ -259,6 +263,8 @@ ACCESSKEY = declare(
             Column("access key id", "id"),
             Column("name", "name"),
             Column("principal", "principal"),
+            Column("disabled", "disabled"),
+            Column("expires", "expires_at"),
             Column("created", "created_at"),
         ),
         generic=frozenset({"list"}),

@@ -22,6 +22,17 @@ DEFAULT_PROJECT = "default"
 DELETING = "deleting"
 
 
+async def project_id_of(store: Store, name: str) -> str | None:
+    """The id of the project named ``name`` now (``default`` has a fixed id and no record); None when there is none.
+    The one name-to-id lookup for whatever keys data by project id (S3 tenants, metrics scopes)."""
+    if name == DEFAULT_PROJECT:
+        from minicloud.iam.principals import DEFAULT_PROJECT_ID
+
+        return DEFAULT_PROJECT_ID
+    record = await store.get_by_name(PROJECT_KIND, "", name)
+    return record.id if record is not None else None
+
+
 def is_deleting(project: Record | Obj[ProjectSpec, ProjectStatus] | Any) -> bool:
     """True while ``project`` (a record or a typed project) is being deleted."""
     obj = PROJECT.load(project) if isinstance(project, Record) else project

@@ -166,6 +166,19 @@ class Virtualization(msgspec.Struct, kw_only=True):
     reason: str
 
 
+class NodeGpus(msgspec.Struct, kw_only=True):
+    """A summary of the node's GPUs (``gpu list`` has each one)."""
+
+    count: int = 0
+    #: How many can be passed through (IOMMU on, a group of their own).
+    capable: int = 0
+    #: ``2 x H100 80GB HBM3`` per model.
+    models: list[str] = []
+    #: Why there are none, or why NVML cannot be used ("" when it can).
+    reason: str = ""
+    driver_version: str = ""
+
+
 class Node(msgspec.Struct, kw_only=True):
     """Facts about the node that answered, read from the host with psutil."""
 
@@ -183,6 +196,8 @@ class Node(msgspec.Struct, kw_only=True):
     disks: list[Disk]
     virtualization: Virtualization
     version: str
+    #: None where GPU discovery has not run (``gpu.enabled = false``, or not yet).
+    gpus: NodeGpus | None = None
 
 
 class Event(msgspec.Struct, kw_only=True):
@@ -240,6 +255,30 @@ class ClusterInfo(msgspec.Struct, kw_only=True):
 Zone = Annotated[str, Meta(pattern=r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)?$", description="failure domain")]
 
 
+class ClusterSetting(msgspec.Struct, kw_only=True):
+    """A cluster-wide setting (``minicloud cluster settings``). Set (``source`` ``cluster``): the same value on every
+    node, kept in the replicated state. Never set (``source`` ``node-config``): each node answering a request uses
+    its own configuration file's ``config_key`` (``value`` is the answering node's)."""
+
+    name: str
+    value: str
+    source: Literal["cluster", "node-config"]
+    #: The configuration file key that applies while the setting was never set (``compute.scheduler_weigher``).
+    config_key: str
+    choices: list[str] = []
+    description: str = ""
+    #: The setting's record (empty while it was never set); ``revision`` is its ETag for ``If-Match``.
+    id: str = ""
+    revision: int = 0
+    updated_at: str | None = None
+
+
+class ClusterSettingSet(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``PUT /v1/cluster/settings/{name}``: the value, one of the setting's ``choices``."""
+
+    value: Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]*$")]
+
+
 class ClusterEnable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     zone: Zone = ""
 
@@ -273,6 +312,9 @@ class JoinRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     peer_url: Annotated[str, Meta(max_length=256)]
     client_url: Annotated[str, Meta(max_length=256)]
     address: Annotated[str, Meta(max_length=256)]
+    # The joining node's HTTPS URL (https://ADDRESS:PORT), recorded so that other nodes reach its API (metrics
+    # scrapes, log and query forwarding); "" when it serves no HTTPS.
+    https: Annotated[str, Meta(max_length=300)] = ""
 
 
 class JoinReply(msgspec.Struct, kw_only=True):
@@ -382,12 +424,20 @@ class AccessKey(Resource, kw_only=True):
 
     principal: str
     description: str = ""
+    #: Refused by the object store until enabled again.
+    disabled: bool = False
+    #: RFC 3339 UTC; refused by the object store from then on. Empty: no expiry.
+    expires_at: str = ""
 
 
 class AccessKeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Name
     user: Name | None = None
     description: Description = ""
+    #: Lifetime in seconds (at most 10 years); or ``expires_at``, not both. Default: no expiry.
+    expires_in: Annotated[int, Meta(ge=60, le=10 * 365 * 86400, description="lifetime in seconds")] | None = None
+    #: RFC 3339 time, in the future and at most 10 years away.
+    expires_at: Annotated[str, Meta(max_length=40)] | None = None
 
 
 class AccessKeySecret(AccessKey, kw_only=True):

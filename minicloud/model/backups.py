@@ -13,5 +13,7 @@ class Backup(msgspec.Struct, kw_only=True):
     size_bytes: int
     #: When the file was written (RFC 3339).
     created_at: str
-    #: The node that holds the file.
+    #: The node that holds the file ("" for a backup listed from a bucket).
     node: str
+    #: The bucket that holds it (listed with ``?bucket=``); "" for a file on a node.
+    bucket: str = ""

@@ -14,6 +14,10 @@ NodePath = Annotated[str, Meta(min_length=1, max_length=4096, pattern=r"^/[^\x00
 ImageFormat = Literal["qcow2", "raw"]
 Firmware = Literal["bios", "uefi"]
 InstanceState = Literal["pending", "scheduling", "building", "running", "stopping", "stopped", "error", "deleting"]
+#: A failure domain (a node's ``zone`` label, set by ``cluster enable|add --zone``).
+ZoneName = Annotated[str, Meta(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+NodeRef = Annotated[str, Meta(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+Ref = Annotated[str, Meta(min_length=1, max_length=255)]
 
 
 # -- images --------------------------------------------------------------------------------------------------------
@@ -105,6 +109,9 @@ class InstanceType(msgspec.Struct, kw_only=True):
     disk_gib: int
     builtin: bool
     description: str = ""
+    #: GPUs passed through to each instance of the type, and the model pattern they must match ("" any model).
+    gpus: int = 0
+    gpu_model: str = ""
     id: str | None = None
     revision: int | None = None
 
@@ -115,6 +122,10 @@ class InstanceTypeCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
     memory_mib: Annotated[int, Meta(ge=64, le=4 * 1024 * 1024)]
     disk_gib: Annotated[int, Meta(ge=1, le=65536)]
     description: Description = ""
+    #: Whole GPUs passed through with VFIO (``--gpus``); ``gpu_model`` a shell-style pattern on the model,
+    #: case-insensitive (``H100*``; docs/gpus.md).
+    gpus: Annotated[int, Meta(ge=0, le=16)] = 0
+    gpu_model: Annotated[str, Meta(max_length=64, pattern=r"^[A-Za-z0-9 _.*?\[\]-]*$")] = ""
 
 
 # -- instances -----------------------------------------------------------------------------------------------------
@@ -161,6 +172,8 @@ class InstanceStatus(msgspec.Struct, kw_only=True):
     virt_type: str | None = None
     launched_at: str | None = None
     stopped_at: str | None = None
+    #: Why the scheduler chose ``node`` (the weigher, the figures, the nodes it refused and why).
+    placement: str = ""
 
 
 class Instance(Resource, kw_only=True):
@@ -184,6 +197,11 @@ class Instance(Resource, kw_only=True):
     #: volume that is the root disk when it was created with ``--boot-volume``.
     pool: str | None = None
     root_volume: str | None = None
+    #: The server group (id) it is a member of, and the zone asked for at create.
+    server_group: str | None = None
+    zone: str | None = None
+    #: GPUs passed through (its type's); which ones: ``minicloud gpu list`` (administrators).
+    gpus: int = 0
     status: InstanceStatus
 
 
@@ -206,6 +224,12 @@ class InstanceCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: A volume (name or id) of the project, available and unattached, to boot from: it is the root disk (no disk
     #: is made from an image) and outlives the instance.
     boot_volume: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    #: Only nodes of this zone (400 for a zone no node has).
+    zone: ZoneName | None = None
+    #: Only this node (cluster administrators: ``admin:instances:place``).
+    node: NodeRef | None = None
+    #: A server group (name or id) of the project: the instance joins it and the scheduler honours its policy.
+    server_group: Ref | None = None
     description: Description = ""
     labels: Labels = {}
 
@@ -234,3 +258,57 @@ class ConsoleQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tail: Annotated[int, Meta(ge=0, le=64 * 1024 * 1024)] = 0
     #: Keep the response open and stream what the guest prints next.
     follow: bool = False
+
+
+# -- server groups and node states ---------------------------------------------------------------------------------
+ServerGroupPolicy = Literal["anti-affinity", "affinity", "soft-anti-affinity"]
+
+
+class ServerGroup(Resource, kw_only=True):
+    """Instances placed together or apart: ``anti-affinity`` (never two members on one node, or in one zone with
+    ``scope=zone``: a create that cannot honour it is refused), ``affinity`` (all on the first member's node or
+    zone), ``soft-anti-affinity`` (apart when possible)."""
+
+    policy: ServerGroupPolicy
+    scope: Literal["node", "zone"] = "node"
+    description: str = ""
+    #: The instances (ids) in it, and the nodes they are on.
+    members: list[str] = []
+    member_nodes: list[str] = []
+
+
+class ServerGroupCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Name
+    policy: ServerGroupPolicy
+    scope: Literal["node", "zone"] = "node"
+    description: Description = ""
+    labels: Labels = {}
+
+
+class ServerGroupUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    description: Description | UnsetType = UNSET
+    labels: Labels | UnsetType = UNSET
+
+
+class ComputeNode(msgspec.Struct, kw_only=True):
+    """A node as the scheduler sees it (``node list``)."""
+
+    name: str
+    zone: str = ""
+    #: ``online``, ``offline``, or "" (a single node, or not seen by the leader yet).
+    state: str = ""
+    #: ``schedulable`` or ``cordoned`` (no new placements).
+    scheduling: Literal["schedulable", "cordoned"] = "schedulable"
+    cordon_reason: str = ""
+    instances: int = 0
+    vcpus_used: int = 0
+    vcpus: int = 0
+    memory_used_mib: int = 0
+    memory_mib: int = 0
+    disk_used_gib: int = 0
+    disk_gib: int = 0
+
+
+class NodeCordon(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: Why (shown in ``node list``).
+    reason: Description = ""

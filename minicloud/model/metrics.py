@@ -41,6 +41,20 @@ class MetricsRangeQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     scope: Scope = "project"
 
 
+class NodeMetricsQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``GET /v1/metrics/node/query[_range]``: a query another node of the cluster forwards (a learner runs no TSDB),
+    with the scope it has already decided for its caller: ``project_id`` and ``project_name``, or neither (cluster
+    scope, for an administrator). Answered only to a cluster node's certificate."""
+
+    query: PromQL
+    time: TimeParam | None = None
+    start: TimeParam | None = None
+    end: TimeParam | None = None
+    step: DurationParam | None = None
+    project_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    project_name: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+
+
 class MetricsResult(msgspec.Struct, kw_only=True, omit_defaults=True, rename={"result_type": "resultType"}):
     """The Prometheus API's ``data``: ``resultType`` is ``vector``, ``matrix``, ``scalar`` or ``string``; ``result``
     its series (``{"metric": {labels}, "value": [t, "v"]}`` or ``"values": [[t, "v"], …]``)."""

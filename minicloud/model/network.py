@@ -156,6 +156,11 @@ class SecurityGroupUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
 
 
 # -- routers -------------------------------------------------------------------------------------------------------
+class RouterEgressCounter(msgspec.Struct, kw_only=True):
+    since: int
+    bytes: int
+
+
 class Router(Resource, kw_only=True):
     """Routes between its subnets (each answers on its subnet's gateway address), static routes, and SNAT through
     its external network when it has one."""
@@ -166,6 +171,9 @@ class Router(Resource, kw_only=True):
     external_address: str | None = None
     routes: list[Route] = []
     description: str = ""
+    #: Per external leg (``"<node>/<vni>"``): the bytes it sent out since ``since`` (epoch seconds), as the node last
+    #: reported them (about once a minute); the ``network.egress-gib`` meter bills their increase.
+    egress: dict[str, RouterEgressCounter] = {}
 
 
 class RouterCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

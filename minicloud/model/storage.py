@@ -46,6 +46,9 @@ class Pool(Resource, kw_only=True):
     #: Volumes created without ``--pool`` go here.
     default: bool = False
     description: str = ""
+    #: The I/O limits of its volumes unless a volume's create says otherwise (a pool is the volume type: several
+    #: pools may share one RADOS pool with different limits).
+    qos: QosLimits = msgspec.field(default_factory=lambda: QosLimits())
 
 
 class PoolCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -56,6 +59,7 @@ class PoolCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     default: bool = False
     description: Description = ""
     labels: Labels = {}
+    qos: QosLimits = msgspec.field(default_factory=lambda: QosLimits())
 
 
 class PoolUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -168,6 +172,10 @@ class VolumeStatus(msgspec.Struct, kw_only=True):
     reason: str = ""
     #: What the pool holds (it lags the asked size while extending).
     size_gib: int = 0
+    #: ``volume flatten`` asked and not done yet: its node is copying the snapshot's data into it.
+    flattening: bool = False
+    #: Flattened: it no longer depends on the snapshot it was made from (``source``), which can be deleted.
+    flattened: bool = False
 
 
 class Volume(Resource, kw_only=True):
@@ -237,18 +245,24 @@ class Snapshot(Resource, kw_only=True):
     """A point-in-time copy of a volume, in the volume's pool: new volumes can be made from it, and the volume can
     be reverted to it."""
 
-    #: The volume's name and id.
+    #: The volume's name and id ("" for a root-disk snapshot).
     volume: str
     volume_id: str
     pool: str
     size_gib: int
     description: str = ""
     status: SnapshotStatus = msgspec.field(default_factory=SnapshotStatus)
+    #: A root-disk snapshot: the instance's name and id.
+    instance: str = ""
+    instance_id: str = ""
 
 
 class SnapshotCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Of a volume, or of an instance's root disk (one of the two)."""
+
     name: Name
-    volume: Ref
+    volume: Ref | None = None
+    instance: Ref | None = None
     description: Description = ""
     labels: Labels = {}
 

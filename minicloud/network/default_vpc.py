@@ -36,7 +36,7 @@ from minicloud.core.kinds import Obj
 from minicloud.model.network import NetworkCreate, RouterCreate, RouterSubnet, SubnetCreate
 from minicloud.network import ipam
 from minicloud.network.kinds import IPALLOC, NETWORK, ROUTER, SUBNET, NetworkSpec, RouterSpec, SubnetSpec
-from minicloud.state import Create, Store, Txn, TxnFailed
+from minicloud.state import Create, Op, Store, Txn, TxnFailed
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,34 @@ async def reserve_lease(store: Store, node: str, mac: str, address: str, *, ctx:
         await store.commit(Txn([ipam.reserve(c, HOST_SUBNET_ID, address, holder)]))
     record = await store.get_by_name(IPALLOC.name, "", ipam.alloc_name(HOST_SUBNET_ID, address))
     return record is not None and IPALLOC.load(record).spec.holder == holder
+
+
+async def release_lease(store: Store, node: str, mac: str, address: str) -> bool:
+    """Give back what :func:`reserve_lease` held for ``mac`` on ``node`` (the guest is gone). True when it is not
+    held for that guest any more (released now or before); False when it is held by something else (left alone)."""
+    record = await store.get_by_name(IPALLOC.name, "", ipam.alloc_name(HOST_SUBNET_ID, address))
+    if record is None:
+        return True
+    alloc = IPALLOC.load(record)
+    if alloc.spec.holder != lease_holder(node, mac):
+        return False
+    with contextlib.suppress(TxnFailed):  # changed meanwhile: look again
+        await store.commit(Txn([ipam.release(alloc)]))
+        return True
+    return await release_lease(store, node, mac, address)
+
+
+async def pin_release_ops(store: Store, node: str, instance_id: str) -> list[Op]:
+    """The ops that give back what :func:`reserve_lease` held for a default-bridge guest of instance ``instance_id``
+    on ``node`` (its NIC's MAC is the compute agent's ``mac_for(id, 0)``): committed with the instance record's
+    removal, so the address returns to ``host``'s pool at once (the node drops the pin itself at its next start).
+    A range read of ``host``'s allocations; nothing when there is no ``host`` network or no such hold."""
+    if not node:
+        return []
+    from agent.compute.design import mac_for  # the guest's MAC on the default bridge, as the node derives it
+
+    holder = lease_holder(node, mac_for(instance_id, 0))
+    return [ipam.release(a) for a in await ipam.allocations(store, HOST_SUBNET_ID) if a.spec.holder == holder]
 
 
 # -- the default VPC -------------------------------------------------------------------------------------------------

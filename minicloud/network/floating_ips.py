@@ -3,7 +3,7 @@ an instance's NIC, disassociate, release. List, show and the description/labels 
 
 A floating IP is named by its address. Associating needs the NIC's subnet attached to a router whose external
 gateway is on the floating IP's network (the router's side on the instance's node does the 1:1 NAT, as in Neutron);
-one floating IP per NIC. The record keeps the NIC (port), its address and its network: the network reconciler of
+one floating IP per NIC (race-free: an association also bumps the NIC's port record). The record keeps the NIC (port), its address and its network: the network reconciler of
 the node running that port programs the NAT there (``agent/net/router.py``), and only there.
 """
 
@@ -21,9 +21,9 @@ from minicloud.core.kinds import Obj
 from minicloud.core.write import Written
 from minicloud.model.floating_ip import FloatingIpAllocate, FloatingIpAssociate
 from minicloud.network import ipam
-from minicloud.network.kinds import FLOATING_IP, ROUTER, SUBNET, FloatingIpSpec
+from minicloud.network.kinds import FLOATING_IP, PORT, ROUTER, SUBNET, FloatingIpSpec
 from minicloud.network.routers import external_network
-from minicloud.state import Op, Store, list_all
+from minicloud.state import Op, Store, Update, list_all
 
 FloatingIp = Obj[FloatingIpSpec, Any]
 
@@ -81,7 +81,22 @@ async def release(ctx: Context, store: Store, ref: str, *, expect: int | None = 
 async def associate(ctx: Context, store: Store, ref: str, body: FloatingIpAssociate) -> Written:
     """NAT the floating IP to a NIC of an instance of the project (moving it if it was associated elsewhere). 404 for
     an unknown instance or NIC; 409 when no NIC's subnet has a router on the floating IP's network, or the NIC has
-    a floating IP already."""
+    a floating IP already.
+
+    One floating IP per NIC, race-free: the write also bumps the NIC's port record at the revision read before the
+    check, so of two concurrent associations of one NIC only one commits; the other looks again and gets the 409."""
+    for _ in range(_ASSOCIATE_ATTEMPTS):
+        try:
+            return await _associate(ctx, store, ref, body)
+        except errors.PreconditionFailed:  # the floating IP or the NIC's port changed meanwhile: look again
+            continue
+    raise errors.PreconditionFailed("the floating IP or the NIC kept changing; retry")
+
+
+_ASSOCIATE_ATTEMPTS = 5
+
+
+async def _associate(ctx: Context, store: Store, ref: str, body: FloatingIpAssociate) -> Written:
     fip = await crud.get(ctx, store, FLOATING_IP, ref)
     inst = await crud.get(ctx, store, INSTANCE, body.instance)
     nics = list(inst.spec.nics)
@@ -103,6 +118,9 @@ async def associate(ctx: Context, store: Store, ref: str, body: FloatingIpAssoci
             f"no NIC of instance '{inst.name}' is on a subnet attached to a router with its external gateway on the "
             "floating IP's network; `minicloud router add-subnet ROUTER SUBNET` first"
         )
+    port_record = await store.get(PORT.name, chosen.port)
+    if port_record is None:
+        raise errors.NotFound(f"the NIC {chosen.port} of instance '{inst.name}' is gone")
     for other in await list_all(store, FLOATING_IP.name, project=ctx.project):
         if other.id != fip.id and FLOATING_IP.load(other).spec.port == chosen.port:
             raise errors.Conflict(f"that NIC of instance '{inst.name}' already has floating IP {other.name}")
@@ -112,7 +130,11 @@ async def associate(ctx: Context, store: Store, ref: str, body: FloatingIpAssoci
         spec = msgspec.structs.replace(f.spec, instance=inst.id, port=port, fixed_address=fixed, port_network=network)
         return f.replace(spec=spec)
 
-    return await crud.update(ctx, store, FLOATING_IP, fip.id, mutate)
+    def bump(_: FloatingIp) -> list[Op]:  # the NIC's port, unchanged but for its revision, at the one checked above
+        touched = msgspec.structs.replace(port_record, updated_at=ctx.clock())
+        return [Update(touched, expect_revision=port_record.revision)]
+
+    return await crud.update(ctx, store, FLOATING_IP, fip.id, mutate, expect=fip.revision, extra=bump)
 
 
 async def disassociate(ctx: Context, store: Store, ref: str) -> Written:

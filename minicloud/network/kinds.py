@@ -20,6 +20,7 @@ from minicloud.model.network import (
     NetworkUpdate,
     Route,
     Router,
+    RouterEgressCounter,
     RouterUpdate,
     SecurityGroup,
     SecurityGroupRule,
@@ -214,6 +215,19 @@ class RouterSpec(msgspec.Struct, kw_only=True):
     description: str = ""
 
 
+class RouterEgress(msgspec.Struct, kw_only=True):
+    """One node's egress counter of one of the router's legs (agent/reconcilers/egress.py ``report_egress``)."""
+
+    since: int = 0
+    bytes: int = 0
+
+
+class RouterStatus(msgspec.Struct, kw_only=True):
+    #: ``"<node>/<vni>"`` -> the leg's running egress byte counter, read by the ``network.egress-gib`` meter. Declared
+    #: so that an edit of the router (load, change, dump) keeps what the nodes reported.
+    egress: dict[str, RouterEgress] = {}
+
+
 def _render_router(obj: Obj[RouterSpec, Any]) -> Router:
     s = obj.spec
     return Router(
@@ -223,6 +237,7 @@ def _render_router(obj: Obj[RouterSpec, Any]) -> Router:
         external_address=s.external_address or None,
         routes=_routes(s.routes),
         description=s.description,
+        egress={leg: RouterEgressCounter(since=e.since, bytes=e.bytes) for leg, e in sorted(obj.status.egress.items())},
     )
 
 
@@ -232,6 +247,7 @@ ROUTER = declare(
         plural="routers",
         prefix="rtr",
         spec=RouterSpec,
+        status=RouterStatus,
         action="network:routers",
         view=Router,
         render=_render_router,

@@ -19,16 +19,28 @@ Two tables, because conntrack is not available in the ``bridge`` family on every
   chain ``o_<port>`` for what the guest sends: only the port's MAC as Ethernet source, ARP only for its own MAC and
   addresses, IPv4 only from its addresses (DHCP discovery from ``0.0.0.0`` excepted), no other EtherType. Towards a
   port only ARP and IPv4 pass (the forward hook). After this, a source address seen on the bridge is trustworthy.
+  The guests of the node's default bridge are ports too, with ``stateful=False``: this table pins them the same way,
+  and they have nothing in the ``inet`` table (no security groups there).
 - ``inet minicloud_sg`` — **the stateful group rules** on the forward hook, reached through ``br_netfilter`` (there
   ``iifname``/``oifname`` are the bridge, not the tap: a port is matched by its bridge and its address):
-  a set per group some rule names as remote (``g_<group id>``: its members' IPv4 addresses cluster-wide, matched
-  by those rules); the verdict map ``out`` sends traffic *from* a port to ``o_<port>`` (egress) and ``into``
+  a set per group some rule names as remote (``g_<group id>``: its members cluster-wide as *bridge . address*
+  pairs, ``type ifname . ipv4_addr``, matched by those rules as ``iifname . ip saddr @g_<group>`` (ingress) or
+  ``oifname . ip daddr @g_<group>`` (egress); the bridge is the one of the member's network, and of each network a
+  router connects it with, so routed traffic of a member still counts as the member's. Keyed by bridge because two
+  networks of one project may use the same CIDR: a bare address would let a non-member through whose address equals
+  a member's in the other network); the verdict map ``out`` sends traffic *from* a port to ``o_<port>`` (egress) and ``into``
   traffic *to* a port to ``i_<port>`` (ingress). Both start with DHCP (client to server port 67 out, server to
   client port 68 in: the node's DHCP server answers from its own address), then ``ct state established,related``,
   ``ct state invalid drop``, a jump to each of the port's groups' chains in that direction (``ge_<group>`` /
   ``gi_<group>``: one statement per distinct rule), then **drop** (default deny). An allowed egress packet goes to
   ``egress_ok`` (the receiver's ingress chain when it is a port of this node, so a packet between two ports of the
   node passes both; else accept), an allowed ingress packet is accepted.
+
+- **Conntrack zones**: two networks on one node may use the same CIDR, and the node's one conntrack table would
+  otherwise mix their connections (an entry of one matching a packet of the other with the same 5-tuple). In the
+  ``inet`` table, the prerouting hook at priority -300 (before conntrack) puts every packet entering a network's
+  bridge into that network's zone (``ct zone set iifname map @zones``: bridge -> :func:`conntrack_zone` of its
+  VNI), so each network has its own connections.
 
 Traffic that enters and leaves through no port (the VXLAN device, a service namespace) passes both base chains;
 a port without an address sends nothing but DHCP discovery. Output is deterministic: groups and ports sorted by id,
@@ -48,6 +60,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 TABLE = "minicloud_sg"
+#: The type of a group set ``g_<group>``: a member is a bridge and an address, as in the ``out``/``into`` maps.
+MEMBER_TYPE = "ifname . ipv4_addr"
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _DEVICE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
@@ -66,11 +80,13 @@ class Rule:
 
 @dataclass(frozen=True)
 class Group:
-    """A security group: its id, its rules and the IPv4 addresses of all its members (on every node)."""
+    """A security group: its id, its rules and its members (on every node) as ``(bridge, IPv4 address)`` pairs: the
+    bridge of the network the address is in (and of each network routed with it), where a packet from or to that
+    member passes."""
 
     id: str
     rules: tuple[Rule, ...] = ()
-    members: tuple[str, ...] = ()
+    members: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,17 @@ class Port:
     ips: tuple[str, ...]
     groups: tuple[str, ...] = field(default=())
     bridge: str = ""
+    #: The conntrack zone of the port's network on this node (0: none, the node's default zone).
+    zone: int = 0
+    #: False: anti-spoofing only (a guest of the node's default bridge, which has no security groups): its chain in
+    #: ``bridge minicloud_sg`` and nothing in ``inet minicloud_sg`` (``groups`` and ``zone`` are then ignored).
+    stateful: bool = True
+
+
+def conntrack_zone(vni: int) -> int:
+    """A network's conntrack zone: its VNI folded into 1..65535 (zones are 16 bits; 0 is the node's own). Two
+    networks share a zone only when their VNIs differ by a multiple of 65535."""
+    return (vni - 1) % 65535 + 1
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -104,6 +131,16 @@ def _sorted_ips(ips: Iterable[str]) -> tuple[str, ...]:
 def _sorted_tuple(ips: tuple[str, ...]) -> tuple[str, ...]:
     # cached: the node rebuilds the whole ruleset on every change, and parsing addresses was most of its cost
     return tuple(str(a) for a in sorted({ipaddress.IPv4Address(a) for a in ips}))
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _sorted_members(members: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
+    """``g_<group>`` elements: ``"<bridge>" . <address>``, by bridge then address (numerically), deduplicated."""
+    for bridge, _ in members:
+        if not _DEVICE.match(bridge):
+            raise ValueError(f"member bridge '{bridge}' is not an interface name")
+    pairs = sorted({(b, ipaddress.IPv4Address(a)) for b, a in members})
+    return tuple(f'"{b}" . {a}' for b, a in pairs)
 
 
 def _ports(rule: Rule) -> str:
@@ -134,8 +171,9 @@ def _rule(rule: Rule, known: set[str], verdict: str) -> str:
 def _statement(rule: Rule, verdict: str) -> str:
     side = "saddr" if rule.direction == "ingress" else "daddr"
     parts = []
-    if rule.remote_group is not None:
-        parts.append(f"ip {side} @g_{_ident(rule.remote_group)}")
+    if rule.remote_group is not None:  # the bridge the packet came in by (ingress) or leaves by (egress), and the peer
+        dev = "iifname" if rule.direction == "ingress" else "oifname"
+        parts.append(f"{dev} . ip {side} @g_{_ident(rule.remote_group)}")
     elif rule.remote_cidr is not None and ipaddress.IPv4Network(rule.remote_cidr).prefixlen > 0:
         parts.append(f"ip {side} {ipaddress.IPv4Network(rule.remote_cidr)}")
     if rule.protocol == "icmp":
@@ -196,11 +234,13 @@ class Ruleset:
     bridge_chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: ``bridge`` map ``spoof``: ``"<tap>"`` -> ``jump o_<port>`` (set ``taps`` holds the same keys).
     spoof: dict[str, str] = field(default_factory=dict)
-    #: ``inet``: ``g_<group>`` -> member addresses, for the groups a rule here names as remote.
+    #: ``inet``: ``g_<group>`` -> its members as ``"<bridge>" . <ip>``, for the groups a rule here names as remote.
     sets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: ``inet`` maps ``out``/``into``: ``"<bridge>" . <ip>`` -> ``jump o_<port>`` / ``jump i_<port>``.
     out: dict[str, str] = field(default_factory=dict)
     into: dict[str, str] = field(default_factory=dict)
+    #: ``inet`` map ``zones``: ``"<bridge>"`` -> its network's conntrack zone.
+    zones: dict[str, str] = field(default_factory=dict)
     #: ``inet``: ``egress_ok``, then ``ge_``/``gi_<group>`` of the groups of this node's ports, then ``o_``/``i_<port>``.
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -224,11 +264,20 @@ def build(groups: Sequence[Group], ports: Sequence[Port]) -> Ruleset:
             raise ValueError(f"port {p.id}: '{p.device}' is not an interface name")
         if p.ips and not _DEVICE.match(p.bridge):
             raise ValueError(f"port {p.id}: bridge '{p.bridge}' is not an interface name")
-        for gid in p.groups:
+        for gid in p.groups if p.stateful else ():
             if gid not in known:
                 raise ValueError(f"port {p.id} is in group {gid}, which is not among the groups given")
     seen: dict[tuple[str, str], str] = {}
+    zones: dict[str, int] = {}
+    taps: dict[str, str] = {}
     for p in ordered:
+        if taps.setdefault(p.device, p.id) != p.id:
+            raise ValueError(f"ports {taps[p.device]} and {p.id} both have the tap {p.device}")
+        if p.zone and p.ips and p.stateful:
+            if not 0 < p.zone <= 65535:
+                raise ValueError(f"port {p.id}: conntrack zone {p.zone} is not in 1..65535")
+            if zones.setdefault(p.bridge, p.zone) != p.zone:
+                raise ValueError(f"bridge {p.bridge} has ports in zones {zones[p.bridge]} and {p.zone}")
         for ip in _sorted_ips(p.ips):
             other = seen.setdefault((p.bridge, ip), p.id)
             if other != p.id:
@@ -238,11 +287,13 @@ def build(groups: Sequence[Group], ports: Sequence[Port]) -> Ruleset:
     for p in ordered:
         out.bridge_chains[f"o_{_ident(p.id)}"] = _spoof_chain(p)
         out.spoof[f'"{p.device}"'] = f"jump o_{_ident(p.id)}"
-    addressed = [p for p in ordered if p.ips]
+    addressed = [p for p in ordered if p.ips and p.stateful]
     used = sorted({g for p in addressed for g in p.groups})
     remote = {r.remote_group for g in used for r in by_id[g].rules if r.remote_group is not None}
     for gid in sorted(remote):
-        out.sets[f"g_{_ident(gid)}"] = _sorted_ips(by_id[gid].members)
+        out.sets[f"g_{_ident(gid)}"] = _sorted_members(by_id[gid].members)
+    for bridge in sorted(zones):
+        out.zones[f'"{bridge}"'] = str(zones[bridge])
     out.chains[EGRESS_OK] = ("oifname . ip daddr vmap @into", "accept")
     for gid in used:
         out.chains[f"ge_{_ident(gid)}"] = _group_chain(by_id[gid], "egress", known)
@@ -290,9 +341,12 @@ def full_script(rs: Ruleset) -> str:
     # -- the stateful group rules, reached through br_netfilter
     lines.append(f"table inet {TABLE} {{")
     for name, members in rs.sets.items():
-        lines += _body("set", name, ["type ipv4_addr"], members)
+        lines += _body("set", name, [f"type {MEMBER_TYPE}"], members)
     for name, entries in (("out", rs.out), ("into", rs.into)):
         lines += _body("map", name, ["type ifname . ipv4_addr : verdict"], [f"{k} : {v}" for k, v in entries.items()])
+    lines += _body("map", "zones", ["typeof iifname : ct zone"], [f"{k} : {v}" for k, v in rs.zones.items()])
+    lines += _body("chain", "prerouting", ["type filter hook prerouting priority -300; policy accept;",
+                                           "ct zone set iifname map @zones"], [])  # fmt: skip
     lines += _body("chain", "forward", ["type filter hook forward priority 0; policy accept;",
                                         "iifname . ip saddr vmap @out", "oifname . ip daddr vmap @into"], [])  # fmt: skip
     for name, body in rs.chains.items():
@@ -321,7 +375,7 @@ def delta_script(old: Ruleset, new: Ruleset) -> str:
     for name, members in new.sets.items():
         have = old.sets.get(name)
         if have is None:
-            cmds.append(f"add set {inet} {name} {{ type ipv4_addr; }}")
+            cmds.append(f"add set {inet} {name} {{ type {MEMBER_TYPE}; }}")
         dele, add = _element_delta(inet, name, dict.fromkeys(have or (), ""), dict.fromkeys(members, ""))
         cmds += dele + add
     pairs = ((br, old.bridge_chains, new.bridge_chains), (inet, old.chains, new.chains))
@@ -341,6 +395,7 @@ def delta_script(old: Ruleset, new: Ruleset) -> str:
         (br, "taps", dict.fromkeys(old.spoof, ""), dict.fromkeys(new.spoof, "")),
         (inet, "out", old.out, new.out),
         (inet, "into", old.into, new.into),
+        (inet, "zones", old.zones, new.zones),
     ):
         dele, add = _element_delta(table, name, have_map, want_map)
         deletes += dele

@@ -11,6 +11,7 @@ record stays marked and the reconciler finishes the delete.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -24,16 +25,14 @@ from minicloud.cluster.kinds import NODE
 from minicloud.core import crud
 from minicloud.core.context import Context, Sealer
 from minicloud.core.kinds import Obj
-from minicloud.core.write import Written, audit_record
-from minicloud.iam.kinds import PROJECT
-from minicloud.iam.principals import DEFAULT_PROJECT, DEFAULT_PROJECT_ID
+from minicloud.core.write import Written, audit_record, commit
+from minicloud.iam.tenancy import project_id_of
 from minicloud.model.objects import BucketConfigure, BucketCreate, S3BucketUsage, S3Endpoint, S3QuotaSet, S3Usage
 from minicloud.objects.kinds import BUCKET, S3TENANT, BucketSpec, S3TenantSpec, tenant_of, tenant_record_id
-from minicloud.state import Create, Record, Store, Txn, TxnFailed, Update, list_all
+from minicloud.state import Create, Delete, Record, Store, Txn, TxnFailed, Update, list_all
 from minicloud.storage import common
 
 Bucket = Obj[BucketSpec, Any]
-LOOPBACK = "127.0.0.1"
 #: The RGW user of a tenant that owns the project's buckets (read-only keys are its subuser ``project:ro``).
 PROJECT_USER = "project"
 #: Service keys (minicloud's own, one per tenant) start so; IAM's access keys with ``MCAK``.
@@ -67,13 +66,11 @@ def bucket_name_problem(name: str) -> str | None:
 
 
 async def project_id(store: Store, project: str) -> str:
-    """The id of the project named ``project`` (``default`` has a fixed id and no record)."""
-    if project == DEFAULT_PROJECT:
-        return DEFAULT_PROJECT_ID
-    record = await store.get_by_name(PROJECT.name, "", project)
-    if record is None:
+    """The id of the project named ``project``; 404 when there is none."""
+    pid = await project_id_of(store, project)
+    if pid is None:
         raise errors.NotFound(f"no project named '{project}'")
-    return record.id
+    return pid
 
 
 async def create_bucket(ctx: Context, store: Store, body: BucketCreate) -> Written:
@@ -202,10 +199,13 @@ class Gateway:
 
 
 async def local_gateway(store: Store, node: str, port: int, ca_file: Path) -> Gateway:
-    """This node's gateway: its cluster address (loopback on a single node without node records)."""
-    record = await store.get_by_name(NODE.name, "", node)
-    address = _ip(NODE.load(record).spec.address) if record is not None else LOOPBACK
-    return Gateway(url=_url(address, port), ca_file=str(ca_file))
+    """This node's gateway: its cluster address (loopback on a single node without node records, or while this
+    node's record is not there yet)."""
+    try:
+        address = await common.node_address(store, node, node)
+    except errors.NotFound:
+        address = common.LOOPBACK
+    return Gateway(url=_url(_ip(address), port), ca_file=str(ca_file))
 
 
 async def delete_bucket(
@@ -241,7 +241,9 @@ async def delete_bucket(
         return _accepted(marked)  # the reconciler retries
     except (OSError, TimeoutError):
         return _accepted(marked)  # no gateway here answers: the reconciler deletes it
-    return await crud.delete_obj(ctx, store, BUCKET, marked)
+    # RGW has no such bucket now: the record goes whatever bookkeeping (usage, status) changed it since the mark
+    return await commit(ctx, store, [Delete(kind=BUCKET.name, id=bucket.id)], status=204, label=BUCKET.label,
+                        respond=lambda rev: None)  # fmt: skip
 
 
 async def _cas(store: Store, obj: Bucket, revision: int) -> int:
@@ -279,7 +281,8 @@ async def endpoint(
 ) -> S3Endpoint:  # fmt: skip
     """How to reach S3 from ``ctx``'s project: the gateways' URLs, the CA, and client settings for a key."""
     here = await local_gateway(store, node, port, ca_file)
-    urls = sorted(_url(_ip(NODE.load(r).spec.address), port) for r in await common_nodes(store)) or [here.url]
+    nodes = await store.list(NODE.name, project="", limit=10_000)
+    urls = sorted(_url(_ip(NODE.load(r).spec.address), port) for r in nodes) or [here.url]
     pid = await project_id(store, ctx.project)
     tenant = tenant_of(pid) if await store.get(S3TENANT.name, tenant_record_id(pid)) is not None else ""
     key = access_key or "MCAK…"
@@ -294,21 +297,24 @@ async def endpoint(
         f"endpoint = {here.url}\nregion = us-east-1\n# run rclone with --ca-cert {ca_file}\n"
     )
     return S3Endpoint(
-        url=here.url, urls=urls, ca_bundle=_read(ca_file), ca_path=str(ca_file), ca_fingerprint=ca_fingerprint,
+        url=here.url, urls=urls, ca_bundle=ca_text(ca_file), ca_path=str(ca_file), ca_fingerprint=ca_fingerprint,
         virtual_host=f"s3.{domain}" if domain else "", tenant=tenant, aws_config=aws, rclone_config=rclone,
         enabled=enabled,
     )  # fmt: skip
 
 
-def _read(path: Path) -> str:
+def ca_text(path: Path) -> str:
+    """The CA bundle's text ("" when it cannot be read), read again only when the file changes (a node that joins
+    a cluster gets the cluster's CA)."""
     try:
-        return Path(path).read_text()
+        return _ca_text(str(path), Path(path).stat().st_mtime_ns)
     except OSError:
         return ""
 
 
-async def common_nodes(store: Store) -> list[Any]:
-    return list(await store.list(NODE.name, project="", limit=10_000))
+@functools.lru_cache(maxsize=4)
+def _ca_text(path: str, mtime_ns: int) -> str:
+    return Path(path).read_text()
 
 
 def _ip(address: str) -> str:

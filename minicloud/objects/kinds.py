@@ -48,6 +48,10 @@ class BucketObserved(msgspec.Struct, kw_only=True):
     requests: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
+    #: The usage log's hourly bins that started before this time (epoch seconds) are counted in ``folded``
+    #: (requests, bytes out, bytes in) and trimmed from RGW (``objects.usage_keep_days``).
+    folded_before: int = 0
+    folded: tuple[int, int, int] = (0, 0, 0)
 
 
 def tenant_of(project_id: str) -> str:

@@ -34,7 +34,7 @@ from yarl import URL
 
 from minicloud import errors, ids
 from minicloud.cluster.leader import LeaderLoop, Outcome
-from minicloud.compute.image_download import GuardedResolver, _Guard
+from minicloud.compute.image_download import guarded_connector
 from minicloud.compute.url_policy import UrlPolicy, normal_host
 from minicloud.config import Config
 from minicloud.core.context import Sealer
@@ -132,11 +132,7 @@ class WebhookSender:
         self.timeout = timeout
 
     async def __call__(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, str]:
-        guard = _Guard(self.policy)
-        connector = aiohttp.TCPConnector(
-            resolver=GuardedResolver(self.policy), socket_factory=guard, happy_eyeballs_delay=None,
-            use_dns_cache=False, limit=1,
-        )  # fmt: skip
+        connector, guard = guarded_connector(self.policy)
         try:
             async with aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout), trust_env=False

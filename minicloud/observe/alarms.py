@@ -280,10 +280,7 @@ async def create_alarm(
         raise errors.Unavailable(
             "this node runs no metrics database to check the alarm's expression with; ask a voting node"
         )
-    if len(await store.list(ALARM.name, project=ctx.project, limit=quota)) >= quota:
-        raise errors.Conflict(
-            f"project '{ctx.project}' has {quota} alarms, the most alarms.quota_per_project allows; delete one first"
-        )
+    await crud.refuse_beyond(store, ALARM, ctx.project, quota, "alarms.quota_per_project")
     scope = await project_scope(store, ctx.project)
     expression = body.query or metric_expression(body.metric or "", body.dimensions, body.statistic, body.period)
     await validate_expression(service, expression, scope, body)

@@ -3,6 +3,10 @@ cluster's nodes (whom the merging node asks, and whose certificates the node end
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 from minicloud.cluster.kinds import NODE
 from minicloud.compute.kinds import INSTANCE
 from minicloud.state import Store, list_all
@@ -13,13 +17,39 @@ async def project_instance_ids(store: Store, project: str) -> set[str]:
     return {r.id for r in await list_all(store, INSTANCE.name, project=project)}
 
 
-async def other_nodes(store: Store, me: str) -> list[tuple[str, str]]:
-    """``(name, https base URL)`` of every node of the cluster but ``me`` (the URL is empty until it registered)."""
+def own_https_port(data_path: Path) -> int | None:
+    """The port this agent's HTTPS listener is on (``agent.json``), None when it has none."""
+    try:
+        address = json.loads((data_path / "agent.json").read_text()).get("https") or ""
+        return int(address.rsplit(":", 1)[1]) if address else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def https_of(spec: Any, fallback_port: int | None) -> str:
+    """A node's HTTPS base URL: the one it registered, else its address on ``fallback_port`` (this node's own port:
+    a node that joined a cluster is recorded with its address only, and nodes of a cluster listen alike)."""
+    if spec.https:
+        return str(spec.https).rstrip("/")
+    if not spec.address or fallback_port is None:
+        return ""
+    host = str(spec.address)
+    return f"https://[{host}]:{fallback_port}" if ":" in host else f"https://{host}:{fallback_port}"
+
+
+async def other_nodes(
+    store: Store, me: str, fallback_port: int | None = None, *, voters_only: bool = False
+) -> list[tuple[str, str]]:
+    """``(name, https base URL)`` of every node of the cluster but ``me`` (:func:`https_of`; empty when unknown);
+    with ``voters_only``, of the voting nodes that have a URL (those run a TSDB)."""
     out = []
     for record in await list_all(store, NODE.name):
         node = NODE.load(record)
-        if node.name != me:
-            out.append((node.name, node.spec.https))
+        if node.name == me or (voters_only and node.spec.role != "voter"):
+            continue
+        url = https_of(node.spec, fallback_port)
+        if url or not voters_only:
+            out.append((node.name, url))
     return out
 
 

@@ -6,12 +6,12 @@ Naming follows Prometheus' conventions as Incus's ``/1.0/metrics`` and the libvi
 (``_bytes``, ``_seconds``), ``_total`` on counters. Labels:
 
 - ``node`` on every series (the node that collected it; set by the collector, not the scraper);
-- ``project_id`` and ``project`` only on series that belong to a project (instances): the query API enforces
+- ``project_id`` and ``project`` only on series that belong to a project (instances, volumes, networks, routers): the query API enforces
   ``project_id`` (the project's id: a project re-created under an old name is a new id and sees none of the old one's
   history), so a series without it is visible to cluster administrators only (``?scope=cluster``); ``project`` is
   the project's name, for display;
 - instance series carry ``instance_id`` (stable), ``name`` (may be reused after a delete), ``project_id`` and
-  ``project``.
+  ``project``; disk series also ``device`` and ``volume_id`` (the attached volume's id; empty for the root disk).
 """
 
 from __future__ import annotations
@@ -126,16 +126,36 @@ INSTANCE_MEMORY_UNUSED = _m(
 )
 INSTANCE_MEMORY_RSS = _m("minicloud_instance_memory_rss_bytes", "gauge", "Host memory the QEMU process uses.", *_I)
 INSTANCE_DISK_READ_BYTES = _m(
-    "minicloud_instance_disk_read_bytes_total", "counter", "Bytes the guest read from a disk.", *_I, "device"
+    "minicloud_instance_disk_read_bytes_total",
+    "counter",
+    "Bytes the guest read from a disk.",
+    *_I,
+    "device",
+    "volume_id",
 )
 INSTANCE_DISK_WRITTEN_BYTES = _m(
-    "minicloud_instance_disk_written_bytes_total", "counter", "Bytes the guest wrote to a disk.", *_I, "device"
+    "minicloud_instance_disk_written_bytes_total",
+    "counter",
+    "Bytes the guest wrote to a disk.",
+    *_I,
+    "device",
+    "volume_id",
 )
 INSTANCE_DISK_READS = _m(
-    "minicloud_instance_disk_reads_total", "counter", "Read requests of the guest on a disk.", *_I, "device"
+    "minicloud_instance_disk_reads_total",
+    "counter",
+    "Read requests of the guest on a disk.",
+    *_I,
+    "device",
+    "volume_id",
 )
 INSTANCE_DISK_WRITES = _m(
-    "minicloud_instance_disk_writes_total", "counter", "Write requests of the guest on a disk.", *_I, "device"
+    "minicloud_instance_disk_writes_total",
+    "counter",
+    "Write requests of the guest on a disk.",
+    *_I,
+    "device",
+    "volume_id",
 )
 INSTANCE_NET_RX_BYTES = _m(
     "minicloud_instance_network_receive_bytes_total", "counter", "Bytes the guest received on a NIC.", *_I, "interface"
@@ -156,6 +176,65 @@ INSTANCE_NET_TX_DROP = _m(
     "minicloud_instance_network_transmit_drop_total", "counter", "Packets from the guest dropped.", *_I, "interface"
 )
 
+# -- volumes (the node that manages each) ---------------------------------------------------------------------------
+_V = ("volume_id", "name", "project_id", "project", "pool", "node")
+VOLUME_SIZE = _m("minicloud_volume_size_bytes", "gauge", "Size of the volume (what its pool holds).", *_V)
+VOLUME_STATE = _m(
+    "minicloud_volume_state", "gauge", "1 for the state the volume is in (creating, available, attaching, in-use, "
+    "detaching, extending, reverting, deleting, error).", *_V, "state",
+)  # fmt: skip
+
+# -- networks (the devices of each network built on the node) and routers' external legs ------------------------------
+_N = ("network_id", "name", "project_id", "project", "node", "device", "interface")
+NETWORK_RX_BYTES = _m(
+    "minicloud_network_receive_bytes_total", "counter", "Bytes received on a device of the network on the node "
+    "(device: bridge, vxlan (between nodes) or service (DHCP, DNS, metadata, routed)).", *_N,
+)  # fmt: skip
+NETWORK_TX_BYTES = _m(
+    "minicloud_network_transmit_bytes_total", "counter", "Bytes sent on a device of the network on the node.", *_N
+)
+NETWORK_RX_PACKETS = _m(
+    "minicloud_network_receive_packets_total", "counter", "Packets received on a device of the network.", *_N
+)
+NETWORK_TX_PACKETS = _m(
+    "minicloud_network_transmit_packets_total", "counter", "Packets sent on a device of the network.", *_N
+)
+NETWORK_RX_DROP = _m(
+    "minicloud_network_receive_drop_total", "counter", "Incoming packets dropped on a device of the network.", *_N
+)
+NETWORK_TX_DROP = _m(
+    "minicloud_network_transmit_drop_total", "counter", "Outgoing packets dropped on a device of the network.", *_N
+)
+_R = ("router_id", "name", "project_id", "project", "network_id", "node")
+ROUTER_EXTERNAL_RX_BYTES = _m(
+    "minicloud_router_external_receive_bytes_total", "counter", "Bytes received on a router's external leg in a "
+    "network's service namespace on the node.", *_R, "interface",
+)  # fmt: skip
+ROUTER_EXTERNAL_TX_BYTES = _m(
+    "minicloud_router_external_transmit_bytes_total", "counter", "Bytes sent on a router's external leg.", *_R,
+    "interface",
+)  # fmt: skip
+ROUTER_EXTERNAL_RX_PACKETS = _m(
+    "minicloud_router_external_receive_packets_total", "counter", "Packets received on a router's external leg.",
+    *_R, "interface",
+)  # fmt: skip
+ROUTER_EXTERNAL_TX_PACKETS = _m(
+    "minicloud_router_external_transmit_packets_total", "counter", "Packets sent on a router's external leg.", *_R,
+    "interface",
+)  # fmt: skip
+ROUTER_EXTERNAL_RX_DROP = _m(
+    "minicloud_router_external_receive_drop_total", "counter", "Incoming packets dropped on a router's external "
+    "leg.", *_R, "interface",
+)  # fmt: skip
+ROUTER_EXTERNAL_TX_DROP = _m(
+    "minicloud_router_external_transmit_drop_total", "counter", "Outgoing packets dropped on a router's external "
+    "leg.", *_R, "interface",
+)  # fmt: skip
+ROUTER_FLOATING_IPS = _m(
+    "minicloud_router_floating_ips", "gauge", "Floating IPs NATed on the node by a router's external leg (those of "
+    "the node's NICs in the network).", *_R,
+)  # fmt: skip
+
 # -- minicloud itself ----------------------------------------------------------------------------------------------
 API_REQUESTS = _m(
     "minicloud_api_requests_total", "counter", "API requests answered, by route template and status.",
@@ -175,6 +254,30 @@ RECONCILE_DURATION = _m(
 OPERATIONS = _m(
     "minicloud_operations", "gauge", "Long-running operations this node runs now, by state.", "node", "state"
 )
+STORE_COMMIT_DURATION = _m(
+    "minicloud_store_commit_duration_seconds", "histogram", "Time a state store commit took as its caller saw it "
+    "(group commit and fsync on one node; etcd and the local replica in a cluster).", "node",
+)  # fmt: skip
+STORE_COMMIT_BATCH = _m(
+    "minicloud_store_commit_batch_size", "histogram", "Transactions written per SQLite transaction (one fsync each).",
+    "node",
+)  # fmt: skip
+STORE_REVISION = _m("minicloud_store_revision", "gauge", "The revision of this node's copy of the state.", "node")
+STORE_STALE = _m(
+    "minicloud_store_stale", "gauge", "1 while this node's replica has not heard from etcd for too long.", "node"
+)
+SERVICES_LEADER = _m(
+    "minicloud_cluster_services_leader", "gauge", "1 on the node holding the cluster services leadership (leader "
+    "loops: alarms, billing, retention).", "node",
+)  # fmt: skip
+ETCD_UP = _m("minicloud_etcd_up", "gauge", "1 when this voting node's etcd member answered its status call.", "node")
+ETCD_IS_LEADER = _m("minicloud_etcd_is_leader", "gauge", "1 when this node's etcd member leads Raft.", "node")
+ETCD_HAS_LEADER = _m("minicloud_etcd_has_leader", "gauge", "1 when this node's etcd member knows a leader.", "node")
+ETCD_LEADER_CHANGES = _m(
+    "minicloud_etcd_leader_changes_total", "counter", "Raft leader changes this agent has seen since it started "
+    "(one status call per interval).", "node",
+)  # fmt: skip
+ETCD_DB_SIZE = _m("minicloud_etcd_db_size_bytes", "gauge", "Size of this node's etcd database file.", "node")
 COLLECT_DURATION = _m(
     "minicloud_metrics_collect_duration_seconds", "gauge", "Time the last collection of a source took (node: psutil, "
     "instances: one libvirt bulk stats call).", "node", "source",
@@ -182,6 +285,19 @@ COLLECT_DURATION = _m(
 COLLECT_ERRORS = _m(
     "minicloud_metrics_collect_errors_total", "counter", "Collections of a source that failed.", "node", "source"
 )
+
+# -- GPUs (NVML; docs/gpus.md) ---------------------------------------------------------------------------------------
+GPU_LABELS = ("node", "gpu", "pci_address", "model")
+GPU_UTILIZATION = _m("minicloud_gpu_utilization_ratio", "gauge", "GPU busy time (0-1), from NVML.", *GPU_LABELS)
+GPU_MEMORY_USED = _m("minicloud_gpu_memory_used_bytes", "gauge", "GPU memory in use, from NVML.", *GPU_LABELS)
+GPU_MEMORY_TOTAL = _m("minicloud_gpu_memory_total_bytes", "gauge", "GPU memory, from NVML.", *GPU_LABELS)
+GPU_TEMPERATURE = _m("minicloud_gpu_temperature_celsius", "gauge", "GPU core temperature, from NVML.", *GPU_LABELS)
+GPU_POWER = _m("minicloud_gpu_power_watts", "gauge", "GPU power draw, from NVML.", *GPU_LABELS)
+GPU_POWER_LIMIT = _m("minicloud_gpu_power_limit_watts", "gauge", "GPU power limit, from NVML.", *GPU_LABELS)
+GPU_INFO = _m(
+    "minicloud_gpu_info", "gauge", "1 per GPU the node found (NVML or sysfs), with its driver and whether it can be "
+    "passed through.", *GPU_LABELS, "driver", "capable",
+)  # fmt: skip
 
 #: Latency buckets (seconds) of the histograms: API requests and reconcile passes.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -208,3 +324,17 @@ INSTANCE_VIEWS: dict[str, tuple[tuple[str, str], ...]] = {
         ("tx B/s", "sum(rate(minicloud_instance_network_transmit_bytes_total{sel}[{w}]))"),
     ),
 }
+
+#: ``minicloud top``: one instant query per column, each answering one value per instance (by ``instance_id``), as
+#: (column title, PromQL with ``{sel}`` for the node selector and ``{w}`` for the rate window).
+TOP_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("cpu %", "100 * rate(minicloud_instance_cpu_seconds_total{sel}[{w}])"),
+    ("mem MiB", "minicloud_instance_memory_bytes{sel} / 1048576"),
+    ("rss MiB", "minicloud_instance_memory_rss_bytes{sel} / 1048576"),
+    ("disk r B/s", "sum by (instance_id) (rate(minicloud_instance_disk_read_bytes_total{sel}[{w}]))"),
+    ("disk w B/s", "sum by (instance_id) (rate(minicloud_instance_disk_written_bytes_total{sel}[{w}]))"),
+    ("net rx B/s", "sum by (instance_id) (rate(minicloud_instance_network_receive_bytes_total{sel}[{w}]))"),
+    ("net tx B/s", "sum by (instance_id) (rate(minicloud_instance_network_transmit_bytes_total{sel}[{w}]))"),
+)
+#: The series that names each instance in ``top`` (its labels and its state).
+TOP_STATE = "minicloud_instance_state{sel} == 1"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+from minicloud.state.migrations import SPAN_KEYS
 from minicloud.state.records import Change, Check, Create, Delete, Op, Record, Txn, TxnFailed, Update
 from minicloud.state.sqlite import CommitHook, Compacted, SQLiteStore, Subscription
 
@@ -28,6 +29,7 @@ __all__ = [
     "TxnFailed",
     "Update",
     "list_all",
+    "list_span",
     "open_store",
 ]
 
@@ -65,8 +67,9 @@ class Store(Protocol):
         name: str | None = None,
         labels: dict[str, str] | None = None,
         where: dict[str, str] | None = None,
-        after: tuple[str, str] | None = None,
+        after: tuple[str, ...] | None = None,
         limit: int = 1000,
+        span: tuple[str, str, str] | None = None,
     ) -> list[Record]: ...
 
     async def count(self, kind: str) -> int: ...
@@ -77,7 +80,10 @@ class Store(Protocol):
 
     def add_commit_hook(self, hook: CommitHook) -> None: ...
 
-    async def compact(self) -> int: ...
+    async def compact(self, *, hold: int | None = None) -> int:
+        """Drop change-log entries older than the retention; ``hold``: a consumer's cursor to keep changes after
+        (bounded, see :meth:`SQLiteStore.compact`)."""
+        ...
 
     async def backup(self, dest: Path) -> None: ...
 
@@ -98,3 +104,21 @@ async def list_all(store: Store, kind: str, *, page: int = 1000, **filters: Any)
         if len(batch) < page:
             return out
         after = (batch[-1].name, batch[-1].id)
+
+
+async def list_span(
+    store: Store, kind: str, key: str, low: str, high: str, *, page: int = 1000, **filters: Any
+) -> list[Record]:
+    """Every record of ``kind`` whose range-indexed ``key`` (:data:`~minicloud.state.migrations.SPAN_KEYS`) is in
+    [low, high), in (key, name, id) order, read a page at a time. With ``project=`` in ``filters`` it reads only that
+    range of the index (a day of a project's ledger, not the whole ledger)."""
+    value = SPAN_KEYS[key].value
+    out: list[Record] = []
+    after = None
+    while True:
+        batch = await store.list(kind, after=after, limit=page, span=(key, low, high), **filters)
+        out += batch
+        if len(batch) < page:
+            return out
+        last = batch[-1]
+        after = (value(last) or "", last.name, last.id)

@@ -466,8 +466,8 @@ class EtcdStore:
     def add_commit_hook(self, hook: CommitHook) -> None:
         self.replica.add_commit_hook(hook)
 
-    async def compact(self) -> int:
-        return await self.replica.compact()
+    async def compact(self, *, hold: int | None = None) -> int:
+        return await self.replica.compact(hold=hold)
 
     async def backup(self, dest: Path) -> None:
         await self.replica.backup(dest)

@@ -9,12 +9,14 @@ switch function runs (e.g. copies the state into etcd), then writes resume on th
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from minicloud.state.records import Change, Record, Txn
 from minicloud.state.sqlite import CommitHook, SQLiteStore, Subscription
+from minicloud.state.stats import COMMIT_BUCKETS, Distribution
 
 
 class StoreHandle:
@@ -26,6 +28,8 @@ class StoreHandle:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        #: Seconds each commit took, as callers see it (group commit on one node, etcd and the replica in a cluster).
+        self.commit_seconds = Distribution(COMMIT_BUCKETS)
 
     @property
     def clustered(self) -> bool:
@@ -52,9 +56,11 @@ class StoreHandle:
         await self._gate.wait()
         self._inflight += 1
         self._idle.clear()
+        started = time.perf_counter()
         try:
             return await self.backend.commit(txn)
         finally:
+            self.commit_seconds.observe(time.perf_counter() - started)
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
@@ -98,8 +104,8 @@ class StoreHandle:
     def add_commit_hook(self, hook: CommitHook) -> None:
         self.local.add_commit_hook(hook)
 
-    async def compact(self) -> int:
-        return await self.local.compact()
+    async def compact(self, *, hold: int | None = None) -> int:
+        return await self.local.compact(hold=hold)
 
     async def backup(self, dest: Path) -> None:
         await self.local.backup(dest)

@@ -6,8 +6,11 @@ schema intact. Never edit a released migration; append a new one.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 
 def update_from_v0(db: sqlite3.Connection) -> None:
@@ -45,7 +48,7 @@ def update_from_v0(db: sqlite3.Connection) -> None:
 
 
 #: Top-level spec fields with an expression index: ``Store.list(kind, where={field: value})`` accepts only these.
-INDEXED_SPEC_FIELDS = frozenset({"node", "image_id"})
+INDEXED_SPEC_FIELDS = frozenset({"node", "image_id", "network", "port_network"})
 
 
 def update_from_v1(db: sqlite3.Connection) -> None:
@@ -57,7 +60,58 @@ def update_from_v1(db: sqlite3.Connection) -> None:
         db.execute(f"CREATE INDEX records_spec_{field} ON records (kind, {expr}, name, id) WHERE {expr} IS NOT NULL")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [update_from_v0, update_from_v1]
+def update_from_v2(db: sqlite3.Connection) -> None:
+    """Expression indexes for the network reconciler: ports (and subnets, IP allocations…) by network, floating IPs
+    by the network of the NIC they are associated with, so a network's reconcile reads only its own records."""
+    for field in ("network", "port_network"):
+        expr = f"json_extract(spec, '$.{field}')"
+        db.execute(f"CREATE INDEX records_spec_{field} ON records (kind, {expr}, name, id) WHERE {expr} IS NOT NULL")
+
+
+#: The hour of a ledger entry's charge (``2026-10-31T00:00:00Z``), read from the canonical JSON the entry's hash covers;
+#: NULL for every other kind and for a charge that is not valid JSON (a tampered entry: ``billing verify`` names it).
+CHARGE_HOUR = (
+    "json_extract(CASE WHEN kind = 'ledgerentry' AND json_valid(json_extract(spec, '$.charge')) "
+    "THEN json_extract(spec, '$.charge') END, '$.hour')"
+)
+
+
+def _charge_hour(record: Any) -> str | None:
+    """The Python twin of :data:`CHARGE_HOUR` (a span read's page cursor)."""
+    try:
+        value = json.loads(record.spec["charge"]).get("hour")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class SpanKey:
+    """A key with a range index: ``Store.list(kind, project=P, span=(key, low, high))`` reads only the records whose
+    key is in [low, high), in (key, name, id) order. ``sql`` is the indexed expression (a query must say exactly it),
+    ``value`` computes it from a record."""
+
+    sql: str
+    value: Callable[[Any], str | None]
+
+
+#: Keys with a range index (see :class:`SpanKey`).
+SPAN_KEYS = {"charge_hour": SpanKey(CHARGE_HOUR, _charge_hour)}
+
+
+def update_from_v3(db: sqlite3.Connection) -> None:
+    """A range index on the ledger entries' charge hour, per project, so a cost report for a day or a week reads that
+    range instead of the project's whole ledger. Partial: only ledger entries (the expression is NULL elsewhere)."""
+    db.execute(f"CREATE INDEX records_span_charge_hour ON records (kind, project, {CHARGE_HOUR}, name, id) "
+               f"WHERE {CHARGE_HOUR} IS NOT NULL")  # fmt: skip
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    update_from_v0,
+    update_from_v1,
+    update_from_v2,
+    update_from_v3,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,24 @@ import aiosqlite
 import msgspec
 
 from minicloud.state.cache import RecordCache
-from minicloud.state.migrations import INDEXED_SPEC_FIELDS, migrate
-from minicloud.state.records import Change, Check, Create, Delete, Record, Txn, TxnFailed, Update, check_append_only
+from minicloud.state.migrations import INDEXED_SPEC_FIELDS, SPAN_KEYS, migrate
+from minicloud.state.records import (
+    Change,
+    Check,
+    Create,
+    Delete,
+    Op,
+    Record,
+    Txn,
+    TxnFailed,
+    Update,
+    check_append_only,
+)
+from minicloud.state.stats import BATCH_BUCKETS, Distribution
 
 log = logging.getLogger(__name__)
+#: A consumer's ``hold`` keeps at most this many times ``retain_changes`` revisions of the change log.
+HOLD_FACTOR = 10
 
 _enc = msgspec.json.Encoder()
 
@@ -85,6 +99,15 @@ def _record_params(r: Record, revision: int) -> tuple[Any, ...]:
     )
 
 
+#: The INSERT of one record (the parameters are :func:`record_params`): bulk loaders use it with ``executemany``.
+INSERT_RECORD = f"INSERT INTO records ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+
+
+def record_params(r: Record, revision: int) -> tuple[Any, ...]:
+    """The parameters of :data:`INSERT_RECORD` for ``r`` written at ``revision`` (the store's own encoding)."""
+    return _record_params(r, revision)
+
+
 def _integrity_reason(exc: sqlite3.IntegrityError) -> str:
     message = str(exc)
     if "UNIQUE" not in message:
@@ -109,11 +132,18 @@ async def apply_txn(db: aiosqlite.Connection, txn: Txn, revision: int) -> list[C
         await db.execute("SAVEPOINT txn")
     changes: list[Change] = []
     try:
-        for index, op in enumerate(txn.ops):
+        index = 0
+        while index < len(txn.ops):
+            op = txn.ops[index]
             if isinstance(op, Check):
                 await _check(db, index, op)
+            elif isinstance(op, Create) and (run := _create_run(txn.ops, index)) >= BULK_CREATES:
+                changes += await _create_many(db, index, txn.ops[index : index + run], revision)
+                index += run
                 continue
-            changes.append(await _apply_op(db, index, op, revision))
+            else:
+                changes.append(await _apply_op(db, index, op, revision))
+            index += 1
     except BaseException:
         if multi:
             await db.execute("ROLLBACK TO txn")
@@ -122,6 +152,37 @@ async def apply_txn(db: aiosqlite.Connection, txn: Txn, revision: int) -> list[C
     if multi:
         await db.execute("RELEASE txn")
     return changes
+
+
+#: A run of at least this many consecutive creates in a transaction is inserted with one ``executemany`` (one
+#: round trip to SQLite's thread instead of one per record: the close loop's usage records and ledger entries).
+BULK_CREATES = 8
+
+
+def _create_run(ops: Sequence[Op], start: int) -> int:
+    end = start
+    while end < len(ops) and isinstance(ops[end], Create):
+        end += 1
+    return end - start
+
+
+async def _create_many(db: aiosqlite.Connection, start: int, ops: Sequence[Op], revision: int) -> list[Change]:
+    """Insert a run of creates at once; if one of them is refused (its id or name is taken), undo the run and apply
+    it op by op, so the :class:`TxnFailed` names the same op and reason as the one-at-a-time path would."""
+    records = [op.record for op in ops if isinstance(op, Create)]
+    await db.execute("SAVEPOINT creates")
+    try:
+        await db.executemany(INSERT_RECORD, [_record_params(r, revision) for r in records])
+    except sqlite3.IntegrityError:
+        await db.execute("ROLLBACK TO creates")
+        await db.execute("RELEASE creates")
+        return [await _apply_op(db, start + k, op, revision) for k, op in enumerate(ops)]  # type: ignore[arg-type]
+    await db.execute("RELEASE creates")
+    return [
+        Change(revision=revision, type="created", kind=r.kind, id=r.id, project=r.project,
+               record=msgspec.structs.replace(r, revision=revision))
+        for r in records
+    ]  # fmt: skip
 
 
 async def _check(db: aiosqlite.Connection, index: int, op: Check) -> None:
@@ -193,11 +254,13 @@ def list_query(
     name: str | None = None,
     labels: dict[str, str] | None = None,
     where: dict[str, str] | None = None,
-    after: tuple[str, str] | None = None,
+    after: tuple[str, ...] | None = None,
     limit: int = 1000,
+    span: tuple[str, str, str] | None = None,
 ) -> tuple[str, tuple[Any, ...]]:
     """The SELECT behind :meth:`SQLiteStore.list` and its parameters (every value is a parameter)."""
     clauses, params = ["kind = ?"], [kind]
+    order = "name, id"
     if project is not None:
         clauses.append("project = ?")
         params.append(project)
@@ -215,10 +278,23 @@ def list_query(
     for key, value in (labels or {}).items():
         clauses.append("EXISTS (SELECT 1 FROM json_each(labels) WHERE json_each.key = ? AND json_each.value = ?)")
         params += [key, value]
-    if after is not None:
+    if span is not None:
+        key, low, high = span
+        if key not in SPAN_KEYS:
+            raise ValueError(f"{key!r} has no range index; add one with a migration (indexed: {sorted(SPAN_KEYS)})")
+        expr = SPAN_KEYS[key].sql  # exactly the index's expression, from the fixed set
+        clauses.append(f"{expr} >= ? AND {expr} < ?")
+        params += [low, high]
+        order = f"{expr}, name, id"
+        if after is not None:
+            if len(after) != 3:
+                raise ValueError("a span read continues after (key value, name, id)")
+            clauses.append(f"({expr}, name, id) > (?, ?, ?)")
+            params += list(after)
+    elif after is not None:
         clauses.append("(name, id) > (?, ?)")
         params += list(after)
-    sql = f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(clauses)} ORDER BY name, id LIMIT ?"
+    sql = f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(clauses)} ORDER BY {order} LIMIT ?"
     return sql, (*params, limit)
 
 
@@ -279,6 +355,8 @@ class SQLiteStore:
         self._commit_hooks: list[CommitHook] = []
         self._cache = RecordCache()
         self._closed = False
+        #: Transactions per SQLite write transaction (one fsync each): how well commits are grouped.
+        self.batch_sizes = Distribution(BATCH_BUCKETS)
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     @property
@@ -371,6 +449,7 @@ class SQLiteStore:
             self._wake.clear()
             while self._pending:
                 batch, self._pending = self._pending[:_MAX_BATCH], self._pending[_MAX_BATCH:]
+                self.batch_sizes.observe(len(batch))
                 await self._write_batch(batch)
             if self._closed:
                 return
@@ -505,15 +584,20 @@ class SQLiteStore:
         name: str | None = None,
         labels: dict[str, str] | None = None,
         where: dict[str, str] | None = None,
-        after: tuple[str, str] | None = None,
+        after: tuple[str, ...] | None = None,
         limit: int = 1000,
+        span: tuple[str, str, str] | None = None,
     ) -> list[Record]:
         """Records of ``kind`` ordered by (name, id), filtered; ``after`` is the (name, id) to continue after.
 
         ``where`` matches top-level spec fields exactly, and only fields with an index (:data:`INDEXED_SPEC_FIELDS`;
         another raises ``ValueError``), so a lookup such as "the instances on node N" costs what it returns, not a
-        scan of the kind."""
-        sql, params = list_query(kind, project=project, name=name, labels=labels, where=where, after=after, limit=limit)
+        scan of the kind. ``span=(key, low, high)``: only records whose range-indexed key (:data:`SPAN_KEYS`) is in
+        [low, high), ordered by (key, name, id), ``after`` then being (key value, name, id); with ``project`` the
+        read costs what it returns (:func:`minicloud.state.list_span` pages through it)."""
+        sql, params = list_query(
+            kind, project=project, name=name, labels=labels, where=where, after=after, limit=limit, span=span
+        )
         async with self._db.execute(sql, params) as cur:
             return [_row_to_record(row) for row in await cur.fetchall()]
 
@@ -561,9 +645,15 @@ class SQLiteStore:
         self._subscribers.add(sub)
         return sub
 
-    async def compact(self) -> int:
-        """Drop change-log entries older than the last ``retain_changes`` revisions; returns the new floor."""
+    async def compact(self, *, hold: int | None = None) -> int:
+        """Drop change-log entries older than the last ``retain_changes`` revisions; returns the new floor.
+
+        ``hold``: a consumer's cursor (the billing meter's revision): changes after it are kept too, but never more
+        than :data:`HOLD_FACTOR` x ``retain_changes`` revisions, so a stuck consumer cannot grow the log without
+        bound (it resynchronises instead)."""
         floor = self._revision - self.retain_changes
+        if hold is not None:
+            floor = max(min(floor, hold), self._revision - HOLD_FACTOR * self.retain_changes)
         if floor <= self._compacted:
             return self._compacted
         async with self._write_lock:

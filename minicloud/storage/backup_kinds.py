@@ -207,6 +207,8 @@ class BackupTargetSpec(msgspec.Struct, kw_only=True):
     #: PEM of the CA(s) the endpoint's certificate chains to ("" : the system's).
     ca_bundle: str = ""
     description: str = ""
+    #: A delete is looking for backups and schedules that use the target (creates that use it are refused).
+    deleting: bool = False
 
 
 class BackupTarget(Resource, kw_only=True):
@@ -255,7 +257,7 @@ BACKUP_TARGET = declare(
         noun="backup target",
         columns=(Column("name", "name"), Column("endpoint", "endpoint"), Column("id", "id")),
         patch=BackupTargetUpdate,
-        generic=frozenset({"list", "show", "patch", "delete"}),
+        generic=frozenset({"list", "show", "patch"}),
     )
 )
 

@@ -402,6 +402,8 @@ async def create_backup(ctx: Context, store: Store, body: VolumeBackupCreate, *,
     )  # fmt: skip
     obj = VOLUME_BACKUP.new(project=ctx.project, name=name, id=backup_id, spec=spec, labels=body.labels, stamp=stamp)
     checks = [Check(kind=VOLUME.name, id=vol.id, expect_revision=vol.revision)]
+    if target is not None:  # a target delete sees this backup, or this create fails its Check
+        checks.append(await common.still(store, BACKUP_TARGET, target.id, f"backup target '{target.name}'"))
     if parent is not None:
         checks.append(Check(kind=VOLUME_BACKUP.name, id=parent.id, expect_revision=_rev(existing, parent.id)))
     return await crud.create(ctx, store, VOLUME_BACKUP, obj, extra=checks)
@@ -447,9 +449,10 @@ async def restore_backup(
     backup's volume's unless given; an RBD diff chain restores into a ceph pool only (a qcow2 copy into either).
     409 unless the backup and every backup of its chain are available."""
     from minicloud.storage import pools
+    from minicloud.storage.common import still
     from minicloud.storage.kinds import POOL, VOLUME, VolumeSource, VolumeSpec
     from minicloud.storage.quotas import DEFAULT_QUOTAS, charge
-    from minicloud.storage.volumes import _check_space, _still
+    from minicloud.storage.volumes import _check_space
 
     bk = await crud.get(ctx, store, VOLUME_BACKUP, ref)
     if bk.spec.deleted or bk.status.state != "available":
@@ -494,7 +497,7 @@ async def restore_backup(
     async def step(_: int) -> Written:
         await _check_space(store, pool, size_gib)
         ops: list[Any] = await charge(ctx, store, ctx.project, volumes=1, gib=size_gib, quotas=quotas or DEFAULT_QUOTAS)
-        ops.append(await _still(store, POOL, pool.id, f"pool '{pool.name}'"))
+        ops.append(await still(store, POOL, pool.id, f"pool '{pool.name}'"))
         return await crud.create(ctx, store, VOLUME, vol, extra=[*ops, *checks])
 
     return await common.retrying(step)
@@ -555,7 +558,41 @@ async def create_schedule(
     )  # fmt: skip
     name = body.name or f"{vol.name if vol is not None else 'state'}-every-{body.every_seconds}s"
     obj = BACKUP_SCHEDULE.new(project=ctx.project, name=name, spec=spec, labels=body.labels, stamp=ctx.clock())
-    return await crud.create(ctx, store, BACKUP_SCHEDULE, obj)
+    extra = [await common.still(store, BACKUP_TARGET, target.id, f"backup target '{target.name}'")] if target else []
+    return await crud.create(ctx, store, BACKUP_SCHEDULE, obj, extra=extra)
+
+
+async def target_users(store: Store, target: Any) -> list[str]:
+    """What uses backup target ``target``: its backups (also those being deleted: their objects are removed through
+    it) and schedules, as words for a 409."""
+    used = [f"backup '{r.name}'" for r in await list_all(store, VOLUME_BACKUP.name, project=target.project)
+            if r.spec.get("target") == target.id]  # fmt: skip
+    used += [f"backup schedule '{r.name}'" for r in await list_all(store, BACKUP_SCHEDULE.name, project=target.project)
+             if r.spec.get("target") == target.id]  # fmt: skip
+    return used
+
+
+async def delete_target(ctx: Context, store: Store, ref: str, *, expect: int | None = None) -> Written:
+    """Delete a backup target nothing uses: 409 naming the backups and schedules that still do (delete them first;
+    a backup's objects are removed through its target). Race-free against creates (:func:`common.delete_marked`)."""
+
+    async def refuse(target: Any) -> None:
+        if users := await target_users(store, target):
+            more = f" and {len(users) - 5} more" if len(users) > 5 else ""
+            raise errors.InUse(
+                f"backup target '{target.name}' is still used by {', '.join(users[:5])}{more}; delete them first"
+            )
+
+    async def step(_: int) -> Written:
+        target = await crud.get(ctx, store, BACKUP_TARGET, ref)
+        if expect is not None and expect != target.revision:
+            raise errors.PreconditionFailed("the backup target was changed since the revision you sent in If-Match")
+        return await common.delete_marked(
+            ctx, store, BACKUP_TARGET, target, refuse,
+            lambda t: crud.delete_obj(ctx, store, BACKUP_TARGET, t, expect=t.revision),
+        )  # fmt: skip
+
+    return await (step(0) if expect is not None else common.retrying(step))
 
 
 __all__ = [
@@ -574,6 +611,7 @@ __all__ = [
     "data_key",
     "decode_manifest",
     "delete_backup",
+    "delete_target",
     "dependents",
     "due",
     "encode_manifest",

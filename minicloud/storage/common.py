@@ -15,7 +15,7 @@ from minicloud.core.context import Context
 from minicloud.core.kinds import Kind, Obj
 from minicloud.core.write import Written
 from minicloud.iam.directory import Directory, authorize
-from minicloud.state import Store, Txn, TxnFailed, Update
+from minicloud.state import Check, Store, Txn, TxnFailed, Update
 from minicloud.storage.kinds import CEPH, CEPH_NAME, DISK_SLOTS, STORAGE_USAGE, CephSpec, CephStatus
 
 W = TypeVar("W")
@@ -48,6 +48,18 @@ async def retrying(step: Callable[[int], Awaitable[W]], attempts: int = ATTEMPTS
             if attempt == attempts - 1:
                 raise errors.Conflict("the change kept losing to concurrent requests; retry") from None
     raise AssertionError("unreachable")
+
+
+async def still(store: Store, kind: Kind, id_: str, what: str) -> Check:
+    """A Check that the record ``id_`` is, at commit, what was just read (404 when it is gone already, 409 while a
+    delete of it is looking for its users: ``spec.deleting``). A create that uses a pool or an image commits it, so
+    a delete by :func:`delete_marked` either sees the new user or makes the create fail and read again."""
+    record = await store.get(kind.name, id_)
+    if record is None:
+        raise errors.NotFound(f"{what} was deleted while this request ran")
+    if record.spec.get("deleting"):
+        raise errors.Conflict(f"{what} is being deleted")
+    return Check(kind=kind.name, id=id_, expect_revision=record.revision)
 
 
 async def delete_marked(

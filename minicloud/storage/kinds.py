@@ -196,6 +196,8 @@ class PoolSpec(msgspec.Struct, kw_only=True):
     #: after the mark fails its condition on the pool and one before it is seen); cleared when the delete is
     #: refused. Creates refuse a pool so marked.
     deleting: bool = False
+    #: Its volumes' I/O limits unless their create says otherwise, field by field (0 = none).
+    qos: Qos = msgspec.field(default_factory=lambda: Qos())
 
 
 #: Cluster-scoped: every authenticated caller may list and show them (``storage:pools:list|get``); create and
@@ -278,6 +280,10 @@ class VolumeSpec(msgspec.Struct, kw_only=True):
     detached_from: Attachment | None = None
     qos: Qos = msgspec.field(default_factory=Qos)
     revert: RevertRequest = msgspec.field(default_factory=RevertRequest)
+    #: Flatten asked (``volume flatten``, a volume made from a snapshot): its node copies the snapshot's data into
+    #: it (:meth:`VolumeDriver.flatten`), then :func:`minicloud.storage.volumes.flattened` drops it from the
+    #: snapshot's ``clones`` and sets ``status.flattened`` in one transaction. Never cleared.
+    flatten: bool = False
     #: Delete asked: the node removes the data (and its snapshots'), then the record.
     deleted: bool = False
     #: The instance whose root disk it is (``--boot-volume``); "".
@@ -300,6 +306,8 @@ class VolumeObserved(msgspec.Struct, kw_only=True):
     device: str = ""
     #: The last revert done (``RevertRequest.seq``).
     revert_seq: int = 0
+    #: ``spec.flatten`` is done: the volume no longer depends on the snapshot it was made from.
+    flattened: bool = False
 
 
 def _render_volume(obj: Obj[VolumeSpec, VolumeObserved]) -> Volume:
@@ -327,7 +335,11 @@ def _render_volume(obj: Obj[VolumeSpec, VolumeObserved]) -> Volume:
         root_of=s.root_of,
         description=s.description,
         status=VolumeStatus(
-            state="deleting" if s.deleted and st.state != "error" else st.state, reason=st.reason, size_gib=st.size_gib
+            state="deleting" if s.deleted and st.state != "error" else st.state,
+            reason=st.reason,
+            size_gib=st.size_gib,
+            flattening=s.flatten and not st.flattened,
+            flattened=st.flattened,
         ),
     )
 
@@ -362,9 +374,14 @@ VOLUME = declare(
 
 # -- snapshots -----------------------------------------------------------------------------------------------------
 class SnapshotSpec(msgspec.Struct, kw_only=True):
-    #: The volume's id and name.
+    #: The volume's id and name ("" for a root-disk snapshot).
     volume: str
     volume_name: str = ""
+    #: A root-disk snapshot: the instance's id and name (its root disk is an RBD clone in ``pool``, not a volume).
+    instance: str = ""
+    instance_name: str = ""
+    #: A root-disk snapshot's revert: the node rolls the root disk back once per increase (``status.revert_seq``).
+    revert_seq: int = 0
     #: The pool's id (the volume's).
     pool: str = ""
     #: The node that makes and removes it (the volume's node when it was taken).
@@ -379,6 +396,13 @@ class SnapshotSpec(msgspec.Struct, kw_only=True):
 class SnapshotObserved(msgspec.Struct, kw_only=True):
     state: Literal["creating", "available", "deleting", "error"] = "creating"
     reason: str = ""
+    #: The last root-disk revert done (``SnapshotSpec.revert_seq``).
+    revert_seq: int = 0
+
+
+def rbd_image(spec: SnapshotSpec) -> str:
+    """The pool image a snapshot is of: its volume's (named by the volume id), or its instance's root disk."""
+    return spec.volume or f"{spec.instance}-root"
 
 
 def _render_snapshot(obj: Obj[SnapshotSpec, SnapshotObserved]) -> Snapshot:
@@ -387,6 +411,8 @@ def _render_snapshot(obj: Obj[SnapshotSpec, SnapshotObserved]) -> Snapshot:
         **obj.common_fields(),
         volume=s.volume_name or s.volume,
         volume_id=s.volume,
+        instance=s.instance_name or s.instance,
+        instance_id=s.instance,
         pool=s.pool,
         size_gib=s.size_gib,
         description=s.description,

@@ -10,13 +10,16 @@ only sees node records, whose ``role`` is what was asked for at join time, not e
 
 The policy (:func:`place_mons`, pure):
 
-- MONs go to voting nodes, online ones first, by name; up to :data:`WANT` (3: a quorum survives one lost node; 5 would
-  need five voters and more RAM for little gain in a rack).
+- MONs go to voting nodes, online ones first, spread over zones (a node in a zone without a MON first), then by
+  name; up to :func:`wanted` of them: 3 (a quorum survives one lost node), or 5 once five nodes vote (it survives
+  two, or a whole zone of up to two nodes); always an odd number (two voters: one MON — two would both be needed).
 - A MON whose node left the cluster (no node record) is dropped at once; one whose node has been offline for
   :data:`REPLACE_AFTER` is dropped only when an online voter can take its place (the next cycle adds it), so a lost
   node's MON keeps counting towards the quorum as long as nothing better exists — like etcd's dead voter.
-- Nothing changes until the cluster has been bootstrapped (the record has keys), nor while a MON is on a loopback
-  address (storage enabled before the cluster was formed: other nodes could not reach it).
+- Nothing changes until the cluster has been bootstrapped (the record has keys). A lone MON on a loopback address
+  (storage enabled before the cluster was formed: other nodes cannot reach it) is first moved to its node's cluster
+  address once that node has one (the node re-addresses its MON: :meth:`agent.storage.ceph.CephEngine.readdress_mon`);
+  only then do other nodes get MONs.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ from minicloud.storage.kinds import CEPH, CEPH_NAME
 
 log = logging.getLogger("minicloud.storage.mons")
 
-#: How many MONs a cluster with enough voting nodes runs.
+#: How many MONs a cluster with enough voting nodes runs; :data:`WANT_LARGE` from :data:`LARGE_FROM` voters on.
 WANT = 3
+WANT_LARGE = 5
+LARGE_FROM = 5
 #: How long a MON's node must have been offline before the MON moves to another voting node.
 REPLACE_AFTER = _dt.timedelta(minutes=10)
 
@@ -51,6 +56,7 @@ class NodeFacts:
     address: str  # its cluster IP
     online: bool
     offline_since: _dt.datetime | None = None  # its last contact, when offline
+    zone: str = ""  # its ``zone`` label ("" none)
 
 
 @dataclass(frozen=True)
@@ -90,23 +96,65 @@ def _loopback(address: str) -> bool:
         return False
 
 
+def wanted(voters: int) -> int:
+    """How many MONs ``voters`` voting nodes run: 5 from five voters on, 3 from three, else 1 (two MONs would need
+    both nodes for a quorum: one MON survives the loss of the other node)."""
+    return WANT_LARGE if voters >= LARGE_FROM else WANT if voters >= WANT else 1
+
+
+def _spread(candidates: list[str], keep: dict[str, str], nodes: dict[str, NodeFacts]) -> list[str]:
+    """``candidates`` in the order they get MONs: each next one in the zone with the fewest MONs so far (nodes
+    without a zone count as one zone each), then by name."""
+    count: dict[str, int] = {}
+    for n in keep:
+        zone = nodes[n].zone or f"node:{n}"
+        count[zone] = count.get(zone, 0) + 1
+    order, left = [], sorted(candidates)
+    while left:
+        pick = min(left, key=lambda n: (count.get(nodes[n].zone or f"node:{n}", 0), n))
+        order.append(pick)
+        left.remove(pick)
+        zone = nodes[pick].zone or f"node:{pick}"
+        count[zone] = count.get(zone, 0) + 1
+    return order
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def place_mons(
     current: dict[str, str],
     nodes: dict[str, NodeFacts],
     voters: frozenset[str] | set[str],
     now: _dt.datetime,
     *,
-    want: int = WANT,
+    want: int | None = None,
     replace_after: _dt.timedelta = REPLACE_AFTER,
 ) -> tuple[dict[str, str], str] | None:
-    """The MONs (node → address) the record should name, and why; None when it should stay as it is. Pure."""
+    """The MONs (node → address) the record should name, and why; None when it should stay as it is. ``want``:
+    :func:`wanted` of the voters with node records unless given. Pure."""
     if not current or not nodes:
         return None  # not enabled, or a single node without node records: the bootstrap MON is all there is
     if any(_loopback(a) for a in current.values()):
-        return None  # storage enabled before the cluster was formed: its MON is unreachable from other nodes
+        # storage enabled before the cluster was formed: its MON is unreachable from other nodes; move it to its
+        # node's cluster address (the node re-addresses it) before anything else
+        if len(current) != 1:
+            return None
+        ((name, address),) = current.items()
+        facts = nodes.get(name)
+        if facts is None or not facts.online or _loopback(facts.address) or not _is_ip(facts.address):
+            return None
+        return {name: facts.address}, f"moving the monitor of {name} from {ip_of(address)} to {facts.address}"
+    if want is None:
+        want = wanted(sum(1 for n in voters if n in nodes))
     keep = {n: a for n, a in current.items() if n in nodes}
     gone = sorted(set(current) - set(keep))
-    candidates = sorted(n for n in voters if n in nodes and n not in keep and nodes[n].online)
+    candidates = _spread([n for n in voters if n in nodes and n not in keep and nodes[n].online], keep, nodes)
     if not keep:
         return None  # never leave the record without a MON (the cluster's MONs are all gone: an operator's matter)
     if gone:
@@ -121,8 +169,16 @@ def place_mons(
         dropped = stale[0]
         return {n: a for n, a in keep.items() if n != dropped}, f"node {dropped} is offline for long; replacing"
     if len(keep) < want and candidates:
-        added = candidates[: want - len(keep)]
-        return {**keep, **{n: nodes[n].address for n in added}}, f"adding {', '.join(added)}"
+        # an odd number: 2 MONs need both for a quorum (either node lost stops storage), 1 needs only its own
+        reach = min(want, len(keep) + len(candidates))
+        reach -= 1 - reach % 2
+        if reach > len(keep):
+            added = candidates[: reach - len(keep)]
+            return {**keep, **{n: nodes[n].address for n in added}}, f"adding {', '.join(added)}"
+    if len(keep) > want and len(keep) % 2 == 0 and all(nodes[n].online for n in keep):
+        # an even number left (a voter was removed): one fewer keeps as many node losses survivable, or more
+        dropped = sorted(keep)[-1]
+        return {n: a for n, a in keep.items() if n != dropped}, f"an odd number of monitors: dropping {dropped}"
     return None
 
 
@@ -164,6 +220,7 @@ class MonPlacement(LeaderLoop[MonSnapshot | None, MonPlan]):
                 address=ip_of(node.spec.address),
                 online=node.status.state == "online",
                 offline_since=_parse_time(node.status.last_contact) if offline else None,
+                zone=node.labels.get("zone", ""),
             )
         voters = frozenset(str(m.get("name", "")) for m in members if not m.get("isLearner"))
         return MonSnapshot(
@@ -201,4 +258,4 @@ class MonPlacement(LeaderLoop[MonSnapshot | None, MonPlan]):
         return Outcome(f"MONs now on {', '.join(sorted(plan.mons))}")
 
 
-__all__ = ["MonPlacement", "NodeFacts", "place_mons"]
+__all__ = ["MonPlacement", "NodeFacts", "place_mons", "wanted"]

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 
 from minicloud import errors
-from minicloud.compute.kinds import IMAGE
+from minicloud.compute.kinds import IMAGE, INSTANCE
 from minicloud.core import crud
 from minicloud.core.context import Context
 from minicloud.core.kinds import Obj
@@ -19,7 +19,7 @@ from minicloud.iam.directory import Directory
 from minicloud.model.storage import PoolCreate
 from minicloud.state import Create, Op, Store, Update
 from minicloud.storage import common
-from minicloud.storage.kinds import CEPH, LOCAL_POOL_NAME, POOL, VOLUME, PoolSpec
+from minicloud.storage.kinds import CEPH, LOCAL_POOL_NAME, POOL, VOLUME, PoolSpec, Qos
 
 Pool = Obj[PoolSpec, Any]
 #: The ``local`` pool's fixed id: two first uses racing collide on it, and the loser reads the winner's.
@@ -105,7 +105,13 @@ async def create_pool(ctx: Context, store: Store, body: PoolCreate, *, directory
         obj = POOL.new(
             project="",
             name=body.name,
-            spec=PoolSpec(driver=body.driver, ceph_pool=rados, default=body.default, description=body.description),
+            spec=PoolSpec(
+                driver=body.driver,
+                ceph_pool=rados,
+                default=body.default,
+                description=body.description,
+                qos=msgspec.convert(msgspec.to_builtins(body.qos), Qos),
+            ),
             labels=body.labels,
             stamp=ctx.clock(),
         )
@@ -117,9 +123,10 @@ async def create_pool(ctx: Context, store: Store, body: PoolCreate, *, directory
 
 
 async def pool_users(store: Store, pool: Pool, limit: int = 5) -> list[str]:
-    """What keeps ``pool`` from being deleted: up to ``limit`` volumes and images in it, as phrases."""
+    """What keeps ``pool`` from being deleted: up to ``limit`` volumes, images and instances (their root disks) in
+    it, as phrases."""
     found: list[str] = []
-    for kind, noun in ((VOLUME, "volume"), (IMAGE, "image")):
+    for kind, noun in ((VOLUME, "volume"), (IMAGE, "image"), (INSTANCE, "instance")):
         for record in await store.list(kind.name, limit=100_000):
             if record.spec.get("pool") == pool.id:
                 found.append(f"{noun} '{record.name}' (project '{record.project}')")

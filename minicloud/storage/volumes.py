@@ -1,4 +1,4 @@
-"""Volumes: create (blank, from an image or from a snapshot), delete, attach, detach and extend. List, show and the
+"""Volumes: create (blank, from an image or from a snapshot), delete, attach, detach, extend and flatten. List, show and the
 description/labels patch are generic (:mod:`minicloud.core.crud`).
 
 Each call is one transaction through :func:`minicloud.core.write.commit` (audit, ``Idempotency-Key``) whose
@@ -63,6 +63,15 @@ def changed(obj: Obj[Any, Any], ctx: Context, status: Any = None, **spec: Any) -
 def cas(kind: Any, obj: Obj[Any, Any]) -> Update:
     """The compare-and-swap write of ``obj`` (changed) against the revision it was read at."""
     return Update(kind.dump(obj), expect_revision=obj.revision)
+
+
+async def write_volume(ctx: Context, store: Store, vol: Volume, *ops: Op, status: int = 200) -> Written:
+    """Commit ``vol`` (changed) by compare-and-swap with ``ops`` in one transaction; answer its view at the new
+    revision."""
+    return await commit(
+        ctx, store, [cas(VOLUME, vol), *ops], status=status, label=VOLUME.label,
+        respond=lambda rev: VOLUME.to_view(vol.replace(revision=rev)),
+    )  # fmt: skip
 
 
 def _status(vol: Volume, **changes: Any) -> Any:
@@ -141,7 +150,8 @@ async def create_volume(
         source = VolumeSource(type="snapshot", id=snapshot.id, name=snapshot.name)
         if pool.spec.driver == "local":
             where = snapshot.spec.node
-    q = body.qos
+    # the pool's limits (it is the volume type) for each limit the create leaves at 0
+    q = {k: v or getattr(pool.spec.qos, k) for k, v in msgspec.structs.asdict(body.qos).items()}
     vol = VOLUME.new(
         project=ctx.project,
         name=body.name,
@@ -153,12 +163,7 @@ async def create_volume(
             source=source,
             image_id=source.id if source.type == "image" else "",
             node=where,
-            qos=Qos(
-                read_iops_sec=q.read_iops_sec,
-                write_iops_sec=q.write_iops_sec,
-                read_bytes_sec=q.read_bytes_sec,
-                write_bytes_sec=q.write_bytes_sec,
-            ),
+            qos=Qos(**q),
             description=body.description,
         ),
         labels=body.labels,
@@ -170,9 +175,9 @@ async def create_volume(
         ops: list[Op] = await charge(ctx, store, ctx.project, volumes=1, gib=body.size_gib, quotas=quotas)
         # The pool and the image must still be there when the volume is: a delete of either that commits first
         # fails this transaction's Check (the retry answers 404); one that reads the volumes after sees it.
-        ops.append(await _still(store, POOL, pool.id, f"pool '{pool.name}'"))
+        ops.append(await common.still(store, POOL, pool.id, f"pool '{pool.name}'"))
         if source.type == "image":
-            ops.append(await _still(store, IMAGE, source.id, f"image '{source.name}'"))
+            ops.append(await common.still(store, IMAGE, source.id, f"image '{source.name}'"))
         if snapshot is not None:
             snap = await crud.get(ctx, store, SNAPSHOT, snapshot.id)
             if snap.spec.deleted:
@@ -188,17 +193,6 @@ async def create_volume(
         return await crud.create(ctx, store, VOLUME, vol, extra=ops)
 
     return await common.retrying(step)
-
-
-async def _still(store: Store, kind: Any, id_: str, what: str) -> Check:
-    """A Check that the record ``id_`` is, at commit, what was just read (404 when it is gone already, 409 while a
-    delete of it is looking for its users: ``spec.deleting``)."""
-    record = await store.get(kind.name, id_)
-    if record is None:
-        raise errors.NotFound(f"{what} was deleted while this request ran")
-    if record.spec.get("deleting"):
-        raise errors.Conflict(f"{what} is being deleted")
-    return Check(kind=kind.name, id=id_, expect_revision=record.revision)
 
 
 async def load(store: Store, kind: Any, id_: str) -> Obj[Any, Any] | None:
@@ -258,7 +252,7 @@ async def delete_volume(
             if clones := await live_clones(store, snap):
                 raise errors.InUse(
                     f"volume '{vol.name}' has snapshot '{snap.name}' that volumes {names(clones)} were made from; "
-                    "delete them first"
+                    f"flatten them (`minicloud volume flatten {clones[0].name}`) or delete them first"
                 )
         ops: list[Op] = []
         if not vol.spec.deleted:
@@ -272,14 +266,7 @@ async def delete_volume(
             return await crud.delete_obj(ctx, store, VOLUME, vol, expect=vol.revision, extra=ops)
         ops += [cas(SNAPSHOT, changed(s, ctx, deleted=True)) for s in snaps if not s.spec.deleted]
         marked = changed(vol, ctx, deleted=True)
-        return await commit(
-            ctx,
-            store,
-            [cas(VOLUME, marked), *ops],
-            status=202,
-            label=VOLUME.label,
-            respond=lambda rev: VOLUME.to_view(marked.replace(revision=rev)),
-        )
+        return await write_volume(ctx, store, marked, *ops, status=202)
 
     return await (step(0) if expect is not None else common.retrying(step))
 
@@ -390,20 +377,15 @@ async def attach_volume(ctx: Context, store: Store, ref: str, body: VolumeAttach
             node=target,
             previous_node=vol.spec.node if vol.spec.node != target else "",
         )
-        return await commit(
+        # The Check on the instance: a delete (or any change) of it since it was read fails this attach, which
+        # reads it again — so a volume is never attached to an instance whose teardown did not see it.
+        return await write_volume(
             ctx,
             store,
-            # The Check on the instance: a delete (or any change) of it since it was read fails this attach, which
-            # reads it again — so a volume is never attached to an instance whose teardown did not see it.
-            [
-                cas(VOLUME, attached),
-                *await snapshots_follow(store, vol, target, ctx.clock()),
-                *_slots_op(ctx, slots, inst.id, devices),
-                Check(kind=INSTANCE.name, id=inst.id, expect_revision=inst.revision),
-            ],
-            status=200,
-            label=VOLUME.label,
-            respond=lambda rev: VOLUME.to_view(attached.replace(revision=rev)),
+            attached,
+            *await snapshots_follow(store, vol, target, ctx.clock()),
+            *_slots_op(ctx, slots, inst.id, devices),
+            Check(kind=INSTANCE.name, id=inst.id, expect_revision=inst.revision),
         )
 
     return await common.retrying(step)
@@ -426,14 +408,7 @@ async def detach_volume(ctx: Context, store: Store, ref: str, body: VolumeDetach
             forced = changed(
                 vol, ctx, status=_status(vol, reason=""), detached_from=msgspec.structs.replace(gone, force=True)
             )
-            return await commit(
-                ctx,
-                store,
-                [cas(VOLUME, forced)],
-                status=200,
-                label=VOLUME.label,
-                respond=lambda rev: VOLUME.to_view(forced.replace(revision=rev)),
-            )
+            return await write_volume(ctx, store, forced)
         if att is None:
             if gone is not None and vol.status.state == "detaching":
                 raise errors.Conflict(
@@ -453,14 +428,7 @@ async def detach_volume(ctx: Context, store: Store, ref: str, body: VolumeDetach
             attachment=None,
             detached_from=msgspec.structs.replace(att, force=body.force),
         )
-        return await commit(
-            ctx,
-            store,
-            [cas(VOLUME, detached), *await _release_slot_ops(ctx, store, vol)],
-            status=200,
-            label=VOLUME.label,
-            respond=lambda rev: VOLUME.to_view(detached.replace(revision=rev)),
-        )
+        return await write_volume(ctx, store, detached, *await _release_slot_ops(ctx, store, vol))
 
     return await common.retrying(step)
 
@@ -488,14 +456,58 @@ async def extend_volume(
             await _check_space(store, pool, delta)
         ops = await charge(ctx, store, vol.project, gib=delta, quotas=quotas)
         grown = changed(vol, ctx, size_gib=body.size_gib)
-        return await commit(
-            ctx,
-            store,
-            [cas(VOLUME, grown), *ops],
-            status=200,
-            label=VOLUME.label,
-            respond=lambda rev: VOLUME.to_view(grown.replace(revision=rev)),
-        )
+        return await write_volume(ctx, store, grown, *ops)
+
+    return await common.retrying(step)
+
+
+async def flatten_volume(ctx: Context, store: Store, ref: str) -> Written:
+    """Ask for a volume made from a snapshot to be flattened: ``spec.flatten``; its node copies the snapshot's data
+    into it, then :func:`flattened` releases the snapshot (which can then be deleted). Attached volumes too (RBD
+    flattens under a running guest). Idempotent: asking again while it is being flattened, or once it is, answers
+    the volume unchanged (``status.flattening`` / ``status.flattened``). 409 for a volume not made from a snapshot
+    (it has no parent), one being deleted, or one not yet available (or in error). One CAS on the volume."""
+
+    async def step(_: int) -> Written:
+        vol = await crud.get(ctx, store, VOLUME, ref)
+        if vol.spec.deleted:
+            raise errors.Conflict(f"volume '{vol.name}' is being deleted; there is nothing to flatten")
+        source = vol.spec.source
+        if source.type != "snapshot":
+            made = {"blank": "blank", "image": f"from image '{source.name or source.id}'"}.get(
+                source.type, "from a backup"
+            )
+            raise errors.Conflict(
+                f"volume '{vol.name}' has no parent snapshot (it was made {made}); only a volume made from a "
+                "snapshot (`minicloud volume create NAME --snapshot SNAPSHOT`) can be flattened"
+            )
+        if vol.spec.flatten:
+            return Written(VOLUME.to_view(vol), 200, vol.revision)
+        if vol.status.state in ("creating", "error"):
+            raise errors.Conflict(f"volume '{vol.name}' is {vol.status.state}; flatten it once it is available")
+        asked = changed(vol, ctx, flatten=True)
+        return await write_volume(ctx, store, asked)
+
+    return await common.retrying(step)
+
+
+async def flattened(ctx: Context, store: Store, vol_id: str) -> bool:
+    """For the volume's node once :meth:`VolumeDriver.flatten` is done: in one transaction, ``status.flattened``
+    (CAS on the volume) and the volume out of its snapshot's ``clones`` (CAS on the snapshot, when it still lists
+    it), so the snapshot's delete is no longer refused because of it. False when there is nothing to do (no such
+    volume, no flatten asked, done already, or being deleted: the delete releases the snapshot itself)."""
+
+    async def step(_: int) -> bool:
+        vol = await load(store, VOLUME, vol_id)
+        if vol is None or vol.spec.deleted or not vol.spec.flatten or vol.status.flattened:
+            return False
+        done = vol.replace(status=_status(vol, flattened=True), updated_at=ctx.clock())
+        ops: list[Op] = [cas(VOLUME, done)]
+        parent = await load(store, SNAPSHOT, vol.spec.source.id) if vol.spec.source.type == "snapshot" else None
+        if parent is not None and vol.id in parent.spec.clones:
+            ops.append(cas(SNAPSHOT, changed(parent, ctx, clones=[c for c in parent.spec.clones if c != vol.id])))
+        await commit(ctx, store, ops, status=200, label=VOLUME.label, respond=lambda rev: None)
+        return True
 
     return await common.retrying(step)
 
@@ -545,6 +557,8 @@ __all__ = [
     "delete_volume",
     "detach_volume",
     "extend_volume",
+    "flatten_volume",
+    "flattened",
     "free_gib",
     "live_clones",
     "release_instance",

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
+from agent.net.default import guest_tap
 from minicloud.network import default_vpc
 from tests.cluster import harness
 from tests.cluster.harness import Cluster, wait_for
@@ -20,6 +22,16 @@ from tests.cluster.test_vpc import BOOT_TIMEOUT, booted, delete, launch, ok, pro
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 CIDR = "10.213.0.0/24"  # the harness's nodes keep the default network's defaults
+
+
+def _pinned(node, instance_id: str, ip: str) -> bool:
+    """Whether the node's ``bridge minicloud_sg`` pins the guest's tap to ``ip`` (``docs/networking.md``)."""
+    table = node.exec("nft", "list", "table", "bridge", "minicloud_sg").stdout
+    own = re.escape(ip)  # nft lists a one-element set without braces
+    return (
+        f'"{guest_tap(instance_id)}" : jump o_' in table
+        and re.search(rf"ip saddr != (\{{ {own} \}}|{own}) drop", table) is not None
+    )
 
 
 def _address(node, name: str) -> str:
@@ -43,12 +55,17 @@ def test_a_legacy_guest_keeps_its_address_and_a_new_one_gets_the_default_vpc(
             "--initrd", str(n1.image_dir / "initrd.img"), check=True,
         )  # fmt: skip
 
-        # before: default VPCs off, a guest on the default bridge
-        old = launch(n1, "old", "--image", "guest")
+        # before: default VPCs off, a guest on the default bridge, pinned to its MAC and fixed address on its tap
+        spoof = "ip addr add 10.213.0.77/24 dev eth0; ! ping -c 2 -W 2 -I 10.213.0.77 10.213.0.1; r=$?; ip addr del 10.213.0.77/24 dev eth0; exit $r"  # fmt: skip
+        checks = [("gateway", 60, "ping -c 1 -W 2 10.213.0.1"), ("spoofed", 1, spoof)]
+        old = launch(n1, "old", "--image", "guest", "--user-data", probes(tmp_path, "old", checks))
         assert old["nics"] == []
         booted(n1, "old")
         before = _address(n1, "old")
         assert n1.cli("network", "show", "host").returncode != 0
+        ok(n1, "old", "gateway")
+        ok(n1, "old", "spoofed")  # from another address of the bridge, nothing comes back
+        assert _pinned(n1, old["id"], before)
 
         # the migration: the agent restarts with default VPCs on; the guest keeps running and its address
         n1.stop()
@@ -60,6 +77,7 @@ def test_a_legacy_guest_keeps_its_address_and_a_new_one_gets_the_default_vpc(
         assert _address(n1, "old") == before
         pinned = json.loads((n1.data_dir / "networks" / "default" / "pinned.json").read_text())
         assert default_vpc.in_pool(CIDR, before) == (before in pinned.values())
+        assert _pinned(n1, old["id"], before)  # its rules again after the restart
 
         # after: without --nic, the project's default VPC; out through the router's SNAT to the bridge's gateway
         user_data = probes(tmp_path, "new", [("gateway", 60, "ping -c 1 -W 2 10.213.0.1")])

@@ -107,6 +107,15 @@ def test_a_guest_reaches_the_public_lan_through_its_routers_snat_on_its_own_node
     # The echo server saw the router's external address, not the guest's private one.
     assert ok(n2, "g", "snat").strip() == f"from {external}", console(n2, "g")[-2000:]
 
+    # The egress meter's input: n2 counted what left the router's external leg and reported it into the router
+    # (about once a minute; `router show` shows it, docs/billing.md "Router egress").
+    def egress() -> dict:
+        shown = json.loads(n1.cli("-o", "json", "router", "show", "edge", check=True).stdout)
+        return {leg: e for leg, e in shown["egress"].items() if e["bytes"] > 0}
+
+    counted = wait_for(egress, timeout=180, interval=2, what="n2's egress counter in the router")
+    assert list(counted) == [f"n2/{vni}"] and counted[f"n2/{vni}"]["since"] > 0, counted
+
     # Built on n2 only, inside the network's service namespace; the external leg is a macvlan on n2's own eth1.
     name = f"mcs-{vni:06x}"
     inside = ("nsenter", f"--net=/run/netns/{name}")
@@ -136,7 +145,7 @@ def test_a_guest_reaches_the_public_lan_through_its_routers_snat_on_its_own_node
 
 
 def test_a_floating_ip_reaches_its_guest_from_the_public_lan_and_follows_it_to_the_other_node(
-    hosts: Cluster, public: str
+    hosts: Cluster, public: str, tmp_path: Path
 ):
     n1, n2 = hosts.nodes
     assert hosts.public is not None
@@ -165,12 +174,15 @@ def test_a_floating_ip_reaches_its_guest_from_the_public_lan_and_follows_it_to_t
     wait_for(lambda: serves("f1"), timeout=90, interval=1, what=f"f1 behind {address}")
     assert legs(n1) and legs(n2) == []  # NATed (and ARP answered) on f1's node only
 
-    launch(n1, "f2", "--image", "guest-n2", "--nic", "subnet=app")
+    # f2 fetches the floating IP until it answers: once it is f2's own, hairpin NAT on n2 brings it back to f2
+    data = probes(tmp_path, "f2", [("hairpin", 300, f"timeout 5 wget -q -O - http://{address}/")])
+    launch(n1, "f2", "--image", "guest-n2", "--nic", "subnet=app", "--user-data", data)
     booted(n2, "f2")
     moved = json.loads(n1.cli("-o", "json", "floating-ip", "associate", address, "f2", check=True).stdout)
     assert moved["fixed_address"] not in (None, f1["nics"][0]["ip"])
     wait_for(lambda: serves("f2"), timeout=90, interval=1, what=f"f2 behind {address} after the move")
     assert legs(n2) and legs(n1) == []  # the old node let go (and n2 announced it: the LAN follows at once)
+    assert "<h1>f2</h1>" in ok(n2, "f2", "hairpin")  # reached from inside its own network (hairpin NAT)
 
     n1.cli("floating-ip", "disassociate", address, check=True)
     wait_for(lambda: not serves("f2"), timeout=60, interval=1, what=f"{address} disassociated")

@@ -2,9 +2,11 @@
 three (``storage enable`` on n1, a file OSD per node; pools of three copies, one per host), and a gateway on each.
 
 A revoked access key is refused by every node's gateway (the time each took after the API answered is printed: the
-issue asks ~1 s); then n3 is lost (every process of it SIGKILLed, its gateway, MON and OSD with it) and the gateways
-of n1 and n2 still serve every object and take new ones. S3 clients run inside n1's namespace (the nodes' addresses
-are on the cluster's switch), as a small boto3 script (:data:`CLIENT`)."""
+issue asks ~1 s); a volume is backed up into a bucket by its node and the state by n2 (``admin backup --bucket``,
+listed from n1); then n3 is lost (every process of it SIGKILLed, its gateway, MON and OSD with it) and the gateways
+of n1 and n2 still serve every object and take new ones, and the volume backup restores into a new volume. S3
+clients run inside n1's namespace (the nodes' addresses are on the cluster's switch), as a small boto3 script
+(:data:`CLIENT`)."""
 
 from __future__ import annotations
 
@@ -138,6 +140,15 @@ def test_three_gateways_refuse_a_revoked_key_and_survive_losing_a_node(trio: Clu
     got = client_run(n1, script, urls, ca, "get", key)
     assert all(r.get("ok") == OBJECTS for r in got) and len(got) == 3, got
 
+    # backups on three nodes: a volume into the bucket (by the volume's node), the state from n2, listed from n1
+    vol = c.call("POST", "/v1/volumes", json={"name": "ha-vol", "size_gib": 1})
+    _stored(c, f"/v1/volumes/{vol['id']}", "volume available")
+    backup = c.call("POST", "/v1/volume-backups", json={"volume": "ha-vol", "bucket": "ha-1", "name": "ha-full"})
+    _stored(c, f"/v1/volume-backups/{backup['id']}", "volume backup stored")
+    made = n2.json("admin", "backup", "--bucket", "ha-1")
+    assert made["object"] == f"minicloud-backups/state/{made['name']}"
+    assert [b["name"] for b in n1.json("admin", "backup", "list", "--bucket", "ha-1")] == [made["name"]]
+
     # a revoked key is refused by every gateway
     doomed = c.call("POST", "/v1/accesskeys", json={"name": "revoked"})
     env = {**n1.env, "KEY": doomed["id"], "SECRET": doomed["secret_access_key"]}
@@ -163,3 +174,17 @@ def test_three_gateways_refuse_a_revoked_key_and_survive_losing_a_node(trio: Clu
     assert all(r.get("ok") == OBJECTS for r in got) and len(got) == 2, got
     put = client_run(n1, script, left, ca, "put-new", key)
     assert all(r.get("ok") == OBJECTS for r in put) and len(put) == 2, put
+    # and the backup restores into a new volume (on n1)
+    restored = c.call("POST", f"/v1/volume-backups/{backup['id']}/restore", json={"name": "ha-restored"})
+    _stored(c, f"/v1/volumes/{restored['id']}", "restore with n3 down")
+
+
+def _stored(c, path: str, what: str) -> dict:
+    """The resource at ``path`` once ``available`` (its reason when it ends in ``error``)."""
+
+    def check() -> dict | None:
+        x = c.call("GET", path)
+        assert x["status"]["state"] != "error", x["status"].get("reason")
+        return x if x["status"]["state"] == "available" else None
+
+    return wait_for(check, timeout=600, interval=1, what=what)

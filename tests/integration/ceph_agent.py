@@ -32,14 +32,17 @@ def wait(what: str, check, timeout: float = 180.0, agent: Agent | None = None):
     raise AssertionError(f"{what}: not after {timeout:.0f} s (last: {last!r})\n{log}")
 
 
-def ceph_agent(root: Path, osd_bytes: int, extra_env: dict[str, str] | None = None) -> Iterator[Agent]:
+def ceph_agent(
+    root: Path, osd_bytes: int, extra_env: dict[str, str] | None = None, *, compute: str = "", objects: str = ""
+) -> Iterator[Agent]:
     """For a fixture to ``yield from``: an agent in ``root`` whose storage is ready on one OSD file of
-    ``osd_bytes``; afterwards the agent is stopped and its Ceph and gateway are destroyed."""
+    ``osd_bytes``; afterwards the agent is stopped and its Ceph and gateway are destroyed. ``compute`` and
+    ``objects``: more lines for those sections of its configuration."""
     (root / "minicloud.toml").write_text(
-        '[compute]\ndriver = "none"\n'
+        f'[compute]\ndriver = "none"\n{compute}'
         f"[storage]\nceph_mon_port = {ceph.free_port()}\nceph_mon_port_v1 = {ceph.free_port()}\n"
         f"ceph_prometheus_port = {ceph.free_port()}\n"
-        f"[objects]\nport = {ceph.free_port()}\n"
+        f"[objects]\nport = {ceph.free_port()}\n{objects}"
     )
     a = Agent(root, extra_env=extra_env).start()
     try:

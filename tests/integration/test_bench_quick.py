@@ -44,6 +44,10 @@ def test_every_bench_has_a_quick_mode_tested_here() -> None:
         "network_bench.py",
         "storage_bench.py",
         "s3_bench.py",
+        "metrics_bench.py",
+        "scheduler_bench.py",
+        "billing_bench.py",
+        "migrate_bench.py",
     }
     assert {p.name for p in BENCH.glob("*.py")} == tested
 
@@ -74,6 +78,25 @@ def test_state_bench_quick() -> None:
     assert "failover" in done.stdout
 
 
+def test_metrics_bench_quick() -> None:
+    if shutil.which("victoria-metrics") is None:
+        pytest.skip("metrics_bench.py needs victoria-metrics (Debian package victoria-metrics)")
+    done = run_bench("metrics_bench.py", timeout=180)
+    out = done.stdout
+    # every part measured something: collection against idle, both query paths with their ratio, storage
+    assert "per 100 instances at 10 s" in out and "idle agent" in out, out
+    for span in ("1 h", "24 h"):
+        assert f"{span:6} direct" in out and f"{span:6} api" in out and f"{span:6} ratio api/direct" in out, out
+    assert "per series per day" in out, out
+
+
+def test_billing_bench_quick() -> None:
+    done = run_bench("billing_bench.py", timeout=180)
+    out = done.stdout
+    assert "close 1 invoices" in out and "ratio close/read" in out, out
+    assert "FOCUS export: 4800 rows" in out and "metering one hour of 100 running instances" in out, out
+
+
 def test_network_bench_quick() -> None:
     if os.geteuid() != 0 or shutil.which("nsenter") is None:
         pytest.skip("network_bench.py needs root, network namespaces and nsenter")
@@ -83,6 +106,18 @@ def test_network_bench_quick() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.slow
+def test_migrate_bench_quick() -> None:
+    sys.path.insert(0, str(ROOT))
+    from tests.cluster import harness
+
+    reason = harness.unavailable_reason() or harness.libvirt_unavailable_reason()
+    if reason:
+        pytest.skip(f"migrate_bench.py: {reason}")
+    done = run_bench("migrate_bench.py", timeout=900)
+    assert "total time minicloud / virsh" in done.stdout, done.stdout
+
+
 def test_instance_launch_quick() -> None:
     if os.geteuid() != 0:
         pytest.skip("instance_launch.py needs root (a bridge, dnsmasq, nftables)")
@@ -140,3 +175,10 @@ def test_s3_bench_quick() -> None:
     for scenario in ("PUT 1 MiB", "GET 1 MiB", "PUT 8 MiB", "GET 8 MiB", "PUT 4 KiB ops", "GET 4 KiB ops"):
         assert f"{scenario:16} minicloud" in out and f"{scenario:16} floor" in out, out
     assert "ratio minicloud/floor" in out, out
+    # the backup phase: a full and an incremental backup of the same volume, compared, and the chain restored intact
+    assert "ratio incremental/full: time" in out and "sha256 of the exports equal: yes" in out, out
+
+
+def test_scheduler_bench_quick() -> None:
+    done = run_bench("scheduler_bench.py", timeout=120)
+    assert "decision (views + filters/weighers)" in done.stdout and "floor: list every instance" in done.stdout

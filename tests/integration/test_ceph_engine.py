@@ -4,8 +4,10 @@ found it, one small private cluster where a test must create or destroy one."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,8 +149,20 @@ async def test_daemons_listen_on_the_configured_address_only(cluster: CephHandle
     assert {a for _, a in sockets} == {"127.0.0.1"}, sockets
 
 
+def _global_ipv4() -> str | None:
+    """An IPv4 address of this machine that is not loopback (the "cluster address" a MON moves to), or None."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if "inet" in parts:
+            return parts[parts.index("inet") + 1].split("/")[0]
+    return None
+
+
 async def test_private_cluster_bootstraps_from_nothing_and_is_destroyed(tmp_path: Path) -> None:
-    """A long root (pytest's) puts admin sockets in /run/mcceph-*; one OSD, one copy; destroy leaves nothing."""
+    """A long root (pytest's) puts admin sockets in /run/mcceph-*; one OSD, one copy; its lone MON on 127.0.0.1
+    moves to a cluster address (with every daemon: storage enabled before ``cluster enable``) when the machine has
+    one; destroy leaves nothing."""
     if os.geteuid() != 0:
         pytest.skip("Ceph's daemons need root here")
     handle = ceph.new_handle(tmp_path / ("x" * 80) / "ceph", node="solo")
@@ -172,6 +186,20 @@ async def test_private_cluster_bootstraps_from_nothing_and_is_destroyed(tmp_path
         assert "mgr_initial_modules = prometheus" in conf
         mgr = (await engine.ceph("mgr", "services")) or {}
         assert mgr.get("prometheus", "").startswith(f"http://127.0.0.1:{handle.prometheus_port}")
+        # storage enabled before `cluster enable`: the lone MON (and every daemon) moves to the cluster address
+        address = _global_ipv4()
+        if address is not None:
+            assert await engine.mon_bound_address() == "127.0.0.1"
+            moved = CephEngine(dataclasses.replace(engine.settings, address=address, mon_hosts={"solo": address}))
+            assert not await engine.readdress_mon()  # already where its settings say
+            assert await moved.readdress_mon()
+            engine = moved
+            assert await engine.mon_bound_address() == address
+            st = await engine.wait_ready(120)
+            assert st.ready, st
+            sockets = _listening(set(engine.pids().values()))
+            assert {a for _, a in sockets} == {address}, sockets
+            assert not await engine.readdress_mon()
     finally:
         pids = list(engine.pids().values())
         await engine.destroy()

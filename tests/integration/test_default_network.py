@@ -8,6 +8,7 @@ DNS has no upstream servers. Needs root, dnsmasq, nft and busybox (for ``udhcpc`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import os
 import random
@@ -96,14 +97,15 @@ async def network(tmp_path: Path, restore_ip_forward: None) -> AsyncIterator[Bri
                 os.kill(pid, signal.SIGKILL)
             sh("ip", "link", "del", spec.bridge, check=False)
             sh("nft", "delete", "table", "ip", spec.table, check=False)
+            sh("nft", "delete", "table", "bridge", spec.table, check=False)
 
 
 class Guest:
     """A network namespace with a veth pair whose host end is a port of the bridge: a stand-in for a VM."""
 
-    def __init__(self, bridge: str, tmp_path: Path) -> None:
+    def __init__(self, bridge: str, tmp_path: Path, host_prefix: str = "mcg") -> None:
         tag = secrets.token_hex(3)
-        self.ns, self.host_if, self.dev = f"mcg{tag}", f"mcg{tag}h", f"mcg{tag}g"
+        self.ns, self.host_if, self.dev = f"mcg{tag}", f"{host_prefix}{tag}h", f"mcg{tag}g"
         self.bridge = bridge
         self.script = tmp_path / f"udhcpc-{tag}.sh"
         self.env_file = tmp_path / f"udhcpc-{tag}.env"
@@ -264,3 +266,34 @@ async def test_teardown_removes_bridge_table_and_dnsmasq_and_is_idempotent(netwo
     assert not network.pid_file.exists()
     assert network.leases() == {}
     await network.teardown()
+
+
+async def test_no_guest_takes_an_address_above_a_shrunk_dhcp_range_by_hand_but_a_pinned_one_and_a_leg_do(
+    network: BridgeNetwork, tmp_path: Path
+) -> None:
+    """With the default VPCs' pool above the DHCP range (``dhcp_end`` below the last address), a guest's tap
+    (libvirt's ``vnetN``) may not send from or ARP for a pool address; a pinned guest keeps its own, and a router's
+    leg (a veth ``mcp…``) is not a guest."""
+    base = network.spec
+    net = base.cidr.network_address
+    shrunk = dataclasses.replace(base, dhcp_end=net + 191)
+    nw = BridgeNetwork(shrunk, network.state_dir)
+    await nw.ensure()
+    with Guest(base.bridge, tmp_path, "vnet") as guest, Guest(base.bridge, tmp_path, "mcp") as leg:
+        pinned = dataclasses.replace(shrunk, static_hosts=((guest.mac, str(net + 201)),))
+        for spec in (shrunk, pinned):
+            nw = BridgeNetwork(spec, network.state_dir)
+            await nw.ensure()
+
+            def reaches(g: Guest, ip: ipaddress.IPv4Address) -> bool:
+                g.run("ip", "addr", "flush", "dev", g.dev)
+                g.run("ip", "addr", "add", f"{ip}/24", "dev", g.dev)
+                return g.run(BUSYBOX, "ping", "-c", "1", "-W", "1", network.gateway, check=False).returncode == 0
+
+            assert reaches(guest, net + 50)  # its own range
+            assert reaches(guest, net + 200) is False  # a pool address: dropped on its tap
+            assert reaches(guest, net + 201) is (spec is pinned)  # only as its pin
+            assert reaches(leg, net + 200)  # a router's leg is no guest
+        assert "vnet*" in sh("nft", "list", "table", "bridge", base.table).stdout
+        await nw.teardown()
+        assert sh("nft", "list", "table", "bridge", base.table, check=False).returncode != 0

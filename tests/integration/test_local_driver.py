@@ -158,10 +158,17 @@ async def test_clone_of_an_unprotected_snapshot_is_an_independent_copy(drv: Loca
     assert read_qcow2_header(copy).backing_file == ""  # type: ignore[union-attr]
     assert await drv.size("vol-b") == 32 * MiB
     assert await drv.children("vol-a", "snap-1") == []
+    # `volume flatten` of it (issue #11) has nothing to copy: the file stays as it is, the snapshot can go
+    before = copy.read_bytes()
+    await drv.flatten("vol-b")
+    assert copy.read_bytes() == before and holds(copy, 0x11)
+    await drv.delete_snapshot("vol-a", "snap-1")
+    with pytest.raises(NotFound):
+        await drv.flatten("vol-missing")
     await drv.delete("vol-a")
     assert holds(copy, 0x11)
     with pytest.raises(NotFound):
-        await drv.clone("vol-a", "snap-1", "vol-c", 16 * MiB)
+        await drv.clone("vol-a", "snap-1", "vol-c", 16 * MiB)  # the volume is gone
 
 
 async def test_an_older_snapshot_cannot_be_protected(drv: LocalDriver) -> None:

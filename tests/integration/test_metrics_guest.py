@@ -1,5 +1,5 @@
 """Metrics of a real guest end to end: a real agent (libvirt, TCG) whose own VictoriaMetrics scrapes it every second;
-a running guest's CPU series rises, ``metrics show instance`` prints it, and once the guest is stopped its usage
+a running guest's CPU series rises, ``metrics show instance`` and ``top`` print it, and once the guest is stopped its usage
 series stop (only its state is reported, as shut off)."""
 
 from __future__ import annotations
@@ -61,6 +61,16 @@ def test_a_running_guests_cpu_series_rises_and_a_stopped_guests_series_stop(metr
 
     shown = wait_until("a row in `metrics show instance`", table, timeout=120)
     assert "CPU %" in shown.splitlines()[0]
+
+    def top() -> dict | None:  # `minicloud top`: the guest's row, once its CPU rate has two scrapes in the window
+        rows = json.loads(a.cli("-o", "json", "top", "--window", "30s", check=True).stdout)
+        row = next((r for r in rows if r["instance_id"] == inst["id"]), None)
+        return row if row is not None and "cpu %" in row else None
+
+    row = wait_until("the guest's row in `minicloud top`", top, timeout=120)
+    assert (row["name"], row["state"], row["node"]) == ("busy", "running", a.info["node"])
+    assert row["cpu %"] >= 0 and row["mem MiB"] > 0
+    assert "busy" in a.cli("top", "--once", check=True).stdout
 
     a.cli("instance", "stop", "busy", "--wait", check=True)
     wait_until(

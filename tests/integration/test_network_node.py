@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -27,7 +28,7 @@ from agent.net.dhcp import DhcpServer
 from agent.net.firewall import NftFirewall
 from agent.net.nodenetworks import NodeNetworks
 from agent.net.overlay import LinuxOverlay, bridge_name, vxlan_name
-from agent.net.router import RouterPlan, RouterPlumbing, StaticRoute, ensure_routes
+from agent.net.router import ExternalLeg, FloatingLeg, RouterPlan, RouterPlumbing, StaticRoute, ensure_routes
 from agent.net.service import INNER_NAME, ServiceNamespaces, service_mac, veth_name
 from agent.reconcilers.network import NODE_KEY, NetworkReconciler, tap_name
 from minicloud.compute.kinds import INSTANCE, InstanceSpec
@@ -548,4 +549,167 @@ async def test_router_static_routes_are_programmed_in_the_service_namespace_by_n
         assert ns_run(svc, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "0"
     finally:
         for ns in (node, svc):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+async def test_a_floating_ip_answers_the_lan_and_hairpinned_a_nic_of_its_own_network_on_the_node():
+    """A router's external leg and one floating IP on a bridge provider: the LAN reaches the guest through the
+    floating IP, and so does another guest of the same network on the node (hairpin NAT: DNATed back inside and
+    masqueraded to the gateway, so the answer returns through the router and comes from the floating IP)."""
+    tag = secrets.token_hex(2)
+    vni = 0x5B5B
+    node, svc, g1, g2 = f"mch{tag}n", f"mch{tag}s-{vni:06x}", f"mch{tag}g1", f"mch{tag}g2"
+    path = f"/run/netns/{svc}"
+    code = "import socket,sys; c=socket.create_connection((sys.argv[1], 8080), timeout=3); print(c.recv(64).decode())"
+    serve = (
+        "import socket\ns=socket.create_server(('0.0.0.0', 8080))\n"
+        "while 1:\n c,a=s.accept(); c.sendall(('from '+a[0]).encode()); c.close()"
+    )
+    server = None
+    try:
+        for ns in (node, svc, g1, g2):
+            sh("ip", "netns", "add", ns)
+        # the node: the network's "bridge" (plain here) and the provider bridge holding the LAN's gateway
+        ns_run(node, "ip", "link", "add", "br-in", "type", "bridge")
+        ns_run(
+            node, "ip", "link", "add", "pub0", "address", "02:00:00:00:00:01", "type", "bridge"
+        )  # a fixed MAC, as a real one
+        ns_run(node, "ip", "addr", "add", "192.0.2.1/24", "dev", "pub0")
+        for dev in ("br-in", "pub0"):
+            ns_run(node, "ip", "link", "set", dev, "up")
+        ns_run(node, "ip", "link", "add", "sv0", "type", "veth", "peer", "name", INNER_NAME, "netns", path)
+        ns_run(node, "ip", "link", "set", "sv0", "master", "br-in", "up")
+        ns_run(svc, "ip", "addr", "add", "10.0.1.1/24", "dev", INNER_NAME)
+        ns_run(svc, "ip", "link", "set", INNER_NAME, "up")
+        for i, g in enumerate((g1, g2), start=1):
+            ns_run(
+                node, "ip", "link", "add", f"gv{i}", "type", "veth", "peer", "name", "eth0", "netns", f"/run/netns/{g}"
+            )
+            ns_run(node, "ip", "link", "set", f"gv{i}", "master", "br-in", "up")
+            ns_run(g, "ip", "addr", "add", f"10.0.1.1{i}/24", "dev", "eth0")
+            ns_run(g, "ip", "link", "set", "eth0", "up")
+            ns_run(g, "ip", "link", "set", "lo", "up")
+            ns_run(g, "ip", "route", "add", "default", "via", "10.0.1.1")
+        leg = ExternalLeg(
+            router_id="rtr-hairpin",
+            interface="pub0",
+            address=ipaddress.IPv4Interface("192.0.2.10/24"),
+            gateway=ipaddress.IPv4Address("192.0.2.1"),
+            sources=(ipaddress.IPv4Network("10.0.1.0/24"),),
+        )
+        fip = FloatingLeg("fip-hairpin", ipaddress.IPv4Address("192.0.2.50"), ipaddress.IPv4Address("10.0.1.12"))
+        plumbing = RouterPlumbing(netns=node)
+        await plumbing.ensure(path, RouterPlan(vni, leg, (fip,)))
+        server = await asyncio.create_subprocess_exec(
+            "nsenter", f"--net=/run/netns/{g2}", "--", sys.executable, "-c", serve
+        )
+        for _ in range(50):  # the server is listening once its socket shows up
+            if ":8080" in ns_run(g2, "ss", "-ltn").stdout:
+                break
+            await asyncio.sleep(0.1)
+
+        def fetch(ns: str) -> str:
+            done = ns_run(ns, sys.executable, "-c", code, "192.0.2.50", check=False, timeout=20)
+            return done.stdout.strip() or f"failed: {done.stderr.strip()[-200:]}"
+
+        assert fetch(node) == "from 192.0.2.1"  # the LAN, through the floating IP's leg
+        assert fetch(g1) == "from 10.0.1.1"  # hairpin: in and back out through the router, seen as the gateway
+        # without the floating IP, no DNAT: the address is nobody's
+        await plumbing.ensure(path, RouterPlan(vni, leg))
+        assert fetch(g1).startswith("failed")
+    finally:
+        if server is not None:
+            server.kill()
+            await server.wait()
+        for ns in (node, svc, g1, g2):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+async def test_two_routers_of_one_network_each_snat_their_own_subnet_through_their_own_leg():
+    """Two subnets of one network, each attached to its own router with an external gateway: two legs in the
+    service namespace (``mce0`` and ``mce1``, policy-routed by source), each subnet's guest seen upstream as its own
+    router's address; dropping the second router's gateway removes its leg and its policy rules."""
+    tag = secrets.token_hex(2)
+    vni = 0x5C5C
+    node, svc, g1, g2 = f"mcl{tag}n", f"mcl{tag}s-{vni:06x}", f"mcl{tag}g1", f"mcl{tag}g2"
+    path = f"/run/netns/{svc}"
+    code = "import socket,sys; c=socket.create_connection((sys.argv[1], 8080), timeout=3); print(c.recv(64).decode())"
+    serve = (
+        "import socket\ns=socket.create_server(('192.0.2.1', 8080))\n"
+        "while 1:\n c,a=s.accept(); c.sendall(('from '+a[0]).encode()); c.close()"
+    )
+    server = None
+    try:
+        for ns in (node, svc, g1, g2):
+            sh("ip", "netns", "add", ns)
+        ns_run(node, "ip", "link", "add", "br-in", "type", "bridge")
+        ns_run(
+            node, "ip", "link", "add", "pub0", "address", "02:00:00:00:00:01", "type", "bridge"
+        )  # a fixed MAC, as a real one
+        ns_run(node, "ip", "addr", "add", "192.0.2.1/24", "dev", "pub0")
+        for dev in ("br-in", "pub0", "lo"):
+            ns_run(node, "ip", "link", "set", dev, "up")
+        ns_run(node, "ip", "link", "add", "sv0", "type", "veth", "peer", "name", INNER_NAME, "netns", path)
+        ns_run(node, "ip", "link", "set", "sv0", "master", "br-in", "up")
+        for address in ("10.0.1.1/24", "10.0.2.1/24"):
+            ns_run(svc, "ip", "addr", "add", address, "dev", INNER_NAME)
+        ns_run(svc, "ip", "link", "set", INNER_NAME, "up")
+        for i, g in enumerate((g1, g2), start=1):
+            ns_run(
+                node, "ip", "link", "add", f"gv{i}", "type", "veth", "peer", "name", "eth0", "netns", f"/run/netns/{g}"
+            )
+            ns_run(node, "ip", "link", "set", f"gv{i}", "master", "br-in", "up")
+            ns_run(g, "ip", "addr", "add", f"10.0.{i}.1{i}/24", "dev", "eth0")
+            ns_run(g, "ip", "link", "set", "eth0", "up")
+            ns_run(g, "ip", "route", "add", "default", "via", f"10.0.{i}.1")
+
+        def leg(router: str, address: str, source: str, index: int) -> ExternalLeg:
+            return ExternalLeg(
+                router_id=router,
+                interface="pub0",
+                address=ipaddress.IPv4Interface(f"{address}/24"),
+                gateway=ipaddress.IPv4Address("192.0.2.1"),
+                sources=(ipaddress.IPv4Network(source),),
+                index=index,
+            )
+
+        first, second = leg("rtr-a", "192.0.2.10", "10.0.1.0/24", 0), leg("rtr-b", "192.0.2.20", "10.0.2.0/24", 1)
+        plumbing = RouterPlumbing(netns=node)
+        await plumbing.ensure(path, RouterPlan(vni, first, more=(second,)))
+        server = await asyncio.create_subprocess_exec(
+            "nsenter", f"--net=/run/netns/{node}", "--", sys.executable, "-c", serve
+        )
+        for _ in range(50):
+            if ":8080" in ns_run(node, "ss", "-ltn").stdout:
+                break
+            await asyncio.sleep(0.1)
+
+        def fetch(ns: str) -> str:
+            done = ns_run(ns, sys.executable, "-c", code, "192.0.2.1", check=False, timeout=20)
+            return done.stdout.strip() or f"failed: {done.stderr.strip()[-200:]}"
+
+        def sent(dev: str) -> int:
+            return json.loads(ns_run(svc, "ip", "-s", "-j", "link", "show", dev).stdout)[0]["stats64"]["tx"]["packets"]
+
+        before = (sent("mce0"), sent("mce1"))
+        assert fetch(g1) == "from 192.0.2.10"
+        assert fetch(g2) == "from 192.0.2.20"
+        # each guest's connection left by its own router's leg (the second by policy routing)
+        assert sent("mce0") - before[0] >= 3 and sent("mce1") - before[1] >= 3
+        rules = ns_run(svc, "ip", "rule", "show").stdout
+        assert "from 10.0.2.0/24 lookup 101" in rules and "suppress_prefixlength 0" in rules
+        assert "default via 192.0.2.1 dev mce1" in ns_run(svc, "ip", "route", "show", "table", "101").stdout
+        await RouterPlumbing(netns=node).ensure(path, RouterPlan(vni, first, more=(second,)))  # a restarted agent
+        assert ns_run(svc, "ip", "rule", "show").stdout == rules
+
+        await plumbing.ensure(path, RouterPlan(vni, first))  # the second router lost its gateway
+        assert "mce1" not in links(svc) and "mce0" in links(svc)
+        rules = ns_run(svc, "ip", "rule", "show").stdout
+        assert "lookup 101" not in rules and "suppress_prefixlength" not in rules
+        assert fetch(g1) == "from 192.0.2.10"
+    finally:
+        if server is not None:
+            server.kill()
+            await server.wait()
+        for ns in (node, svc, g1, g2):
             sh("ip", "netns", "del", ns, check=False)

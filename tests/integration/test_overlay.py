@@ -15,12 +15,13 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.net.dhcp import DhcpHost, DhcpServer, DhcpSpec, DnsRecord
+from agent.net.dhcp import DhcpHost, DhcpServer, DhcpSpec, DhcpSubnet, DnsRecord
 from agent.net.firewall import NftFirewall, NftTable
 from agent.net.overlay import FdbEntry, LinuxOverlay, Neighbour, OverlaySpec, bridge_name, vxlan_name
 
@@ -349,6 +350,48 @@ async def test_dnsmasq_serves_only_its_static_hosts_with_mtu_and_dns(lab: Lab, t
     assert server.pid() is None
 
 
+@needs_dhcp_tools
+async def test_one_dnsmasq_serves_two_subnets_of_a_network_each_client_its_own_router(lab: Lab, tmp_path: Path) -> None:
+    node = lab.netns("m")
+    overlay = LinuxOverlay(netns=node)
+    try:
+        await overlay.ensure_network(OverlaySpec(vni=6, local="10.254.0.1", mtu=MTU))
+    finally:
+        await overlay.close()
+    # Both gateways on the one interface, as on a service namespace's port (agent.net.service).
+    for address in ("10.5.0.1/24", "10.6.0.254/24"):
+        ns_run(node, "ip", "addr", "add", address, "dev", bridge_name(6))
+    a = lab.endpoint(node, bridge_name(6), "", "a", mac="52:54:00:06:00:0a")
+    b = lab.endpoint(node, bridge_name(6), "", "b", mac="52:54:00:06:00:0b")
+    spec = DhcpSpec(
+        network="green",
+        interface=bridge_name(6),
+        server=ipaddress.IPv4Interface("10.5.0.1/24"),
+        router=ipaddress.IPv4Address("10.5.0.1"),
+        mtu=MTU,
+        upstream_dns=(),
+        more=(DhcpSubnet(ipaddress.IPv4Interface("10.6.0.254/24"), ipaddress.IPv4Address("10.6.0.254")),),
+    )
+    server = DhcpServer(spec, tmp_path / "dhcp", netns=node, user="root")
+    hosts = [DhcpHost("52:54:00:06:00:0a", "10.5.0.10", "a1"), DhcpHost("52:54:00:06:00:0b", "10.6.0.20", "b1")]
+    try:
+        await server.ensure(hosts, [DnsRecord("a1", "10.5.0.10"), DnsRecord("b1", "10.6.0.20")])
+        got = {}
+        for ns in (a, b):
+            lease = udhcpc(ns, tmp_path)
+            assert lease is not None, (server.state_dir / "dnsmasq.log").read_text()
+            got[ns] = (lease["ip"], lease["subnet"], lease["router"], lease["dns"].strip(), lease["mtu"])
+        assert got == {
+            a: ("10.5.0.10", "255.255.255.0", "10.5.0.1", "10.5.0.1", str(MTU)),
+            b: ("10.6.0.20", "255.255.255.0", "10.6.0.254", "10.6.0.254", str(MTU)),
+        }
+        assert server.leases() == {"52:54:00:06:00:0a": "10.5.0.10", "52:54:00:06:00:0b": "10.6.0.20"}
+        ns_run(b, "ip", "addr", "add", "10.6.0.20/24", "dev", "eth0")
+        assert "10.5.0.10" in ns_run(b, BUSYBOX, "nslookup", "a1.green.internal", "10.6.0.254").stdout
+    finally:
+        await server.stop()
+
+
 # --- firewall ---------------------------------------------------------------------------------------------------------
 
 needs_nft = pytest.mark.skipif(not shutil.which("nft"), reason="needs nft (nftables)")
@@ -374,8 +417,11 @@ async def test_firewall_applies_and_replaces_a_ruleset_atomically(lab: Lab) -> N
         ns_run(ns, "ip", "link", "set", "eth0", "up")
     listeners = [listen(server, "10.77.0.1", port) for port in (8080, 9090)]
     try:
-        await asyncio.sleep(0.3)
-        assert tcp_connects(client, "10.77.0.1", 8080) and tcp_connects(client, "10.77.0.1", 9090)
+        for port in (8080, 9090):  # each listener is a fresh Python process: ready when it accepts (no fixed sleep)
+            deadline = time.monotonic() + 30
+            while not tcp_connects(client, "10.77.0.1", port):
+                assert time.monotonic() < deadline, f"the test listener on port {port} never accepted"
+                await asyncio.sleep(0.2)
         fw = NftFirewall(netns=server)
         table = NftTable("inet", "minicloud-sg-test")
         drop = "\tchain input {\n\t\ttype filter hook input priority filter; policy accept;\n\t\ttcp dport {} drop\n\t}"

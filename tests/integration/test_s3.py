@@ -1,12 +1,14 @@
 """The S3 endpoint in a real agent on its own small Ceph (``storage enable``, one file OSD), tied to IAM: an access
 key works with boto3 (buckets, put/get, multipart, ranged GET, prefix/delimiter listing, presigned GET), the AWS CLI
-and rclone when installed; a viewer's key reads only; a revoked key is refused; project B's key cannot read project
-A's bucket; a bucket quota ends in ``QuotaExceeded``; bad bucket names and non-empty deletes are refused clearly.
+and rclone when installed; a viewer's key reads only; a revoked or disabled key is refused; project B's key cannot
+read project A's bucket; a bucket quota ends in ``QuotaExceeded``; bad bucket names and non-empty deletes are refused
+clearly.
 Compatibility people will try: anonymous GET of a public-read bucket (``TENANT:BUCKET``), presigned PUT, a bucket
 policy that denies a principal (and one that opens a bucket to another project), lifecycle expiration, 100 MiB
 multipart uploads (AWS CLI and boto3), versioned listing, restic. Administrators' keys need a grant outside the
 default project; a project quota set by an administrator ends in ``QuotaExceeded``; requests and bytes out are
-metered per bucket and project.
+metered per bucket and project. Virtual-hosted-style requests (``BUCKET.s3.DOMAIN``, ``[objects] domain``) reach
+the same objects as path-style ones.
 
 One module-scoped agent, like ``test_storage_node``: the cluster and its gateway are its own, on free ports, torn
 down with it."""
@@ -14,6 +16,7 @@ down with it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import ssl
@@ -35,11 +38,17 @@ from botocore.exceptions import ClientError  # noqa: E402
 OSD_BYTES = 3 << 30
 
 
+#: ``[objects] domain``: virtual-hosted-style addressing as BUCKET.s3.DOMAIN (requests sent to the gateway's address
+#: with that Host header: the name needs no DNS here).
+DOMAIN = "test.minicloud"
+
+
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
     # a lifecycle "day" of 10 s; the usage log flushed at once (metering shows in the next sync)
     options = "rgw_lc_debug_interval=10,rgw_usage_log_tick_interval=1,rgw_usage_log_flush_threshold=1"
-    yield from ceph_agent(tmp_path_factory.mktemp("s3-node"), OSD_BYTES, {"MINICLOUD_RGW_OPTIONS": options})
+    yield from ceph_agent(tmp_path_factory.mktemp("s3-node"), OSD_BYTES, {"MINICLOUD_RGW_OPTIONS": options},
+                          objects=f'domain = "{DOMAIN}"\n')  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +154,7 @@ def test_a_key_works_with_boto3(agent, endpoint):
     assert s3.get_bucket_versioning(Bucket="data-1")["Status"] == "Enabled"
 
 
+@pytest.mark.timeout(900)  # six CLI processes, each seconds to start on a loaded machine
 def test_the_aws_cli_and_rclone(agent, endpoint):
     key = _key(agent, "k-tools")
     _usable(endpoint, key)
@@ -166,6 +176,17 @@ def test_the_aws_cli_and_rclone(agent, endpoint):
         assert cp.returncode == 0, cp.stderr
         ls = subprocess.run([*base, "s3", "ls", "s3://tools-1/"], env=env, capture_output=True, text=True, timeout=120)
         assert ls.returncode == 0 and "cli.txt" in ls.stdout, ls.stderr
+        tree = agent.root / "tree"
+        (tree / "sub").mkdir(parents=True, exist_ok=True)
+        (tree / "a.txt").write_text("a\n")
+        (tree / "sub" / "b.txt").write_text("b\n")
+        sync = subprocess.run([*base, "s3", "sync", str(tree), "s3://tools-1/tree/"], env=env, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert sync.returncode == 0, sync.stderr
+        api = subprocess.run([*base, "s3api", "list-objects-v2", "--bucket", "tools-1", "--prefix", "tree/"], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert api.returncode == 0, api.stderr
+        assert sorted(o["Key"] for o in json.loads(api.stdout)["Contents"]) == ["tree/a.txt", "tree/sub/b.txt"]
         ran += 1
     if shutil.which("rclone"):
         renv = {
@@ -187,6 +208,10 @@ def test_the_aws_cli_and_rclone(agent, endpoint):
 def test_a_revoked_key_is_refused(agent, endpoint):
     key = _key(agent, "k-revoke")
     s3 = _usable(endpoint, key)
+    agent.client().call("POST", f"/v1/accesskeys/{key['id']}/disable")  # disabled: refused until enabled
+    _wait("the disabled key is refused", _refused(s3), timeout=30)
+    agent.client().call("POST", f"/v1/accesskeys/{key['id']}/enable")
+    _wait("the enabled key works again", lambda: s3.list_buckets() is not None, timeout=30)
     agent.client().call("DELETE", f"/v1/accesskeys/{key['id']}")
 
     def refused():
@@ -602,3 +627,82 @@ def test_requests_and_bytes_out_are_metered(agent, endpoint):
     assert row["requests"] >= status["requests"] and usage["bytes_out"] >= row["bytes_out"] >= 60_000
     out = agent.cli("s3", "usage", check=True).stdout
     assert "Metering:" in out and "meter-1" in out, out
+
+
+def test_virtual_hosted_style_requests_reach_the_same_objects(agent, endpoint):
+    import hashlib
+    import http.client
+    import socket
+    from urllib.parse import urlsplit
+
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    assert endpoint["virtual_host"] == f"s3.{DOMAIN}"
+    key = _key(agent, "k-vhost")
+    s3 = _usable(endpoint, key)
+    _bucket(agent, "vhost-1")
+    where = urlsplit(endpoint["url"])
+    vhost = f"vhost-1.s3.{DOMAIN}"
+    ctx = ssl.create_default_context(cafile=endpoint["ca_path"])  # the host name is verified: the gateway's
+    creds = Credentials(key["id"], key["secret_access_key"])  # certificate names *.s3.DOMAIN
+
+    class ToGateway(http.client.HTTPSConnection):
+        """Connects to the gateway's address; TLS (SNI, verification) and Host as ``vhost`` (no DNS needed)."""
+
+        def connect(self) -> None:
+            raw = socket.create_connection((where.hostname, where.port), timeout=30)
+            self.sock = ctx.wrap_socket(raw, server_hostname=vhost)
+
+    def send(method: str, path: str, body: bytes = b"", secret_ok: bool = True) -> tuple[int, bytes]:
+        host = f"{vhost}:{where.port}"
+        req = AWSRequest(method=method, url=f"https://{host}{path}", data=body,
+                         headers={"Host": host, "x-amz-content-sha256": hashlib.sha256(body).hexdigest()})  # fmt: skip
+        signer = creds if secret_ok else Credentials(key["id"], "not-the-secret")
+        SigV4Auth(signer, "s3", "us-east-1").add_auth(req)
+        conn = ToGateway(vhost, where.port, context=ctx, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=dict(req.headers.items()))
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    put = send("PUT", "/hello.txt", b"virtual")
+    assert put[0] == 200, put
+    assert send("GET", "/hello.txt") == (200, b"virtual")
+    status, listing = send("GET", "/?list-type=2")
+    assert status == 200 and b"<Key>hello.txt</Key>" in listing
+    assert s3.get_object(Bucket="vhost-1", Key="hello.txt")["Body"].read() == b"virtual"  # path style: the same
+    status, body = send("GET", "/hello.txt", secret_ok=False)
+    assert status == 403 and b"SignatureDoesNotMatch" in body
+
+
+def test_rgw_takes_the_usage_trim_the_reconciler_sends(agent, endpoint):
+    """The retention of the usage log (``[objects] usage_keep_days``) ends in ``DELETE /admin/usage?uid=&end=EPOCH``
+    signed as the admin ops user: RGW takes that form and removes the bins before ``end`` (here: all of them)."""
+    import time
+
+    from minicloud.objects.rgwclient import RgwClient, ssl_context
+
+    s3 = _usable(endpoint, _key(agent, "k-trim"))
+    _bucket(agent, "trim-1")
+    s3.put_object(Bucket="trim-1", Key="o", Body=b"x")
+    root = agent.data_dir / "ceph"
+    info = json.loads(subprocess.run(
+        ["radosgw-admin", "--conf", str(root / "ceph.conf"), "--name", "client.admin", "--keyring",
+         str(root / "client.admin.keyring"), "user", "info", "--uid=minicloud-admin"],
+        capture_output=True, text=True, check=True, timeout=60).stdout)  # fmt: skip
+    access, secret = info["keys"][0]["access_key"], info["keys"][0]["secret_key"]
+    uid = f"{agent.client().call('GET', '/v1/s3/endpoint')['tenant']}$project"  # the tenant exists by now
+
+    async def usage(trim_before: int | None = None) -> list:
+        async with RgwClient(endpoint["url"], access, secret, ssl_ctx=ssl_context(endpoint["ca_path"])) as admin:
+            if trim_before is not None:
+                await admin.admin("DELETE", "usage", {"uid": uid, "end": str(trim_before)}, ok=(404,))
+            got = await admin.admin("GET", "usage", {"uid": uid, "show-entries": "true", "show-summary": "false"})
+        return [b for u in (got or {}).get("entries") or [] for b in u.get("buckets") or []]
+
+    _wait("the usage log has bins", lambda: asyncio.run(usage()), timeout=60, agent=agent)
+    assert asyncio.run(usage(trim_before=int(time.time()) + 3600)) == []

@@ -6,7 +6,9 @@ drivers, with two "guest" namespaces plugged into the network's bridge as the co
 - adding the rule ``ingress tcp 8080 from group default`` opens it; a packet whose source address is not the
   client's own (the bridge's anti-spoofing) still does not get through;
 - removing the rule makes a NEW connect fail, while the connection established before keeps working (the
-  stateful rules accept ``ct state established,related`` first, and the ruleset replacement keeps conntrack).
+  stateful rules accept ``ct state established,related`` first, and the ruleset replacement keeps conntrack);
+- group membership is per network: a member of ``default`` in another network of the same CIDR, whose address is
+  the client's, does not let the client (not a member) through a "from group default" rule.
 
 This runs on kernels without bridge conntrack (``CONFIG_NF_CONNTRACK_BRIDGE`` unset): the stateful rules are in the
 ``inet`` family and see bridged IPv4 through ``br_netfilter`` (``net.bridge.bridge-nf-call-iptables``, per network
@@ -59,6 +61,7 @@ from minicloud.state.sqlite import SQLiteStore
 
 BUSYBOX = "/bin/busybox"
 VNI = 0x5151
+VNI2 = 0x5152  # a second network of the same CIDR
 CLIENT = ("port-c", "52:54:00:5a:00:01", "10.78.1.10")
 SERVER = ("port-s", "52:54:00:5a:00:02", "10.78.1.20")
 PORT_NO = 8080
@@ -189,6 +192,14 @@ class World:
             return SECURITY_GROUP.dump(group.replace(spec=msgspec.structs.replace(group.spec, rules=rules)))
 
         await update_record(self.store, SECURITY_GROUP.name, group, mutate)
+        await self.converge()
+
+    async def set_groups(self, port: str, groups: list[str]) -> None:
+        def mutate(record: Record) -> Record:
+            p = PORT.load(record)
+            return PORT.dump(p.replace(spec=msgspec.structs.replace(p.spec, security_groups=groups)))
+
+        await update_record(self.store, PORT.name, port, mutate)
         await self.converge()
 
 
@@ -351,6 +362,13 @@ async def test_a_rule_opens_and_closes_a_port_spoofing_is_dropped_and_establishe
     session.stdin.write("one\n")
     session.stdin.flush()
     assert await _readline(session) == "one"
+    # the network's connections live in its own conntrack zone on the node (networks may share a CIDR)
+    tracked = [
+        line
+        for line in ns_run(w.node, "cat", "/proc/net/nf_conntrack").stdout.splitlines()
+        if f"dport={PORT_NO} " in line
+    ]
+    assert tracked and all(f"zone={sgc.conntrack_zone(VNI)} " in line for line in tracked), tracked
     await w.set_rules("sg-srv", [RuleSpec(id="r3", direction="egress")])
     assert "8080" not in ns_run(w.node, "nft", "list", "table", "inet", "minicloud_sg").stdout
     assert not await w.connect()
@@ -361,6 +379,54 @@ async def test_a_rule_opens_and_closes_a_port_spoofing_is_dropped_and_establishe
     # the other way round: the server is not in default, so the client's default group does not let it in
     back = await asyncio.to_thread(ns_run, w.server, BUSYBOX, "ping", "-c", "1", "-W", "1", CLIENT[2], check=False)
     assert back.returncode != 0
+
+
+async def test_a_from_group_rule_does_not_admit_a_non_member_whose_address_is_a_members_in_another_network(
+    world: World,
+):
+    """Two networks of one project with the same CIDR: the client (only in ``srv``) has 10.78.1.10 in net-1; a port
+    in net-2 (same CIDR, on another node) has 10.78.1.10 too and is in ``default``. The server's rule "tcp 8080 from
+    group default" must refuse the client: group sets hold bridge . address, not a bare address."""
+    w = world
+    net2 = NETWORK.new(
+        project="p",
+        name="vpc-2",
+        id="net-2",
+        spec=NetworkSpec(cidr="10.78.0.0/16", vni=VNI2, mtu=1450, subnets={"sub-2": "10.78.1.0/24"}),
+    )
+    sub2 = SUBNET.new(
+        project="p",
+        name="lan-2",
+        id="sub-2",
+        spec=SubnetSpec(
+            network="net-2",
+            cidr="10.78.1.0/24",
+            gateway="10.78.1.1",
+            allocation_start="10.78.1.2",
+            allocation_end="10.78.1.254",
+        ),
+    )
+    twin = PortSpec(
+        network="net-2",
+        subnet="sub-2",
+        address=CLIENT[2],
+        mac="52:54:00:5a:00:09",
+        node="n2",
+        security_groups=["sg-default"],
+    )
+    port = PORT.new(project="p", name="port-twin", id="port-twin", spec=twin)
+    await w.store.commit(Txn([Create(kind.dump(obj)) for kind, obj in ((NETWORK, net2), (SUBNET, sub2), (PORT, port))]))
+    await w.set_groups(CLIENT[0], ["sg-srv"])
+    server = w.spawn(w.server, SERVER_CODE)
+    assert await _readline(server) == "ready"
+    await w.set_rules("sg-srv", [RuleSpec(id="r3", direction="egress"), OPEN])
+    assert not await w.connect()  # a bare-address set would let the client in as the twin
+    listed = ns_run(w.node, "nft", "list", "set", "inet", sgc.TABLE, "g_sg_default").stdout
+    assert f'"{bridge_name(VNI2)}" . {CLIENT[2]}' in listed, listed  # the twin is a member on its own bridge only
+    assert f'"{bridge_name(VNI)}" . {CLIENT[2]}' not in listed, listed
+    # the rule itself works: once the client is in default, it connects
+    await w.set_groups(CLIENT[0], ["sg-default"])
+    assert await w.connect()
 
 
 # -- incremental changes ------------------------------------------------------------------------------------------
@@ -389,7 +455,8 @@ def _random_world(rnd: random.Random) -> tuple[list[sgc.Group], list[sgc.Port]]:
         ips = () if rnd.random() < 0.15 else (f"10.0.{rnd.randint(0, 1)}.{i + 1}",)
         groups = tuple(rnd.sample(gids, rnd.randint(0, len(gids))))
         tap = f"tap{rnd.randint(0, 3)}x{i}"  # a port's tap and bridge change now and then too
-        ports.append(sgc.Port(f"p-{i}", tap, f"52:54:00:00:00:{i:02x}", ips, groups, f"mcb-{rnd.randint(1, 2)}"))
+        bridge = rnd.randint(1, 2)  # each bridge its network's conntrack zone
+        ports.append(sgc.Port(f"p-{i}", tap, f"52:54:00:00:00:{i:02x}", ips, groups, f"mcb-{bridge}", bridge))
     groups = []
     for gid in gids:
         rules = []
@@ -404,8 +471,9 @@ def _random_world(rnd: random.Random) -> tuple[list[sgc.Group], list[sgc.Port]]:
                 rules.append(sgc.Rule(direction, "udp", remote_cidr=f"10.{rnd.randint(0, 3)}.0.0/16"))
             else:
                 rules.append(sgc.Rule(direction))
-        members = [ip for p in ports if gid in p.groups for ip in p.ips]
-        members += rnd.sample(["10.9.0.1", "10.9.0.2"], rnd.randint(0, 2))  # members on other nodes
+        members = [(p.bridge, ip) for p in ports if gid in p.groups for ip in p.ips]
+        others = [("mcb-1", "10.9.0.1"), ("mcb-2", "10.9.0.1"), ("mcb-2", "10.9.0.2")]  # members on other nodes
+        members += rnd.sample(others, rnd.randint(0, 3))
         groups.append(sgc.Group(gid, tuple(rules), tuple(members)))
     return groups, ports
 

@@ -1,8 +1,8 @@
 """Guests on Ceph, for real: the compute reconciler with the real libvirt driver (TCG) and the RBD driver on the run's
 shared Ceph cluster (fixture ``ceph_cluster``), the busybox test guest from scripts/build-guest-image. An instance in a
 ceph pool boots with its root disk on RBD (a network disk through librbd, with a libvirt cephx secret); a volume
-cloned from an image's snapshot is hot-plugged into the running guest, which sees it with the image's content, and
-unplugged again; deleting the instance leaves no RBD image, domain or secret behind.
+cloned from an image's snapshot is hot-plugged into the running guest, which sees it with the image's content, is
+grown online (the guest's kernel sees the new size) and unplugged again; deleting the instance leaves no RBD image, domain or secret behind.
 
 The reconciler runs in the test's process with a hand-filled :class:`NodeStorage` (what the storage reconciler
 publishes on a node), so the test needs no agent bootstrapping a cluster of its own; tests/integration/
@@ -38,17 +38,19 @@ BOOT_TIMEOUT = 180
 POOL_ID = "pool-ceph"
 MARKER = "MCVOLMARK0123456"
 NODE = "stg1"
-# Prints the guest's disks whenever they change, with the first bytes of each virtio disk.
+# Prints the guest's disks whenever they (or their sizes) change, with the first bytes and the size in 512-byte
+# sectors of each virtio disk, as the guest's kernel sees it.
 WATCH_DISKS = """#!/bin/sh
 (
   seen=""
   while true; do
-    now=$(ls /sys/block | tr '\\n' ' ')
+    now="$(ls /sys/block | tr '\\n' ' ')$(cat /sys/block/vd*/size 2>/dev/null | tr '\\n' ' ')"
     if [ "$now" != "$seen" ]; then
-      echo "mc-disks: $now" >/dev/console
+      echo "mc-disks: $(ls /sys/block | tr '\\n' ' ')" >/dev/console
       for d in /sys/block/vd*; do
         n=${d##*/}
         echo "mc-head $n: $(head -c 16 /dev/$n 2>/dev/null | tr -dc 'A-Za-z0-9')" >/dev/console
+        echo "mc-size $n: $(cat $d/size)" >/dev/console
       done
       seen="$now"
     fi
@@ -176,6 +178,17 @@ async def test_a_guest_boots_from_rbd_and_a_cloned_volume_is_hot_plugged_and_unp
 
         await _until("the volume in use", _is(state, "in-use"), 60, pass_)
         await _until("the guest seeing the volume and its content", lambda: printed(f"mc-head vdb: {MARKER}"), 60)
+        assert printed("mc-size vdb: 2097152")  # 1 GiB in 512-byte sectors
+
+        # online extend (what the storage reconciler does once the volume's size grows: the data, then the status):
+        # the guest's kernel sees the new size without a restart
+        await rbd.resize(vol_id, 2 << 30)
+        cur = VOLUME.load(await store.get(VOLUME.name, vol_id))
+        grown = cur.replace(
+            spec=msgspec.structs.replace(cur.spec, size_gib=2), status=msgspec.structs.replace(cur.status, size_gib=2)
+        )
+        await store.commit(Txn([Update(VOLUME.dump(grown), expect_revision=cur.revision)]))
+        await _until("the guest seeing the grown volume", lambda: printed("mc-size vdb: 4194304"), 60, pass_)
 
         # detach (what the volume service writes): the guest loses the disk, the volume is available again
         cur = VOLUME.load(await store.get(VOLUME.name, vol_id))

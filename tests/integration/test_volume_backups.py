@@ -4,7 +4,12 @@ into new volumes whose contents match the volume at each backup time (sha256 of 
 backup stores a small fraction of the full one. The figures (time and bytes) are printed (``-s``).
 
 Also: the objects in the bucket are the manifest and the data; a backup that later ones depend on is refused; a
-backup target on an address the allow-list refuses is 403; CLI lines of the docs work against the agent."""
+backup target on an address the allow-list refuses is 403; CLI lines of the docs work against the agent. State
+backups: ``admin backup --bucket`` and a ``--state`` schedule (the leader's loop, with its retention) put the state
+into a bucket; one downloaded with boto3 and restored with ``admin restore`` into a fresh node's data directory
+brings the buckets, volumes, backups and schedules back there. A volume schedule backs up through a backup target
+(this gateway reached as another endpoint, under the allow-list), restores from it, and the target cannot be
+deleted while used."""
 
 from __future__ import annotations
 
@@ -40,7 +45,11 @@ POOL = "minicloud"
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
-    yield from ceph_agent(tmp_path_factory.mktemp("backup-node"), OSD_BYTES)
+    # "localhost" is allowed by name: a backup target at https://localhost:PORT is this node's gateway seen as
+    # "another S3 endpoint" (https://127.0.0.1 stays refused: the 403 test)
+    yield from ceph_agent(
+        tmp_path_factory.mktemp("backup-node"), OSD_BYTES, compute='image_url_allow = ["localhost"]\n'
+    )
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +208,95 @@ def test_a_target_on_a_refused_address_is_403(agent):
         c.call("POST", "/v1/backup-targets", json={"name": "here", "endpoint": "https://127.0.0.1:8444",
                                                    "access_key": "AK", "secret_key": "SK"})  # fmt: skip
     assert exc.value.status == 403 and "image_url_allow" in str(exc.value)
+
+
+def _ready(c, path: str, what: str, agent: Agent, timeout: float = 180.0) -> dict:
+    def check():
+        x = c.call("GET", path)
+        return x if x["status"]["state"] == "ready" else None
+
+    return _wait(what, check, timeout=timeout, agent=agent)
+
+
+def _state_keys(s3, bucket: str) -> set[str]:
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="minicloud-backups/state/")
+    return {o["Key"] for o in listed.get("Contents", [])}
+
+
+def test_state_backups_schedules_a_target_and_a_restore_into_a_fresh_node(agent, gateway, tmp_path):
+    from urllib.parse import urlsplit
+
+    c = agent.client()
+    key = _key(agent, "k-state")
+    s3 = _usable(gateway, key)
+    for name in ("cluster-state", "offsite"):
+        b = c.call("POST", "/v1/buckets", json={"name": name})
+        _ready(c, f"/v1/buckets/{b['id']}", f"bucket {name} ready", agent)
+
+    # a one-shot state backup into the bucket (CLI as documented), listed from the bucket
+    made = agent.json("admin", "backup", "--bucket", "cluster-state")
+    assert made["bucket"] == "cluster-state" and made["object"] == f"minicloud-backups/state/{made['name']}"
+    assert _state_keys(s3, "cluster-state") == {made["object"], made["object"] + ".manifest.json"}
+    listed = agent.json("admin", "backup", "list", "--bucket", "cluster-state")
+    assert [(b["name"], b["bucket"]) for b in listed] == [(made["name"], "cluster-state")]
+    assert listed[0]["size_bytes"] == made["size_bytes"]
+
+    # a backup target: this gateway as "another endpoint" (by name, allowed by name), with an IAM key and the CA
+    port = urlsplit(gateway["url"]).port
+    target = c.call("POST", "/v1/backup-targets", json={
+        "name": "site2", "endpoint": f"https://localhost:{port}", "access_key": key["id"],
+        "secret_key": key["secret_access_key"], "ca_bundle": gateway["ca_bundle"]})  # fmt: skip
+    vol = c.call("POST", "/v1/volumes", json={"name": "sched", "size_gib": 1})
+    _available(c, f"/v1/volumes/{vol['id']}", "volume available", agent)
+    _write(agent, vol["id"], 1 << 20, os.urandom(1 << 20))
+    sha = _sha(agent, vol["id"])
+
+    # the leader's schedule loop: both schedules are due at once; keep 1 prunes the one-shot state backup
+    agent.cli("backup-schedule", "create", "--state", "--bucket", "cluster-state", "--every", "1h", "--keep", "1",
+              "--name", "state-hourly", check=True)  # fmt: skip
+    agent.cli("backup-schedule", "create", "--volume", "sched", "--bucket", "offsite", "--target", "site2",
+              "--every", "1h", "--keep", "1", "--name", "sched-hourly", check=True)  # fmt: skip
+
+    def ran(name: str):
+        (s,) = c.call("GET", f"/v1/backup-schedules?name={name}")["items"]
+        assert not s["status"]["reason"], s["status"]["reason"]
+        return s if s["status"]["last_backup"] else None
+
+    state_sched = _wait("the state schedule ran", lambda: ran("state-hourly"), timeout=180, agent=agent)
+    name = state_sched["status"]["last_backup"]
+    assert name != made["name"]
+    obj = f"minicloud-backups/state/{name}"
+    assert _state_keys(s3, "cluster-state") == {obj, obj + ".manifest.json"}  # the older one pruned (keep 1)
+    vol_sched = _wait("the volume schedule ran", lambda: ran("sched-hourly"), timeout=180, agent=agent)
+    backup = _available(c, f"/v1/volume-backups/{vol_sched['status']['last_backup']}", "backup via the target", agent)
+    assert backup["target"] in (target["id"], "site2") and backup["bucket"] == "offsite"
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="offsite", Prefix="minicloud-backups/")["Contents"]}
+    assert f"minicloud-backups/volumes/{vol['id']}/{backup['id']}/manifest.json" in keys
+    restored = c.call("POST", f"/v1/volume-backups/{backup['id']}/restore", json={"name": "from-site2"})
+    _available(c, f"/v1/volumes/{restored['id']}", "restore from the target", agent)
+    assert _sha(agent, restored["id"]) == sha
+
+    # a target in use is not deleted
+    r = agent.cli("backup-target", "delete", "site2")
+    assert r.returncode != 0 and "sched-hourly" in r.stderr and backup["name"] in r.stderr
+
+    # the scheduled state backup, downloaded with boto3, restored into a fresh node's data directory
+    file = tmp_path / name
+    s3.download_file("cluster-state", obj, str(file))
+    fresh = Agent(tmp_path / "fresh")
+    fresh.config.write_text('[agent]\nnode_name = "fresh"\n[compute]\ndriver = "none"\n[objects]\nenabled = false\n')
+    out = fresh.cli("admin", "restore", str(file), "--data-dir", str(fresh.data_dir), check=True).stdout
+    assert "Restored revision" in out
+    fresh.start()
+    try:
+        f = fresh.client()
+        assert {"cluster-state", "offsite"} <= {b["name"] for b in f.call("GET", "/v1/buckets")["items"]}
+        assert "sched" in {v["name"] for v in f.call("GET", "/v1/volumes")["items"]}
+        assert {"state-hourly", "sched-hourly"} <= {s["name"] for s in f.call("GET", "/v1/backup-schedules")["items"]}
+        assert backup["id"] in {b["id"] for b in f.call("GET", "/v1/volume-backups")["items"]}
+        assert f.call("GET", "/v1/backup-targets/site2")["id"] == target["id"]
+    finally:
+        fresh.stop()
+
+    for s in ("state-hourly", "sched-hourly"):
+        agent.cli("backup-schedule", "delete", s, check=True)

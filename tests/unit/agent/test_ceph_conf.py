@@ -16,6 +16,8 @@ from agent.storage.ceph import (
     CephKeys,
     CephSettings,
     check_block_device,
+    crush_counts,
+    crush_rule,
     keyring_text,
     render_conf,
 )
@@ -107,6 +109,46 @@ def test_conf_without_mon_hosts_names_this_node_as_the_mon() -> None:
     s = settings(mon_port=13300, mon_port_v1=16789)
     s.mon_hosts = {}
     assert "mon_host = [v2:10.0.0.1:13300,v1:10.0.0.1:16789]\n" in render_conf(s)
+
+
+def test_a_node_in_a_zone_puts_its_crush_host_under_that_zone() -> None:
+    s = settings()
+    s.zone = "rack-a"
+    assert "crush_location = root=default zone=rack-a host=n1\n" in render_conf(s)
+
+
+def _tree(zones: dict[str, list[str]], loose: list[str] = (), empty: list[str] = ()) -> dict:  # type: ignore[assignment]
+    """``ceph osd tree``'s JSON: hosts (one OSD each) under zones, hosts under the root, hosts without OSDs."""
+    nodes, next_id = [], [-1]
+
+    def bucket(kind: str, name: str, children: list[int]) -> int:
+        next_id[0] -= 1
+        nodes.append({"id": next_id[0], "name": name, "type": kind, "children": children})
+        return next_id[0]
+
+    osd = iter(range(100))
+    roots = []
+    for zone, hosts in zones.items():
+        roots.append(bucket("zone", zone, [bucket("host", h, [next(osd)]) for h in hosts]))
+    roots += [bucket("host", h, [next(osd)]) for h in loose] + [bucket("host", h, []) for h in empty]
+    nodes.append({"id": -1, "name": "default", "type": "root", "children": roots})
+    return {"nodes": nodes}
+
+
+def test_copies_go_to_distinct_zones_when_every_host_is_in_one_and_there_are_enough() -> None:
+    three_zones = crush_counts(_tree({"a": ["n1"], "b": ["n2"], "c": ["n3", "n4"]}))
+    assert three_zones == (4, 3, 0)
+    assert crush_rule(*three_zones, 3) == ("mc-zone", "zone")
+    # two zones cannot hold three copies apart: hosts then
+    two_zones = crush_counts(_tree({"a": ["n1", "n2"], "b": ["n3"]}))
+    assert crush_rule(*two_zones, 3) == ("mc-host", "host") and crush_rule(*two_zones, 2) == ("mc-zone", "zone")
+    # a host outside every zone would never get a copy under a zone rule
+    mixed = crush_counts(_tree({"a": ["n1"], "b": ["n2"]}, loose=["n3"]))
+    assert mixed == (3, 2, 1) and crush_rule(*mixed, 2) == ("mc-host", "host")
+    # one zone is no failure domain; hosts without OSDs do not count
+    assert crush_rule(*crush_counts(_tree({"a": ["n1", "n2"]}, empty=["n3"])), 2) == ("mc-host", "host")
+    assert crush_rule(*crush_counts(_tree({}, loose=["n1"])), 1) == ("mc-osd", "osd")
+    assert crush_counts(None) == (0, 0, 0)
 
 
 def test_admin_sockets_move_to_a_short_directory_when_root_is_long() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import uuid
 
 import msgspec
@@ -455,3 +456,64 @@ async def test_the_node_removes_the_instance_record_with_its_ports_and_addresses
     assert await world.get(inst) is None and world.domain(inst) is None
     assert await world.store.get(PORT.name, "port-1") is None
     assert await world.store.list(IPALLOC.name, project="") == []
+
+
+# -- the default bridge's guests: a fixed address, a named tap, started once their anti-spoofing rules are in place --
+async def test_a_default_bridge_guest_gets_a_fixed_address_and_waits_for_its_anti_spoofing_rules(world):
+    from agent.net.default import guest_tap
+
+    asked: list[str] = []
+    world.networks.use_default_bridge("mcunit0", world.network.assignments)
+    world.networks.on_guests_changed(lambda: asked.append("ruleset"))  # the network reconciler's listener
+    inst = await world.add_instance("pinned")
+    mac, tap = design.mac_for(inst.id, 0), guest_tap(inst.id)
+    await world.pass_()
+    assert world.network.assignments() == {mac: "10.99.0.10"} and asked == ["ruleset"]
+    dom = world.domain(inst)
+    assert dom.state == "shutoff" and f'<target dev="{tap}"' in dom.xml.replace("'", '"')  # built, not started
+    assert "anti-spoofing" in (await world.get(inst)).status.reason
+    world.networks.set_guarded({tap: ("10.99.0.99",)})  # another address: not yet
+    await world.pass_()
+    assert world.domain(inst).state == "shutoff"
+    world.enqueued.clear()
+    world.networks.set_guarded({tap: ("10.99.0.10",)})
+    assert world.enqueued == [inst.id]  # queued again by the guard
+    await world.pass_()
+    assert world.domain(inst).state == "running"
+    assert world.network.add_lease(mac) == "10.99.0.10"  # DHCP hands out exactly that address
+    await world.change_spec(inst, deleted=True)
+    await world.pass_()
+    assert await world.get(inst) is None and world.network.assignments() == {} and asked == ["ruleset"] * 2
+
+
+async def test_a_default_bridge_guest_keeps_the_address_it_has_and_the_node_key_drops_the_addresses_of_gone_ones(world):
+    inst = await world.add_instance("old", power="stopped")
+    await world.pass_()
+    mac = design.mac_for(inst.id, 0)
+    assert world.network.assignments() == {mac: "10.99.0.10"}
+    await world.network.assign("52:00:00:00:00:99")  # a guest whose record is gone
+    world.network.add_lease("52:00:00:00:00:98", "10.99.0.12")
+    await world.r.reconcile(NODE_KEY)
+    assert world.network.assignments() == {mac: "10.99.0.10"}
+    # a guest that arrives with an address (a lease here, or its address where it ran before) keeps it
+    moved = await world.add_instance("moved", power="stopped", node="n2")
+    rec = await world.get(moved)
+    prior = Address(network="default", mac=design.mac_for(moved.id, 0), ip="10.99.0.40")
+    new = rec.replace(spec=msgspec.structs.replace(rec.spec, node=NODE), status=msgspec.structs.replace(rec.status, addresses=[prior]))  # fmt: skip
+    await world.store.commit(Txn([Update(INSTANCE.dump(new), expect_revision=rec.revision)]))
+    await world.pass_()
+    assert world.network.assignments()[design.mac_for(moved.id, 0)] == "10.99.0.40"
+
+
+async def test_a_stopped_domain_defined_without_a_tap_name_is_redefined_with_it(world):
+    from agent.net.default import guest_tap
+
+    inst = await world.add_instance("legacy", power="stopped")
+    await world.pass_()
+    dom = world.domain(inst)
+    legacy = re.sub(r"\s*<target dev=\"mcg-[0-9a-f]+\"\s*/>", "", dom.xml)
+    assert legacy != dom.xml
+    world.driver.doms[inst.spec.uuid] = DomainInfo(uuid=dom.uuid, name=dom.name, state="shutoff", xml=legacy)
+    await world.change_spec(inst, power="running")
+    await world.pass_()
+    assert guest_tap(inst.id) in world.domain(inst).xml and world.domain(inst).state == "running"

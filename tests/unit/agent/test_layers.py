@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
-DRIVER_PACKAGES = ("agent/compute", "agent/net", "agent/host")
+DRIVER_PACKAGES = ("agent/compute", "agent/net", "agent/host", "agent/gpu")
 
 
 def _module_file(name: str) -> Path | None:

@@ -15,9 +15,13 @@ from agent.net.default import (
     NetworkDriver,
     NetworkSpec,
     dnsmasq_argv,
+    guest_tap,
+    hosts_text,
     nft_delete_script,
     nft_script,
+    parse_hosts,
     parse_leases,
+    pick_address,
 )
 
 IP = ipaddress.IPv4Address
@@ -103,6 +107,8 @@ def test_dnsmasq_argv_binds_to_the_bridge_and_keeps_its_files_in_the_state_dir()
         "--no-ping",
         "--dhcp-option=option:router,10.213.0.1",
         "--no-hosts",
+        "--dhcp-hostsfile=/var/lib/minicloud/net/default/hosts",
+        "--user=root",
     ]:
         assert flag in argv
     assert "--keep-in-foreground" not in argv and "--no-daemon" not in argv  # it must outlive the agent
@@ -138,6 +144,8 @@ def test_dnsmasq_without_dns_listens_on_no_dns_port():
 NAT_GOLDEN = """\
 table ip minicloud-mcbr0 {}
 delete table ip minicloud-mcbr0
+table bridge minicloud-mcbr0 {}
+delete table bridge minicloud-mcbr0
 table ip minicloud-mcbr0 {
 \tcomment "minicloud network default (NAT); managed by the agent, edits are overwritten"
 \tchain postrouting {
@@ -168,8 +176,32 @@ def test_nft_script_for_an_isolated_network_has_no_nat_and_drops_traffic_leaving
 
 
 def test_nft_scripts_replace_the_table_whether_or_not_it_exists():
-    assert nft_script(spec()).startswith("table ip minicloud-mcbr0 {}\ndelete table ip minicloud-mcbr0\n")
-    assert nft_delete_script("minicloud-mcbr0") == "table ip minicloud-mcbr0 {}\ndelete table ip minicloud-mcbr0\n"
+    both = (
+        "table ip minicloud-mcbr0 {}\ndelete table ip minicloud-mcbr0\n"
+        "table bridge minicloud-mcbr0 {}\ndelete table bridge minicloud-mcbr0\n"
+    )
+    assert nft_script(spec()).startswith(both)
+    assert nft_delete_script("minicloud-mcbr0") == both
+
+
+def test_no_guest_may_claim_an_address_above_the_dhcp_range_but_a_pinned_one_keeps_its_own():
+    assert spec().reserved is None and "table bridge minicloud-mcbr0 {\n" not in nft_script(spec())
+    shrunk = spec(
+        dhcp_end="10.213.0.191",
+        static_hosts=(("52:54:00:aa:00:01", "10.213.0.200"), ("52:54:00:aa:00:02", "10.213.0.50")),
+    )
+    assert shrunk.reserved == (ipaddress.IPv4Address("10.213.0.192"), ipaddress.IPv4Address("10.213.0.254"))
+    assert nft_script(shrunk).split("table bridge minicloud-mcbr0 {\n", 1)[1] == (
+        "\tchain prerouting {\n"
+        "\t\ttype filter hook prerouting priority -300; policy accept;\n"
+        '\t\tiifname != "vnet*" iifname != "mcg-*" accept\n'
+        "\t\tether saddr 52:54:00:aa:00:01 ip saddr 10.213.0.200 accept\n"
+        "\t\tether saddr 52:54:00:aa:00:01 arp saddr ip 10.213.0.200 accept\n"
+        "\t\tip saddr 10.213.0.192-10.213.0.254 drop\n"
+        "\t\tarp saddr ip 10.213.0.192-10.213.0.254 drop\n"
+        "\t}\n"
+        "}\n"
+    )
 
 
 # --- leases ------------------------------------------------------------------------------------------------------------
@@ -241,3 +273,54 @@ def test_drivers_are_built_from_the_registry_with_spec_and_state_dir(tmp_path):
         assert driver.spec == spec(), name
         assert driver.gateway == "10.213.0.1"
         assert driver.leases() == {}
+
+
+# --- the guests' fixed addresses ---------------------------------------------------------------------------------------
+A, B, C = "52:00:00:00:00:0a", "52:00:00:00:00:0b", "52:00:00:00:00:0c"
+
+
+def test_pick_address_keeps_a_pin_then_the_current_lease_then_a_preferred_one_else_the_lowest_free():
+    s = spec(dhcp_end=IP("10.213.0.191"), static_hosts=((C, "10.213.0.200"),))
+    assert pick_address(s, C, {}, {}) == "10.213.0.200"  # pinned above the range: its pin
+    assert pick_address(s, A, {}, {A: "10.213.0.50"}, ["10.213.0.60"]) == "10.213.0.50"  # a running guest's lease
+    assert pick_address(s, A, {}, {}, ["10.213.0.60"]) == "10.213.0.60"  # e.g. where it ran before
+    assert pick_address(s, A, {B: "10.213.0.10"}, {C: "10.213.0.11"}) == "10.213.0.12"
+    # never another guest's (assigned or leased), never outside the range
+    assert pick_address(s, A, {B: "10.213.0.60"}, {}, ["10.213.0.60", "10.213.0.250", "bad"]) == "10.213.0.10"
+    assert pick_address(s, A, {}, {B: "10.213.0.50"}, ["10.213.0.50"]) == "10.213.0.10"
+    full = spec(cidr=ipaddress.IPv4Network("10.213.0.0/30"))  # one address in the range
+    assert pick_address(full, A, {B: "10.213.0.2"}, {}) is None
+
+
+def test_hosts_file_round_trips_and_skips_what_is_not_a_mac_and_an_address():
+    text = hosts_text({B: "10.213.0.11", A: "10.213.0.10"})
+    assert text == f"{A},10.213.0.10\n{B},10.213.0.11\n"
+    assert parse_hosts(text + "junk\n52:00:00:00:00:0d,not-an-ip\n") == {A: "10.213.0.10", B: "10.213.0.11"}
+
+
+def test_guest_tap_is_a_stable_interface_name_of_its_own():
+    assert guest_tap("i-abc") == guest_tap("i-abc") != guest_tap("i-abd")
+    assert guest_tap("i-abc").startswith("mcg-") and len(guest_tap("i-abc")) <= 15
+
+
+async def test_fixed_addresses_are_kept_in_dnsmasqs_hosts_file_and_survive_a_new_driver(tmp_path):
+    pinned = spec(static_hosts=((C, "10.213.0.200"),))
+    net = BridgeNetwork(pinned, tmp_path)
+    assert await net.assign(A) == "10.213.0.10"
+    assert await net.assign(A, ["10.213.0.99"]) == "10.213.0.10"  # idempotent
+    assert await net.assign(B) == "10.213.0.11"
+    assert await net.assign(C) == "10.213.0.200"  # a pin, on dnsmasq's command line already
+    assert (tmp_path / "hosts").read_text() == f"{A},10.213.0.10\n{B},10.213.0.11\n"
+    again = BridgeNetwork(pinned, tmp_path)  # a restarted agent
+    assert again.assignments() == {A: "10.213.0.10", B: "10.213.0.11", C: "10.213.0.200"}
+    assert await again.release(A) is True and await again.release(A) is False
+    assert (tmp_path / "hosts").read_text() == f"{B},10.213.0.11\n"
+
+
+async def test_fake_network_leases_a_guest_its_fixed_address():
+    net = FakeNetwork(spec())
+    await net.ensure()
+    assert await net.assign(A) == "10.213.0.10"
+    assert net.add_lease(B) == "10.213.0.11"  # not A's
+    assert net.add_lease(A) == "10.213.0.10"
+    assert await net.release(A) and net.assignments() == {}

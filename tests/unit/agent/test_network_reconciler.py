@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from agent.net.dhcp import DhcpHost, DnsRecord
+from agent.net.dhcp import DhcpHost, DnsRecord, hosts_file
 from agent.net.metadata import make_app
 from agent.net.nodenetworks import NodeNetworks
 from agent.net.overlay import FakeOverlay, FdbEntry, Neighbour
@@ -32,10 +32,12 @@ from minicloud.compute.kinds import INSTANCE, InstanceSpec
 from minicloud.network.kinds import (
     NETWORK,
     PORT,
+    ROUTER,
     SECURITY_GROUP,
     SUBNET,
     NetworkSpec,
     PortSpec,
+    RouterSpec,
     RuleSpec,
     SecurityGroupSpec,
     SubnetSpec,
@@ -150,6 +152,31 @@ def test_every_subnet_gateway_is_on_the_service_port_and_a_node_without_an_addre
     assert want.unreachable == ("port-9",) and not want.fdb
 
 
+def test_one_dnsmasq_serves_every_subnet_with_a_port_on_this_node_each_with_its_own_gateway():
+    subnets = {
+        "sub-a": _subnet(dns_servers=["1.1.1.1"]),
+        "sub-b": _subnet("10.0.2.0/24", "10.0.2.254", dns_servers=["9.9.9.9", "1.1.1.1"]),
+        "sub-c": _subnet("10.0.3.0/24", "10.0.3.1"),  # a port elsewhere only: not served here
+    }
+    ports = [
+        ("port-1", _port("10.0.1.10", "52:54:00:00:00:01", "n1")),
+        ("port-2", _port("10.0.2.10", "52:54:00:00:00:02", "n1", subnet="sub-b")),
+        ("port-3", _port("10.0.3.10", "52:54:00:00:00:03", "n2", subnet="sub-c")),
+    ]
+    want = desired_network("net-1", _net(), "vpc", subnets, ports, {}, ME, UNDERLAY["n1"], UNDERLAY)
+    assert want is not None and want.dhcp is not None
+    assert [(s.server, s.router) for s in want.dhcp.subnets] == [
+        (ipaddress.IPv4Interface("10.0.1.1/24"), A("10.0.1.1")),
+        (ipaddress.IPv4Interface("10.0.2.254/24"), A("10.0.2.254")),
+    ]
+    assert want.dhcp.upstream_dns == ("1.1.1.1", "9.9.9.9")
+    assert {(h.mac, str(h.ip)) for h in want.hosts} == {
+        ("52:54:00:00:00:01", "10.0.1.10"),
+        ("52:54:00:00:00:02", "10.0.2.10"),
+    }
+    hosts_file(want.dhcp, want.hosts)  # both subnets' hosts are valid for the one dnsmasq
+
+
 def test_underlay_addresses_come_from_config_label_or_node_address():
     def node(name: str, address: str, labels=None) -> Record:
         return NODE.dump(NODE.new(project="", name=name, spec=NodeSpec(address=address), labels=labels))
@@ -176,10 +203,15 @@ def test_compile_inputs_take_members_cluster_wide_and_only_this_nodes_ports():
         ("port-2", _port("10.0.1.11", "52:54:00:00:00:02", "n2", groups=["sg-web"])),
         ("port-3", _port("10.0.1.12", "52:54:00:00:00:03", "n1", groups=["sg-db"])),
     ]
-    groups, local = compile_inputs([("sg-web", web), ("sg-db", db)], ports, ME)
+    other = msgspec.structs.replace(_port("10.0.1.10", "52:54:00:00:00:04", "n2", groups=["sg-db"]), network="net-2")
+    ports.append(("port-4", other))  # the same address in a network of the same CIDR, routed with net-3
+    bridges = {"net-1": "mcb-1", "net-2": "mcb-2", "net-3": "mcb-3"}
+    routed = {"net-2": {"net-3"}, "net-3": {"net-2"}}
+    groups, local = compile_inputs([("sg-web", web), ("sg-db", db)], ports, ME, bridges, routed=routed)
     by_id = {g.id: g for g in groups}
-    assert by_id["sg-web"].members == ("10.0.1.10", "10.0.1.11")
-    assert by_id["sg-db"].members == ("10.0.1.12",)
+    # members are (bridge, address): 10.0.1.10 of net-1 is in sg-web, 10.0.1.10 of net-2 (and routed net-3) in sg-db
+    assert by_id["sg-web"].members == (("mcb-1", "10.0.1.10"), ("mcb-1", "10.0.1.11"))
+    assert by_id["sg-db"].members == (("mcb-1", "10.0.1.12"), ("mcb-2", "10.0.1.10"), ("mcb-3", "10.0.1.10"))
     assert [r.remote_group for r in by_id["sg-db"].rules] == ["sg-web"]  # the rule naming a deleted group is gone
     assert [(p.id, p.device, p.groups) for p in local] == [
         ("port-1", tap_name("port-1"), ("sg-web",)),
@@ -330,7 +362,7 @@ async def test_a_local_port_builds_the_network_and_a_second_pass_changes_nothing
     assert world.metadata[0].running and world.metadata[0].netns.endswith("mcs-00002a")
     script = world.firewall.scripts[-1]
     assert f'"{tap_name("port-1")}" : jump o_port_1' in script and tap_name("port-2") not in script
-    assert "elements = { 10.0.1.10, 10.0.1.11 }" in script  # members cluster-wide
+    assert 'elements = { "mcb-00002a" . 10.0.1.10, "mcb-00002a" . 10.0.1.11 }' in script  # members cluster-wide
     assert '"mcb-00002a" . 10.0.1.10 : jump i_port_1' in script and world.firewall.bridge_netfilter
     changes, scripts = world.overlay.changes, len(world.firewall.scripts)
     indexes = (net.bridge_index, net.vxlan_index)
@@ -352,7 +384,7 @@ async def test_security_group_changes_are_applied_as_deltas_and_the_whole_rulese
     assert "delete table" not in delta and "port_1" not in delta and "flush" not in delta
     assert f'add element bridge minicloud_sg spoof {{ "{tap_name("port-3")}" : jump o_port_3 }}' in delta
     assert 'add element inet minicloud_sg into { "mcb-00002a" . 10.0.1.12 : jump i_port_3 }' in delta
-    assert "add element inet minicloud_sg g_sg_1 { 10.0.1.12 }" in delta
+    assert 'add element inet minicloud_sg g_sg_1 { "mcb-00002a" . 10.0.1.12 }' in delta
     # a rule change touches that group's chains only
     rec = await world.store.get(SECURITY_GROUP.name, "sg-1")
     spec = SECURITY_GROUP.load(rec).spec
@@ -362,7 +394,7 @@ async def test_security_group_changes_are_applied_as_deltas_and_the_whole_rulese
     await world.r.reconcile(NODE_KEY)
     assert world.firewall.scripts[-1] == (
         "flush chain inet minicloud_sg gi_sg_1\n"
-        "add rule inet minicloud_sg gi_sg_1 ip saddr @g_sg_1 accept\n"
+        "add rule inet minicloud_sg gi_sg_1 iifname . ip saddr @g_sg_1 accept\n"
         "add rule inet minicloud_sg gi_sg_1 tcp dport 22 accept\n"
     )
     scripts = len(world.firewall.scripts)
@@ -383,6 +415,41 @@ async def test_security_group_changes_are_applied_as_deltas_and_the_whole_rulese
     now[0] += 1
     await world.r.reconcile(NODE_KEY)
     assert len(world.firewall.scripts) == scripts + 1 and world.firewall.scripts[-1].startswith("table bridge")
+
+
+async def test_a_router_makes_a_members_address_count_on_the_bridges_of_the_networks_it_connects(world):
+    """Group sets hold bridge . address: a member of net-1 is a member on net-1's bridge; once a router connects
+    net-1 and net-2, on net-2's bridge too (routed traffic reaches net-2's bridge with its address), and the
+    router change queues the node's ruleset."""
+    await world.create(NETWORK, NETWORK.new(project="p", name="vpc-2", id="net-2", spec=_net(43)))
+    sub_b = msgspec.structs.replace(_subnet("10.1.1.0/24", "10.1.1.1"), network="net-2")
+    await world.create(SUBNET, SUBNET.new(project="p", name="db", id="sub-b", spec=sub_b))
+    await _add_port(world, "port-1", "10.0.1.10", "52:54:00:00:00:01", "n1", "i-1")
+    await world.r.reconcile(NODE_KEY)
+    assert 'elements = { "mcb-00002a" . 10.0.1.10 }' in world.firewall.scripts[-1]
+    await world.create(
+        ROUTER, ROUTER.new(project="p", name="r", id="rt-1", spec=RouterSpec(subnets=["sub-a", "sub-b"]))
+    )
+    assert NODE_KEY in set(world.r.keys_for(await _change(world, ROUTER, "rt-1")))
+    await world.r.reconcile(NODE_KEY)
+    assert world.firewall.scripts[-1] == 'add element inet minicloud_sg g_sg_1 { "mcb-00002b" . 10.0.1.10 }\n'
+
+
+async def test_a_change_of_a_routers_status_alone_queues_nothing(world):
+    """Nodes report routers' egress counters in the router's status (once a minute while traffic flows): that must not
+    re-run every node's network reconciles; a change of its spec still does, and so does its deletion."""
+    await world.create(NETWORK, NETWORK.new(project="p", name="vpc-2", id="net-2", spec=_net(43)))
+    await world.create(ROUTER, ROUTER.new(project="p", name="r", id="rt-1", spec=RouterSpec(subnets=["sub-a"])))
+    await _add_port(world, "port-1", "10.0.1.10", "52:54:00:00:00:01", "n1", "i-1")
+    await world.pass_()
+    assert NODE_KEY in set(world.r.keys_for(await _change(world, ROUTER, "rt-1")))
+    rec = await world.store.get(ROUTER.name, "rt-1")
+    reported = msgspec.structs.replace(rec, status={"egress": {"n1/42": {"since": 1, "bytes": 1800}}})
+    change = await _change(world, ROUTER, "rt-1")
+    assert list(world.r.keys_for(msgspec.structs.replace(change, type="updated", record=reported))) == []
+    moved = msgspec.structs.replace(reported, spec={**reported.spec, "description": "edge"})
+    assert NODE_KEY in set(world.r.keys_for(msgspec.structs.replace(change, type="updated", record=moved)))
+    assert NODE_KEY in set(world.r.keys_for(msgspec.structs.replace(change, type="deleted", record=moved)))
 
 
 async def test_the_metadata_lookup_answers_only_for_a_local_port_of_the_network(world):
@@ -494,3 +561,60 @@ async def _until(cond, timeout: float = 10.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not reached")
         await asyncio.sleep(0.01)
+
+
+async def test_the_default_bridges_guests_are_pinned_while_they_run_and_their_rules_go_when_they_stop_or_go(world):
+    """Guests of the node's default bridge (instances here without NICs) are ports of the same compiler, anti-spoofing
+    only: their tap pinned to their MAC and the fixed address the compute side gave them, from then until they
+    are stopped; the compute side learns what is in place (``guarded``) before it starts one."""
+    from agent.compute.design import mac_for
+    from agent.net.default import guest_tap
+    from minicloud.state import Change
+
+    addresses: dict[str, str] = {}
+    world.nn.use_default_bridge("mcbr0", lambda: addresses)
+    await world.r.start(world.enqueued.append)  # as the agent starts it: the default bridge known first
+    spec = InstanceSpec(uuid="u-g", image_id="img", image_name="img", type="t", vcpus=1, memory_mib=64, disk_gib=1, node=ME)  # fmt: skip
+    await world.create(INSTANCE, INSTANCE.new(project="p", name="g", id="i-g", spec=spec))
+    mac, tap = mac_for("i-g", 0), guest_tap("i-g")
+    assert list(world.r.keys_for(await _change(world, INSTANCE, "i-g"))) == [NODE_KEY]
+    assert list(world.r.keys_for(await _change(world, INSTANCE, "i-g"))) == []  # nothing of interest changed
+    assert list(world.r.keys_for(await _change(world, INSTANCE, "i-1"))) == []  # another node's
+    await world.r.reconcile(NODE_KEY)  # no address here yet: not pinned to none (a guest migrated in runs already)
+    assert not any(tap in script for script in world.firewall.scripts) and not world.nn.guarded(tap, "10.213.0.10")
+    addresses[mac] = "10.213.0.10"
+    world.nn.guests_changed()  # the compute side gave it its address
+    assert world.enqueued[-1] == NODE_KEY
+    await world.r.reconcile(NODE_KEY)
+    script = world.firewall.scripts[-1]
+    assert f'"{tap}" : jump o_i_g' in script and "ip saddr != { 10.213.0.10 } drop" in script
+    assert f"ether saddr != {mac} drop" in script and "mcbr0" not in script  # nothing stateful for it
+    assert not getattr(world.firewall, "bridge_netfilter", False)  # not needed for the guests alone
+    assert world.nn.guarded(tap, "10.213.0.10") and not world.nn.guarded(tap, "10.213.0.11")
+    # stopped: its rules go (a delta removing its chain and elements; here the last port: the tables go)
+    rec = await world.store.get(INSTANCE.name, "i-g")
+    inst = INSTANCE.load(rec)
+    stopped = inst.replace(spec=msgspec.structs.replace(inst.spec, power="stopped"), status=msgspec.structs.replace(inst.status, state="stopped"))  # fmt: skip
+    await world.store.commit(Txn([Update(INSTANCE.dump(stopped), expect_revision=rec.revision)]))
+    assert list(world.r.keys_for(await _change(world, INSTANCE, "i-g"))) == [NODE_KEY]
+    await world.r.reconcile(NODE_KEY)
+    assert [str(t) for t in world.firewall.deleted] == ["bridge minicloud_sg", "inet minicloud_sg"]
+    assert not world.nn.guarded(tap, "10.213.0.10")
+    # with a VPC port next to it, started again, then its record removed: a delta each
+    await _add_port(world, "port-1", "10.0.1.10", "52:54:00:00:00:01", "n1", "i-1")
+    rec = await world.store.get(INSTANCE.name, "i-g")
+    await world.store.commit(Txn([Update(INSTANCE.dump(inst.replace(revision=rec.revision)), expect_revision=rec.revision)]))  # fmt: skip
+    assert list(world.r.keys_for(await _change(world, INSTANCE, "i-g"))) == [NODE_KEY]
+    await world.r.reconcile(NODE_KEY)
+    assert f'"{tap}" : jump o_i_g' in world.firewall.scripts[-1] and world.nn.guarded(tap, "10.213.0.10")
+    rec = await world.store.get(INSTANCE.name, "i-g")
+    await world.store.commit(Txn([Delete(INSTANCE.name, "i-g", expect_revision=rec.revision)]))
+    gone = Change(revision=rec.revision + 1, type="deleted", kind=INSTANCE.name, id="i-g", project="p", record=rec)
+    assert list(world.r.keys_for(gone)) == [NODE_KEY]
+    await world.r.reconcile(NODE_KEY)
+    assert world.firewall.scripts[-1] == (
+        f'delete element bridge minicloud_sg spoof {{ "{tap}" }}\n'
+        f'delete element bridge minicloud_sg taps {{ "{tap}" }}\n'
+        "delete chain bridge minicloud_sg o_i_g\n"
+    )
+    assert not world.nn.guarded(tap, "10.213.0.10")

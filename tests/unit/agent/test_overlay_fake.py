@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.net.common import NetworkError
-from agent.net.dhcp import DhcpHost, DhcpSpec, DnsRecord, dhcp_argv, dns_file, hosts_file
+from agent.net.dhcp import DhcpHost, DhcpSpec, DhcpSubnet, DnsRecord, dhcp_argv, dns_file, hosts_file
 from agent.net.firewall import NftTable, delete_tables_script, replace_table_script
 from agent.net.overlay import DRIVERS, FakeOverlay, FdbEntry, LinuxOverlay, Neighbour, OverlayDriver, OverlaySpec
 
@@ -89,6 +89,43 @@ def test_dnsmasq_serves_static_hosts_only_with_mtu_and_a_local_domain(tmp_path: 
     assert "--interface=mcb-00000a" in argv and "--listen-address=10.5.0.2" in argv
     assert argv[-3:] == ["--no-resolv", "--strict-order", "--server=192.0.2.53"]
     assert f"--dhcp-hostsfile={tmp_path / 'hosts'}" in argv and f"--addn-hosts={tmp_path / 'dns'}" in argv
+
+
+def test_one_dnsmasq_serves_several_subnets_each_with_its_own_router_and_dns_server(tmp_path: Path) -> None:
+    spec = DhcpSpec(
+        network="blue",
+        interface="mcs0",
+        server=ipaddress.IPv4Interface("10.5.0.1/24"),
+        router=IP("10.5.0.1"),
+        mtu=1450,
+        more=(DhcpSubnet(ipaddress.IPv4Interface("10.6.0.254/24"), IP("10.6.0.254")),),
+    )
+    argv = dhcp_argv(spec, tmp_path)
+    for want in (
+        "--listen-address=10.5.0.1",
+        "--listen-address=10.6.0.254",
+        "--dhcp-range=set:s0,10.5.0.0,static,255.255.255.0,3600",
+        "--dhcp-range=set:s1,10.6.0.0,static,255.255.255.0,3600",
+        "--dhcp-option=tag:s0,option:router,10.5.0.1",
+        "--dhcp-option=tag:s1,option:router,10.6.0.254",
+        "--dhcp-option=tag:s1,option:dns-server,10.6.0.254",
+        "--dhcp-option=option:domain-name,blue.internal",
+        "--domain=blue.internal,10.6.0.0/24,local",
+    ):
+        assert want in argv
+    assert "--dhcp-option=option:router" not in " ".join(argv)  # every router option is per subnet
+    text = hosts_file(
+        spec, [DhcpHost("52:54:00:00:00:0a", "10.5.0.10", "a"), DhcpHost("52:54:00:00:00:0b", "10.6.0.10", "b")]
+    )
+    assert text.splitlines() == ["52:54:00:00:00:0a,10.5.0.10,a", "52:54:00:00:00:0b,10.6.0.10,b"]
+    for bad in ("10.6.0.254", "10.7.0.1"):  # another subnet's server address; no subnet's address
+        with pytest.raises(ValueError, match="usable host address"):
+            hosts_file(spec, [DhcpHost("52:54:00:00:00:0a", bad, "x")])
+    with pytest.raises(ValueError, match="overlap"):
+        DhcpSpec(network="x", interface="br", server=ipaddress.IPv4Interface("10.5.0.1/24"), mtu=1450,
+                 more=(DhcpSubnet(ipaddress.IPv4Interface("10.5.0.129/25")),))  # fmt: skip
+    with pytest.raises(ValueError, match="outside the subnet"):
+        DhcpSubnet(ipaddress.IPv4Interface("10.6.0.1/24"), IP("10.5.0.1"))
 
 
 def test_hosts_and_dns_files() -> None:

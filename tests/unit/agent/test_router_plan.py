@@ -4,6 +4,7 @@ the provider config."""
 from __future__ import annotations
 
 import ipaddress
+import json
 
 import msgspec
 import pytest
@@ -117,6 +118,9 @@ def test_floating_ips_of_this_nodes_nics_on_the_legs_network_are_natted_here():
     # the NIC leaves as its floating IP, before the router's SNAT
     assert body.index("ip saddr 10.0.1.5 snat to 198.51.100.101") < body.index("snat to 198.51.100.100")
     assert "ct status dnat accept" in body
+    # hairpin: a NIC inside reaching the floating IP is DNATed back in and leaves as the gateway
+    assert 'iifname "mcs0" oifname "mcs0" ct status dnat masquerade' in body
+    assert "masquerade" not in nft_body(plan.external)  # nothing to hairpin without a floating IP
 
 
 def test_routed_frames_leave_for_other_nodes_with_a_mac_of_the_node_not_the_gateways():
@@ -178,3 +182,115 @@ def test_route_changes_delete_what_is_no_longer_wanted_and_replace_a_changed_nex
         [r("10.7.0.0/16", "10.0.1.254"), r("10.9.0.0/16", "10.0.1.253")],
     )
     assert route_changes(want, want) == ([], [])
+
+
+def test_each_router_with_an_external_gateway_gets_its_own_leg_and_snats_its_own_subnets():
+    from agent.net.router import FloatingLeg
+    from minicloud.network.kinds import FloatingIpSpec
+
+    subnets = {"sub-a": subnet("10.0.1.0/24", "rtr-1"), "sub-b": subnet("10.0.2.0/24", "rtr-2")}
+    other = RouterSpec(
+        subnets=["sub-b"], external_network="net-ext", external_subnet="sub-ext", external_address="198.51.100.120"
+    )
+    fip = FloatingIpSpec(network="net-ext", subnet="sub-ext", address="198.51.100.150", fixed_address="10.0.2.5")
+    routers = {"rtr-1": EDGE, "rtr-2": other}
+    plan, missing = desired_router(42, subnets, routers, EXT, {"lan": "eth1"}, [("fip-9", fip)])
+    assert plan is not None and missing is None
+    assert [(g.router_id, g.name, g.table, [str(s) for s in g.sources]) for g in plan.legs] == [
+        ("rtr-1", "mce0", 0, ["10.0.1.0/24"]),
+        ("rtr-2", "mce1", 101, ["10.0.2.0/24"]),
+    ]
+    assert plan.floating == (
+        FloatingLeg("fip-9", ipaddress.IPv4Address("198.51.100.150"), ipaddress.IPv4Address("10.0.2.5"), 1),
+    )
+    body = nft_body(plan.external, plan.floating, plan.more)
+    assert 'oifname { "mce0", "mce1" } ip saddr { 10.0.1.0/24 } snat to 198.51.100.100' in body
+    assert 'oifname { "mce0", "mce1" } ip saddr { 10.0.2.0/24 } snat to 198.51.100.120' in body
+    assert 'oifname { "mce0", "mce1" } ip saddr 10.0.2.5 snat to 198.51.100.150' in body
+    # a leg that cannot be built here does not take the others with it
+    plan, missing = desired_router(42, subnets, routers, EXT, {}, [])
+    assert plan is not None and plan.legs == () and missing and "rtr-1" in missing
+
+
+def test_each_external_leg_has_a_named_egress_counter_read_back_from_nft_json():
+    from agent.net.router import parse_egress_counters
+    from agent.reconcilers.egress import egress_status
+
+    plan, _ = desired_router(42, {"sub-a": subnet("10.0.1.0/24", "rtr-1")}, {"rtr-1": EDGE}, EXT, {"lan": "br-lan"})
+    assert plan.external is not None
+    body = nft_body(plan.external)
+    assert "\tcounter egress_mce0 {" in body
+    assert "type filter hook postrouting priority 300; policy accept;" in body  # every packet, not only the first
+    assert 'oifname "mce0" counter name "egress_mce0"' in body
+    answer = json.dumps({"nftables": [
+        {"metainfo": {"json_schema_version": 1}},
+        {"counter": {"family": "ip", "name": "egress_mce0", "table": "minicloud_rtr", "handle": 1,
+                     "packets": 3, "bytes": 4200}},
+        {"counter": {"family": "ip", "name": "egress_mce1", "table": "minicloud_rtr", "packets": 1, "bytes": 7}},
+        {"counter": {"family": "ip", "name": "other", "table": "minicloud_rtr", "packets": 1, "bytes": 9}},
+        {"counter": {"family": "ip", "name": "egress_mce0", "table": "elsewhere", "packets": 1, "bytes": 9}},
+    ]})  # fmt: skip
+    assert parse_egress_counters(answer) == {"mce0": 4200, "mce1": 7}
+    assert parse_egress_counters("") == {}
+    status = egress_status({}, "n1", 100, 4200)
+    assert status == {"egress": {"n1": {"since": 100, "bytes": 4200}}}
+    assert egress_status(status, "n1", 100, 4200) is None  # nothing new: no write
+    assert egress_status(status, "n2", 50, 1)["egress"] == {"n1": {"since": 100, "bytes": 4200},
+                                                             "n2": {"since": 50, "bytes": 1}}  # fmt: skip
+
+
+async def test_report_egress_writes_each_legs_counter_into_its_routers_status_once(tmp_path):
+    from agent.reconcilers.egress import report_egress
+    from minicloud.state import Create, Record, SQLiteStore, Txn
+
+    plan, _ = desired_router(42, {"sub-a": subnet("10.0.1.0/24", "rtr-1")}, {"rtr-1": EDGE}, EXT, {"lan": "br-lan"})
+
+    class Plumbing:
+        def applied(self):
+            return {"/run/netns/mcs-42": plan}
+
+        def egress_since(self, path):
+            return 1700
+
+    store = SQLiteStore(tmp_path / "s.db")
+    await store.open()
+    try:
+        await store.commit(Txn([Create(Record(kind="router", id="rtr-1", project="default", name="edge",
+                                              created_at="2026-11-30T00:00:00.000Z",
+                                              updated_at="2026-11-30T00:00:00.000Z"))]))  # fmt: skip
+
+        async def read(path):
+            assert path == "/run/netns/mcs-42"
+            return {"mce0": 4200}
+
+        assert await report_egress(store, Plumbing(), "n1", read) == 1
+        assert (await store.get("router", "rtr-1")).status == {"egress": {"n1/42": {"since": 1700, "bytes": 4200}}}
+        assert await report_egress(store, Plumbing(), "n1", read) == 0  # unchanged: no write
+        from minicloud.network.kinds import ROUTER
+
+        shown = ROUTER.view_record(await store.get("router", "rtr-1"))  # what `router show` answers
+        assert {leg: (e.since, e.bytes) for leg, e in shown.egress.items()} == {"n1/42": (1700, 4200)}
+    finally:
+        await store.close()
+
+
+async def test_the_egress_reporter_reports_at_most_once_an_interval():
+    from agent.reconcilers.egress import EgressReporter
+
+    calls = []
+
+    class Plumbing:
+        def applied(self):
+            calls.append(1)
+            return {}
+
+    now = [1000.0]
+    reporter = EgressReporter(None, Plumbing, "n1", interval=60, clock=lambda: now[0])
+    await reporter.refresh()
+    now[0] += 30
+    await reporter.refresh()
+    assert len(calls) == 1
+    now[0] += 31
+    await reporter.refresh()
+    assert len(calls) == 2
+    await EgressReporter(None, lambda: None, "n1").refresh()  # no network reconciler yet: nothing

@@ -336,3 +336,56 @@ def test_every_fault_point_of_the_reconciler_is_crashed_here():
     points = set(re.findall(r'faults\.point\("([^"]+)"\)', source.read_text()))
     tested = set(re.findall(r'crash_at\("([^"]+)"\)', Path(__file__).read_text()))
     assert points and points <= tested, sorted(points - tested)
+
+
+async def test_a_crash_after_a_root_disk_revert_reverts_again_and_then_records_it(agents, crash_at):
+    """Rolled back, not recorded: the restarted agent rolls back once more (the instance is still stopped: the same
+    content) and records it; later passes do nothing."""
+    from minicloud.compute.kinds import INSTANCE, InstanceObserved, InstanceSpec
+
+    first = await _ready(agents)
+    spec = InstanceSpec(uuid="u-1", image_id="img-x", image_name="x", type="t", vcpus=1, memory_mib=64, disk_gib=1,
+                        node="n1", pool="pool-ceph", pool_driver="ceph", power="stopped")  # fmt: skip
+    iid = await create(first.store, INSTANCE, "web", spec, status=InstanceObserved(state="stopped"))
+    pool = _pool(first)
+    root = f"{iid}-root"
+    await pool.create(root, GIB)
+    pool.write(root, b"before")
+    sid = await create(first.store, SNAPSHOT, "s", SnapshotSpec(volume="", instance=iid, pool="pool-ceph", node="n1"))
+    await first.pass_()
+    pool.write(root, b"after")
+    await change(first.store, SNAPSHOT, sid, revert_seq=1)
+    crash_at("storage.snapshot.after_root_revert")
+    await _crash(first)
+    assert pool.read(root) == b"before"
+    assert (await load(first.store, SNAPSHOT, sid)).status.revert_seq == 0
+    again = await agents()
+    await again.pass_()
+    assert pool.read(root) == b"before" and (await load(again.store, SNAPSHOT, sid)).status.revert_seq == 1
+    rollbacks = len(_calls(again, "rollback"))
+    await again.pass_()
+    assert len(_calls(again, "rollback")) == rollbacks == 2
+
+
+async def test_a_crash_after_a_flatten_before_it_is_recorded_records_it_once(agents, crash_at):
+    """Flattened, not recorded (the snapshot still lists the clone): the restarted agent flattens again — a volume
+    without a parent is done already — and releases the snapshot; later passes do nothing."""
+    first = await _ready(agents)
+    vid = await volume(first.store)
+    await first.pass_()
+    sid = await create(first.store, SNAPSHOT, "s1", SnapshotSpec(volume=vid, pool="pool-ceph", node="n1"))
+    await first.pass_()
+    cid = await volume(first.store, "clone", source=VolumeSource(type="snapshot", id=sid))
+    await change(first.store, SNAPSHOT, sid, clones=[cid])
+    await first.pass_()
+    await change(first.store, VOLUME, cid, flatten=True)
+    crash_at("storage.volume.after_flatten")
+    await _crash(first)
+    assert _pool(first).vols[cid].parent is None
+    assert (await load(first.store, SNAPSHOT, sid)).spec.clones == [cid]
+    assert not (await load(first.store, VOLUME, cid)).status.flattened
+    again = await agents()
+    await again.pass_(rounds=3)
+    assert (await load(first.store, VOLUME, cid)).status.flattened
+    assert (await load(first.store, SNAPSHOT, sid)).spec.clones == []
+    assert len(_calls(again, "flatten")) == 2

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from agent.reconcile import Controller
-from agent.reconcilers.storage import CLIENT, ENGINE_KEY, NODE_KEY, StorageReconciler
+from agent.reconcilers.storage import CLIENT, ENGINE_KEY, FENCE_GRACE, NODE_KEY, StorageReconciler
 from agent.storage.ceph import CephError, CephKeys
 from agent.storage.ceph_status import CephStatus, MonInfo, OsdInfo
 from agent.storage.driver import FakeVolumeDriver
@@ -23,7 +23,7 @@ from minicloud import config as cfgmod
 from minicloud.cluster.kinds import NODE, NodeSpec, NodeStatus
 from minicloud.compute.kinds import IMAGE, ImageSpec, ImageStatus
 from minicloud.iam.keystore import KeyStore
-from minicloud.state import Create, Txn, Update
+from minicloud.state import Create, Delete, Txn, Update
 from minicloud.state.sqlite import SQLiteStore
 from minicloud.storage.kinds import (
     CEPH,
@@ -51,9 +51,12 @@ class FakeEngine:
     """The state of one node's part of a pretend cluster; ``cluster`` (a dict shared by the engines of one test)
     holds what the cluster knows: OSDs, pools, blocklist, auth."""
 
-    def __init__(self, cluster: dict, *, root: Path, fsid: str, node: str, address: str, mon_hosts: dict) -> None:
+    def __init__(
+        self, cluster: dict, *, root: Path, fsid: str, node: str, address: str, mon_hosts: dict, zone: str = ""
+    ) -> None:
         self.cluster = cluster
-        self.settings = type("S", (), {"mon_hosts": dict(mon_hosts), "mon_port": 3300, "address": address})()
+        self.settings = type("S", (), {"mon_hosts": dict(mon_hosts), "mon_port": 3300, "address": address,
+                                       "zone": zone})()  # fmt: skip
         self.root, self.fsid, self.node = Path(root), fsid, node
         self.conf_path = self.root / "ceph.conf"
         self.admin_keyring = self.root / "client.admin.keyring"
@@ -103,6 +106,19 @@ class FakeEngine:
 
     async def mon_names(self) -> list[str]:
         return list(self.cluster.get("monmap", {}))
+
+    async def mon_bound_address(self) -> str | None:
+        if not self.mon_running():
+            return None
+        return self.cluster.setdefault("mon_addr", {}).setdefault(self.node, self.settings.address)
+
+    async def readdress_mon(self) -> bool:
+        self._check("readdress_mon")
+        if await self.mon_bound_address() in (None, self.settings.address):
+            return False
+        self.cluster["mon_addr"][self.node] = self.settings.address
+        self.cluster["mon_moves"] = self.cluster.get("mon_moves", 0) + 1
+        return True
 
     async def add_mon(self, keys: CephKeys) -> None:
         self._check("add_mon")
@@ -338,6 +354,27 @@ async def test_a_node_named_in_the_records_mons_becomes_a_mon_and_stops_being_on
     await other.pass_(rounds=1)
     assert not other.engine.has_mon() and set(world.cluster["monmap"]) == {ME}
     await other.r.close()
+
+
+async def test_a_lone_mon_on_loopback_moves_to_the_address_the_record_gives_it_once(world):
+    """Storage enabled before ``cluster enable``: the MON is on 127.0.0.1; the services leader moves the record's
+    MON to the node's cluster address and the node re-addresses its MON (once: then it is where the record says)."""
+    await enable(world.store)
+    await world.pass_()
+    assert world.cluster["mon_addr"] == {ME: "127.0.0.1"}
+    assert "mon_moves" not in world.cluster  # already where the record says
+    looked = world.engine.calls.count(("readdress_mon",))
+    await world.pass_()
+    assert world.engine.calls.count(("readdress_mon",)) == looked  # found in place: not looked at again
+    ceph = await world.store.get_by_name(CEPH.name, "", CEPH_NAME)
+    await change(world.store, CEPH, ceph.id, mons={ME: "10.0.0.1"})
+    await world.pass_()
+    assert world.cluster["mon_addr"] == {ME: "10.0.0.1"}
+    assert world.engine.settings.address == "10.0.0.1" and world.engine.settings.mon_hosts == {ME: "10.0.0.1"}
+    assert world.cluster["mon_moves"] == 1
+    looked = world.engine.calls.count(("readdress_mon",))
+    await world.pass_()
+    assert world.cluster["mon_moves"] == 1 and world.engine.calls.count(("readdress_mon",)) == looked
 
 
 async def test_the_leading_node_takes_out_the_mon_of_a_lost_node_the_record_no_longer_names(world):
@@ -664,6 +701,32 @@ async def test_a_volume_moved_from_a_live_node_is_not_fenced(ready):
     assert (await load(ready.store, VOLUME, vid)).spec.previous_node == ""
 
 
+async def test_a_node_offline_for_a_moment_is_not_fenced_and_one_offline_past_the_grace_is(ready):
+    """A missed heartbeat under load marks a node offline after 5 s: fencing it then would cut its guests' disks."""
+    import datetime as dt
+
+    def ago(seconds: float) -> str:
+        return (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
+
+    blip = NodeStatus(state="offline", last_contact=ago(5))
+    await create(ready.store, NODE, "n2", NodeSpec(address="10.0.0.2"), status=blip)
+    vid = await volume(ready.store, previous_node="n2")
+    assert (await ready.r.reconcile(vid)).requeue_after  # looked at again, nothing done yet
+    assert "blocklist" not in ready.cluster and (await load(ready.store, VOLUME, vid)).spec.previous_node == "n2"
+    record = await ready.store.get_by_name(NODE.name, "", "n2")  # back within the grace: never fenced
+    await ready.store.commit(Txn([Update(NODE.dump(NODE.load(record).replace(status=NodeStatus(state="online"))),
+                                         expect_revision=record.revision)]))  # fmt: skip
+    await ready.pass_()
+    assert "blocklist" not in ready.cluster and (await load(ready.store, VOLUME, vid)).status.state == "available"
+    # offline for longer than the grace: fenced before the volume is touched
+    gone = NodeStatus(state="offline", last_contact=ago(FENCE_GRACE + 1))
+    await create(ready.store, NODE, "n3", NodeSpec(address="10.0.0.3"), status=gone)
+    other = await volume(ready.store, "v2", previous_node="n3")
+    await ready.pass_()
+    assert ready.cluster["blocklist"] == ["10.0.0.3"]
+    assert (await load(ready.store, VOLUME, other)).spec.previous_node == ""
+
+
 async def test_a_lost_node_that_cannot_be_fenced_blocks_the_volume(ready):
     await create(ready.store, NODE, "n2", NodeSpec(address="127.0.0.1"), status=NodeStatus(state="offline"))
     vid = await volume(ready.store, previous_node="n2")
@@ -719,3 +782,52 @@ async def test_under_the_controller_a_volume_goes_from_creating_to_available(wor
         assert vol.status.state == "available"
     finally:
         await controller.close()
+
+
+# -- root-disk snapshots ---------------------------------------------------------------------------------------------
+async def _root_instance(store, *, power: str = "running", state: str = "running") -> str:
+    from minicloud.compute.kinds import INSTANCE, InstanceObserved, InstanceSpec
+
+    spec = InstanceSpec(uuid="u-1", image_id="img-x", image_name="x", type="t", vcpus=1, memory_mib=64, disk_gib=1,
+                        node=ME, pool="pool-ceph", pool_driver="ceph", power=power)  # fmt: skip
+    return await create(store, INSTANCE, "web", spec, status=InstanceObserved(state=state))
+
+
+async def test_a_root_disk_snapshot_is_of_the_instances_root_image_and_reverts_it_while_stopped(ready):
+    from minicloud.compute.kinds import INSTANCE
+
+    iid = await _root_instance(ready.store, power="stopped", state="stopped")
+    pool = _pool(ready)
+    root = f"{iid}-root"
+    await pool.create(root, GIB)
+    pool.write(root, b"v1")
+    spec = SnapshotSpec(volume="", instance=iid, instance_name="web", pool="pool-ceph", node=ME, size_gib=1)
+    sid = await create(ready.store, SNAPSHOT, "s", spec)
+    await ready.pass_()
+    assert (await load(ready.store, SNAPSHOT, sid)).status.state == "available"
+    assert ("snapshot", root, sid) in [c[:3] for c in pool.calls]
+    # a volume made from it has its data and its own copy (it outlives the instance)
+    vid = await volume(ready.store, "copy", source=VolumeSource(type="snapshot", id=sid))
+    await ready.pass_()
+    assert pool.read(vid) == b"v1" and ("flatten", vid) in pool.calls
+    # revert (asked while stopped): the root disk goes back, once
+    pool.write(root, b"v2")
+    await change(ready.store, SNAPSHOT, sid, revert_seq=1)
+    await ready.pass_()
+    snap = await load(ready.store, SNAPSHOT, sid)
+    assert pool.read(root) == b"v1" and (snap.status.revert_seq, snap.status.reason) == (1, "")
+    pool.write(root, b"v3")
+    await ready.pass_()
+    assert pool.read(root) == b"v3"
+    # an instance started before its node reverted: not reverted, said so, the snapshot stays available
+    inst = await load(ready.store, INSTANCE, iid)
+    await change(ready.store, INSTANCE, iid, power="running")
+    await change(ready.store, SNAPSHOT, sid, revert_seq=2)
+    await ready.pass_()
+    snap = await load(ready.store, SNAPSHOT, sid)
+    assert pool.read(root) == b"v3" and snap.status.state == "available" and snap.status.revert_seq == 2
+    assert "started first" in snap.status.reason
+    # the instance is deleted (its root disk, snapshots and all, with it): the record goes, the quota is released
+    await ready.store.commit(Txn([Delete(kind=INSTANCE.name, id=iid, expect_revision=(await ready.store.get(INSTANCE.name, inst.id)).revision)]))  # fmt: skip
+    await ready.r.reconcile(sid)
+    assert await ready.store.get(SNAPSHOT.name, sid) is None

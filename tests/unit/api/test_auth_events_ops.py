@@ -241,7 +241,8 @@ async def test_every_public_kind_is_streamed_rendered_and_internal_kinds_never(a
         ("POST", "/v1/accesskeys", {"name": "s3", "user": "eve"}),
         ("POST", "/v1/projects", {"name": "p9"}),
         ("POST", "/v1/images", {"name": "guest", "kernel": str(kernel)}),
-        ("POST", "/v1/instances", {"name": "vm", "image": "guest", "type": "m1.tiny"}),
+        ("POST", "/v1/server-groups", {"name": "apart", "policy": "anti-affinity"}),
+        ("POST", "/v1/instances", {"name": "vm", "image": "guest", "type": "m1.tiny", "server_group": "apart"}),
         ("POST", "/v1/networks", {"name": "vpc", "cidr": "10.0.0.0/16"}),  # + the default security group
         ("POST", "/v1/subnets", {"name": "sn", "network": "vpc", "cidr": "10.0.1.0/24"}),
         ("POST", "/v1/routers", {"name": "r"}),
@@ -260,6 +261,8 @@ async def test_every_public_kind_is_streamed_rendered_and_internal_kinds_never(a
     for i, (method, path, body) in enumerate(steps):
         resp = await api.request(method, path, json=body, headers={"Idempotency-Key": f"{path}#{i}"})
         assert resp.status in (201, 202), (path, await resp.text())
+    resp = await api.request("PUT", "/v1/cluster/settings/scheduler-weigher", json={"value": "pack"})
+    assert resp.status == 200, await resp.text()  # a cluster setting (streamed to cluster administrators)
     # A snapshot through the API needs its volume made by the node first: the record alone is enough here.
     from minicloud.storage.kinds import SNAPSHOT, SnapshotSpec
 
@@ -300,6 +303,13 @@ async def test_every_public_kind_is_streamed_rendered_and_internal_kinds_never(a
                 for k, o in zip((VOLUME_BACKUP, BACKUP_TARGET, BACKUP_SCHEDULE), backup_objs, strict=True)
             ]
         )
+    )
+    # A node publishes its GPUs itself: through the service it calls.
+    from minicloud.gpu import service as gpu_service
+    from minicloud.gpu.kinds import GpuSpec
+
+    await gpu_service.publish(
+        store, "n9", [GpuSpec(node="n9", pci_address="0000:3b:00.0", pci_id="10de:2330", model="H100")]
     )
     # Every kind the API exposes: declared public kinds, and any still registered only the old way (none should be).
     exposed = set(public_kinds()) | set(getattr(res, "KINDS", {}))

@@ -148,3 +148,26 @@ def test_admin_backup_misuse_says_how(words):
     with pytest.raises(CommandError) as exc:
         backup_command(args)
     assert "usage: minicloud admin backup" in str(exc.value)
+
+
+async def test_a_backup_into_a_bucket_the_project_lacks_is_refused_before_anything_is_made(api):
+    p = await problem(await api.post("/v1/admin/backups?bucket=nosuch"), 404)
+    assert "minicloud bucket create nosuch" in p["detail"]
+    await problem(await api.post("/v1/admin/backups?bucket=Bad_Name"), 422)
+    p = await problem(await api.post("/v1/admin/backups?target=elsewhere"), 422)
+    assert "bucket" in p["detail"]
+    await problem(await api.post("/v1/admin/backups?bucket=bk1&target=nosuch"), 404)
+    await problem(await api.get("/v1/admin/backups?bucket=nosuch"), 404)
+    assert (await (await api.get("/v1/admin/backups")).json())["items"] == []
+    await make_backup(api)  # the refusals did not hold the node's backup slot
+
+
+def test_the_bucket_cli_lines_parse():
+    parser = build_parser()
+    args = parser.parse_args(["admin", "backup", "--bucket", "b1", "--target", "site2"])
+    assert args.words == [] and args.bucket == "b1" and args.target == "site2"
+    args = parser.parse_args(["admin", "backup", "list", "--bucket", "b1"])
+    assert args.words == ["list"] and args.bucket == "b1"
+    for words in (["admin", "backup"], ["admin", "backup", "--target", "site2"]):
+        with pytest.raises(Exception, match=r"usage|needs --bucket"):
+            backup_command(parser.parse_args(words))

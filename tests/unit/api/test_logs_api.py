@@ -83,6 +83,22 @@ async def test_an_admin_reads_every_service_and_the_audit_log(api):
     assert len(body["lines"]) == 1 and body["truncated"] and "n1 at 2" in body["lines"][0]["line"]
 
 
+async def test_the_audit_log_is_read_newest_first_under_its_read_cap(api, monkeypatch):
+    """The store lists audit entries oldest first; with more entries than one request may read, the answer is still
+    the newest ones (read in windows back from now), never the oldest."""
+    for i in range(6):
+        assert (await api.post("/v1/projects", json={"name": f"cap{i}"})).status == 201
+    monkeypatch.setattr(logs_api, "AUDIT_MAX_ENTRIES", 4)
+    r = await api.get("/v1/logs", params={"service": "audit", "since": "1h", "limit": "2", "grep": "POST /v1/projects"})
+    lines = [ln["line"] for ln in (await r.json())["lines"]]
+    assert len(lines) == 2 and all("POST /v1/projects -> 201" in ln for ln in lines), lines
+    ids_seen = [ln.split("request=")[1].split()[0] for ln in lines]
+    monkeypatch.undo()
+    r = await api.get("/v1/logs", params={"service": "audit", "since": "1h", "grep": "POST /v1/projects"})
+    every = [ln["line"].split("request=")[1].split()[0] for ln in (await r.json())["lines"]]
+    assert len(every) >= 6 and ids_seen == every[-2:]
+
+
 async def test_a_member_reads_only_their_projects_consoles(api):
     for project in ("pa", "pb"):
         assert (await api.post("/v1/projects", json={"name": project})).status == 201
@@ -145,8 +161,9 @@ async def test_follow_streams_the_backlog_then_new_lines(api):
 
 
 # -- two nodes, mutual TLS ------------------------------------------------------------------------------------------
-async def _tls_node(tmp_path, name: str, ca_from=None):
-    """A node on HTTPS whose certificate (CN ``name``) is signed by ``ca_from``'s CA (its own when None)."""
+async def _tls_node(tmp_path, name: str, ca_from=None, prepare=None):
+    """A node on HTTPS whose certificate (CN ``name``) is signed by ``ca_from``'s CA (its own when None);
+    ``prepare(app)`` runs before the server starts."""
     (tmp_path / name).mkdir()
     cfg = make_config(tmp_path / name)
     cfg = msgspec.structs.replace(cfg, agent=msgspec.structs.replace(cfg.agent, node_name=name))
@@ -161,6 +178,8 @@ async def _tls_node(tmp_path, name: str, ca_from=None):
     else:
         ensure_node_pki(cfg.data_path, name)
     app = attach_node_services(create_app(cfg, host=FakeHost()))
+    if prepare is not None:
+        prepare(app)
     server = TestServer(app)
     await server.start_server(ssl=app[TLS])
     return app, server
@@ -231,3 +250,14 @@ async def test_the_merging_node_asks_the_others_over_mutual_tls(tmp_path, monkey
 
 async def _async(value):
     return value
+
+
+def test_a_follow_keeps_the_newest_new_lines_while_a_slow_node_sends_its_backlog():
+    early = logs_api.EarlyLines("n1", cap=3)
+    for i in range(10):
+        early.line(logs.LogLine(time="t", ts=T0 + i, node="n2", service="agent", line=f"line {i}", source="agent"))
+    early.error("n3", "HTTP 502")
+    out = [json.loads(chunk) for chunk in early.drain()]
+    assert out[0] == {"node": "n3", "error": "HTTP 502"}
+    assert out[1] == {"node": "n1", "error": "7 new lines dropped while waiting for a slow node's backlog"}
+    assert [o["line"] for o in out[2:]] == ["line 7", "line 8", "line 9"]

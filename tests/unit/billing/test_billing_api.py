@@ -58,7 +58,7 @@ async def test_members_see_only_their_projects_costs_and_admins_set_prices(api):
     r = await api.post("/v1/prices", json=body)
     assert r.status == 201, await r.text()
     assert (await r.json())["currency"] == "EUR"
-    r = await api.post("/v1/prices", json={**body, "meter": "compute.gpu-hour"})
+    r = await api.post("/v1/prices", json={**body, "meter": "compute.tpu-hour"})
     assert r.status == 422 and "compute.vcpu-hour" in json.dumps(await r.json())
     assert (await api.post("/v1/prices", json={**body, "amount": "-1", "effective": "2099-02-01"})).status == 422
     assert (await api.post("/v1/prices", json={**body, "effective": "2098-06-01"})).status == 422  # overlap
@@ -77,3 +77,27 @@ async def test_prices_are_cluster_wide_so_a_project_grant_cannot_set_them(api): 
     r = await api.post("/v1/prices?project=pa", json=body, headers=bob)
     assert r.status == 403, await r.text()
     assert (await api.get("/v1/prices?project=pa", headers=bob)).status == 200
+
+
+async def test_cost_report_and_focus_export_are_per_project_and_all_for_admins(api):  # noqa: F811
+    for project in ("pa", "pb"):
+        assert (await api.post("/v1/projects", json={"name": project})).status == 201
+    await _charge(api.app[STORE], "pa", "1.5")
+    await _charge(api.app[STORE], "pb", "7")
+    alice = await _member(api, "alice", "pa", role="viewer")
+    r = await api.get("/v1/costs?project=pa&since=2026-11-01&group_by=project", headers=alice)
+    assert r.status == 200, await r.text()
+    body = await r.json()
+    assert body["totals"] == {"EUR": "1.5"} and [row["group"] for row in body["rows"]] == ["pa"]
+    assert (await api.get("/v1/costs?project=pb", headers=alice)).status == 404
+    assert (await api.get("/v1/costs?project=pa&all=true", headers=alice)).status == 403
+    assert (await api.get("/v1/costs?project=pa&group_by=colour", headers=alice)).status == 422
+    everyone = await (await api.get("/v1/costs?all=true&since=2026-11-01&group_by=project")).json()
+    assert everyone["totals"] == {"EUR": "8.5"}
+    r = await api.get("/v1/costs/focus?project=pa&period=2026-11", headers=alice)
+    assert r.status == 200 and r.content_type == "text/csv"
+    lines = (await r.text()).splitlines()
+    assert lines[0].startswith("BilledCost,BillingAccountId,") and len(lines) == 2 and ",pa,pa," in lines[1]
+    assert (await api.get("/v1/costs/focus?project=pa&period=2026-13", headers=alice)).status == 422
+    both = await (await api.get("/v1/costs/focus?period=2026-11&all=true")).text()
+    assert len(both.splitlines()) == 3

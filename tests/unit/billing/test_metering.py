@@ -271,8 +271,8 @@ async def test_bad_prices_are_refused(store):
     async def attempt(**kw):
         return await prices.set_price(ctx, store, PriceSet(**kw), currency="EUR", now=now)
 
-    with pytest.raises(errors.ValidationFailed, match=r"the meters are: compute\.memory-gib-hour"):
-        await attempt(meter="compute.gpu-hour", amount="1")
+    with pytest.raises(errors.ValidationFailed, match=r"the meters are: compute\.gpu-hour, compute\.memory-gib-hour"):
+        await attempt(meter="compute.tpu-hour", amount="1")
     with pytest.raises(errors.ValidationFailed, match="negative"):
         await attempt(meter=VCPU, amount="-0.1")
     with pytest.raises(errors.ValidationFailed, match="past or the current hour"):
@@ -360,3 +360,157 @@ async def test_an_invoice_cannot_close_before_the_meter_closed_its_hours(store):
     with pytest.raises(errors.Conflict, match="closed usage only up to"):
         await invoices.close_invoice(Context.system("t"), store, "2026-11", _dt.datetime(2026, 12, 2, tzinfo=_dt.UTC))
     assert hour_floor(epoch(at(11, 10))) == epoch(at(11))
+
+
+async def test_the_fold_reads_many_meter_states_in_pages_not_one_get_each(store, monkeypatch):
+    def volume(i: int, size: int) -> Record:
+        return Record(kind="volume", id=f"vol-{i:03d}", project="default", name=f"v{i}", labels={},
+                      spec={"size_gib": size, "pool": "p"}, status={}, created_at=text(at(10)),
+                      updated_at=text(at(10, i % 60)))  # fmt: skip
+
+    clock = Clock(at(10, 30))
+    for i in range(40):
+        await put(store, volume(i, 1))
+    await Meter(store, clock).run()
+    for i in range(0, 40, 2):  # every other volume grows: 20 states to read
+        await put(store, volume(i, 2))
+    gets: list[str] = []
+    real_get = store.get
+
+    async def counting_get(kind: str, id_: str):
+        gets.append(kind)
+        return await real_get(kind, id_)
+
+    monkeypatch.setattr(store, "get", counting_get)
+    wanted = {f"vol-{i:03d}" for i in range(0, 40, 2)}
+    paged = await metering.load_states(store, wanted)
+    assert set(paged) == wanted and gets.count(METER_STATE.name) == 0
+    monkeypatch.setattr(metering, "GET_EACH", 100)
+    each = await metering.load_states(store, wanted)
+    assert each == paged and gets.count(METER_STATE.name) == 20
+    monkeypatch.setattr(metering, "GET_EACH", 16)
+    gets.clear()
+    clock.now = at(11, 10)
+    await Meter(store, clock).run()
+    assert gets.count(METER_STATE.name) == 0
+    states = {s.spec.resource_id: s.spec for s in map(METER_STATE.load, await list_all(store, METER_STATE.name))}
+    assert states["vol-000"].rates == {"storage.volume-gib-hour": 2} and states["vol-001"].rates == {
+        "storage.volume-gib-hour": 1
+    }
+
+
+async def test_gpu_seconds_of_a_running_instance_and_s3_request_and_egress_counters(store):
+    from minicloud.billing.meters import gpu_count
+
+    assert [gpu_count(s) for s in ({"gpus": 2}, {"gpus": [{"address": "0000:01:00.0"}]}, {"gpus": {"count": 3}},
+                                   {}, {"gpus": "many"})] == [2, 1, 3, 0, 0]  # fmt: skip
+    clock = Clock(at(10))
+    gpu = instance("running", at(10), launched=at(10))
+    gpu.spec.update(gpus=1, gpu_model="L4")  # as the instance spec holds them (its type's, copied)
+    await put(store, gpu)
+    stopped = instance("stopped", at(11, 30), launched=at(10), stopped=at(11, 30))
+    stopped.spec.update(gpus=1, gpu_model="L4")
+
+    def bucket(when, requests: int, sent: int) -> Record:
+        return Record(kind="bucket", id="bkt-1", project="default", name="logs", labels={"team": "web"},
+                      spec={}, status={"state": "ready", "size_bytes": 0, "requests": requests, "bytes_out": sent},
+                      created_at=text(at(10, 5)), updated_at=text(when))  # fmt: skip
+
+    await put(store, bucket(at(10, 5), 0, 0))
+    await put(store, bucket(at(10, 20), 100, 1000))
+    clock.now = at(10, 40)
+    await Meter(store, clock).run()
+    await put(store, bucket(at(11, 10), 250, 1000))
+    await put(store, bucket(at(11, 30), 20, 5))  # the counter restarted (the usage log was reset): all of it is new
+    await put(store, stopped)
+    clock.now = at(12, 10)
+    await Meter(store, clock).run()
+    used = await usage_of(store)
+    assert used[("i-web1", "compute.gpu-hour", epoch(at(10)), 0)] == 3600
+    assert used[("i-web1", "compute.gpu-hour", epoch(at(11)), 0)] == 1800
+    gpu_usage = [USAGE.load(r).spec for r in await list_all(store, USAGE.name)]
+    assert {u.attrs.get("gpu_model") for u in gpu_usage if u.meter == "compute.gpu-hour"} == {"L4"}
+    assert used[("bkt-1", "objects.requests", epoch(at(10)), 0)] == 100
+    assert used[("bkt-1", "objects.egress-gib", epoch(at(10)), 0)] == 1000
+    assert used[("bkt-1", "objects.requests", epoch(at(11)), 0)] == 150 + 20
+    assert used[("bkt-1", "objects.egress-gib", epoch(at(11)), 0)] == 5
+    # a late observation of a closed hour is a correction of that hour
+    await put(store, bucket(at(13), 30, 5))
+    state = METER_STATE.load(await store.get(METER_STATE.name, metering.state_id("bkt-1"))).spec
+    late, corrections = metering.count(state, {"objects.requests": 40}, epoch(at(11, 50)))
+    assert corrections == [("objects.requests", epoch(at(11)), 20)] and late.counters["objects.requests"] == 40
+
+
+async def test_the_change_log_is_kept_after_the_meter_cursor_within_a_bound(tmp_path):
+    from types import SimpleNamespace
+
+    s = SQLiteStore(tmp_path / "state.db", retain_changes=10)
+    await s.open()
+    try:
+        clock = Clock(at(10))
+        await put(s, instance("running", at(10), launched=at(10)))
+        await Meter(s, clock).run()
+        config = SimpleNamespace(billing=SimpleNamespace(enabled=True))
+        cursor = await metering.compaction_hold(s, config)
+        assert cursor is not None and 0 < cursor < s.revision  # the change log revision the meter read up to
+        for i in range(150):
+            await s.commit(Txn([Create(Record(kind="keypair", id=f"kp-{i}", project="default", name=f"k{i}",
+                                              labels={}, spec={}, status={}, created_at=text(at(10)),
+                                              updated_at=text(at(10))))]))  # fmt: skip
+        head = s.revision
+        # held at the meter's cursor, but never more than 10 x retain_changes revisions back
+        assert await s.compact(hold=cursor) == head - 100
+        assert await s.compact(hold=head - 30) == head - 30
+        assert await s.compact(hold=None) == head - 10
+        assert await metering.compaction_hold(s, SimpleNamespace(billing=SimpleNamespace(enabled=False))) is None
+    finally:
+        await s.close()
+
+
+async def test_router_egress_counters_per_node_restarts_exactly_once_and_late_corrections(store):
+    from minicloud.billing.meters import METERS, consumption, egress_key
+
+    assert METERS["network.egress-gib"].counter and METERS["network.egress-gib"].divisor == 1 << 30
+    clock = Clock(at(10))
+
+    def router(when, egress) -> Record:
+        return Record(kind="router", id="rtr-1", project="default", name="edge", labels={"team": "web"},
+                      spec={"external_network": "net-ext"},
+                      status={"egress": {node: {"since": s, "bytes": b} for node, (s, b) in egress.items()}},
+                      created_at=text(at(10)), updated_at=text(when))  # fmt: skip
+
+    assert consumption(router(at(10), {"n1": (7, 5)})).counters == {egress_key("n1", 7): 5}
+    assert consumption(router(at(10), {})).counters == {}  # nothing counted yet: no meter state
+    await put(store, router(at(10), {}))
+    await put(store, router(at(10, 10), {"n1": (100, 1000)}))
+    await put(store, router(at(10, 20), {"n1": (100, 1500), "n2": (200, 300)}))
+    clock.now = at(10, 40)
+    await Meter(store, clock).run()
+    await put(store, router(at(11, 5), {"n1": (100, 1600), "n2": (200, 300)}))
+    # n1's agent restarted (its counter starts again with a new epoch) and n2's counter went down (reset in place)
+    await put(store, router(at(11, 20), {"n1": (4000, 50), "n2": (200, 30)}))
+    await put(store, router(at(11, 30), {"n1": (4000, 80), "n2": (200, 30)}))
+    clock.now = at(12, 10)
+    await Meter(store, clock).run()
+    used = await usage_of(store)
+    assert used[("rtr-1", "network.egress-gib", epoch(at(10)), 0)] == 1500 + 300
+    assert used[("rtr-1", "network.egress-gib", epoch(at(11)), 0)] == 100 + 80 + 30
+    egress = [USAGE.load(r).spec for r in await list_all(store, USAGE.name)]
+    assert {u.attrs.get("external_network") for u in egress} == {"net-ext"}
+    state = METER_STATE.load(await store.get(METER_STATE.name, metering.state_id("rtr-1"))).spec
+    assert set(state.counters) == {egress_key("n1", 4000), egress_key("n2", 200)}  # n1's old epoch dropped
+    # exactly once: a repeated fold, a new leader, the same records
+    before = await usage_of(store)
+    await Meter(store, clock).run()
+    await Meter(store, clock).run()
+    assert await usage_of(store) == before
+    # a late observation (a node that was offline reports bytes of a closed hour) is a correction of that hour
+    late, corrections = metering.count(
+        state, {egress_key("n1", 4000): 180, egress_key("n2", 200): 30}, epoch(at(11, 50))
+    )
+    assert corrections == [("network.egress-gib", epoch(at(11)), 100)]
+    assert late.counters[egress_key("n1", 4000)] == 180
+    await put(store, router(at(12, 20), {"n1": (4000, 180), "n2": (200, 30)}))
+    clock.now = at(13, 10)
+    await Meter(store, clock).run()
+    assert (await usage_of(store))[("rtr-1", "network.egress-gib", epoch(at(12)), 0)] == 100

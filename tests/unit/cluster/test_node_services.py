@@ -77,9 +77,11 @@ async def audit_targets(store) -> list[dict]:
     return [r.spec.get("target") for r in await store.list("audit", project=None, limit=1000)]
 
 
-async def admit(node: ClusterNode, token: str, name: str = "n2"):
+async def admit(node: ClusterNode, token: str, name: str = "n2", https: str = ""):
     _, csr = joinlib.make_node_key_and_csr(name, ["10.0.0.2"])
-    return await node.admit(ctx(), token, csr.decode(), name, ids.now(), PEER, "https://10.0.0.2:2379", "10.0.0.2")
+    return await node.admit(
+        ctx(), token, csr.decode(), name, ids.now(), PEER, "https://10.0.0.2:2379", "10.0.0.2", https
+    )
 
 
 async def test_a_join_token_is_a_typed_record_without_its_secret_and_its_creation_is_audited(cluster):
@@ -111,6 +113,18 @@ async def test_admission_consumes_the_token_and_registers_the_node_once(cluster)
     assert {"kind": NODE.name, "id": node.id, "name": "n2"} in await audit_targets(cluster.store)
     with pytest.raises(joinlib.JoinTokenInvalid):  # one-time
         await admit(cluster, issued.body.token)
+
+
+async def test_a_joined_node_is_recorded_with_its_https_url_which_must_name_its_own_address(cluster):
+    # Other nodes reach a joined node's API (metrics scrapes, log and query forwarding) at the recorded URL.
+    issued = await cluster.issue_token(ctx(), "n2", "voter", 600)
+    for bad in ("https://10.0.0.9:8443", "http://10.0.0.2:8443", "https://10.0.0.2:0", "https://10.0.0.2:x/"):
+        with pytest.raises(errors.ValidationFailed, match=r"https must be https://10\.0\.0\.2:PORT"):
+            await admit(cluster, issued.body.token, https=bad)
+    assert len(await cluster.store.list(JOINTOKEN.name, limit=10)) == 1  # nothing consumed by a refused request
+    await admit(cluster, issued.body.token, https="https://10.0.0.2:8443")
+    node = NODE.load(await cluster.store.get_by_name(NODE.name, "", "n2"))
+    assert node.spec.https == "https://10.0.0.2:8443"
 
 
 async def test_a_failed_etcd_member_add_gives_the_token_back(cluster):

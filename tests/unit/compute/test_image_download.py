@@ -100,7 +100,7 @@ async def test_a_name_resolving_to_any_refused_address_is_refused_dns_rebinding(
 
 
 def test_the_socket_factory_refuses_the_exact_address_it_is_asked_to_connect_to():
-    guard = image_download._Guard(policy())
+    guard = image_download.SocketGuard(policy())
     guard.host = "public.test"
     with pytest.raises(AddressRefused, match="link-local"):
         guard((2, 1, 6, "", ("169.254.169.254", 80)))

@@ -112,6 +112,28 @@ async def test_generic_services_find_patch_and_delete_by_id_or_name_within_the_p
     assert await crud.find(ctx, store, KEYPAIR, "laptop") is None
 
 
+async def test_a_delete_without_if_match_reads_again_when_a_status_change_lands_between_its_read_and_write(store):
+    ctx = Context.system("test")
+    await import_keypair(ctx, store, body())
+    commit, raced = store.commit, []
+
+    async def racing_commit(txn):  # a reconciler's write lands just before the delete's transaction, twice
+        if any(type(op).__name__ == "Delete" for op in txn.ops) and len(raced) < 2:
+            raced.append(await crud.patch(ctx, store, KEYPAIR, "laptop", KeyPairUpdate(description=f"r{len(raced)}")))
+        return await commit(txn)
+
+    store.commit = racing_commit
+    await crud.delete(ctx, store, KEYPAIR, "laptop")  # no If-Match: no 412 for a revision the caller never sent
+    assert len(raced) == 2 and await crud.find(ctx, store, KEYPAIR, "laptop") is None
+    await import_keypair(ctx, store, body())
+    raced.clear()
+    with pytest.raises(errors.PreconditionFailed):  # with If-Match the caller's revision stands
+        await crud.delete(
+            ctx, store, KEYPAIR, "laptop", expect=(await crud.get(ctx, store, KEYPAIR, "laptop")).revision
+        )
+    assert await crud.find(ctx, store, KEYPAIR, "laptop") is not None
+
+
 async def test_list_pages_walk_every_object_once(store):
     ctx = Context.system("test")
     for i in range(7):

@@ -171,3 +171,62 @@ def test_the_node_pins_leases_found_in_the_pool_and_maps_host_to_its_bridge(tmp_
     fake = _config(tmp_path, default_vpc=True)
     fake = Config(agent=fake.agent, compute=type(fake.compute)(driver="fake"), network=fake.network)
     assert not node.default_vpc_on(fake)
+
+
+async def test_pins_of_guests_gone_from_the_node_are_dropped_and_their_addresses_go_back_to_the_pool(store, tmp_path):
+    """At start, a pin whose guest no instance of this node has any more (deleted while the agent was down, moved)
+    leaves ``pinned.json`` and its address is released from ``host``'s pool; a live guest keeps its pin and hold."""
+    from aiohttp import web
+
+    from agent import node
+    from agent.compute.design import mac_for
+    from minicloud.api.keys import CONFIG, STORE
+    from minicloud.compute.kinds import INSTANCE, InstanceSpec
+
+    await _world(store, "default")
+    live, gone = mac_for("i-live", 0), "52:54:00:00:00:09"
+    d = tmp_path / "networks" / "default"
+    d.mkdir(parents=True)
+    (d / "leases").write_text(f"0 {live} 10.213.0.230 a *\n0 {gone} 10.213.0.240 b *\n")
+    spec = InstanceSpec(uuid="u", image_id="i", image_name="i", type="t", vcpus=1, memory_mib=64, disk_gib=1, node=NODE)
+    await store.commit(Txn([Create(INSTANCE.dump(INSTANCE.new(project="default", name="a", id="i-live", spec=spec)))]))
+    config = _config(tmp_path, default_vpc=True)
+    app = web.Application()
+    app[CONFIG], app[STORE] = config, store
+
+    async def start() -> None:
+        ctx = node._default_vpc_ctx(app)
+        await anext(ctx)
+        await ctx.aclose()
+
+    await default_vpc.ensure_host_network(store, CIDR)
+    # the first start pinned both (the gone one's instance vanished while the agent was down) ...
+    assert await default_vpc.reserve_lease(store, NODE, gone, "10.213.0.240")
+    await start()
+    assert node.default_bridge_pins(config) == {live: "10.213.0.230"}
+    assert node.default_network(config).spec.static_hosts == ((live, "10.213.0.230"),)
+    holders = {a.spec.address: a.spec.holder for a in await ipam.allocations(store, default_vpc.HOST_SUBNET_ID)}
+    assert holders.get("10.213.0.230") == default_vpc.lease_holder(NODE, live) and "10.213.0.240" not in holders
+    # idempotent; another holder's address is never released
+    await start()
+    assert node.default_bridge_pins(config) == {live: "10.213.0.230"}
+    assert not await default_vpc.release_lease(store, "n2", live, "10.213.0.230")
+    assert await default_vpc.release_lease(store, NODE, gone, "10.213.0.240")  # not held: nothing to do
+
+
+async def test_removing_a_default_bridge_instance_gives_its_pinned_address_back_at_once(store):
+    from agent.compute.design import mac_for
+    from minicloud.compute.kinds import INSTANCE, InstanceSpec
+
+    await _world(store, "default")
+    await default_vpc.ensure_host_network(store, CIDR)
+    spec = InstanceSpec(uuid="u", image_id="i", image_name="i", type="t", vcpus=1, memory_mib=64, disk_gib=1, node=NODE)
+    old = INSTANCE.new(project="default", name="old", id="i-old", spec=spec)
+    await store.commit(Txn([Create(INSTANCE.dump(old))]))
+    assert await default_vpc.reserve_lease(store, NODE, mac_for("i-old", 0), "10.213.0.200")
+    assert await default_vpc.reserve_lease(store, NODE, "52:54:00:00:00:07", "10.213.0.201")  # another guest's
+    await store.commit(
+        Txn(await instances.record_removal_ops(store, INSTANCE.load(await store.get(INSTANCE.name, "i-old"))))
+    )
+    held = {a.spec.address for a in await ipam.allocations(store, default_vpc.HOST_SUBNET_ID)}
+    assert "10.213.0.200" not in held and "10.213.0.201" in held

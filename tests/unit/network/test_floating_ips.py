@@ -84,3 +84,22 @@ async def test_refusals(ctx, world, public):  # noqa: F811
 async def test_concurrent_allocations_never_get_one_address_twice(ctx, world, public):  # noqa: F811
     made = await asyncio.gather(*(fips.allocate(ctx, world, FloatingIpAllocate(network="public")) for _ in range(2)))
     assert sorted(w.body.address for w in made) == ["192.0.2.101", "192.0.2.102"]
+
+
+async def test_two_concurrent_associations_of_one_nic_give_it_one_floating_ip(ctx, world, public):  # noqa: F811
+    b = await create(ctx, world, "b", NicCreate(subnet="web"))
+    first = (await fips.allocate(ctx, world, FloatingIpAllocate(network="public"))).body
+    second = (await fips.allocate(ctx, world, FloatingIpAllocate(network="public"))).body
+    got = await asyncio.gather(
+        *(fips.associate(ctx, world, f.id, FloatingIpAssociate(instance="b")) for f in (first, second)),
+        return_exceptions=True,
+    )
+    won = [g for g in got if not isinstance(g, BaseException)]
+    lost = [g for g in got if isinstance(g, BaseException)]
+    assert len(won) == 1 and len(lost) == 1, got
+    assert isinstance(lost[0], errors.Conflict) and "already has floating IP" in str(lost[0])
+    on_b = [FLOATING_IP.load(r).spec for r in await world.list(FLOATING_IP.name, project="default", limit=10)]
+    assert [s.port for s in on_b if s.port] == [b.nics[0].port]
+    # moving the winner to the same NIC again (a retry) is fine: it is its own
+    again = (await fips.associate(ctx, world, won[0].body.id, FloatingIpAssociate(instance="b"))).body
+    assert again.port == b.nics[0].port

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 
 from minicloud import errors
@@ -242,3 +243,18 @@ async def test_a_rule_naming_a_group_cannot_race_its_delete(ctx, store):
 async def test_the_default_group_is_made_once_under_concurrency(ctx, store):
     got = await asyncio.gather(*(sg.ensure_default_group(ctx, store) for _ in range(5)))
     assert len({g.id for g in got}) == 1
+
+
+async def test_an_edit_of_a_router_keeps_the_egress_counters_its_nodes_reported(ctx, store):
+    # The network.egress-gib meter reads them from the router's status; an edit (load, change, dump) must not drop them.
+    from minicloud.state import Update
+
+    await vpc(ctx, store)
+    s = await subnet(ctx, store, "web", "10.0.1.0/24")
+    await routers.create_router(ctx, store, RouterCreate(name="r"))
+    rec = await store.get_by_name(ROUTER.name, ctx.project, "r")
+    reported = {"egress": {"n1/42": {"since": 7, "bytes": 1800}}}
+    await store.commit(Txn([Update(msgspec.structs.replace(rec, status=reported), expect_revision=rec.revision)]))
+    await routers.add_subnet(ctx, store, "r", RouterSubnet(subnet=s.id))
+    after = await store.get_by_name(ROUTER.name, ctx.project, "r")
+    assert after.spec["subnets"] == [s.id] and after.status == reported

@@ -105,6 +105,22 @@ async def test_the_endpoint_settings(store, tmp_path):
     assert ep.tenant == ""  # no key or bucket made the tenant yet
 
 
+def test_the_ca_bundle_is_read_once_per_version_of_the_file(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    ca = tmp_path / "ca.crt"
+    ca.write_text("one")
+    reads = []
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self) or real(self, *a, **k))
+    assert [buckets.ca_text(ca) for _ in range(3)] == ["one"] * 3 and len(reads) == 1
+    ca.write_text("two")
+    os.utime(ca, ns=(1, 1))  # another version of the file (a node that joined a cluster got its CA)
+    assert buckets.ca_text(ca) == "two" and len(reads) == 2
+    assert buckets.ca_text(tmp_path / "missing.crt") == ""
+
+
 def test_tenants_are_project_ids_rgw_accepts():
     assert tenant_of("prj-default") == "prj_default"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from agent.reconcilers.objects import metering, project_granted
+from agent.reconcilers.objects import fold, metering, oldest_bin, project_granted, usage_cutoff
 from minicloud.core.context import Context, SystemCaller
 from minicloud.iam import policy
 from minicloud.iam.keystore import KeyStore
@@ -115,6 +115,34 @@ def test_metering_sums_the_usage_log_per_bucket_since_it_was_made():
     assert metering({}, {"photos": 0.0}) == {}
 
 
+def test_trimming_the_usage_log_changes_no_total():
+    from minicloud.objects.kinds import BucketObserved
+
+    def bin_(epoch, ops, out):
+        return {"bucket": "photos", "epoch": epoch, "categories": [
+            {"category": "get_obj", "ops": ops, "bytes_sent": out, "bytes_received": 1}]}  # fmt: skip
+
+    hour = 3600
+    log_ = [bin_(10 * hour, 1, 10), bin_(11 * hour, 2, 20), bin_(40 * hour, 4, 40)]
+    usage = {"entries": [{"user": "t$project", "buckets": log_}]}
+    st = BucketObserved()
+    # nothing old enough: nothing folded, the totals are the log's
+    got = fold(usage, "photos", 0.0, st, 5 * hour)
+    assert got == {"requests": 7, "bytes_out": 70, "bytes_in": 3, "folded": (0, 0, 0), "folded_before": 5 * hour}
+    st = BucketObserved(**{**got, "folded": got["folded"]})
+    # the two first bins fall out of the kept window: folded, same totals
+    got = fold(usage, "photos", 0.0, st, 12 * hour)
+    assert got == {"requests": 7, "bytes_out": 70, "bytes_in": 3, "folded": (3, 30, 2), "folded_before": 12 * hour}
+    st = BucketObserved(**got)
+    assert fold(usage, "photos", 0.0, st, 12 * hour) == got  # a crash before the trim: the next sync counts the same
+    trimmed = {"entries": [{"user": "t$project", "buckets": [b for b in log_ if b["epoch"] >= 12 * hour]}]}
+    assert fold(trimmed, "photos", 0.0, st, 12 * hour) == got  # after the trim: the same
+    more = {"entries": [{"user": "t$project", "buckets": [*trimmed["entries"][0]["buckets"], bin_(41 * hour, 8, 80)]}]}
+    assert fold(more, "photos", 0.0, st, 13 * hour)["requests"] == 15
+    assert oldest_bin(usage) == 10 * hour and oldest_bin({}) == float("inf")
+    assert usage_cutoff(100 * hour + 5, 1) == 76 * hour
+
+
 def test_a_cluster_role_alone_opens_no_project():
     admin = "user:usr-admin"
     cluster = policy.Binding(principal=admin, role="admin")
@@ -123,3 +151,43 @@ def test_a_cluster_role_alone_opens_no_project():
     assert project_granted(admin, "storage:buckets:get", "team", [cluster, grant], {})
     assert not project_granted(admin, "storage:buckets:create", "team", [cluster, grant], {})  # read-only grant
     assert not project_granted(admin, "storage:buckets:get", "other", [cluster, grant], {})
+
+
+async def test_the_sync_folds_old_bins_into_the_status_then_trims_them_from_rgw(store, tmp_path, monkeypatch):
+    from agent.reconcilers import objects as rec
+    from tests.unit.api.conftest import make_config
+
+    hour = 3600
+    now = 100 * 86400
+    monkeypatch.setattr(rec.time, "time", lambda: now)
+    t = S3TenantSpec(project_id="p", project="team", tenant="p", uid="p$project", access_key="MCSVX", secret="s")
+    bucket = BUCKET.new(project="team", name="pics", spec=buckets.BucketSpec(), stamp="1970-01-01T00:00:00Z")
+    await store.commit(Txn([Create(BUCKET.dump(bucket))]))
+
+    def bin_(epoch, ops):
+        return {"bucket": "pics", "epoch": epoch, "categories": [{"ops": ops, "bytes_sent": ops, "bytes_received": 0}]}
+
+    log_ = [bin_(now - 40 * 86400, 1), bin_(now - 2 * hour, 2)]  # one bin older than 31 days, one recent
+    calls = []
+
+    class Admin:
+        async def admin(self, method, resource, params=(), *, ok=()):
+            calls.append((method, resource, dict(params)))
+            if resource == "bucket":
+                return [{"bucket": "pics", "usage": {"rgw.main": {"size": 5, "num_objects": 1}}}]
+            if method == "GET":
+                return {"entries": [{"user": t.uid, "buckets": list(log_)}]}
+            cutoff = int(dict(params)["end"]) + 1
+            log_[:] = [b for b in log_ if b["epoch"] >= cutoff]
+            return None
+
+    r = rec.ObjectsReconciler.__new__(rec.ObjectsReconciler)
+    r.store, r.config, r._admin = store, make_config(tmp_path), Admin()
+    await r._sync_buckets(t)
+    st = BUCKET.load(await store.get(BUCKET.name, bucket.id)).status
+    assert (st.requests, st.folded, st.folded_before) == (3, (1, 1, 0), rec.usage_cutoff(now, 31))
+    assert [c[0] for c in calls if c[1] == "usage"] == ["GET", "DELETE"] and len(log_) == 1
+    await r._sync_buckets(t)  # trimmed: the same totals, nothing more to trim
+    st = BUCKET.load(await store.get(BUCKET.name, bucket.id)).status
+    assert st.requests == 3 and st.size_bytes == 5
+    assert [c[0] for c in calls if c[1] == "usage"] == ["GET", "DELETE", "GET"]

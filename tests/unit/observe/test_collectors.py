@@ -70,12 +70,14 @@ STATS = [
             "balloon.available": 1000000,
             "balloon.unused": 500000,
             "balloon.rss": 300000,
-            "block.count": 1,
+            "block.count": 2,
             "block.0.name": "vda",
             "block.0.rd.bytes": 1024,
             "block.0.wr.bytes": 2048,
             "block.0.rd.reqs": 1,
             "block.0.wr.reqs": 2,
+            "block.1.name": "vdb",
+            "block.1.rd.bytes": 4096,
             "net.count": 1,
             "net.0.name": "tap1",
             "net.0.rx.bytes": 100,
@@ -90,7 +92,7 @@ STATS = [
     (FOREIGN, {"state.state": 1, "cpu.time": 1}),  # not an instance of ours
 ]
 LABELS = {
-    UUID_A: InstanceLabels("i-a", "web", "pa", "prj-a"),
+    UUID_A: InstanceLabels("i-a", "web", "pa", "prj-a", volumes={"vdb": "vol-data"}),
     UUID_B: InstanceLabels("i-b", "db", "pb", "prj-b"),
 }
 
@@ -102,7 +104,10 @@ def test_instance_series_from_one_bulk_stats_list():
     assert got[("minicloud_instance_vcpus", frozenset(a))] == 2
     assert got[("minicloud_instance_memory_bytes", frozenset(a))] == 1 << 30
     assert got[("minicloud_instance_memory_available_bytes", frozenset(a))] == 1000000 * 1024
-    assert got[("minicloud_instance_disk_written_bytes_total", frozenset(a | {("device", "vda")}))] == 2048
+    root = {("device", "vda"), ("volume_id", "")}
+    assert got[("minicloud_instance_disk_written_bytes_total", frozenset(a | root))] == 2048
+    data = {("device", "vdb"), ("volume_id", "vol-data")}  # an attached volume: its id on its disk's series
+    assert got[("minicloud_instance_disk_read_bytes_total", frozenset(a | data))] == 4096
     assert got[("minicloud_instance_network_transmit_bytes_total", frozenset(a | {("interface", "tap1")}))] == 200
     assert got[("minicloud_instance_state", frozenset(a | {("state", "running")}))] == 1
     assert got[("minicloud_instance_state", frozenset(a | {("state", "shutoff")}))] == 0
@@ -178,3 +183,123 @@ def test_every_metric_is_documented():
     doc = (Path(__file__).parents[3] / "docs" / "observability.md").read_text()
     missing = [m.name for m in names.ALL if f"`{m.name}`" not in doc]
     assert not missing, f"docs/observability.md does not list {missing}"
+
+
+async def test_control_plane_series_from_the_store_and_etcd(tmp_path):
+    """The store's commit latency and batch sizes come from the store itself; etcd's from one status call to this
+    node's member per refresh: up, leading, a leader change counted, a member that stops answering is up 0."""
+    from types import SimpleNamespace
+
+    from agent.metrics.control import ControlPlaneMetrics
+    from minicloud.state import Create, Record, Txn
+    from minicloud.state.handle import StoreHandle
+    from minicloud.state.sqlite import SQLiteStore
+
+    store = StoreHandle(SQLiteStore(tmp_path / "state.db"))
+    await store.open()
+    try:
+        for i in range(3):
+            await store.commit(
+                Txn(
+                    [Create(Record(kind="note", id=f"n-{i}", name=f"n{i}", project="", created_at="t", updated_at="t"))]
+                )
+            )
+        answers: list[object] = [
+            {"header": {"member_id": "11"}, "leader": "11", "dbSize": 4096},
+            {"header": {"member_id": "11"}, "leader": "22", "dbSize": 8192},
+            OSError("connection refused"),
+        ]
+
+        async def status(url: str) -> dict:
+            assert url == "https://10.0.0.1:2379"
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer  # type: ignore[return-value]
+
+        cluster = SimpleNamespace(
+            enabled=True,
+            is_leader=True,
+            client=SimpleNamespace(status=status),
+            state=SimpleNamespace(role="voter", client_url="https://10.0.0.1:2379"),
+        )
+        registry = CollectorRegistry(auto_describe=False)
+        control = ControlPlaneMetrics("n1", store, cluster)
+        registry.register(control)
+
+        def scrape() -> dict:
+            return _samples(text_string_to_metric_families(generate_latest(registry).decode()))
+
+        node = frozenset({("node", "n1")})
+        await control.refresh()
+        s = scrape()
+        assert s[("minicloud_store_commit_duration_seconds_count", node)] == 3
+        assert s[("minicloud_store_commit_batch_size_count", node)] >= 1
+        assert s[("minicloud_store_revision", node)] == store.revision > 0
+        assert s[("minicloud_etcd_up", node)] == 1 and s[("minicloud_etcd_is_leader", node)] == 1
+        assert s[("minicloud_etcd_db_size_bytes", node)] == 4096
+        assert s[("minicloud_cluster_services_leader", node)] == 1
+        await control.refresh()
+        s = scrape()
+        assert s[("minicloud_etcd_is_leader", node)] == 0 and s[("minicloud_etcd_leader_changes_total", node)] == 1
+        await control.refresh()
+        s = scrape()
+        assert s[("minicloud_etcd_up", node)] == 0 and ("minicloud_etcd_is_leader", node) not in s
+        # a single node: the store's series only
+        single = CollectorRegistry(auto_describe=False)
+        single.register(ControlPlaneMetrics("n1", store, None))
+        text = generate_latest(single).decode()
+        assert "minicloud_store_commit_duration_seconds_bucket" in text and "minicloud_etcd_up" not in text
+    finally:
+        await store.close()
+
+
+async def test_volume_series_for_the_volumes_this_node_manages(tmp_path):
+    """Each volume is exported by the node its record names (one indexed read), with its size, state and pool; a
+    volume of another node, or of a project being torn down, is not."""
+    import msgspec
+    from aiohttp import web
+
+    from agent.metrics.serve import node_volumes
+    from agent.metrics.volumes import VolumeMetrics
+    from minicloud import ids
+    from minicloud.api.keys import CONFIG, STORE
+    from minicloud.state import Create, Txn
+    from minicloud.state.handle import StoreHandle
+    from minicloud.state.sqlite import SQLiteStore
+    from minicloud.storage.kinds import VOLUME, VolumeSpec
+    from tests.unit.api.conftest import make_config
+
+    app = web.Application()
+    app[CONFIG] = make_config(tmp_path)  # node n1
+    app[STORE] = store = StoreHandle(SQLiteStore(tmp_path / "state.db"))
+    await store.open()
+    try:
+        ops = []
+        for name, project, node, state in (
+            ("data", "default", "n1", "in-use"),
+            ("far", "default", "n2", "available"),
+            ("orphan", "gone", "n1", "available"),
+        ):
+            spec = VolumeSpec(size_gib=2, pool="pool-1", pool_name="scratch", node=node)
+            record = VOLUME.dump(VOLUME.new(project=project, name=name, spec=spec, labels={}, stamp=ids.now()))
+            ops.append(Create(msgspec.structs.replace(record, status={"state": state, "size_gib": 3})))
+        await store.commit(Txn(ops))
+        registry = CollectorRegistry(auto_describe=False)
+        volumes = VolumeMetrics("n1", lambda: node_volumes(app))
+        registry.register(volumes)
+        await volumes.refresh()
+        got = _samples(text_string_to_metric_families(generate_latest(registry).decode()))
+    finally:
+        await store.close()
+    sizes = {
+        dict(labels)["name"]: (v, dict(labels)) for (name, labels), v in got.items() if name == names.VOLUME_SIZE.name
+    }
+    assert list(sizes) == ["data"]
+    value, labels = sizes["data"]
+    assert value == 3 << 30 and labels["project_id"] == "prj-default" and labels["pool"] == "scratch"
+    assert labels["node"] == "n1" and labels["volume_id"].startswith("vol-")
+    states = {dict(lb)["state"]: v for (name, lb), v in got.items() if name == names.VOLUME_STATE.name}
+    assert states["in-use"] == 1 and states["available"] == 0
+    for name, labels in got:
+        assert {k for k, _ in labels} == set(names.BY_NAME[name].labels), name

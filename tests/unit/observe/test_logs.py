@@ -289,3 +289,21 @@ async def test_forwarding_to_a_syslog_collector(tmp_path, scheme):
         await forwarder.close()
         server.close()
         await server.wait_closed()
+
+
+def test_a_node_recorded_without_its_https_address_is_reached_on_this_nodes_port(tmp_path):
+    """Nodes that joined a cluster are recorded with their address only: logs, metrics forwarding and scraping
+    reach them on this node's own HTTPS port (agent.json)."""
+    import json as _json
+
+    from minicloud.cluster.kinds import NodeSpec
+    from minicloud.observe.log_access import https_of, own_https_port
+
+    assert own_https_port(tmp_path) is None
+    (tmp_path / "agent.json").write_text(_json.dumps({"https": "0.0.0.0:9443"}))
+    port = own_https_port(tmp_path)
+    assert port == 9443
+    assert https_of(NodeSpec(address="10.0.0.2", https="https://10.0.0.2:8443/"), port) == "https://10.0.0.2:8443"
+    assert https_of(NodeSpec(address="10.0.0.3"), port) == "https://10.0.0.3:9443"
+    assert https_of(NodeSpec(address="fd00::3"), port) == "https://[fd00::3]:9443"
+    assert https_of(NodeSpec(address="10.0.0.3"), None) == ""

@@ -136,6 +136,7 @@ async def test_metrics_needs_the_token_or_an_admin(api):
     text = await ok.text()
     assert 'minicloud_api_requests_total{method="GET",node="n1",route="/metrics",status="401"}' in text
     assert "minicloud_reconcile_total" in text or "minicloud_reconcile_duration_seconds" in text
+    assert "minicloud_store_commit_duration_seconds_bucket{" in text and "minicloud_store_revision{" in text
     assert (await api.get("/metrics")).status == 200  # an admin key
     alice = await _member(api, "alice", "pa", role="owner")
     assert (await api.get("/metrics", headers=alice)).status == 403
@@ -149,3 +150,73 @@ async def test_api_requests_are_counted_by_route_template(api):
     text = await (await api.get("/metrics")).text()
     assert 'route="/v1/instances/{ref}",status="404"' in text or 'status="404"' in text
     assert "/v1/instances/nope" not in text
+
+
+async def test_a_node_without_a_tsdb_forwards_queries_to_a_voting_node(tmp_path, victoria, monkeypatch):
+    """A learner (no TSDB) decides its caller's scope, then asks a voter over mutual TLS: a member of pa gets pa's
+    series only, an invalid query is the voter's 422, a voter that does not answer is skipped, none answering is a
+    503; the voter's node endpoint answers no one but a cluster node."""
+    import ssl
+
+    import aiohttp
+
+    from minicloud import ids
+    from minicloud.api import metrics as metrics_api
+    from minicloud.api.keys import CONFIG
+    from minicloud.cluster.kinds import NODE, NodeSpec
+    from tests.unit.api.test_logs_api import _tls_node
+
+    learner, s1 = await _tls_node(tmp_path, "n1")
+
+    def tsdb(app) -> None:
+        app[QUERY] = QueryService(victoria.url, auth=victoria.auth, nocache=True, clock=lambda: victoria.now)
+
+    voter, s2 = await _tls_node(tmp_path, "n2", ca_from=learner[CONFIG].data_path, prepare=tsdb)
+    try:
+        assert QUERY not in learner
+        obj = NODE.new(project="", name="n1", spec=NodeSpec(address="127.0.0.1", role="learner"), labels={},
+                       stamp=ids.now())  # fmt: skip
+        await voter[STORE].commit(Txn([Create(NODE.dump(obj))]))
+        url2 = str(s2.make_url("")).rstrip("/")
+        dead = "https://127.0.0.1:9"
+        monkeypatch.setattr(metrics_api, "_voters", lambda request: _async([("n3", dead), ("n2", url2)]))
+        record, token = apikeys.new_key("default", "admin-key", "", None, {}, principal="user:usr-admin")
+        await learner[STORE].commit(Txn([Create(record)]))
+        a = Api(TestClient(s1, connector=aiohttp.TCPConnector(ssl=False)), token)
+        r = await a.post("/v1/projects", json={"name": "pa"})
+        pa_id = (await r.json())["id"]
+        victoria.import_text(project_series(victoria.now, pa_id, "prj-other-b", node_and_old=False))
+        alice = await _member(a, "alice", "pa")
+        insecure = ssl.create_default_context()
+        insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE
+        async with aiohttp.ClientSession() as http:
+
+            async def ask(path: str, **params: str) -> tuple[int, dict]:
+                async with http.get(f"{s1.make_url(path)}", params=params, ssl=insecure, headers=alice) as resp:
+                    return resp.status, await resp.json()
+
+            for _ in range(4):  # whichever voter is tried first, the answer comes from n2
+                status, body = await ask(
+                    "/v1/metrics/query", query="minicloud_instance_cpu_seconds_total", project="pa"
+                )
+                assert status == 200, body
+                assert {s["metric"]["project_id"] for s in body["result"]} == {pa_id}
+                assert {s["value"][1] for s in body["result"]} == {"1", "2"}
+            status, body = await ask("/v1/metrics/query_range", query='{project="pb"}', start="-5m", project="pa")
+            assert status == 200 and body["result"] == [], body
+            status, body = await ask("/v1/metrics/query", query="sum(", project="pa")
+            assert status == 422 and "query" in body["invalid_params"][0]["name"], body
+            # the voter's node endpoint: no certificate is 404, even with a user's credential
+            async with http.get(f"{url2}/v1/metrics/node/query", params={"query": "up"}, ssl=insecure) as r:
+                assert r.status == 404
+            monkeypatch.setattr(metrics_api, "_voters", lambda request: _async([("n3", dead)]))
+            status, body = await ask("/v1/metrics/query", query="up", project="pa")
+            assert status == 503 and "n3" in body["detail"], body
+        await a.client.close()
+    finally:
+        for s in (s1, s2):
+            await s.close()
+
+
+async def _async(value):
+    return value

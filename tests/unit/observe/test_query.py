@@ -10,6 +10,7 @@ from minicloud.observe.query import (
     Limits,
     ProjectScope,
     QueryService,
+    check_lookback,
     only_project,
     parse_duration,
     parse_time,
@@ -54,6 +55,33 @@ def test_a_step_too_small_is_refused():
     assert range_window("-1d", None, "10s", Limits(max_points=8641), NOW).step == 10
 
 
+@pytest.mark.parametrize(
+    "promql",
+    [
+        "rate(minicloud_instance_cpu_seconds_total[16d])",
+        "minicloud_node_load1 offset 30d",
+        "max_over_time(rate(x[5m])[400d:1h])",
+        "sum(x) offset -1y",
+        "rate(x[15d1h])",
+    ],
+)
+async def test_an_instant_query_cannot_reach_back_past_the_range_limit(promql):
+    """The range limit binds instant queries too: a window or offset past it is a 422 before the TSDB is asked
+    (the service points at nothing: asking would be a 503)."""
+    service = QueryService("http://127.0.0.1:9", limits=Limits(max_range=15 * 86400))
+    with pytest.raises(errors.ValidationFailed, match="query_max_range_days"):
+        await service.query(promql, project=None)
+    with pytest.raises(errors.ValidationFailed, match="query_max_range_days"):
+        await service.query_range(promql, start="-1h", project=None)
+    await service.close()
+
+
+def test_windows_within_the_limit_and_durations_in_strings_pass():
+    limits = Limits(max_range=15 * 86400)
+    for promql in ("rate(x[15d])", 'x{a="[400d]"}', "rate(x[1h30m])", "rate(x[1i])", "x offset 5m"):
+        check_lookback(promql, limits)
+
+
 def test_start_after_end_is_refused():
     with pytest.raises(errors.ValidationFailed, match="after end"):
         range_window("now", "-1h", None, Limits(), NOW)
@@ -96,3 +124,45 @@ async def test_an_unreachable_tsdb_is_503():
             await service.query("up", project=ProjectScope(id="prj-pa", name="pa"))
     finally:
         await service.close()
+
+
+def test_owned_bytes_passes_only_answers_that_name_no_other_project():
+    from minicloud.observe.query import ProjectScope, owned_bytes
+
+    pa = ProjectScope(id="prj-a", name="pa")
+    own = b'[{"metric":{"__name__":"x","project":"pa","project_id":"prj-a"},"value":[1,"2"]}]'
+    assert owned_bytes(own, pa)
+    assert owned_bytes(b'[{"metric":{"node":"n1"},"value":[1,"2"]}]', pa)  # naming none: kept, as only_project
+    assert owned_bytes(b"[]", pa)
+    for doubt in (
+        b'[{"metric":{"project":"pb","project_id":"prj-a"},"value":[1,"2"]}]',  # another name
+        b'[{"metric":{"project_id":"prj-b"},"value":[1,"2"]}]',  # another id
+        b'[{"metric":{"project_id":"prj-ab"},"value":[1,"2"]}]',  # a longer id
+        b'[{"metric":{"project_id" : "prj-b"},"value":[1,"2"]}]',  # spaces
+        b'[{"metric":{"\\u0070roject":"pb"},"value":[1,"2"]}]',  # an escaped key
+        b'[{"metric":{"exported_project":"pa"},"value":[1,"2"]}]',  # a key merely ending in project
+        b'[{"metric":{"x":"\\"project\\":\\"pa\\"","project":"pb"},"value":[1,"2"]}]',  # a look-alike in a value
+    ):
+        assert not owned_bytes(doubt, pa), doubt
+
+
+@pytest.mark.parametrize("data", [b"null", b"[1]", b'"x"'])
+async def test_an_answer_whose_data_is_not_the_prometheus_shape_is_an_empty_result(data):
+    """Decoded in one pass when ``data`` is an object; anything else is read as the plain envelope, and holds nothing."""
+    import asyncio
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'{"status":"success","data":%s}' % data
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    service = QueryService(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        result = await service.query("up", project=ProjectScope(id="prj-pa", name="pa"), passthrough=True)
+    finally:
+        await service.close()
+        server.close()
+    assert result.result_type == "" and result.result == []

@@ -139,3 +139,70 @@ async def test_an_orphan_tsdb_is_replaced_by_the_next_start(tsdb_config):
     finally:
         await new.stop()
         await old.stop()
+
+
+async def test_ceph_mgrs_are_scraped_where_the_cluster_runs_ceph(tmp_path):
+    """The MGRs' exporters (beside the MONs of the cephcluster record, on storage.ceph_prometheus_port) become a
+    ``ceph`` job that follows no redirects (a standby is up 0, not a copy of the active); VictoriaMetrics accepts
+    the document; no Ceph, no job."""
+    import subprocess
+
+    import yaml
+    from aiohttp import web
+
+    from agent.metrics.serve import ceph_targets
+    from minicloud import ids
+    from minicloud.api.keys import CONFIG, STORE
+    from minicloud.state import Create, Txn
+    from minicloud.state.handle import StoreHandle
+    from minicloud.state.sqlite import SQLiteStore
+    from minicloud.storage.kinds import CEPH, CEPH_NAME, CephSpec
+
+    app = web.Application()
+    app[CONFIG] = make_config(tmp_path)
+    app[STORE] = store = StoreHandle(SQLiteStore(tmp_path / "state.db"))
+    await store.open()
+    try:
+        assert await ceph_targets(app) == []
+        spec = CephSpec(fsid="f", bootstrap_node="n1", mons={"n1": "10.0.0.1", "n2": "10.0.0.2:3300", "n3": "fd00::3"})
+        record = CEPH.new(project="", name=CEPH_NAME, spec=spec, labels={}, stamp=ids.now())
+        await store.commit(Txn([Create(CEPH.dump(record))]))
+        ceph = await ceph_targets(app)
+        assert ceph == ["10.0.0.1:9283", "10.0.0.2:9283", "[fd00::3]:9283"]
+    finally:
+        await store.close()
+    config = TsdbConfig(data_dir=tmp_path / "metrics" / "tsdb")
+    doc = config.scrape_config(["10.0.0.1:8443"], ceph)
+    job = next(j for j in doc["scrape_configs"] if j["job_name"] == "ceph")  # type: ignore[attr-defined]
+    assert job["scheme"] == "http" and job["follow_redirects"] is False
+    assert job["static_configs"] == [{"targets": ceph}]
+    assert [j["job_name"] for j in config.scrape_config(["10.0.0.1:8443"])["scrape_configs"]] == ["minicloud"]  # type: ignore[index]
+    path = tmp_path / "scrape.yml"
+    path.write_text(yaml.safe_dump(doc))
+    out = await asyncio.to_thread(
+        subprocess.run,
+        ["victoria-metrics", f"-promscrape.config={path}", "-promscrape.config.dryRun", "-loggerLevel=ERROR"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_scrape_configuration_names_a_copy_of_the_ca_by_its_content_so_a_new_ca_is_a_reloaded_change(tmp_path):
+    """A node that joins a cluster gets the cluster's CA at the path of its own: with that path in the configuration
+    the TSDB kept the CA it had read at start and could not verify its own agent's new certificate (up == 0)."""
+    import yaml
+
+    ca = tmp_path / "ca.crt"
+    config = TsdbConfig(data_dir=tmp_path / "metrics" / "tsdb", ca_file=ca)
+    tsdb = Tsdb(config)
+    assert tsdb.write_scrape_config(["10.0.0.1:8443"])  # no CA yet: its path
+    assert yaml.safe_load(config.scrape_file.read_text())["scrape_configs"][0]["tls_config"] == {"ca_file": str(ca)}
+    for content in ("own", "cluster"):
+        ca.write_text(f"-----BEGIN CERTIFICATE-----\n{content}\n-----END CERTIFICATE-----\n")
+        assert tsdb.write_scrape_config(["10.0.0.1:8443"])  # a change: the supervisor reloads (SIGHUP)
+        assert not tsdb.write_scrape_config(["10.0.0.1:8443"])  # and only once
+        named = Path(yaml.safe_load(config.scrape_file.read_text())["scrape_configs"][0]["tls_config"]["ca_file"])
+        assert named.read_text() == ca.read_text() and named != ca
+        assert list(config.base.glob("ca-*.crt")) == [named]  # the previous copy is gone

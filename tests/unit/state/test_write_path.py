@@ -4,13 +4,14 @@ reset, and indexed lookups on spec fields (issue 9 §2.7 and §2.9)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 
 import msgspec
 import pytest
 
 from minicloud import ids
-from minicloud.state import Compacted, Create, Delete, Record, SQLiteStore, Txn, Update
+from minicloud.state import Compacted, Create, Delete, Record, SQLiteStore, Txn, TxnFailed, Update
 
 
 def rec(name: str, kind: str = "thing", project: str = "p", **spec: object) -> Record:
@@ -178,8 +179,13 @@ async def test_list_where_uses_the_expression_indexes(store):
     from minicloud.state.sqlite import list_query
 
     db = sqlite3.connect(store.path)
-    for field in ("node", "image_id"):
-        sql, params = list_query("instance", where={field: "x"}, limit=10)
+    for kind, field in (
+        ("instance", "node"),
+        ("instance", "image_id"),
+        ("port", "network"),
+        ("floatingip", "port_network"),
+    ):
+        sql, params = list_query(kind, where={field: "x"}, limit=10)
         plan = " ".join(str(row) for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params))
         assert f"records_spec_{field}" in plan and "SCAN" not in plan, plan
     db.close()
@@ -194,3 +200,88 @@ async def test_list_where_follows_updates_and_deletes(store):
     assert [x.id for x in await store.list("instance", where={"node": "n2"})] == [r.id]
     await store.commit(Txn([Delete(kind="instance", id=r.id)]))
     assert await store.list("instance", where={"node": "n2"}) == []
+
+
+# -- range reads (migration 4) and bulk creates -------------------------------------------------------------------
+def entry(project: str, seq: int, hour: str | None, charge: str | None = None) -> Record:
+    text = charge if charge is not None else json.dumps({"hour": hour, "seq": seq}, sort_keys=True)
+    r = rec(f"{seq:012d}", kind="ledgerentry", project=project, seq=seq, charge=text)
+    return msgspec.structs.replace(r, id=f"led-{project}-{seq}")
+
+
+async def test_a_span_read_returns_exactly_the_records_in_range_page_by_page(store):
+    from minicloud.state import list_span
+
+    hours = [f"2026-10-{d:02d}T{h:02d}:00:00Z" for d in (1, 2, 3) for h in (0, 5, 23)]
+    made = [entry(p, i, hours[(i * 7) % len(hours)]) for p in ("p1", "p2") for i in range(1, 28)]
+    made += [entry("p1", 90, None, charge="not json (tampered)"), rec("i", kind="instance", project="p1", charge="x")]
+    await store.commit(Txn([Create(r) for r in made]))
+    low, high = "2026-10-02T00:00:00Z", "2026-10-03T00:00:00Z"
+    for page in (1, 4, 1000):
+        got = await list_span(store, "ledgerentry", "charge_hour", low, high, project="p1", page=page)
+        want = [r for r in made if r.project == "p1" and r.kind == "ledgerentry" and r.spec["charge"][0] == "{"]
+        want = [r for r in want if low <= json.loads(r.spec["charge"])["hour"] < high]
+        assert [r.id for r in got] == [
+            r.id for r in sorted(want, key=lambda r: (json.loads(r.spec["charge"])["hour"], r.name, r.id))
+        ]
+        assert len(got) == 9
+    assert await list_span(store, "ledgerentry", "charge_hour", "2027", "2028", project="p1") == []
+    with pytest.raises(ValueError, match="range index"):
+        await store.list("ledgerentry", span=("seq", "1", "2"))
+
+
+async def test_a_span_read_with_a_project_uses_the_range_index(store):
+    from minicloud.state.sqlite import list_query
+
+    db = sqlite3.connect(store.path)
+    for after in (None, ("2026-10-01T00:00:00Z", "000000000001", "led-1")):
+        sql, params = list_query("ledgerentry", project="p", span=("charge_hour", "a", "b"), after=after, limit=10)
+        plan = " ".join(str(row) for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+        assert "records_span_charge_hour" in plan and "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
+    db.close()
+
+
+async def test_the_migration_indexes_ledger_entries_written_before_it(tmp_path):
+    from minicloud.state import list_span, migrations
+    from minicloud.state.sqlite import INSERT_RECORD, record_params
+
+    db = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    for step in range(3):  # the schema before the range index
+        migrations.MIGRATIONS[step](db)
+    db.execute("PRAGMA user_version = 3")
+    old = entry("p", 1, "2026-10-01T05:00:00Z")
+    db.execute(INSERT_RECORD, record_params(old, 1))
+    db.execute("UPDATE meta SET value = 1 WHERE key = 'revision'")
+    db.close()
+    s = SQLiteStore(tmp_path / "state.db")
+    await s.open()
+    try:
+        assert [
+            r.id for r in await list_span(s, "ledgerentry", "charge_hour", "2026-10-01", "2026-10-02", project="p")
+        ] == [old.id]
+    finally:
+        await s.close()
+
+
+@pytest.mark.parametrize("bulk", [True, False])
+async def test_many_creates_in_one_transaction_write_what_one_at_a_time_writes(store, monkeypatch, bulk):
+    from minicloud.state import sqlite as backend
+
+    monkeypatch.setattr(backend, "BULK_CREATES", 8 if bulk else 10**9)
+    first = rec("first")
+    await store.commit(Txn([Create(first)]))
+    made = [rec(f"r{i:02d}") for i in range(20)]
+    revision, changes = await store.commit(Txn([Create(r) for r in made]))
+    assert [(c.type, c.id, c.record.revision) for c in changes] == [("created", r.id, revision) for r in made]
+    assert [r.id for r in await store.list("thing", after=("first", first.id))] == [r.id for r in made]
+    assert [c.id for c in await store.changes(revision - 1)] == [r.id for r in made]
+    # one taken id (then one taken name) in the run: the transaction fails at that op, and nothing of it is written
+    for clash, reason in ((msgspec.structs.replace(rec("other"), id=first.id), "exists"), (rec("first"), "name-taken")):
+        ops = [Create(rec(f"s{i:02d}")) for i in range(12)]
+        ops.insert(9, Create(clash))
+        current = await store.get("thing", first.id)
+        assert current is not None
+        with pytest.raises(TxnFailed) as failed:
+            await store.commit(Txn([Update(msgspec.structs.replace(current, spec={"x": 1})), *ops]))
+        assert (failed.value.index, failed.value.reason) == (10, reason)
+        assert await store.list("thing", name="s00") == [] and store.revision == revision

@@ -221,6 +221,44 @@ async def test_targets_seal_their_secret_and_schedules_check_their_input(store, 
     assert state.status == 201 and state.body.state
 
 
+async def test_a_target_in_use_is_not_deleted_and_a_create_racing_its_delete_is_refused(store, ctx):
+    from minicloud.storage.backup_kinds import BACKUP_SCHEDULE, BACKUP_TARGET
+
+    class Sealer:
+        def encrypt(self, data: bytes, aad: bytes) -> str:
+            return "sealed"
+
+    policy = UrlPolicy.from_config([], own=lambda: [])
+    body = BackupTargetCreate(name="t", endpoint="https://s3.example.com", access_key="AK", secret_key="SK")
+    target = _obj(await bk.create_target(ctx, store, Sealer(), body, policy=policy))
+    await _volume(store)
+    sched = _obj(await bk.create_schedule(
+        ctx, store, BackupScheduleCreate(volume="v1", bucket="b", target="t", every_seconds=86400, keep=7)))  # fmt: skip
+    backup = _obj(await bk.create_backup(ctx, store, VolumeBackupCreate(volume="v1", bucket="b", target="t")))
+    with pytest.raises(errors.InUse, match=f"backup '{backup.name}'.*backup schedule '{sched.name}'"):
+        await bk.delete_target(ctx, store, "t")
+    assert not BACKUP_TARGET.load(await store.get(BACKUP_TARGET.name, target.id)).spec.deleting  # mark cleared
+    from minicloud.state import Delete
+
+    for kind, id_ in ((BACKUP_SCHEDULE, sched.id), (VOLUME_BACKUP, backup.id)):
+        rec = await store.get(kind.name, id_)
+        await store.commit(Txn([Delete(kind=kind.name, id=id_, expect_revision=rec.revision)]))
+    # a create that read the target before a delete marked it fails its Check and is refused on the fresh read
+    rec = await store.get(BACKUP_TARGET.name, target.id)
+    marked = BACKUP_TARGET.load(rec)
+    marked = marked.replace(spec=msgspec.structs.replace(marked.spec, deleting=True))
+    from minicloud.state import Update
+
+    await store.commit(Txn([Update(BACKUP_TARGET.dump(marked), expect_revision=rec.revision)]))
+    with pytest.raises(errors.Conflict, match="being deleted"):
+        await bk.create_backup(ctx, store, VolumeBackupCreate(volume="v1", bucket="b", target="t"))
+    with pytest.raises(errors.Conflict, match="being deleted"):
+        await bk.create_schedule(ctx, store, BackupScheduleCreate(volume="v1", bucket="b", target="t",
+                                                                  every_seconds=86400, keep=7))  # fmt: skip
+    written = await bk.delete_target(ctx, store, "t")  # a mark a crash left is taken over
+    assert written.status == 204 and await store.get(BACKUP_TARGET.name, target.id) is None
+
+
 def _obj(written: Any) -> Any:
     return written.body
 

@@ -10,7 +10,7 @@ import msgspec
 from minicloud.cluster.kinds import NODE, NodeSpec, NodeStatus
 from minicloud.state import Create, Txn, Update
 from minicloud.storage.kinds import CEPH, CEPH_NAME, CephSpec
-from minicloud.storage.mons import REPLACE_AFTER, MonPlacement, NodeFacts, ip_of, place_mons
+from minicloud.storage.mons import REPLACE_AFTER, MonPlacement, NodeFacts, ip_of, place_mons, wanted
 
 NOW = _dt.datetime(2026, 1, 1, 12, tzinfo=_dt.UTC)
 UP = {f"n{i}": NodeFacts(address=f"10.0.0.{i}", online=True) for i in range(1, 6)}
@@ -21,15 +21,66 @@ def nodes(n: int, **changes: NodeFacts) -> dict[str, NodeFacts]:
 
 
 def test_mons_go_to_up_to_three_online_voters_by_name() -> None:
-    placed = place_mons({"n1": "10.0.0.1"}, nodes(5), {"n1", "n2", "n3", "n4", "n5"}, NOW)
+    placed = place_mons({"n1": "10.0.0.1"}, nodes(4), {"n1", "n2", "n3", "n4"}, NOW)
     assert placed == ({"n1": "10.0.0.1", "n2": "10.0.0.2", "n3": "10.0.0.3"}, "adding n2, n3")
-    assert place_mons(placed[0], nodes(5), {"n1", "n2", "n3", "n4", "n5"}, NOW) is None  # stable
+    assert place_mons(placed[0], nodes(4), {"n1", "n2", "n3", "n4"}, NOW) is None  # stable
+
+
+def test_five_voters_run_five_mons() -> None:
+    assert (wanted(1), wanted(2), wanted(3), wanted(4), wanted(5), wanted(7)) == (1, 1, 3, 3, 5, 5)
+    three = {"n1": "10.0.0.1", "n2": "10.0.0.2", "n3": "10.0.0.3"}
+    placed = place_mons(three, nodes(5), {"n1", "n2", "n3", "n4", "n5"}, NOW)
+    assert placed == ({**three, "n4": "10.0.0.4", "n5": "10.0.0.5"}, "adding n4, n5")
+    # a learner does not count: four voters keep three
+    assert place_mons(three, nodes(5), {"n1", "n2", "n3", "n4"}, NOW) is None
+
+
+def test_mons_spread_over_zones_first() -> None:
+    zoned = {
+        n: NodeFacts(address=f"10.0.0.{i}", online=True, zone=z)
+        for i, (n, z) in enumerate((("n1", "a"), ("n2", "a"), ("n3", "a"), ("n4", "b"), ("n5", "c")), 1)
+    }
+    placed = place_mons({"n1": "10.0.0.1"}, zoned, {"n1", "n2", "n3", "n4"}, NOW)
+    # by name it would be n2, n3 (all in zone a): n4 (zone b) first, then a second node of zone a
+    assert placed == ({"n1": "10.0.0.1", "n4": "10.0.0.4", "n2": "10.0.0.2"}, "adding n4, n2")
+    five = place_mons({"n1": "10.0.0.1"}, zoned, set(zoned), NOW)
+    assert five is not None and set(five[0]) == set(zoned) and five[1] == "adding n4, n5, n2, n3"
+
+
+def test_a_lone_loopback_mon_moves_to_its_nodes_cluster_address_first() -> None:
+    moved = place_mons({"n1": "127.0.0.1"}, nodes(3), {"n1", "n2", "n3"}, NOW)
+    assert moved == ({"n1": "10.0.0.1"}, "moving the monitor of n1 from 127.0.0.1 to 10.0.0.1")
+    assert place_mons(moved[0], nodes(3), {"n1", "n2", "n3"}, NOW) == (  # type: ignore[index]
+        {"n1": "10.0.0.1", "n2": "10.0.0.2", "n3": "10.0.0.3"},
+        "adding n2, n3",
+    )
+    # not while its node is offline or has no cluster address of its own
+    down = NodeFacts(address="10.0.0.1", online=False, offline_since=NOW)
+    assert place_mons({"n1": "127.0.0.1"}, nodes(3, n1=down), {"n1", "n2", "n3"}, NOW) is None
+    lo = NodeFacts(address="127.0.0.1", online=True)
+    assert place_mons({"n1": "127.0.0.1"}, nodes(3, n1=lo), {"n1", "n2", "n3"}, NOW) is None
 
 
 def test_learners_and_offline_nodes_get_no_mon() -> None:
     down = NodeFacts(address="10.0.0.2", online=False, offline_since=NOW)
-    placed = place_mons({"n1": "10.0.0.1"}, nodes(4, n2=down), {"n1", "n2", "n4"}, NOW)  # n3 is a learner
-    assert placed == ({"n1": "10.0.0.1", "n4": "10.0.0.4"}, "adding n4")
+    # n3 is a learner, n2 offline: n4 alone would make two MONs, both needed for a quorum: none added yet
+    assert place_mons({"n1": "10.0.0.1"}, nodes(4, n2=down), {"n1", "n2", "n4"}, NOW) is None
+    placed = place_mons({"n1": "10.0.0.1"}, nodes(4), {"n1", "n2", "n4"}, NOW)
+    assert placed == ({"n1": "10.0.0.1", "n2": "10.0.0.2", "n4": "10.0.0.4"}, "adding n2, n4")
+
+
+def test_always_an_odd_number_of_mons() -> None:
+    # two voting nodes: one MON (the other node may be lost); from three, three
+    assert place_mons({"n1": "10.0.0.1"}, nodes(2), {"n1", "n2"}, NOW) is None
+    # two MONs left after a voter was removed: one goes (both online)
+    two = {"n1": "10.0.0.1", "n2": "10.0.0.2"}
+    assert place_mons(two, nodes(2), {"n1", "n2"}, NOW) == (
+        {"n1": "10.0.0.1"},
+        "an odd number of monitors: dropping n2",
+    )
+    # not while one of them is offline (removing a MON needs a quorum)
+    down = NodeFacts(address="10.0.0.2", online=False, offline_since=NOW)
+    assert place_mons(two, nodes(2, n2=down), {"n1", "n2"}, NOW) is None
 
 
 def test_a_lost_mon_stays_until_another_voter_can_take_its_place() -> None:
@@ -51,9 +102,9 @@ def test_a_removed_nodes_mon_goes_at_once_but_never_the_last() -> None:
     assert place_mons({"n9": "10.0.0.9"}, nodes(2), {"n1", "n2"}, NOW) is None
 
 
-def test_nothing_moves_on_a_single_node_or_with_a_loopback_mon() -> None:
+def test_nothing_moves_on_a_single_node_or_with_several_mons_one_on_loopback() -> None:
     assert place_mons({"n1": "127.0.0.1"}, {}, set(), NOW) is None
-    assert place_mons({"n1": "127.0.0.1"}, nodes(3), {"n1", "n2", "n3"}, NOW) is None
+    assert place_mons({"n1": "127.0.0.1", "n2": "10.0.0.2"}, nodes(3), {"n1", "n2", "n3"}, NOW) is None
 
 
 def test_node_addresses_become_ips() -> None:
@@ -94,10 +145,10 @@ async def test_the_leader_loop_writes_the_mons_once_the_cluster_is_bootstrapped(
     ceph = CEPH.load(await store.get_by_name(CEPH.name, "", CEPH_NAME))
     bootstrapped = ceph.replace(spec=msgspec.structs.replace(ceph.spec, keys={"mon.": "sealed"}))  # the bootstrap
     await store.commit(Txn([Update(CEPH.dump(bootstrapped), expect_revision=ceph.revision)]))
-    outcome = await cycle(loop)
-    assert outcome is not None and await _mons(store) == {"n1": "10.0.0.1", "n2": "10.0.0.2"}
+    assert await cycle(loop) is None  # two voters: one MON (two would both be needed for a quorum)
     members[2] = {"name": "n3"}  # promoted
-    await cycle(loop)
+    outcome = await cycle(loop)
+    assert outcome is not None
     assert await _mons(store) == {"n1": "10.0.0.1", "n2": "10.0.0.2", "n3": "10.0.0.3"}
     assert await cycle(loop) is None
 

@@ -308,3 +308,78 @@ async def test_release_instance_frees_its_volumes_and_slots(store, ctx):
     after = VOLUME.load(await store.get(VOLUME.name, v.id))
     assert after.spec.attachment is None and after.status.state == "available"
     assert await store.get(DISK_SLOTS.name, slots_id(inst.id)) is None
+
+
+# -- flatten -------------------------------------------------------------------------------------------------------
+async def _clone_of_a_snapshot(ctx, store):
+    v = await vol(ctx, store, "v")
+    await available(store, v.id)
+    snap = (await snapshots.create_snapshot(ctx, store, SnapshotCreate(name="s", volume="v"))).body
+    await set_status(store, SNAPSHOT, snap.id, state="available")
+    clone = await vol(ctx, store, "c", snapshot="s")
+    return v, snap, clone
+
+
+async def _clones(store, snap_id):
+    return SNAPSHOT.load(await store.get(SNAPSHOT.name, snap_id)).spec.clones
+
+
+async def test_a_flattened_clone_no_longer_holds_its_snapshot(store, ctx):
+    _, snap, clone = await _clone_of_a_snapshot(ctx, store)
+    with pytest.raises(errors.Conflict, match="volume 'v' has no parent snapshot \\(it was made blank\\)"):
+        await volumes.flatten_volume(ctx, store, "v")
+    with pytest.raises(errors.Conflict, match="volume 'c' is creating; flatten it once it is available"):
+        await volumes.flatten_volume(ctx, store, "c")
+    await available(store, clone.id)
+    asked = await volumes.flatten_volume(ctx, store, "c")
+    assert asked.status == 200 and (asked.body.status.flattening, asked.body.status.flattened) == (True, False)
+    again = await volumes.flatten_volume(ctx, store, "c")  # idempotent: nothing written
+    assert again.status == 200 and again.revision == asked.revision
+    # asked is not done: the snapshot still has its clone, and both refusals say how to release it
+    with pytest.raises(errors.InUse, match="flatten them \\(`minicloud volume flatten c`\\) or delete them first"):
+        await snapshots.delete_snapshot(ctx, store, "s")
+    with pytest.raises(errors.InUse, match="`minicloud volume flatten c`"):
+        await volumes.delete_volume(ctx, store, "v")
+    # the node has copied the data: one transaction releases the snapshot
+    sys_ctx = ctx_of()
+    assert await volumes.flattened(sys_ctx, store, clone.id) is True
+    assert await volumes.flattened(sys_ctx, store, clone.id) is False
+    assert await _clones(store, snap.id) == []
+    shown = await crud.get(ctx, store, VOLUME, "c")
+    assert shown.status.flattened and VOLUME.to_view(shown).status.flattening is False
+    assert VOLUME.to_view(shown).source.name == "s"  # where it came from stays on record
+    assert (await volumes.flatten_volume(ctx, store, "c")).body.status.flattened  # done already: answered again
+    assert (await snapshots.delete_snapshot(ctx, store, "s")).status == 202
+    assert (await volumes.delete_volume(ctx, store, "v")).status == 202
+    await volumes.delete_volume(ctx, store, "c")
+    with pytest.raises(errors.Conflict, match="volume 'c' is being deleted"):
+        await volumes.flatten_volume(ctx, store, "c")
+    assert await quotas.usage(store, "default") == quotas.StorageUsageSpec(project="default")
+
+
+async def test_a_volume_from_an_image_has_no_parent_snapshot(store, ctx):
+    await put_image(store, "guest", virtual=GIB, pool="pool-local", pool_driver="local")
+    await vol(ctx, store, "from-image", image="guest")
+    with pytest.raises(errors.Conflict, match="it was made from image 'guest'"):
+        await volumes.flatten_volume(ctx, store, "from-image")
+
+
+async def test_flatten_races_a_delete_and_a_clone_create_without_losing_a_clone(store, ctx):
+    """The flatten request against the clone's delete (CAS on the volume), and its release against a new clone of
+    the same snapshot (CAS on the snapshot): every outcome leaves the snapshot listing exactly the live clones."""
+    _, snap, clone = await _clone_of_a_snapshot(ctx, store)
+    await available(store, clone.id)
+    flat, gone = await asyncio.gather(
+        volumes.flatten_volume(ctx, store, "c"), volumes.delete_volume(ctx, store, "c"), return_exceptions=True
+    )
+    assert gone.status == 202
+    assert not isinstance(flat, Exception) or isinstance(flat, errors.Conflict)
+    assert await _clones(store, snap.id) == []
+    assert await volumes.flattened(ctx_of(), store, clone.id) is False  # being deleted: the delete released it
+    second = await vol(ctx, store, "c2", snapshot="s")
+    await available(store, second.id)
+    await volumes.flatten_volume(ctx, store, "c2")
+    done, third = await asyncio.gather(
+        volumes.flattened(ctx_of(), store, second.id), vol(ctx, store, "c3", snapshot="s")
+    )
+    assert done is True and await _clones(store, snap.id) == [third.id]
