@@ -132,6 +132,7 @@ class Tsdb:
         self.password = secrets.token_urlsafe(24)
         self.proc: asyncio.subprocess.Process | None = None
         self.port = config.port
+        self.spawned_with = ""  # credentials() when the running process started
 
     @property
     def url(self) -> str:
@@ -181,6 +182,17 @@ class Tsdb:
         _replace(copy, data)
         return copy
 
+    def credentials(self) -> str:
+        """A digest of what the scrapes authenticate with: the agents' CA and the metrics token, as the files hold
+        them now. :meth:`spawn` keeps the value it started with (``spawned_with``)."""
+        digest = hashlib.sha256()
+        for path in (self.config.ca_file, self.config.token_file):
+            with contextlib.suppress(OSError):
+                if path is not None:
+                    digest.update(path.read_bytes())
+            digest.update(b"\0")
+        return digest.hexdigest()
+
     def reload(self) -> None:
         if self.running:
             assert self.proc is not None
@@ -197,6 +209,7 @@ class Tsdb:
         self.config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not self.config.scrape_file.exists():
             self.write_scrape_config([])
+        self.spawned_with = self.credentials()
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "httpAuth_password": self.password}
         self.port = self.config.port or _free_port()
         logf = _open_log(self.config.log_file)
@@ -282,8 +295,21 @@ class TsdbSupervisor:
         except Exception:
             log.warning("listing scrape targets failed; keeping the last ones", exc_info=True)
             return
-        if self.tsdb.write_scrape_config(targets, ceph):
+        changed = self.tsdb.write_scrape_config(targets, ceph)
+        if changed:
             log.info("scrape targets", extra={"targets": targets, "ceph": ceph})
+        if self.tsdb.running and self.tsdb.spawned_with != self.tsdb.credentials():
+            # A node that joined a cluster: a new CA and a new token. After a reload (SIGHUP), the TSDB of a node
+            # that joined kept failing to scrape its own agent, the one target it had before (up == 0; "x509:
+            # certificate signed by unknown authority" on its targets page), in CI even once the configuration
+            # named the new CA under a new path. A restart reads both afresh; it happens once per join.
+            log.info("the agents' CA or the metrics token changed; restarting the time-series database")
+            await self.tsdb.stop()
+            try:
+                await self.tsdb.spawn()
+            except OSError as exc:  # the loop restarts it at its next pass
+                log.warning("time-series database not started", extra={"error": str(exc)})
+        elif changed:
             self.tsdb.reload()
 
     async def _loop(self) -> None:

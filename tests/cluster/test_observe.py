@@ -49,6 +49,21 @@ while True:
     time.sleep(0.25)
 """
 
+#: ``TARGETS DATA_DIR``: the node's TSDB's own view of its scrape targets (``/api/v1/targets``: health, last error).
+TARGETS = r"""
+import base64, json, sys, urllib.request
+from pathlib import Path
+data = Path(sys.argv[1])
+pid = int((data / "metrics" / "tsdb.pid").read_text().split()[0])
+env = dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in e)
+args = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+listen = next(a.split("=", 1)[1] for a in args if a.startswith("-httpListenAddr="))
+req = urllib.request.Request(f"http://{listen}/api/v1/targets")
+req.add_header("Authorization", "Basic " + base64.b64encode(f"minicloud:{env['httpAuth_password']}".encode()).decode())
+for t in json.load(urllib.request.urlopen(req, timeout=10))["data"]["activeTargets"]:
+    print(t["scrapeUrl"], t["health"], t.get("lastError", ""))
+"""
+
 #: ``RECEIVER ADDRESS PORT OUT``: an HTTP server; every POST is a JSON line in OUT (path, headers, body), answered 204.
 RECEIVER = r"""
 import json, sys
@@ -118,7 +133,10 @@ def test_alarms_survive_a_leader_sigkill_and_history_survives_a_lost_voter(make_
             ca_same = [(p.name, p.read_bytes() == (node.data_dir / "pki" / "ca.crt").read_bytes())
                        for p in sorted(metrics.glob("ca-*.crt"))]  # fmt: skip
             tsdb_log = (metrics / "tsdb.log").read_text(errors="replace")[-2000:]
+            got = node.exec(sys.executable, "-c", TARGETS, str(node.data_dir), timeout=30)
+            tsdb_targets = got.stdout + got.stderr[-1000:]
             raise AssertionError(f"{exc}\nup: {seen[:2000]}\n{files}\nCA copies: {ca_same}\nTSDB log: {tsdb_log}\n"
+                                 f"TSDB targets: {tsdb_targets}\n"
                                  f"agent log: {node.log_tail(3000)}") from None  # fmt: skip
 
     info = cluster.nodes[0].client(timeout=30).call("GET", "/v1/cluster")

@@ -127,6 +127,48 @@ async def test_the_supervisor_restarts_a_tsdb_that_died_and_keeps_targets_curren
     assert not tsdb.running
 
 
+async def test_a_new_ca_or_token_restarts_the_tsdb_and_a_new_target_only_reloads_it(tmp_path):
+    """A node that joins a cluster gets a new CA and a new metrics token: a reload left the TSDB failing to scrape
+    its own agent with what it had read at start, so the supervisor restarts it then (and only then)."""
+    from minicloud.pki import create_ca
+
+    ca, token = tmp_path / "ca.crt", tmp_path / "token"
+    own_ca, cluster_ca = create_ca("own")[0], create_ca("cluster")[0]  # (certificate, key) each
+    ca.write_bytes(own_ca)
+    token.write_text("own-token\n")
+    config = TsdbConfig(data_dir=tmp_path / "metrics" / "tsdb", scrape_interval=1.0, ca_file=ca, token_file=token)
+    targets = ["10.0.0.1:8443"]
+
+    async def listing():
+        return list(targets)
+
+    tsdb = Tsdb(config)
+    supervisor = TsdbSupervisor(tsdb, listing, interval=0.2)
+    await supervisor.start()
+    try:
+        await tsdb.wait_ready()
+        first = tsdb.proc.pid
+        targets.append("10.0.0.2:8443")  # a new target: reloaded in place
+        await _eventually(
+            lambda: asyncio.sleep(0, "10.0.0.2:8443" in config.scrape_file.read_text()), "the new target written"
+        )
+        await asyncio.sleep(1.0)  # five passes of the loop
+        assert tsdb.proc.pid == first
+        for changed, content in ((ca, cluster_ca), (token, b"cluster-token\n")):  # each a restart
+            before = tsdb.proc.pid
+            changed.write_bytes(content)
+
+            async def restarted(before=before):
+                return tsdb.running and tsdb.proc.pid != before and tsdb.spawned_with == tsdb.credentials()
+
+            await _eventually(restarted, f"the TSDB restarted after {changed.name} changed")
+            await tsdb.wait_ready()
+        assert supervisor.restarts == 0  # restarts counts processes that died, not these
+    finally:
+        await supervisor.close()
+    assert not tsdb.running
+
+
 async def test_an_orphan_tsdb_is_replaced_by_the_next_start(tsdb_config):
     old = Tsdb(tsdb_config)
     await old.start()
