@@ -705,9 +705,10 @@ class ComputeReconciler:
             raise WaitingForStorage(f"waiting for storage pool {pool_id} on node {self.node} ({what})")
         return driver
 
-    async def disks_of(self, inst: Instance) -> Disks:
+    async def disks_of(self, inst: Instance, *, arriving_from: str = "") -> Disks:
         """The instance's disks as this node can give them now (see :class:`Disks`): the root disk (WaitingForStorage
-        while its pool is not usable here) and its volumes, read from the volume records of this node."""
+        while its pool is not usable here) and its volumes, read from the volume records of this node (and of
+        ``arriving_from``, the source of a migration to this node: its volumes move with it when it ends)."""
         spec = inst.spec
         root: Path | DiskSource = self.instances_dir / inst.id / "root.qcow2"
         root_serial, root_iotune, root_volume = "", None, None
@@ -724,7 +725,9 @@ class ComputeReconciler:
         attached: dict[str, Volume] = {}
         detaching: list[Volume] = []
         unplugged: list[Volume] = []
-        for record in await list_all(self.store, VOLUME.name, where={"node": self.node}):
+        nodes = [self.node, *([arriving_from] if arriving_from and arriving_from != self.node else [])]
+        records = [r for node in nodes for r in await list_all(self.store, VOLUME.name, where={"node": node})]
+        for record in records:
             vol = VOLUME.load(record)
             att, gone = vol.spec.attachment, vol.spec.detached_from
             if vol.id == spec.root_volume:

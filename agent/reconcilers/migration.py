@@ -37,7 +37,14 @@ from agent.reconcile import Result
 from minicloud import ids
 from minicloud.cluster.kinds import NODE
 from minicloud.compute.kinds import IMAGE, INSTANCE
-from minicloud.compute.migration import MIGRATION, MigrationSpec, get_migration, update_migration
+from minicloud.compute.migration import (
+    MIGRATION,
+    MigrationSpec,
+    get_migration,
+    ports_moved,
+    update_migration,
+    volumes_moved,
+)
 from minicloud.state import Store, Txn, TxnFailed, Update, list_all
 from minicloud.storage.kinds import SNAPSHOT
 
@@ -80,7 +87,10 @@ async def incoming(rec: ComputeReconciler, inst: Instance, m: MigrationSpec) -> 
         nics = rec.nics_of(there)
         if nics is None:
             return Result(requeue_after=_POLL)
-        disks = await rec.disks_of(there)
+        disks = await rec.disks_of(there, arriving_from=m.source)
+        if disks.unplugged:
+            names = ", ".join(sorted(v.name for v in disks.unplugged))
+            raise DriverError(f"node {rec.node} cannot open the pool of volume(s) {names} (no usable Ceph client)")
         await rec._ensure_secret(disks)
         await asyncio.to_thread(rec._write_files, there, image, d)
         xml = design.domain_for(rec._guest_spec(there, image, nics, disks)).to_xml()
@@ -95,7 +105,16 @@ async def incoming(rec: ComputeReconciler, inst: Instance, m: MigrationSpec) -> 
 
 
 async def _fail(store: Store, instance_id: str, error: str) -> None:
+    """The migration failed: recorded, and the instance's NICs no longer arriving on the target (its network there
+    goes when nothing else needs it)."""
     await update_migration(store, instance_id, phase="failed", error=error, finished_at=ids.now())
+    for _ in range(10):
+        try:
+            if ops := await ports_moved(store, instance_id, to=None):
+                await store.commit(Txn(ops))
+            return
+        except TxnFailed:
+            continue
 
 
 def _local_root(inst: Instance) -> bool:
@@ -252,6 +271,8 @@ async def finish(rec: ComputeReconciler, inst: Instance, m: MigrationSpec) -> No
             updated_at=ids.now(),
         )
         moves = await _root_snapshots_to(store, inst.id, m.source, m.target)
+        moves += await ports_moved(store, inst.id, to=m.target)  # the NICs: the network follows on every node
+        moves += await volumes_moved(store, cur, m.target)  # Ceph volumes: their node with the instance's
         try:
             await store.commit(
                 Txn(

@@ -174,7 +174,7 @@ def desired_network(
     VNI). ``ports`` are (port id, spec) of this network, any node; ``names`` instance id -> instance name. Pure."""
     if network.vni is None or network.external:
         return None
-    mine = [(pid, p) for pid, p in ports if p.node == me]
+    mine = [(pid, p) for pid, p in ports if here(p, me)]
     if not mine:
         return None
     smac = service_mac(network.vni)
@@ -191,7 +191,10 @@ def desired_network(
             continue
         if vtep != local:
             peers.add(vtep)
-        fdb[p.mac.lower()] = FdbEntry(p.mac, vtep)
+        if p.arriving != me:
+            # An arriving guest gets no static entry here: until it comes, frames for it flood to its node (a
+            # peer); once it runs here, the bridge learns its tap from its first frame (QEMU announces it).
+            fdb[p.mac.lower()] = FdbEntry(p.mac, vtep)
         neighbours[ipaddress.IPv4Address(p.address)] = Neighbour(p.address, p.mac)
     live = sorted(
         ((sid, s) for sid, s in subnets.items() if not s.deleting), key=lambda x: ipaddress.IPv4Network(x[1].cidr)
@@ -314,6 +317,12 @@ def desired_router(
     return RouterPlan(vni, legs[0], tuple(fips), more=tuple(legs[1:]), routes=routes), missing
 
 
+def here(p: PortSpec, me: str) -> bool:
+    """Whether node ``me`` plugs the NIC: it runs its instance, or the instance is migrating to it (the network, the
+    NIC's DHCP host and firewall chain are ready before the guest arrives; both nodes have them meanwhile)."""
+    return p.node == me or (p.arriving == me and bool(p.node))
+
+
 def _host_name(port_id: str, p: PortSpec, names: dict[str, str]) -> str:
     label = dns_label(names.get(p.instance, ""))
     if label is None:
@@ -375,7 +384,7 @@ def compile_inputs(
             zone=zones.get(p.network, 0),
         )
         for pid, p in sorted(ports, key=lambda x: x[0])
-        if p.node == me
+        if here(p, me)
     ]
     return out_groups, out_ports
 
@@ -545,6 +554,8 @@ class NetworkReconciler:
     async def all_keys(self) -> list[str]:
         ports = await list_all(self.store, PORT.name, where={"node": self.node})
         nets = {PORT.load(r).spec.network for r in ports}
+        # and those of guests migrating here (no index on ``arriving``: every port, as the node key reads them)
+        nets |= {p.network for _, p in await self._ports() if p.arriving == self.node and here(p, self.node)}
         return [*sorted(nets | set(self._vnis)), NODE_KEY]
 
     async def reconcile(self, key: str) -> Result:
@@ -825,6 +836,14 @@ class NetworkReconciler:
         # its network's devices, never on its own (namespaces of another node could share the directory).
         present = {s.vni for s in await self.overlay.list_networks()}
         known = {v: k for k, v in self._vnis.items()}
+        if present - wanted:  # a network built for a guest migrating here has no port of this node yet
+            for r in await list_all(self.store, NETWORK.name):
+                vni = NETWORK.load(r).spec.vni
+                if vni in present - wanted and any(
+                    here(PORT.load(p).spec, self.node)
+                    for p in await list_all(self.store, PORT.name, where={"network": r.id})
+                ):
+                    wanted.add(vni)
         for vni in sorted(present - wanted):
             nid = known.get(vni, "")
             log.warning("removing a network no port here needs", extra={"vni": vni, "network": nid})

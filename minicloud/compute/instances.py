@@ -580,6 +580,18 @@ def _not_deleting(obj: Instance) -> None:
         raise errors.Conflict(f"instance '{obj.name}' is being deleted")
 
 
+async def _not_migrating(store: Store, obj: Instance) -> None:
+    """409 while the instance migrates: its NICs are being set up on the target from what it had at the start."""
+    from minicloud.compute.migration import get_migration  # (it builds on this module)
+
+    found = await get_migration(store, obj.id)
+    if found is not None and found[0].spec.active:
+        m = found[0].spec
+        raise errors.Conflict(
+            f"instance '{obj.name}' is migrating to node {m.target} ({m.phase}); change its NICs once that ends"
+        )
+
+
 async def _change(
     ctx: Context,
     store: Store,
@@ -788,6 +800,7 @@ async def add_nic(
     async def step(attempt: int) -> Written:
         obj = await get_instance(ctx, store, ref)
         _not_deleting(obj)
+        await _not_migrating(store, obj)
         if len(obj.spec.nics) >= ports.MAX_NICS:
             raise errors.Conflict(f"instance '{obj.name}' has {ports.MAX_NICS} NICs already; remove one first")
         existing = await ports.instance_ports(store, obj.project, obj.id)
@@ -806,6 +819,7 @@ async def remove_nic(ctx: Context, store: Store, ref: str, nic: str) -> Written:
     async def step(_: int) -> Written:
         obj = await get_instance(ctx, store, ref)
         _not_deleting(obj)
+        await _not_migrating(store, obj)
         found = [n for n in obj.spec.nics if nic in (n.port, n.mac, n.ip)]
         if not found:
             raise errors.NotFound(f"instance '{obj.name}' has no NIC {crud.shown(nic)}; see `minicloud instance show`")

@@ -22,9 +22,18 @@ A migration interrupted by an agent dying is resolved from what the two libvirtd
 :func:`agent.reconcilers.migration.resolve`): libvirt's migration protocol never resumes the guest on the target before the
 source has stopped it, so there is one running copy, and the record is made to say where.
 
+VPC NICs follow: the migration's transaction marks the instance's ports ``arriving`` on the target (whose network
+reconciler builds their network, DHCP host and firewall chain before it says ``ready``), and the one that ends it
+moves their ``node`` with the instance (a failure only clears ``arriving``).
+
+Volumes in a Ceph pool (attached ones and a boot volume) follow the same way: the target's definition names them
+(QEMU opens them there as the source's does: nothing is copied), and the transaction that ends the migration moves
+their ``node`` (and their snapshots') with the instance.
+
 What does not move, refused with the reason (409): an instance holding GPUs (passed-through host devices stay with
-their node), one neither running nor stopped (building, stopping, error); and not yet: attached volumes or a boot
-volume, VPC NICs, a node-local image the target has no copy of (same files, imported there too).
+their node), one neither running nor stopped (building, stopping, error), a volume in a ``local`` pool (its file is
+the node's); and not yet: a NIC on an external network, a node-local image the target has no copy of (same files,
+imported there too).
 """
 
 from __future__ import annotations
@@ -45,8 +54,11 @@ from minicloud.compute.kinds import HYPERVISOR, IMAGE, INSTANCE, ImageSpec
 from minicloud.core.context import Context
 from minicloud.core.kinds import Kind, Obj, declare
 from minicloud.core.write import Written
+from minicloud.network.kinds import NETWORK, PORT
 from minicloud.operations import Operations, Reporter
-from minicloud.state import Check, Create, Delete, Record, Store, Txn, TxnFailed, Update, list_all
+from minicloud.state import Check, Create, Delete, Op, Record, Store, Txn, TxnFailed, Update, list_all
+from minicloud.storage.kinds import VOLUME
+from minicloud.storage.volumes import snapshots_follow
 
 #: The operation's ``spec.action``.
 ACTION = "admin:instances:migrate"
@@ -224,10 +236,17 @@ async def begin(store: Store, inst: Any, op_id: str, *, node: str | None = None,
             f"instance {inst.name} holds {spec.gpus} GPU(s) passed through from node {spec.node}: the GPUs are this "
             "node's devices and do not move (create the instance anew elsewhere)"
         )
-    if spec.root_volume or await attached_volumes(store, inst):
-        raise errors.Conflict(f"instance {inst.name} has volumes attached: detach them first (they do not move yet)")
-    if spec.nics:
-        raise errors.Conflict(f"instance {inst.name} has VPC NICs: migrating them is not built yet")
+    for vol, _ in await attached_volumes(store, inst):
+        if vol.status.state != "in-use":
+            raise errors.Conflict(
+                f"instance {inst.name}'s volume {vol.name} is {vol.status.state}: migrate it once that ends"
+            )
+        if vol.spec.driver != "ceph":
+            what = "boot volume" if vol.id == spec.root_volume else "volume"
+            raise errors.Conflict(
+                f"instance {inst.name} has {what} {vol.name} in local pool {vol.spec.pool_name or vol.spec.pool} on "
+                f"node {vol.spec.node}: a local volume stays on its node (detach it first, or use a Ceph pool)"
+            )
     existing = await get_migration(store, inst.id)
     if existing is not None and existing[0].spec.active:
         m = existing[0].spec
@@ -235,6 +254,7 @@ async def begin(store: Store, inst: Any, op_id: str, *, node: str | None = None,
     target = node or await pick_target(store, inst)
     await check_target(store, inst, target)
     image = await target_image(store, inst, target)
+    nic_ops = await ports_arriving(store, inst, target=target)
     mig = MigrationSpec(
         instance=inst.id,
         project=inst.project,
@@ -253,10 +273,72 @@ async def begin(store: Store, inst: Any, op_id: str, *, node: str | None = None,
     try:
         # The instance's revision is part of the condition: a stop, resize or delete committed since we read it
         # makes this a 409 (look again) rather than a migration of what is no longer there.
-        await store.commit(Txn([op, Check(kind=INSTANCE.name, id=inst.id, expect_revision=inst.revision)]))
+        await store.commit(Txn([op, *nic_ops, Check(kind=INSTANCE.name, id=inst.id, expect_revision=inst.revision)]))
     except TxnFailed:
         raise errors.Conflict(f"instance {inst.name} changed meanwhile; try again") from None
     return target
+
+
+async def ports_arriving(store: Store, inst: Any, *, target: str) -> list[Update]:
+    """The updates that mark the instance's VPC NICs as arriving on ``target``. 409 for a NIC on an external
+    network (the provider LAN's bridge is each node's own: not moved yet)."""
+    out: list[Update] = []
+    for nic in inst.spec.nics:
+        record = await store.get(PORT.name, nic.port)
+        if record is None:
+            raise errors.Conflict(f"instance {inst.name}'s NIC {nic.port} is gone meanwhile; try again")
+        net = await store.get(NETWORK.name, nic.network)
+        if net is not None and NETWORK.load(net).spec.external:
+            raise errors.Conflict(
+                f"instance {inst.name} has a NIC on external network {net.name}: a NIC on the provider LAN does not "
+                "move yet (detach it with `instance nic remove`, or create the instance anew elsewhere)"
+            )
+        out.append(_port_update(record, arriving=target))
+    return out
+
+
+def _port_update(record: Record, **changes: str) -> Update:
+    port = PORT.load(record)
+    moved = port.replace(spec=msgspec.structs.replace(port.spec, **changes), updated_at=ids.now())
+    return Update(PORT.dump(moved), expect_revision=record.revision)
+
+
+async def ports_moved(store: Store, instance_id: str, *, to: str | None) -> list[Update]:
+    """The updates that end the arrival of the instance's NICs: each one's ``node`` set to ``to`` (the migration
+    succeeded) or left (``to`` None: it failed), and ``arriving`` cleared. Found by the ports' instance (each NIC's
+    network index); nothing for a port that is not arriving and already where it should be."""
+    irec = await store.get(INSTANCE.name, instance_id)
+    if irec is None:
+        return []
+    out: list[Update] = []
+    for network in sorted({nic.network for nic in INSTANCE.load(irec).spec.nics}):
+        for record in await list_all(store, PORT.name, where={"network": network}):
+            p = PORT.load(record).spec
+            if p.instance != instance_id or (not p.arriving and (to is None or p.node == to)):
+                continue
+            out.append(_port_update(record, arriving="", **({"node": to} if to is not None else {})))
+    return out
+
+
+async def volumes_moved(store: Store, inst: Any, to: str) -> list[Op]:
+    """The updates that hand the instance's attached volumes (its boot volume included; all in Ceph, see
+    :func:`begin`) and their snapshots to node ``to`` with the instance: commit them in the transaction that moves
+    it, or the target would unplug disks no attachment of its node names. No fencing: the source handed them over
+    (``previous_node`` stays empty)."""
+    out: list[Op] = []
+    for vol, revision in await attached_volumes(store, inst):
+        if vol.spec.node == to:
+            continue
+        att = vol.spec.attachment
+        spec = msgspec.structs.replace(
+            vol.spec,
+            node=to,
+            previous_node="",
+            attachment=msgspec.structs.replace(att, node=to) if att is not None else None,
+        )
+        out.append(Update(VOLUME.dump(vol.replace(spec=spec, updated_at=ids.now())), expect_revision=revision))
+        out += await snapshots_follow(store, vol, to, ids.now())
+    return out
 
 
 async def migrate_instance(
@@ -278,8 +360,8 @@ async def migrate_instance(
 async def drain_node(ctx: Context, store: Store, operations: Operations, node: str) -> Written:
     """``node drain``: cordon ``node`` (nothing new is placed there), then move its instances away one at a
     time (running ones live, stopped ones cold; the scheduler picks each target); its result lists what moved where
-    and what stays, with the reason (volumes, VPC NICs, GPUs, an instance neither running nor stopped, no
-    room or no copy of a node-local image elsewhere)."""
+    and what stays, with the reason (volumes, a NIC on an external network, GPUs, an instance neither running nor
+    stopped, no room or no copy of a node-local image elsewhere)."""
     from minicloud.compute import nodes
 
     await nodes.cordon(dataclasses.replace(ctx, idempotency=None), store, node, reason="draining")

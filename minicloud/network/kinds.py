@@ -305,6 +305,10 @@ class PortSpec(msgspec.Struct, kw_only=True):
     index: int = 0
     #: The node running the instance (copied from its placement; "" until placed). Indexed for the reconcilers.
     node: str = ""
+    #: While its instance migrates: the target node (set with the migration, cleared when it ends, and ``node`` set
+    #: to it when it succeeds). That node builds the network, the NIC's DHCP host and firewall chain before the
+    #: guest arrives (:mod:`minicloud.compute.migration`); every other node keeps sending to ``node`` until then.
+    arriving: str = ""
     security_groups: list[str] = []
     description: str = ""
 

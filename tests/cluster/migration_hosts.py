@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 from agent.compute import migrate
-from tests.cluster.harness import AgentNode, alive, wait_for
+from tests.cluster.harness import AgentNode, PublicLan, alive, wait_for
 
 GUEST_FILES = ("vmlinuz", "initrd.img")
 
@@ -103,6 +103,17 @@ def ping(node: AgentNode, ip: str, timeout: float = 2.0) -> bool:
 def pinger(node: AgentNode, ip: str, interval: float) -> subprocess.Popen[str]:
     """Ping ``ip`` from inside ``node`` every ``interval`` seconds until killed (``ping -D`` lines on stdout)."""
     return node.popen(sys.executable, "-c", PINGER, ip, str(interval), "0", "0", stdout=subprocess.PIPE, text=True)
+
+
+def lan_ping(lan: PublicLan, ip: str, timeout: float = 2.0) -> bool:
+    """One echo request from the public LAN's namespace (the "internet"); whether it was answered."""
+    return lan.exec(sys.executable, "-c", PINGER, ip, "1", "1", str(timeout), timeout=timeout + 20).returncode == 0
+
+
+def lan_pinger(lan: PublicLan, ip: str, interval: float) -> subprocess.Popen[str]:
+    """:func:`pinger` from the public LAN's namespace."""
+    cmd = ["ip", "netns", "exec", lan.netns, sys.executable, "-c", PINGER, ip, str(interval), "0", "0"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
 
 
 def ping_gap(pingers: list[subprocess.Popen[str]]) -> float:

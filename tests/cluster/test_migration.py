@@ -11,7 +11,10 @@ user-data script that prints a tick a second on its console. Then:
 * back to n1, with n2's agent (the source) SIGKILLed as soon as the migration is ``migrating``: once n2's agent is
   back, exactly one copy runs and the record says where it is;
 * stopped, it migrates cold to the other node (its disk copied, still stopped there), and starts there;
-* ``node drain`` of that node cordons it and moves the instance back, live.
+* ``node drain`` of that node cordons it and moves the instance back, live;
+* a guest with a VPC NIC (a subnet behind a router with a floating IP on the public LAN, ICMP allowed by its
+  security group) migrates live while the LAN pings its floating IP: it answers there from the other node, its
+  network leaves the source, and its security group is enforced there (a removed rule stops the pings).
 """
 
 from __future__ import annotations
@@ -26,19 +29,33 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import harness
-from tests.cluster.harness import AgentNode, Cluster, wait_for
-from tests.cluster.migration_hosts import GUEST_FILES, enable_tls, libvirt_state, ping, ping_gap, pinger, tcp_listeners
+from tests.cluster.harness import PUBLIC_CIDR, PUBLIC_GATEWAY, AgentNode, Cluster, wait_for
+from tests.cluster.migration_hosts import (
+    GUEST_FILES,
+    enable_tls,
+    lan_ping,
+    lan_pinger,
+    libvirt_state,
+    ping,
+    ping_gap,
+    ping_window,
+    pinger,
+    tcp_listeners,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 BOOT_TIMEOUT = 300  # TCG on two shared cores next to two agents
 MIGRATE_TIMEOUT = 300
+PROVIDER = "lan"
 TICKS = '#!/bin/sh\n(i=0; while true; do echo "mc-tick $i" >/dev/console; i=$((i+1)); sleep 1; done) &\n'
 
 
 @pytest.fixture(scope="module")
 def hosts(real_hosts: None, guest_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """n1 and n2 joined, TLS between their libvirtds, the test guest imported on both (``guest-n1``, ``guest-n2``)."""
-    with Cluster(tmp_path_factory.mktemp("migration"), 2, libvirt=True) as cluster, harness.guest_slot():
+    with Cluster(tmp_path_factory.mktemp("migration"), 2, libvirt=True, public=True) as cluster, harness.guest_slot():
+        for node in cluster:  # the public LAN for the VPC guest's floating IP
+            node.config.write_text(node.config.read_text() + f'\n[network.providers]\n{PROVIDER} = "eth1"\n')
         cluster.start_all().form()
         for node in cluster:
             enable_tls(node)
@@ -60,11 +77,11 @@ def ticks(node: AgentNode, name: str) -> list[int]:
     return [int(n) for n in re.findall(r"^mc-tick (\d+)\s*$", out, re.MULTILINE)]
 
 
-def launch(via: AgentNode, name: str, image: str, user_data: Path) -> dict:
+def launch(via: AgentNode, name: str, image: str, user_data: Path, *more: str) -> dict:
     def create() -> dict | None:
         result = via.cli(
             "-o", "json", "instance", "create", name, "--type", "m1.tiny", "--image", image,
-            "--user-data", str(user_data), "--wait", timeout=BOOT_TIMEOUT,
+            "--user-data", str(user_data), *more, "--wait", timeout=BOOT_TIMEOUT,
         )  # fmt: skip
         if result.returncode == 0:
             return json.loads(result.stdout)
@@ -192,6 +209,67 @@ def test_live_migration_keeps_the_guest_running_and_survives_a_killed_source_age
     assert libvirt_state(source, domain_uuid) == "running" and libvirt_state(target, domain_uuid) is None
     nodes = {n["name"]: n for n in n1.json("node", "list")}
     assert nodes[there]["cordon_reason"] == "draining", nodes[there]
+
+    # -- a VPC NIC follows its guest, with its security group and floating IP -------------------------------------
+    n1.cli("node", "uncordon", there, check=True)
+    n1.cli("instance", "delete", "mover", check=True)  # one guest at a time on two cores
+    wait_for(lambda: n1.cli("instance", "show", "mover").returncode != 0, timeout=120, what="mover deleted")
+    vpc_nic_follows(hosts, user_data)
+
+
+def vpc_nic_follows(hosts: Cluster, user_data: Path) -> None:
+    n1, n2 = hosts.nodes
+    lan = hosts.public
+    assert lan is not None
+    prefix = PUBLIC_CIDR.rsplit(".", 1)[0]
+    n1.cli(
+        "network", "create", "public", "--external", "--provider", PROVIDER, "--cidr", PUBLIC_CIDR,
+        "--gateway", PUBLIC_GATEWAY, "--pool", f"{prefix}.100-{prefix}.199", check=True,
+    )  # fmt: skip
+    n1.cli("network", "create", "vpc", "--cidr", "10.50.0.0/16", check=True)
+    n1.cli("subnet", "create", "app", "--network", "vpc", "--cidr", "10.50.1.0/24", check=True)
+    n1.cli("router", "create", "edge", "--external-network", "public", check=True)
+    n1.cli("router", "add-subnet", "edge", "app", check=True)
+    add = ("security-group", "rule", "add", "default", "ingress", "--protocol", "icmp")
+    rule = json.loads(n1.cli("-o", "json", *add, check=True).stdout)["rules"][-1]["id"]
+    fip = json.loads(n1.cli("-o", "json", "floating-ip", "allocate", "--network", "public", check=True).stdout)
+    address = fip["address"]
+    vni = n1.json("network", "show", "vpc")["vni"]
+    service_ns = f"mcs-{vni:06x}"
+
+    def built(node: AgentNode) -> bool:
+        return service_ns in node.exec("ls", "/run/netns").stdout.split()
+
+    inst = launch(n1, "vmover", "guest-n1", user_data, "--nic", "subnet=app")
+    assert inst["status"]["node"] == "n1"
+    wait_for(lambda: len(ticks(n1, "vmover")) >= 3, timeout=BOOT_TIMEOUT, interval=1, what="vmover's ticks")
+    n1.cli("floating-ip", "associate", address, "vmover", check=True)
+    wait_for(lambda: lan_ping(lan, address), timeout=BOOT_TIMEOUT, interval=1, what=f"vmover behind {address}")
+    assert built(n1) and not built(n2)
+    domain_uuid = _domain_uuid(n1)
+
+    before = max(ticks(n1, "vmover"))
+    pingers = [lan_pinger(lan, address, 0.2)]
+    started, started_epoch = time.monotonic(), time.time()
+    result = n1.cli("-o", "json", "instance", "migrate", "vmover", "--node", "n2", "--wait", timeout=MIGRATE_TIMEOUT)
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr + n1.log_tail() + n2.log_tail()
+    assert json.loads(result.stdout)["result"]["node"] == "n2"
+    assert libvirt_state(n2, domain_uuid) == "running" and libvirt_state(n1, domain_uuid) is None
+    wait_for(lambda: ticks(n2, "vmover") and min(ticks(n2, "vmover")) > before, timeout=120, interval=1,
+             what="vmover's ticks on n2")  # fmt: skip
+    # the floating IP reaches it on n2 (NATed there now), and the source let go of the network
+    wait_for(lambda: lan_ping(lan, address), timeout=60, interval=1, what=f"vmover behind {address} on n2")
+    gap, gap_from, gap_to = ping_window(pingers)
+    print(f"live migration of a VPC guest n1 -> n2: {took:.1f} s in all, floating-IP ping gap {gap:.2f} s (from "
+          f"+{gap_from - started_epoch:.1f} to +{gap_to - started_epoch:.1f} s after the start)")  # fmt: skip
+    wait_for(lambda: not built(n1), timeout=60, interval=1, what=f"n1's {service_ns} gone")
+    assert built(n2)
+    shown = show(n1, "vmover")
+    assert shown["nics"][0]["ip"] == inst["nics"][0]["ip"] and shown["nics"][0]["mac"] == inst["nics"][0]["mac"]
+    # its security group is enforced on n2: without the ICMP rule, the pings stop
+    n1.cli("security-group", "rule", "remove", "default", rule, check=True)
+    wait_for(lambda: not lan_ping(lan, address), timeout=60, interval=1, what="the pings refused on n2")
 
 
 def reach(node: AgentNode, ip: str, timeout: float = 60) -> None:

@@ -10,7 +10,7 @@ wrong in plain words, n3's OSD is marked out after the down-out interval and the
 and a volume made on n3 is attached to the guest on n1 — which writes it — after n3's address was blocklisted.
 Before n3 is lost, the busybox guest as a bootable disk image (``boot_disk.py``) goes into the Ceph pool: three
 instances of it, created stopped, are spread one per node, and one is started and live-migrated with no disk copy
-(issue #16; see :func:`ceph_roots_spread_and_migrate_without_a_copy`).
+(issue #16, with an attached Ceph volume that follows it; see :func:`ceph_roots_spread_and_migrate_without_a_copy`).
 
 One cluster for the module and two guests (TCG on two cores is expensive). Guests are watched through their consoles:
 each runs a user-data script that, for every volume that appears, writes 4 MiB of random data to it when it is blank
@@ -339,8 +339,9 @@ def ceph_roots_spread_and_migrate_without_a_copy(rack: Cluster, guest_image: Pat
     """The test guest as a bootable disk image imported into the Ceph pool; three instances of it, created stopped
     (no boots), are spread one per node by the default ``spread`` weigher (n1 and n2 already run one m1.tiny guest
     each, n3 none: equal nodes, so spread must give each node one); one of them is started, writes data to its RBD
-    root disk and is live-migrated to another node: no disk is copied (the same RBD image, no root file on the
-    target, the operation says so), the guest runs on, the data reads back from the new node."""
+    root disk and a Ceph volume attached to it, and is live-migrated to another node: no disk is copied (the same
+    RBD image, no root file on the target, the operation says so), the guest runs on, the data reads back from the
+    new node, and the volume is the new node's (in its definition; a detach and attach there reads the same data)."""
     n1 = rack.nodes[0]
     assert boot_disk.unavailable_reason() is None, boot_disk.unavailable_reason()  # scripts/packages.txt has them
     boot_disk.build(guest_image, n1.image_dir / "busybox.raw")
@@ -357,7 +358,7 @@ def ceph_roots_spread_and_migrate_without_a_copy(rack: Cluster, guest_image: Pat
 
     # -- spread: three instances, three nodes ---------------------------------------------------------------------
     user_data = tmp_path / "disk-ticks.sh"
-    user_data.write_text(DISK_TICKS)
+    user_data.write_text(DISK_TICKS + WATCH_VOLUMES.removeprefix("#!/bin/sh\n"))  # and the volume it gets
     names = ["spread-1", "spread-2", "spread-3"]
     for name in names:
         n1.cli("instance", "create", name, "--image", "busybox-disk", "--type", "m1.tiny", "--user-data",
@@ -412,6 +413,13 @@ def ceph_roots_spread_and_migrate_without_a_copy(rack: Cluster, guest_image: Pat
     ticks = re.findall(r"^mc-tick (\d+)\s*$", text[boots[-1].end() :], re.MULTILINE)
     ticks_before = max((int(t) for t in ticks), default=-1)
 
+    # an attached Ceph volume follows it (made through n1, attached on n3, where the guest writes it)
+    follow = n1.json("volume", "create", "follow", "--size", "1")
+    volume_state(n1, "follow", "available")
+    n1.cli("volume", "attach", "follow", "--instance", mover, check=True)
+    assert volume_state(n1, "follow", "in-use")["node"] == "n3"
+    follow_written = checksum(source, mover, follow["id"], "wrote")
+
     pingers = [pinger(node, ip, 0.2) for node in (source, target)]
     started, started_epoch = time.monotonic(), time.time()
     result = n1.cli("-o", "json", "instance", "migrate", mover, "--node", "n2", "--wait", timeout=MIGRATE_TIMEOUT)
@@ -448,6 +456,16 @@ def ceph_roots_spread_and_migrate_without_a_copy(rack: Cluster, guest_image: Pat
     )
     assert read_after[0] == written, (read_after, written, _after_migration(target, mover, uuid))
     assert rbd_cli(n1, "info", "--format", "json", f"{pool}/{inst_id}-root")
+    # the volume moved with it, still in the guest (its disk in n2's definition), and n2 now answers for it: a
+    # detach and attach there, and the guest reads what it wrote on n3
+    moved = volume(n1, "follow")
+    assert moved["node"] == "n2" and moved["status"]["state"] == "in-use", moved
+    assert f"{pool}/{follow['id']}" in after_xml, after_xml
+    n1.cli("volume", "detach", "follow", check=True)
+    volume_state(n1, "follow", "available")
+    n1.cli("volume", "attach", "follow", "--instance", mover, check=True)
+    assert volume_state(n1, "follow", "in-use")["node"] == "n2"
+    assert checksum(target, mover, follow["id"], "read") == follow_written
     print(f"ceph-root live migration n3 -> n2: {took:.1f} s in all, ping gap {gap:.2f} s (from +{gap_from - started_epoch:.1f}"
           f" to +{gap_to - started_epoch:.1f} s after the start), no disk copy")  # fmt: skip
 

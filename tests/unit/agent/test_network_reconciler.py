@@ -220,6 +220,32 @@ def test_compile_inputs_take_members_cluster_wide_and_only_this_nodes_ports():
     assert len(tap_name("port-1")) <= 15
 
 
+def test_a_port_arriving_by_migration_is_plugged_on_its_target_and_still_reached_on_its_node_elsewhere():
+    arriving = msgspec.structs.replace(
+        _port("10.0.1.10", "52:54:00:00:00:01", "n2", "i-1", groups=["sg-1"]), arriving="n1"
+    )
+    ports = [("port-1", arriving), ("port-2", _port("10.0.1.11", "52:54:00:00:00:02", "n3", "i-2"))]
+    # the target (n1, this node): the network, the NIC's DHCP host and firewall chain, before the guest comes; no
+    # static FDB entry for it (frames flood to n2 until it runs here, then the bridge learns it on its tap)
+    want = desired_network("net-1", _net(), "vpc", {"sub-a": _subnet()}, ports, {}, ME, UNDERLAY["n1"], UNDERLAY)
+    assert want is not None
+    assert [h.mac for h in want.hosts] == ["52:54:00:00:00:01"]
+    assert want.peers == {A("10.254.0.2"), A("10.254.0.3")}
+    assert set(want.fdb) == {FdbEntry("52:54:00:00:00:02", A("10.254.0.3"))}
+    assert Neighbour("10.0.1.10", "52:54:00:00:00:01") in want.neighbours
+    _, local = compile_inputs([("sg-1", SecurityGroupSpec())], ports, ME, {"net-1": "mcb-1"})
+    assert [(p.id, p.device, p.ips) for p in local] == [("port-1", tap_name("port-1"), ("10.0.1.10",))]
+    # a third node sends to where it runs (n2) until the migration ends
+    other = desired_network("net-1", _net(), "vpc", {"sub-a": _subnet()}, ports, {}, "n3", UNDERLAY["n3"], UNDERLAY)
+    assert other is not None and FdbEntry("52:54:00:00:00:01", A("10.254.0.2")) in other.fdb
+    # an unplaced port never arrives anywhere
+    unplaced = [("port-1", msgspec.structs.replace(arriving, node=""))]
+    assert (
+        desired_network("net-1", _net(), "vpc", {"sub-a": _subnet()}, unplaced, {}, ME, UNDERLAY["n1"], UNDERLAY)
+        is None
+    )
+
+
 def test_dns_label():
     assert dns_label("Web_Server.1") == "web-server-1"
     assert dns_label("__") is None
@@ -492,6 +518,30 @@ async def test_a_restarted_reconciler_adopts_and_sweeps_what_no_record_wants(wor
     assert set(world.overlay.networks) == {42} and set(world.services.spaces) == {42}
     assert world.overlay.changes == changes + 2  # only the stray network's two devices went
     assert world.nn.bridge_for("net-1") == "mcb-00002a"
+
+
+async def test_the_network_of_a_guest_arriving_by_migration_is_built_and_not_swept_until_it_ends(world, tmp_path):
+    await _add_port(world, "port-2", "10.0.1.11", "52:54:00:00:00:02", "n2", "i-2")
+    await world.pass_()
+    assert 42 not in world.overlay.networks  # no port here
+
+    async def set_port(**changes: str) -> None:
+        rec = await world.store.get(PORT.name, "port-2")
+        port = PORT.load(rec)
+        new = port.replace(spec=msgspec.structs.replace(port.spec, **changes), updated_at=ids.now())
+        await world.store.commit(Txn([Update(PORT.dump(new), expect_revision=rec.revision)]))
+
+    await set_port(arriving="n1")  # i-2 migrates from n2 to n1
+    await world.pass_()
+    assert world.nn.bridge_for("net-1") == "mcb-00002a" and world.overlay.networks[42].fdb == {}
+    assert tap_name("port-2") in world.firewall.scripts[-1]
+    fresh = world.make(tmp_path)  # a restarted agent's sweep keeps it
+    await fresh.start(world.enqueued.append)
+    await fresh.reconcile(NODE_KEY)
+    assert 42 in world.overlay.networks
+    await set_port(arriving="")  # the migration failed: nothing here needs the network any more
+    await world.pass_()
+    assert 42 not in world.overlay.networks and world.nn.bridge_for("net-1") is None
 
 
 async def test_a_moved_port_updates_the_fdb_and_under_a_controller_the_network_is_built(world):

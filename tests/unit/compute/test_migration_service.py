@@ -321,3 +321,135 @@ async def test_finish_moves_the_instance_and_its_root_disk_snapshots_to_the_targ
     assert (await migration.get_migration(store, instance_id))[0].spec.phase == "done"
     nodes = {k: SNAPSHOT.load(await store.get(SNAPSHOT.name, s.id)).spec.node for k, s in snaps.items()}
     assert nodes == {"root": "n2", "other": "n1", "volume": "n1"}  # only this instance's root-disk snapshots move
+
+
+async def test_vpc_nics_arrive_on_the_target_with_the_migration_and_move_or_stay_with_its_end(store, tmp_path):
+    from minicloud.model.compute import NicCreate
+    from minicloud.model.network import NetworkCreate, SubnetCreate
+    from minicloud.network.kinds import PORT
+    from minicloud.network.networks import create_network
+    from minicloud.network.subnets import create_subnet
+
+    ctx = Context.system("test", action="network:test")
+    await create_network(ctx, store, NetworkCreate(name="vpc", cidr="10.0.0.0/16"))
+    await create_subnet(ctx, store, SubnetCreate(name="web", network="vpc", cidr="10.0.1.0/24"))
+    body = InstanceCreate(name="vm", image="guest-n1", type="m1.tiny", nics=[NicCreate(subnet="web")] * 2)
+    written = await instances.create_instance(Context.system("test", action="compute:instances:create"), store, body)
+    record = await store.get(INSTANCE.name, written.body.id)
+    inst = INSTANCE.load(record)
+    inst = inst.replace(status=msgspec.structs.replace(inst.status, state="running"))
+    await store.commit(Txn([Update(INSTANCE.dump(inst), expect_revision=record.revision)]))
+    port_ids = [n.port for n in inst.spec.nics]
+
+    async def ports() -> list[tuple[str, str]]:
+        return [(p.spec.node, p.spec.arriving) for p in [PORT.load(await store.get(PORT.name, i)) for i in port_ids]]
+
+    assert await ports() == [("n1", ""), ("n1", "")]
+    ops = Operations(store, "n1")
+    operator = Context.system("operator", action=migration.ACTION)
+    try:
+        await migration.migrate_instance(operator, store, ops, "vm", node="n2")
+        # with the migration, in its transaction: n2 builds the NICs' network before the guest comes
+        assert await ports() == [("n1", "n2"), ("n1", "n2")]
+        # their NICs stay as they were while it moves
+        nic = NicCreate(subnet="web")
+        with pytest.raises(errors.Conflict, match="is migrating to node n2 \\(preparing\\)"):
+            await instances.add_nic(ctx, store, "vm", nic)
+        with pytest.raises(errors.Conflict, match="is migrating to node n2"):
+            await instances.remove_nic(ctx, store, "vm", port_ids[1])
+        # a failed migration leaves them on the source
+        await migration_reconciler._fail(store, inst.id, "boom")
+        assert await ports() == [("n1", ""), ("n1", "")]
+        # a successful one moves them in the transaction that moves the instance
+        await migration.migrate_instance(operator, store, ops, "vm", node="n2")
+        mig, _ = await migration.get_migration(store, inst.id)
+        current = INSTANCE.load(await store.get(INSTANCE.name, inst.id))
+        rec = SimpleNamespace(store=store, _ids={}, _uuids={}, instances_dir=tmp_path)
+        await migration_reconciler.finish(rec, current, mig.spec)
+        assert await ports() == [("n2", ""), ("n2", "")]
+        assert INSTANCE.load(await store.get(INSTANCE.name, inst.id)).spec.node == "n2"
+    finally:
+        await ops.close()
+
+
+async def test_a_nic_on_an_external_network_is_refused_with_the_reason(store):
+    from minicloud.model.compute import NicCreate
+    from minicloud.model.network import NetworkCreate
+    from minicloud.network.networks import create_network
+
+    admin = Context.system("test", action="admin:networks:create")
+    lan = NetworkCreate(
+        name="public", cidr="192.0.2.0/24", external=True, provider="lan", gateway="192.0.2.1",
+        pool="192.0.2.100-192.0.2.199",
+    )  # fmt: skip
+    await create_network(admin, store, lan)
+    body = InstanceCreate(name="vm", image="guest-n1", type="m1.tiny", nics=[NicCreate(network="public")])
+    written = await instances.create_instance(admin, store, body)
+    record = await store.get(INSTANCE.name, written.body.id)
+    inst = INSTANCE.load(record)
+    inst = inst.replace(status=msgspec.structs.replace(inst.status, state="running"))
+    await store.commit(Txn([Update(INSTANCE.dump(inst), expect_revision=record.revision)]))
+    ops = Operations(store, "n1")
+    try:
+        with pytest.raises(errors.Conflict, match="has a NIC on external network public"):
+            await migration.migrate_instance(Context.system("operator", action=migration.ACTION), store, ops, "vm")
+        assert await migration.get_migration(store, inst.id) is None  # nothing half-made
+    finally:
+        await ops.close()
+
+
+async def test_ceph_volumes_move_with_the_instance_and_a_local_one_is_refused_with_the_reason(store, tmp_path):
+    from minicloud.storage.kinds import SNAPSHOT, VOLUME, Attachment, SnapshotSpec, VolumeSpec
+
+    instance_id = await running(store)
+
+    def volume(name: str, driver: str, device: str, state: str = "in-use"):
+        att = Attachment(instance=instance_id, instance_name="vm", node="n1", device=device)
+        spec = VolumeSpec(size_gib=1, pool=f"pool-{driver}", pool_name=driver, driver=driver, node="n1", attachment=att)
+        vol = VOLUME.new(project="default", name=name, spec=spec)
+        return vol.replace(status=msgspec.structs.replace(vol.status, state=state))
+
+    data = volume("data", "ceph", "vdb")
+    snap = SNAPSHOT.new(project="default", name="s", spec=SnapshotSpec(volume=data.id, node="n1"))
+    data = data.replace(spec=msgspec.structs.replace(data.spec, snapshots=[snap.id]))
+    scratch = volume("scratch", "local", "vdc")
+    await store.commit(Txn([Create(VOLUME.dump(data)), Create(VOLUME.dump(scratch)), Create(SNAPSHOT.dump(snap))]))
+    ops = Operations(store, "n1")
+    operator = Context.system("operator", action=migration.ACTION)
+    try:
+        with pytest.raises(
+            errors.Conflict, match="volume scratch in local pool local on node n1: a local volume stays"
+        ):
+            await migration.migrate_instance(operator, store, ops, "vm", node="n2")
+        rec = await store.get(VOLUME.name, scratch.id)
+        await store.commit(
+            Txn(
+                [
+                    Update(
+                        msgspec.structs.replace(rec, spec={**rec.spec, "attachment": None}),
+                        expect_revision=rec.revision,
+                    )
+                ]
+            )
+        )  # fmt: skip  (detached)
+        rec = await store.get(VOLUME.name, data.id)
+        attaching = {**rec.status, "state": "attaching"}
+        await store.commit(Txn([Update(msgspec.structs.replace(rec, status=attaching), expect_revision=rec.revision)]))
+        with pytest.raises(errors.Conflict, match="volume data is attaching: migrate it once that ends"):
+            await migration.migrate_instance(operator, store, ops, "vm", node="n2")
+        rec = await store.get(VOLUME.name, data.id)
+        in_use = {**rec.status, "state": "in-use"}
+        await store.commit(Txn([Update(msgspec.structs.replace(rec, status=in_use), expect_revision=rec.revision)]))
+        await migration.migrate_instance(operator, store, ops, "vm", node="n2")
+    finally:
+        await ops.close()
+    assert VOLUME.load(await store.get(VOLUME.name, data.id)).spec.node == "n1"  # not before the move ends
+    inst = INSTANCE.load(await store.get(INSTANCE.name, instance_id))
+    mig, _ = await migration.get_migration(store, instance_id)
+    rec = SimpleNamespace(store=store, _ids={}, _uuids={}, instances_dir=tmp_path)
+    await migration_reconciler.finish(rec, inst, mig.spec)
+    moved = VOLUME.load(await store.get(VOLUME.name, data.id)).spec
+    assert (moved.node, moved.attachment.node, moved.previous_node) == ("n2", "n2", "")  # handed over: no fence
+    assert SNAPSHOT.load(await store.get(SNAPSHOT.name, snap.id)).spec.node == "n2"
+    assert VOLUME.load(await store.get(VOLUME.name, scratch.id)).spec.node == "n1"  # detached: stays
+    assert INSTANCE.load(await store.get(INSTANCE.name, instance_id)).spec.node == "n2"
