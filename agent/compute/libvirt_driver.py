@@ -170,7 +170,10 @@ class LibvirtDriver:
         return await self._call(_live)
 
     async def define(self, xml: str) -> None:
-        await self._call(lambda: self._connection().defineXML(xml))
+        """Define (or redefine) a domain. ``VIR_DOMAIN_DEFINE_VALIDATE``: libvirt checks the XML against its RNG
+        schema first and refuses an invalid one (``XML document failed to validate against schema: …``) rather than
+        silently dropping what it does not know (a misspelt attribute of a ``<hostdev>`` address, say)."""
+        await self._call(lambda: self._connection().defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE))
 
     async def start(self, uuid: str) -> None:
         def _start() -> None:
