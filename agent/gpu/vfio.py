@@ -46,7 +46,7 @@ def check_bound(functions: list[str], sysfs: Path | str = "/sys") -> None:
     if wrong:
         raise BindingError(
             f"the GPU's functions must be bound to vfio-pci, and {', '.join(wrong)} are not: bind them "
-            "(docs/gpus.md, 'Binding GPUs to vfio-pci') or set gpu.manage_binding = true"
+            "(docs/gpus.md, 'Preparing a host', step 4 'Binding') or set gpu.manage_binding = true"
         )
 
 
