@@ -167,11 +167,8 @@ def test_gpu_record_id_is_stable_per_node_and_address() -> None:
     assert isinstance(Path, type)
 
 
-async def test_node_show_summarises_the_gpus_the_node_found(tmp_path):
-    """``GET /v1/node`` (and ``minicloud node show``) with the node's real host facts and a fake sysfs tree."""
-    fs = FakeSysfs(tmp_path / "sys")
-    fs.add("0000:3b:00.0", driver="vfio-pci", group="7")
-    fs.add("0000:5e:00.0", group="9")
+async def _node_show(tmp_path: Path, fs: FakeSysfs) -> tuple[dict[str, Any], str]:
+    """``GET /v1/node`` through ``minicloud node show`` on a node whose sysfs is ``fs``: the JSON and the table."""
     cfg = msgspec.structs.replace(make_config(tmp_path), gpu=GpuConfig(sysfs_root=str(fs.root)))
     app = attach_node_services(create_app(cfg))
     runner = web.AppRunner(app)
@@ -192,9 +189,30 @@ async def test_node_show_summarises_the_gpus_the_node_found(tmp_path):
             return out.getvalue()
 
         shown = json.loads(await asyncio.to_thread(cli, "-o", "json", "node", "show"))
-        assert shown["gpus"]["count"] == 2 and shown["gpus"]["capable"] == 2
-        assert len(shown["gpus"]["models"]) == 1 and shown["gpus"]["models"][0].startswith("2 x ")
-        table = await asyncio.to_thread(cli, "node", "show")
-        assert "gpus:        2 x " in table and "(2 of 2 passthrough-capable)" in table
+        return shown, await asyncio.to_thread(cli, "node", "show")
     finally:
         await runner.cleanup()
+
+
+async def test_node_show_summarises_the_gpus_the_node_found(tmp_path):
+    """``GET /v1/node`` (and ``minicloud node show``) with the node's real host facts and a fake sysfs tree."""
+    fs = FakeSysfs(tmp_path / "sys")
+    fs.add("0000:3b:00.0", driver="vfio-pci", group="7")
+    fs.add("0000:5e:00.0", group="9")
+    shown, table = await _node_show(tmp_path, fs)
+    assert shown["gpus"]["count"] == 2 and shown["gpus"]["capable"] == 2
+    assert len(shown["gpus"]["models"]) == 1 and shown["gpus"]["models"][0].startswith("2 x ")
+    assert "gpus:        2 x " in table and "(2 of 2 passthrough-capable)" in table
+
+
+async def test_node_show_says_why_a_node_has_no_gpus(tmp_path):
+    """A node whose only PCI device is a NIC: ``node show`` prints ``gpus: none (<reason>)``, the reason the API gives."""
+    fs = FakeSysfs(tmp_path / "sys")
+    fs.add("0000:5f:00.0", vendor="0x8086", device="0x1234", cls="0x020000", driver="e1000e", group="9")
+    shown, table = await _node_show(tmp_path, fs)
+    assert (shown["gpus"]["count"], shown["gpus"]["capable"], shown["gpus"]["models"]) == (0, 0, [])
+    reason = shown["gpus"]["reason"]
+    assert reason.startswith("no NVIDIA GPU on this node (no PCI device of vendor 0x10de, class 0x03xx in ")
+    (line,) = [ln for ln in table.splitlines() if ln.startswith("gpus:")]
+    assert line == f"gpus:        none ({reason})"
+    assert "passthrough-capable" not in table
