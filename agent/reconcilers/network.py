@@ -254,6 +254,8 @@ def desired_router(
     externals: Mapping[str, tuple[NetworkSpec, SubnetSpec]],
     providers: Mapping[str, str],
     floating: Sequence[tuple[str, FloatingIpSpec]] = (),
+    *,
+    external: bool = True,
 ) -> tuple[RouterPlan | None, str | None]:
     """(what the routers of a network's subnets need in its service namespace on this node, a reason the external
     leg is missing or None). ``subnets``: the network's subnets by id; ``routers``: the routers they name, by id;
@@ -263,7 +265,9 @@ def desired_router(
     of its subnets of this network (a route via another network's subnet is not reachable from here yet).
     ``floating``: (id, spec) of the floating IPs
     associated with this node's NICs of the network; those on the leg's external network whose NIC address is in
-    one of the leg's subnets are NATed 1:1 here. Pure."""
+    one of the leg's subnets are NATed 1:1 here. ``external`` False (the node has only guests arriving by migration):
+    no external leg yet — the router's address and MAC are on the LAN from the nodes whose guests use them, and a
+    second copy here would take their traffic (the LAN's switch follows the MAC) before the guest is here. Pure."""
     attached = {sid: s.router for sid, s in subnets.items() if s.router and not s.deleting and s.router in routers}
     if not attached:
         return None, None
@@ -280,7 +284,7 @@ def desired_router(
     legs: list[ExternalLeg] = []
     fips: list[FloatingLeg] = []
     missing: str | None = None
-    for rid in sorted(set(attached.values())):
+    for rid in sorted(set(attached.values())) if external else ():
         r = routers[rid]
         if not (r.external_network and r.external_address):
             continue
@@ -625,7 +629,7 @@ class NetworkReconciler:
                 f = FLOATING_IP.load(rec).spec
                 if f.port_network == network_id and mine.get(f.fixed_address) == f.port:
                     floating.append((rec.id, f))
-        plan, missing = desired_router(vni, subnets, routers, externals, self.providers, floating)
+        plan, missing = desired_router(vni, subnets, routers, externals, self.providers, floating, external=bool(mine))
         if missing:
             log.warning("router without its external side on this node", extra={"vni": vni, "reason": missing})
         return plan

@@ -294,3 +294,11 @@ async def test_the_egress_reporter_reports_at_most_once_an_interval():
     await reporter.refresh()
     assert len(calls) == 2
     await EgressReporter(None, lambda: None, "n1").refresh()  # no network reconciler yet: nothing
+
+
+def test_a_node_with_only_a_guest_arriving_by_migration_gets_no_external_leg_yet():
+    subnets = {"sub-a": subnet("10.0.1.0/24", "rtr-1")}
+    plan, missing = desired_router(42, subnets, {"rtr-1": EDGE}, EXT, {"lan": "eth1"}, external=False)
+    assert plan is not None and plan.legs == () and plan.floating == () and missing is None
+    with_legs, _ = desired_router(42, subnets, {"rtr-1": EDGE}, EXT, {"lan": "eth1"})
+    assert with_legs is not None and [leg.name for leg in with_legs.legs] == ["mce0"]
