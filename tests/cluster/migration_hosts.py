@@ -34,10 +34,18 @@ def enable_tls(node: AgentNode) -> None:
         text = (etc / name).read_text() if (etc / name).exists() else ""
         if lines not in text:
             (etc / name).write_text(f"{text}\n# minicloud test node: TLS between the nodes' libvirtds\n{lines}")
+    restart_libvirtd(node)
+
+
+def restart_libvirtd(node: AgentNode, sig: signal.Signals = signal.SIGTERM) -> None:
+    """Stop ``node``'s libvirtd with ``sig`` (SIGKILL: it dies mid-way through whatever it does) and start it again
+    with the TLS listener; its guests' QEMUs run on meanwhile (libvirtd reconnects to them)."""
+    lv = node.libvirt
+    assert lv is not None
     pid = lv.pid()
     if pid is not None and alive(pid):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, sig)
         wait_for(lambda: not alive(pid), timeout=20, what="libvirtd to exit")
     (lv.root / "run" / "libvirtd.pid").unlink(missing_ok=True)
     result = lv.exec("libvirtd", "-d", "--listen", "-p", "/run/libvirt/libvirtd.pid", timeout=60)

@@ -9,7 +9,8 @@ user-data script that prints a tick a second on its console. Then:
   guest, running; the ticks go on from where they were (the same guest, not a reboot); it answers pings on n2;
 * the libvirtds listen on TLS only (no plain TCP listener), and a client without a cluster certificate is refused;
 * back to n1, with n2's agent (the source) SIGKILLed as soon as the migration is ``migrating``: once n2's agent is
-  back, exactly one copy runs and the record says where it is;
+  back, exactly one copy runs and the record says where it is; the same with the target's agent SIGKILLed, and with
+  the source's libvirtd SIGKILLed (and started again);
 * stopped, it migrates cold to the other node (its disk copied, still stopped there), and starts there;
 * ``node drain`` of that node cordons it and moves the instance back, live;
 * a guest with a VPC NIC (a subnet behind a router with a floating IP on the public LAN, ICMP allowed by its
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +42,7 @@ from tests.cluster.migration_hosts import (
     ping_gap,
     ping_window,
     pinger,
+    restart_libvirtd,
     tcp_listeners,
 )
 
@@ -185,6 +188,30 @@ def test_live_migration_keeps_the_guest_running_and_survives_a_killed_source_age
     assert (final["state"] == "succeeded") == (node == "n1"), (final, node)
     serving = hosts.nodes[int(node[1]) - 1]
     reach(serving, ip)
+
+    # -- the target's agent, then the source's libvirtd, SIGKILLed mid-way: one running copy, the record says where
+    for victim in ("the target's agent", "the source's libvirtd"):
+        source = serving
+        target = n2 if source is n1 else n1
+        started_op = json.loads(
+            n1.cli("-o", "json", "instance", "migrate", "mover", "--node", target.node_name, check=True).stdout
+        )
+        wait_for(migrating, timeout=MIGRATE_TIMEOUT, interval=0.1, what="the migration to start moving the guest")
+        if victim == "the target's agent":
+            target.kill()
+            target.start(timeout=60)
+        else:
+            restart_libvirtd(source, signal.SIGKILL)
+        node = wait_for(settled, timeout=MIGRATE_TIMEOUT, interval=0.5, what=f"one running copy after {victim} died")
+        final = wait_for(
+            lambda op_id=started_op["id"]: (op := operation(n1, op_id))["state"] != "running" and op, timeout=120,
+            interval=0.5, what="the operation to end",
+        )  # fmt: skip
+        assert (final["state"] == "succeeded") == (node == target.node_name), (victim, final, node)
+        print(f"{victim} SIGKILLed mid-migration {source.node_name} -> {target.node_name}: the guest runs on {node}")
+        serving = hosts.nodes[int(node[1]) - 1]
+        reach(serving, ip)
+        wait_for(lambda: show(n1, "mover")["status"]["state"] == "running", timeout=120, what="mover running")
 
     # -- cold: a stopped instance moves with its disk and stays stopped there ------------------------------------
     n1.cli("instance", "stop", "mover", "--force", "--wait", check=True, timeout=120)
