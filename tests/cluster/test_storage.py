@@ -15,7 +15,8 @@ instances of it, created stopped, are spread one per node, and one is started an
 One cluster for the module and two guests (TCG on two cores is expensive). Guests are watched through their consoles:
 each runs a user-data script that, for every volume that appears, writes 4 MiB of random data to it when it is blank
 (else leaves it) and prints ``mc-vol SERIAL wrote|read MD5`` (the serial is the volume id, cut to 20 characters by
-virtio)."""
+virtio). Each appearance of a disk counts (keyed by its sysfs inode): a detach and attach quicker than the script's
+loop is seen again (a re-attach read nothing once, on a loaded machine, when the key was the disk's name and serial)."""
 
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ while true; do
     [ -e "$d" ] || continue
     n=${d##*/}
     serial=$(cat "$d/serial" 2>/dev/null)
-    [ -e "/run/mc-seen-$n-$serial" ] && continue
-    touch "/run/mc-seen-$n-$serial"
+    set -- $(ls -di "$d")
+    [ -e "/run/mc-seen-$n-$serial-$1" ] && continue
+    touch "/run/mc-seen-$n-$serial-$1"
     if [ -z "$(head -c 4096 /dev/$n | tr -d '\\000' | head -c 1)" ]; then
       dd if=/dev/urandom of=/dev/$n bs=65536 count=64 conv=fsync 2>/dev/null
       verb=wrote
