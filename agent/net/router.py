@@ -113,10 +113,13 @@ class ExternalLeg:
     #: The leg's index among the network's legs on this node: 0 is ``mce0`` with the main table's default route;
     #: ``i`` > 0 is ``mce<i>``, routing its sources by policy through table :data:`LEG_TABLE` + ``i``.
     index: int = 0
+    #: Whether ``address`` is the router's own ``external_address`` (the first node's leg) rather than another
+    #: node's address of it: each address on the LAN has its own MAC.
+    primary: bool = True
 
     @property
     def mac(self) -> str:
-        return external_mac(self.router_id)
+        return external_mac(self.router_id if self.primary else f"{self.router_id}/{self.address.ip}")
 
     @property
     def name(self) -> str:

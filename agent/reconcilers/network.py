@@ -73,8 +73,10 @@ from agent.net.router import (
 )
 from agent.net.service import INNER_NAME, ServiceSpec, service_mac
 from agent.reconcile import Result, update_record
+from minicloud import errors
 from minicloud.cluster.kinds import NODE
 from minicloud.compute.kinds import INSTANCE
+from minicloud.network import routers as routers_service
 from minicloud.network import secgroup_compile as sgc
 from minicloud.network.kinds import (
     FLOATING_IP,
@@ -256,6 +258,7 @@ def desired_router(
     floating: Sequence[tuple[str, FloatingIpSpec]] = (),
     *,
     external: bool = True,
+    addresses: Mapping[str, str] | None = None,
 ) -> tuple[RouterPlan | None, str | None]:
     """(what the routers of a network's subnets need in its service namespace on this node, a reason the external
     leg is missing or None). ``subnets``: the network's subnets by id; ``routers``: the routers they name, by id;
@@ -267,7 +270,9 @@ def desired_router(
     associated with this node's NICs of the network; those on the leg's external network whose NIC address is in
     one of the leg's subnets are NATed 1:1 here. ``external`` False (the node has only guests arriving by migration):
     no external leg yet — the router's address and MAC are on the LAN from the nodes whose guests use them, and a
-    second copy here would take their traffic (the LAN's switch follows the MAC) before the guest is here. Pure."""
+    second copy here would take their traffic (the LAN's switch follows the MAC) before the guest is here.
+    ``addresses``: router id -> this node's leg address (``RouterSpec.node_addresses``); a router without one here
+    gets no leg (the reason says so); None: each router's ``external_address``. Pure."""
     attached = {sid: s.router for sid, s in subnets.items() if s.router and not s.deleting and s.router in routers}
     if not attached:
         return None, None
@@ -297,16 +302,21 @@ def desired_router(
         if interface is None:
             missing = missing or f"no [network.providers] {net.provider!r} on this node (router {rid})"
             continue
+        mine = r.external_address if addresses is None else addresses.get(rid)
+        if not mine:
+            missing = missing or f"router {rid} has no external address for this node yet"
+            continue
         sources = tuple(
             sorted(ipaddress.IPv4Network(subnets[sid].cidr) for sid, owner in attached.items() if owner == rid)
         )
         leg = ExternalLeg(
             router_id=rid,
             interface=interface,
-            address=ipaddress.IPv4Interface(f"{r.external_address}/{ipaddress.IPv4Network(sub.cidr).prefixlen}"),
+            address=ipaddress.IPv4Interface(f"{mine}/{ipaddress.IPv4Network(sub.cidr).prefixlen}"),
             gateway=ipaddress.IPv4Address(sub.gateway),
             sources=sources,
             index=len(legs),
+            primary=mine == r.external_address,
         )
         legs.append(leg)
         fips += [
@@ -629,7 +639,21 @@ class NetworkReconciler:
                 f = FLOATING_IP.load(rec).spec
                 if f.port_network == network_id and mine.get(f.fixed_address) == f.port:
                     floating.append((rec.id, f))
-        plan, missing = desired_router(vni, subnets, routers, externals, self.providers, floating, external=bool(mine))
+        addresses: dict[str, str] = {}
+        for rid, r in routers.items() if mine else ():  # this node's address of each router with a gateway
+            if r.external_network and r.external_address:
+                try:
+                    address = r.node_addresses.get(self.node) or await routers_service.node_address(
+                        self.store, rid, self.node
+                    )
+                except errors.MinicloudError as exc:
+                    log.warning("no external address for this node's leg", extra={"router": rid, "error": str(exc)})
+                    continue
+                if address:
+                    addresses[rid] = address
+        plan, missing = desired_router(
+            vni, subnets, routers, externals, self.providers, floating, external=bool(mine), addresses=addresses
+        )
         if missing:
             log.warning("router without its external side on this node", extra={"vni": vni, "reason": missing})
         return plan

@@ -167,8 +167,11 @@ class Router(Resource, kw_only=True):
 
     subnets: list[str] = []
     external_network: str | None = None
-    #: Its address on the external network (the SNAT source).
+    #: Its address on the external network (the SNAT source of the first node that needed an external leg).
     external_address: str | None = None
+    #: Each node's external leg address (node -> address), the SNAT source of that node's guests: a leg per node
+    #: where the router's subnets have guests, each with its own address and MAC on the LAN.
+    node_addresses: dict[str, str] = {}
     routes: list[Route] = []
     description: str = ""
     #: Per external leg (``"<node>/<vni>"``): the bytes it sent out since ``since`` (epoch seconds), as the node last

@@ -211,6 +211,10 @@ class RouterSpec(msgspec.Struct, kw_only=True):
     #: The external network's subnet its address was allocated in, and the address.
     external_subnet: str = ""
     external_address: str = ""
+    #: Node -> the external address of its leg (its SNAT source there; :func:`minicloud.network.routers.node_address`):
+    #: the first node to need a leg takes ``external_address``, each other one an address of the same subnet (holder
+    #: ``router/<id>/<node>``), so no two nodes put the same address and MAC on the LAN. Released with the router.
+    node_addresses: dict[str, str] = {}
     routes: list[RouteSpec] = []
     description: str = ""
 
@@ -235,6 +239,7 @@ def _render_router(obj: Obj[RouterSpec, Any]) -> Router:
         subnets=list(s.subnets),
         external_network=s.external_network or None,
         external_address=s.external_address or None,
+        node_addresses=dict(sorted(s.node_addresses.items())),
         routes=_routes(s.routes),
         description=s.description,
         egress={leg: RouterEgressCounter(since=e.since, bytes=e.bytes) for leg, e in sorted(obj.status.egress.items())},

@@ -20,7 +20,7 @@ from minicloud.core.write import Written, commit
 from minicloud.model.network import Route, RouterCreate, RouterSubnet
 from minicloud.network import ipam
 from minicloud.network.kinds import NETWORK, ROUTER, SUBNET, NetworkSpec, RouterSpec, RouteSpec, SubnetSpec
-from minicloud.state import Op, Store, Update
+from minicloud.state import Op, Store, Txn, TxnFailed, Update
 
 Router = Obj[RouterSpec, Any]
 Network = Obj[NetworkSpec, Any]
@@ -107,7 +107,8 @@ async def delete_router(ctx: Context, store: Store, ref: str, *, expect: int | N
         extra: list[Op] = []
         if router.spec.external_subnet:
             for alloc in await ipam.allocations(store, router.spec.external_subnet):
-                if alloc.spec.holder == f"router/{router.id}":
+                holder = alloc.spec.holder
+                if holder == f"router/{router.id}" or holder.startswith(f"router/{router.id}/"):  # its nodes' legs
                     extra.append(ipam.release(alloc))
         if router.spec.external_network and (rec := await store.get(NETWORK.name, router.spec.external_network)):
             network = NETWORK.load(rec)
@@ -115,6 +116,43 @@ async def delete_router(ctx: Context, store: Store, ref: str, *, expect: int | N
         return await crud.delete_obj(ctx, store, ROUTER, router, expect=router.revision, extra=extra)
 
     return await (step(0) if expect is not None else ipam.retrying(step))
+
+
+async def node_address(store: Store, router_id: str, node: str) -> str | None:
+    """The external address of ``node``'s leg of router ``router_id`` (the SNAT source of its guests there), taken
+    on first use with a compare-and-swap on the router: its ``external_address`` when no node has that yet (a single
+    node changes nothing), else a new address of the external subnet (holder ``router/<id>/<node>``). Two nodes
+    must not put one address and MAC on the LAN: its switch sends a MAC's frames to the port it last saw it on, so
+    the replies to one node's connections would reach the other. None for a router that is gone or has no external
+    gateway; 409 when the external pool is exhausted."""
+    ctx = Context.system("network", action="network:routers:leg")
+    for attempt in range(ipam.ATTEMPTS):
+        record = await store.get(ROUTER.name, router_id)
+        if record is None:
+            return None
+        router = ROUTER.load(record)
+        s = router.spec
+        if not (s.external_subnet and s.external_address):
+            return None
+        if have := s.node_addresses.get(node):
+            return have
+        ops: list[Op] = []
+        if s.external_address not in s.node_addresses.values():
+            address = s.external_address
+        else:
+            subnet = await store.get(SUBNET.name, s.external_subnet)
+            if subnet is None:
+                return None
+            address, ops = await ipam.allocate(
+                ctx, store, SUBNET.load(subnet), holder=f"router/{router.id}/{node}", spread=min(attempt, 8)
+            )
+        ops.append(_update(ctx, ROUTER, router, node_addresses={**s.node_addresses, node: address}))
+        try:
+            await store.commit(Txn(ops))
+            return address
+        except TxnFailed:
+            continue
+    raise errors.Conflict(f"router {router_id}'s address for node {node} kept losing to concurrent changes; retrying")
 
 
 async def add_subnet(ctx: Context, store: Store, ref: str, body: RouterSubnet) -> Written:

@@ -134,6 +134,23 @@ def test_a_guest_reaches_the_public_lan_through_its_routers_snat_on_its_own_node
     finally:
         hosts.public.exec("ip", "route", "del", "10.20.1.0/24")
 
+    # A guest of the same router on n1: n1's leg has an address (and MAC) of its own on the LAN, so each node's
+    # SNATed connections come back to that node (one address and MAC on two switch ports would send the replies to
+    # whichever node spoke last).
+    data = probes(tmp_path, "g1", [("snat", 240, f"timeout 5 wget -q -O - {url}")])
+    g1 = launch(n1, "g1", "--image", "guest-n1", "--nic", "subnet=web", "--user-data", data)
+    assert g1["status"]["node"] == "n1"
+    seen = ok(n1, "g1", "snat").strip()
+    shown = json.loads(n1.cli("-o", "json", "router", "show", "edge", check=True).stdout)
+    assert shown["external_address"] == external and shown["node_addresses"]["n2"] == external, shown
+    other = shown["node_addresses"]["n1"]
+    assert seen == f"from {other}" and other != external, (seen, shown)
+    assert f"{other}/24" in n1.exec(*inside, "ip", "-4", "-o", "addr", "show", "mce0", check=True).stdout
+    macs = {json.loads(node.exec(*inside, "ip", "-j", "link", "show", "mce0", check=True).stdout)[0]["address"]
+            for node in (n1, n2)}  # fmt: skip
+    assert len(macs) == 2, macs
+    delete(n1, "g1")
+
     delete(n1, "g")
     n1.cli("router", "remove-subnet", "edge", "web", check=True)
     n1.cli("router", "delete", "edge", check=True)
@@ -168,14 +185,18 @@ def test_a_floating_ip_reaches_its_guest_from_the_public_lan_and_follows_it_to_t
         out = node.exec("nsenter", f"--net=/run/netns/mcs-{vni:06x}", "ip", "-br", "link").stdout
         return [line.split("@")[0] for line in out.splitlines() if line.startswith("mcf-")]
 
-    f1 = launch(n1, "f1", "--image", "guest-n1", "--nic", "subnet=app")
+    # f1 (on n1) fetches the floating IP until f2 (on n2) answers it: hairpin across nodes, n1's guest reaching the
+    # LAN from n1's own leg address (not the address n2's leg holds)
+    cross = probes(tmp_path, "f1", [("cross", 400, f"timeout 5 wget -q -O - http://{address}/ | grep '<h1>f2</h1>'")])
+    f1 = launch(n1, "f1", "--image", "guest-n1", "--nic", "subnet=app", "--user-data", cross)
     booted(n1, "f1")
     n1.cli("floating-ip", "associate", address, "f1", check=True)
     wait_for(lambda: serves("f1"), timeout=90, interval=1, what=f"f1 behind {address}")
     assert legs(n1) and legs(n2) == []  # NATed (and ARP answered) on f1's node only
 
-    # f2 fetches the floating IP until it answers: once it is f2's own, hairpin NAT on n2 brings it back to f2
-    data = probes(tmp_path, "f2", [("hairpin", 300, f"timeout 5 wget -q -O - http://{address}/")])
+    # f2 fetches the floating IP until f2 answers it: once it is f2's own, hairpin NAT on n2 brings it back to f2
+    # (before that, f1 answers it across the nodes)
+    data = probes(tmp_path, "f2", [("hairpin", 300, f"timeout 5 wget -q -O - http://{address}/ | grep '<h1>f2</h1>'")])
     launch(n1, "f2", "--image", "guest-n2", "--nic", "subnet=app", "--user-data", data)
     booted(n2, "f2")
     moved = json.loads(n1.cli("-o", "json", "floating-ip", "associate", address, "f2", check=True).stdout)
@@ -183,6 +204,7 @@ def test_a_floating_ip_reaches_its_guest_from_the_public_lan_and_follows_it_to_t
     wait_for(lambda: serves("f2"), timeout=90, interval=1, what=f"f2 behind {address} after the move")
     assert legs(n2) and legs(n1) == []  # the old node let go (and n2 announced it: the LAN follows at once)
     assert "<h1>f2</h1>" in ok(n2, "f2", "hairpin")  # reached from inside its own network (hairpin NAT)
+    assert "<h1>f2</h1>" in ok(n1, "f1", "cross")  # and from its network's guest on the other node
 
     n1.cli("floating-ip", "disassociate", address, check=True)
     wait_for(lambda: not serves("f2"), timeout=60, interval=1, what=f"{address} disassociated")

@@ -302,3 +302,17 @@ def test_a_node_with_only_a_guest_arriving_by_migration_gets_no_external_leg_yet
     assert plan is not None and plan.legs == () and plan.floating == () and missing is None
     with_legs, _ = desired_router(42, subnets, {"rtr-1": EDGE}, EXT, {"lan": "eth1"})
     assert with_legs is not None and [leg.name for leg in with_legs.legs] == ["mce0"]
+
+
+def test_each_node_has_its_own_address_and_mac_on_the_lan_for_one_router():
+    subnets = {"sub-a": subnet("10.0.1.0/24", "rtr-1")}
+    first, _ = desired_router(
+        42, subnets, {"rtr-1": EDGE}, EXT, {"lan": "eth1"}, addresses={"rtr-1": EDGE.external_address}
+    )
+    other, _ = desired_router(42, subnets, {"rtr-1": EDGE}, EXT, {"lan": "eth1"}, addresses={"rtr-1": "198.51.100.77"})
+    assert first is not None and other is not None and first.external is not None and other.external is not None
+    assert str(first.external.address.ip) == EDGE.external_address and first.external.mac == external_mac("rtr-1")
+    assert str(other.external.address.ip) == "198.51.100.77" and other.external.mac not in (first.external.mac,)
+    assert other.external.mac == external_mac("rtr-1/198.51.100.77")  # fixed for that address: adopted after a restart
+    none, missing = desired_router(42, subnets, {"rtr-1": EDGE}, EXT, {"lan": "eth1"}, addresses={})
+    assert none is not None and none.legs == () and missing == "router rtr-1 has no external address for this node yet"

@@ -8,12 +8,13 @@ import asyncio
 import pytest
 
 from minicloud import errors
+from minicloud.core import crud
 from minicloud.model.compute import NicCreate
 from minicloud.model.floating_ip import FloatingIpAllocate, FloatingIpAssociate
 from minicloud.model.network import NetworkCreate, RouterCreate, RouterSubnet
 from minicloud.network import floating_ips as fips
 from minicloud.network import routers
-from minicloud.network.kinds import FLOATING_IP
+from minicloud.network.kinds import FLOATING_IP, ROUTER
 from minicloud.network.networks import create_network
 from tests.unit.network.conftest import ctx_of
 from tests.unit.network.test_ports import _allocs, _project, create, world  # noqa: F401  (fixture)
@@ -77,7 +78,7 @@ async def test_refusals(ctx, world, public):  # noqa: F811
         await fips.release(ctx_of("p2"), world, fip.address)
     # the pool runs out: 409
     await fips.allocate(ctx, world, FloatingIpAllocate(network="public"))
-    with pytest.raises(errors.Conflict, match="no free address"):
+    with pytest.raises(errors.Conflict, match="has no free address left"):
         await fips.allocate(ctx, world, FloatingIpAllocate(network="public"))
 
 
@@ -103,3 +104,29 @@ async def test_two_concurrent_associations_of_one_nic_give_it_one_floating_ip(ct
     # moving the winner to the same NIC again (a retry) is fine: it is its own
     again = (await fips.associate(ctx, world, won[0].body.id, FloatingIpAssociate(instance="b"))).body
     assert again.port == b.nics[0].port
+
+
+async def test_each_node_takes_its_own_external_address_of_a_router_and_the_router_delete_releases_them(
+    ctx,
+    world,  # noqa: F811
+    public,
+):
+    edge = await crud.get(ctx, world, ROUTER, "edge")
+    assert edge.spec.external_address == "192.0.2.100" and edge.spec.node_addresses == {}
+    # the first node takes the router's own address, others get theirs from the pool (at once: no two the same)
+    assert await routers.node_address(world, edge.id, "n1") == "192.0.2.100"
+    n2, n3 = await asyncio.gather(
+        routers.node_address(world, edge.id, "n2"), routers.node_address(world, edge.id, "n3")
+    )
+    assert {n2, n3} == {"192.0.2.101", "192.0.2.102"}
+    assert await routers.node_address(world, edge.id, "n2") == n2  # kept
+    shown = (await crud.get(ctx, world, ROUTER, "edge")).spec.node_addresses
+    assert shown == {"n1": "192.0.2.100", "n2": n2, "n3": n3}
+    allocs = await _allocs(world, public.subnets[0])
+    assert allocs[n2] == f"router/{edge.id}/n2" and allocs[n3] == f"router/{edge.id}/n3"
+    with pytest.raises(errors.Conflict, match="has no free address left"):  # the pool is spent: a fourth node gets none
+        await routers.node_address(world, edge.id, "n4")
+    await routers.remove_subnet(ctx, world, "edge", RouterSubnet(subnet="web"))
+    await routers.delete_router(ctx, world, "edge")
+    left = await _allocs(world, public.subnets[0])
+    assert not [h for h in left.values() if h.startswith("router/")], left  # every node's address went with it
