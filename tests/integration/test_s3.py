@@ -379,6 +379,47 @@ def test_public_read_is_anonymous_get_by_tenant(agent, endpoint):
     assert _http(endpoint, "GET", f"{endpoint['url']}/{tenant}:closed-1/x")[0] == 403
 
 
+@pytest.mark.timeout(600)  # a dozen CLI processes, each seconds to start on a loaded machine (and, alone, the Ceph)
+def test_the_bucket_cli(agent, endpoint):
+    """``minicloud bucket create|list|show|delete`` with ``--versioning`` and ``--public-read``, as a user types them,
+    and S3 sees what they set (the API behind them is tested in depth above)."""
+    s3 = _usable(endpoint, _key(agent, "k-cli"))
+    versioned, public = "cli-versioned-1", "cli-public-1"
+    c = agent.client()
+
+    def details(out: str) -> dict[str, str]:  # `show`'s "key: value" lines, the top level
+        return {k: v.strip() for k, _, v in (x.partition(":") for x in out.splitlines() if not x.startswith(" "))}
+
+    def rows() -> dict[str, dict[str, str]]:  # `list`'s table by name
+        header, *lines = agent.cli("bucket", "list", check=True).stdout.splitlines()
+        return {r["name"]: r for r in (dict(zip(header.lower().split(), x.split(), strict=True)) for x in lines)}
+
+    made = details(agent.cli("bucket", "create", versioned, "--versioning", check=True).stdout)
+    assert (made["name"], made["versioning"], made["public_read"]) == (versioned, "True", "False"), made
+    made = details(agent.cli("bucket", "create", public, "--public-read", check=True).stdout)
+    assert (made["name"], made["versioning"], made["public_read"]) == (public, "False", "True"), made
+    for name in (versioned, public):
+        _wait(f"bucket {name} ready", lambda n=name: c.call("GET", f"/v1/buckets/{n}")["status"]["state"] == "ready",
+              agent=agent)  # fmt: skip
+    listed = rows()
+    got = {n: (listed[n]["state"], listed[n]["versioning"], listed[n]["public"]) for n in (versioned, public)}
+    assert got == {versioned: ("ready", "True", "False"), public: ("ready", "False", "True")}, listed
+    shown = details(agent.cli("bucket", "show", versioned, check=True).stdout)
+    assert (shown["name"], shown["versioning"], shown["public_read"]) == (versioned, "True", "False"), shown
+    assert shown["id"] == listed[versioned]["id"] and "state=ready" in shown["status"], shown
+    # what S3 sees: versioning on the one, anonymous GET (by TENANT:BUCKET) on the other
+    assert s3.get_bucket_versioning(Bucket=versioned).get("Status") == "Enabled"
+    s3.put_object(Bucket=public, Key="hello.txt", Body=b"for anyone")
+    assert _http(endpoint, "GET", f"{endpoint['url']}/{_tenant(agent)}:{public}/hello.txt") == (200, b"for anyone")
+    s3.delete_object(Bucket=public, Key="hello.txt")  # empty again: `bucket delete` takes empty buckets only
+    for name in (public, versioned):
+        out = agent.cli("bucket", "delete", name, check=True).stdout.strip()
+        assert out in (f"Deleted bucket {name}", f"Deleting bucket {name}"), out
+    _wait("the deleted buckets leave `bucket list`", lambda: not {versioned, public} & set(rows()), agent=agent)
+    gone = agent.cli("bucket", "show", public)
+    assert gone.returncode == 1 and f"Error: no bucket with the name or id '{public}'" in gone.stderr, gone
+
+
 def test_presigned_put(agent, endpoint):
     key = _key(agent, "k-presign")
     s3 = _usable(endpoint, key)
