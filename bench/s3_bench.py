@@ -3,7 +3,7 @@ through minicloud's S3 endpoint against a bare RADOS Gateway on the same Ceph (t
 
 Usage::
 
-    .venv/bin/python bench/s3_bench.py [--clients 16] [--rounds 2] [--json FILE] [--keep]
+    .venv/bin/python bench/s3_bench.py [--clients 16] [--rounds 2] [--floor-tls] [--json FILE] [--keep]
     .venv/bin/python bench/s3_bench.py --quick   # 1 MiB and 8 MiB objects, 2 s of 4 KiB ops, one round; 256 MiB backup
     .venv/bin/python bench/s3_bench.py --phase backup [--backup-mib 2048] [--change-pct 1]
 
@@ -14,16 +14,19 @@ bootstraps its own cluster and starts its gateway (the endpoint: TLS with the no
 settings — usage log on, quota caches, 128 threads). An access key and a bucket are made through the API, as a user
 would.
 
-The floor is a second ``radosgw`` on the same cluster, started by the bench with its own cephx key, on another port
-of the same address, with the same TLS certificate (like with like: both sides pay TLS), and with Ceph's defaults for
-everything else (no usage log, no quota settings, Ceph's thread count). RGW's users and buckets are cluster-wide, so
-the same key and the same bucket serve both sides: only the gateway in the path differs — what minicloud adds is its
-settings (the usage log writes a record per request into RADOS every tick) and nothing else (no proxy: clients talk
-to RGW directly).
+The floor is a bare RGW: a second ``radosgw`` on the same cluster, started by the bench with its own cephx key, on
+another port of the same address, with Ceph's defaults — plain HTTP (``rgw_frontends = beast endpoint=ADDRESS:PORT``,
+Ceph's own ``beast port=7480`` bound to that address only), no usage log, no quota settings, Ceph's thread count.
+RGW's users and buckets are cluster-wide, so the same key and the same bucket serve both sides: only the gateway in
+the path differs, and the ratio counts everything minicloud puts there — TLS (the node certificate, from the cluster
+CA) and its settings (the usage log writes a record per request into RADOS every tick); there is no proxy and no auth
+hook (clients talk to RGW directly). ``--floor-tls`` serves the floor over TLS with the same certificate instead
+(like with like: both sides pay TLS, and the ratio is that of the settings alone).
 
 One closed-loop load generator (this process, asyncio + aiohttp, ``--clients`` connections, SigV4 signed with
-minicloud's signer, payloads UNSIGNED-PAYLOAD as the AWS CLI sends them over HTTPS) runs each scenario against each
-side, alternating which side goes first per round:
+minicloud's signer, payloads UNSIGNED-PAYLOAD as the AWS CLI sends them over HTTPS, and the same to the floor over
+HTTP so the generator's work per request is the same) runs each scenario against each side, alternating which side
+goes first per round:
 
 | scenario        | what                                                                                       |
 |-----------------|--------------------------------------------------------------------------------------------|
@@ -141,8 +144,11 @@ class Side:
 
     def __init__(self, name: str, url: str, key: str, secret: str, ca: str, pid: int) -> None:
         self.name, self.url, self.key, self.secret, self.pid = name, url.rstrip("/"), key, secret, pid
-        self.ssl = ssl.create_default_context(cafile=ca)
-        self.ssl.check_hostname = False
+        # aiohttp's ``ssl=``: the cluster CA for an https:// side; False (no TLS settings) for a plain HTTP one
+        self.ssl: ssl.SSLContext | bool = False
+        if self.url.startswith("https://"):
+            self.ssl = ssl.create_default_context(cafile=ca)
+            self.ssl.check_hostname = False
 
     def signed(self, method: str, path: str) -> tuple[URL, dict[str, str]]:
         url = f"{self.url}{path}"
@@ -263,6 +269,8 @@ async def measure(args: argparse.Namespace, sides: list[Side]) -> list[tuple[Row
 def report(rows: list[tuple[Row, Row]], args: argparse.Namespace, info: dict[str, Any]) -> dict[str, Any]:
     print(f"\nS3: {args.clients} clients, {args.rounds} round(s), best per side; Ceph {info.get('ceph', '?')}, "
           f"one {args.osd_gib} GiB file OSD; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+    print(f"minicloud: {info.get('minicloud_url', '?')} (TLS); floor: a bare radosgw at {info.get('floor_url', '?')} "
+          f"({'TLS, --floor-tls' if args.floor_tls else 'plain HTTP'})")  # fmt: skip
     head = f"{'scenario':16} {'side':9} {'MiB/s':>8} {'ops/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'gw CPU%':>8} {'gen CPU%':>8}"
     print(head)
     summary: dict[str, Any] = {}
@@ -441,15 +449,42 @@ def wait_for(what: str, check: Any, agent: Child, timeout: float = 300.0, interv
         time.sleep(interval)
 
 
-def floor_gateway(data: Path, node: str, address: str, port: int) -> Any:
-    """A bare radosgw on the agent's cluster: Ceph's defaults but the frontend (same TLS certificate)."""
+def floor_gateway(data: Path, node: str, address: str, port: int, tls: bool) -> Any:
+    """A bare radosgw on the agent's cluster with Ceph's defaults: plain HTTP (``beast endpoint=ADDRESS:PORT``), or
+    with ``tls`` the agent's TLS frontend and the node certificate. Its ``url``: what clients use."""
     from agent.storage.ceph import CephEngine, CephSettings
     from agent.storage.rgw import DEFAULT_OPTIONS, Rgw, RgwSettings
 
+    host = f"[{address}]" if ":" in address else address
+
     class Bare(Rgw):
+        url = f"{'https' if tls else 'http'}://{host}:{port}"
+
         def argv(self) -> list[str]:
             drop = {f"--{k}=" for k, _ in DEFAULT_OPTIONS}
-            return [a for a in super().argv() if not any(a.startswith(d) for d in drop)]
+            argv = [a for a in super().argv() if not any(a.startswith(d) for d in drop)]
+            if tls:
+                return argv
+            plain = f"--rgw_frontends=beast endpoint={host}:{port}"
+            return [plain if a.startswith("--rgw_frontends=") else a for a in argv]
+
+        async def probe(self) -> int:
+            """One anonymous ``GET /`` (over plain HTTP unless ``tls``); the HTTP status."""
+            if tls:
+                return await super().probe()
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), 5)
+            try:
+                writer.write(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+                await writer.drain()
+                line = await asyncio.wait_for(reader.readline(), 5)
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+            parts = line.split()
+            if len(parts) < 2 or not parts[1].isdigit():
+                raise OSError(f"not an HTTP answer: {line[:60]!r}")
+            return int(parts[1])
 
     root = data / "ceph"
     conf = (root / "ceph.conf").read_text()
@@ -556,13 +591,14 @@ def s3_phase(args: argparse.Namespace, client: Client, data: Path, node: str, ep
     """The S3 scenarios against the agent's gateway and a bare one started here (the floor)."""
     floor_port = free_port()
     address = URL(ep["url"]).host or "127.0.0.1"
-    print(f"the floor: a bare radosgw on {address}:{floor_port} ...", file=sys.stderr)
-    floor = floor_gateway(data, node, address, floor_port)
+    floor = floor_gateway(data, node, address, floor_port, args.floor_tls)
+    print(f"the floor: a bare radosgw at {floor.url} ...", file=sys.stderr)
+    info["minicloud_url"], info["floor_url"] = ep["url"], floor.url
     asyncio.run(floor.ensure_key())
     asyncio.run(floor.ensure_running())
     mc_side = Side("minicloud", ep["url"], key["id"], key["secret_access_key"], ep["ca_path"],
                    gateway_pid(data, f"client.rgw.{node}"))  # fmt: skip
-    fl_side = Side("floor", floor.settings.url, key["id"], key["secret_access_key"], ep["ca_path"],
+    fl_side = Side("floor", floor.url, key["id"], key["secret_access_key"], ep["ca_path"],
                    gateway_pid(data, floor.settings.entity))  # fmt: skip
 
     async def key_works() -> bool:
@@ -591,6 +627,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--big-count", type=int, default=16, help="big objects (default 16)")
     p.add_argument("--ops-s", type=float, default=2.0 if quick else 10.0, help="seconds per 4 KiB row (default 10)")
     p.add_argument("--osd-gib", type=int, default=16, help="the file OSD's size, sparse (default 16)")
+    p.add_argument("--floor-tls", action="store_true",
+                   help="serve the floor over TLS with the node certificate, like minicloud's endpoint (default: "
+                        "plain HTTP, Ceph's default, so that the ratio counts minicloud's TLS too)")  # fmt: skip
     p.add_argument("--phase", choices=("all", "s3", "backup"), default="all",
                    help="the S3 scenarios, the volume backup one, or both (default)")  # fmt: skip
     p.add_argument("--backup-mib", type=int, default=256 if quick else 2048,
