@@ -453,7 +453,7 @@ def floor_gateway(data: Path, node: str, address: str, port: int, tls: bool) -> 
     """A bare radosgw on the agent's cluster with Ceph's defaults: plain HTTP (``beast endpoint=ADDRESS:PORT``), or
     with ``tls`` the agent's TLS frontend and the node certificate. Its ``url``: what clients use."""
     from agent.storage.ceph import CephEngine, CephSettings
-    from agent.storage.rgw import DEFAULT_OPTIONS, Rgw, RgwSettings
+    from agent.storage.rgw import DEFAULT_OPTIONS, Rgw, RgwSettings, http_status
 
     host = f"[{address}]" if ":" in address else address
 
@@ -470,21 +470,7 @@ def floor_gateway(data: Path, node: str, address: str, port: int, tls: bool) -> 
 
         async def probe(self) -> int:
             """One anonymous ``GET /`` (over plain HTTP unless ``tls``); the HTTP status."""
-            if tls:
-                return await super().probe()
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), 5)
-            try:
-                writer.write(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-                await writer.drain()
-                line = await asyncio.wait_for(reader.readline(), 5)
-            finally:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
-            parts = line.split()
-            if len(parts) < 2 or not parts[1].isdigit():
-                raise OSError(f"not an HTTP answer: {line[:60]!r}")
-            return int(parts[1])
+            return await (super().probe() if tls else http_status(address, port))
 
     root = data / "ceph"
     conf = (root / "ceph.conf").read_text()

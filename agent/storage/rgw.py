@@ -57,6 +57,24 @@ class RgwError(Exception):
     """The gateway could not be set up or started; ``str()`` is for humans."""
 
 
+async def http_status(address: str, port: int, tls: ssl.SSLContext | None = None) -> int:
+    """One anonymous ``GET /`` to ``address:port`` (over TLS with ``tls``); the HTTP status (raises OSError when
+    nothing answers)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port, ssl=tls), 5)
+    try:
+        writer.write(f"GET / HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    parts = line.split()
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise OSError(f"not an HTTP answer: {line[:60]!r}")
+    return int(parts[1])
+
+
 @dataclass
 class RgwSettings:
     node: str
@@ -218,21 +236,7 @@ class Rgw:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE  # liveness only: the clients verify against the CA
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.settings.address, self.settings.port, ssl=ctx), 5
-        )
-        try:
-            writer.write(f"GET / HTTP/1.1\r\nHost: {self.settings.address}\r\nConnection: close\r\n\r\n".encode())
-            await writer.drain()
-            line = await asyncio.wait_for(reader.readline(), 5)
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-        parts = line.split()
-        if len(parts) < 2 or not parts[1].isdigit():
-            raise OSError(f"not an HTTP answer: {line[:60]!r}")
-        return int(parts[1])
+        return await http_status(self.settings.address, self.settings.port, ctx)
 
     async def stop(self, timeout: float = 30) -> None:
         """SIGTERM, SIGKILL after ``timeout``."""
