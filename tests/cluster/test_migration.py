@@ -298,6 +298,16 @@ def vpc_nic_follows(hosts: Cluster, user_data: Path) -> None:
     n1.cli("security-group", "rule", "remove", "default", rule, check=True)
     wait_for(lambda: not lan_ping(lan, address), timeout=60, interval=1, what="the pings refused on n2")
 
+    # everything goes, and with it the network's namespace and dnsmasq on n2 (not left to the harness's teardown)
+    n1.cli("instance", "delete", "vmover", check=True)
+    wait_for(lambda: n1.cli("instance", "show", "vmover").returncode != 0, timeout=120, what="vmover deleted")
+    n1.cli("floating-ip", "release", address, check=True)
+    n1.cli("router", "remove-subnet", "edge", "app", check=True)
+    n1.cli("router", "delete", "edge", check=True)
+    n1.cli("subnet", "delete", "app", check=True)
+    n1.cli("network", "delete", "vpc", check=True)
+    wait_for(lambda: not built(n2), timeout=60, interval=1, what=f"n2's {service_ns} gone")
+
 
 def reach(node: AgentNode, ip: str, timeout: float = 60) -> None:
     """Wait until the guest answers pings from ``node``; fail with what the node's network looks like otherwise."""
