@@ -305,17 +305,17 @@ def _port_update(record: Record, **changes: str) -> Update:
 
 async def ports_moved(store: Store, instance_id: str, *, to: str | None) -> list[Update]:
     """The updates that end the arrival of the instance's NICs: each one's ``node`` set to ``to`` (the migration
-    succeeded) or left (``to`` None: it failed), and ``arriving`` cleared. Found by the ports' instance (each NIC's
-    network index); nothing for a port that is not arriving and already where it should be."""
+    succeeded) or left (``to`` None: it failed), and ``arriving`` cleared; nothing for a port already so."""
     irec = await store.get(INSTANCE.name, instance_id)
     if irec is None:
         return []
     out: list[Update] = []
-    for network in sorted({nic.network for nic in INSTANCE.load(irec).spec.nics}):
-        for record in await list_all(store, PORT.name, where={"network": network}):
-            p = PORT.load(record).spec
-            if p.instance != instance_id or (not p.arriving and (to is None or p.node == to)):
-                continue
+    for nic in INSTANCE.load(irec).spec.nics:
+        record = await store.get(PORT.name, nic.port)
+        if record is None:
+            continue
+        p = PORT.load(record).spec
+        if p.arriving or (to is not None and p.node != to):
             out.append(_port_update(record, arriving="", **({"node": to} if to is not None else {})))
     return out
 
