@@ -38,6 +38,34 @@ def ssh_key() -> str:
     return make_ssh_key()
 
 
+# -- how the suite is spread over xdist workers ------------------------------------------------------------------------
+
+# Each test module under this directory builds a rack of agents (three nodes, guests, Ceph): they run one after the
+# other on one worker, so two racks never compete for the machine's two cores, while the other worker takes the rest.
+RACK_TESTS = "tests/cluster/"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """With xdist's default ``load`` (``-n auto``), schedule by module instead, every rack module in one unit.
+
+    Plain ``load`` hands each worker a quarter of the collection at once (~500 tests, with every rack module in the
+    first worker's share) and never takes back what it handed out: one worker ran its queue for ~20 minutes after the
+    other went idle. Here a worker takes one unit at a time (after a first two), in collection order: the rack
+    modules first, then each integration and unit module; a module never straddles two workers, so module-scoped
+    fixtures are set up once. An explicit ``--dist`` other than ``load`` is left to xdist."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return RACK_TESTS if nodeid.startswith(RACK_TESTS) else nodeid.split("::", 1)[0]
+
+    config.option.loadscopereorder = False  # keep collection order: the long rack unit starts first
+    return ModuleScheduling(config, log)  # type: ignore[arg-type]
+
+
 # -- the shared Ceph cluster (tests/ceph.py) ---------------------------------------------------------------------------
 
 

@@ -171,14 +171,33 @@ def test_three_nodes_share_ceph_and_survive_losing_one(rack: Cluster, guest_imag
     for node in (n2, n3):
         n1.cli("storage", "disk", "add", "--node", node.node_name, "--file", OSD, check=True)
 
+    last: dict = {}
+
     def ready() -> dict | None:
-        shown = storage(n1)
+        shown = last["shown"] = storage(n1)
         hosts = {o["node"] for o in shown["osds"] if o["up"] and o["in_cluster"]}
         full = shown["state"] == "ready" and len(shown["mons"]) == 3 and hosts == {"n1", "n2", "n3"}
         healthy = shown["summary"].startswith("Healthy: 3 OSDs on 3 nodes")
         return shown if full and healthy and shown["replicas"] == 3 else None
 
-    wait_for(ready, timeout=CEPH_TIMEOUT, interval=2, what="storage ready and healthy on three nodes")
+    started = time.monotonic()
+    try:
+        wait_for(ready, timeout=CEPH_TIMEOUT, interval=2, what="storage ready and healthy on three nodes")
+    except TimeoutError as exc:  # say why: what storage show said last, Ceph's own words, the agents' storage lines
+        detail = n1.exec("ceph", "--conf", n1.data_dir / "ceph" / "ceph.conf", "--keyring",
+                         n1.data_dir / "ceph" / "client.admin.keyring", "--connect-timeout", "20",
+                         "health", "detail", timeout=90)  # fmt: skip
+        logs = "\n".join(
+            f"{node.node_name}: {ln}"
+            for node in rack
+            for ln in node.log_tail(200_000).splitlines()[-4000:]
+            if "storage" in ln or "ceph" in ln.lower()
+        )
+        raise AssertionError(
+            f"{exc}\nlast storage show: {json.dumps(last.get('shown'), indent=1)[-4000:]}\n"
+            f"ceph health detail: {detail.stdout[-3000:]}{detail.stderr[-500:]}\nagents' storage lines:\n{logs[-6000:]}"
+        ) from None
+    print(f"storage ready and healthy on three nodes {time.monotonic() - started:.0f} s after enable")
     shown = storage(n1)
     assert shown["mons"] == {n.node_name: n.address for n in rack}
     quorum = json.loads(ceph_cli(n1, "quorum_status", "--format", "json"))
