@@ -47,7 +47,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -303,10 +303,13 @@ def pick_address(
     assigned: Mapping[str, str],
     leases: Mapping[str, str],
     prefer: Sequence[str] = (),
+    avoid: Collection[str] = (),
 ) -> str | None:
     """The address a default-bridge guest with ``mac`` gets: its pin (``spec.static_hosts``), else the first of its
     current lease and ``prefer`` that is in the DHCP range and nobody else's (assigned, pinned or leased to another
-    MAC), else the lowest free address of the range; None when the range is exhausted. Pure."""
+    MAC), else the lowest free address of the range that is not in ``avoid`` (the addresses of default-bridge guests
+    on other nodes: one that is unique in the cluster can move there live), else the lowest free one; None when the
+    range is exhausted. Pure."""
     mac = mac.lower()
     pins = dict(spec.static_hosts)
     if mac in pins:
@@ -326,7 +329,8 @@ def pick_address(
     for ip in (leases.get(mac), *prefer):
         if ip and free(ip):
             return str(ipaddress.IPv4Address(ip))
-    return next((str(a) for a in map(ipaddress.IPv4Address, range(int(start), int(end) + 1)) if free(str(a))), None)
+    range_ = [str(a) for a in map(ipaddress.IPv4Address, range(int(start), int(end) + 1))]
+    return next((a for a in range_ if free(a) and a not in avoid), None) or next((a for a in range_ if free(a)), None)
 
 
 def hosts_text(assigned: Mapping[str, str]) -> str:
@@ -399,7 +403,7 @@ class NetworkDriver(Protocol):
 
     def assignments(self) -> dict[str, str]: ...
 
-    async def assign(self, mac: str, prefer: Sequence[str] = ()) -> str: ...
+    async def assign(self, mac: str, prefer: Sequence[str] = (), avoid: Collection[str] = ()) -> str: ...
 
     async def release(self, mac: str) -> bool: ...
 
@@ -486,16 +490,16 @@ class BridgeNetwork:
         """MAC -> the fixed address of each guest :meth:`assign` gave one (and each pinned guest's pin)."""
         return {**self._assigned, **dict(self._spec.static_hosts)}
 
-    async def assign(self, mac: str, prefer: Sequence[str] = ()) -> str:
+    async def assign(self, mac: str, prefer: Sequence[str] = (), avoid: Collection[str] = ()) -> str:
         """The guest's fixed address, chosen once (:func:`pick_address`: its pin, its current lease, ``prefer``, else
-        the lowest free one) and kept until :meth:`release`: in dnsmasq's hosts file (so DHCP hands out exactly it,
+        the lowest free one, not one in ``avoid`` if it can) and kept until :meth:`release`: in dnsmasq's hosts file (so DHCP hands out exactly it,
         SIGHUP) and in memory. Idempotent. Raises :class:`NetworkError` when the DHCP range is exhausted."""
         mac = mac.lower()
         have = self.assignments().get(mac)
         if have is not None:
             return have
         async with self._lock:
-            ip = pick_address(self._spec, mac, self._assigned, self.leases(), prefer)
+            ip = pick_address(self._spec, mac, self._assigned, self.leases(), prefer, avoid)
             if ip is None:
                 spec = self._spec
                 raise NetworkError(
@@ -777,11 +781,11 @@ class FakeNetwork:
     def assignments(self) -> dict[str, str]:
         return {**self._assigned, **dict(self.spec.static_hosts)}
 
-    async def assign(self, mac: str, prefer: Sequence[str] = ()) -> str:
+    async def assign(self, mac: str, prefer: Sequence[str] = (), avoid: Collection[str] = ()) -> str:
         mac = mac.lower()
         if (have := self.assignments().get(mac)) is not None:
             return have
-        ip = pick_address(self.spec, mac, self._assigned, self._leases, prefer)
+        ip = pick_address(self.spec, mac, self._assigned, self._leases, prefer, avoid)
         if ip is None:
             raise NetworkError(f"network {self.spec.name}: no free address left for guest {mac}")
         self._assigned[mac] = ip

@@ -463,6 +463,8 @@ class ComputeReconciler:
         if status.state == "error" and status.error_spec == _spec_fingerprint(spec):
             return Result()  # failed for this very spec: wait for the user to change something (or `instance start`)
         guest_ip = await self._default_address(inst)
+        if guest_ip is not None and status.bridge_ip != guest_ip:
+            await self._set_status(inst.id, bridge_ip=guest_ip)  # what other nodes avoid (and migrations check)
         nics = self.nics_of(inst)
         if nics is None and (dom is None or (dom.state == "shutoff" and spec.power == "running")):
             # A NIC's network is not built on this node yet: nothing to plug it into. Queued again when it is.
@@ -588,7 +590,8 @@ class ComputeReconciler:
     # -- the default bridge's guests: a fixed address each, and anti-spoofing before they start ------------------
     async def _default_address(self, inst: Instance) -> str | None:
         """A default-bridge guest's fixed address (chosen once, kept while its record is on this node: its pin, its
-        current lease, the address it had elsewhere, else a free one; ``agent/net/default.py``); None for others.
+        current lease, the address it had elsewhere, else a free one that no guest on another node has, if there is
+        one; ``agent/net/default.py``); None for others.
         The network reconciler pins the guest's tap to it (told through ``NodeNetworks.guests_changed``)."""
         if self.network is None or inst.spec.nics:
             return None
@@ -596,9 +599,12 @@ class ComputeReconciler:
         have = self.network.assignments().get(mac)
         if have is not None:
             return have
-        prefer = [a.ip for a in inst.status.addresses if a.mac == mac and a.ip]
+        prefer = [a.ip for a in inst.status.addresses if a.mac == mac and a.ip] + [inst.status.bridge_ip]
+        # not, if it can be helped, an address a guest on another node has: the guest could not move there live
+        elsewhere = await migration.bridge_addresses(self.store)
+        avoid = {ip for ip, (iid, _, node) in elsewhere.items() if iid != inst.id and node != self.node}
         try:
-            ip = await self.network.assign(mac, prefer)
+            ip = await self.network.assign(mac, prefer, avoid)
         except NetworkError as exc:
             raise BuildError(str(exc)) from exc
         if self.networks is not None:

@@ -78,6 +78,8 @@ async def incoming(rec: ComputeReconciler, inst: Instance, m: MigrationSpec) -> 
                 if dom is not None:
                     await rec.driver.undefine(inst.spec.uuid)
                 await asyncio.to_thread(shutil.rmtree, d, True)
+                if not inst.spec.nics:  # the default-bridge address held for it here
+                    await rec._release_default(design.mac_for(inst.id, 0))
         return Result()
     if m.phase != "preparing":
         return Result()
@@ -87,6 +89,8 @@ async def incoming(rec: ComputeReconciler, inst: Instance, m: MigrationSpec) -> 
         nics = rec.nics_of(there)
         if nics is None:
             return Result(requeue_after=_POLL)
+        if m.live:
+            await _hold_bridge_address(rec, there)
         disks = await rec.disks_of(there, arriving_from=m.source)
         if disks.unplugged:
             names = ", ".join(sorted(v.name for v in disks.unplugged))
@@ -102,6 +106,24 @@ async def incoming(rec: ComputeReconciler, inst: Instance, m: MigrationSpec) -> 
         return Result()
     await update_migration(rec.store, inst.id, phase="ready", dest_xml=xml)
     return Result()
+
+
+async def _hold_bridge_address(rec: ComputeReconciler, inst: Instance) -> None:
+    """A default-bridge guest arriving live keeps its address: hold it on this node's bridge before it comes, or
+    refuse when another guest here has it (the guest would be cut off: its tap is pinned to its address)."""
+    if inst.spec.nics or rec.network is None:
+        return
+    mac = design.mac_for(inst.id, 0)
+    leased = [a.ip for a in inst.status.addresses if a.mac == mac and a.ip]
+    keep = leased[0] if leased else inst.status.bridge_ip
+    if not keep:
+        return
+    if await rec._default_address(inst) != keep:
+        await rec._release_default(mac)
+        raise DriverError(
+            f"the guest's address {keep} on the default bridge is taken on node {rec.node} by another guest: a "
+            "live migration keeps the guest's address; choose another node, or stop it and migrate it cold"
+        )
 
 
 async def _fail(store: Store, instance_id: str, error: str) -> None:

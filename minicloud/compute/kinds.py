@@ -291,6 +291,9 @@ class InstanceObserved(msgspec.Struct, kw_only=True):
     reboot_seq: int = 0
     #: The fingerprint of the spec that failed (``error``): not retried until the spec changes.
     error_spec: str = ""
+    #: A guest without NICs: its fixed address on its node's default bridge, kept while it is stopped too (DHCP
+    #: hands out exactly this one); "" for others. Other nodes' agents and the migration check read it.
+    bridge_ip: str = ""
 
 
 def _render_instance(obj) -> Instance:  # type: ignore[no-untyped-def]

@@ -178,8 +178,45 @@ async def target_image(store: Store, inst: Any, target: str) -> str:
     )
 
 
-async def check_target(store: Store, inst: Any, target: str) -> None:
-    """409 unless ``target`` runs compute, is not the instance's node and has room for it."""
+async def bridge_addresses(store: Store, *, node: str | None = None) -> dict[str, tuple[str, str, str]]:
+    """address -> (instance id, name, node) of the default-bridge guests (instances without NICs) whose status has
+    an address (:func:`bridge_ips`), on ``node`` only or everywhere. Each node's default bridge is its
+    own segment with its own DHCP; a guest keeps its address through a live migration, so an address is only free
+    for it on a node where no other guest has it."""
+    where = {"where": {"node": node}} if node else {}
+    out: dict[str, tuple[str, str, str]] = {}
+    for record in await list_all(store, INSTANCE.name, **where):
+        inst = INSTANCE.load(record)
+        if not inst.spec.nics:
+            for ip in bridge_ips(inst):
+                out[ip] = (inst.id, inst.name, inst.spec.node)
+    return out
+
+
+def bridge_ips(inst: Any) -> set[str]:
+    """A default-bridge guest's addresses: its fixed one (``status.bridge_ip``, kept while stopped) and its lease."""
+    return {a.ip for a in inst.status.addresses if a.ip} | ({inst.status.bridge_ip} - {""})
+
+
+async def address_taken(store: Store, inst: Any, target: str) -> str | None:
+    """Why a live migration of default-bridge guest ``inst`` to ``target`` would cut it off (another guest there has
+    its address), or None."""
+    if inst.spec.nics:
+        return None
+    mine = bridge_ips(inst)
+    for ip, (iid, name, _) in sorted((await bridge_addresses(store, node=target)).items()):
+        if ip in mine and iid != inst.id:
+            return (
+                f"instance {inst.name}'s address {ip} on the default bridge is taken on node {target} by instance "
+                f"{name}: a live migration keeps the guest's address; choose another node, or stop it and migrate it "
+                "cold (it gets a free address there)"
+            )
+    return None
+
+
+async def check_target(store: Store, inst: Any, target: str, *, live: bool = False) -> None:
+    """409 unless ``target`` runs compute, is not the instance's node and has room for it (and, ``live``, has the
+    guest's default-bridge address free)."""
     if target == inst.spec.node:
         raise errors.Conflict(f"instance {inst.name} already runs on node {target}")
     member = await store.get_by_name(NODE.name, "", target)
@@ -194,10 +231,13 @@ async def check_target(store: Store, inst: Any, target: str) -> None:
     short = scheduler.shortfall(scheduler.demand_of(inst.spec), cap, used)
     if short:
         raise errors.Conflict(f"node {target} has no room for instance {inst.name}: not enough {', '.join(short)}")
+    if live and (why := await address_taken(store, inst, target)):
+        raise errors.Conflict(why)
 
 
-async def pick_target(store: Store, inst: Any) -> str:
-    """The node with the most free memory that can take the instance (not its own)."""
+async def pick_target(store: Store, inst: Any, *, live: bool = False) -> str:
+    """The node with the most free memory that can take the instance (not its own; ``live``: not one where another
+    guest has its default-bridge address)."""
     candidates = []
     used: dict[str, scheduler.Demand] = {}
     for rec in await list_all(store, HYPERVISOR.name):
@@ -208,6 +248,8 @@ async def pick_target(store: Store, inst: Any) -> str:
         try:
             await target_image(store, inst, hv.name)
         except errors.Conflict:
+            continue
+        if live and await address_taken(store, inst, hv.name):
             continue
         candidates.append(scheduler.NodeCapacity.of(hv.name, hv.spec))
         used.update(await node_usage(store, hv.name))
@@ -251,8 +293,8 @@ async def begin(store: Store, inst: Any, op_id: str, *, node: str | None = None,
     if existing is not None and existing[0].spec.active:
         m = existing[0].spec
         raise errors.Conflict(f"instance {inst.name} is already migrating ({m.phase}) to node {m.target}")
-    target = node or await pick_target(store, inst)
-    await check_target(store, inst, target)
+    target = node or await pick_target(store, inst, live=live)
+    await check_target(store, inst, target, live=live)
     image = await target_image(store, inst, target)
     nic_ops = await ports_arriving(store, inst, target=target)
     mig = MigrationSpec(

@@ -381,22 +381,23 @@ def ceph_roots_spread_and_migrate_without_a_copy(rack: Cluster, guest_image: Pat
     user_data = tmp_path / "disk-ticks.sh"
     user_data.write_text(DISK_TICKS + WATCH_VOLUMES.removeprefix("#!/bin/sh\n"))  # and the volume it gets
     names = ["spread-1", "spread-2", "spread-3"]
-    for name in names:
-        n1.cli("instance", "create", name, "--image", "busybox-disk", "--type", "m1.tiny", "--user-data",
-               str(user_data), "--stopped", check=True)  # fmt: skip
-    placed = {name: n1.json("instance", "show", name) for name in names}
-    where = {name: inst["status"]["node"] for name, inst in placed.items()}
-    for name, inst in placed.items():
-        print(f"spread: {name} -> {where[name]} ({inst['status'].get('placement', '')})")
-    assert sorted(where.values()) == ["n1", "n2", "n3"], where
 
     def stopped(name: str) -> bool:
         state = n1.json("instance", "show", name)["status"]
         assert state["state"] != "error", state
         return state["state"] == "stopped"
 
-    for name in names:
+    for name in names:  # one built after the other: each node's choice of bridge address sees the ones before
+        n1.cli("instance", "create", name, "--image", "busybox-disk", "--type", "m1.tiny", "--user-data",
+               str(user_data), "--stopped", check=True)  # fmt: skip
         wait_for(lambda name=name: stopped(name), timeout=BOOT_TIMEOUT, interval=1, what=f"{name} built, stopped")
+    placed = {name: n1.json("instance", "show", name) for name in names}
+    where = {name: inst["status"]["node"] for name, inst in placed.items()}
+    for name, inst in placed.items():
+        print(f"spread: {name} -> {where[name]} ({inst['status'].get('placement', '')})")
+    assert sorted(where.values()) == ["n1", "n2", "n3"], where
+
+    for name in names:
         root = f"{pool}/{placed[name]['id']}-root"
         info = json.loads(rbd_cli(n1, "info", "--format", "json", root))
         assert info["parent"]["image"] == image["id"] and info["parent"]["snapshot"] == "base", info
@@ -416,6 +417,10 @@ def ceph_roots_spread_and_migrate_without_a_copy(rack: Cluster, guest_image: Pat
         timeout=BOOT_TIMEOUT, interval=1, what="the guest's DHCP lease",
     )  # fmt: skip
     assert wait_for(lambda: ping(source, ip), timeout=60, interval=1, what="the guest to answer pings on n3")
+    # Each node's default bridge has its own DHCP: the guests of n1 and n2 have other addresses (new guests avoid
+    # the addresses of guests elsewhere), so n2 can take it live and pings there reach it, not another guest.
+    others = {a["ip"]: g for g in ("g1", "g2") for a in n1.json("instance", "show", g)["status"]["addresses"]}
+    assert ip not in others, (ip, others)
     uuid = _uuid_of(source, inst_id)
     before_xml = domain_xml(source, uuid)
     kind, protocol, name = root_disk_source(before_xml)

@@ -505,6 +505,46 @@ async def test_a_default_bridge_guest_keeps_the_address_it_has_and_the_node_key_
     assert world.network.assignments()[design.mac_for(moved.id, 0)] == "10.99.0.40"
 
 
+async def _with_address(world, inst: Instance, ip: str) -> Instance:
+    rec = await world.get(inst)
+    addr = Address(network="default", mac=design.mac_for(inst.id, 0), ip=ip)
+    new = rec.replace(status=msgspec.structs.replace(rec.status, addresses=[addr]))
+    await world.store.commit(Txn([Update(INSTANCE.dump(new), expect_revision=rec.revision)]))
+    return await world.get(inst)
+
+
+async def test_a_default_bridge_guest_arriving_live_keeps_its_address_or_the_target_refuses_it(world):
+    """Each node's default bridge has its own DHCP; a guest keeps its address through a live migration. A new guest
+    here avoids the addresses guests on other nodes have (so they can come here live); an arriving one gets its
+    own address held before it comes, or the preparation fails with the reason when another guest here has it
+    (its tap would be pinned to another address: cut off), holding nothing."""
+    from agent.compute.driver import DriverError
+    from agent.reconcilers import migration as migrating
+
+    elsewhere = await _with_address(world, await world.add_instance("far", node="n2"), "10.99.0.10")
+    parked = await world.add_instance("parked", node="n3", power="stopped")  # stopped: no lease, its fixed address
+    rec = await world.get(parked)
+    parked_status = msgspec.structs.replace(rec.status, bridge_ip="10.99.0.11")
+    await world.store.commit(
+        Txn([Update(INSTANCE.dump(rec.replace(status=parked_status)), expect_revision=rec.revision)])
+    )
+    local = await world.add_instance("here", power="stopped")
+    await world.pass_()
+    # not the ones n2's and n3's guests have; recorded, so that other nodes avoid it in turn
+    assert world.network.assignments() == {design.mac_for(local.id, 0): "10.99.0.12"}
+    assert (await world.get(local)).status.bridge_ip == "10.99.0.12"
+
+    free = await _with_address(world, await world.add_instance("comes", node="n2"), "10.99.0.30")
+    await migrating._hold_bridge_address(world.r, free.replace(spec=msgspec.structs.replace(free.spec, node=NODE)))
+    assert world.network.assignments()[design.mac_for(free.id, 0)] == "10.99.0.30"
+
+    clash = await _with_address(world, elsewhere, "10.99.0.12")  # the address "here" has on this node
+    arriving = clash.replace(spec=msgspec.structs.replace(clash.spec, node=NODE))
+    with pytest.raises(DriverError, match=re.escape("address 10.99.0.12 on the default bridge is taken on node")):
+        await migrating._hold_bridge_address(world.r, arriving)
+    assert design.mac_for(clash.id, 0) not in world.network.assignments()
+
+
 async def test_a_stopped_domain_defined_without_a_tap_name_is_redefined_with_it(world):
     from agent.net.default import guest_tap
 

@@ -292,6 +292,21 @@ def test_pick_address_keeps_a_pin_then_the_current_lease_then_a_preferred_one_el
     assert pick_address(full, A, {B: "10.213.0.2"}, {}) is None
 
 
+def test_pick_address_avoids_what_guests_on_other_nodes_have_while_it_can():
+    """Each node's default bridge hands out its own addresses; a guest whose address no guest on another node has
+    can move there live, so a new guest's address avoids theirs (``avoid``) until the range has nothing else."""
+    s = spec(cidr=ipaddress.IPv4Network("10.213.0.0/29"))  # the range: .2-.6
+    others = {"10.213.0.2", "10.213.0.3"}
+    assert pick_address(s, A, {}, {}, avoid=others) == "10.213.0.4"
+    assert pick_address(s, A, {B: "10.213.0.4"}, {}, avoid=others) == "10.213.0.5"
+    # its own lease and the address it had where it ran before still win: a running guest keeps its address
+    assert pick_address(s, A, {}, {A: "10.213.0.2"}, avoid=others) == "10.213.0.2"
+    assert pick_address(s, A, {}, {}, ["10.213.0.3"], avoid=others) == "10.213.0.3"
+    # nothing else free: an address a guest elsewhere has, rather than none
+    taken = {B: "10.213.0.4", C: "10.213.0.5", "52:00:00:00:00:0e": "10.213.0.6"}
+    assert pick_address(s, A, taken, {}, avoid=others) == "10.213.0.2"
+
+
 def test_hosts_file_round_trips_and_skips_what_is_not_a_mac_and_an_address():
     text = hosts_text({B: "10.213.0.11", A: "10.213.0.10"})
     assert text == f"{A},10.213.0.10\n{B},10.213.0.11\n"

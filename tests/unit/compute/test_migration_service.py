@@ -4,6 +4,7 @@ source's rewrite of the guest's live definition with the target's paths (:func:`
 from __future__ import annotations
 
 import asyncio
+import re
 from types import SimpleNamespace
 
 import msgspec
@@ -453,3 +454,53 @@ async def test_ceph_volumes_move_with_the_instance_and_a_local_one_is_refused_wi
     assert SNAPSHOT.load(await store.get(SNAPSHOT.name, snap.id)).spec.node == "n2"
     assert VOLUME.load(await store.get(VOLUME.name, scratch.id)).spec.node == "n1"  # detached: stays
     assert INSTANCE.load(await store.get(INSTANCE.name, instance_id)).spec.node == "n2"
+
+
+async def _bridge_address(store: SQLiteStore, instance_id: str, ip: str, node: str | None = None) -> None:
+    """Give a default-bridge guest the DHCP address its node reports (``status.addresses``), and move it to ``node``."""
+    from minicloud.model.compute import Address
+
+    rec = await store.get(INSTANCE.name, instance_id)
+    obj = INSTANCE.load(rec)
+    address = Address(network="default", mac="52:54:00:00:00:01", ip=ip)
+    obj = obj.replace(
+        spec=msgspec.structs.replace(obj.spec, node=node or obj.spec.node),
+        status=msgspec.structs.replace(obj.status, addresses=[address]),
+    )
+    await store.commit(Txn([Update(INSTANCE.dump(obj), expect_revision=rec.revision)]))
+
+
+async def test_a_default_bridge_guest_does_not_move_live_where_another_guest_has_its_address(store):
+    """Each node's default bridge is its own segment with its own DHCP, and a guest keeps its address through a live
+    migration: a node where another guest has that address would cut it off. Named, it is a 409 that says so; the
+    scheduler passes over it; a cold migration (the guest gets a free address there) is not concerned."""
+    mover = await running(store, "vm")
+    peer = await running(store, "peer")
+    await _bridge_address(store, mover, "10.213.0.10")
+    await _bridge_address(store, peer, "10.213.0.10", node="n2")
+    ops = Operations(store, "n1")
+    ctx = Context.system("operator", action=migration.ACTION)
+    try:
+        taken = "address 10.213.0.10 on the default bridge is taken on node n2 by instance peer: a live migration"
+        with pytest.raises(errors.Conflict, match=re.escape(taken)):
+            await migration.migrate_instance(ctx, store, ops, "vm", node="n2")
+        with pytest.raises(errors.Conflict, match="no other node can take instance vm"):  # n3 lacks the image
+            await migration.migrate_instance(ctx, store, ops, "vm")
+        # a stopped guest has no lease, but keeps its fixed address on its node's bridge (status.bridge_ip)
+        rec = await store.get(INSTANCE.name, peer)
+        obj = INSTANCE.load(rec)
+        parked = obj.replace(status=msgspec.structs.replace(obj.status, addresses=[], bridge_ip="10.213.0.10"))
+        await store.commit(Txn([Update(INSTANCE.dump(parked), expect_revision=rec.revision)]))
+        with pytest.raises(errors.Conflict, match=re.escape(taken)):
+            await migration.migrate_instance(ctx, store, ops, "vm", node="n2")
+        rec = await store.get(INSTANCE.name, peer)
+        obj = INSTANCE.load(rec)
+        await store.commit(Txn([Update(INSTANCE.dump(obj.replace(status=msgspec.structs.replace(obj.status, bridge_ip=""))), expect_revision=rec.revision)]))  # fmt: skip
+        assert await migration.get_migration(store, mover) is None  # nothing half-made
+        await _bridge_address(store, peer, "10.213.0.11")
+        written = await migration.migrate_instance(ctx, store, ops, "vm")
+        assert written.status == 202
+        mig, _ = await migration.get_migration(store, mover)
+        assert (mig.spec.target, mig.spec.live) == ("n2", True)
+    finally:
+        await ops.close()
