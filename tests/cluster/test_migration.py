@@ -283,8 +283,19 @@ def vpc_nic_follows(hosts: Cluster, user_data: Path) -> None:
     assert result.returncode == 0, result.stderr + n1.log_tail() + n2.log_tail()
     assert json.loads(result.stdout)["result"]["node"] == "n2"
     assert libvirt_state(n2, domain_uuid) == "running" and libvirt_state(n1, domain_uuid) is None
-    wait_for(lambda: ticks(n2, "vmover") and min(ticks(n2, "vmover")) > before, timeout=120, interval=1,
-             what="vmover's ticks on n2")  # fmt: skip
+    try:
+        wait_for(lambda: ticks(n2, "vmover") and min(ticks(n2, "vmover")) > before, timeout=120, interval=1,
+                 what="vmover's ticks on n2")  # fmt: skip
+    except TimeoutError as exc:  # say why: where libvirt has it, what its consoles say, the agents' lines on it
+        vid = show(n1, "vmover")["id"]
+        consoles = {n.node_name: n.cli("instance", "console", "vmover").stdout[-1500:] for n in (n1, n2)}
+        logs = "\n".join(
+            f"{n.node_name}: {ln}" for n in (n1, n2) for ln in n.log_tail(300_000).splitlines() if vid in ln
+        )
+        raise AssertionError(
+            f"{exc} (ticks before: {before}); libvirt: n1 {libvirt_state(n1, domain_uuid)}, n2 "
+            f"{libvirt_state(n2, domain_uuid)}\nconsoles: {consoles}\nagents' lines:\n{logs[-4000:]}"
+        ) from None
     # the floating IP reaches it on n2 (NATed there now), and the source let go of the network
     wait_for(lambda: lan_ping(lan, address), timeout=60, interval=1, what=f"vmover behind {address} on n2")
     gap, gap_from, gap_to = ping_window(pingers)
