@@ -492,8 +492,8 @@ class BridgeNetwork:
 
     async def assign(self, mac: str, prefer: Sequence[str] = (), avoid: Collection[str] = ()) -> str:
         """The guest's fixed address, chosen once (:func:`pick_address`: its pin, its current lease, ``prefer``, else
-        the lowest free one, not one in ``avoid`` if it can) and kept until :meth:`release`: in dnsmasq's hosts file (so DHCP hands out exactly it,
-        SIGHUP) and in memory. Idempotent. Raises :class:`NetworkError` when the DHCP range is exhausted."""
+        the lowest free one, not one in ``avoid`` if it can) and kept until :meth:`release`: in dnsmasq's hosts file
+        (so DHCP hands out exactly it, SIGHUP) and in memory. Idempotent. Raises :class:`NetworkError` when the DHCP range is exhausted."""
         mac = mac.lower()
         have = self.assignments().get(mac)
         if have is not None:

@@ -405,6 +405,20 @@ async def test_a_nic_waits_for_its_network_on_this_node_then_is_plugged_with_its
     assert rec.status.addresses == [Address(network="a", mac="52:54:00:00:00:01", ip="10.0.1.11")]
 
 
+async def test_a_nic_directly_on_an_external_network_fails_the_build_with_the_reason_instead_of_waiting(world):
+    """The agents build VXLAN networks only: a NIC straight on a provider LAN would wait for ever."""
+    from minicloud.network.kinds import NETWORK
+    from minicloud.network.kinds import NetworkSpec as VpcSpec
+
+    lan = NETWORK.new(project="default", name="public", id="net-lan", spec=VpcSpec(cidr="192.0.2.0/24", external=True))
+    await world.store.commit(Txn([Create(NETWORK.dump(lan))]))
+    inst = await world.add_instance("lan1", nics=[_nic(1, "net-lan")])
+    await world.pass_()
+    rec = await world.get(inst)
+    assert rec.status.state == "error" and world.domain(inst) is None
+    assert "a NIC directly on external network lan is not plumbed by this release" in rec.status.reason
+
+
 async def test_nics_added_or_removed_while_running_are_hot_plugged_and_while_stopped_redefined(world):
     world.networks.built("net-a", "mcb-001000")
     world.networks.built("net-b", "mcb-001001")
