@@ -129,6 +129,9 @@ class DhcpSpec:
     upstream_dns: tuple[str, ...] | None = None
     lease_seconds: int = 3600
     more: tuple[DhcpSubnet, ...] = ()
+    #: False: DHCP only (``--port=0``): no DNS server, names or forwarding; the guests are handed ``upstream_dns``
+    #: as their name servers (an external network: the LAN has its own DNS, and no resolver of ours faces it).
+    dns: bool = True
 
     def __post_init__(self) -> None:
         _label(self.network, "network name")
@@ -198,12 +201,17 @@ def dhcp_argv(spec: DhcpSpec, state_dir: Path, binary: str = DNSMASQ_BINARY, use
         "--no-ping",
         f"--dhcp-option=option:mtu,{spec.mtu}",
     ]
-    for tag, s in zip(tags, subnets, strict=True):
+    if not spec.dns:
+        if spec.upstream_dns:
+            argv.append(f"--dhcp-option=option:dns-server,{','.join(spec.upstream_dns)}")
+        else:
+            argv.append("--dhcp-option=option:dns-server")  # an empty option: not this server (it answers no DNS)
+    for tag, s in zip(tags, subnets, strict=True) if spec.dns else ():
         on = f"tag:{tag}," if tag else ""
         argv.append(f"--dhcp-option={on}option:dns-server,{s.server.ip}")
         if not tag:
             argv.append(f"--dhcp-option=option:domain-name,{spec.domain}")
-    if tags[0]:
+    if tags[0] and spec.dns:
         argv.append(f"--dhcp-option=option:domain-name,{spec.domain}")
     for tag, s in zip(tags, subnets, strict=True):
         on = f"tag:{tag}," if tag else ""
@@ -211,6 +219,8 @@ def dhcp_argv(spec: DhcpSpec, state_dir: Path, binary: str = DNSMASQ_BINARY, use
             argv.append(f"--dhcp-option={on}option:router,{s.router}")
         else:
             argv.append(f"--dhcp-option={on}option:router")  # an empty option: no default route
+    if not spec.dns:
+        return [*argv, "--no-hosts", "--no-resolv", "--port=0"]
     argv += ["--no-hosts", f"--addn-hosts={d / 'dns'}"]
     # Names and reverse lookups of the subnets are ours: answered from the files, never forwarded.
     argv += [f"--domain={spec.domain},{s.server.network},local" for s in subnets]

@@ -44,6 +44,7 @@ class NodeNetworks:
         self._addresses: Callable[[], Mapping[str, str]] = dict
         self._guests_listeners: list[Callable[[], None]] = []
         self._guarded: dict[str, tuple[str, ...]] = {}
+        self._failed: dict[str, str] = {}
 
     # -- the default bridge's guests ---------------------------------------------------------------------------------
     def use_default_bridge(self, bridge: str, addresses: Callable[[], Mapping[str, str]]) -> None:
@@ -80,18 +81,32 @@ class NodeNetworks:
         """Whether the kernel pins ``tap`` to ``ip`` (a guest may be started)."""
         return self._guarded.get(tap) == (ip,)
 
+    def failed(self, network_id: str, reason: str) -> None:
+        """The network reconciler cannot build ``network_id`` here for a reason only the operator or the user can
+        change (an external network whose provider is missing or not a bridge on this node): its instances fail
+        their build with ``reason`` instead of waiting. Cleared by :meth:`built` and :meth:`gone`."""
+        if self._failed.get(network_id) != reason:
+            self._failed[network_id] = reason
+            self._notify(network_id)
+
+    def failure(self, network_id: str) -> str | None:
+        """Why ``network_id`` cannot be built on this node (None: nothing known against it)."""
+        return self._failed.get(network_id)
+
     def bridge_for(self, network_id: str) -> str | None:
         """The bridge a NIC of ``network_id`` plugs into here, or None while the network is not built here."""
         return self._bridges.get(network_id)
 
     def built(self, network_id: str, bridge: str) -> None:
         """The network reconciler built ``network_id`` on this node (idempotent)."""
+        self._failed.pop(network_id, None)
         if self._bridges.get(network_id) != bridge:
             self._bridges[network_id] = bridge
             self._notify(network_id)
 
     def gone(self, network_id: str) -> None:
         """The network reconciler removed ``network_id`` from this node (idempotent)."""
+        self._failed.pop(network_id, None)
         if self._bridges.pop(network_id, None) is not None:
             self._notify(network_id)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import ipaddress
 import logging
 import os
@@ -96,6 +97,51 @@ class ServiceSpec:
     @property
     def want_addresses(self) -> frozenset[ipaddress.IPv4Interface]:
         return frozenset({*self.addresses, METADATA_ADDRESS})
+
+    @property
+    def bridge(self) -> str:
+        return bridge_name(self.vni)
+
+    @property
+    def veth(self) -> str:
+        return veth_name(self.vni)
+
+
+def provider_key(network_id: str) -> str:
+    """An external network's key in device and namespace names: 10 hex digits of its id's SHA-256."""
+    return hashlib.sha256(network_id.encode()).hexdigest()[:10]
+
+
+def provider_mac(network_id: str, node: str) -> str:
+    """The MAC of node ``node``'s DHCP port on external network ``network_id``: locally administered, unicast, and
+    different on every node (all of them sit on the one LAN)."""
+    digest = hashlib.sha256(f"{network_id}/{node}".encode()).digest()
+    return "02:4d:44:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+@dataclass(frozen=True)
+class ProviderServiceSpec:
+    """A node's DHCP port on an external network whose NICs plug straight into ``bridge`` (the provider, a Linux
+    bridge of the node): a veth ``mcp-<key>`` on it, ``mcs0`` with ``address`` and ``mac`` in namespace
+    ``<prefix>x<key>``. Nothing else: the LAN's own router is the gateway, no metadata, no nft table."""
+
+    network_id: str
+    bridge: str
+    mtu: int
+    address: ipaddress.IPv4Interface
+    mac: str
+
+    @property
+    def key(self) -> str:
+        return provider_key(self.network_id)
+
+    @property
+    def veth(self) -> str:
+        return f"mcp-{self.key}"
+
+    @property
+    def want_addresses(self) -> frozenset[ipaddress.IPv4Interface]:
+        return frozenset({self.address})
 
 
 @dataclass(frozen=True)
@@ -175,11 +221,20 @@ class ServiceNamespaces:
             await self.firewall.replace_table(nft_table(spec.vni), nft_body(spec.vni))
             return ServiceState(spec.vni, path, veth, inner)
 
-    async def _ensure_veth(self, ipr: AsyncIPRoute, spec: ServiceSpec, path: str) -> tuple[int, int]:
-        br = await get_link(ipr, bridge_name(spec.vni))
+    async def _ensure_veth(
+        self, ipr: AsyncIPRoute, spec: ServiceSpec | ProviderServiceSpec, path: str
+    ) -> tuple[int, int]:
+        bridge, name = spec.bridge, spec.veth
+        br = await get_link(ipr, bridge)
+        provider = isinstance(spec, ProviderServiceSpec)
         if br is None:
-            raise NetworkError(f"bridge {bridge_name(spec.vni)} does not exist; ensure the network first")
-        name = veth_name(spec.vni)
+            raise NetworkError(
+                f"no device {bridge} on this node"
+                if provider
+                else f"bridge {bridge} does not exist; ensure the network first"
+            )
+        if provider and br.get(("linkinfo", "kind")) != "bridge":
+            raise NetworkError(f"{bridge} is not a Linux bridge")
         link = await get_link(ipr, name)
         async with ns_socket(path) as inside:
             peer = await get_link(inside, INNER_NAME)
@@ -252,6 +307,59 @@ class ServiceNamespaces:
                 except OSError as e:
                     raise NetworkError(f"cannot remove network namespace {path}: {e}") from e
 
+    # -- external networks: a DHCP port on the provider bridge -------------------------------------------------------
+    def provider_path(self, network_id: str) -> str:
+        return os.path.join(self.netns_dir, f"{self.prefix}x{provider_key(network_id)}")
+
+    async def list_providers(self) -> list[str]:
+        """Keys (:func:`provider_key`) of the external networks' namespaces on this node."""
+        pattern = re.compile(rf"^{re.escape(self.prefix)}x([0-9a-f]{{10}})$")
+
+        def scan() -> list[str]:
+            try:
+                names = os.listdir(self.netns_dir)
+            except FileNotFoundError:
+                return []
+            return sorted(m.group(1) for n in names if (m := pattern.match(n)))
+
+        return await asyncio.to_thread(scan)
+
+    async def ensure_provider(self, spec: ProviderServiceSpec) -> str:
+        """Namespace, veth into the provider bridge (which must exist and be a Linux bridge), MAC, MTU and exactly
+        the DHCP address. Idempotent; adopts what exists. Returns the namespace's path."""
+        async with self._lock:
+            path = self.provider_path(spec.network_id)
+            if not await asyncio.to_thread(_is_netns, path):
+                try:
+                    await asyncio.to_thread(pyroute2_netns.create, path)
+                except OSError as e:
+                    raise NetworkError(f"cannot create network namespace {path}: {e}") from e
+            ipr = await self._node()
+            try:
+                await self._ensure_veth(ipr, spec, path)
+            except NetlinkError as e:
+                raise netlink_error(f"plugging the DHCP port of external network {spec.network_id}", e) from e
+            return path
+
+    async def remove_provider(self, key: str) -> None:
+        """Delete the DHCP port (both ends) and the namespace of the external network with key ``key``
+        (:func:`provider_key`). Idempotent. Stop its dnsmasq first."""
+        async with self._lock:
+            ipr = await self._node()
+            try:
+                link = await get_link(ipr, f"mcp-{key}")
+                if link is not None and link.get(("linkinfo", "kind")) == "veth":
+                    with contextlib.suppress(NetlinkError):
+                        await ipr.link("del", index=link["index"])
+            except NetlinkError as e:
+                raise netlink_error(f"removing the DHCP port mcp-{key}", e) from e
+            path = os.path.join(self.netns_dir, f"{self.prefix}x{key}")
+            if await asyncio.to_thread(os.path.exists, path):
+                try:
+                    await asyncio.to_thread(pyroute2_netns.remove, path)
+                except OSError as e:
+                    raise NetworkError(f"cannot remove network namespace {path}: {e}") from e
+
 
 def _is_netns(path: str) -> bool:
     """Whether ``path`` is a mounted network namespace (not merely a file left behind)."""
@@ -279,6 +387,10 @@ class FakeServiceNamespaces:
         self.changes = 0
         self._next = 500
         self.prefix = NAMESPACE_PREFIX
+        #: External networks' DHCP ports: key -> the last spec ensured; and the Linux bridges the node has (None:
+        #: any provider is one).
+        self.providers: dict[str, ProviderServiceSpec] = {}
+        self.bridges: set[str] | None = None
 
     def path(self, vni: int) -> str:
         return os.path.join(NETNS_DIR, f"{self.prefix}{vni:06x}")
@@ -295,6 +407,24 @@ class FakeServiceNamespaces:
             self.indexes[spec.vni] = (self._next, self._next + 1)
         veth, inner = self.indexes[spec.vni]
         return ServiceState(spec.vni, self.path(spec.vni), veth, inner)
+
+    def provider_path(self, network_id: str) -> str:
+        return os.path.join(NETNS_DIR, f"{self.prefix}x{provider_key(network_id)}")
+
+    async def list_providers(self) -> list[str]:
+        return sorted(self.providers)
+
+    async def ensure_provider(self, spec: ProviderServiceSpec) -> str:
+        if self.bridges is not None and spec.bridge not in self.bridges:
+            raise NetworkError(f"{spec.bridge} is not a Linux bridge")
+        if self.providers.get(spec.key) != spec:
+            self.changes += 1
+            self.providers[spec.key] = spec
+        return self.provider_path(spec.network_id)
+
+    async def remove_provider(self, key: str) -> None:
+        if self.providers.pop(key, None) is not None:
+            self.changes += 1
 
     async def remove(self, vni: int) -> None:
         if self.spaces.pop(vni, None) is not None:

@@ -80,7 +80,6 @@ from minicloud.compute.migration import MIGRATION, get_migration
 from minicloud.config import Config
 from minicloud.core.kinds import Obj
 from minicloud.model.compute import Address
-from minicloud.network.kinds import NETWORK
 from minicloud.state import Change, Create, Record, Store, Txn, TxnFailed, Update, list_all
 from minicloud.storage.kinds import VOLUME, Attachment, Qos, VolumeObserved, VolumeSpec
 
@@ -468,12 +467,9 @@ class ComputeReconciler:
             await self._set_status(inst.id, bridge_ip=guest_ip)  # what other nodes avoid (and migrations check)
         nics = self.nics_of(inst)
         if nics is None and (dom is None or (dom.state == "shutoff" and spec.power == "running")):
-            if external := await self._external_networks(inst):
-                # never built on a node: the agents plumb no NIC straight onto a provider LAN yet (docs/networking.md)
-                raise BuildError(
-                    f"a NIC directly on external network {', '.join(external)} is not plumbed by this release: give "
-                    "the instance a VPC NIC (--nic subnet=S) and a floating IP of that network instead"
-                )
+            if reasons := self._network_failures(inst):
+                # a network this node cannot build (an external network's provider missing or not a bridge here)
+                raise BuildError("; ".join(reasons))
             # A NIC's network is not built on this node yet: nothing to plug it into. Queued again when it is.
             names = sorted({n.network_name for n in spec.nics})
             await self._set_status(inst.id, reason=f"waiting for network {', '.join(names)} on node {self.node}")
@@ -594,14 +590,12 @@ class ComputeReconciler:
             await self._set_status(inst.id, state="stopped", reason="", addresses=[], stopped_at=ids.now())
         return Result()
 
-    async def _external_networks(self, inst: Instance) -> list[str]:
-        """The names of the external networks the instance has a NIC on."""
-        out = set()
-        for nic in inst.spec.nics:
-            record = await self.store.get(NETWORK.name, nic.network)
-            if record is not None and NETWORK.load(record).spec.external:
-                out.add(nic.network_name)
-        return sorted(out)
+    def _network_failures(self, inst: Instance) -> list[str]:
+        """Why this node cannot build some network of the instance's NICs (the network reconciler says so)."""
+        if self.networks is None:
+            return []
+        out = {self.networks.failure(n.network) for n in inst.spec.nics}
+        return sorted(r for r in out if r)
 
     # -- the default bridge's guests: a fixed address each, and anti-spoofing before they start ------------------
     async def _default_address(self, inst: Instance) -> str | None:

@@ -71,13 +71,15 @@ from agent.net.router import (
     StaticRoute,
     routed_mac,
 )
-from agent.net.service import INNER_NAME, ServiceSpec, service_mac
+from agent.net.service import INNER_NAME, ProviderServiceSpec, ServiceSpec, provider_key, provider_mac, service_mac
 from agent.reconcile import Result, update_record
 from minicloud import errors
 from minicloud.cluster.kinds import NODE
 from minicloud.compute.kinds import INSTANCE
+from minicloud.network import networks as networks_service
 from minicloud.network import routers as routers_service
 from minicloud.network import secgroup_compile as sgc
+from minicloud.network.default_vpc import HOST_PROVIDER
 from minicloud.network.kinds import (
     FLOATING_IP,
     NETWORK,
@@ -247,6 +249,72 @@ def desired_network(
         records=records,
         unreachable=tuple(unreachable),
     )
+
+
+@dataclass(frozen=True)
+class DesiredExternal:
+    """What an external network needs on this node while NICs of it plug straight into its provider here: the
+    provider bridge, and a DHCP port on it serving those NICs' addresses (the LAN's router is their gateway)."""
+
+    network_id: str
+    bridge: str
+    mtu: int
+    label: str
+    gateway: ipaddress.IPv4Address
+    dns: tuple[str, ...]
+    hosts: tuple[DhcpHost, ...]
+
+
+def desired_external(
+    network_id: str,
+    network: NetworkSpec,
+    network_name: str,
+    subnets: Mapping[str, SubnetSpec],
+    ports: Sequence[tuple[str, PortSpec]],
+    names: dict[str, str],
+    me: str,
+    providers: Mapping[str, str],
+) -> tuple[DesiredExternal | None, str | None]:
+    """(what external network ``network_id`` needs on node ``me``, why this node cannot build it): (None, None)
+    when no NIC of it is here. Its provider must name a Linux bridge of the node in ``[network.providers]`` (checked
+    by the driver); ``host`` (the nodes' default bridges, with their own DHCP) takes no NIC: an instance without
+    ``--nic`` sits there already. The gateway is the subnet's; the guests' name servers the subnet's, else the
+    gateway. Pure."""
+    mine = [(pid, p) for pid, p in ports if here(p, me)]
+    if not network.external or not mine:
+        return None, None
+    if network.provider == HOST_PROVIDER:
+        return None, (
+            f"external network {network_name} is the nodes' default bridges: an instance without --nic is there "
+            "already; give a NIC on another external network, or a VPC NIC and a floating IP"
+        )
+    bridge = providers.get(network.provider)
+    if not bridge:
+        return None, (
+            f"node {me} has no provider '{network.provider}' of external network {network_name}: name a Linux bridge "
+            f"of its LAN under [network.providers] in the node's config"
+        )
+    live = sorted((sid, sub) for sid, sub in subnets.items() if not sub.deleting)
+    if not live:
+        return None, None
+    _, subnet = live[0]
+    gateway = ipaddress.IPv4Address(subnet.gateway)
+    hosts = tuple(DhcpHost(p.mac, p.address, _host_name(pid, p, names)) for pid, p in sorted(mine, key=lambda x: x[0]))
+    return DesiredExternal(
+        network_id=network_id,
+        bridge=bridge,
+        mtu=network.mtu,
+        label=dns_label(network_name) or "net",
+        gateway=gateway,
+        dns=tuple(subnet.dns_servers) or (str(gateway),),
+        hosts=hosts,
+    ), None
+
+
+def external_zone(network_id: str) -> int:
+    """An external network's conntrack zone on the nodes its NICs plug into: 61440-65535 by its id's SHA-256 (VPCs
+    take theirs from their VNI, :func:`~minicloud.network.secgroup_compile.conntrack_zone`, from 1 up)."""
+    return 65535 - int(provider_key(network_id)[:6], 16) % 4096
 
 
 def desired_router(
@@ -461,6 +529,10 @@ class NetworkReconciler:
         self._guests_seen: dict[str, bool] = {}
         self._dhcp: dict[str, Any] = {}
         self._metadata: dict[str, Any] = {}
+        #: External network id -> its DHCP port as this process last ensured it (NICs of it plug in here).
+        self._externals: dict[str, ProviderServiceSpec] = {}
+        #: External networks this process made sure have nothing on this node (see ``_teardown_external``).
+        self._externals_clean: set[str] = set()
         #: The security-group ruleset in the kernel as this process applied it: None (not known yet: start-up), ""
         #: (our tables are absent) or what was applied last (changes are applied as deltas from it).
         self._ruleset: sgc.Ruleset | str | None = None
@@ -660,6 +732,11 @@ class NetworkReconciler:
 
     # -- one network -----------------------------------------------------------------------------------------------
     async def _reconcile_network(self, network_id: str) -> Result:
+        record = await self.store.get(NETWORK.name, network_id)
+        if (record is None and network_id in self._externals) or (
+            record is not None and NETWORK.load(record).spec.external
+        ):
+            return await self._reconcile_external(network_id, record)
         want, vni = await self.desired(network_id)
         if want is None:
             vni = self._vnis.get(network_id, vni)
@@ -694,16 +771,30 @@ class NetworkReconciler:
         self.node_networks.built(want.network_id, bridge_name(vni))
 
     async def _ensure_dhcp(self, want: DesiredNetwork, netns: str) -> None:
-        nid = want.network_id
-        server = self._dhcp.get(nid)
         if want.dhcp is None:
+            server = self._dhcp.pop(want.network_id, None)
             if server is not None:
                 await server.stop()
-                del self._dhcp[nid]
             return
-        if server is None or server.spec != want.dhcp:
-            server = self._dhcp[nid] = self.dhcp_factory(want.dhcp, self.state_dir / nid, netns)
-        await server.ensure(want.hosts, want.records)
+        await self._ensure_dhcp_server(want.network_id, want.dhcp, netns, want.hosts, want.records)
+
+    async def _ensure_dhcp_server(
+        self, nid: str, spec: DhcpSpec, netns: str, hosts: Iterable[DhcpHost], records: Iterable[DnsRecord]
+    ) -> None:
+        server = self._dhcp.get(nid)
+        if server is None or server.spec != spec:
+            server = self._dhcp[nid] = self.dhcp_factory(spec, self.state_dir / nid, netns)
+        await server.ensure(hosts, records)
+
+    async def _stop_dhcp(self, network_id: str) -> None:
+        """Stop the network's dnsmasq here (adopted or not) and remove its files. Idempotent."""
+        dhcp = self._dhcp.pop(network_id, None)
+        if dhcp is None and network_id:
+            dhcp = _Stopper(self.state_dir / network_id)
+        if dhcp is not None:
+            await dhcp.stop()
+        if network_id:  # its log too: a network that leaves a node leaves no file behind
+            await asyncio.to_thread(shutil.rmtree, self.state_dir / network_id, True)
 
     async def _ensure_metadata(self, network_id: str, netns: str) -> None:
         if network_id in self._metadata:
@@ -718,18 +809,95 @@ class NetworkReconciler:
         server = self._metadata.pop(network_id, None)
         if server is not None:
             await server.stop()
-        dhcp = self._dhcp.pop(network_id, None)
-        if dhcp is None and network_id:
-            dhcp = _Stopper(self.state_dir / network_id)
-        if dhcp is not None:
-            await dhcp.stop()
-        if network_id:  # its log too: a network that leaves a node leaves no file behind
-            await asyncio.to_thread(shutil.rmtree, self.state_dir / network_id, True)
+        await self._stop_dhcp(network_id)
         await self.services.remove(vni)
         await self.routers.remove(self.services.path(vni))  # the router's side went with the namespace
         await self.overlay.remove_network(vni)
         self._vnis.pop(network_id, None)
         log.info("network removed from this node", extra={"network": network_id, "vni": vni})
+
+    # -- external networks: NICs straight on the provider's LAN ----------------------------------------------------
+    async def desired_external(
+        self, network_id: str, record: Record | None
+    ) -> tuple[DesiredExternal | None, str | None]:
+        if record is None:
+            return None, None
+        net = NETWORK.load(record)
+        ports = [
+            (r.id, PORT.load(r).spec) for r in await list_all(self.store, PORT.name, where={"network": network_id})
+        ]  # indexed: this network's ports only
+        subnets: dict[str, SubnetSpec] = {}
+        for sid in net.spec.subnets:
+            sub = await self.store.get(SUBNET.name, sid)
+            if sub is not None:
+                subnets[sid] = SUBNET.load(sub).spec
+        names: dict[str, str] = {}
+        for iid in {p.instance for pid, p in ports if p.instance and here(p, self.node)}:
+            inst = await self.store.get(INSTANCE.name, iid)
+            if inst is not None:
+                names[iid] = inst.name
+        return desired_external(network_id, net.spec, net.name, subnets, ports, names, self.node, self.providers)
+
+    async def _reconcile_external(self, network_id: str, record: Record | None) -> Result:
+        """A NIC of an external network on this node plugs into the provider bridge itself (no overlay); this node's
+        DHCP port on that bridge (an address of the subnet, in namespace ``<prefix>x<key>``) serves its address."""
+        want, reason = await self.desired_external(network_id, record)
+        if want is None:
+            await self._teardown_external(network_id)
+            if reason:  # its instances fail their build with this instead of waiting for ever
+                log.warning("external network not built on this node", extra={"network": network_id, "reason": reason})
+                self.node_networks.failed(network_id, reason)
+                return Result(requeue_after=_RETRY * 6)
+            return Result()
+        try:
+            address = await networks_service.node_dhcp_address(self.store, network_id, self.node)
+        except errors.MinicloudError as exc:
+            self.node_networks.failed(network_id, f"no DHCP address for node {self.node}: {exc}")
+            return Result(requeue_after=_RETRY * 6)
+        if address is None:  # its subnet is being deleted
+            return Result(requeue_after=_RETRY)
+        spec = ProviderServiceSpec(
+            network_id=network_id,
+            bridge=want.bridge,
+            mtu=want.mtu,
+            address=address,
+            mac=provider_mac(network_id, self.node),
+        )
+        self._externals[network_id] = spec  # what to remove, even if this pass fails half way
+        self._externals_clean.discard(network_id)
+        try:
+            netns = await self.services.ensure_provider(spec)
+            dhcp = DhcpSpec(
+                network=want.label,
+                interface=INNER_NAME,
+                server=address,
+                mtu=want.mtu,
+                router=want.gateway,
+                upstream_dns=want.dns,
+                dns=False,
+            )
+            await self._ensure_dhcp_server(network_id, dhcp, netns, want.hosts, ())
+        except (NetworkError, ValueError) as exc:
+            reason = f"provider '{want.bridge}' of external network {want.label} on node {self.node}: {exc}"
+            log.warning("external network not built on this node", extra={"network": network_id, "reason": reason})
+            self.node_networks.failed(network_id, reason)
+            return Result(requeue_after=_RETRY * 6)
+        self.node_networks.built(network_id, want.bridge)
+        return Result()
+
+    async def _teardown_external(self, network_id: str) -> None:
+        """This node's DHCP port of the external network, its dnsmasq, files and address. Idempotent; once per
+        process for a network it never built (a port change elsewhere queues every node)."""
+        spec = self._externals.pop(network_id, None)
+        self.node_networks.gone(network_id)
+        if spec is None and network_id in self._externals_clean:
+            return
+        self._externals_clean.add(network_id)
+        await self._stop_dhcp(network_id)
+        await self.services.remove_provider(provider_key(network_id))
+        if spec is not None:
+            log.info("external network removed from this node", extra={"network": network_id})
+        await networks_service.release_node_dhcp_address(self.store, network_id, self.node)
 
     # -- metadata --------------------------------------------------------------------------------------------------
     def _lookup_for(self, network_id: str) -> Any:
@@ -787,10 +955,13 @@ class NetworkReconciler:
         groups = [(r.id, SECURITY_GROUP.load(r).spec) for r in await list_all(self.store, SECURITY_GROUP.name)]
         bridges, zones = {}, {}
         for r in await list_all(self.store, NETWORK.name):
-            vni = NETWORK.load(r).spec.vni
-            if vni is not None:
-                bridges[r.id] = bridge_name(vni)
-                zones[r.id] = sgc.conntrack_zone(vni)
+            spec = NETWORK.load(r).spec
+            if spec.vni is not None:
+                bridges[r.id] = bridge_name(spec.vni)
+                zones[r.id] = sgc.conntrack_zone(spec.vni)
+            elif spec.external and spec.provider != HOST_PROVIDER and self.providers.get(spec.provider):
+                bridges[r.id] = self.providers[spec.provider]  # its NICs plug straight into the provider bridge
+                zones[r.id] = external_zone(r.id)
         subnet_net = {r.id: SUBNET.load(r).spec.network for r in await list_all(self.store, SUBNET.name)}
         routed: dict[str, set[str]] = {}
         for r in await list_all(self.store, ROUTER.name):  # a member's routed traffic arrives on the other bridges
@@ -848,6 +1019,7 @@ class NetworkReconciler:
         """Remove networks built here that no record wants here any more (e.g. deleted while the agent was down)."""
         wanted: set[int] = set()
         vni_of: dict[int, str] = {}
+        externals: dict[str, str] = {}  # provider key -> external network id with a NIC here
         for r in await list_all(self.store, PORT.name, where={"node": self.node}):
             nid = PORT.load(r).spec.network
             rec = await self.store.get(NETWORK.name, nid)
@@ -855,7 +1027,15 @@ class NetworkReconciler:
             if vni is not None:
                 wanted.add(vni)
                 vni_of[vni] = nid
-        wanted_ids = set(vni_of.values())
+            elif rec is not None and NETWORK.load(rec).spec.external:
+                externals[provider_key(nid)] = nid
+        wanted_ids = set(vni_of.values()) | set(externals.values()) | set(self._externals)
+        for key in await self.services.list_providers():  # external networks' DHCP ports no NIC here needs
+            if key not in externals and key not in {provider_key(n) for n in self._externals}:
+                log.warning("removing an external network's DHCP port no NIC here needs", extra={"key": key})
+                await self.services.remove_provider(key)
+        for nid in set(externals.values()) - set(self._externals):
+            self._enqueue(nid)
         if await asyncio.to_thread(self.state_dir.is_dir):
             for entry in await asyncio.to_thread(lambda: sorted(self.state_dir.iterdir())):
                 if entry.is_dir() and entry.name not in wanted_ids and entry.name not in self._dhcp:

@@ -3,6 +3,7 @@ description/labels patch are generic (:mod:`minicloud.core.crud`)."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from typing import Any
 
@@ -18,7 +19,7 @@ from minicloud.model.network import NetworkCreate
 from minicloud.network import ipam
 from minicloud.network.kinds import NETWORK, SUBNET, VNI, VXLAN_OVERHEAD, NetworkSpec, SubnetSpec
 from minicloud.network.security_groups import ensure_default_group
-from minicloud.state import Create, Delete, Op, Store
+from minicloud.state import Create, Delete, Op, Store, Txn, TxnFailed
 
 DEFAULT_UNDERLAY_MTU = 1500
 
@@ -168,3 +169,54 @@ async def delete_network(
         return await crud.delete_obj(ctx, store, NETWORK, network, expect=network.revision, extra=extra)
 
     return await (step(0) if expect is not None else ipam.retrying(step))
+
+
+# -- a node's DHCP port on an external network -------------------------------------------------------------------------
+def dhcp_holder(network_id: str, node: str) -> str:
+    """The IPAM holder of ``node``'s DHCP port on external network ``network_id``."""
+    return f"dhcp/{network_id}/{node}"
+
+
+async def node_dhcp_address(store: Store, network_id: str, node: str) -> ipaddress.IPv4Interface | None:
+    """The address (with its prefix) of ``node``'s DHCP port on external network ``network_id``, whose NICs plug
+    straight into the LAN: held in IPAM as :func:`dhcp_holder`, taken from the subnet's range on first use (what
+    Neutron's DHCP port does; dnsmasq answers from an address of the subnet). Released with the subnet, or by
+    :func:`release_node_dhcp_address` when the node no longer carries the network. None when the network or its
+    subnet is gone or being deleted; 409 when the range is exhausted."""
+    holder = dhcp_holder(network_id, node)
+    ctx = Context.system("network", action="network:networks:dhcp")
+    for attempt in range(ipam.ATTEMPTS):
+        record = await store.get(NETWORK.name, network_id)
+        if record is None or not NETWORK.load(record).spec.external:
+            return None
+        subnets = NETWORK.load(record).spec.subnets
+        srec = await store.get(SUBNET.name, next(iter(sorted(subnets)))) if subnets else None
+        if srec is None:
+            return None
+        subnet = SUBNET.load(srec)
+        if subnet.spec.deleting:
+            return None
+        prefix = ipaddress.IPv4Network(subnet.spec.cidr).prefixlen
+        for a in await ipam.allocations(store, subnet.id):
+            if a.spec.holder == holder:
+                return ipaddress.IPv4Interface(f"{a.spec.address}/{prefix}")
+        address, ops = await ipam.allocate(ctx, store, subnet, holder=holder, spread=min(attempt, 8))
+        try:
+            await store.commit(Txn(ops))
+        except TxnFailed:
+            continue
+        return ipaddress.IPv4Interface(f"{address}/{prefix}")
+    raise errors.Conflict(f"the DHCP address of node {node} on network {network_id} kept losing to concurrent changes")
+
+
+async def release_node_dhcp_address(store: Store, network_id: str, node: str) -> None:
+    """Give back ``node``'s DHCP address on external network ``network_id`` (nothing if it holds none)."""
+    record = await store.get(NETWORK.name, network_id)
+    if record is None:
+        return
+    holder = dhcp_holder(network_id, node)
+    for sid in NETWORK.load(record).spec.subnets:
+        for a in await ipam.allocations(store, sid):
+            if a.spec.holder == holder:
+                with contextlib.suppress(TxnFailed):  # changed or gone meanwhile: the subnet's delete released it
+                    await store.commit(Txn([ipam.release(a)]))

@@ -22,6 +22,7 @@ from tests.cluster.test_vpc import booted, console, delete, launch, links, ok, p
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 PROVIDER = "lan"
+DIRECT = "flat"  # the provider of NICs straight on the LAN: each node's bridge lanbr
 ECHO_PORT = 8000
 ECHO = """
 import http.server
@@ -38,11 +39,20 @@ http.server.ThreadingHTTPServer(("0.0.0.0", PORT), H).serve_forever()
 @pytest.fixture(scope="module")
 def hosts(real_hosts: None, guest_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Two started, joined nodes ``n1``/``n2`` with the test guest imported as ``guest-n1``/``guest-n2``, their
-    ``eth1`` the provider interface ``lan``; an echo server on the public LAN's gateway address."""
+    ``eth1`` the provider interface ``lan`` and their bridge ``lanbr`` (with ``eth2``, on the same LAN) the provider
+    ``flat``; an echo server on the public LAN's gateway address."""
     with Cluster(tmp_path_factory.mktemp("routers"), 2, libvirt=True, public=True) as cluster:
         assert cluster.public is not None
         for node in cluster:
-            node.config.write_text(node.config.read_text() + f'\n[network.providers]\n{PROVIDER} = "eth1"\n')
+            # eth1 for routers' legs (macvlans); eth2 a port of the Linux bridge lanbr, where NICs plug straight in
+            cluster.public.plug(f"q{harness.port_number(node.port)}", node.netns, "eth2")
+            for cmd in (("link", "add", "lanbr", "type", "bridge", "stp_state", "0", "forward_delay", "0"),
+                        ("link", "set", "eth2", "master", "lanbr"), ("link", "set", "eth2", "up"),
+                        ("link", "set", "lanbr", "up")):  # fmt: skip
+                harness.ip("-n", node.netns, *cmd)
+            node.config.write_text(
+                node.config.read_text() + f'\n[network.providers]\n{PROVIDER} = "eth1"\n{DIRECT} = "lanbr"\n'
+            )
         cluster.start_all().form()
         for node in cluster:
             for f in ("vmlinuz", "initrd.img"):
@@ -255,3 +265,67 @@ def test_east_west_between_two_subnets_of_a_router_is_routed_on_the_source_node_
             interval=1,
             what=f"{node.node_name}'s {table} gone",
         )
+
+
+def test_a_nic_straight_on_the_lan_gets_its_ipam_address_by_dhcp_and_its_groups_decide_what_comes_in(
+    hosts: Cluster, tmp_path: Path
+):
+    """The homelab habit: `--nic network=flat` puts the guest on the LAN itself (its tap a port of n2's bridge
+    lanbr), with the address IPAM gave its port, served by n2's DHCP port on that bridge; no NAT on the way; its
+    security groups and anti-spoofing apply there as on a VPC; the DHCP port goes when the guest does."""
+    n1, n2 = hosts.nodes
+    assert hosts.public is not None
+    prefix = PUBLIC_CIDR.rsplit(".", 1)[0]
+    n1.cli(
+        "network", "create", "flat", "--external", "--provider", DIRECT, "--cidr", PUBLIC_CIDR,
+        "--gateway", PUBLIC_GATEWAY, "--pool", f"{prefix}.200-{prefix}.249", check=True,
+    )  # fmt: skip
+    flat_id = n1.json("network", "show", "flat")["id"]
+    n1.cli("security-group", "create", "lanweb", check=True)  # egress all, no ingress
+    url = f"http://{PUBLIC_GATEWAY}:{ECHO_PORT}/"
+    data = probes(tmp_path, "d", [("lan", 240, f"timeout 5 wget -q -O - {url}")])
+    g = launch(n1, "d", "--image", "guest-n2", "--nic", "network=flat,security-groups=lanweb", "--user-data", data)
+    assert g["status"]["node"] == "n2"
+    address = g["nics"][0]["ip"]
+    assert address.startswith(f"{prefix}.2")
+    # DHCP gave the guest IPAM's address, and the LAN sees it as itself (no NAT)
+    assert ok(n2, "d", "lan").strip() == f"from {address}", console(n2, "d")[-2000:]
+
+    # n2's DHCP port: a namespace with an address of the pool on a veth in lanbr, dnsmasq serving DHCP only
+    [space] = [n for n in n2.exec("ls", "/run/netns", check=True).stdout.split() if n.startswith("mcs-x")]
+    inside = n2.exec("nsenter", f"--net=/run/netns/{space}", "ip", "-4", "-o", "addr", "show", "mcs0", check=True)
+    dhcp_address = inside.stdout.split("inet ")[1].split("/")[0]
+    assert dhcp_address.startswith(f"{prefix}.2") and dhcp_address != address
+    veth = [name for name in links(n2.netns) if name.startswith("mcp-")]
+    assert len(veth) == 1
+    assert f"/{flat_id}/dnsmasq.pid" in n2.exec("ps", "-ww", "-eo", "args", check=True).stdout
+    assert "master lanbr" in n2.exec("ip", "-o", "link", "show", veth[0], check=True).stdout
+    assert not [n for n in n1.exec("ls", "/run/netns").stdout.split() if n.startswith("mcs-x")]  # n1 has no NIC of it
+
+    # its groups decide what comes in from the LAN: nothing, then tcp/80, then nothing again
+    def fetch() -> bool:
+        return hosts.public.exec("curl", "-s", "-m", "2", "-o", "/dev/null", f"http://{address}/").returncode == 0  # type: ignore[union-attr]
+
+    assert not fetch(), "the guest answered the LAN before any rule allowed it"
+    n1.cli("security-group", "rule", "add", "lanweb", "ingress", "--protocol", "tcp", "--port", "80", check=True)
+    wait_for(fetch, timeout=30, interval=0.5, what="the rule to open port 80 of the guest on the LAN")
+    [rule] = [r["id"] for r in n1.json("security-group", "show", "lanweb")["rules"] if r.get("port_min") == 80]
+    n1.cli("security-group", "rule", "remove", "lanweb", rule, check=True)
+    wait_for(lambda: not fetch(), timeout=30, interval=0.5, what="the removed rule to close port 80 again")
+
+    delete(n1, "d")
+    wait_for(
+        lambda: (
+            not [n for n in n2.exec("ls", "/run/netns").stdout.split() if n.startswith("mcs-x")]
+            and not [name for name in links(n2.netns) if name.startswith("mcp-")]
+        ),
+        timeout=60,
+        interval=0.5,
+        what="n2's DHCP port of flat to go with its last NIC",
+    )
+    assert (
+        f"/{flat_id}/dnsmasq.pid" not in n2.exec("ps", "-ww", "-eo", "args", check=True).stdout
+    )  # its dnsmasq is gone
+    n1.cli("security-group", "delete", "lanweb", check=True)
+    n1.cli("subnet", "delete", "flat", check=True)  # no address of it is held any more (the DHCP port's went too)
+    n1.cli("network", "delete", "flat", check=True)

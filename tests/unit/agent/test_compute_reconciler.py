@@ -405,18 +405,20 @@ async def test_a_nic_waits_for_its_network_on_this_node_then_is_plugged_with_its
     assert rec.status.addresses == [Address(network="a", mac="52:54:00:00:00:01", ip="10.0.1.11")]
 
 
-async def test_a_nic_directly_on_an_external_network_fails_the_build_with_the_reason_instead_of_waiting(world):
-    """The agents build VXLAN networks only: a NIC straight on a provider LAN would wait for ever."""
-    from minicloud.network.kinds import NETWORK
-    from minicloud.network.kinds import NetworkSpec as VpcSpec
-
-    lan = NETWORK.new(project="default", name="public", id="net-lan", spec=VpcSpec(cidr="192.0.2.0/24", external=True))
-    await world.store.commit(Txn([Create(NETWORK.dump(lan))]))
+async def test_a_network_this_node_cannot_build_fails_the_build_with_its_reason_and_a_fixed_one_builds(world):
+    """An external network whose provider is not a bridge here would make its NICs wait for ever: the network
+    reconciler's reason becomes the build's error; once the network is built the instance builds."""
     inst = await world.add_instance("lan1", nics=[_nic(1, "net-lan")])
+    await world.pass_()
+    assert (await world.get(inst)).status.state == "pending"  # nothing known against it: it waits
+    world.networks.failed("net-lan", "provider lan of external network public is eth1 on node n1, not a Linux bridge")
+    assert inst.id in world.enqueued  # the failure queues it
     await world.pass_()
     rec = await world.get(inst)
     assert rec.status.state == "error" and world.domain(inst) is None
-    assert "a NIC directly on external network lan is not plumbed by this release" in rec.status.reason
+    assert "provider lan of external network public is eth1 on node n1, not a Linux bridge" in rec.status.reason
+    world.networks.built("net-lan", "lanbr")  # the operator fixed the node: the failure is gone with it
+    assert world.networks.failure("net-lan") is None
 
 
 async def test_nics_added_or_removed_while_running_are_hot_plugged_and_while_stopped_redefined(world):

@@ -15,20 +15,24 @@ from agent.net.dhcp import DhcpHost, DnsRecord, hosts_file
 from agent.net.metadata import make_app
 from agent.net.nodenetworks import NodeNetworks
 from agent.net.overlay import FakeOverlay, FdbEntry, Neighbour
-from agent.net.service import FakeServiceNamespaces, service_mac
+from agent.net.service import FakeServiceNamespaces, provider_key, provider_mac, service_mac
 from agent.reconcile import Controller
 from agent.reconcilers.network import (
     NODE_KEY,
     NetworkReconciler,
     compile_inputs,
+    desired_external,
     desired_network,
     dns_label,
+    external_zone,
     tap_name,
     underlay_addresses,
 )
 from minicloud import ids
 from minicloud.cluster.kinds import NODE, NodeSpec
 from minicloud.compute.kinds import INSTANCE, InstanceSpec
+from minicloud.network import ipam
+from minicloud.network import networks as networks_service
 from minicloud.network.kinds import (
     NETWORK,
     PORT,
@@ -668,3 +672,140 @@ async def test_the_default_bridges_guests_are_pinned_while_they_run_and_their_ru
         "delete chain bridge minicloud_sg o_i_g\n"
     )
     assert not world.nn.guarded(tap, "10.213.0.10")
+
+
+# -- NICs straight on an external network's LAN (tests/cluster/test_routers.py runs the real devices) -------------
+LAN = "net-lan"
+
+
+def _lan(provider: str = "lan") -> NetworkSpec:
+    return NetworkSpec(cidr="192.0.2.0/24", mtu=1500, external=True, provider=provider, subnets={"sub-lan": "x"})
+
+
+def _lan_subnet(**kw) -> SubnetSpec:
+    return SubnetSpec(
+        network=LAN,
+        cidr="192.0.2.0/24",
+        gateway="192.0.2.1",
+        allocation_start="192.0.2.100",
+        allocation_end="192.0.2.199",
+        **kw,
+    )
+
+
+def _lan_port(ip: str, mac: str, node: str, instance: str = "i-1") -> PortSpec:
+    return PortSpec(
+        network=LAN, subnet="sub-lan", address=ip, mac=mac, node=node, instance=instance, security_groups=["sg-1"]
+    )
+
+
+def test_the_plan_serves_this_nodes_nics_on_the_provider_bridge_with_the_lans_gateway_and_name_servers():
+    ports = [("p1", _lan_port("192.0.2.150", "52:54:00:00:00:01", "n1")), ("p2", _lan_port("192.0.2.151", "52:54:00:00:00:02", "n2"))]  # fmt: skip
+    subnets = {"sub-lan": _lan_subnet(dns_servers=["192.0.2.53"])}
+    want, reason = desired_external(LAN, _lan(), "public", subnets, ports, {"i-1": "web"}, "n1", {"lan": "lanbr"})
+    assert reason is None and want is not None
+    assert want.bridge == "lanbr" and want.gateway == ipaddress.IPv4Address("192.0.2.1") and want.mtu == 1500
+    assert [(h.mac, str(h.ip), h.name) for h in want.hosts] == [("52:54:00:00:00:01", "192.0.2.150", "web")]
+    assert want.dns == ("192.0.2.53",)
+    # without name servers of its own the subnet's gateway is the guests' resolver (a home router)
+    want, _ = desired_external(LAN, _lan(), "public", {"sub-lan": _lan_subnet()}, ports, {}, "n1", {"lan": "lanbr"})
+    assert want is not None and want.dns == ("192.0.2.1",)
+
+
+def test_no_nic_here_wants_nothing_and_a_node_without_the_provider_or_on_host_says_why():
+    ports = [("p2", _lan_port("192.0.2.151", "52:54:00:00:00:02", "n2"))]
+    subnets = {"sub-lan": _lan_subnet()}
+    assert desired_external(LAN, _lan(), "public", subnets, ports, {}, "n1", {"lan": "lanbr"}) == (None, None)
+    mine = [("p1", _lan_port("192.0.2.150", "52:54:00:00:00:01", "n1"))]
+    want, reason = desired_external(LAN, _lan(), "public", subnets, mine, {}, "n1", {"other": "br9"})
+    assert want is None and reason is not None
+    assert "node n1 has no provider 'lan' of external network public" in reason and "[network.providers]" in reason
+    want, reason = desired_external(LAN, _lan("host"), "host", subnets, mine, {}, "n1", {"host": "mcbr0"})
+    assert want is None and reason is not None and "without --nic" in reason
+
+
+def test_external_zones_stay_above_the_vnis_zones():
+    zones = {external_zone(f"net-{i}") for i in range(200)}
+    assert all(61440 <= z <= 65535 for z in zones) and len(zones) > 150
+
+
+async def _lan_world(world: World, providers: dict[str, str]) -> None:
+    world.r.providers = providers
+    await world.create(NETWORK, NETWORK.new(project="p", name="public", id=LAN, spec=_lan()))
+    await world.create(SUBNET, SUBNET.new(project="p", name="public", id="sub-lan", spec=_lan_subnet()))
+
+
+async def test_a_nic_on_the_lan_gets_a_dhcp_port_on_the_provider_bridge_and_its_anti_spoofing_there(world):
+    await _lan_world(world, {"lan": "lanbr"})
+    await world.create(PORT, PORT.new(project="p", name="i-1/0", id="port-l1", spec=_lan_port("192.0.2.150", "52:54:00:00:00:0a", ME)))  # fmt: skip
+    await world.pass_()
+    assert world.nn.bridge_for(LAN) == "lanbr" and world.nn.failure(LAN) is None
+    port = world.services.providers[provider_key(LAN)]
+    assert port.bridge == "lanbr" and port.mac == provider_mac(LAN, ME) and port.mtu == 1500
+    # the node's DHCP address: the subnet's lowest free one, held in IPAM for this node
+    assert str(port.address) == "192.0.2.100/24"
+    held = {a.spec.address: a.spec.holder for a in await ipam.allocations(world.store, "sub-lan")}
+    assert held == {"192.0.2.100": networks_service.dhcp_holder(LAN, ME)}
+    dhcp = FakeDhcp.running[world.r.state_dir / LAN]
+    assert dhcp.spec.dns is False and str(dhcp.spec.router) == "192.0.2.1" and dhcp.spec.upstream_dns == ("192.0.2.1",)
+    assert [(h.mac, str(h.ip)) for h in dhcp.hosts] == [("52:54:00:00:00:0a", "192.0.2.150")] and dhcp.records == ()
+    script = world.firewall.scripts[-1]  # pinned to its MAC and address on the provider bridge, in its own zone
+    assert f'"{tap_name("port-l1")}" : jump o_port_l1' in script
+    assert '"lanbr" . 192.0.2.150 : jump i_port_l1' in script
+    assert f'"lanbr" : {external_zone(LAN)}' in script
+    # a second pass changes nothing; the address stays the node's
+    changes = world.services.changes
+    await world.pass_()
+    assert world.services.changes == changes
+    assert str(world.services.providers[provider_key(LAN)].address) == "192.0.2.100/24"
+
+
+async def test_the_last_nic_leaving_removes_the_dhcp_port_and_gives_its_address_back(world):
+    await _lan_world(world, {"lan": "lanbr"})
+    await world.create(PORT, PORT.new(project="p", name="i-1/0", id="port-l1", spec=_lan_port("192.0.2.150", "52:54:00:00:00:0a", ME)))  # fmt: skip
+    await world.pass_()
+    rec = await world.store.get(PORT.name, "port-l1")
+    await world.store.commit(Txn([Delete(kind=PORT.name, id=rec.id, expect_revision=rec.revision)]))
+    for key in (LAN, NODE_KEY):
+        await world.r.reconcile(key)
+    assert world.services.providers == {} and world.nn.bridge_for(LAN) is None
+    assert (world.r.state_dir / LAN) not in FakeDhcp.running and not (world.r.state_dir / LAN).exists()
+    assert await ipam.allocations(world.store, "sub-lan") == []
+
+
+async def test_a_node_whose_provider_is_missing_or_not_a_bridge_fails_the_network_with_the_reason(world):
+    await _lan_world(world, {})
+    await world.create(PORT, PORT.new(project="p", name="i-1/0", id="port-l1", spec=_lan_port("192.0.2.150", "52:54:00:00:00:0a", ME)))  # fmt: skip
+    await world.pass_()
+    assert world.nn.bridge_for(LAN) is None and "has no provider 'lan'" in (world.nn.failure(LAN) or "")
+    assert await ipam.allocations(world.store, "sub-lan") == []  # nothing taken for a network not built
+    world.r.providers = {"lan": "eth1"}
+    world.services.bridges = {"lanbr"}  # eth1 is a plain interface
+    await world.pass_()
+    assert "provider 'eth1' of external network public on node n1: eth1 is not a Linux bridge" in (
+        world.nn.failure(LAN) or ""
+    )
+    world.r.providers = {"lan": "lanbr"}
+    await world.pass_()
+    assert world.nn.failure(LAN) is None and world.nn.bridge_for(LAN) == "lanbr"
+
+
+async def test_a_restarted_agent_sweeps_a_dhcp_port_no_nic_here_needs(world, tmp_path):
+    await _lan_world(world, {"lan": "lanbr"})
+    world.services.providers[provider_key("net-gone")] = object()  # left by a network deleted while we were down
+    await world.r.reconcile(NODE_KEY)
+    assert world.services.providers == {}
+
+
+@pytest.mark.parametrize("nodes", [("n1",), ("n1", "n2", "n3")])
+async def test_the_subnets_delete_releases_every_nodes_dhcp_address(world, nodes):
+    from minicloud.core.context import Context
+    from minicloud.network import subnets as subnets_service
+
+    await _lan_world(world, {"lan": "lanbr"})
+    got = [await networks_service.node_dhcp_address(world.store, LAN, n) for n in nodes]
+    assert len({str(a) for a in got}) == len(nodes)  # one each, never shared
+    assert await networks_service.node_dhcp_address(world.store, LAN, nodes[0]) == got[0]  # kept
+    ctx = Context.system("test", project="p")
+    await subnets_service.delete_subnet(ctx, world.store, "sub-lan")
+    assert await ipam.allocations(world.store, "sub-lan") == []

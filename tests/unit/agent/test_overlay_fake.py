@@ -91,6 +91,31 @@ def test_dnsmasq_serves_static_hosts_only_with_mtu_and_a_local_domain(tmp_path: 
     assert f"--dhcp-hostsfile={tmp_path / 'hosts'}" in argv and f"--addn-hosts={tmp_path / 'dns'}" in argv
 
 
+def test_dhcp_only_serves_no_dns_and_hands_out_the_lans_name_servers(tmp_path: Path) -> None:
+    """An external network's DHCP port faces the LAN: no resolver of ours there, the LAN's name servers handed out."""
+    spec = DhcpSpec(
+        network="public",
+        interface="mcs0",
+        server=ipaddress.IPv4Interface("192.0.2.100/24"),
+        router=IP("192.0.2.1"),
+        mtu=1500,
+        upstream_dns=("192.0.2.53", "192.0.2.54"),
+        dns=False,
+    )
+    argv = dhcp_argv(spec, tmp_path)
+    assert argv[-1] == "--port=0" and "--port=53" not in argv and "--no-resolv" in argv
+    assert "--dhcp-option=option:dns-server,192.0.2.53,192.0.2.54" in argv
+    assert (
+        "--dhcp-option=option:router,192.0.2.1" in argv and "--dhcp-range=192.0.2.0,static,255.255.255.0,3600" in argv
+    )
+    assert not any(
+        a.startswith(("--addn-hosts", "--domain", "--server", "--dhcp-option=option:domain-name")) for a in argv
+    )
+    bare = dhcp_argv(DhcpSpec(network="public", interface="mcs0", server=ipaddress.IPv4Interface("192.0.2.100/24"),
+                              mtu=1500, upstream_dns=(), dns=False), tmp_path)  # fmt: skip
+    assert "--dhcp-option=option:dns-server" in bare
+
+
 def test_one_dnsmasq_serves_several_subnets_each_with_its_own_router_and_dns_server(tmp_path: Path) -> None:
     spec = DhcpSpec(
         network="blue",
