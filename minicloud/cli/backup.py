@@ -10,7 +10,7 @@ from minicloud.cli import generic
 from minicloud.cli.common import CommandError, client
 from minicloud.cli.keypair import parse_labels
 from minicloud.cli.output import col, emit
-from minicloud.storage.backup_kinds import BACKUP_SCHEDULE, BACKUP_TARGET, VOLUME_BACKUP, parse_every
+from minicloud.storage.backup_kinds import BACKUP_SCHEDULE, BACKUP_TARGET, DEFAULT_BUCKET, VOLUME_BACKUP, parse_every
 
 
 def _every(text: str) -> int:
@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     what = v.add_mutually_exclusive_group(required=True)
     what.add_argument("--volume")
     what.add_argument("--state", action="store_true", help="the cluster state database (administrators)")
-    v.add_argument("--bucket", required=True)
+    v.add_argument("--bucket", help=f"default: the project's bucket {DEFAULT_BUCKET!r}, made on first use")
     v.add_argument("--every", type=_every, required=True, metavar="INTERVAL", help="e.g. 1d, 6h, 30m")
     v.add_argument("--keep", type=int, required=True, help="how many backups to keep")
     v.add_argument("--full-every", type=int, default=0, metavar="N",

@@ -67,6 +67,7 @@ class BackupSchedules(Collection[BackupSchedule]):
     def __init__(self, client: Client) -> None:
         super().__init__(client, BACKUP_SCHEDULE)
 
-    def create(self, *, bucket: str, every_seconds: int, keep: int, **fields: Any) -> BackupSchedule:
-        """``volume=`` or ``state=True``; ``name=``, ``target=``, ``full_every=``, ``description=``, ``labels=``."""
+    def create(self, *, every_seconds: int, keep: int, bucket: str | None = None, **fields: Any) -> BackupSchedule:
+        """``volume=`` or ``state=True``; ``bucket=`` (default: the project's bucket ``backups``, made on first
+        use), ``name=``, ``target=``, ``full_every=``, ``description=``, ``labels=``."""
         return self._create(_body(bucket=bucket, every_seconds=every_seconds, keep=keep, **fields))

@@ -308,11 +308,16 @@ class BackupSchedule(Resource, kw_only=True):
     status: BackupScheduleStatus
 
 
+#: The project's bucket where schedules without ``--bucket`` put their backups (made on first use).
+DEFAULT_BUCKET = "backups"
+
+
 class BackupScheduleCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: Name | None = None
     volume: str | None = None
     state: bool = False
-    bucket: str
+    #: None: the project's bucket ``backups`` (made on first use); needed with ``target``.
+    bucket: str | None = None
     target: str | None = None
     every_seconds: int
     keep: int

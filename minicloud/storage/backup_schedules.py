@@ -133,6 +133,9 @@ class BackupScheduler(LeaderLoop[list[ScheduleFacts], SchedulePlan]):
                 made += 1
             except errors.MinicloudError as exc:
                 reason = str(exc)
+                if await self._bucket_coming(s):  # a bucket just made (the default one): try again next look
+                    await self._ran(s.id, last, reason, again=True)
+                    continue
             await self._ran(s.id, last, reason)
         for project, backup_id in plan.prune:
             ctx = Context.system("backup-schedule", project=project, action="storage:backups:delete")
@@ -154,13 +157,26 @@ class BackupScheduler(LeaderLoop[list[ScheduleFacts], SchedulePlan]):
             await self._ran(s.id, last, reason)
         return Outcome(f"made {made} backups, {len(plan.state)} state backups, pruned {pruned}")
 
-    async def _ran(self, schedule_id: str, last: str, reason: str) -> None:
+    async def _bucket_coming(self, s: ScheduleFacts) -> bool:
+        """Whether the schedule's bucket of this cluster is still being made (``creating``)."""
+        from minicloud.objects.kinds import BUCKET
+
+        if s.spec.target:
+            return False
+        record = await self.store.get_by_name(BUCKET.name, s.project, s.spec.bucket)
+        return (
+            record is not None and not record.spec.get("deleted") and (record.status or {}).get("state") == "creating"
+        )
+
+    async def _ran(self, schedule_id: str, last: str, reason: str, *, again: bool = False) -> None:
+        """Record a run (``again``: the reason only, so that the schedule is due again at the next look)."""
         for _ in range(5):
             record = await self.store.get(BACKUP_SCHEDULE.name, schedule_id)
             if record is None:
                 return
             obj = BACKUP_SCHEDULE.load(record)
-            status = msgspec.structs.replace(obj.status, last_run=ids.now(), last_backup=last or obj.status.last_backup,
+            when = obj.status.last_run if again else ids.now()
+            status = msgspec.structs.replace(obj.status, last_run=when, last_backup=last or obj.status.last_backup,
                                              reason=reason)  # fmt: skip
             try:
                 await self.store.commit(Txn([Update(BACKUP_SCHEDULE.dump(obj.replace(status=status)),

@@ -44,6 +44,7 @@ from minicloud.storage import common
 from minicloud.storage.backup_kinds import (
     BACKUP_SCHEDULE,
     BACKUP_TARGET,
+    DEFAULT_BUCKET,
     VOLUME_BACKUP,
     BackupScheduleCreate,
     BackupScheduleSpec,
@@ -358,6 +359,30 @@ async def _bucket_of(ctx: Context, store: Store, bucket: str, target: Any | None
         raise errors.Conflict(f"bucket '{bucket}' is {state}; back up into a ready bucket")
 
 
+async def default_bucket(ctx: Context, store: Store) -> str:
+    """The project's bucket :data:`DEFAULT_BUCKET`, where schedules without a bucket put their backups (AWS Backup's
+    default vault): created on first use (``creating`` until the objects reconciler made it; a schedule's first run
+    comes an interval later). 409 while it is being deleted; 503 without Ceph (as any bucket)."""
+    from minicloud.model.objects import BucketCreate
+    from minicloud.objects.buckets import create_bucket
+    from minicloud.objects.kinds import BUCKET
+
+    for _ in range(3):
+        found = await crud.find(ctx, store, BUCKET, DEFAULT_BUCKET)
+        if found is not None:
+            if found.spec.deleted:
+                raise errors.Conflict(
+                    f"bucket '{DEFAULT_BUCKET}' is being deleted; give the schedule another bucket with --bucket"
+                )
+            return DEFAULT_BUCKET
+        try:
+            await create_bucket(ctx, store, BucketCreate(name=DEFAULT_BUCKET, description="backups of schedules"))
+            return DEFAULT_BUCKET
+        except errors.AlreadyExists:
+            continue  # made meanwhile by a concurrent schedule: read it
+    raise errors.Conflict(f"bucket '{DEFAULT_BUCKET}' kept changing while a schedule was created; retry")
+
+
 async def create_backup(ctx: Context, store: Store, body: VolumeBackupCreate, *, schedule: str = "") -> Written:
     """Back up a volume into a bucket (state ``creating``; the volume's node makes it). 409 while the volume is not
     available or in use, while another backup of it is being made, for ``incremental`` without a backup to build
@@ -544,14 +569,23 @@ async def create_schedule(
         )
     if body.state:
         await common.require_admin(ctx, directory, "admin:backups:create", "backing up the cluster state")
+    if body.bucket is None and body.target:
+        raise errors.ValidationFailed(
+            "a schedule to another endpoint needs --bucket: a bucket there",
+            invalid_params=[{"name": "bucket", "reason": "required with target"}],
+        )
     target = await crud.get(ctx, store, BACKUP_TARGET, body.target) if body.target else None
-    await _bucket_of(ctx, store, body.bucket, target)
+    if body.bucket is not None:
+        bucket = body.bucket
+        await _bucket_of(ctx, store, bucket, target)
+    else:
+        bucket = await default_bucket(ctx, store)
     vol = await crud.get(ctx, store, VOLUME, body.volume) if body.volume is not None else None
     if vol is not None and vol.spec.driver == "local" and body.full_every not in (0, 1):
         raise errors.Conflict(f"volume '{vol.name}' is in a local pool: every backup of it is full (--full-every 1)")
     spec = BackupScheduleSpec(
         volume=vol.id if vol is not None else "", volume_name=vol.name if vol is not None else "", state=body.state,
-        bucket=body.bucket, target=target.id if target is not None else "",
+        bucket=bucket, target=target.id if target is not None else "",
         target_name=target.name if target is not None else "", every_seconds=body.every_seconds, keep=body.keep,
         full_every=1 if vol is not None and vol.spec.driver == "local" else body.full_every,
         description=body.description,

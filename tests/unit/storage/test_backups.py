@@ -221,6 +221,54 @@ async def test_targets_seal_their_secret_and_schedules_check_their_input(store, 
     assert state.status == 201 and state.body.state
 
 
+async def test_a_schedule_without_a_bucket_uses_the_projects_backups_bucket_made_on_first_use(store, ctx):
+    """The issue's line `backup-schedule create --volume V --every 1d --keep 7` (no --bucket): AWS Backup's default
+    vault, here the project's bucket `backups`."""
+    from minicloud.storage.backup_kinds import DEFAULT_BUCKET
+    from minicloud.storage.kinds import CEPH, CephSpec
+
+    await _volume(store)
+    body = BackupScheduleCreate(volume="v1", every_seconds=86400, keep=7)
+    with pytest.raises(errors.Conflict, match="storage is not enabled"):  # as any bucket: S3 needs Ceph
+        await bk.create_schedule(ctx, store, body)
+    ceph = CEPH.new(project="", name="ceph", spec=CephSpec(fsid="f", bootstrap_node="n1", mons={"n1": "127.0.0.1"}))
+    await store.commit(Txn([Create(CEPH.dump(ceph))]))
+    first = _obj(await bk.create_schedule(ctx, store, body))
+    assert first.bucket == DEFAULT_BUCKET == "backups"
+    [bucket] = [r for r in await store.list(BUCKET.name, project="default") if r.name == DEFAULT_BUCKET]
+    second = _obj(await bk.create_schedule(ctx, store, BackupScheduleCreate(volume="v1", every_seconds=3600, keep=3)))
+    assert second.bucket == DEFAULT_BUCKET
+    assert [r.id for r in await store.list(BUCKET.name, project="default") if r.name == DEFAULT_BUCKET] == [bucket.id]
+    with pytest.raises(errors.ValidationFailed, match="needs --bucket"):  # another endpoint's bucket is not ours
+        await bk.create_schedule(ctx, store, BackupScheduleCreate(volume="v1", target="t", every_seconds=3600, keep=3))
+
+
+async def test_a_schedule_whose_new_bucket_is_still_being_made_is_due_again_at_the_next_look(store, ctx):
+    import datetime as dt
+    import types
+
+    from minicloud.storage.backup_kinds import BACKUP_SCHEDULE, DEFAULT_BUCKET
+    from minicloud.storage.backup_schedules import BackupScheduler
+    from minicloud.storage.kinds import CEPH, CephSpec
+
+    await _volume(store)
+    ceph = CEPH.new(project="", name="ceph", spec=CephSpec(fsid="f", bootstrap_node="n1", mons={"n1": "127.0.0.1"}))
+    await store.commit(Txn([Create(CEPH.dump(ceph))]))
+    sched = _obj(await bk.create_schedule(ctx, store, BackupScheduleCreate(volume="v1", every_seconds=86400, keep=7)))
+    loop = BackupScheduler(store, types.SimpleNamespace(node_name="n1"), None)
+    now = dt.datetime.now(dt.UTC)
+    await loop.act(loop.decide(await loop.snapshot(), now))  # the bucket is `creating`: refused, not a day lost
+    status = BACKUP_SCHEDULE.load(await store.get(BACKUP_SCHEDULE.name, sched.id)).status
+    assert not status.last_run and "creating" in status.reason
+    bucket = await store.get_by_name(BUCKET.name, "default", DEFAULT_BUCKET)
+    await set_status(store, BUCKET, bucket.id, state="ready")
+    plan = loop.decide(await loop.snapshot(), now)
+    assert [s.id for s, _ in plan.create] == [sched.id]
+    await loop.act(plan)
+    status = BACKUP_SCHEDULE.load(await store.get(BACKUP_SCHEDULE.name, sched.id)).status
+    assert status.last_run and status.last_backup and status.reason == ""
+
+
 async def test_a_target_in_use_is_not_deleted_and_a_create_racing_its_delete_is_refused(store, ctx):
     from minicloud.storage.backup_kinds import BACKUP_SCHEDULE, BACKUP_TARGET
 
