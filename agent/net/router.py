@@ -15,6 +15,13 @@ the VNI's MAC, the same on every node. A network with a subnet attached to a rou
 
 Nothing of this crosses the VXLAN device: the external side leaves through the node's own provider interface.
 
+A router whose subnets are in **several networks** joins their service namespaces on each node that carries them:
+one veth pair per pair of networks (``mcr-<peer VNI>`` in each namespace, deterministic MACs, no addresses), routes
+in each namespace to the peer's subnets (and to the destinations of static routes whose next hop is on them) via the
+peer's first gateway, on-link over that veth, with a permanent neighbour entry for it (no ARP on the link: the
+namespaces answer ARP for their own legs only). Traffic between networks is routed on the node it comes from, as
+within one network.
+
 :class:`RouterPlumbing` converges it idempotently (``ensure(netns path, plan)``; a plan of None undoes it); the
 namespace going (the network leaving the node) takes all of it along.
 """
@@ -37,7 +44,7 @@ from dataclasses import dataclass
 
 from pyroute2 import NetlinkError
 
-from agent.net.common import NetworkError, collect, netns_argv, ns_socket
+from agent.net.common import NetworkError, collect, get_link, netns_argv, ns_socket
 from agent.net.firewall import NftFirewall, NftTable
 from agent.net.overlay import vxlan_name
 from agent.net.service import INNER_NAME, service_mac
@@ -58,6 +65,7 @@ FLOATING_PREFIX = "mcf-"
 #: The routing protocol number marking the routers' static routes in a service namespace (``ip route show proto
 #: 77``): what is ours to converge, apart from the kernel's and the external leg's routes.
 ROUTE_PROTO = 77
+_RTNH_F_ONLINK = 4
 
 #: Sends one gratuitous ARP request (argv: interface, address, MAC) on an AF_PACKET socket.
 _GARP = """
@@ -152,10 +160,40 @@ class FloatingLeg:
 
 @dataclass(frozen=True, order=True)
 class StaticRoute:
-    """A router's static route: ``destination`` via ``nexthop``, an address on one of its subnets of this network."""
+    """A router's static route: ``destination`` via ``nexthop``, an address on one of its subnets of this network;
+    or (``device``: a peer link ``mcr-…``) via the peer network's namespace, on-link over that link."""
 
     destination: ipaddress.IPv4Network
     nexthop: ipaddress.IPv4Address
+    device: str = ""
+
+
+LINK_PREFIX = "mcr-"
+
+
+def link_name(peer_vni: int) -> str:
+    """The link, inside a network's service namespace, to the service namespace of network ``peer_vni``."""
+    return f"{LINK_PREFIX}{peer_vni:06x}"
+
+
+def link_mac(vni: int, peer_vni: int) -> str:
+    """The MAC of network ``vni``'s end of its link to network ``peer_vni``: locally administered, unicast."""
+    digest = hashlib.sha256(f"link/{vni}/{peer_vni}".encode()).digest()
+    return "02:4d:4c:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+@dataclass(frozen=True, order=True)
+class PeerLink:
+    """Another network of the same router(s), built on this node: its VNI, its service namespace, and an address
+    there (its first gateway) as the next hop of the routes to its side."""
+
+    vni: int
+    path: str
+    nexthop: ipaddress.IPv4Address
+    destinations: tuple[ipaddress.IPv4Network, ...] = ()
+
+    def routes(self) -> tuple[StaticRoute, ...]:
+        return tuple(StaticRoute(d, self.nexthop, link_name(self.vni)) for d in self.destinations)
 
 
 @dataclass(frozen=True)
@@ -174,6 +212,8 @@ class RouterPlan:
     own: tuple[str, ...] = ()
     #: The routers' static routes whose next hop is on one of their subnets of this network, sorted.
     routes: tuple[StaticRoute, ...] = ()
+    #: The other networks of its routers built on this node, by VNI (the links between the namespaces).
+    peers: tuple[PeerLink, ...] = ()
 
     @property
     def legs(self) -> tuple[ExternalLeg, ...]:
@@ -234,6 +274,7 @@ def nft_body(leg: ExternalLeg, floating: tuple[FloatingLeg, ...] = (), more: tup
             "\t\ttype filter hook forward priority 0; policy accept;",
             "\t\tct state established,related accept",
             "\t\tct status dnat accept",
+            f'\t\tiifname "{LINK_PREFIX}*" oifname "{INNER_NAME}" accept',  # from another network of its routers
             f'\t\tiifname != "{INNER_NAME}" drop',
             "\t}",
             "\tchain postrouting {",
@@ -326,14 +367,19 @@ class RouterPlumbing:
                 return  # converged by this process already (a restarted agent looks once)
             if plan is None and not await asyncio.to_thread(os.path.exists, path):
                 return
-            await self._converge(path, plan)
-            self._applied[path] = plan
+            if await self._converge(path, plan):
+                self._applied[path] = plan
+            else:  # a peer's namespace is not there yet: look again next time
+                self._applied.pop(path, None)
 
     async def remove(self, path: str) -> None:
         """The namespace at ``path`` is gone (and all of this inside with it): remove the node's routed-MAC table."""
         async with self._lock:
             self._applied.pop(path, None)
             self._tables.pop(path, None)
+            for other, plan in list(self._applied.items()):  # their links to it went with it: look again
+                if plan is not None and any(p.path == path for p in plan.peers):
+                    del self._applied[other]
             await self._routed(path, None)
 
     async def _routed(self, path: str, plan: RouterPlan | None) -> None:
@@ -348,21 +394,25 @@ class RouterPlumbing:
             await node.delete_tables([table])
             self._tables[table.name] = ""
 
-    async def _converge(self, path: str, plan: RouterPlan | None) -> None:
+    async def _converge(self, path: str, plan: RouterPlan | None) -> bool:
+        """Converge; False when a peer network's namespace is missing (its link and routes come later)."""
         await self._routed(path, plan)
         fw = NftFirewall(path)
         forwarding = (await self._inside(path, self._sysctl, "-n", "net.ipv4.ip_forward", what="read")).strip()
         if plan is None:
             await self._remove_external(path, fw)
             await ensure_routes(path, ())
+            await self._ensure_links(path, 0, ())
             if forwarding == "1":
                 await self._inside(path, self._sysctl, "-qw", "net.ipv4.ip_forward=0", what="stop forwarding")
-            return
+            return True
         await self._inside(path, self._sysctl, "-qw", *_SYSCTLS, what="turn forwarding on")
-        await ensure_routes(path, plan.routes)
+        linked = await self._ensure_links(path, plan.vni, plan.peers)
+        await ensure_routes(path, (*plan.routes, *(r for p in linked for r in p.routes())))
+        complete = len(linked) == len(plan.peers)
         if plan.external is None:
             await self._remove_external(path, fw)
-            return
+            return complete
         for leg in plan.legs:
             await self._ensure_external(path, plan.vni, leg)
         for name in await self._links(path):  # legs no router needs any more (fewer routers than before)
@@ -375,6 +425,38 @@ class RouterPlumbing:
             await fw.replace_table(TABLE, body)
             self._tables[path] = body
             self._egress_since[path] = int(time.time())  # the egress counters start again from 0
+        return complete
+
+    async def _ensure_links(self, path: str, vni: int, peers: tuple[PeerLink, ...]) -> list[PeerLink]:
+        """Exactly one veth to each peer's namespace (created from here when both namespaces exist; the peer's own
+        pass adopts it), up, with its MAC and a permanent neighbour entry for the peer's next hop; links to
+        namespaces no longer peers are deleted (both ends go). Returns the peers linked."""
+        have = {name for name in await self._links(path) if name.startswith(LINK_PREFIX)}
+        linked = []
+        for peer in peers:
+            name, back = link_name(peer.vni), link_name(vni)
+            if name not in have:
+                if not await asyncio.to_thread(os.path.exists, peer.path):
+                    continue  # not built here yet: its own pass will link us (and queue us)
+                tmp = f"mcq-{peer.vni:06x}"  # the peer's end until it is in the peer's namespace
+                await self._inside(path, self._ip, "link", "del", tmp, what="clear a half-made link", check=False)
+                await self._inside(peer.path, self._ip, "link", "del", back, what="clear a stale end", check=False)
+                await self._inside(path, self._ip, "link", "add", name, "address", link_mac(vni, peer.vni),
+                                   "type", "veth", "peer", "name", tmp, "address", link_mac(peer.vni, vni),
+                                   what=f"link to network {peer.vni}")  # fmt: skip
+                await self._inside(path, self._ip, "link", "set", name, "addrgenmode", "none", what="no IPv6")
+                await self._inside(path, self._ip, "link", "set", tmp, "netns", peer.path, what="move a link")
+                await self._inside(peer.path, self._ip, "link", "set", tmp, "name", back, what="name a link")
+                await self._inside(peer.path, self._ip, "link", "set", back, "addrgenmode", "none", what="no IPv6")
+                await self._inside(peer.path, self._ip, "link", "set", back, "up", what="bring a link up")
+            await self._inside(path, self._ip, "link", "set", name, "up", what="bring a link up")
+            await self._inside(path, self._ip, "neigh", "replace", str(peer.nexthop), "lladdr",
+                               link_mac(peer.vni, vni), "dev", name, "nud", "permanent",
+                               what=f"the next hop of network {peer.vni}")  # fmt: skip
+            linked.append(peer)
+        for name in have - {link_name(p.vni) for p in peers}:
+            await self._inside(path, self._ip, "link", "del", name, what="delete a link", check=False)
+        return linked
 
     async def announce(self, path: str, leg: ExternalLeg) -> None:
         """A gratuitous ARP for the leg's address from the namespace at ``path`` (best effort)."""
@@ -563,12 +645,16 @@ def route_changes(
 async def read_routes(path: str) -> list[StaticRoute]:
     """The static routes a router programmed in the namespace at ``path`` (protocol :data:`ROUTE_PROTO`)."""
     async with ns_socket(path) as inside:
+        names = {link["index"]: link.get("ifname") for link in await collect(inside.link("dump"))}
         found = []
         for m in await collect(inside.route("dump", family=socket.AF_INET)):
             if m["proto"] != ROUTE_PROTO or m["table"] != 254 or not m.get("gateway"):
                 continue
             dst = ipaddress.IPv4Network(f"{m.get('dst') or '0.0.0.0'}/{m['dst_len']}")
-            found.append(StaticRoute(dst, ipaddress.IPv4Address(m.get("gateway"))))
+            dev = names.get(m.get("oif"), "") or ""
+            found.append(
+                StaticRoute(dst, ipaddress.IPv4Address(m.get("gateway")), dev if dev.startswith(LINK_PREFIX) else "")
+            )
         return sorted(found)
 
 
@@ -589,7 +675,14 @@ async def ensure_routes(path: str, want: Iterable[StaticRoute]) -> tuple[list[St
                     raise NetworkError(f"router: could not delete route {r.destination}: {e}") from e
         for r in add:
             try:
-                await inside.route("replace", dst=str(r.destination), gateway=str(r.nexthop), proto=ROUTE_PROTO)
+                if r.device:  # over a link to another network's namespace: on-link, the next hop is there
+                    oif = (await get_link(inside, r.device) or {}).get("index")
+                    if oif is None:
+                        raise NetworkError(f"router: no link {r.device} for the route to {r.destination}")
+                    await inside.route("replace", dst=str(r.destination), gateway=str(r.nexthop), oif=oif,
+                                       flags=_RTNH_F_ONLINK, proto=ROUTE_PROTO)  # fmt: skip
+                else:
+                    await inside.route("replace", dst=str(r.destination), gateway=str(r.nexthop), proto=ROUTE_PROTO)
             except NetlinkError as e:
                 raise NetworkError(f"router: could not route {r.destination} via {r.nexthop}: {e}") from e
     return delete, add

@@ -116,7 +116,7 @@ def provider_mac(network_id: str, node: str) -> str:
     """The MAC of node ``node``'s DHCP port on external network ``network_id``: locally administered, unicast, and
     different on every node (all of them sit on the one LAN)."""
     digest = hashlib.sha256(f"{network_id}/{node}".encode()).digest()
-    return "02:4d:44:" + ":".join(f"{b:02x}" for b in digest[:3])
+    return "02:4d:50:" + ":".join(f"{b:02x}" for b in digest[:3])
 
 
 @dataclass(frozen=True)

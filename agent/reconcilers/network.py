@@ -66,6 +66,7 @@ from agent.net.router import (
     ExternalLeg,
     FakeRouterPlumbing,
     FloatingLeg,
+    PeerLink,
     RouterPlan,
     RouterPlumbing,
     StaticRoute,
@@ -173,13 +174,16 @@ def desired_network(
     me: str,
     local: ipaddress.IPv4Address,
     underlay: dict[str, ipaddress.IPv4Address],
+    routed_here: bool = False,
 ) -> DesiredNetwork | None:
     """What network ``network_id`` needs on node ``me``, from its records; None when nothing (no port here, no
-    VNI). ``ports`` are (port id, spec) of this network, any node; ``names`` instance id -> instance name. Pure."""
+    VNI). ``ports`` are (port id, spec) of this network, any node; ``names`` instance id -> instance name.
+    ``routed_here``: a network sharing a router with it has a port here, so it is built here too (without a port
+    of its own: no DHCP host) for the router to reach its NICs elsewhere. Pure."""
     if network.vni is None or network.external:
         return None
     mine = [(pid, p) for pid, p in ports if here(p, me)]
-    if not mine:
+    if not mine and not routed_here:
         return None
     smac = service_mac(network.vni)
     fdb: dict[str, FdbEntry] = {}
@@ -333,7 +337,8 @@ def desired_router(
     ``externals``: external network id -> (its spec, the subnet the routers' addresses are in); ``providers``: this
     node's ``[network.providers]``. One external leg per router with an external gateway (by router id:
     ``mce0``, ``mce1``, …), each SNATing its router's subnets of this network (the extra legs by policy routing). Static routes: each router's whose next hop is in one
-    of its subnets of this network (a route via another network's subnet is not reachable from here yet).
+    of its subnets of this network (one via another network's subnet goes over the link to that network's
+    namespace: :func:`desired_peers`).
     ``floating``: (id, spec) of the floating IPs
     associated with this node's NICs of the network; those on the leg's external network whose NIC address is in
     one of the leg's subnets are NATed 1:1 here. ``external`` False (the node has only guests arriving by migration):
@@ -397,6 +402,45 @@ def desired_router(
     if not legs:
         return RouterPlan(vni, routes=routes), missing
     return RouterPlan(vni, legs[0], tuple(fips), more=tuple(legs[1:]), routes=routes), missing
+
+
+def desired_peers(
+    network_id: str,
+    routers: Mapping[str, RouterSpec],
+    subnets: Mapping[str, SubnetSpec],
+    vnis: Mapping[str, int],
+    path_of: Callable[[int], str],
+    wanted: Iterable[str],
+) -> tuple[PeerLink, ...]:
+    """The links from network ``network_id``'s namespace to the other networks of its routers (``routers``: those
+    of its subnets) that are ``wanted`` on this node: ``subnets`` are every subnet of those routers by id (any
+    network), ``vnis`` network id -> VNI. Each peer: its attached subnets and the destinations of the routers'
+    static routes whose next hop is on them, via its first gateway. Routing is not transitive: only networks sharing
+    a router are peers. Pure."""
+    wanted = set(wanted)
+    ids = {rid for rid in routers}
+    by_peer: dict[str, list[SubnetSpec]] = {}
+    for s in subnets.values():
+        if s.network != network_id and s.router in ids and not s.deleting and s.network in wanted and s.network in vnis:
+            by_peer.setdefault(s.network, []).append(s)
+    out = []
+    for nid, subs in by_peer.items():
+        nets = sorted(ipaddress.IPv4Network(s.cidr) for s in subs)
+        first = min(subs, key=lambda s: ipaddress.IPv4Network(s.cidr))
+        destinations = set(nets)
+        for rid in sorted({s.router for s in subs}):
+            for rt in routers[rid].routes:
+                if any(ipaddress.IPv4Address(rt.nexthop) in n for n in nets):
+                    destinations.add(ipaddress.IPv4Network(rt.destination))
+        out.append(
+            PeerLink(
+                vni=vnis[nid],
+                path=path_of(vnis[nid]),
+                nexthop=ipaddress.IPv4Address(first.gateway),
+                destinations=tuple(sorted(destinations)),
+            )
+        )
+    return tuple(sorted(out))
 
 
 def here(p: PortSpec, me: str) -> bool:
@@ -529,6 +573,9 @@ class NetworkReconciler:
         self._guests_seen: dict[str, bool] = {}
         self._dhcp: dict[str, Any] = {}
         self._metadata: dict[str, Any] = {}
+        #: Network id -> the other networks of its routers, as last read (a port change queues them too: whether
+        #: they are built here depends on its NICs).
+        self._routed_with: dict[str, set[str]] = {}
         #: External network id -> its DHCP port as this process last ensured it (NICs of it plug in here).
         self._externals: dict[str, ProviderServiceSpec] = {}
         #: External networks this process made sure have nothing on this node (see ``_teardown_external``).
@@ -565,7 +612,9 @@ class NetworkReconciler:
     def keys_for(self, change: Change) -> Iterable[str]:
         rec = change.record
         if change.kind == PORT.name:
-            yield PORT.load(rec).spec.network
+            network = PORT.load(rec).spec.network
+            yield network
+            yield from sorted(self._routed_with.get(network, ()))
             yield NODE_KEY
         elif change.kind == NETWORK.name:
             yield change.id
@@ -679,15 +728,64 @@ class NetworkReconciler:
             if inst is not None:
                 names[iid] = inst.name
         local, underlay = await self._underlay()
-        want = desired_network(network_id, net.spec, net.name, subnets, ports, names, self.node, local, underlay)
+        # the other networks of its routers: it is built here too while one of them has a NIC here
+        routers, router_subnets, vnis = await self._routed_networks(network_id, subnets)
+        self._routed_with[network_id] = set(vnis) - {network_id}
+        with_nics = {
+            nid
+            for nid in self._routed_with[network_id]
+            if any(
+                here(PORT.load(r).spec, self.node)
+                for r in await list_all(self.store, PORT.name, where={"network": nid})
+            )
+        }
+        want = desired_network(
+            network_id,
+            net.spec,
+            net.name,
+            subnets,
+            ports,
+            names,
+            self.node,
+            local,
+            underlay,
+            routed_here=bool(with_nics),
+        )
         if want is not None and net.spec.vni is not None:
             mine = {p.address: pid for pid, p in ports if p.node == self.node}
             plan = await self._router_plan(net.spec.vni, subnets, network_id, mine)
             if plan is not None:
                 own = tuple(sorted(str(a.ip) for a in want.service.want_addresses))
-                plan = dataclasses.replace(plan, routed_mac=routed_mac(net.spec.vni, str(local)), own=own)
+                # peers built here: all of them while it has NICs here (each shares a router with it), else those
+                # with NICs here or built here anyway
+                own_nics = any(here(p, self.node) for _, p in ports)
+                wanted = self._routed_with[network_id] if own_nics else with_nics | set(self._vnis)
+                peers = desired_peers(network_id, routers, router_subnets, vnis, self.services.path, wanted)
+                plan = dataclasses.replace(plan, routed_mac=routed_mac(net.spec.vni, str(local)), own=own, peers=peers)
                 want = dataclasses.replace(want, router=plan)
         return want, net.spec.vni
+
+    async def _routed_networks(
+        self, network_id: str, subnets: Mapping[str, SubnetSpec]
+    ) -> tuple[dict[str, RouterSpec], dict[str, SubnetSpec], dict[str, int]]:
+        """(the routers of the network's subnets, every subnet they have by id, network id -> VNI of the networks
+        of those subnets, this one included)."""
+        routers: dict[str, RouterSpec] = {}
+        for rid in {s.router for s in subnets.values() if s.router and not s.deleting}:
+            rec = await self.store.get(ROUTER.name, rid)
+            if rec is not None:
+                routers[rid] = ROUTER.load(rec).spec
+        all_subnets: dict[str, SubnetSpec] = dict(subnets)
+        for r in routers.values():
+            for sid in r.subnets:
+                if sid not in all_subnets and (rec := await self.store.get(SUBNET.name, sid)) is not None:
+                    all_subnets[sid] = SUBNET.load(rec).spec
+        vnis: dict[str, int] = {}
+        for nid in {sub.network for sid, sub in all_subnets.items() if sub.router in routers or sid in subnets}:
+            rec = await self.store.get(NETWORK.name, nid)
+            if rec is not None and (vni := NETWORK.load(rec).spec.vni) is not None:
+                vnis[nid] = vni
+        return routers, all_subnets, vnis
 
     async def _router_plan(
         self, vni: int, subnets: dict[str, SubnetSpec], network_id: str, mine: Mapping[str, str]
@@ -757,6 +855,9 @@ class NetworkReconciler:
     async def _converge(self, want: DesiredNetwork) -> None:
         vni = want.overlay.vni
         previous = self._vnis.get(want.network_id)
+        if previous is None:  # newly built here: the other networks of its routers link to it (or are built too)
+            for peer in sorted(self._routed_with.get(want.network_id, ())):
+                self._enqueue(peer)
         if previous is not None and previous != vni:
             await self._teardown(want.network_id, previous)
         self._vnis[want.network_id] = vni
@@ -814,6 +915,8 @@ class NetworkReconciler:
         await self.routers.remove(self.services.path(vni))  # the router's side went with the namespace
         await self.overlay.remove_network(vni)
         self._vnis.pop(network_id, None)
+        for peer in sorted(self._routed_with.get(network_id, ())):  # their links to it went with its namespace
+            self._enqueue(peer)
         log.info("network removed from this node", extra={"network": network_id, "vni": vni})
 
     # -- external networks: NICs straight on the provider's LAN ----------------------------------------------------
@@ -1044,14 +1147,21 @@ class NetworkReconciler:
         # its network's devices, never on its own (namespaces of another node could share the directory).
         present = {s.vni for s in await self.overlay.list_networks()}
         known = {v: k for k, v in self._vnis.items()}
-        if present - wanted:  # a network built for a guest migrating here has no port of this node yet
+        if present - wanted:
+            # a network built for a guest migrating here has no port of this node yet; one built for a router has
+            # none at all, but a network sharing the router has
             for r in await list_all(self.store, NETWORK.name):
                 vni = NETWORK.load(r).spec.vni
-                if vni in present - wanted and any(
-                    here(PORT.load(p).spec, self.node)
-                    for p in await list_all(self.store, PORT.name, where={"network": r.id})
-                ):
-                    wanted.add(vni)
+                if vni not in present - wanted:
+                    continue
+                subnets = {sid: SUBNET.load(x).spec for sid in NETWORK.load(r).spec.subnets
+                           if (x := await self.store.get(SUBNET.name, sid)) is not None}  # fmt: skip
+                _, _, vnis = await self._routed_networks(r.id, subnets)
+                for nid in sorted(set(vnis) | {r.id}):
+                    if any(here(PORT.load(p).spec, self.node)
+                           for p in await list_all(self.store, PORT.name, where={"network": nid})):  # fmt: skip
+                        wanted.add(vni)
+                        break
         for vni in sorted(present - wanted):
             nid = known.get(vni, "")
             log.warning("removing a network no port here needs", extra={"vni": vni, "network": nid})

@@ -267,6 +267,54 @@ def test_east_west_between_two_subnets_of_a_router_is_routed_on_the_source_node_
         )
 
 
+def test_east_west_between_two_networks_of_a_router_links_their_namespaces_on_every_node_that_needs_them(
+    hosts: Cluster, tmp_path: Path
+):
+    """One router on subnets of two networks: a guest of `east` on n1 pings and fetches the page of a guest of
+    `west` on n2. Each node carries both networks (n1 `west` for its guest's traffic to n2, n2 `east` for the
+    replies), their service namespaces joined by a veth; everything goes with the guests."""
+    n1, n2 = hosts.nodes
+    for net, prefix in (("east", "10.50"), ("west", "10.60")):
+        n1.cli("network", "create", net, "--cidr", f"{prefix}.0.0/16", check=True)
+        n1.cli("subnet", "create", f"{net}1", "--network", net, "--cidr", f"{prefix}.1.0/24", check=True)
+    n1.cli("router", "create", "link", check=True)
+    n1.cli("router", "add-subnet", "link", "east1", check=True)
+    n1.cli("router", "add-subnet", "link", "west1", check=True)
+    east, west = (n1.json("network", "show", net)["vni"] for net in ("east", "west"))
+    b = launch(n1, "b", "--image", "guest-n2", "--nic", "subnet=west1")
+    b_ip = b["nics"][0]["ip"]
+    data = probes(tmp_path, "a", [
+        ("ping-b", 240, f"ping -c 1 -W 2 {b_ip}"),
+        ("http-b", 30, f"timeout 5 wget -q -O - http://{b_ip}/"),
+    ])  # fmt: skip
+    launch(n1, "a", "--image", "guest-n1", "--nic", "subnet=east1", "--user-data", data)
+    assert b_ip.startswith("10.60.1.")
+    ok(n1, "a", "ping-b")
+    assert "<h1>b</h1>" in ok(n1, "a", "http-b")
+    for node in (n1, n2):  # both networks on both nodes, their namespaces linked
+        spaces = node.exec("ls", "/run/netns", check=True).stdout.split()
+        assert {f"mcs-{east:06x}", f"mcs-{west:06x}"} <= set(spaces), (node.node_name, spaces)
+        inside = ("nsenter", f"--net=/run/netns/mcs-{east:06x}")
+        assert f"mcr-{west:06x}" in node.exec(*inside, "ip", "-o", "link", "show", check=True).stdout
+
+    delete(n1, "a", "b")
+    for node in (n1, n2):
+        wait_for(
+            lambda node=node: (
+                not {f"mcs-{east:06x}", f"mcs-{west:06x}"} & set(node.exec("ls", "/run/netns").stdout.split())
+            ),
+            timeout=60,
+            interval=1,
+            what=f"{node.node_name}'s namespaces of east and west gone with the guests",
+        )
+    for sub in ("east1", "west1"):
+        n1.cli("router", "remove-subnet", "link", sub, check=True)
+        n1.cli("subnet", "delete", sub, check=True)
+    n1.cli("router", "delete", "link", check=True)
+    for net in ("east", "west"):
+        n1.cli("network", "delete", net, check=True)
+
+
 def test_a_nic_straight_on_the_lan_gets_its_ipam_address_by_dhcp_and_its_groups_decide_what_comes_in(
     hosts: Cluster, tmp_path: Path
 ):

@@ -28,7 +28,17 @@ from agent.net.dhcp import DhcpServer
 from agent.net.firewall import NftFirewall
 from agent.net.nodenetworks import NodeNetworks
 from agent.net.overlay import LinuxOverlay, bridge_name, vxlan_name
-from agent.net.router import ExternalLeg, FloatingLeg, RouterPlan, RouterPlumbing, StaticRoute, ensure_routes
+from agent.net.router import (
+    ExternalLeg,
+    FloatingLeg,
+    PeerLink,
+    RouterPlan,
+    RouterPlumbing,
+    StaticRoute,
+    ensure_routes,
+    link_mac,
+    link_name,
+)
 from agent.net.service import INNER_NAME, ServiceNamespaces, service_mac, veth_name
 from agent.reconcilers.network import NODE_KEY, NetworkReconciler, tap_name
 from minicloud.compute.kinds import INSTANCE, InstanceSpec
@@ -549,6 +559,57 @@ async def test_router_static_routes_are_programmed_in_the_service_namespace_by_n
         assert ns_run(svc, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "0"
     finally:
         for ns in (node, svc):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+async def test_a_router_of_two_networks_links_their_service_namespaces_and_routes_between_them():
+    """A router with subnets in two networks, on one node: a veth between the two service namespaces (``mcr-<peer
+    VNI>`` each side, no addresses, permanent neighbours), routes to the peer's subnets and to a static route's
+    destination via the peer; a guest of each network reaches the other's; a second ensure changes nothing; the
+    peer leaving the plan takes the link (both ends) and the routes."""
+    tag = secrets.token_hex(2)
+    va, vb = 0x5B01, 0x5B02
+    node = f"mcr{tag}n"
+    sa, sb = f"mcr{tag}s-{va:06x}", f"mcr{tag}s-{vb:06x}"
+    ga, gb = f"mcr{tag}a", f"mcr{tag}b"
+    pa, pb = f"/run/netns/{sa}", f"/run/netns/{sb}"
+    names = (node, sa, sb, ga, gb)
+    try:
+        for ns in names:
+            sh("ip", "netns", "add", ns)
+        for svc, guest, prefix in ((sa, ga, "10.1.0"), (sb, gb, "10.2.0")):
+            ns_run(svc, "ip", "link", "add", INNER_NAME, "type", "veth", "peer", "name", "eth0", "netns", guest)
+            ns_run(svc, "ip", "addr", "add", f"{prefix}.1/24", "dev", INNER_NAME)
+            ns_run(svc, "ip", "link", "set", INNER_NAME, "up")
+            ns_run(guest, "ip", "addr", "add", f"{prefix}.10/24", "dev", "eth0")
+            ns_run(guest, "ip", "link", "set", "eth0", "up")
+            ns_run(guest, "ip", "route", "add", "default", "via", f"{prefix}.1")
+        net = ipaddress.IPv4Network
+        to_b = PeerLink(vb, pb, ipaddress.IPv4Address("10.2.0.1"), (net("10.2.0.0/24"), net("10.9.0.0/16")))
+        to_a = PeerLink(va, pa, ipaddress.IPv4Address("10.1.0.1"), (net("10.1.0.0/24"),))
+        plumbing = RouterPlumbing(netns=node)
+        await plumbing.ensure(pa, RouterPlan(va, peers=(to_b,)))
+        await plumbing.ensure(pb, RouterPlan(vb, peers=(to_a,)))
+        a_routes = ns_run(sa, "ip", "route", "show", "proto", "77").stdout
+        assert f"10.2.0.0/24 via 10.2.0.1 dev {link_name(vb)} onlink" in a_routes
+        assert f"10.9.0.0/16 via 10.2.0.1 dev {link_name(vb)} onlink" in a_routes
+        assert (
+            f"10.1.0.0/24 via 10.1.0.1 dev {link_name(va)} onlink"
+            in ns_run(sb, "ip", "route", "show", "proto", "77").stdout
+        )
+        assert link_mac(vb, va) in ns_run(sa, "ip", "neigh", "show", "dev", link_name(vb)).stdout
+        assert not ns_run(sa, "ip", "-4", "addr", "show", "dev", link_name(vb)).stdout.strip()  # no address on it
+        ping = ns_run(ga, BUSYBOX, "ping", "-c", "2", "-W", "2", "10.2.0.10", check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        assert await ensure_routes(pa, [*to_b.routes()]) == ([], [])  # as a restarted agent finds it
+
+        await plumbing.ensure(pa, RouterPlan(va))  # the router left network B
+        assert link_name(vb) not in ns_run(sa, "ip", "link").stdout
+        assert link_name(va) not in ns_run(sb, "ip", "link").stdout  # the veth's other end went too
+        assert not ns_run(sa, "ip", "route", "show", "proto", "77").stdout.strip()
+        assert ns_run(ga, BUSYBOX, "ping", "-c", "1", "-W", "1", "10.2.0.10", check=False).returncode != 0
+    finally:
+        for ns in names:
             sh("ip", "netns", "del", ns, check=False)
 
 

@@ -465,6 +465,49 @@ async def test_a_router_makes_a_members_address_count_on_the_bridges_of_the_netw
     assert world.firewall.scripts[-1] == 'add element inet minicloud_sg g_sg_1 { "mcb-00002b" . 10.0.1.10 }\n'
 
 
+async def test_a_router_of_two_networks_builds_the_peer_here_and_links_their_namespaces_both_ways(world):
+    """East-west between networks: a NIC of net-1 here and one of net-2 on n2, one router on both subnets: net-2 is
+    built here as well (no DHCP host of its own), each namespace's plan links to the other with its subnets and a
+    static route whose next hop is on the peer; a net-1 port change queues net-2; the NIC leaving takes both."""
+    from agent.net.router import PeerLink
+    from minicloud.network.kinds import RouteSpec
+
+    await world.create(NETWORK, NETWORK.new(project="p", name="vpc-2", id="net-2", spec=_net(43)))
+    sub_a = await world.store.get(SUBNET.name, "sub-a")
+    await world.store.commit(Txn([Update(msgspec.structs.replace(sub_a, spec={**sub_a.spec, "router": "rt-1"}),
+                                         expect_revision=sub_a.revision)]))  # fmt: skip
+    sub_b = msgspec.structs.replace(_subnet("10.1.1.0/24", "10.1.1.1"), network="net-2", router="rt-1")
+    await world.create(SUBNET, SUBNET.new(project="p", name="db", id="sub-b", spec=sub_b))
+    routes = [RouteSpec(destination="10.9.0.0/16", nexthop="10.1.1.254")]
+    await world.create(ROUTER, ROUTER.new(project="p", name="r", id="rt-1",
+                                          spec=RouterSpec(subnets=["sub-a", "sub-b"], routes=routes)))  # fmt: skip
+    await _add_port(world, "port-1", "10.0.1.10", "52:54:00:00:00:01", "n1", "i-1")
+    await world.create(PORT, PORT.new(project="p", name="i-2/0", id="port-2", spec=msgspec.structs.replace(
+        _port("10.1.1.10", "52:54:00:00:00:02", "n2", "i-2"), network="net-2", subnet="sub-b")))  # fmt: skip
+    await world.pass_()
+    for key in world.enqueued:  # net-1 built here queued net-2
+        await world.r.reconcile(key)
+    assert {42, 43} <= set(world.overlay.networks)
+    assert world.overlay.networks[43].fdb == {"52:54:00:00:00:02": A("10.254.0.2")}
+    assert (world.r.state_dir / "net-2") not in FakeDhcp.running  # no NIC of its own here: no DHCP host
+    plans = world.r.routers.plans
+    to_b = PeerLink(43, world.services.path(43), A("10.1.1.1"),
+                    (ipaddress.IPv4Network("10.1.1.0/24"), ipaddress.IPv4Network("10.9.0.0/16")))  # fmt: skip
+    assert plans[world.services.path(42)].peers == (to_b,)
+    assert plans[world.services.path(43)].peers == (PeerLink(42, world.services.path(42), A("10.0.1.1"),
+                                                             (ipaddress.IPv4Network("10.0.1.0/24"),)),)  # fmt: skip
+    assert "net-2" in set(world.r.keys_for(await _change(world, PORT, "port-1")))
+    fresh = world.make(world.r.state_dir.parent)  # a restarted agent: its sweep keeps net-2 (net-1 has a NIC here)
+    await fresh.start(world.enqueued.append)
+    await fresh.reconcile(NODE_KEY)
+    assert {42, 43} <= set(world.overlay.networks)
+    rec = await world.store.get(PORT.name, "port-1")
+    await world.store.commit(Txn([Delete(kind=PORT.name, id=rec.id, expect_revision=rec.revision)]))
+    for key in ("net-1", "net-2", NODE_KEY):
+        await world.r.reconcile(key)
+    assert 42 not in world.overlay.networks and 43 not in world.overlay.networks
+
+
 async def test_a_change_of_a_routers_status_alone_queues_nothing(world):
     """Nodes report routers' egress counters in the router's status (once a minute while traffic flows): that must not
     re-run every node's network reconciles; a change of its spec still does, and so does its deletion."""

@@ -73,6 +73,7 @@ def test_an_external_gateway_snats_the_routers_subnets_of_the_network_through_th
     body = nft_body(plan.external)
     assert 'oifname "mce0" ip saddr { 10.0.1.0/24, 10.0.2.0/24 } snat to 198.51.100.100' in body
     assert 'iifname != "mcs0" drop' in body
+    assert 'iifname "mcr-*" oifname "mcs0" accept' in body  # from another network of its routers, inwards only
 
 
 def test_a_node_without_the_provider_forwards_and_says_what_is_missing():
