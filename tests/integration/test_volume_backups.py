@@ -276,6 +276,23 @@ def test_state_backups_schedules_a_target_and_a_restore_into_a_fresh_node(agent,
     _available(c, f"/v1/volumes/{restored['id']}", "restore from the target", agent)
     assert _sha(agent, restored["id"]) == sha
 
+    # a schedule as the issue writes it, without --bucket: into the project's bucket `backups`, made on first use
+    agent.cli("backup-schedule", "create", "--volume", "sched", "--every", "1d", "--keep", "7", check=True)
+
+    def ran_once_made(name: str):  # its first look may find the bucket still being made: due again at the next
+        (s,) = c.call("GET", f"/v1/backup-schedules?name={name}")["items"]
+        reason = s["status"]["reason"]
+        assert not reason or "creating" in reason, reason
+        return s if s["status"]["last_backup"] and not reason else None
+
+    daily = _wait("the schedule without a bucket ran", lambda: ran_once_made("sched-every-86400s"), timeout=240,
+                  agent=agent)  # fmt: skip
+    assert daily["bucket"] == "backups"
+    into = _available(c, f"/v1/volume-backups/{daily['status']['last_backup']}", "backup into 'backups'", agent)
+    assert into["bucket"] == "backups"
+    assert c.call("GET", "/v1/buckets?name=backups")["items"][0]["status"]["state"] == "ready"
+    agent.cli("backup-schedule", "delete", "sched-every-86400s", check=True)
+
     # a target in use is not deleted
     r = agent.cli("backup-target", "delete", "site2")
     assert r.returncode != 0 and "sched-hourly" in r.stderr and backup["name"] in r.stderr
