@@ -88,6 +88,8 @@ async def incoming(rec: ComputeReconciler, inst: Instance, m: MigrationSpec) -> 
         image = await rec._image(there)
         nics = rec.nics_of(there)
         if nics is None:
+            if reasons := rec._network_failures(there):  # e.g. no provider bridge here for a NIC on the LAN
+                raise DriverError("; ".join(reasons))
             return Result(requeue_after=_POLL)
         if m.live:
             await _hold_bridge_address(rec, there)

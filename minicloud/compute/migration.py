@@ -32,8 +32,8 @@ their ``node`` (and their snapshots') with the instance.
 
 What does not move, refused with the reason (409): an instance holding GPUs (passed-through host devices stay with
 their node), one neither running nor stopped (building, stopping, error), a volume in a ``local`` pool (its file is
-the node's); and not yet: a NIC on an external network, a node-local image the target has no copy of (same files,
-imported there too).
+the node's); and not yet: a node-local image the target has no copy of (same files, imported there too). A NIC
+straight on an external network's LAN moves like a VPC NIC: the target plugs it into its own provider bridge.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from minicloud.compute.kinds import HYPERVISOR, IMAGE, INSTANCE, ImageSpec
 from minicloud.core.context import Context
 from minicloud.core.kinds import Kind, Obj, declare
 from minicloud.core.write import Written
-from minicloud.network.kinds import NETWORK, PORT
+from minicloud.network.kinds import PORT
 from minicloud.operations import Operations, Reporter
 from minicloud.state import Check, Create, Delete, Op, Record, Store, Txn, TxnFailed, Update, list_all
 from minicloud.storage.kinds import VOLUME
@@ -322,19 +322,13 @@ async def begin(store: Store, inst: Any, op_id: str, *, node: str | None = None,
 
 
 async def ports_arriving(store: Store, inst: Any, *, target: str) -> list[Update]:
-    """The updates that mark the instance's VPC NICs as arriving on ``target``. 409 for a NIC on an external
-    network (the provider LAN's bridge is each node's own: not moved yet)."""
+    """The updates that mark the instance's NICs as arriving on ``target`` (VPC NICs, and NICs straight on an
+    external network's LAN: the target plugs them into its own provider bridge and serves them DHCP)."""
     out: list[Update] = []
     for nic in inst.spec.nics:
         record = await store.get(PORT.name, nic.port)
         if record is None:
             raise errors.Conflict(f"instance {inst.name}'s NIC {nic.port} is gone meanwhile; try again")
-        net = await store.get(NETWORK.name, nic.network)
-        if net is not None and NETWORK.load(net).spec.external:
-            raise errors.Conflict(
-                f"instance {inst.name} has a NIC on external network {net.name}: a NIC on the provider LAN does not "
-                "move yet (detach it with `instance nic remove`, or create the instance anew elsewhere)"
-            )
         out.append(_port_update(record, arriving=target))
     return out
 
@@ -402,7 +396,7 @@ async def migrate_instance(
 async def drain_node(ctx: Context, store: Store, operations: Operations, node: str) -> Written:
     """``node drain``: cordon ``node`` (nothing new is placed there), then move its instances away one at a
     time (running ones live, stopped ones cold; the scheduler picks each target); its result lists what moved where
-    and what stays, with the reason (volumes, a NIC on an external network, GPUs, an instance neither running nor
+    and what stays, with the reason (volumes, GPUs, an instance neither running nor
     stopped, no room or no copy of a node-local image elsewhere)."""
     from minicloud.compute import nodes
 

@@ -356,6 +356,19 @@ class PublicLan(Switch):
         )
 
 
+def plug_lan_bridge(public: PublicLan, node: Any, bridge: str = "lanbr", ifname: str = "eth2") -> None:
+    """Give ``node`` a Linux bridge ``bridge`` on the public LAN (its port ``ifname``, a veth into the LAN's
+    switch): the provider of NICs straight on the LAN (``[network.providers] PHYSNET = "lanbr"``), Proxmox's vmbr0."""
+    public.plug(f"q{port_number(node.port)}", node.netns, ifname)
+    for cmd in (
+        ("link", "add", bridge, "type", "bridge", "stp_state", "0", "forward_delay", "0"),
+        ("link", "set", ifname, "master", bridge),
+        ("link", "set", ifname, "up"),
+        ("link", "set", bridge, "up"),
+    ):
+        ip("-n", node.netns, *cmd)
+
+
 def port_number(port: str) -> str:
     """``v3`` → ``3``: a node's number from its switch port's name."""
     return port.lstrip("v")

@@ -15,7 +15,9 @@ user-data script that prints a tick a second on its console. Then:
 * ``node drain`` of that node cordons it and moves the instance back, live;
 * a guest with a VPC NIC (a subnet behind a router with a floating IP on the public LAN, ICMP allowed by its
   security group) migrates live while the LAN pings its floating IP: it answers there from the other node, its
-  network leaves the source, and its security group is enforced there (a removed rule stops the pings).
+  network leaves the source, and its security group is enforced there (a removed rule stops the pings);
+* a guest with a NIC straight on the LAN (each node's bridge ``lanbr``) migrates live while the LAN pings it: it
+  answers from the other node, whose DHCP port serves it now; the source's DHCP port goes.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 BOOT_TIMEOUT = 300  # TCG on two shared cores next to two agents
 MIGRATE_TIMEOUT = 300
 PROVIDER = "lan"
+DIRECT = "flat"
 TICKS = '#!/bin/sh\n(i=0; while true; do echo "mc-tick $i" >/dev/console; i=$((i+1)); sleep 1; done) &\n'
 
 
@@ -57,8 +60,12 @@ TICKS = '#!/bin/sh\n(i=0; while true; do echo "mc-tick $i" >/dev/console; i=$((i
 def hosts(real_hosts: None, guest_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """n1 and n2 joined, TLS between their libvirtds, the test guest imported on both (``guest-n1``, ``guest-n2``)."""
     with Cluster(tmp_path_factory.mktemp("migration"), 2, libvirt=True, public=True) as cluster, harness.guest_slot():
-        for node in cluster:  # the public LAN for the VPC guest's floating IP
-            node.config.write_text(node.config.read_text() + f'\n[network.providers]\n{PROVIDER} = "eth1"\n')
+        assert cluster.public is not None
+        for node in cluster:  # the public LAN: eth1 for the VPC guest's floating IP, lanbr for a NIC straight on it
+            harness.plug_lan_bridge(cluster.public, node)
+            node.config.write_text(
+                node.config.read_text() + f'\n[network.providers]\n{PROVIDER} = "eth1"\n{DIRECT} = "lanbr"\n'
+            )
         cluster.start_all().form()
         for node in cluster:
             enable_tls(node)
@@ -242,6 +249,7 @@ def test_live_migration_keeps_the_guest_running_and_survives_a_killed_source_age
     n1.cli("instance", "delete", "mover", check=True)  # one guest at a time on two cores
     wait_for(lambda: n1.cli("instance", "show", "mover").returncode != 0, timeout=120, what="mover deleted")
     vpc_nic_follows(hosts, user_data)
+    lan_nic_follows(hosts, user_data)
 
 
 def vpc_nic_follows(hosts: Cluster, user_data: Path) -> None:
@@ -318,6 +326,49 @@ def vpc_nic_follows(hosts: Cluster, user_data: Path) -> None:
     n1.cli("subnet", "delete", "app", check=True)
     n1.cli("network", "delete", "vpc", check=True)
     wait_for(lambda: not built(n2), timeout=60, interval=1, what=f"n2's {service_ns} gone")
+
+
+def lan_nic_follows(hosts: Cluster, user_data: Path) -> None:
+    """A NIC straight on the LAN (provider bridge lanbr on each node) moves live with its guest: the target's DHCP
+    port serves it, its security group is enforced there, the source's DHCP port goes."""
+    n1, n2 = hosts.nodes
+    lan = hosts.public
+    assert lan is not None
+    prefix = PUBLIC_CIDR.rsplit(".", 1)[0]
+    n1.cli(
+        "network", "create", "flat", "--external", "--provider", DIRECT, "--cidr", PUBLIC_CIDR,
+        "--gateway", PUBLIC_GATEWAY, "--pool", f"{prefix}.200-{prefix}.249", check=True,
+    )  # fmt: skip
+    n1.cli("security-group", "create", "lanping", check=True)
+    n1.cli("security-group", "rule", "add", "lanping", "ingress", "--protocol", "icmp", check=True)
+
+    def dhcp_port(node: AgentNode) -> bool:
+        return any(n.startswith("mcs-x") for n in node.exec("ls", "/run/netns").stdout.split())
+
+    inst = launch(n1, "lmover", "guest-n1", user_data, "--nic", "network=flat,security-groups=lanping")
+    address = inst["nics"][0]["ip"]
+    assert inst["status"]["node"] == "n1" and address.startswith(f"{prefix}.2")
+    wait_for(lambda: lan_ping(lan, address), timeout=BOOT_TIMEOUT, interval=1, what=f"lmover at {address} on n1")
+    assert dhcp_port(n1) and not dhcp_port(n2)
+    before = max(ticks(n1, "lmover"))
+    pingers = [lan_pinger(lan, address, 0.2)]
+    started = time.monotonic()
+    result = n1.cli("-o", "json", "instance", "migrate", "lmover", "--node", "n2", "--wait", timeout=MIGRATE_TIMEOUT)
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr + n1.log_tail() + n2.log_tail()
+    wait_for(lambda: ticks(n2, "lmover") and min(ticks(n2, "lmover")) > before, timeout=120, interval=1,
+             what="lmover's ticks on n2")  # fmt: skip
+    wait_for(lambda: lan_ping(lan, address), timeout=60, interval=1, what=f"lmover at {address} on n2")
+    gap = ping_gap(pingers)
+    print(f"live migration of a guest straight on the LAN n1 -> n2: {took:.1f} s in all, ping gap {gap:.2f} s")
+    wait_for(lambda: not dhcp_port(n1), timeout=60, interval=1, what="n1's DHCP port of flat gone")
+    assert dhcp_port(n2) and show(n1, "lmover")["nics"][0]["ip"] == address
+    n1.cli("instance", "delete", "lmover", check=True)
+    wait_for(lambda: n1.cli("instance", "show", "lmover").returncode != 0, timeout=120, what="lmover deleted")
+    wait_for(lambda: not dhcp_port(n2), timeout=60, interval=1, what="n2's DHCP port of flat gone")
+    n1.cli("security-group", "delete", "lanping", check=True)
+    n1.cli("subnet", "delete", "flat", check=True)
+    n1.cli("network", "delete", "flat", check=True)
 
 
 def reach(node: AgentNode, ip: str, timeout: float = 60) -> None:

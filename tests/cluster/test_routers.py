@@ -45,11 +45,7 @@ def hosts(real_hosts: None, guest_image: Path, tmp_path_factory: pytest.TempPath
         assert cluster.public is not None
         for node in cluster:
             # eth1 for routers' legs (macvlans); eth2 a port of the Linux bridge lanbr, where NICs plug straight in
-            cluster.public.plug(f"q{harness.port_number(node.port)}", node.netns, "eth2")
-            for cmd in (("link", "add", "lanbr", "type", "bridge", "stp_state", "0", "forward_delay", "0"),
-                        ("link", "set", "eth2", "master", "lanbr"), ("link", "set", "eth2", "up"),
-                        ("link", "set", "lanbr", "up")):  # fmt: skip
-                harness.ip("-n", node.netns, *cmd)
+            harness.plug_lan_bridge(cluster.public, node)
             node.config.write_text(
                 node.config.read_text() + f'\n[network.providers]\n{PROVIDER} = "eth1"\n{DIRECT} = "lanbr"\n'
             )
