@@ -45,6 +45,8 @@ class NodeNetworks:
         self._guests_listeners: list[Callable[[], None]] = []
         self._guarded: dict[str, tuple[str, ...]] = {}
         self._failed: dict[str, str] = {}
+        self._landed: dict[str, str] = {}
+        self._landed_listeners: list[Callable[[str], None]] = []
 
     # -- the default bridge's guests ---------------------------------------------------------------------------------
     def use_default_bridge(self, bridge: str, addresses: Callable[[], Mapping[str, str]]) -> None:
@@ -80,6 +82,28 @@ class NodeNetworks:
     def guarded(self, tap: str, ip: str) -> bool:
         """Whether the kernel pins ``tap`` to ``ip`` (a guest may be started)."""
         return self._guarded.get(tap) == (ip,)
+
+    # -- guests arriving by live migration --------------------------------------------------------------------------
+    def landed(self, ports: Mapping[str, str]) -> None:
+        """A guest arriving by live migration runs here now, ahead of its record (the compute reconciler sees its
+        domain resume): ``ports`` port id -> network id of its NICs. The network reconciler then takes over their
+        floating IPs at once (leg, DNAT, gratuitous ARP) instead of when the migration's last transaction lands."""
+        new = {pid: nid for pid, nid in ports.items() if pid not in self._landed}
+        self._landed.update(ports)
+        for nid in sorted(set(new.values())):
+            for listener in self._landed_listeners:
+                listener(nid)
+
+    def is_landed(self, port_id: str) -> bool:
+        return port_id in self._landed
+
+    def forget_landed(self, port_id: str) -> None:
+        """The port's record caught up (moved here, or the migration ended otherwise)."""
+        self._landed.pop(port_id, None)
+
+    def on_landed(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(network_id)`` when a NIC of that network has landed here (:meth:`landed`)."""
+        self._landed_listeners.append(listener)
 
     def failed(self, network_id: str, reason: str) -> None:
         """The network reconciler cannot build ``network_id`` here for a reason only the operator or the user can

@@ -214,6 +214,9 @@ class RouterPlan:
     routes: tuple[StaticRoute, ...] = ()
     #: The other networks of its routers built on this node, by VNI (the links between the namespaces).
     peers: tuple[PeerLink, ...] = ()
+    #: Floating IPs of NICs arriving here by live migration: their SNAT only (no leg: the source answers for them
+    #: until the NIC's record moves here).
+    arriving: tuple[FloatingLeg, ...] = ()
 
     @property
     def legs(self) -> tuple[ExternalLeg, ...]:
@@ -248,7 +251,12 @@ def routed_body(vni: int, mac: str, own: tuple[str, ...] = ()) -> str:
     )
 
 
-def nft_body(leg: ExternalLeg, floating: tuple[FloatingLeg, ...] = (), more: tuple[ExternalLeg, ...] = ()) -> str:
+def nft_body(
+    leg: ExternalLeg,
+    floating: tuple[FloatingLeg, ...] = (),
+    more: tuple[ExternalLeg, ...] = (),
+    arriving: tuple[FloatingLeg, ...] = (),
+) -> str:
     """SNAT of the router's subnets (a floating IP's NIC leaves as its floating IP), DNAT of each floating IP (from
     the LAN and, hairpinned, from the network's own NICs on this node), and nothing new forwarded from the LAN side
     but DNATed traffic. ``more``: further legs, each SNATing its own router's subnets out of its own interface."""
@@ -280,6 +288,12 @@ def nft_body(leg: ExternalLeg, floating: tuple[FloatingLeg, ...] = (), more: tup
             "\tchain postrouting {",
             "\t\ttype nat hook postrouting priority 100; policy accept;",
             *(f"\t\toifname {out} ip saddr {f.fixed} snat to {f.address}" for f in fips),
+            # a NIC arriving by live migration: from its first packet here it leaves as its floating IP (the LAN
+            # still sends to the source's leg, which reaches it over the VXLAN, until its record moves here)
+            *(
+                f"\t\toifname {out} ip saddr {f.fixed} snat to {f.address}"
+                for f in sorted(arriving, key=lambda f: int(f.address))
+            ),
             *(
                 f"\t\toifname {out} ip saddr {{ {', '.join(str(s) for s in g.sources)} }} snat to {g.address.ip}"
                 for g in legs
@@ -420,7 +434,7 @@ class RouterPlumbing:
                 await self._inside(path, self._ip, "link", "del", name, what="delete an external leg")
         await self._ensure_rules(path, plan.more)
         await self._ensure_floating(path, plan.legs, plan.floating)
-        body = nft_body(plan.external, plan.floating, plan.more)
+        body = nft_body(plan.external, plan.floating, plan.more, plan.arriving)
         if self._tables.get(path) != body:  # once after a restart too: an atomic replace keeps conntrack
             await fw.replace_table(TABLE, body)
             self._tables[path] = body

@@ -81,6 +81,11 @@ async def incoming(rec: ComputeReconciler, inst: Instance, m: MigrationSpec) -> 
                 if not inst.spec.nics:  # the default-bridge address held for it here
                     await rec._release_default(design.mac_for(inst.id, 0))
         return Result()
+    rec._ids[inst.spec.uuid] = inst.id  # its domain's lifecycle events here (it resumes here) queue it
+    if m.phase == "migrating" and inst.spec.nics and rec.networks is not None:
+        dom = await rec.driver.domain(inst.spec.uuid)
+        if dom is not None and dom.state == "running":  # it runs here now: its floating IPs come here at once
+            rec.networks.landed({n.port: n.network for n in inst.spec.nics})
     if m.phase != "preparing":
         return Result()
     try:

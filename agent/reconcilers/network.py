@@ -331,6 +331,7 @@ def desired_router(
     *,
     external: bool = True,
     addresses: Mapping[str, str] | None = None,
+    arriving: Sequence[tuple[str, FloatingIpSpec]] = (),
 ) -> tuple[RouterPlan | None, str | None]:
     """(what the routers of a network's subnets need in its service namespace on this node, a reason the external
     leg is missing or None). ``subnets``: the network's subnets by id; ``routers``: the routers they name, by id;
@@ -341,9 +342,10 @@ def desired_router(
     namespace: :func:`desired_peers`).
     ``floating``: (id, spec) of the floating IPs
     associated with this node's NICs of the network; those on the leg's external network whose NIC address is in
-    one of the leg's subnets are NATed 1:1 here. ``external`` False (the node has only guests arriving by migration):
-    no external leg yet — the router's address and MAC are on the LAN from the nodes whose guests use them, and a
-    second copy here would take their traffic (the LAN's switch follows the MAC) before the guest is here.
+    one of the leg's subnets are NATed 1:1 here; ``arriving``: those of NICs arriving here by live migration, SNAT
+    only (their NIC leaves as its floating IP from its first packet here). ``external`` False (no NIC of the network
+    here or arriving): no external leg. (Each node's leg has its own address and MAC, so a leg built before a
+    migrating guest comes takes nobody's traffic.)
     ``addresses``: router id -> this node's leg address (``RouterSpec.node_addresses``); a router without one here
     gets no leg (the reason says so); None: each router's ``external_address``. Pure."""
     attached = {sid: s.router for sid, s in subnets.items() if s.router and not s.deleting and s.router in routers}
@@ -361,6 +363,7 @@ def desired_router(
     routes = tuple(sorted(by_destination.values()))
     legs: list[ExternalLeg] = []
     fips: list[FloatingLeg] = []
+    coming: list[FloatingLeg] = []
     missing: str | None = None
     for rid in sorted(set(attached.values())) if external else ():
         r = routers[rid]
@@ -392,6 +395,13 @@ def desired_router(
             primary=mine == r.external_address,
         )
         legs.append(leg)
+        coming += [
+            FloatingLeg(fid, ipaddress.IPv4Address(f.address), ipaddress.IPv4Address(f.fixed_address), leg.index)
+            for fid, f in sorted(arriving, key=lambda x: x[0])
+            if f.network == r.external_network
+            and f.fixed_address
+            and any(ipaddress.IPv4Address(f.fixed_address) in net for net in sources)
+        ]
         fips += [
             FloatingLeg(fid, ipaddress.IPv4Address(f.address), ipaddress.IPv4Address(f.fixed_address), leg.index)
             for fid, f in sorted(floating, key=lambda x: x[0])
@@ -401,7 +411,7 @@ def desired_router(
         ]
     if not legs:
         return RouterPlan(vni, routes=routes), missing
-    return RouterPlan(vni, legs[0], tuple(fips), more=tuple(legs[1:]), routes=routes), missing
+    return RouterPlan(vni, legs[0], tuple(fips), more=tuple(legs[1:]), routes=routes, arriving=tuple(coming)), missing
 
 
 def desired_peers(
@@ -598,6 +608,7 @@ class NetworkReconciler:
 
     async def start(self, enqueue: Callable[[str], None]) -> None:
         self._enqueue = enqueue
+        self.node_networks.on_landed(lambda nid: self._enqueue(nid))
         if self.node_networks.default_bridge is not None:
             self.node_networks.on_guests_changed(lambda: self._enqueue(NODE_KEY))
 
@@ -752,8 +763,17 @@ class NetworkReconciler:
             routed_here=bool(with_nics),
         )
         if want is not None and net.spec.vni is not None:
+            # a guest arriving by live migration that runs here already (its domain resumed) is ours for its
+            # floating IPs; one still on its way gets their SNAT only
+            nn = self.node_networks
+            for pid, p in ports:
+                if p.arriving != self.node:
+                    nn.forget_landed(pid)
+            arriving = [(pid, p) for pid, p in ports if p.arriving == self.node and p.node and p.node != self.node]
             mine = {p.address: pid for pid, p in ports if p.node == self.node}
-            plan = await self._router_plan(net.spec.vni, subnets, network_id, mine)
+            mine.update({p.address: pid for pid, p in arriving if nn.is_landed(pid)})
+            coming = {p.address: pid for pid, p in arriving if not nn.is_landed(pid)}
+            plan = await self._router_plan(net.spec.vni, subnets, network_id, mine, coming)
             if plan is not None:
                 own = tuple(sorted(str(a.ip) for a in want.service.want_addresses))
                 # peers built here: all of them while it has NICs here (each shares a router with it), else those
@@ -788,9 +808,15 @@ class NetworkReconciler:
         return routers, all_subnets, vnis
 
     async def _router_plan(
-        self, vni: int, subnets: dict[str, SubnetSpec], network_id: str, mine: Mapping[str, str]
+        self,
+        vni: int,
+        subnets: dict[str, SubnetSpec],
+        network_id: str,
+        mine: Mapping[str, str],
+        coming: Mapping[str, str] | None = None,
     ) -> RouterPlan | None:
-        """``mine``: address -> port id of this node's ports of the network."""
+        """``mine``: address -> port id of this node's ports of the network; ``coming``: of those arriving here."""
+        coming = coming or {}
         routers: dict[str, RouterSpec] = {}
         externals: dict[str, tuple[NetworkSpec, SubnetSpec]] = {}
         for rid in {s.router for s in subnets.values() if s.router}:
@@ -803,14 +829,16 @@ class NetworkReconciler:
                 srec = await self.store.get(SUBNET.name, r.external_subnet)
                 if nrec is not None and srec is not None:
                     externals[r.external_network] = (NETWORK.load(nrec).spec, SUBNET.load(srec).spec)
-        floating = []
+        floating, arriving = [], []
         if any(r.external_network for r in routers.values()):
             for rec in await list_all(self.store, FLOATING_IP.name, where={"port_network": network_id}):  # indexed
                 f = FLOATING_IP.load(rec).spec
                 if f.port_network == network_id and mine.get(f.fixed_address) == f.port:
                     floating.append((rec.id, f))
+                elif f.port_network == network_id and coming.get(f.fixed_address) == f.port:
+                    arriving.append((rec.id, f))
         addresses: dict[str, str] = {}
-        for rid, r in routers.items() if mine else ():  # this node's address of each router with a gateway
+        for rid, r in routers.items() if mine or coming else ():  # this node's address of each router with a gateway
             if r.external_network and r.external_address:
                 try:
                     address = r.node_addresses.get(self.node) or await routers_service.node_address(
@@ -822,7 +850,15 @@ class NetworkReconciler:
                 if address:
                     addresses[rid] = address
         plan, missing = desired_router(
-            vni, subnets, routers, externals, self.providers, floating, external=bool(mine), addresses=addresses
+            vni,
+            subnets,
+            routers,
+            externals,
+            self.providers,
+            floating,
+            external=bool(mine or coming),
+            addresses=addresses,
+            arriving=arriving,
         )
         if missing:
             log.warning("router without its external side on this node", extra={"vni": vni, "reason": missing})

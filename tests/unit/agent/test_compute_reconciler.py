@@ -561,6 +561,23 @@ async def test_a_default_bridge_guest_arriving_live_keeps_its_address_or_the_tar
     assert design.mac_for(clash.id, 0) not in world.network.assignments()
 
 
+async def test_the_target_tells_the_network_side_when_an_arriving_guest_runs_here(world):
+    """Live migration: once the guest's domain runs on the target (its resume event queues the instance there), the
+    target's NICs of it are landed (the network side takes their floating IPs over at once); not before."""
+    from agent.reconcilers import migration as migrating
+    from minicloud.compute.migration import MigrationSpec
+
+    inst = await world.add_instance("comes", node="n2", nics=[_nic(1)])
+    m = MigrationSpec(instance=inst.id, project="default", source="n2", target=NODE, phase="migrating")
+    world.driver.doms[inst.spec.uuid] = DomainInfo(uuid=inst.spec.uuid, name="x", state="paused", xml="")
+    await migrating.incoming(world.r, inst, m)
+    assert not world.networks.is_landed("port-1")  # still coming: paused here until libvirt's switchover
+    assert world.r._ids[inst.spec.uuid] == inst.id  # its lifecycle events here queue it
+    world.driver.doms[inst.spec.uuid] = DomainInfo(uuid=inst.spec.uuid, name="x", state="running", xml="")
+    await migrating.incoming(world.r, inst, m)
+    assert world.networks.is_landed("port-1")
+
+
 async def test_a_stopped_domain_defined_without_a_tap_name_is_redefined_with_it(world):
     from agent.net.default import guest_tap
 

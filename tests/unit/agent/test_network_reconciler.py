@@ -508,6 +508,51 @@ async def test_a_router_of_two_networks_builds_the_peer_here_and_links_their_nam
     assert 42 not in world.overlay.networks and 43 not in world.overlay.networks
 
 
+async def test_a_guest_arriving_by_live_migration_gets_its_floating_ip_snat_then_all_of_it_once_it_runs_here(world):
+    """On the target: while the guest is on its way, its floating IP's SNAT only (the router's leg is this node's
+    own); once the compute side says its domain resumed here (NodeNetworks.landed), the floating IP's leg and DNAT
+    at once, ahead of the migration's last transaction; the record catching up forgets the hint."""
+    from minicloud.core.context import Context
+    from minicloud.network.kinds import FLOATING_IP, FloatingIpSpec
+
+    ext = NetworkSpec(cidr="198.51.100.0/24", mtu=1500, external=True, provider="lan", subnets={"sub-x": "x"})
+    await world.create(NETWORK, NETWORK.new(project="p", name="public", id="net-x", spec=ext))
+    sub_x = SubnetSpec(network="net-x", cidr="198.51.100.0/24", gateway="198.51.100.1",
+                       allocation_start="198.51.100.100", allocation_end="198.51.100.199")  # fmt: skip
+    await world.create(SUBNET, SUBNET.new(project="p", name="public", id="sub-x", spec=sub_x))
+    edge = RouterSpec(subnets=["sub-a"], external_network="net-x", external_subnet="sub-x",
+                      external_address="198.51.100.100", node_addresses={"n2": "198.51.100.100"})  # fmt: skip
+    router = ROUTER.new(project="p", name="edge", id="rt-1", spec=edge)
+    held = ipam.reserve(Context.system("test"), "sub-x", "198.51.100.100", "router/rt-1")
+    await world.store.commit(Txn([Create(ROUTER.dump(router)), held]))
+    sub_a = await world.store.get(SUBNET.name, "sub-a")
+    await world.store.commit(Txn([Update(msgspec.structs.replace(sub_a, spec={**sub_a.spec, "router": "rt-1"}),
+                                         expect_revision=sub_a.revision)]))  # fmt: skip
+    world.r.providers = {"lan": "eth1"}
+    port = msgspec.structs.replace(_port("10.0.1.10", "52:54:00:00:00:01", "n2", "i-1", groups=["sg-1"]), arriving=ME)
+    await world.create(PORT, PORT.new(project="p", name="i-1/0", id="port-1", spec=port))
+    fip = FloatingIpSpec(network="net-x", subnet="sub-x", address="198.51.100.150", instance="i-1", port="port-1",
+                         fixed_address="10.0.1.10", port_network="net-1")  # fmt: skip
+    await world.create(FLOATING_IP, FLOATING_IP.new(project="p", name="198.51.100.150", id="fip-1", spec=fip))
+    await world.r.reconcile("net-1")
+    plan = world.r.routers.plans[world.services.path(42)]
+    assert plan.external is not None and str(plan.external.address.ip) != "198.51.100.100"  # this node's own
+    assert [str(f.address) for f in plan.arriving] == ["198.51.100.150"] and plan.floating == ()
+    world.enqueued.clear()
+    world.nn.landed({"port-1": "net-1"})  # its domain resumed here
+    assert world.enqueued == ["net-1"]
+    await world.r.reconcile("net-1")
+    plan = world.r.routers.plans[world.services.path(42)]
+    assert [str(f.address) for f in plan.floating] == ["198.51.100.150"] and plan.arriving == ()
+    # the migration's end moves the port here: the hint is forgotten, the floating IP stays
+    rec = await world.store.get(PORT.name, "port-1")
+    moved = msgspec.structs.replace(rec, spec={**rec.spec, "node": ME, "arriving": ""})
+    await world.store.commit(Txn([Update(moved, expect_revision=rec.revision)]))
+    await world.r.reconcile("net-1")
+    assert not world.nn.is_landed("port-1")
+    assert [str(f.address) for f in world.r.routers.plans[world.services.path(42)].floating] == ["198.51.100.150"]
+
+
 async def test_a_change_of_a_routers_status_alone_queues_nothing(world):
     """Nodes report routers' egress counters in the router's status (once a minute while traffic flows): that must not
     re-run every node's network reconciles; a change of its spec still does, and so does its deletion."""

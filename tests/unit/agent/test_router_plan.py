@@ -124,6 +124,28 @@ def test_floating_ips_of_this_nodes_nics_on_the_legs_network_are_natted_here():
     assert "masquerade" not in nft_body(plan.external)  # nothing to hairpin without a floating IP
 
 
+def test_the_floating_ip_of_a_nic_arriving_by_migration_is_only_snatted_on_the_target():
+    """Live migration of a guest behind a floating IP: the target SNATs its NIC to the floating IP from its first
+    packet there (its replies leave as the floating IP through the target's own leg) but takes none of the LAN's
+    traffic for it: no DNAT, no leg answering ARP, until the NIC's record moves."""
+    from agent.net.router import FloatingLeg
+    from minicloud.network.kinds import FloatingIpSpec
+
+    subnets = {"sub-a": subnet("10.0.1.0/24", "rtr-1")}
+    coming = FloatingIpSpec(network="net-ext", subnet="sub-ext", address="198.51.100.101", fixed_address="10.0.1.5")
+    plan, _ = desired_router(42, subnets, {"rtr-1": EDGE}, EXT, {"lan": "eth1"}, [], arriving=[("fip-1", coming)])
+    assert plan is not None and plan.external is not None and plan.floating == ()
+    assert plan.arriving == (
+        FloatingLeg("fip-1", ipaddress.IPv4Address("198.51.100.101"), ipaddress.IPv4Address("10.0.1.5")),
+    )
+    body = nft_body(plan.external, plan.floating, plan.more, plan.arriving)
+    assert body.index("ip saddr 10.0.1.5 snat to 198.51.100.101") < body.index("snat to 198.51.100.100")
+    assert "dnat to" not in body and "masquerade" not in body
+    # only guests arriving here, but of a router with a gateway: the node's own leg is built (its own address)
+    plan, _ = desired_router(42, subnets, {"rtr-1": EDGE}, EXT, {"lan": "eth1"}, [], external=False)
+    assert plan is not None and plan.external is None
+
+
 def test_routed_frames_leave_for_other_nodes_with_a_mac_of_the_node_not_the_gateways():
     from agent.net.router import routed_body, routed_mac
     from agent.net.service import service_mac
@@ -297,7 +319,7 @@ async def test_the_egress_reporter_reports_at_most_once_an_interval():
     await EgressReporter(None, lambda: None, "n1").refresh()  # no network reconciler yet: nothing
 
 
-def test_a_node_with_only_a_guest_arriving_by_migration_gets_no_external_leg_yet():
+def test_a_node_with_no_nic_of_the_network_here_or_arriving_gets_no_external_leg():
     subnets = {"sub-a": subnet("10.0.1.0/24", "rtr-1")}
     plan, missing = desired_router(42, subnets, {"rtr-1": EDGE}, EXT, {"lan": "eth1"}, external=False)
     assert plan is not None and plan.legs == () and plan.floating == () and missing is None
