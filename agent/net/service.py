@@ -208,11 +208,7 @@ class ServiceNamespaces:
         the nft table. Idempotent; adopts what exists without recreating it."""
         async with self._lock:
             path = self.path(spec.vni)
-            if not await asyncio.to_thread(_is_netns, path):
-                try:
-                    await asyncio.to_thread(pyroute2_netns.create, path)
-                except OSError as e:
-                    raise NetworkError(f"cannot create network namespace {path}: {e}") from e
+            await _ensure_netns(path)
             ipr = await self._node()
             try:
                 veth, inner = await self._ensure_veth(ipr, spec, path)
@@ -329,11 +325,7 @@ class ServiceNamespaces:
         the DHCP address. Idempotent; adopts what exists. Returns the namespace's path."""
         async with self._lock:
             path = self.provider_path(spec.network_id)
-            if not await asyncio.to_thread(_is_netns, path):
-                try:
-                    await asyncio.to_thread(pyroute2_netns.create, path)
-                except OSError as e:
-                    raise NetworkError(f"cannot create network namespace {path}: {e}") from e
+            await _ensure_netns(path)
             ipr = await self._node()
             try:
                 await self._ensure_veth(ipr, spec, path)
@@ -359,6 +351,15 @@ class ServiceNamespaces:
                     await asyncio.to_thread(pyroute2_netns.remove, path)
                 except OSError as e:
                     raise NetworkError(f"cannot remove network namespace {path}: {e}") from e
+
+
+async def _ensure_netns(path: str) -> None:
+    """The named network namespace at ``path``, created if it is not there."""
+    if not await asyncio.to_thread(_is_netns, path):
+        try:
+            await asyncio.to_thread(pyroute2_netns.create, path)
+        except OSError as e:
+            raise NetworkError(f"cannot create network namespace {path}: {e}") from e
 
 
 def _is_netns(path: str) -> bool:

@@ -725,19 +725,7 @@ class NetworkReconciler:
         if record is None:
             return None, None
         net = NETWORK.load(record)
-        ports = [
-            (r.id, PORT.load(r).spec) for r in await list_all(self.store, PORT.name, where={"network": network_id})
-        ]  # indexed: this network's ports only
-        subnets: dict[str, SubnetSpec] = {}
-        for sid in net.spec.subnets:
-            s = await self.store.get(SUBNET.name, sid)
-            if s is not None:
-                subnets[sid] = SUBNET.load(s).spec
-        names: dict[str, str] = {}
-        for iid in {p.instance for _, p in ports if p.instance}:
-            inst = await self.store.get(INSTANCE.name, iid)
-            if inst is not None:
-                names[iid] = inst.name
+        ports, subnets, names = await self._network_records(net)
         local, underlay = await self._underlay()
         # the other networks of its routers: it is built here too while one of them has a NIC here
         routers, router_subnets, vnis = await self._routed_networks(network_id, subnets)
@@ -784,6 +772,22 @@ class NetworkReconciler:
                 plan = dataclasses.replace(plan, routed_mac=routed_mac(net.spec.vni, str(local)), own=own, peers=peers)
                 want = dataclasses.replace(want, router=plan)
         return want, net.spec.vni
+
+    async def _network_records(
+        self, net: Any, *, local_names: bool = False
+    ) -> tuple[list[tuple[str, PortSpec]], dict[str, SubnetSpec], dict[str, str]]:
+        """(its ports by id (any node; indexed: this network's only), its subnets by id, instance id -> name of
+        the instances of its ports, or of this node's only)."""
+        ports = [(r.id, PORT.load(r).spec) for r in await list_all(self.store, PORT.name, where={"network": net.id})]
+        subnets: dict[str, SubnetSpec] = {}
+        for sid in net.spec.subnets:
+            if (rec := await self.store.get(SUBNET.name, sid)) is not None:
+                subnets[sid] = SUBNET.load(rec).spec
+        names: dict[str, str] = {}
+        for iid in {p.instance for _, p in ports if p.instance and (not local_names or here(p, self.node))}:
+            if (inst := await self.store.get(INSTANCE.name, iid)) is not None:
+                names[iid] = inst.name
+        return ports, subnets, names
 
     async def _routed_networks(
         self, network_id: str, subnets: Mapping[str, SubnetSpec]
@@ -962,19 +966,7 @@ class NetworkReconciler:
         if record is None:
             return None, None
         net = NETWORK.load(record)
-        ports = [
-            (r.id, PORT.load(r).spec) for r in await list_all(self.store, PORT.name, where={"network": network_id})
-        ]  # indexed: this network's ports only
-        subnets: dict[str, SubnetSpec] = {}
-        for sid in net.spec.subnets:
-            sub = await self.store.get(SUBNET.name, sid)
-            if sub is not None:
-                subnets[sid] = SUBNET.load(sub).spec
-        names: dict[str, str] = {}
-        for iid in {p.instance for pid, p in ports if p.instance and here(p, self.node)}:
-            inst = await self.store.get(INSTANCE.name, iid)
-            if inst is not None:
-                names[iid] = inst.name
+        ports, subnets, names = await self._network_records(net, local_names=True)
         return desired_external(network_id, net.spec, net.name, subnets, ports, names, self.node, self.providers)
 
     async def _reconcile_external(self, network_id: str, record: Record | None) -> Result:
