@@ -955,7 +955,7 @@ class NetworkReconciler:
         await self.routers.remove(self.services.path(vni))  # the router's side went with the namespace
         await self.overlay.remove_network(vni)
         self._vnis.pop(network_id, None)
-        for peer in sorted(self._routed_with.get(network_id, ())):  # their links to it went with its namespace
+        for peer in sorted(self._routed_with.pop(network_id, ())):  # their links to it went with its namespace
             self._enqueue(peer)
         log.info("network removed from this node", extra={"network": network_id, "vni": vni})
 

@@ -156,8 +156,11 @@ async def delete_subnet(
     marked = marked.replace(revision=revision)
     try:
         # the subnet's own addresses: its gateway's, and each node's DHCP port on an external network
-        own_holders = (f"subnet/{subnet.id}", f"dhcp/{subnet.spec.network}/")
-        held = [a for a in await ipam.allocations(store, subnet.id) if not a.spec.holder.startswith(own_holders)]
+        held = [
+            a
+            for a in await ipam.allocations(store, subnet.id)
+            if a.spec.holder != f"subnet/{subnet.id}" and not a.spec.holder.startswith(f"dhcp/{subnet.spec.network}/")
+        ]
         if held:
             holders = ", ".join(sorted({f"{a.spec.holder} ({a.spec.address})" for a in held}))
             raise errors.InUse(f"subnet '{subnet.name}' still has addresses held by {holders}; release them first")
