@@ -38,7 +38,7 @@ from minicloud import errors, ids
 from minicloud.core import crud
 from minicloud.core.context import Context
 from minicloud.core.write import Written, commit
-from minicloud.iam.directory import Directory
+from minicloud.iam.directory import Directory, authorize
 from minicloud.state import Check, Store, list_all
 from minicloud.storage import common
 from minicloud.storage.backup_kinds import (
@@ -359,10 +359,11 @@ async def _bucket_of(ctx: Context, store: Store, bucket: str, target: Any | None
         raise errors.Conflict(f"bucket '{bucket}' is {state}; back up into a ready bucket")
 
 
-async def default_bucket(ctx: Context, store: Store) -> str:
+async def default_bucket(ctx: Context, store: Store, *, directory: Directory | None = None) -> str:
     """The project's bucket :data:`DEFAULT_BUCKET`, where schedules without a bucket put their backups (AWS Backup's
-    default vault): created on first use (``creating`` until the objects reconciler made it; a schedule's first run
-    comes an interval later). 409 while it is being deleted; 503 without Ceph (as any bucket)."""
+    default vault): created on first use (``creating`` until the objects reconciler made it; the schedule is due
+    again at the next look meanwhile), by a caller who may create buckets (``storage:buckets:create``, 403
+    otherwise). 409 while it is being deleted or without Ceph (as any bucket)."""
     from minicloud.model.objects import BucketCreate
     from minicloud.objects.buckets import create_bucket
     from minicloud.objects.kinds import BUCKET
@@ -375,6 +376,8 @@ async def default_bucket(ctx: Context, store: Store) -> str:
                     f"bucket '{DEFAULT_BUCKET}' is being deleted; give the schedule another bucket with --bucket"
                 )
             return DEFAULT_BUCKET
+        if directory is not None:  # making a bucket is the caller's to do: the same action as `bucket create`
+            await authorize(directory, ctx.principal, "storage:buckets:create", ctx.project)
         try:
             await create_bucket(ctx, store, BucketCreate(name=DEFAULT_BUCKET, description="backups of schedules"))
             return DEFAULT_BUCKET
@@ -579,7 +582,7 @@ async def create_schedule(
         bucket = body.bucket
         await _bucket_of(ctx, store, bucket, target)
     else:
-        bucket = await default_bucket(ctx, store)
+        bucket = await default_bucket(ctx, store, directory=directory)
     vol = await crud.get(ctx, store, VOLUME, body.volume) if body.volume is not None else None
     if vol is not None and vol.spec.driver == "local" and body.full_every not in (0, 1):
         raise errors.Conflict(f"volume '{vol.name}' is in a local pool: every backup of it is full (--full-every 1)")

@@ -243,6 +243,38 @@ async def test_a_schedule_without_a_bucket_uses_the_projects_backups_bucket_made
         await bk.create_schedule(ctx, store, BackupScheduleCreate(volume="v1", target="t", every_seconds=3600, keep=3))
 
 
+async def test_the_default_bucket_is_made_only_for_a_caller_who_may_create_buckets(store, monkeypatch):
+    """A schedule without --bucket must not let a caller without `storage:buckets:create` make a bucket."""
+    import types
+
+    from minicloud.iam import policy
+    from minicloud.storage.kinds import CEPH, CephSpec
+
+    asked: list[str] = []
+
+    class Directory:  # allows everything but making buckets
+        async def decide(self, ref, action, scope):
+            asked.append(action)
+            return types.SimpleNamespace(allowed=action != "storage:buckets:create", reason=f"not allowed: {action}")
+
+        async def load(self):
+            return {}, {}
+
+    monkeypatch.setattr(policy, "visible", lambda *a: True)
+    await _volume(store)
+    ceph = CEPH.new(project="", name="ceph", spec=CephSpec(fsid="f", bootstrap_node="n1", mons={"n1": "127.0.0.1"}))
+    await store.commit(Txn([Create(CEPH.dump(ceph))]))
+    body = BackupScheduleCreate(volume="v1", every_seconds=86400, keep=7)
+    with pytest.raises(errors.Forbidden, match="storage:buckets:create"):
+        await bk.create_schedule(ctx_of(admin=False), store, body, directory=Directory())
+    assert "storage:buckets:create" in asked
+    assert [r for r in await store.list(BUCKET.name, project="default")] == []  # nothing made
+    await _bucket(store, "backups")  # once someone who may made it, the schedule uses it without asking
+    asked.clear()
+    made = _obj(await bk.create_schedule(ctx_of(admin=False), store, body, directory=Directory()))
+    assert made.bucket == "backups" and "storage:buckets:create" not in asked
+
+
 async def test_a_schedule_whose_new_bucket_is_still_being_made_is_due_again_at_the_next_look(store, ctx):
     import datetime as dt
     import types
